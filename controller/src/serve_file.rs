@@ -1,0 +1,57 @@
+//! `serve-file`: one file, one export, exactly the server volumes use.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use nbd::server::{Export, ExportConfig, Server};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The file to export; its current length is the export size.
+    path: PathBuf,
+    /// Address to listen on, e.g. 127.0.0.1:10809.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The export name clients must ask for.
+    #[arg(long, default_value = "")]
+    export_name: String,
+    /// Refuse writes and advertise READ_ONLY.
+    #[arg(long)]
+    read_only: bool,
+    /// Do not advertise CAN_MULTI_CONN (clients then use one connection).
+    #[arg(long)]
+    no_multi_conn: bool,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let mut config = ExportConfig::new(args.export_name);
+    config.read_only = args.read_only;
+    config.multi_conn = !args.no_multi_conn;
+    config.description = format!("nbd-csi serve-file {}", args.path.display());
+    let export = Export::open(&args.path, config)
+        .with_context(|| format!("opening {}", args.path.display()))?;
+    let server = Server::bind(export, args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    tracing::info!(
+        path = %args.path.display(),
+        listen = %server.local_addr()?,
+        size = server.export().size(),
+        "serving"
+    );
+    server
+        .run(async move {
+            tokio::select! {
+                _ = sigterm.recv() => {}
+                _ = sigint.recv() => {}
+            }
+            tracing::info!("signal received, shutting down");
+        })
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}

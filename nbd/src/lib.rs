@@ -1,0 +1,16 @@
+//! The Network Block Device protocol, as nbd-csi speaks it.
+//!
+//! - [`consts`]: every number from the spec, pinned by tests.
+//! - [`wire`]: pure encode/decode of handshake and transmission messages.
+//! - [`client`]: the client side of the fixed-newstyle handshake (the node
+//!   plugin hands the negotiated socket to the kernel afterwards).
+//! - [`server`]: a tokio export server, one per volume, over a shared file.
+
+pub mod client;
+pub mod error;
+pub mod consts;
+pub mod server;
+pub mod wire;
+
+pub use consts::*;
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,243 @@
+//! A tokio NBD server for one export backed by one file.
+//!
+//! Every connection shares the same open file, so a FLUSH (fdatasync) or a
+//! FUA write on any connection is durable for all of them when it is
+//! acknowledged: that is what makes advertising CAN_MULTI_CONN truthful.
+
+mod backend;
+mod handshake;
+mod pool;
+mod transmission;
+
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::consts::transmission_flags as tf;
+
+pub use backend::Backend;
+
+/// How long a stopping server waits for connections to send owed replies.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How one export behaves.
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    /// The only name a client may ask for. For CSI volumes it is a secret token.
+    pub name: String,
+    pub description: String,
+    pub read_only: bool,
+    /// Advertise NBD_FLAG_CAN_MULTI_CONN. Off only for tests and debugging.
+    pub multi_conn: bool,
+    /// Answer NBD_OPT_LIST with this export's name. Off when the name is a
+    /// secret, since listing it would hand the token to any caller.
+    pub list_export: bool,
+    /// Clients that have not entered transmission by then are dropped.
+    pub handshake_timeout: Duration,
+    /// Bytes of request and reply payload one connection may hold in memory
+    /// at once; the reader waits when it is used up. At least the maximum
+    /// payload, so one maximal request always fits.
+    pub connection_buffer_budget: usize,
+}
+
+impl ExportConfig {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            description: String::new(),
+            read_only: false,
+            multi_conn: true,
+            list_export: true,
+            handshake_timeout: Duration::from_secs(10),
+            connection_buffer_budget: 64 << 20,
+        }
+    }
+}
+
+/// Counters for metrics; updated with relaxed atomics on the I/O path.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub flushes: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub connections: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// One export: its configuration, backing file and counters, shared by every
+/// connection.
+#[derive(Debug)]
+pub struct Export {
+    config: ExportConfig,
+    backend: Backend,
+    stats: ExportStats,
+}
+
+impl Export {
+    /// Opens `path` (read-only if the export is) and exports its current length.
+    pub fn open(path: &Path, config: ExportConfig) -> io::Result<Arc<Self>> {
+        let file = File::options().read(true).write(!config.read_only).open(path)?;
+        Self::from_file(file, config)
+    }
+
+    pub fn from_file(file: File, config: ExportConfig) -> io::Result<Arc<Self>> {
+        let budget = config.connection_buffer_budget.max(crate::limits::MAX_PAYLOAD as usize);
+        let config = ExportConfig { connection_buffer_budget: budget, ..config };
+        Ok(Arc::new(Self { backend: Backend::new(file)?, config, stats: ExportStats::default() }))
+    }
+
+    pub fn config(&self) -> &ExportConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> &ExportStats {
+        &self.stats
+    }
+
+    pub fn size(&self) -> u64 {
+        self.backend.size()
+    }
+
+    /// Grows (or shrinks) the backing file; connected clients see the new
+    /// size on their next bounds check.
+    pub fn resize(&self, size: u64) -> io::Result<()> {
+        self.backend.resize(size)
+    }
+
+    /// Makes every write acknowledged so far durable.
+    pub fn flush(&self) -> io::Result<()> {
+        self.backend.flush()
+    }
+
+    /// The transmission flags for a session. SEND_DF is only set once
+    /// structured replies are negotiated, as the spec requires.
+    pub fn transmission_flags(&self, structured_replies: bool) -> u16 {
+        let mut flags = tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_FUA | tf::SEND_CACHE;
+        if self.config.read_only {
+            flags |= tf::READ_ONLY;
+        } else {
+            flags |= tf::SEND_TRIM | tf::SEND_WRITE_ZEROES | tf::SEND_FAST_ZERO;
+        }
+        if self.config.multi_conn {
+            flags |= tf::CAN_MULTI_CONN;
+        }
+        if structured_replies {
+            flags |= tf::SEND_DF;
+        }
+        flags
+    }
+}
+
+/// Serves one client on an already-accepted stream until it disconnects,
+/// breaks the protocol, or `shutdown` turns true.
+pub async fn serve_stream<S>(export: Arc<Export>, stream: S, shutdown: watch::Receiver<bool>) -> crate::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    serve_halves(export, rd, wr, shutdown).await
+}
+
+async fn serve_halves<R, W>(export: Arc<Export>, mut rd: R, mut wr: W, mut shutdown: watch::Receiver<bool>) -> crate::Result<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let negotiated = tokio::select! {
+        negotiated = handshake::negotiate_with_timeout(&export, &mut rd, &mut wr) => negotiated?,
+        _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+    };
+    let Some(session) = negotiated else {
+        return Ok(());
+    };
+    transmission::run(export, session, rd, wr, shutdown).await
+}
+
+async fn serve_tcp(export: Arc<Export>, stream: TcpStream, shutdown: watch::Receiver<bool>) -> crate::Result<()> {
+    // Replies are batched by the writer; Nagle would only add latency.
+    stream.set_nodelay(true)?;
+    let (rd, wr) = stream.into_split();
+    serve_halves(export, rd, wr, shutdown).await
+}
+
+/// A listening export server.
+#[derive(Debug)]
+pub struct Server {
+    export: Arc<Export>,
+    listener: TcpListener,
+}
+
+impl Server {
+    pub async fn bind(export: Arc<Export>, addr: SocketAddr) -> io::Result<Self> {
+        Ok(Self { export, listener: TcpListener::bind(addr).await? })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn export(&self) -> &Arc<Export> {
+        &self.export
+    }
+
+    /// Accepts clients until `shutdown` resolves, then stops reading new
+    /// requests, lets every connection finish and send the replies it owes,
+    /// flushes the file and returns.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> io::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = self.listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            // Out of descriptors and similar: keep serving the
+                            // clients we have rather than dying.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let export = Arc::clone(&self.export);
+                    let stop = stop_rx.clone();
+                    connections.spawn(async move {
+                        export.stats.connections.fetch_add(1, Ordering::Relaxed);
+                        let result = serve_tcp(Arc::clone(&export), stream, stop).await;
+                        export.stats.connections.fetch_sub(1, Ordering::Relaxed);
+                        match result {
+                            Ok(()) => tracing::debug!(%peer, "client disconnected"),
+                            Err(e) => tracing::info!(%peer, error = %e, "connection closed"),
+                        }
+                    });
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        drop(self.listener);
+        let _ = stop_tx.send(true);
+        // Connections stop reading at once; give them a moment to send what
+        // they owe, then drop any whose client has stopped reading replies.
+        let drained = async { while connections.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
+            tracing::warn!(left = connections.len(), "closing connections that did not drain");
+            connections.shutdown().await;
+        }
+        let backend = self.export.clone();
+        tokio::task::spawn_blocking(move || backend.flush()).await.map_err(io::Error::other)?
+    }
+}

@@ -1,0 +1,376 @@
+//! The transmission phase: one reader and one writer task per connection.
+//!
+//! The reader decodes requests and performs page-cache I/O inline: a
+//! pread/pwrite that hits the page cache costs less than handing it to a
+//! thread pool. Only calls that wait on the disk (fdatasync for FLUSH and
+//! FUA) go to the blocking pool. Replies travel to the writer over a bounded
+//! channel; the writer drains everything that is ready and sends it with one
+//! write, so a queue of 128 requests costs a handful of syscalls, not 128.
+//! Memory is bounded by a per-connection byte budget that the reader must
+//! acquire before it allocates a payload.
+
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+
+use super::backend::nbd_errno;
+use super::handshake::{BASE_ALLOCATION_ID, Session};
+use super::pool::BufferPool;
+use super::{Export, ExportStats};
+use crate::consts::{cmd, cmd_flags, errno, limits, reply_flags};
+use crate::error::{Error, Result};
+use crate::wire::{Chunk, ChunkHeader, Extent, Request, SimpleReply, put_chunk};
+
+/// Replies queued between reader and writer; with the byte budget this
+/// bounds what a client that stops reading can make us hold.
+const REPLY_QUEUE: usize = 512;
+const READ_BUFFER: usize = 256 << 10;
+/// Replies are gathered up to this size before a write.
+const WRITE_BATCH: usize = 1 << 20;
+/// Data at least this large goes out with writev instead of being copied
+/// into the batch buffer.
+const ZERO_COPY_THRESHOLD: usize = 64 << 10;
+/// Budget is counted in units of this many bytes.
+const BUDGET_UNIT: usize = 1024;
+
+enum Reply {
+    /// A reply without data: success, or an error.
+    Status { cookie: u64, error: u32, is_read: bool },
+    /// A successful READ.
+    Data { cookie: u64, offset: u64, buf: Vec<u8>, _permit: OwnedSemaphorePermit },
+    /// A successful BLOCK_STATUS for base:allocation.
+    Extents { cookie: u64, extents: Vec<Extent> },
+}
+
+struct Conn {
+    export: Arc<Export>,
+    session: Session,
+    pool: Arc<BufferPool>,
+    budget: Arc<Semaphore>,
+    replies: mpsc::Sender<Reply>,
+}
+
+pub async fn run<R, W>(
+    export: Arc<Export>,
+    session: Session,
+    rd: R,
+    wr: W,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(REPLY_QUEUE);
+    let pool = Arc::new(BufferPool::default());
+    let budget_units = export.config().connection_buffer_budget / BUDGET_UNIT;
+    let writer = tokio::spawn(write_replies(Arc::clone(&export), session, wr, rx, Arc::clone(&pool)));
+    let conn = Conn { export, session, pool, budget: Arc::new(Semaphore::new(budget_units)), replies: tx };
+    let read_result = conn.read_requests(rd, &mut shutdown).await;
+    // Dropping the last sender (ours, then those held by blocking flushes)
+    // lets the writer drain every owed reply and finish.
+    drop(conn);
+    let write_result = writer.await.map_err(io::Error::other)?;
+    read_result.and(write_result.map_err(Error::from))
+}
+
+fn units(len: usize) -> u32 {
+    len.div_ceil(BUDGET_UNIT).max(1) as u32
+}
+
+fn out_of_range(offset: u64, length: u32, size: u64) -> bool {
+    offset.checked_add(length.into()).is_none_or(|end| end > size)
+}
+
+impl Conn {
+    async fn read_requests<R>(&self, rd: R, shutdown: &mut watch::Receiver<bool>) -> Result<()>
+    where
+        R: AsyncRead + Unpin,
+    {
+        let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+        loop {
+            let mut header = [0u8; Request::SIZE];
+            tokio::select! {
+                biased;
+                read = rd.read_exact(&mut header) => match read {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                },
+                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            }
+            // A bad magic means we lost framing: only closing is safe.
+            let request = Request::decode(&header)?;
+            if request.command == cmd::DISC {
+                return Ok(());
+            }
+            self.stats().in_flight.fetch_add(1, Ordering::Relaxed);
+            match request.command {
+                cmd::READ => self.read(request).await?,
+                cmd::WRITE => self.write(request, &mut rd).await?,
+                _ => self.other(request).await?,
+            }
+        }
+    }
+
+    fn stats(&self) -> &ExportStats {
+        self.export.stats()
+    }
+
+    async fn send(&self, reply: Reply) -> Result<()> {
+        self.replies.send(reply).await.map_err(|_| Error::Protocol("reply writer stopped".into()))
+    }
+
+    async fn status(&self, request: &Request, error: u32) -> Result<()> {
+        if error != 0 {
+            self.stats().errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let is_read = request.command == cmd::READ;
+        self.send(Reply::Status { cookie: request.cookie, error, is_read }).await
+    }
+
+    /// Flags a command accepts besides FUA, which the spec allows on all.
+    fn flags_valid(&self, request: &Request, allowed: u16) -> bool {
+        request.flags & !(allowed | cmd_flags::FUA) == 0
+    }
+
+    async fn read(&self, request: Request) -> Result<()> {
+        let df = if self.session.structured_replies { cmd_flags::DF } else { 0 };
+        if !self.flags_valid(&request, df)
+            || request.length > limits::MAX_PAYLOAD
+            || out_of_range(request.offset, request.length, self.export.size())
+        {
+            return self.status(&request, errno::EINVAL).await;
+        }
+        let len = request.length as usize;
+        let permit = self.acquire(len).await?;
+        let mut buf = self.pool.take(len);
+        if let Err(e) = self.export.backend.read(&mut buf, request.offset) {
+            self.pool.give(buf);
+            return self.status(&request, nbd_errno(&e)).await;
+        }
+        self.stats().reads.fetch_add(1, Ordering::Relaxed);
+        self.stats().bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+        self.send(Reply::Data { cookie: request.cookie, offset: request.offset, buf, _permit: permit }).await
+    }
+
+    async fn acquire(&self, len: usize) -> Result<OwnedSemaphorePermit> {
+        Arc::clone(&self.budget)
+            .acquire_many_owned(units(len))
+            .await
+            .map_err(|_| Error::Protocol("buffer budget closed".into()))
+    }
+
+    async fn write<R: AsyncRead + Unpin>(&self, request: Request, rd: &mut R) -> Result<()> {
+        if request.length > limits::MAX_PAYLOAD {
+            // The payload follows the header; skipping 4 GiB to stay in sync
+            // is what a denial of service looks like, so hang up.
+            return Err(Error::Protocol(format!("write payload of {} bytes", request.length)));
+        }
+        let len = request.length as usize;
+        let permit = self.acquire(len).await?;
+        let mut buf = self.pool.take(len);
+        rd.read_exact(&mut buf).await?;
+        let error = if !self.flags_valid(&request, 0) {
+            errno::EINVAL
+        } else if self.export.config().read_only {
+            errno::EPERM
+        } else if out_of_range(request.offset, request.length, self.export.size()) {
+            errno::ENOSPC
+        } else {
+            match self.export.backend.write(&buf, request.offset) {
+                Ok(()) => 0,
+                Err(e) => nbd_errno(&e),
+            }
+        };
+        self.pool.give(buf);
+        drop(permit);
+        if error == 0 {
+            self.stats().writes.fetch_add(1, Ordering::Relaxed);
+            self.stats().bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+            if request.flags & cmd_flags::FUA != 0 {
+                return self.flush_then_reply(request);
+            }
+        }
+        self.status(&request, error).await
+    }
+
+    /// fdatasync on the blocking pool, reply when it is done. The reader
+    /// goes on meanwhile: replies may be out of order.
+    fn flush_then_reply(&self, request: Request) -> Result<()> {
+        let export = Arc::clone(&self.export);
+        let replies = self.replies.clone();
+        tokio::task::spawn_blocking(move || {
+            export.stats().flushes.fetch_add(1, Ordering::Relaxed);
+            let error = match export.backend.flush() {
+                Ok(()) => 0,
+                Err(e) => {
+                    export.stats().errors.fetch_add(1, Ordering::Relaxed);
+                    nbd_errno(&e)
+                }
+            };
+            // If the writer is gone, the connection is gone with it.
+            let _ = replies.blocking_send(Reply::Status { cookie: request.cookie, error, is_read: false });
+        });
+        Ok(())
+    }
+
+    async fn other(&self, request: Request) -> Result<()> {
+        let size = self.export.size();
+        let read_only = self.export.config().read_only;
+        let backend = &self.export.backend;
+        let (offset, len) = (request.offset, u64::from(request.length));
+        let result = match request.command {
+            cmd::FLUSH => return self.flush_then_reply(request),
+            cmd::TRIM if !self.flags_valid(&request, 0) => Err(errno::EINVAL),
+            cmd::TRIM if read_only => Err(errno::EPERM),
+            cmd::TRIM if out_of_range(offset, request.length, size) => Err(errno::EINVAL),
+            cmd::TRIM => backend.trim(offset, len).map_err(|e| nbd_errno(&e)),
+            cmd::WRITE_ZEROES if !self.flags_valid(&request, cmd_flags::NO_HOLE | cmd_flags::FAST_ZERO) => {
+                Err(errno::EINVAL)
+            }
+            cmd::WRITE_ZEROES if read_only => Err(errno::EPERM),
+            cmd::WRITE_ZEROES if out_of_range(offset, request.length, size) => Err(errno::ENOSPC),
+            cmd::WRITE_ZEROES => {
+                let may_punch = request.flags & cmd_flags::NO_HOLE == 0;
+                let fast_only = request.flags & cmd_flags::FAST_ZERO != 0;
+                backend.write_zeroes(offset, len, may_punch, fast_only).map_err(|e| nbd_errno(&e))
+            }
+            cmd::CACHE if !self.flags_valid(&request, 0) => Err(errno::EINVAL),
+            cmd::CACHE if out_of_range(offset, request.length, size) => Err(errno::EINVAL),
+            cmd::CACHE => backend.cache(offset, len).map_err(|e| nbd_errno(&e)),
+            cmd::BLOCK_STATUS => return self.block_status(request).await,
+            _ => Err(errno::EINVAL),
+        };
+        match result {
+            Ok(()) if request.flags & cmd_flags::FUA != 0 && request.command != cmd::CACHE => {
+                self.flush_then_reply(request)
+            }
+            Ok(()) => self.status(&request, 0).await,
+            Err(error) => self.status(&request, error).await,
+        }
+    }
+
+    async fn block_status(&self, request: Request) -> Result<()> {
+        let invalid = !self.session.base_allocation
+            || !self.flags_valid(&request, cmd_flags::REQ_ONE)
+            || request.length == 0
+            || out_of_range(request.offset, request.length, self.export.size());
+        let error = if invalid {
+            errno::EINVAL
+        } else {
+            let one = request.flags & cmd_flags::REQ_ONE != 0;
+            let mut extents = Vec::new();
+            match self.export.backend.extents(request.offset, request.length, one, &mut extents) {
+                Ok(()) if !extents.is_empty() => {
+                    return self.send(Reply::Extents { cookie: request.cookie, extents }).await;
+                }
+                Ok(()) => errno::EIO,
+                Err(e) => nbd_errno(&e),
+            }
+        };
+        self.status(&request, error).await
+    }
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    export: Arc<Export>,
+    session: Session,
+    mut wr: W,
+    mut rx: mpsc::Receiver<Reply>,
+    pool: Arc<BufferPool>,
+) -> io::Result<()> {
+    let mut out = Vec::with_capacity(WRITE_BATCH + ZERO_COPY_THRESHOLD);
+    let stats = export.stats();
+    while let Some(mut reply) = rx.recv().await {
+        loop {
+            stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            match encode(&mut out, reply, session) {
+                Leftover::Nothing => {}
+                Leftover::Recycle(buf) => pool.give(buf),
+                Leftover::SendAfter(buf) => {
+                    // Everything batched so far plus this data in one
+                    // writev: no copy of the payload.
+                    write_all_vectored(&mut wr, &out, &buf).await?;
+                    out.clear();
+                    pool.give(buf);
+                }
+            }
+            if out.len() >= WRITE_BATCH {
+                break;
+            }
+            match rx.try_recv() {
+                Ok(next) => reply = next,
+                Err(_) => break,
+            }
+        }
+        if !out.is_empty() {
+            wr.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    wr.flush().await?;
+    wr.shutdown().await
+}
+
+/// What is left of a reply once its bytes are in the batch buffer.
+enum Leftover {
+    Nothing,
+    /// A READ buffer already copied out, for the pool.
+    Recycle(Vec<u8>),
+    /// Large READ data to write right after the batch.
+    SendAfter(Vec<u8>),
+}
+
+/// Appends a reply to `out`; large READ data is left to be sent after it.
+fn encode(out: &mut Vec<u8>, reply: Reply, session: Session) -> Leftover {
+    let done = reply_flags::DONE;
+    match reply {
+        Reply::Status { cookie, error, is_read: true } if error != 0 && session.structured_replies => {
+            // READ must use structured replies once they are negotiated.
+            put_chunk(out, done, cookie, &Chunk::Error { error, message: String::new() });
+        }
+        Reply::Status { cookie, error, .. } => out.extend_from_slice(&SimpleReply { error, cookie }.encode()),
+        Reply::Extents { cookie, extents } => {
+            put_chunk(out, done, cookie, &Chunk::BlockStatus { context_id: BASE_ALLOCATION_ID, extents });
+        }
+        Reply::Data { cookie, offset, buf, .. } => {
+            if session.structured_replies {
+                if buf.iter().all(|&b| b == 0) {
+                    let length = buf.len() as u32;
+                    put_chunk(out, done, cookie, &Chunk::OffsetHole { offset, length });
+                    return Leftover::Recycle(buf);
+                }
+                let length = (buf.len() + 8) as u32;
+                let header = ChunkHeader { flags: done, kind: crate::consts::reply_type::OFFSET_DATA, cookie, length };
+                out.extend_from_slice(&header.encode());
+                out.extend_from_slice(&offset.to_be_bytes());
+            } else {
+                out.extend_from_slice(&SimpleReply { error: 0, cookie }.encode());
+            }
+            if buf.len() >= ZERO_COPY_THRESHOLD {
+                return Leftover::SendAfter(buf);
+            }
+            out.extend_from_slice(&buf);
+            return Leftover::Recycle(buf);
+        }
+    }
+    Leftover::Nothing
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(wr: &mut W, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let mut slices = [IoSlice::new(a), IoSlice::new(b)];
+    let mut remaining: &mut [IoSlice<'_>] = &mut slices;
+    IoSlice::advance_slices(&mut remaining, 0);
+    while !remaining.is_empty() {
+        let n = wr.write_vectored(remaining).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut remaining, n);
+    }
+    Ok(())
+}

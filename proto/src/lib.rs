@@ -1,0 +1,21 @@
+//! Rust bindings for the Container Storage Interface (CSI) spec v1.12.0.
+//!
+//! Messages, enums, gRPC server traits and clients are generated at build
+//! time by `tonic-prost-build` from `csi.proto` (package `csi.v1`). Everything
+//! lives in [`v1`] and is re-exported at the crate root.
+
+/// Generated code for the `csi.v1` protobuf package.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::nursery,
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+pub mod v1 {
+    tonic::include_proto!("csi.v1");
+}
+
+pub use v1::*;

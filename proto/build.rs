@@ -23,9 +23,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     let proto_files = [PathBuf::from("csi.proto")];
     let includes = [PathBuf::from("."), well_known];
 
-    tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .compile_with_config(config, &proto_files, &includes)?;
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_with_config(
+        config,
+        &proto_files,
+        &includes,
+    )?;
     Ok(())
 }

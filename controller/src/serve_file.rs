@@ -30,11 +30,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.read_only = args.read_only;
     config.multi_conn = !args.no_multi_conn;
     config.description = format!("nbd-csi serve-file {}", args.path.display());
-    let export = Export::open(&args.path, config)
-        .with_context(|| format!("opening {}", args.path.display()))?;
-    let server = Server::bind(export, args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+    let export = Export::open(&args.path, config).with_context(|| format!("opening {}", args.path.display()))?;
+    let server = Server::bind(export, args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     tracing::info!(

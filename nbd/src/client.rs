@@ -67,10 +67,7 @@ where
         structured = header.reply == rep::ACK;
     }
 
-    let request = InfoRequest {
-        name: opts.export_name.clone(),
-        requests: vec![info::BLOCK_SIZE],
-    };
+    let request = InfoRequest { name: opts.export_name.clone(), requests: vec![info::BLOCK_SIZE] };
     send_option(stream, opt::GO, &request.encode()).await?;
     let mut export = None;
     let mut block_size = None;
@@ -78,9 +75,7 @@ where
         let (header, payload) = read_reply(stream, opt::GO).await?;
         match header.reply {
             rep::INFO => match InfoReply::decode(&payload)? {
-                InfoReply::Export { size, transmission_flags } => {
-                    export = Some((size, transmission_flags))
-                }
+                InfoReply::Export { size, transmission_flags } => export = Some((size, transmission_flags)),
                 InfoReply::BlockSize { minimum, preferred, maximum } => {
                     block_size = Some((minimum, preferred, maximum))
                 }
@@ -128,10 +123,7 @@ async fn send_option<S: AsyncWrite + Unpin>(stream: &mut S, option: u32, data: &
     stream.flush().await
 }
 
-async fn read_reply<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    option: u32,
-) -> Result<(OptionReplyHeader, Vec<u8>), Error> {
+async fn read_reply<S: AsyncRead + Unpin>(stream: &mut S, option: u32) -> Result<(OptionReplyHeader, Vec<u8>), Error> {
     let mut header = [0u8; OptionReplyHeader::SIZE];
     stream.read_exact(&mut header).await?;
     let header = OptionReplyHeader::decode(&header)?;

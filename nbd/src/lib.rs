@@ -7,8 +7,8 @@
 //! - [`server`]: a tokio export server, one per volume, over a shared file.
 
 pub mod client;
-pub mod error;
 pub mod consts;
+pub mod error;
 pub mod server;
 pub mod wire;
 

@@ -282,12 +282,21 @@ impl MetaContextRequest {
 /// One NBD_REP_INFO payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InfoReply {
-    Export { size: u64, transmission_flags: u16 },
+    Export {
+        size: u64,
+        transmission_flags: u16,
+    },
     Name(String),
     Description(String),
-    BlockSize { minimum: u32, preferred: u32, maximum: u32 },
+    BlockSize {
+        minimum: u32,
+        preferred: u32,
+        maximum: u32,
+    },
     /// An item this library does not know; clients must ignore it.
-    Unknown { kind: u16 },
+    Unknown {
+        kind: u16,
+    },
 }
 
 impl InfoReply {
@@ -324,9 +333,7 @@ impl InfoReply {
             info::EXPORT => Self::Export { size: r.u64()?, transmission_flags: r.u16()? },
             info::NAME => Self::Name(r.string(r.remaining() as u64, "export name")?),
             info::DESCRIPTION => Self::Description(r.string(r.remaining() as u64, "description")?),
-            info::BLOCK_SIZE => {
-                Self::BlockSize { minimum: r.u32()?, preferred: r.u32()?, maximum: r.u32()? }
-            }
+            info::BLOCK_SIZE => Self::BlockSize { minimum: r.u32()?, preferred: r.u32()?, maximum: r.u32()? },
             kind => {
                 r.rest();
                 Self::Unknown { kind }
@@ -405,13 +412,7 @@ impl Request {
     pub fn decode(buf: &[u8; Self::SIZE]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf);
         expect_magic(r.u32()?.into(), magic::REQUEST.into())?;
-        Ok(Self {
-            flags: r.u16()?,
-            command: r.u16()?,
-            cookie: r.u64()?,
-            offset: r.u64()?,
-            length: r.u32()?,
-        })
+        Ok(Self { flags: r.u16()?, command: r.u16()?, cookie: r.u64()?, offset: r.u64()?, length: r.u32()? })
     }
 }
 

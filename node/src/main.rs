@@ -34,14 +34,10 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match Cli::parse().command {
         Command::Probe { uri, connections } => runtime.block_on(probe(&uri, connections)),
     }
@@ -49,20 +45,11 @@ fn main() -> anyhow::Result<()> {
 
 async fn probe(uri: &str, connections: Option<usize>) -> anyhow::Result<()> {
     let uri = NbdUri::parse(uri)?;
-    let mut stream = tokio::net::TcpStream::connect(uri.authority())
-        .await
-        .with_context(|| format!("connecting to {uri}"))?;
-    let opts = nbd::client::HandshakeOptions {
-        export_name: uri.export.clone(),
-        structured_replies: false,
-    };
-    let export = nbd::client::handshake(&mut stream, &opts)
-        .await
-        .with_context(|| format!("handshake with {uri}"))?;
-    let count = connection_count(
-        export.transmission_flags,
-        connections.unwrap_or_else(default_connections),
-    );
+    let mut stream =
+        tokio::net::TcpStream::connect(uri.authority()).await.with_context(|| format!("connecting to {uri}"))?;
+    let opts = nbd::client::HandshakeOptions { export_name: uri.export.clone(), structured_replies: false };
+    let export = nbd::client::handshake(&mut stream, &opts).await.with_context(|| format!("handshake with {uri}"))?;
+    let count = connection_count(export.transmission_flags, connections.unwrap_or_else(default_connections));
     println!("size={}", export.size);
     println!("transmission_flags={:#06x}", export.transmission_flags);
     println!("can_multi_conn={}", export.can_multi_conn());

@@ -28,15 +28,11 @@ impl NbdUri {
     /// Parses the plain-TCP form of the NBD URI standard (`nbd://`), with
     /// IPv6 hosts in brackets and a percent-encoded export name.
     pub fn parse(uri: &str) -> Result<Self, UriError> {
-        let rest = uri
-            .strip_prefix("nbd://")
-            .ok_or_else(|| UriError::Scheme(uri.into()))?;
+        let rest = uri.strip_prefix("nbd://").ok_or_else(|| UriError::Scheme(uri.into()))?;
         let rest = rest.split(['?', '#']).next().unwrap_or_default();
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or_else(|| UriError::Host(uri.into()))?;
+            let (host, after) = v6.split_once(']').ok_or_else(|| UriError::Host(uri.into()))?;
             (host, after.strip_prefix(':'))
         } else {
             match authority.rsplit_once(':') {
@@ -52,11 +48,7 @@ impl NbdUri {
             Some(p) => p.parse().map_err(|_| UriError::Port(uri.into()))?,
         };
         let export = percent_decode(path).ok_or_else(|| UriError::Escape(uri.into()))?;
-        Ok(Self {
-            host: host.to_owned(),
-            port,
-            export,
-        })
+        Ok(Self { host: host.to_owned(), port, export })
     }
 
     /// `host:port` for connecting, brackets kept for IPv6.
@@ -100,14 +92,7 @@ mod tests {
     #[test]
     fn parses_host_port_export() {
         let u = NbdUri::parse("nbd://10.0.0.5:10900/vol-abc").unwrap();
-        assert_eq!(
-            u,
-            NbdUri {
-                host: "10.0.0.5".into(),
-                port: 10900,
-                export: "vol-abc".into()
-            }
-        );
+        assert_eq!(u, NbdUri { host: "10.0.0.5".into(), port: 10900, export: "vol-abc".into() });
         assert_eq!(u.authority(), "10.0.0.5:10900");
     }
 
@@ -120,28 +105,16 @@ mod tests {
     #[test]
     fn ipv6_and_escapes() {
         let u = NbdUri::parse("nbd://[::1]:2000/a%2Fb%20c").unwrap();
-        assert_eq!(
-            (u.host.as_str(), u.port, u.export.as_str()),
-            ("::1", 2000, "a/b c")
-        );
+        assert_eq!((u.host.as_str(), u.port, u.export.as_str()), ("::1", 2000, "a/b c"));
         assert_eq!(u.authority(), "[::1]:2000");
     }
 
     #[test]
     fn rejects_bad_uris() {
-        assert!(matches!(
-            NbdUri::parse("nbds://h/x"),
-            Err(UriError::Scheme(_))
-        ));
+        assert!(matches!(NbdUri::parse("nbds://h/x"), Err(UriError::Scheme(_))));
         assert!(matches!(NbdUri::parse("nbd:///x"), Err(UriError::Host(_))));
-        assert!(matches!(
-            NbdUri::parse("nbd://h:99999/x"),
-            Err(UriError::Port(_))
-        ));
-        assert!(matches!(
-            NbdUri::parse("nbd://h/%zz"),
-            Err(UriError::Escape(_))
-        ));
+        assert!(matches!(NbdUri::parse("nbd://h:99999/x"), Err(UriError::Port(_))));
+        assert!(matches!(NbdUri::parse("nbd://h/%zz"), Err(UriError::Escape(_))));
     }
 
     #[test]

@@ -12,11 +12,7 @@ fn probe(uri: &str, connections: usize) -> String {
         .args(["probe", uri, "--connections", &connections.to_string()])
         .output()
         .expect("run nbd-csi-node");
-    assert!(
-        out.status.success(),
-        "probe failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "probe failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -35,14 +31,9 @@ fn our_server(multi_conn: bool) -> (SocketAddr, tempfile::NamedTempFile) {
     let export = Export::open(file.path(), config).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
-            let server = Server::bind(export, "127.0.0.1:0".parse().unwrap())
-                .await
-                .unwrap();
+            let server = Server::bind(export, "127.0.0.1:0".parse().unwrap()).await.unwrap();
             tx.send(server.local_addr().unwrap()).unwrap();
             server.run(std::future::pending()).await.unwrap();
         });
@@ -67,11 +58,7 @@ fn our_server_without_multi_conn_gets_one() {
     assert_eq!(field(&out, "can_multi_conn"), "false");
     assert_eq!(field(&out, "connections"), "1");
     // SEND_CACHE (bit 10) is still advertised: it must not count.
-    let flags = u16::from_str_radix(
-        field(&out, "transmission_flags").trim_start_matches("0x"),
-        16,
-    )
-    .unwrap();
+    let flags = u16::from_str_radix(field(&out, "transmission_flags").trim_start_matches("0x"), 16).unwrap();
     assert_ne!(flags & (1 << 10), 0);
 }
 
@@ -85,24 +72,13 @@ impl Drop for Nbdkit {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn nbdkit(extra: &[&str]) -> (Nbdkit, u16) {
     let port = free_port();
     let child = Command::new("nbdkit")
-        .args([
-            "--foreground",
-            "--exit-with-parent",
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
+        .args(["--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", &port.to_string()])
         .args(extra)
         .spawn()
         .expect("nbdkit must be installed (tests/run.sh installs it)");
@@ -116,12 +92,7 @@ fn nbdkit(extra: &[&str]) -> (Nbdkit, u16) {
 
 #[test]
 fn nbdkit_with_multi_conn_disabled_gets_one() {
-    let (_kit, port) = nbdkit(&[
-        "--filter=multi-conn",
-        "memory",
-        "1M",
-        "multi-conn-mode=disable",
-    ]);
+    let (_kit, port) = nbdkit(&["--filter=multi-conn", "memory", "1M", "multi-conn-mode=disable"]);
     let out = probe(&format!("nbd://127.0.0.1:{port}/"), 4);
     assert_eq!(field(&out, "can_multi_conn"), "false");
     assert_eq!(field(&out, "connections"), "1");
@@ -129,12 +100,7 @@ fn nbdkit_with_multi_conn_disabled_gets_one() {
 
 #[test]
 fn nbdkit_with_multi_conn_enabled_gets_several() {
-    let (_kit, port) = nbdkit(&[
-        "--filter=multi-conn",
-        "memory",
-        "1M",
-        "multi-conn-mode=plugin",
-    ]);
+    let (_kit, port) = nbdkit(&["--filter=multi-conn", "memory", "1M", "multi-conn-mode=plugin"]);
     let out = probe(&format!("nbd://127.0.0.1:{port}/"), 3);
     assert_eq!(field(&out, "can_multi_conn"), "true");
     assert_eq!(field(&out, "connections"), "3");

@@ -9,10 +9,9 @@ use std::task::{Context, Poll, Waker};
 
 use csi_proto::v1;
 use csi_proto::{
-    BlockMetadataType, CreateVolumeRequest, GetCapacityResponse, NodeGetInfoResponse,
-    NodePublishVolumeRequest, ProbeResponse, Snapshot, VolumeCapability,
-    controller_service_capability, group_controller_service_capability, identity_server,
-    node_service_capability, plugin_capability, volume_capability, volume_usage,
+    BlockMetadataType, CreateVolumeRequest, GetCapacityResponse, NodeGetInfoResponse, NodePublishVolumeRequest,
+    ProbeResponse, Snapshot, VolumeCapability, controller_service_capability, group_controller_service_capability,
+    identity_server, node_service_capability, plugin_capability, volume_capability, volume_usage,
 };
 use prost::Message;
 use tonic::transport::Channel;
@@ -24,27 +23,16 @@ fn encode<M: Message>(m: &M) -> Vec<u8> {
 
 #[test]
 fn create_volume_request_field_numbers() {
-    let req = CreateVolumeRequest {
-        name: "x".into(),
-        ..Default::default()
-    };
+    let req = CreateVolumeRequest { name: "x".into(), ..Default::default() };
     // Field 1, wire type 2 (length-delimited) => 0x0a.
     assert_eq!(encode(&req), [0x0a, 0x01, b'x']);
 
-    let req = CreateVolumeRequest {
-        secrets: HashMap::from([("k".into(), "v".into())]),
-        ..Default::default()
-    };
+    let req = CreateVolumeRequest { secrets: HashMap::from([("k".into(), "v".into())]), ..Default::default() };
     // secrets = 5 => tag 0x2a; map entry is {key = 1, value = 2}.
-    assert_eq!(
-        encode(&req),
-        [0x2a, 0x06, 0x0a, 0x01, b'k', 0x12, 0x01, b'v']
-    );
+    assert_eq!(encode(&req), [0x2a, 0x06, 0x0a, 0x01, b'k', 0x12, 0x01, b'v']);
 
-    let req = CreateVolumeRequest {
-        mutable_parameters: HashMap::from([("k".into(), "v".into())]),
-        ..Default::default()
-    };
+    let req =
+        CreateVolumeRequest { mutable_parameters: HashMap::from([("k".into(), "v".into())]), ..Default::default() };
     // mutable_parameters = 8 => tag 0x42.
     assert_eq!(encode(&req)[0], 0x42);
 }
@@ -52,9 +40,7 @@ fn create_volume_request_field_numbers() {
 #[test]
 fn volume_capability_layout() {
     let cap = VolumeCapability {
-        access_type: Some(volume_capability::AccessType::Block(
-            volume_capability::BlockVolume {},
-        )),
+        access_type: Some(volume_capability::AccessType::Block(volume_capability::BlockVolume {})),
         access_mode: Some(volume_capability::AccessMode {
             mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
         }),
@@ -63,55 +49,34 @@ fn volume_capability_layout() {
     assert_eq!(encode(&cap), [0x0a, 0x00, 0x1a, 0x02, 0x08, 0x01]);
 
     let cap = VolumeCapability {
-        access_type: Some(volume_capability::AccessType::Mount(
-            volume_capability::MountVolume {
-                fs_type: "ext4".into(),
-                mount_flags: vec![],
-                volume_mount_group: "g".into(),
-            },
-        )),
+        access_type: Some(volume_capability::AccessType::Mount(volume_capability::MountVolume {
+            fs_type: "ext4".into(),
+            mount_flags: vec![],
+            volume_mount_group: "g".into(),
+        })),
         access_mode: None,
     };
     // mount = 2 { fs_type = 1, volume_mount_group = 3 }.
-    assert_eq!(
-        encode(&cap),
-        [
-            0x12, 0x09, 0x0a, 0x04, b'e', b'x', b't', b'4', 0x1a, 0x01, b'g'
-        ]
-    );
+    assert_eq!(encode(&cap), [0x12, 0x09, 0x0a, 0x04, b'e', b'x', b't', b'4', 0x1a, 0x01, b'g']);
 }
 
 #[test]
 fn node_publish_request_field_numbers() {
-    let req = NodePublishVolumeRequest {
-        target_path: "/t".into(),
-        readonly: true,
-        ..Default::default()
-    };
+    let req = NodePublishVolumeRequest { target_path: "/t".into(), readonly: true, ..Default::default() };
     // target_path = 4 => 0x22; readonly = 6 (varint) => 0x30.
     assert_eq!(encode(&req), [0x22, 0x02, b'/', b't', 0x30, 0x01]);
 }
 
 #[test]
 fn misc_field_numbers() {
-    let snap = Snapshot {
-        group_snapshot_id: "g".into(),
-        ..Default::default()
-    };
+    let snap = Snapshot { group_snapshot_id: "g".into(), ..Default::default() };
     assert_eq!(encode(&snap), [0x32, 0x01, b'g']);
 
-    let cap = GetCapacityResponse {
-        minimum_volume_size: Some(7),
-        ..Default::default()
-    };
+    let cap = GetCapacityResponse { minimum_volume_size: Some(7), ..Default::default() };
     // minimum_volume_size = 3 is an Int64Value wrapper { value = 1 }.
     assert_eq!(encode(&cap), [0x1a, 0x02, 0x08, 0x07]);
 
-    let info = NodeGetInfoResponse {
-        node_id: "n".into(),
-        max_volumes_per_node: 3,
-        accessible_topology: None,
-    };
+    let info = NodeGetInfoResponse { node_id: "n".into(), max_volumes_per_node: 3, accessible_topology: None };
     assert_eq!(encode(&info), [0x0a, 0x01, b'n', 0x10, 0x03]);
 }
 
@@ -141,10 +106,7 @@ fn enum_values() {
     assert_eq!(Mode::MultiNodeMultiWriter as i32, 5);
     assert_eq!(Mode::SingleNodeSingleWriter as i32, 6);
     assert_eq!(Mode::SingleNodeMultiWriter as i32, 7);
-    assert_eq!(
-        Mode::SingleNodeMultiWriter.as_str_name(),
-        "SINGLE_NODE_MULTI_WRITER"
-    );
+    assert_eq!(Mode::SingleNodeMultiWriter.as_str_name(), "SINGLE_NODE_MULTI_WRITER");
 
     assert_eq!(Ctrl::CreateDeleteVolume as i32, 1);
     assert_eq!(Ctrl::PublishUnpublishVolume as i32, 2);
@@ -167,10 +129,7 @@ fn enum_values() {
     assert_eq!(Svc::SnapshotMetadataService as i32, 4);
     assert_eq!(plugin_capability::volume_expansion::Type::Offline as i32, 2);
 
-    assert_eq!(
-        group_controller_service_capability::rpc::Type::CreateDeleteGetVolumeGroupSnapshot as i32,
-        1
-    );
+    assert_eq!(group_controller_service_capability::rpc::Type::CreateDeleteGetVolumeGroupSnapshot as i32, 1);
     assert_eq!(volume_usage::Unit::Inodes as i32, 2);
     assert_eq!(BlockMetadataType::VariableLength as i32, 2);
 }
@@ -180,14 +139,8 @@ fn service_names() {
     assert_eq!(v1::identity_server::SERVICE_NAME, "csi.v1.Identity");
     assert_eq!(v1::controller_server::SERVICE_NAME, "csi.v1.Controller");
     assert_eq!(v1::node_server::SERVICE_NAME, "csi.v1.Node");
-    assert_eq!(
-        v1::group_controller_server::SERVICE_NAME,
-        "csi.v1.GroupController"
-    );
-    assert_eq!(
-        v1::snapshot_metadata_server::SERVICE_NAME,
-        "csi.v1.SnapshotMetadata"
-    );
+    assert_eq!(v1::group_controller_server::SERVICE_NAME, "csi.v1.GroupController");
+    assert_eq!(v1::snapshot_metadata_server::SERVICE_NAME, "csi.v1.SnapshotMetadata");
 }
 
 /// Names every generated server and client type, so a rename or a missing
@@ -236,10 +189,7 @@ impl identity_server::Identity for TestIdentity {
         Err(Status::unimplemented("test"))
     }
 
-    async fn probe(
-        &self,
-        _: Request<v1::ProbeRequest>,
-    ) -> Result<Response<v1::ProbeResponse>, Status> {
+    async fn probe(&self, _: Request<v1::ProbeRequest>) -> Result<Response<v1::ProbeResponse>, Status> {
         Ok(Response::new(v1::ProbeResponse { ready: Some(true) }))
     }
 }
@@ -257,13 +207,9 @@ fn ready<F: Future>(fut: F) -> F::Output {
 fn identity_trait_is_implementable() {
     use identity_server::Identity;
     let svc = TestIdentity;
-    let info = ready(svc.get_plugin_info(Request::new(v1::GetPluginInfoRequest {})))
-        .unwrap()
-        .into_inner();
+    let info = ready(svc.get_plugin_info(Request::new(v1::GetPluginInfoRequest {}))).unwrap().into_inner();
     assert_eq!(info.name, "nbd.csi.test");
-    let probe = ready(svc.probe(Request::new(v1::ProbeRequest {})))
-        .unwrap()
-        .into_inner();
+    let probe = ready(svc.probe(Request::new(v1::ProbeRequest {}))).unwrap().into_inner();
     assert_eq!(probe.ready, Some(true));
 
     let _server = identity_server::IdentityServer::new(TestIdentity);

@@ -28,9 +28,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let limit = export.config().handshake_timeout;
-    tokio::time::timeout(limit, negotiate(export, rd, wr))
-        .await
-        .map_err(|_| Error::HandshakeTimeout(limit))?
+    tokio::time::timeout(limit, negotiate(export, rd, wr)).await.map_err(|_| Error::HandshakeTimeout(limit))?
 }
 
 /// Runs the handshake. `Ok(None)`: the client aborted or went away cleanly.

@@ -150,7 +150,12 @@ where
     serve_halves(export, rd, wr, shutdown).await
 }
 
-async fn serve_halves<R, W>(export: Arc<Export>, mut rd: R, mut wr: W, mut shutdown: watch::Receiver<bool>) -> crate::Result<()>
+async fn serve_halves<R, W>(
+    export: Arc<Export>,
+    mut rd: R,
+    mut wr: W,
+    mut shutdown: watch::Receiver<bool>,
+) -> crate::Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,

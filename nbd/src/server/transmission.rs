@@ -70,11 +70,15 @@ where
     let writer = tokio::spawn(write_replies(Arc::clone(&export), session, wr, rx, Arc::clone(&pool)));
     let conn = Conn { export, session, pool, budget: Arc::new(Semaphore::new(budget_units)), replies: tx };
     let read_result = conn.read_requests(rd, &mut shutdown).await;
+    drop(conn);
+    if read_result.is_err() {
+        // The client broke the protocol: owe it nothing more.
+        writer.abort();
+        return read_result;
+    }
     // Dropping the last sender (ours, then those held by blocking flushes)
     // lets the writer drain every owed reply and finish.
-    drop(conn);
-    let write_result = writer.await.map_err(io::Error::other)?;
-    read_result.and(write_result.map_err(Error::from))
+    writer.await.map_err(io::Error::other)?.map_err(Error::from)
 }
 
 fn units(len: usize) -> u32 {
@@ -108,10 +112,15 @@ impl Conn {
                 return Ok(());
             }
             self.stats().in_flight.fetch_add(1, Ordering::Relaxed);
-            match request.command {
-                cmd::READ => self.read(request).await?,
-                cmd::WRITE => self.write(request, &mut rd).await?,
-                _ => self.other(request).await?,
+            let handled = match request.command {
+                cmd::READ => self.read(request).await,
+                cmd::WRITE => self.write(request, &mut rd).await,
+                _ => self.other(request).await,
+            };
+            if handled.is_err() {
+                // No reply will be written for this request.
+                self.stats().in_flight.fetch_sub(1, Ordering::Relaxed);
+                return handled;
             }
         }
     }

@@ -1,15 +1,29 @@
-//! `nbd-csi-controller`: the CSI controller, and tools around its NBD server.
+//! `nbd-csi-controller`: the CSI controller (Identity + Controller, one NBD
+//! server per volume), and tools around its NBD server.
 
+mod csi;
+mod driver;
+mod error;
+mod kube;
+mod metrics;
 mod serve_file;
+mod service;
+mod store;
+mod volumes;
+
+#[cfg(test)]
+mod tests;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "nbd-csi controller")]
+#[command(version, about = "nbd-csi controller", args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(flatten)]
+    serve: service::Args,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -27,6 +41,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Command::ServeFile(args) => runtime.block_on(serve_file::run(args)),
+        Some(Command::ServeFile(args)) => runtime.block_on(serve_file::run(args)),
+        None => runtime.block_on(service::run(cli.serve)),
     }
 }

@@ -183,6 +183,10 @@ impl<W: AsyncWrite + Unpin> Haggle<'_, W> {
 
     async fn meta_context(&mut self, option: u32, data: &[u8]) -> Result<()> {
         let set = option == opt::SET_META_CONTEXT;
+        if set {
+            // SET replaces the selection even when it fails (spec).
+            self.session.base_allocation = false;
+        }
         if set && !self.session.structured_replies {
             self.reply(option, rep::ERR_INVALID, b"negotiate structured replies first").await?;
             return Ok(());

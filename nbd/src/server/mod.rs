@@ -4,7 +4,9 @@
 //! FUA write on any connection is durable for all of them when it is
 //! acknowledged: that is what makes advertising CAN_MULTI_CONN truthful.
 
+mod access;
 mod backend;
+mod gate;
 mod handshake;
 mod pool;
 mod transmission;
@@ -24,7 +26,9 @@ use tokio::task::JoinSet;
 
 use crate::consts::transmission_flags as tf;
 
+pub use access::{Access, Allowed};
 pub use backend::Backend;
+pub use gate::{WriteGate, WritesPaused};
 
 /// How long a stopping server waits for connections to send owed replies.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -83,6 +87,8 @@ pub struct Export {
     config: ExportConfig,
     backend: Backend,
     stats: ExportStats,
+    access: Access,
+    write_gate: WriteGate,
 }
 
 impl Export {
@@ -95,7 +101,13 @@ impl Export {
     pub fn from_file(file: File, config: ExportConfig) -> io::Result<Arc<Self>> {
         let budget = config.connection_buffer_budget.max(crate::limits::MAX_PAYLOAD as usize);
         let config = ExportConfig { connection_buffer_budget: budget, ..config };
-        Ok(Arc::new(Self { backend: Backend::new(file)?, config, stats: ExportStats::default() }))
+        Ok(Arc::new(Self {
+            backend: Backend::new(file)?,
+            config,
+            stats: ExportStats::default(),
+            access: Access::default(),
+            write_gate: WriteGate::default(),
+        }))
     }
 
     pub fn config(&self) -> &ExportConfig {
@@ -104,6 +116,16 @@ impl Export {
 
     pub fn stats(&self) -> &ExportStats {
         &self.stats
+    }
+
+    /// Which peers may connect; changing it closes connections it no longer admits.
+    pub fn access(&self) -> &Access {
+        &self.access
+    }
+
+    /// Held shared by data-changing commands; [`WriteGate::pause`] stops them.
+    pub fn write_gate(&self) -> &WriteGate {
+        &self.write_gate
     }
 
     pub fn size(&self) -> u64 {
@@ -218,11 +240,16 @@ impl Server {
                             continue;
                         }
                     };
+                    let Some(ticket) = self.export.access.admit(peer.ip()) else {
+                        tracing::info!(%peer, "connection refused: peer not allowed");
+                        continue;
+                    };
                     let export = Arc::clone(&self.export);
                     let stop = stop_rx.clone();
                     connections.spawn(async move {
                         export.stats.connections.fetch_add(1, Ordering::Relaxed);
-                        let result = serve_tcp(Arc::clone(&export), stream, stop).await;
+                        let serving = Arc::clone(&export);
+                        let result = ticket.run(stop, |stop| serve_tcp(serving, stream, stop)).await;
                         export.stats.connections.fetch_sub(1, Ordering::Relaxed);
                         match result {
                             Ok(()) => tracing::debug!(%peer, "client disconnected"),

@@ -190,6 +190,7 @@ impl Conn {
         } else if out_of_range(request.offset, request.length, self.export.size()) {
             errno::ENOSPC
         } else {
+            let _gate = self.export.write_gate().enter().await;
             match self.export.backend.write(&buf, request.offset) {
                 Ok(()) => 0,
                 Err(e) => nbd_errno(&e),
@@ -232,7 +233,10 @@ impl Conn {
         let read_only = self.export.config().read_only;
         let backend = &self.export.backend;
         let (offset, len) = (request.offset, u64::from(request.length));
+        let changes_data = matches!(request.command, cmd::TRIM | cmd::WRITE_ZEROES);
+        let gate = if changes_data { Some(self.export.write_gate().enter().await) } else { None };
         let result = match request.command {
+            cmd::FLUSH if !self.flags_valid(&request, 0) => Err(errno::EINVAL),
             cmd::FLUSH => return self.flush_then_reply(request),
             cmd::TRIM if !self.flags_valid(&request, 0) => Err(errno::EINVAL),
             cmd::TRIM if read_only => Err(errno::EPERM),
@@ -254,6 +258,7 @@ impl Conn {
             cmd::BLOCK_STATUS => return self.block_status(request).await,
             _ => Err(errno::EINVAL),
         };
+        drop(gate);
         match result {
             Ok(()) if request.flags & cmd_flags::FUA != 0 && request.command != cmd::CACHE => {
                 self.flush_then_reply(request)
@@ -348,6 +353,11 @@ fn encode(out: &mut Vec<u8>, reply: Reply, session: Session) -> Leftover {
         }
         Reply::Data { cookie, offset, buf, .. } => {
             if session.structured_replies {
+                if buf.is_empty() {
+                    // Every data or hole chunk must cover at least one byte.
+                    put_chunk(out, done, cookie, &Chunk::None);
+                    return Leftover::Recycle(buf);
+                }
                 if buf.iter().all(|&b| b == 0) {
                     let length = buf.len() as u32;
                     put_chunk(out, done, cookie, &Chunk::OffsetHole { offset, length });

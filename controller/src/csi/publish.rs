@@ -1,0 +1,112 @@
+//! ControllerPublishVolume / ControllerUnpublishVolume: who may attach a
+//! volume, and the NBD URI the node plugin connects to.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use csi_proto::*;
+
+use super::{check_capability, is_reader_only, is_single_node, require};
+use crate::driver::{Driver, blocking};
+use crate::error::{Error, Result};
+use crate::store::{Publication, VolumeRecord};
+
+/// publish_context keys read by the node plugin.
+pub const NBD_URI: &str = "nbdUri";
+pub const READ_ONLY: &str = "readOnly";
+pub const MULTI_CONN: &str = "multiConn";
+
+impl Driver {
+    fn publish_context(&self, record: &VolumeRecord, publication: &Publication) -> HashMap<String, String> {
+        HashMap::from([
+            (NBD_URI.to_string(), self.nbd_uri(record)),
+            (READ_ONLY.to_string(), publication.read_only.to_string()),
+            // Every export advertises CAN_MULTI_CONN.
+            (MULTI_CONN.to_string(), "true".to_string()),
+        ])
+    }
+
+    async fn save_published(&self, record: VolumeRecord) -> Result<()> {
+        let (store, saved) = (Arc::clone(&self.store), record.clone());
+        blocking(move || store.save_volume(&saved)).await?;
+        let id = record.id.clone();
+        if let Some(v) = self.state().volumes.get_mut(&id) {
+            v.record = record;
+        }
+        self.apply_access(&id);
+        Ok(())
+    }
+
+    #[tracing::instrument(err, skip_all, fields(volume.id = %req.volume_id, node.id = %req.node_id))]
+    pub async fn publish_volume(&self, req: ControllerPublishVolumeRequest) -> Result<ControllerPublishVolumeResponse> {
+        require(&req.volume_id, "volume_id")?;
+        require(&req.node_id, "node_id")?;
+        let cap = req.volume_capability.as_ref().ok_or_else(|| Error::invalid("volume_capability is required"))?;
+        let (block, mode) = check_capability(cap)?;
+        let id = req.volume_id.clone();
+        if !self.state().volumes.contains_key(&id) {
+            return Err(Error::not_found(format!("volume {id} not found")));
+        }
+        let addresses = self.node_addresses(&req.node_id).await?;
+        let _guard = self.lock(format!("v:{id}")).await;
+        let mut record = self
+            .state()
+            .volumes
+            .get(&id)
+            .map(|v| v.record.clone())
+            .ok_or_else(|| Error::not_found(format!("volume {id} not found")))?;
+        if block != record.block {
+            return Err(Error::invalid(format!(
+                "volume was created for {} access",
+                if record.block { "block" } else { "mount" }
+            )));
+        }
+        let publication = Publication {
+            read_only: req.readonly || record.read_only || is_reader_only(mode),
+            access_mode: mode,
+            addresses,
+        };
+        if let Some(existing) = record.published.get(&req.node_id) {
+            if existing.read_only == publication.read_only && existing.access_mode == publication.access_mode {
+                return Ok(ControllerPublishVolumeResponse {
+                    publish_context: self.publish_context(&record, existing),
+                });
+            }
+            return Err(Error::exists(format!("volume is published to {} with other options", req.node_id)));
+        }
+        if let Some((other, p)) = record.published.iter().next()
+            && (is_single_node(mode) || is_single_node(p.access_mode))
+        {
+            return Err(Error::precondition(format!("volume is single-node and already published to {other}")));
+        }
+        let context = self.publish_context(&record, &publication);
+        record.published.insert(req.node_id.clone(), publication);
+        self.save_published(record).await?;
+        tracing::info!("volume published");
+        Ok(ControllerPublishVolumeResponse { publish_context: context })
+    }
+
+    #[tracing::instrument(err, skip_all, fields(volume.id = %req.volume_id, node.id = %req.node_id))]
+    pub async fn unpublish_volume(
+        &self,
+        req: ControllerUnpublishVolumeRequest,
+    ) -> Result<ControllerUnpublishVolumeResponse> {
+        require(&req.volume_id, "volume_id")?;
+        let id = req.volume_id;
+        let _guard = self.lock(format!("v:{id}")).await;
+        let Some(mut record) = self.state().volumes.get(&id).map(|v| v.record.clone()) else {
+            return Ok(ControllerUnpublishVolumeResponse {});
+        };
+        let before = record.published.len();
+        if req.node_id.is_empty() {
+            record.published.clear();
+        } else {
+            record.published.remove(&req.node_id);
+        }
+        if record.published.len() != before {
+            self.save_published(record).await?;
+            tracing::info!("volume unpublished");
+        }
+        Ok(ControllerUnpublishVolumeResponse {})
+    }
+}

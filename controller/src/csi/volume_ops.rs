@@ -1,0 +1,328 @@
+//! CreateVolume, DeleteVolume, ValidateVolumeCapabilities, ListVolumes,
+//! ControllerGetVolume, GetCapacity, ControllerExpandVolume.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use csi_proto::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
+use csi_proto::*;
+use tracing::Span;
+
+use super::{Caps, MIB, capacity, check_capabilities, check_parameters, is_reader_only, page, require};
+use crate::driver::{Driver, blocking};
+use crate::error::{Error, Result};
+use crate::store::{self, FORMAT, Source, VolumeRecord};
+
+/// What the node plugin learns from volume_context (never the token).
+fn volume_context(record: &VolumeRecord) -> HashMap<String, String> {
+    let mut context = HashMap::new();
+    context.insert("accessType".to_string(), if record.block { "block" } else { "mount" }.to_string());
+    if !record.fs_type.is_empty() {
+        context.insert("fsType".to_string(), record.fs_type.clone());
+    }
+    context
+}
+
+fn source_message(source: &Option<Source>) -> Option<VolumeContentSource> {
+    let r#type = match source.as_ref()? {
+        Source::Snapshot(id) => SourceType::Snapshot(SnapshotSource { snapshot_id: id.clone() }),
+        Source::Volume(id) => SourceType::Volume(VolumeSource { volume_id: id.clone() }),
+    };
+    Some(VolumeContentSource { r#type: Some(r#type) })
+}
+
+pub fn volume_message(record: &VolumeRecord) -> Volume {
+    Volume {
+        capacity_bytes: record.capacity_bytes as i64,
+        volume_id: record.id.clone(),
+        volume_context: volume_context(record),
+        content_source: source_message(&record.source),
+        accessible_topology: Vec::new(),
+    }
+}
+
+fn condition(serving: bool) -> VolumeCondition {
+    if serving {
+        VolumeCondition { abnormal: false, message: "NBD server is serving".into() }
+    } else {
+        VolumeCondition { abnormal: true, message: "NBD server is not serving".into() }
+    }
+}
+
+/// Same name asked again: the same volume if it satisfies the request.
+fn compatible(record: &VolumeRecord, req: &CreateVolumeRequest, caps: &Caps, source: &Option<Source>) -> bool {
+    let (required, limit) = req.capacity_range.as_ref().map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
+    let size = record.capacity_bytes as i64;
+    size >= required
+        && (limit == 0 || size <= limit)
+        && record.block == caps.block
+        && caps.modes.iter().all(|m| record.access_modes.contains(m))
+        && (caps.fs_type.is_empty() || caps.fs_type == record.fs_type)
+        && &record.source == source
+}
+
+fn parse_source(source: &Option<VolumeContentSource>) -> Result<Option<Source>> {
+    let Some(source) = source else { return Ok(None) };
+    match &source.r#type {
+        Some(SourceType::Snapshot(s)) => require(&s.snapshot_id, "content source snapshot_id")
+            .map(|()| Some(Source::Snapshot(s.snapshot_id.clone()))),
+        Some(SourceType::Volume(v)) => {
+            require(&v.volume_id, "content source volume_id").map(|()| Some(Source::Volume(v.volume_id.clone())))
+        }
+        None => Err(Error::invalid("volume_content_source without a type")),
+    }
+}
+
+impl Driver {
+    #[tracing::instrument(err, skip_all, fields(volume.name = %req.name, volume.id = tracing::field::Empty))]
+    pub async fn create_volume(&self, req: CreateVolumeRequest) -> Result<CreateVolumeResponse> {
+        require(&req.name, "name")?;
+        let caps = check_capabilities(&req.volume_capabilities)?;
+        let parameters = check_parameters(&req.parameters)?;
+        if !req.mutable_parameters.is_empty() {
+            return Err(Error::invalid("mutable_parameters are not supported (no MODIFY_VOLUME)"));
+        }
+        let source = parse_source(&req.volume_content_source)?;
+        let _name_guard = self.lock(format!("vn:{}", req.name)).await;
+        let existing = self.state().volumes.values().find(|v| v.record.name == req.name).map(|v| v.record.clone());
+        if let Some(record) = existing {
+            Span::current().record("volume.id", record.id.as_str());
+            if compatible(&record, &req, &caps, &source) {
+                return Ok(CreateVolumeResponse { volume: Some(volume_message(&record)) });
+            }
+            return Err(Error::exists(format!("volume {:?} exists as {} with other properties", req.name, record.id)));
+        }
+        // Hold the source still while it is copied.
+        let (_source_guard, source_image, source_size) = match &source {
+            None => (None, None, 0),
+            Some(Source::Snapshot(id)) => {
+                let guard = self.lock(format!("s:{id}")).await;
+                let size = self.state().snapshots.get(id).map(|s| s.size_bytes);
+                let size = size.ok_or_else(|| Error::not_found(format!("source snapshot {id} not found")))?;
+                (Some(guard), Some(self.store.snapshot_image(id)), size)
+            }
+            Some(Source::Volume(id)) => {
+                let guard = self.lock(format!("v:{id}")).await;
+                let size = self.state().volumes.get(id).map(|v| v.record.capacity_bytes);
+                let size = size.ok_or_else(|| Error::not_found(format!("source volume {id} not found")))?;
+                (Some(guard), Some(self.store.volume_image(id)), size)
+            }
+        };
+        let size = capacity(req.capacity_range.as_ref(), source_size)?;
+        let store = Arc::clone(&self.store);
+        blocking(move || store.check_space(size)).await?;
+        let id = format!("vol-{}", store::random_hex(16)?);
+        Span::current().record("volume.id", id.as_str());
+        let mut record = VolumeRecord {
+            format: FORMAT,
+            id: id.clone(),
+            name: req.name.clone(),
+            capacity_bytes: size,
+            block: caps.block,
+            read_only: caps.modes.iter().all(|m| is_reader_only(*m)),
+            access_modes: caps.modes.clone(),
+            fs_type: caps.fs_type.clone(),
+            parameters,
+            source: source.clone(),
+            port: 0,
+            export_name: store::random_hex(32)?,
+            published: Default::default(),
+        };
+        match (&source, source_image) {
+            (Some(Source::Volume(src)), Some(image)) => {
+                // A clone of a live volume is point-in-time, like a snapshot.
+                let store = Arc::clone(&self.store);
+                let new_id = id.clone();
+                self.with_writes_paused(src, move || store.create_volume_image(&new_id, size, Some(&image))).await?;
+            }
+            (_, image) => {
+                let store = Arc::clone(&self.store);
+                let new_id = id.clone();
+                blocking(move || store.create_volume_image(&new_id, size, image.as_deref())).await?;
+            }
+        }
+        let served = match self.serve_new(&mut record).await {
+            Ok(served) => served,
+            Err(e) => {
+                let (store, id) = (Arc::clone(&self.store), id.clone());
+                let _ = blocking(move || store.remove_volume(&id)).await;
+                return Err(e);
+            }
+        };
+        let (store, saved) = (Arc::clone(&self.store), record.clone());
+        if let Err(e) = blocking(move || store.save_volume(&saved)).await {
+            let _ = served.stop().await;
+            let (store, id) = (Arc::clone(&self.store), id.clone());
+            let _ = blocking(move || store.remove_volume(&id)).await;
+            return Err(e);
+        }
+        self.exports.insert(&id, Arc::clone(&served.export));
+        tracing::info!(size, port = served.addr.port(), "volume created");
+        let volume = volume_message(&record);
+        self.state().volumes.insert(id, crate::driver::Volume { record, served: Some(served) });
+        Ok(CreateVolumeResponse { volume: Some(volume) })
+    }
+
+    #[tracing::instrument(err, skip_all, fields(volume.id = %req.volume_id))]
+    pub async fn delete_volume(&self, req: DeleteVolumeRequest) -> Result<DeleteVolumeResponse> {
+        require(&req.volume_id, "volume_id")?;
+        let id = req.volume_id;
+        let Some(name) = self.state().volumes.get(&id).map(|v| v.record.name.clone()) else {
+            return Ok(DeleteVolumeResponse {});
+        };
+        let _name_guard = self.lock(format!("vn:{name}")).await;
+        let _guard = self.lock(format!("v:{id}")).await;
+        let served = {
+            let mut state = self.state();
+            let Some(volume) = state.volumes.get_mut(&id) else { return Ok(DeleteVolumeResponse {}) };
+            if !volume.record.published.is_empty() {
+                let nodes: Vec<&String> = volume.record.published.keys().collect();
+                return Err(Error::precondition(format!("volume is still published to {nodes:?}")));
+            }
+            volume.served.take()
+        };
+        self.exports.remove(&id);
+        if let Some(served) = served
+            && let Err(e) = served.stop().await
+        {
+            tracing::warn!(error = %e, "flushing on stop failed; deleting anyway");
+        }
+        let (store, rid) = (Arc::clone(&self.store), id.clone());
+        if let Err(e) = blocking(move || store.remove_volume(&rid)).await {
+            // Still stored: serve it again rather than leave it dark.
+            let _ = self.restart_server(&id).await;
+            return Err(e);
+        }
+        self.state().volumes.remove(&id);
+        tracing::info!("volume deleted");
+        Ok(DeleteVolumeResponse {})
+    }
+
+    #[tracing::instrument(err, skip_all, fields(volume.id = %req.volume_id))]
+    pub async fn validate_capabilities(
+        &self,
+        req: ValidateVolumeCapabilitiesRequest,
+    ) -> Result<ValidateVolumeCapabilitiesResponse> {
+        require(&req.volume_id, "volume_id")?;
+        if req.volume_capabilities.is_empty() {
+            return Err(Error::invalid("volume_capabilities are required"));
+        }
+        let Some(record) = self.state().volumes.get(&req.volume_id).map(|v| v.record.clone()) else {
+            return Err(Error::not_found(format!("volume {} not found", req.volume_id)));
+        };
+        let unconfirmed = |message: String| ValidateVolumeCapabilitiesResponse { confirmed: None, message };
+        let caps = match check_capabilities(&req.volume_capabilities) {
+            Ok(caps) => caps,
+            Err(e) => return Ok(unconfirmed(e.to_string())),
+        };
+        if caps.block != record.block {
+            let kind = if record.block { "block" } else { "mount" };
+            return Ok(unconfirmed(format!("volume was created for {kind} access")));
+        }
+        if let Err(e) = check_parameters(&req.parameters) {
+            return Ok(unconfirmed(e.to_string()));
+        }
+        if !req.mutable_parameters.is_empty() {
+            return Ok(unconfirmed("mutable_parameters are not supported".into()));
+        }
+        Ok(ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(validate_volume_capabilities_response::Confirmed {
+                volume_context: req.volume_context,
+                volume_capabilities: req.volume_capabilities,
+                parameters: req.parameters,
+                mutable_parameters: req.mutable_parameters,
+            }),
+            message: String::new(),
+        })
+    }
+
+    #[tracing::instrument(err, skip_all, fields(volume.id = tracing::field::Empty))]
+    pub async fn list_volumes(&self, req: ListVolumesRequest) -> Result<ListVolumesResponse> {
+        let state = self.state();
+        let (ids, next_token) = page(state.volumes.keys(), &req.starting_token, req.max_entries, store::is_volume_id)?;
+        let entries = ids
+            .iter()
+            .filter_map(|id| state.volumes.get(id))
+            .map(|v| list_volumes_response::Entry {
+                volume: Some(volume_message(&v.record)),
+                status: Some(list_volumes_response::VolumeStatus {
+                    published_node_ids: v.record.published.keys().cloned().collect(),
+                    volume_condition: Some(condition(v.is_serving())),
+                }),
+            })
+            .collect();
+        Ok(ListVolumesResponse { entries, next_token })
+    }
+
+    #[tracing::instrument(err, skip_all, fields(volume.id = %req.volume_id))]
+    pub async fn get_volume(&self, req: ControllerGetVolumeRequest) -> Result<ControllerGetVolumeResponse> {
+        require(&req.volume_id, "volume_id")?;
+        let state = self.state();
+        let v = state.volumes.get(&req.volume_id).ok_or_else(|| Error::not_found("volume not found"))?;
+        Ok(ControllerGetVolumeResponse {
+            volume: Some(volume_message(&v.record)),
+            status: Some(controller_get_volume_response::VolumeStatus {
+                published_node_ids: v.record.published.keys().cloned().collect(),
+                volume_condition: Some(condition(v.is_serving())),
+            }),
+        })
+    }
+
+    #[tracing::instrument(err, skip_all, fields(volume.id = tracing::field::Empty))]
+    pub async fn get_capacity(&self, req: GetCapacityRequest) -> Result<GetCapacityResponse> {
+        check_parameters(&req.parameters)?;
+        if !req.volume_capabilities.is_empty() && check_capabilities(&req.volume_capabilities).is_err() {
+            // No volume with these capabilities can be created at all.
+            return Ok(GetCapacityResponse { available_capacity: 0, ..Default::default() });
+        }
+        let store = Arc::clone(&self.store);
+        let space = blocking(move || store.space()).await?;
+        let available = (space.available / MIB * MIB).min(i64::MAX as u64) as i64;
+        Ok(GetCapacityResponse {
+            available_capacity: available,
+            maximum_volume_size: Some(available),
+            minimum_volume_size: Some(MIB as i64),
+        })
+    }
+
+    #[tracing::instrument(err, skip_all, fields(volume.id = %req.volume_id))]
+    pub async fn expand_volume(&self, req: ControllerExpandVolumeRequest) -> Result<ControllerExpandVolumeResponse> {
+        require(&req.volume_id, "volume_id")?;
+        let range = req.capacity_range.ok_or_else(|| Error::invalid("capacity_range is required"))?;
+        if let Some(cap) = &req.volume_capability {
+            super::check_capability(cap)?;
+        }
+        let id = req.volume_id;
+        let _guard = self.lock(format!("v:{id}")).await;
+        let (mut record, export) = {
+            let state = self.state();
+            let v = state.volumes.get(&id).ok_or_else(|| Error::not_found(format!("volume {id} not found")))?;
+            (v.record.clone(), v.served.as_ref().map(|s| Arc::clone(&s.export)))
+        };
+        // Never shrinks: the new size is at least the current one.
+        let size = capacity(Some(&range), record.capacity_bytes)?;
+        let node_expansion_required = !record.block;
+        if size > record.capacity_bytes {
+            let (store, image, grow) =
+                (Arc::clone(&self.store), self.store.volume_image(&id), size - record.capacity_bytes);
+            blocking(move || {
+                store.check_space(grow)?;
+                match export {
+                    // Online: connected clients see the new size at once.
+                    Some(export) => export.resize(size),
+                    None => std::fs::OpenOptions::new().write(true).open(&image).and_then(|f| f.set_len(size)),
+                }
+                .map_err(|e| Error::io("growing image", e))
+            })
+            .await?;
+            record.capacity_bytes = size;
+            let (store, saved) = (Arc::clone(&self.store), record.clone());
+            blocking(move || store.save_volume(&saved)).await?;
+            if let Some(v) = self.state().volumes.get_mut(&id) {
+                v.record.capacity_bytes = size;
+            }
+            tracing::info!(size, "volume expanded");
+        }
+        Ok(ControllerExpandVolumeResponse { capacity_bytes: size as i64, node_expansion_required })
+    }
+}

@@ -1,0 +1,288 @@
+//! The controller's state: the store, the volumes with their running NBD
+//! servers, the snapshots, per-object locks and node lookups.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::sync::OwnedMutexGuard;
+
+use crate::error::{Error, Result};
+use crate::kube::{NodeAddresses, Nodes};
+use crate::metrics::{ExportTable, Metrics};
+use crate::store::{SnapshotRecord, Store, VolumeRecord};
+use crate::volumes::{self, Served};
+
+/// How often servers that failed to start are retried and node addresses
+/// re-read from Kubernetes.
+const REFRESH: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub driver_name: String,
+    /// Host put in `nbdUri`.
+    pub advertise: IpAddr,
+    /// Address the NBD servers bind.
+    pub listen: IpAddr,
+    pub ports: RangeInclusive<u16>,
+}
+
+#[derive(Debug)]
+pub struct Volume {
+    pub record: VolumeRecord,
+    pub served: Option<Served>,
+}
+
+impl Volume {
+    pub fn is_serving(&self) -> bool {
+        self.served.as_ref().is_some_and(Served::is_serving)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub volumes: BTreeMap<String, Volume>,
+    pub snapshots: BTreeMap<String, SnapshotRecord>,
+}
+
+#[derive(Debug)]
+pub struct Driver {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub nodes: Nodes,
+    pub metrics: Arc<Metrics>,
+    pub exports: ExportTable,
+    state: Mutex<State>,
+    locks: Locks,
+}
+
+/// Runs blocking filesystem work off the async threads.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
+}
+
+impl Driver {
+    /// Loads the store under `data_dir` and starts every volume's server on
+    /// its recorded port. A server that cannot start is logged and retried
+    /// in the background; Probe reports not-ready until it runs.
+    pub async fn start(config: Config, data_dir: PathBuf, nodes: Nodes) -> Result<Arc<Self>> {
+        let (store, loaded) = blocking(move || Store::open(&data_dir)).await?;
+        let exports = ExportTable::default();
+        let driver = Arc::new(Self {
+            config,
+            store: Arc::new(store),
+            nodes,
+            metrics: Arc::new(Metrics::new(exports.clone())),
+            exports,
+            state: Mutex::new(State::default()),
+            locks: Locks::default(),
+        });
+        {
+            let mut state = driver.state();
+            state.snapshots = loaded.snapshots;
+            for (id, record) in loaded.volumes {
+                state.volumes.insert(id, Volume { record, served: None });
+            }
+        }
+        let ids: Vec<String> = driver.state().volumes.keys().cloned().collect();
+        for id in &ids {
+            driver.reconcile_size(id).await?;
+            if let Err(e) = driver.restart_server(id).await {
+                tracing::error!(volume.id = %id, error = %e, "volume server did not start; will retry");
+            }
+        }
+        let space = driver.store.space()?;
+        tracing::info!(
+            volumes = ids.len(),
+            snapshots = driver.state().snapshots.len(),
+            available = space.available,
+            total = space.total,
+            "store loaded"
+        );
+        tokio::spawn(refresh_loop(Arc::downgrade(&driver)));
+        Ok(driver)
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub async fn lock(&self, key: String) -> OwnedMutexGuard<()> {
+        self.locks.lock(key).await
+    }
+
+    /// `nbd://HOST:PORT/EXPORT` for a volume.
+    pub fn nbd_uri(&self, record: &VolumeRecord) -> String {
+        format!("nbd://{}/{}", SocketAddr::new(self.config.advertise, record.port), record.export_name)
+    }
+
+    /// Ready when every stored volume's server is listening.
+    pub fn ready(&self) -> bool {
+        self.state().volumes.values().all(Volume::is_serving)
+    }
+
+    /// An expansion interrupted by a crash may have grown the file but not
+    /// the record: the larger of the two wins, in both.
+    async fn reconcile_size(&self, id: &str) -> Result<()> {
+        let Some(mut record) = self.state().volumes.get(id).map(|v| v.record.clone()) else { return Ok(()) };
+        let image = self.store.volume_image(id);
+        let store = Arc::clone(&self.store);
+        let changed = blocking(move || {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .map_err(|e| Error::io(format!("opening {}", image.display()), e))?;
+            let len = file.metadata().map_err(|e| Error::io("stat", e))?.len();
+            if len == record.capacity_bytes {
+                return Ok(None);
+            }
+            let size = len.max(record.capacity_bytes);
+            file.set_len(size).and_then(|()| file.sync_all()).map_err(|e| Error::io("resizing image", e))?;
+            record.capacity_bytes = size;
+            store.save_volume(&record)?;
+            Ok(Some(record))
+        })
+        .await?;
+        if let Some(record) = changed {
+            tracing::warn!(volume.id = %id, size = record.capacity_bytes, "finished an interrupted expansion");
+            if let Some(volume) = self.state().volumes.get_mut(id) {
+                volume.record = record;
+            }
+        }
+        Ok(())
+    }
+
+    /// (Re)starts a stored volume's server on its recorded port.
+    pub async fn restart_server(&self, id: &str) -> Result<()> {
+        let Some(record) = self.state().volumes.get(id).map(|v| v.record.clone()) else { return Ok(()) };
+        let served = volumes::serve(&self.store.volume_image(id), &record, self.config.listen)
+            .await
+            .map_err(|e| Error::io(format!("serving volume {id} on port {}", record.port), e))?;
+        self.exports.insert(id, Arc::clone(&served.export));
+        let old = self.state().volumes.get_mut(id).and_then(|v| v.served.replace(served));
+        if let Some(old) = old {
+            let _ = old.stop().await;
+        }
+        Ok(())
+    }
+
+    /// Starts a server for a new volume on the first free port of the range.
+    pub async fn serve_new(&self, record: &mut VolumeRecord) -> Result<Served> {
+        let image = self.store.volume_image(&record.id);
+        let used: std::collections::BTreeSet<u16> = self.state().volumes.values().map(|v| v.record.port).collect();
+        for port in self.config.ports.clone().filter(|p| !used.contains(p)) {
+            record.port = port;
+            match volumes::serve(&image, record, self.config.listen).await {
+                Ok(served) => return Ok(served),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+                Err(e) => return Err(Error::io(format!("serving volume {} on port {port}", record.id), e)),
+            }
+        }
+        Err(Error::exhausted(format!("no free NBD port in {}-{}", self.config.ports.start(), self.config.ports.end())))
+    }
+
+    /// Addresses for a publication: `None` means any (no Kubernetes).
+    pub async fn node_addresses(&self, node_id: &str) -> Result<Option<Vec<IpAddr>>> {
+        Ok(match self.nodes.addresses(node_id).await? {
+            NodeAddresses::Any => None,
+            NodeAddresses::Only(set) => Some(set.into_iter().collect()),
+        })
+    }
+
+    /// Applies a volume's publications to its running export.
+    pub fn apply_access(&self, id: &str) {
+        let state = self.state();
+        if let Some(volume) = state.volumes.get(id)
+            && let Some(served) = &volume.served
+        {
+            let closed = served.export.access().set_allowed(volumes::allowed(&volume.record.published));
+            if closed > 0 {
+                tracing::info!(volume.id = %id, closed, "closed connections of revoked peers");
+            }
+        }
+    }
+
+    /// One background pass: restart servers that are down, re-read node
+    /// addresses from Kubernetes.
+    async fn refresh(&self) {
+        let ids: Vec<String> = self.state().volumes.keys().cloned().collect();
+        for id in ids {
+            let _guard = self.lock(format!("v:{id}")).await;
+            let Some((serving, record)) = self.state().volumes.get(&id).map(|v| (v.is_serving(), v.record.clone()))
+            else {
+                continue;
+            };
+            if !serving && let Err(e) = self.restart_server(&id).await {
+                tracing::warn!(volume.id = %id, error = %e, "volume server still down");
+            }
+            if !self.nodes.uses_kubernetes() {
+                continue;
+            }
+            let mut updated = record.clone();
+            for (node, publication) in updated.published.iter_mut() {
+                match self.node_addresses(node).await {
+                    Ok(addresses) => publication.addresses = addresses,
+                    Err(e) if e.kind() == crate::error::Kind::NotFound => publication.addresses = Some(Vec::new()),
+                    Err(e) => tracing::warn!(volume.id = %id, node, error = %e, "node lookup failed"),
+                }
+            }
+            if updated != record {
+                let store = Arc::clone(&self.store);
+                let saved = updated.clone();
+                match blocking(move || store.save_volume(&saved)).await {
+                    Ok(()) => {
+                        if let Some(v) = self.state().volumes.get_mut(&id) {
+                            v.record = updated;
+                        }
+                        self.apply_access(&id);
+                    }
+                    Err(e) => tracing::warn!(volume.id = %id, error = %e, "saving node addresses failed"),
+                }
+            }
+        }
+    }
+
+    /// Stops every server (flushing each file); for shutdown and tests.
+    pub async fn shutdown(&self) {
+        let served: Vec<Served> = self.state().volumes.values_mut().filter_map(|v| v.served.take()).collect();
+        for s in served {
+            let _ = s.stop().await;
+        }
+    }
+}
+
+async fn refresh_loop(driver: Weak<Driver>) {
+    loop {
+        tokio::time::sleep(REFRESH).await;
+        let Some(driver) = driver.upgrade() else { return };
+        driver.refresh().await;
+    }
+}
+
+/// Per-key async locks: operations on one volume (or name) run one at a time.
+#[derive(Debug, Default)]
+struct Locks(Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>);
+
+impl Locks {
+    async fn lock(&self, key: String) -> OwnedMutexGuard<()> {
+        let mutex = {
+            let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() > 256 {
+                map.retain(|_, weak| weak.strong_count() > 0);
+            }
+            match map.get(&key).and_then(Weak::upgrade) {
+                Some(mutex) => mutex,
+                None => {
+                    let mutex = Arc::new(tokio::sync::Mutex::new(()));
+                    map.insert(key, Arc::downgrade(&mutex));
+                    mutex
+                }
+            }
+        };
+        mutex.lock_owned().await
+    }
+}

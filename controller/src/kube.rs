@@ -1,0 +1,150 @@
+//! Which nodes exist and which addresses they connect from.
+//!
+//! With Kubernetes access (in-cluster config or `--kubeconfig`) a node id is
+//! the name of a Node object and its `status.addresses` are the only peers an
+//! export published to it accepts. Without it, an optional static list says
+//! which node ids exist, and any address may connect (the export name is
+//! then the only guard).
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::error::{Error, Kind, Result};
+
+/// Peers a node may connect from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeAddresses {
+    Any,
+    Only(BTreeSet<IpAddr>),
+}
+
+#[derive(Clone)]
+pub enum Nodes {
+    Kubernetes(kube::Client),
+    /// Node ids that exist; empty means any id is accepted.
+    Static(BTreeSet<String>),
+}
+
+impl std::fmt::Debug for Nodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Kubernetes(_) => f.write_str("Nodes::Kubernetes"),
+            Self::Static(ids) => f.debug_tuple("Nodes::Static").field(ids).finish(),
+        }
+    }
+}
+
+impl Nodes {
+    /// Kubernetes from `kubeconfig`, else in-cluster when running in a pod,
+    /// else the static list.
+    pub async fn connect(kubeconfig: Option<&Path>, known_nodes: BTreeSet<String>) -> Result<Self> {
+        let config = if let Some(path) = kubeconfig {
+            let kc = Kubeconfig::read_from(path)
+                .map_err(|e| Error::invalid(format!("reading kubeconfig {}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| Error::invalid(format!("kubeconfig {}: {e}", path.display())))?
+        } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+            kube::Config::incluster().map_err(|e| Error::invalid(format!("in-cluster config: {e}")))?
+        } else {
+            return Ok(Self::Static(known_nodes));
+        };
+        let client = kube::Client::try_from(config).map_err(|e| Error::invalid(format!("kubernetes client: {e}")))?;
+        Ok(Self::Kubernetes(client))
+    }
+
+    pub fn uses_kubernetes(&self) -> bool {
+        matches!(self, Self::Kubernetes(_))
+    }
+
+    /// The addresses of `node_id`; NOT_FOUND when there is no such node.
+    pub async fn addresses(&self, node_id: &str) -> Result<NodeAddresses> {
+        match self {
+            Self::Static(ids) if ids.is_empty() || ids.contains(node_id) => Ok(NodeAddresses::Any),
+            Self::Static(_) => Err(Error::not_found(format!("node {node_id:?} is not a known node"))),
+            Self::Kubernetes(client) => node_addresses(client.clone(), node_id).await.map(NodeAddresses::Only),
+        }
+    }
+}
+
+/// The IP addresses in a Node's `status.addresses` (host names are skipped).
+pub async fn node_addresses(client: kube::Client, name: &str) -> Result<BTreeSet<IpAddr>> {
+    let api: Api<Node> = Api::all(client);
+    let node = api
+        .get_opt(name)
+        .await
+        .map_err(|e| Error::new(Kind::Unavailable, format!("looking up node {name:?}: {e}")).with_source(e))?;
+    let Some(node) = node else {
+        return Err(Error::not_found(format!("node {name:?} does not exist")));
+    };
+    let addresses = node.status.and_then(|s| s.addresses).unwrap_or_default();
+    Ok(addresses.iter().filter_map(|a| a.address.parse::<IpAddr>().ok()).map(|ip| ip.to_canonical()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+
+    fn mock() -> (kube::Client, tower_test::mock::Handle<Request<Body>, Response<Body>>) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        (kube::Client::new(service, "default"), handle)
+    }
+
+    #[tokio::test]
+    async fn node_addresses_come_from_the_node_status() {
+        let (client, mut handle) = mock();
+        let server = tokio::spawn(async move {
+            let (request, send) = handle.next_request().await.expect("one request");
+            assert_eq!(request.method(), http::Method::GET);
+            assert_eq!(request.uri().path(), "/api/v1/nodes/worker-1");
+            let node = serde_json::json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": "worker-1"},
+                "status": {"addresses": [
+                    {"type": "InternalIP", "address": "10.0.0.7"},
+                    {"type": "InternalIP", "address": "fd00::7"},
+                    {"type": "Hostname", "address": "worker-1"}
+                ]}
+            });
+            send.send_response(Response::new(Body::from(serde_json::to_vec(&node).unwrap())));
+        });
+        let got = node_addresses(client, "worker-1").await.unwrap();
+        let want: BTreeSet<IpAddr> = ["10.0.0.7".parse().unwrap(), "fd00::7".parse().unwrap()].into();
+        assert_eq!(got, want);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn missing_node_is_not_found() {
+        let (client, mut handle) = mock();
+        let server = tokio::spawn(async move {
+            let (_, send) = handle.next_request().await.expect("one request");
+            let status = serde_json::json!({
+                "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": "nodes \"ghost\" not found", "reason": "NotFound", "code": 404
+            });
+            let mut response = Response::new(Body::from(serde_json::to_vec(&status).unwrap()));
+            *response.status_mut() = StatusCode::NOT_FOUND;
+            send.send_response(response);
+        });
+        let err = Nodes::Kubernetes(client).addresses("ghost").await.unwrap_err();
+        assert_eq!(err.kind(), Kind::NotFound);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn static_list_decides_existence_without_kubernetes() {
+        let open = Nodes::Static(BTreeSet::new());
+        assert_eq!(open.addresses("anything").await.unwrap(), NodeAddresses::Any);
+        let listed = Nodes::Static(["n1".to_string()].into());
+        assert_eq!(listed.addresses("n1").await.unwrap(), NodeAddresses::Any);
+        assert_eq!(listed.addresses("n2").await.unwrap_err().kind(), Kind::NotFound);
+    }
+}

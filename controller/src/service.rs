@@ -1,0 +1,212 @@
+//! The controller's main job: CSI Identity + Controller on `--endpoint`,
+//! one NBD server per volume, metrics.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use csi_proto::controller_server::ControllerServer;
+use csi_proto::identity_server::IdentityServer;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::csi::{ControllerService, IdentityService};
+use crate::driver::{Config, Driver};
+use crate::kube::Nodes;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// CSI endpoint: unix:///path/csi.sock or tcp://host:port
+    /// [default: unix://<data-dir>/csi.sock]
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub endpoint: Option<Endpoint>,
+    /// Directory holding volume and snapshot images and their records.
+    #[arg(long, env = "NBD_CSI_DATA_DIR", default_value = "nbd-csi-data")]
+    pub data_dir: PathBuf,
+    /// CSI driver name reported by GetPluginInfo.
+    #[arg(long, env = "NBD_CSI_DRIVER_NAME", default_value = "nbd.csi.dev")]
+    pub driver_name: String,
+    /// Address nodes use to reach the NBD servers (put in nbdUri)
+    /// [default: --nbd-listen-address, which must then not be unspecified].
+    #[arg(long, env = "NBD_CSI_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<IpAddr>,
+    /// Address every volume's NBD server binds.
+    #[arg(long, env = "NBD_CSI_NBD_LISTEN_ADDRESS", default_value = "127.0.0.1")]
+    pub nbd_listen_address: IpAddr,
+    /// Ports for the NBD servers, one per volume: FIRST-LAST.
+    #[arg(long, env = "NBD_CSI_NBD_PORT_RANGE", default_value = "10900-11899", value_parser = parse_port_range)]
+    pub nbd_port_range: RangeInclusive<u16>,
+    /// Serve Prometheus metrics over HTTP here (e.g. 0.0.0.0:9810); off when unset.
+    #[arg(long, env = "NBD_CSI_METRICS_ADDRESS")]
+    pub metrics_address: Option<SocketAddr>,
+    /// Kubernetes access from this kubeconfig; in a pod the in-cluster
+    /// config is used without it. With Kubernetes, node ids are Node names
+    /// and an export admits only its nodes' addresses.
+    #[arg(long, env = "NBD_CSI_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Without Kubernetes: the node ids that exist (comma-separated);
+    /// publishing to any other is NOT_FOUND. Empty: any node id.
+    #[arg(long, env = "NBD_CSI_KNOWN_NODES", value_delimiter = ',')]
+    pub known_nodes: Vec<String>,
+}
+
+pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let first: u16 = a.trim().parse().map_err(|e| format!("bad port {a:?}: {e}"))?;
+    let last: u16 = b.trim().parse().map_err(|e| format!("bad port {b:?}: {e}"))?;
+    if first == 0 || first > last {
+        return Err(format!("port range {s:?} must be FIRST-LAST with 0 < FIRST <= LAST"));
+    }
+    Ok(first..=last)
+}
+
+/// Where the CSI gRPC server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix://") {
+            if path.is_empty() {
+                return Err("unix:// endpoint without a path".into());
+            }
+            Ok(Self::Unix(PathBuf::from(path)))
+        } else if let Some(addr) = s.strip_prefix("tcp://") {
+            Ok(Self::Tcp(addr.to_string()))
+        } else if s.starts_with('/') {
+            Ok(Self::Unix(PathBuf::from(s)))
+        } else {
+            Err(format!("endpoint {s:?} is neither unix:///path nor tcp://host:port"))
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(path) => write!(f, "unix://{}", path.display()),
+            Self::Tcp(addr) => write!(f, "tcp://{addr}"),
+        }
+    }
+}
+
+fn validate_driver_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
+    if !ok {
+        bail!("driver name {name:?} must be at most 63 characters of [a-z0-9.-], starting and ending alphanumeric");
+    }
+    Ok(())
+}
+
+/// Builds the driver from the flags: validates them, loads the store,
+/// starts the volume servers.
+pub async fn build(args: &Args) -> anyhow::Result<Arc<Driver>> {
+    validate_driver_name(&args.driver_name)?;
+    let advertise = match args.advertise_address {
+        Some(a) => a,
+        None if args.nbd_listen_address.is_unspecified() => {
+            bail!("--advertise-address is required when --nbd-listen-address is {}", args.nbd_listen_address)
+        }
+        None => args.nbd_listen_address,
+    };
+    let config = Config {
+        driver_name: args.driver_name.clone(),
+        advertise,
+        listen: args.nbd_listen_address,
+        ports: args.nbd_port_range.clone(),
+    };
+    let known: BTreeSet<String> = args.known_nodes.iter().filter(|n| !n.is_empty()).cloned().collect();
+    let nodes = Nodes::connect(args.kubeconfig.as_deref(), known).await.context("Kubernetes access")?;
+    tracing::info!(kubernetes = nodes.uses_kubernetes(), "node lookups configured");
+    let driver = Driver::start(config, args.data_dir.clone(), nodes)
+        .await
+        .with_context(|| format!("loading the store in {}", args.data_dir.display()))?;
+    Ok(driver)
+}
+
+/// Serves CSI on `endpoint` until `shutdown` resolves, then stops every
+/// volume server.
+pub async fn serve(
+    driver: Arc<Driver>,
+    endpoint: Endpoint,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let router = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService(Arc::clone(&driver))))
+        .add_service(ControllerServer::new(ControllerService(Arc::clone(&driver))));
+    match &endpoint {
+        Endpoint::Unix(path) => {
+            remove_stale_socket(path)?;
+            let listener =
+                tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            router.serve_with_incoming_shutdown(incoming, shutdown).await?;
+            let _ = std::fs::remove_file(path);
+        }
+        Endpoint::Tcp(addr) => {
+            let addr =
+                tokio::net::lookup_host(addr.as_str()).await?.next().with_context(|| format!("resolving {addr}"))?;
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            router.serve_with_incoming_shutdown(incoming, shutdown).await?;
+        }
+    }
+    driver.shutdown().await;
+    Ok(())
+}
+
+fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))
+        }
+        Ok(_) => bail!("{} exists and is not a socket", path.display()),
+        Err(_) => Ok(()),
+    }
+}
+
+/// `nbd-csi-controller` without a subcommand.
+pub async fn run(mut args: Args) -> anyhow::Result<()> {
+    args.data_dir = std::path::absolute(&args.data_dir).context("resolving --data-dir")?;
+    let endpoint = args.endpoint.clone().unwrap_or_else(|| Endpoint::Unix(args.data_dir.join("csi.sock")));
+    let driver = build(&args).await?;
+    if let Some(addr) = args.metrics_address {
+        let local = crate::metrics::spawn(addr, Arc::clone(&driver.metrics))
+            .await
+            .with_context(|| format!("metrics on {addr}"))?;
+        tracing::info!(address = %local, "metrics listening");
+    }
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    tracing::info!(
+        endpoint = %endpoint,
+        data_dir = %args.data_dir.display(),
+        nbd = %SocketAddr::new(driver.config.advertise, *driver.config.ports.start()),
+        "CSI controller listening"
+    );
+    eprintln!("nbd-csi-controller: CSI on {endpoint}, data in {}", args.data_dir.display());
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+        tracing::info!("signal received, shutting down");
+    };
+    serve(driver, endpoint, shutdown).await?;
+    tracing::info!("stopped");
+    Ok(())
+}

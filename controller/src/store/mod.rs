@@ -1,0 +1,290 @@
+//! The store under `--data-dir`: `volumes/<id>.img` and `snapshots/<id>.img`
+//! (sparse backing files) with `<id>.json` records beside them.
+//!
+//! The record is the commit point. A volume or snapshot image is prepared as
+//! `<id>.img.tmp`, fsynced and renamed into place before its record is
+//! written; deletion removes the record first. So after a crash an image
+//! without a record was never acknowledged (or was already deleted), and
+//! loading removes it along with leftover `*.tmp` files. A record that does
+//! not parse stops loading with an error naming the file; nothing is removed.
+
+mod atomic;
+pub mod copy;
+pub mod records;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::sys::statvfs::statvfs;
+
+pub use records::{FORMAT, Publication, SnapshotRecord, Source, VolumeRecord};
+
+use crate::error::{Error, Result};
+
+const VOLUMES: &str = "volumes";
+const SNAPSHOTS: &str = "snapshots";
+const IMG: &str = ".img";
+const JSON: &str = ".json";
+/// Records are small; anything bigger is not ours.
+const MAX_RECORD: u64 = 1 << 20;
+
+/// Volume ids are `vol-` and snapshot ids `snap-` followed by 32 hex digits.
+pub fn is_volume_id(id: &str) -> bool {
+    id.strip_prefix("vol-").is_some_and(is_token)
+}
+
+pub fn is_snapshot_id(id: &str) -> bool {
+    id.strip_prefix("snap-").is_some_and(is_token)
+}
+
+fn is_token(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// 16 random bytes as 32 hex digits (getrandom(2)).
+pub fn random_hex(bytes: usize) -> Result<String> {
+    let mut buf = vec![0u8; bytes];
+    let mut filled = 0;
+    while filled < bytes {
+        let n = rustix::rand::getrandom(&mut buf[filled..], rustix::rand::GetRandomFlags::empty())
+            .map_err(|e| Error::io("getrandom", e.into()))?;
+        filled += n;
+    }
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Space on the data directory's filesystem.
+#[derive(Debug, Clone, Copy)]
+pub struct Space {
+    pub available: u64,
+    pub total: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub volumes: BTreeMap<String, VolumeRecord>,
+    pub snapshots: BTreeMap<String, SnapshotRecord>,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Volume,
+    Snapshot,
+}
+
+impl Kind {
+    fn dir(self) -> &'static str {
+        match self {
+            Self::Volume => VOLUMES,
+            Self::Snapshot => SNAPSHOTS,
+        }
+    }
+}
+
+fn io_err(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> Error {
+    move |e| Error::io(what.to_string(), e)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store and loads every record.
+    pub fn open(root: &Path) -> Result<(Self, Loaded)> {
+        for dir in [root.to_path_buf(), root.join(VOLUMES), root.join(SNAPSHOTS)] {
+            fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        }
+        let store = Self { root: root.to_path_buf() };
+        let mut loaded = Loaded::default();
+        for record in store.scan::<VolumeRecord>(Kind::Volume, is_volume_id)? {
+            loaded.volumes.insert(record.id.clone(), record);
+        }
+        for record in store.scan::<SnapshotRecord>(Kind::Snapshot, is_snapshot_id)? {
+            loaded.snapshots.insert(record.id.clone(), record);
+        }
+        Ok((store, loaded))
+    }
+
+    fn dir(&self, kind: Kind) -> PathBuf {
+        self.root.join(kind.dir())
+    }
+
+    fn scan<T: serde::de::DeserializeOwned + HasId>(&self, kind: Kind, valid_id: fn(&str) -> bool) -> Result<Vec<T>> {
+        let dir = self.dir(kind);
+        let mut records = Vec::new();
+        let mut images = Vec::new();
+        let mut record_ids = std::collections::BTreeSet::new();
+        for entry in fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))? {
+            let entry = entry.map_err(io_err(format!("reading {}", dir.display())))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let path = entry.path();
+            if name.ends_with(atomic::TMP_SUFFIX) {
+                // Never renamed into place: never acknowledged.
+                tracing::info!(path = %path.display(), "removing leftover temporary file");
+                fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+            } else if let Some(id) = name.strip_suffix(JSON) {
+                if !valid_id(id) {
+                    return Err(corrupt(&path, "file name is not a valid id"));
+                }
+                let record: T = read_record(&path)?;
+                if record.id() != id {
+                    return Err(corrupt(&path, &format!("record id {:?} does not match file name", record.id())));
+                }
+                record_ids.insert(id.to_string());
+                records.push(record);
+            } else if let Some(id) = name.strip_suffix(IMG) {
+                images.push((id.to_string(), path));
+            }
+        }
+        for (id, path) in images {
+            if !record_ids.contains(&id) {
+                tracing::warn!(path = %path.display(), "removing image without a record (unfinished create or delete)");
+                fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+            }
+        }
+        if !records.is_empty() || !record_ids.is_empty() {
+            atomic::sync_dir(&dir).map_err(io_err(format!("syncing {}", dir.display())))?;
+        }
+        Ok(records)
+    }
+
+    pub fn volume_image(&self, id: &str) -> PathBuf {
+        self.dir(Kind::Volume).join(format!("{id}{IMG}"))
+    }
+
+    pub fn snapshot_image(&self, id: &str) -> PathBuf {
+        self.dir(Kind::Snapshot).join(format!("{id}{IMG}"))
+    }
+
+    pub fn space(&self) -> Result<Space> {
+        let st = statvfs(&self.root).map_err(|e| Error::io("statvfs", e.into()))?;
+        let frsize = st.fragment_size() as u64;
+        Ok(Space { available: st.blocks_available() as u64 * frsize, total: st.blocks() as u64 * frsize })
+    }
+
+    /// Fails with RESOURCE_EXHAUSTED unless `bytes` fit in the free space.
+    pub fn check_space(&self, bytes: u64) -> Result<()> {
+        let space = self.space()?;
+        if bytes > space.available {
+            return Err(Error::exhausted(format!(
+                "{bytes} bytes requested, {} available in {}",
+                space.available,
+                self.root.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Creates `<id>.img` of `size` bytes, empty or copied from `source`
+    /// (grown to `size`), fully durable before it appears under its name.
+    fn create_image(&self, kind: Kind, id: &str, size: u64, source: Option<&Path>) -> Result<()> {
+        let dir = self.dir(kind);
+        let name = format!("{id}{IMG}");
+        let tmp_name = format!("{name}{}", atomic::TMP_SUFFIX);
+        let tmp = dir.join(&tmp_name);
+        let prepare = || -> io::Result<()> {
+            let file = File::options().read(true).write(true).create_new(true).open(&tmp)?;
+            if let Some(source) = source {
+                let from = File::open(source)?;
+                let method = copy::copy_file(&from, &file)?;
+                tracing::debug!(?method, from = %source.display(), "copied image");
+            }
+            if file.metadata()?.len() < size {
+                file.set_len(size)?;
+            }
+            file.sync_all()
+        };
+        if let Err(e) = prepare() {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io(format!("creating {}", dir.join(&name).display()), e));
+        }
+        atomic::commit(&dir, &tmp_name, &name).map_err(io_err(format!("committing {name}")))
+    }
+
+    pub fn create_volume_image(&self, id: &str, size: u64, source: Option<&Path>) -> Result<()> {
+        self.create_image(Kind::Volume, id, size, source)
+    }
+
+    pub fn create_snapshot_image(&self, id: &str, source: &Path) -> Result<()> {
+        self.create_image(Kind::Snapshot, id, 0, Some(source))
+    }
+
+    pub fn save_volume(&self, record: &VolumeRecord) -> Result<()> {
+        self.save(Kind::Volume, &record.id, record)
+    }
+
+    pub fn save_snapshot(&self, record: &SnapshotRecord) -> Result<()> {
+        self.save(Kind::Snapshot, &record.id, record)
+    }
+
+    fn save<T: serde::Serialize>(&self, kind: Kind, id: &str, record: &T) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(record).map_err(|e| Error::internal(format!("encoding record: {e}")))?;
+        atomic::write(&self.dir(kind), &format!("{id}{JSON}"), &bytes).map_err(io_err(format!("writing record {id}")))
+    }
+
+    /// Removes record then image: once the record is gone the object is gone.
+    fn remove(&self, kind: Kind, id: &str) -> Result<()> {
+        let dir = self.dir(kind);
+        atomic::remove(&dir, &format!("{id}{JSON}")).map_err(io_err(format!("removing record {id}")))?;
+        atomic::remove(&dir, &format!("{id}{IMG}")).map_err(io_err(format!("removing image {id}")))
+    }
+
+    pub fn remove_volume(&self, id: &str) -> Result<()> {
+        self.remove(Kind::Volume, id)
+    }
+
+    pub fn remove_snapshot(&self, id: &str) -> Result<()> {
+        self.remove(Kind::Snapshot, id)
+    }
+}
+
+trait HasId {
+    fn id(&self) -> &str;
+    fn format(&self) -> u32;
+}
+
+impl HasId for VolumeRecord {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn format(&self) -> u32 {
+        self.format
+    }
+}
+
+impl HasId for SnapshotRecord {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn format(&self) -> u32 {
+        self.format
+    }
+}
+
+fn corrupt(path: &Path, reason: &str) -> Error {
+    Error::internal(format!(
+        "corrupt record {}: {reason}; nothing was changed, fix or remove the record (and its .img) by hand",
+        path.display()
+    ))
+}
+
+fn read_record<T: serde::de::DeserializeOwned + HasId>(path: &Path) -> Result<T> {
+    let len = fs::metadata(path).map_err(io_err(format!("reading {}", path.display())))?.len();
+    if len > MAX_RECORD {
+        return Err(corrupt(path, &format!("{len} bytes, more than a record can be")));
+    }
+    let bytes = fs::read(path).map_err(io_err(format!("reading {}", path.display())))?;
+    let record: T = serde_json::from_slice(&bytes).map_err(|e| corrupt(path, &e.to_string()))?;
+    if record.format() != FORMAT {
+        return Err(corrupt(path, &format!("format {} is not {FORMAT}", record.format())));
+    }
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests;

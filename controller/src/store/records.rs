@@ -1,0 +1,66 @@
+//! Metadata records, one JSON file per volume and per snapshot.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped when a record's meaning changes; older controllers refuse newer records.
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Snapshot(String),
+    Volume(String),
+}
+
+/// One node a volume is published to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publication {
+    pub read_only: bool,
+    /// The CSI access mode (enum value) it was published with.
+    pub access_mode: i32,
+    /// The node's addresses as last resolved through Kubernetes; `None`
+    /// without Kubernetes, where any address may connect.
+    #[serde(default)]
+    pub addresses: Option<Vec<std::net::IpAddr>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub format: u32,
+    pub id: String,
+    pub name: String,
+    pub capacity_bytes: u64,
+    /// Raw block access (true) or a filesystem the node formats (false).
+    pub block: bool,
+    /// CSI access mode enum values requested at creation.
+    pub access_modes: Vec<i32>,
+    #[serde(default)]
+    pub fs_type: String,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    #[serde(default)]
+    pub source: Option<Source>,
+    /// The NBD server's port; kept across restarts.
+    pub port: u16,
+    /// The export name: a secret per-volume token.
+    pub export_name: String,
+    /// Every export of this volume refuses writes.
+    pub read_only: bool,
+    #[serde(default)]
+    pub published: BTreeMap<String, Publication>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub format: u32,
+    pub id: String,
+    pub name: String,
+    pub source_volume_id: String,
+    pub size_bytes: u64,
+    pub created_seconds: i64,
+    pub created_nanos: i32,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+}

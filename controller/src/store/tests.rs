@@ -1,0 +1,135 @@
+use super::*;
+
+fn volume(id: &str) -> VolumeRecord {
+    VolumeRecord {
+        format: FORMAT,
+        id: id.to_string(),
+        name: format!("name-{id}"),
+        capacity_bytes: 1 << 20,
+        block: true,
+        access_modes: vec![1],
+        fs_type: String::new(),
+        parameters: BTreeMap::new(),
+        source: None,
+        port: 10900,
+        export_name: "secret".into(),
+        read_only: false,
+        published: BTreeMap::new(),
+    }
+}
+
+fn vid(n: u8) -> String {
+    format!("vol-{}", format!("{n:02x}").repeat(16))
+}
+
+#[test]
+fn ids_are_checked_before_they_become_paths() {
+    assert!(is_volume_id(&vid(1)));
+    assert!(!is_volume_id("vol-../../etc/passwd"));
+    assert!(!is_volume_id(&format!("snap-{}", "0".repeat(32))));
+    assert!(is_snapshot_id(&format!("snap-{}", "a".repeat(32))));
+    assert!(!is_snapshot_id(&format!("snap-{}", "A".repeat(32))));
+    let token = random_hex(32).unwrap();
+    assert_eq!(token.len(), 64);
+    assert_ne!(token, random_hex(32).unwrap());
+}
+
+#[test]
+fn records_and_images_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, loaded) = Store::open(dir.path()).unwrap();
+    assert!(loaded.volumes.is_empty());
+    let id = vid(1);
+    store.create_volume_image(&id, 8 << 20, None).unwrap();
+    let mut record = volume(&id);
+    store.save_volume(&record).unwrap();
+    record.published.insert(
+        "node-a".into(),
+        Publication { read_only: false, access_mode: 1, addresses: Some(vec!["192.0.2.1".parse().unwrap()]) },
+    );
+    store.save_volume(&record).unwrap();
+    std::fs::OpenOptions::new().write(true).open(store.volume_image(&id)).unwrap();
+    let (store, loaded) = Store::open(dir.path()).unwrap();
+    assert_eq!(loaded.volumes.get(&id), Some(&record));
+    assert_eq!(fs::metadata(store.volume_image(&id)).unwrap().len(), 8 << 20);
+    store.remove_volume(&id).unwrap();
+    let (_, loaded) = Store::open(dir.path()).unwrap();
+    assert!(loaded.volumes.is_empty());
+}
+
+#[test]
+fn crash_leftovers_are_cleaned_and_acknowledged_state_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    let kept = vid(1);
+    store.create_volume_image(&kept, 1 << 20, None).unwrap();
+    store.save_volume(&volume(&kept)).unwrap();
+    let vols = dir.path().join(VOLUMES);
+    // A crash while writing a record update: the temp file holds half of it.
+    fs::write(vols.join(format!("{kept}.json.tmp")), b"{\"format\": 1, \"id\": \"vo").unwrap();
+    // A crash while preparing an image, and one after the image but before its record.
+    let unacked = vid(2);
+    fs::write(vols.join(format!("{unacked}.img.tmp")), b"x").unwrap();
+    fs::write(vols.join(format!("{}.img", vid(3))), b"x").unwrap();
+    let (_, loaded) = Store::open(dir.path()).unwrap();
+    assert_eq!(loaded.volumes.keys().cloned().collect::<Vec<_>>(), vec![kept.clone()]);
+    let mut left: Vec<_> =
+        fs::read_dir(&vols).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    left.sort();
+    assert_eq!(left, vec![format!("{kept}.img"), format!("{kept}.json")]);
+}
+
+#[test]
+fn partially_written_record_is_a_clear_error_and_data_is_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    let id = vid(4);
+    store.create_volume_image(&id, 1 << 20, None).unwrap();
+    fs::write(store.volume_image(&id), b"precious").unwrap();
+    let json = dir.path().join(VOLUMES).join(format!("{id}.json"));
+    let full = serde_json::to_vec(&volume(&id)).unwrap();
+    fs::write(&json, &full[..full.len() / 2]).unwrap();
+    let err = Store::open(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("corrupt record") && err.contains(&id), "{err}");
+    assert_eq!(fs::read(store.volume_image(&id)).unwrap(), b"precious");
+    assert!(json.exists());
+    // A record whose id does not match its file name is corrupt too.
+    fs::write(&json, serde_json::to_vec(&volume(&vid(5))).unwrap()).unwrap();
+    assert!(Store::open(dir.path()).unwrap_err().to_string().contains("does not match"));
+    // So is a record from a newer format.
+    let mut newer = volume(&id);
+    newer.format = FORMAT + 1;
+    fs::write(&json, serde_json::to_vec(&newer).unwrap()).unwrap();
+    assert!(Store::open(dir.path()).unwrap_err().to_string().contains("format"));
+}
+
+#[test]
+fn capacity_check_refuses_more_than_free_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    let space = store.space().unwrap();
+    assert!(space.total >= space.available && space.available > 0);
+    store.check_space(1).unwrap();
+    let err = store.check_space(space.total.saturating_mul(4).max(u64::MAX / 2)).unwrap_err();
+    assert_eq!(err.kind(), crate::error::Kind::ResourceExhausted);
+}
+
+#[test]
+fn clone_copies_content_and_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    let (a, b) = (vid(6), vid(7));
+    store.create_volume_image(&a, 1 << 20, None).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &File::options().write(true).open(store.volume_image(&a)).unwrap(),
+        b"abc",
+        100,
+    )
+    .unwrap();
+    let snap = format!("snap-{}", "1".repeat(32));
+    store.create_snapshot_image(&snap, &store.volume_image(&a)).unwrap();
+    store.create_volume_image(&b, 2 << 20, Some(&store.snapshot_image(&snap))).unwrap();
+    let data = fs::read(store.volume_image(&b)).unwrap();
+    assert_eq!(data.len(), 2 << 20);
+    assert_eq!(&data[100..103], b"abc");
+}

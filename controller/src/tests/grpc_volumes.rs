@@ -1,0 +1,320 @@
+use csi_proto::controller_service_capability::rpc::Type as Rpc;
+use csi_proto::volume_capability::access_mode::Mode;
+use csi_proto::*;
+use tonic::Code;
+
+use super::nbd_client::Client;
+use super::*;
+use crate::csi::DEFAULT_CAPACITY;
+
+const MIB: i64 = 1 << 20;
+
+#[tokio::test]
+async fn identity_reports_name_capabilities_and_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path()).await;
+    let mut id = h.identity().await;
+    let info = id.get_plugin_info(GetPluginInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.name, "nbd.csi.dev");
+    assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+    let caps = id.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
+    let debug = format!("{caps:?}");
+    assert!(debug.contains("Service(Service { r#type: ControllerService })"), "{debug}");
+    assert!(debug.contains("VolumeExpansion(VolumeExpansion { r#type: Online })"), "{debug}");
+    assert_eq!(id.probe(ProbeRequest {}).await.unwrap().into_inner().ready, Some(true));
+
+    let mut c = h.controller().await;
+    let caps = c.controller_get_capabilities(ControllerGetCapabilitiesRequest {}).await.unwrap().into_inner();
+    let mut got: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .map(|c| match &c.r#type {
+            Some(controller_service_capability::Type::Rpc(rpc)) => rpc.r#type,
+            None => panic!("capability without type"),
+        })
+        .collect();
+    got.sort_unstable();
+    let mut want: Vec<i32> = crate::csi::CAPABILITIES.iter().map(|r| *r as i32).collect();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    assert!(!got.contains(&(Rpc::ModifyVolume as i32)) && got.len() == 13);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn create_volume_validates_rounds_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path()).await;
+    let mut c = h.controller().await;
+    let mode = Mode::SingleNodeWriter;
+
+    let v = c.create_volume(create_req("a", 1, false, mode)).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(v.capacity_bytes, MIB, "1 byte rounds up to 1 MiB");
+    assert_eq!(v.volume_context.get("accessType").map(String::as_str), Some("mount"));
+    assert!(!format!("{:?}", v.volume_context).contains("nbd://"), "no token in volume_context");
+    let again = c.create_volume(create_req("a", 1, false, mode)).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(again.volume_id, v.volume_id);
+    assert_eq!(code(c.create_volume(create_req("a", 8 * MIB, false, mode)).await), Code::AlreadyExists);
+    assert_eq!(code(c.create_volume(create_req("a", 1, true, mode)).await), Code::AlreadyExists);
+
+    let default = CreateVolumeRequest { capacity_range: None, ..create_req("b", 0, true, mode) };
+    let b = c.create_volume(default).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(b.capacity_bytes as u64, DEFAULT_CAPACITY);
+
+    let mut below = create_req("c", MIB + 1, true, mode);
+    below.capacity_range.as_mut().unwrap().limit_bytes = MIB + 100;
+    assert_eq!(code(c.create_volume(below).await), Code::OutOfRange);
+    let mut inverted = create_req("c", 2 * MIB, true, mode);
+    inverted.capacity_range.as_mut().unwrap().limit_bytes = MIB;
+    assert_eq!(code(c.create_volume(inverted).await), Code::OutOfRange);
+
+    assert_eq!(code(c.create_volume(create_req("", MIB, true, mode)).await), Code::InvalidArgument);
+    let no_caps = CreateVolumeRequest { volume_capabilities: vec![], ..create_req("d", MIB, true, mode) };
+    assert_eq!(code(c.create_volume(no_caps).await), Code::InvalidArgument);
+    let mut params = create_req("d", MIB, true, mode);
+    params.parameters.insert("bogus".into(), "1".into());
+    assert_eq!(code(c.create_volume(params).await), Code::InvalidArgument);
+    let mut reserved = create_req("d", MIB, true, mode);
+    reserved.parameters.insert("csi.storage.k8s.io/pvc/name".into(), "x".into());
+    c.create_volume(reserved).await.unwrap();
+
+    assert_eq!(
+        code(c.create_volume(create_req("e", MIB, false, Mode::MultiNodeMultiWriter)).await),
+        Code::InvalidArgument
+    );
+    c.create_volume(create_req("e", MIB, true, Mode::MultiNodeMultiWriter)).await.unwrap();
+    for m in [
+        Mode::SingleNodeSingleWriter,
+        Mode::SingleNodeMultiWriter,
+        Mode::SingleNodeReaderOnly,
+        Mode::MultiNodeReaderOnly,
+    ] {
+        c.create_volume(create_req(&format!("m{}", m as i32), MIB, false, m)).await.unwrap();
+    }
+    assert_eq!(
+        code(c.create_volume(create_req("f", MIB, true, Mode::MultiNodeSingleWriter)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(code(c.create_volume(create_req("huge", i64::MAX / 2, true, mode)).await), Code::ResourceExhausted);
+    let missing_snap = CreateVolumeRequest {
+        volume_content_source: Some(VolumeContentSource {
+            r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+                snapshot_id: format!("snap-{}", "0".repeat(32)),
+            })),
+        }),
+        ..create_req("g", MIB, true, mode)
+    };
+    assert_eq!(code(c.create_volume(missing_snap).await), Code::NotFound);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn publish_guards_the_export_and_unpublish_revokes() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path()).await;
+    let mut c = h.controller().await;
+    let mode = Mode::SingleNodeWriter;
+    let v = c.create_volume(create_req("pub", 4 * MIB, true, mode)).await.unwrap().into_inner().volume.unwrap();
+    let id = v.volume_id.clone();
+
+    assert_eq!(code(c.controller_publish_volume(publish_req(&id, "ghost", true, mode, false)).await), Code::NotFound);
+    assert_eq!(
+        code(c.controller_publish_volume(publish_req("vol-missing", NODE_A, true, mode, false)).await),
+        Code::NotFound
+    );
+    assert_eq!(code(c.controller_publish_volume(publish_req(&id, "", true, mode, false)).await), Code::InvalidArgument);
+    let ctx = c.controller_publish_volume(publish_req(&id, NODE_A, true, mode, false)).await.unwrap().into_inner();
+    let uri = ctx.publish_context["nbdUri"].clone();
+    assert_eq!(ctx.publish_context["readOnly"], "false");
+    assert_eq!(ctx.publish_context["multiConn"], "true");
+    let (addr, name) = parse_uri(&uri);
+    assert_eq!(name.len(), 64, "a 32-byte hex token");
+    assert!(addr.starts_with("127.0.0.1:"));
+    // Idempotent; different options for the same node → ALREADY_EXISTS;
+    // a single-writer volume on a second node → FAILED_PRECONDITION.
+    let same = c.controller_publish_volume(publish_req(&id, NODE_A, true, mode, false)).await.unwrap().into_inner();
+    assert_eq!(same.publish_context["nbdUri"], uri);
+    assert_eq!(
+        code(c.controller_publish_volume(publish_req(&id, NODE_A, true, mode, true)).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(c.controller_publish_volume(publish_req(&id, NODE_B, true, mode, false)).await),
+        Code::FailedPrecondition
+    );
+
+    let mut client = Client::connect(&addr, &name).await.expect("published export accepts the token");
+    assert_eq!(client.size, 4 << 20);
+    assert_eq!(client.write(0, b"hello").await.unwrap(), 0);
+    assert_eq!(client.read(0, 5).await.unwrap(), b"hello");
+    assert!(Client::connect(&addr, "wrong-name").await.is_err(), "a wrong export name learns nothing");
+
+    assert_eq!(
+        code(c.delete_volume(DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() }).await),
+        Code::FailedPrecondition
+    );
+    let list = c.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner();
+    assert_eq!(list.entries[0].status.as_ref().unwrap().published_node_ids, vec![NODE_A.to_string()]);
+
+    c.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: NODE_A.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(client.is_closed().await, "unpublish closes the node's connections");
+    assert!(Client::connect(&addr, &name).await.is_err(), "an unpublished export admits nobody");
+    c.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: NODE_A.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Multi-node modes may be published to several nodes.
+    let multi = Mode::MultiNodeMultiWriter;
+    let m = c.create_volume(create_req("multi", MIB, true, multi)).await.unwrap().into_inner().volume.unwrap();
+    c.controller_publish_volume(publish_req(&m.volume_id, NODE_A, true, multi, false)).await.unwrap();
+    c.controller_publish_volume(publish_req(&m.volume_id, NODE_B, true, multi, false)).await.unwrap();
+    let ro = Mode::MultiNodeReaderOnly;
+    let r = c.create_volume(create_req("ro", MIB, false, ro)).await.unwrap().into_inner().volume.unwrap();
+    let ctx = c.controller_publish_volume(publish_req(&r.volume_id, NODE_A, false, ro, false)).await.unwrap();
+    assert_eq!(ctx.into_inner().publish_context["readOnly"], "true");
+
+    c.delete_volume(DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() }).await.unwrap();
+    c.delete_volume(DeleteVolumeRequest { volume_id: id, ..Default::default() }).await.unwrap();
+    assert_eq!(code(c.delete_volume(DeleteVolumeRequest::default()).await), Code::InvalidArgument);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn list_get_capacity_validate_and_online_expand() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path()).await;
+    let mut c = h.controller().await;
+    let mode = Mode::SingleNodeWriter;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            c.create_volume(create_req(&format!("l{i}"), MIB, true, mode))
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap()
+                .volume_id,
+        );
+    }
+    ids.sort();
+    let first = c.list_volumes(ListVolumesRequest { max_entries: 2, ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(first.entries.len(), 2);
+    assert!(!first.next_token.is_empty());
+    let rest = c
+        .list_volumes(ListVolumesRequest { starting_token: first.next_token.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen: Vec<String> =
+        first.entries.iter().chain(&rest.entries).map(|e| e.volume.as_ref().unwrap().volume_id.clone()).collect();
+    seen.sort();
+    assert_eq!(seen, ids);
+    assert!(rest.next_token.is_empty());
+    let bad = ListVolumesRequest { starting_token: "invalid-token".into(), ..Default::default() };
+    assert_eq!(code(c.list_volumes(bad).await), Code::Aborted);
+
+    let got =
+        c.controller_get_volume(ControllerGetVolumeRequest { volume_id: ids[0].clone() }).await.unwrap().into_inner();
+    let condition = got.status.unwrap().volume_condition.unwrap();
+    assert!(!condition.abnormal);
+    assert_eq!(
+        code(c.controller_get_volume(ControllerGetVolumeRequest { volume_id: "nope".into() }).await),
+        Code::NotFound
+    );
+
+    let capacity = c.get_capacity(GetCapacityRequest::default()).await.unwrap().into_inner();
+    assert!(capacity.available_capacity > 0);
+    let mut bad_params = GetCapacityRequest::default();
+    bad_params.parameters.insert("bogus".into(), "1".into());
+    assert_eq!(code(c.get_capacity(bad_params).await), Code::InvalidArgument);
+
+    let validate = |caps| ValidateVolumeCapabilitiesRequest {
+        volume_id: ids[0].clone(),
+        volume_capabilities: caps,
+        ..Default::default()
+    };
+    let ok = c.validate_volume_capabilities(validate(vec![cap(true, mode)])).await.unwrap().into_inner();
+    assert!(ok.confirmed.is_some());
+    let mount = c.validate_volume_capabilities(validate(vec![cap(false, mode)])).await.unwrap().into_inner();
+    assert!(mount.confirmed.is_none() && !mount.message.is_empty());
+    assert_eq!(code(c.validate_volume_capabilities(validate(vec![])).await), Code::InvalidArgument);
+
+    // Online expansion: a connected client can write past the old end.
+    let id = ids[0].clone();
+    let ctx = c.controller_publish_volume(publish_req(&id, NODE_A, true, mode, false)).await.unwrap().into_inner();
+    let (addr, name) = parse_uri(&ctx.publish_context["nbdUri"]);
+    let mut client = Client::connect(&addr, &name).await.unwrap();
+    assert_ne!(client.write(MIB as u64, b"past").await.unwrap(), 0, "beyond the end before expansion");
+    let expand = |bytes| ControllerExpandVolumeRequest {
+        volume_id: id.clone(),
+        capacity_range: Some(CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+        ..Default::default()
+    };
+    let grown = c.controller_expand_volume(expand(3 * MIB - 5)).await.unwrap().into_inner();
+    assert_eq!(grown.capacity_bytes, 3 * MIB);
+    assert!(!grown.node_expansion_required, "block volumes need no node step");
+    assert_eq!(client.write(MIB as u64, b"past").await.unwrap(), 0);
+    let same = c.controller_expand_volume(expand(MIB)).await.unwrap().into_inner();
+    assert_eq!(same.capacity_bytes, 3 * MIB, "never shrinks");
+    let no_range = ControllerExpandVolumeRequest { volume_id: id.clone(), ..Default::default() };
+    assert_eq!(code(c.controller_expand_volume(no_range).await), Code::InvalidArgument);
+    let missing = ControllerExpandVolumeRequest { volume_id: "vol-x".into(), ..expand(MIB) };
+    assert_eq!(code(c.controller_expand_volume(missing).await), Code::NotFound);
+    let got = c.controller_get_volume(ControllerGetVolumeRequest { volume_id: id }).await.unwrap().into_inner();
+    assert_eq!(got.volume.unwrap().capacity_bytes, 3 * MIB);
+    // Every RPC above was counted.
+    let text = h.driver.metrics.render();
+    assert!(text.contains("nbd_csi_rpc_requests_total{method=\"CreateVolume\",code=\"Ok\"} 5"), "{text}");
+    assert!(text.contains("nbd_csi_volume_written_bytes_total{volume_id="), "{text}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn restart_keeps_ports_export_names_publications_and_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = 27000..=27031;
+    let h = Harness::start_with_ports(dir.path(), ports.clone()).await;
+    let mut c = h.controller().await;
+    let mode = Mode::SingleNodeWriter;
+    let mut uris = Vec::new();
+    for i in 0..3u8 {
+        let v = c.create_volume(create_req(&format!("r{i}"), 2 * MIB, true, mode)).await.unwrap().into_inner();
+        let id = v.volume.unwrap().volume_id;
+        let ctx = c.controller_publish_volume(publish_req(&id, NODE_A, true, mode, false)).await.unwrap().into_inner();
+        let uri = ctx.publish_context["nbdUri"].clone();
+        let (addr, name) = parse_uri(&uri);
+        let mut client = Client::connect(&addr, &name).await.unwrap();
+        assert_eq!(client.write(4096 * u64::from(i), &[i + 1; 4096]).await.unwrap(), 0);
+        assert_eq!(client.flush().await.unwrap(), 0);
+        uris.push((id, uri));
+    }
+    h.stop().await;
+
+    let h = Harness::start_with_ports(dir.path(), ports).await;
+    let mut id = h.identity().await;
+    assert_eq!(id.probe(ProbeRequest {}).await.unwrap().into_inner().ready, Some(true));
+    let mut c = h.controller().await;
+    for (i, (volume_id, uri)) in uris.iter().enumerate() {
+        let again =
+            c.controller_publish_volume(publish_req(volume_id, NODE_A, true, mode, false)).await.unwrap().into_inner();
+        assert_eq!(&again.publish_context["nbdUri"], uri, "same port and export name after restart");
+        let (addr, name) = parse_uri(uri);
+        let mut client = Client::connect(&addr, &name).await.unwrap();
+        assert_eq!(client.read(4096 * i as u64, 4096).await.unwrap(), vec![i as u8 + 1; 4096]);
+    }
+    let list = c.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner();
+    assert_eq!(list.entries.len(), 3);
+    assert!(list.entries.iter().all(|e| e.status.as_ref().unwrap().published_node_ids == vec![NODE_A.to_string()]));
+    h.stop().await;
+}

@@ -1,0 +1,147 @@
+//! In-process tests: the real gRPC services on a Unix socket in a temp dir,
+//! driven by the generated tonic clients, and the volumes' NBD servers
+//! driven over loopback TCP.
+
+mod grpc_snapshots;
+mod grpc_volumes;
+mod nbd_client;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use csi_proto::controller_client::ControllerClient;
+use csi_proto::identity_client::IdentityClient;
+use csi_proto::volume_capability::access_mode::Mode;
+use csi_proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use csi_proto::*;
+use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+use crate::driver::Driver;
+use crate::service::{self, Endpoint};
+
+pub const NODE_A: &str = "node-a";
+pub const NODE_B: &str = "node-b";
+
+/// Each harness gets its own ports so parallel tests do not collide.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(27100);
+
+pub struct Harness {
+    pub driver: Arc<Driver>,
+    pub data_dir: PathBuf,
+    socket: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Harness {
+    pub async fn start(dir: &Path) -> Self {
+        let first = NEXT_PORT.fetch_add(32, Ordering::Relaxed);
+        Self::start_with_ports(dir, first..=first + 31).await
+    }
+
+    pub async fn start_with_ports(dir: &Path, ports: std::ops::RangeInclusive<u16>) -> Self {
+        let socket = dir.join("csi.sock");
+        let args = service::Args {
+            endpoint: Some(Endpoint::Unix(socket.clone())),
+            data_dir: dir.join("data"),
+            driver_name: "nbd.csi.dev".into(),
+            advertise_address: None,
+            nbd_listen_address: "127.0.0.1".parse().unwrap(),
+            nbd_port_range: ports.clone(),
+            metrics_address: None,
+            kubeconfig: None,
+            known_nodes: vec![NODE_A.into(), NODE_B.into()],
+        };
+        let driver = service::build(&args).await.expect("driver starts");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let endpoint = args.endpoint.clone().unwrap();
+        let task = tokio::spawn(service::serve(Arc::clone(&driver), endpoint, async move {
+            let _ = stopped.await;
+        }));
+        for _ in 0..200 {
+            if socket.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self { driver, data_dir: args.data_dir, socket, stop: Some(stop), task: Some(task) }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        let socket = self.socket.clone();
+        tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let socket = socket.clone();
+                async move { tokio::net::UnixStream::connect(socket).await.map(TokioIo::new) }
+            }))
+            .await
+            .expect("connect to the CSI socket")
+    }
+
+    pub async fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel().await)
+    }
+
+    pub async fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel().await)
+    }
+
+    /// Stops the gRPC server and every volume server, as SIGTERM does.
+    pub async fn stop(mut self) {
+        drop(self.stop.take());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+pub fn cap(block: bool, mode: Mode) -> VolumeCapability {
+    let access_type = if block {
+        AccessType::Block(BlockVolume {})
+    } else {
+        AccessType::Mount(MountVolume { fs_type: "ext4".into(), ..Default::default() })
+    };
+    VolumeCapability { access_type: Some(access_type), access_mode: Some(AccessMode { mode: mode as i32 }) }
+}
+
+pub fn create_req(name: &str, bytes: i64, block: bool, mode: Mode) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+        volume_capabilities: vec![cap(block, mode)],
+        ..Default::default()
+    }
+}
+
+pub fn publish_req(
+    volume_id: &str,
+    node: &str,
+    block: bool,
+    mode: Mode,
+    readonly: bool,
+) -> ControllerPublishVolumeRequest {
+    ControllerPublishVolumeRequest {
+        volume_id: volume_id.into(),
+        node_id: node.into(),
+        volume_capability: Some(cap(block, mode)),
+        readonly,
+        ..Default::default()
+    }
+}
+
+/// `(host:port, export name)` from an `nbd://HOST:PORT/EXPORT` URI.
+pub fn parse_uri(uri: &str) -> (String, String) {
+    let rest = uri.strip_prefix("nbd://").expect("nbd:// URI");
+    let (addr, name) = rest.split_once('/').expect("export name");
+    (addr.to_string(), name.to_string())
+}
+
+pub fn code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
+    match result {
+        Ok(r) => panic!("expected an error, got {r:?}"),
+        Err(status) => status.code(),
+    }
+}

@@ -1,0 +1,59 @@
+//! A minimal NBD client for tests: handshake, then simple-reply READ/WRITE.
+
+use nbd::client::{HandshakeOptions, handshake};
+use nbd::consts::cmd;
+use nbd::wire::{Request, SimpleReply};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub struct Client {
+    stream: TcpStream,
+    pub size: u64,
+    cookie: u64,
+}
+
+impl Client {
+    pub async fn connect(addr: &str, export_name: &str) -> nbd::Result<Self> {
+        let mut stream = TcpStream::connect(addr).await?;
+        let opts = HandshakeOptions { export_name: export_name.into(), structured_replies: false };
+        let export = handshake(&mut stream, &opts).await?;
+        Ok(Self { stream, size: export.size, cookie: 0 })
+    }
+
+    async fn request(&mut self, command: u16, offset: u64, length: u32, payload: &[u8]) -> std::io::Result<u32> {
+        self.cookie += 1;
+        let request = Request { flags: 0, command, cookie: self.cookie, offset, length };
+        self.stream.write_all(&request.encode()).await?;
+        self.stream.write_all(payload).await?;
+        let mut reply = [0u8; SimpleReply::SIZE];
+        self.stream.read_exact(&mut reply).await?;
+        let reply = SimpleReply::decode(&reply).map_err(std::io::Error::other)?;
+        assert_eq!(reply.cookie, self.cookie);
+        Ok(reply.error)
+    }
+
+    pub async fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<u32> {
+        self.request(cmd::WRITE, offset, data.len() as u32, data).await
+    }
+
+    pub async fn read(&mut self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        let error = self.request(cmd::READ, offset, len, &[]).await?;
+        assert_eq!(error, 0, "read failed");
+        let mut buf = vec![0u8; len as usize];
+        self.stream.read_exact(&mut buf).await?;
+        Ok(buf)
+    }
+
+    pub async fn flush(&mut self) -> std::io::Result<u32> {
+        self.request(cmd::FLUSH, 0, 0, &[]).await
+    }
+
+    /// True when the server has closed the connection.
+    pub async fn is_closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), self.stream.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+}

@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""Turn bench/run.sh's raw fio JSON into BENCHMARKS.md (stdlib only).
+
+Layout read: RESULTS/<server>/<row>.<pass>.json   fio --output-format=json output
+             RESULTS/<server>/<row>.<pass>.failed present if that fio run failed
+             RESULTS/<server>/<row>.cmd   the exact fio command line
+             RESULTS/<server>/server.cmd  the exact server command line
+A cell is the median over passes; any failed pass makes the cell "failed".
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+
+OURS = "nbd-csi"
+PEERS = ["qemu-nbd", "nbdkit", "nbd-server"]
+
+# (row id, label, direction, metric, target ratio vs best peer)
+ROWS = [
+    ("randread-4k-qd64-j1", "4k randread, QD64, 1 job", "read", "iops", 1.3),
+    ("randread-4k-qd64-j4", "4k randread, QD64, 4 jobs", "read", "iops", 1.3),
+    ("randwrite-4k-qd64-j4", "4k randwrite, QD64, 4 jobs", "write", "iops", 1.3),
+    ("seqread-1m-qd8-j1", "1 MiB seq read, QD8, 1 job", "read", "mbps", 1.1),
+    ("seqwrite-1m-qd8-j1", "1 MiB seq write, QD8, 1 job", "write", "mbps", 1.1),
+]
+UNIT = {"iops": "IOPS", "mbps": "MB/s"}
+
+
+def run(cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+def dpkg_version(pkg):
+    v = run(["dpkg-query", "-W", "-f=${Version}", pkg])
+    return "" if v == "unknown" or "no packages" in v else v
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def mem_total():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return "%.1f GiB" % (int(line.split()[1]) / 1024 / 1024)
+    except OSError:
+        pass
+    return "unknown"
+
+
+def loadavg(results):
+    path = os.path.join(results, "loadavg.start")
+    try:
+        with open(path) as f:
+            start = " ".join(f.read().split()[:3])
+        with open("/proc/loadavg") as f:
+            end = " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+    return "%s before the runs, %s after (1/5/15 min)" % (start, end)
+
+
+def load_fio(path):
+    with open(path) as f:
+        text = f.read()
+    # fio can put a notice line before the JSON document.
+    return json.loads(text[text.index("{"):])
+
+
+def one_pass(base, direction, metric):
+    """The metric of one fio run, or None if it failed."""
+    if os.path.exists(base + ".failed"):
+        return None
+    try:
+        data = load_fio(base + ".json")
+    except (ValueError, OSError):
+        return None
+    jobs = data.get("jobs", [])
+    if not jobs or any(j.get("error", 0) for j in jobs):
+        return None
+    if metric == "iops":
+        return sum(j[direction]["iops"] for j in jobs)
+    return sum(j[direction]["bw_bytes"] for j in jobs) / 1e6
+
+
+def measure(results, server, row, direction, metric, passes):
+    """Returns (median, all values, None) or (None, [], reason)."""
+    if not os.path.isdir(os.path.join(results, server)):
+        return None, [], "skipped"
+    values = [one_pass(os.path.join(results, server, "%s.%d" % (row, p)), direction, metric)
+              for p in range(1, passes + 1)]
+    if any(v is None for v in values):
+        return None, [], "failed"
+    return statistics.median(values), values, None
+
+
+def fmt(value, metric):
+    if value is None:
+        return "-"
+    return "{:,.0f}".format(value) if metric == "iops" else "{:,.1f}".format(value)
+
+
+def readable(cmd, work, port_re, any_server=False):
+    cmd = cmd.replace(work, "$WORK")
+    if any_server:
+        cmd = re.sub(r"\$WORK/results/[^/ ]+/", "$WORK/results/$SERVER/", cmd)
+        cmd = re.sub(r"\.\d+\.json", ".$PASS.json", cmd)
+    return re.sub(port_re, r"\g<1>$PORT", cmd)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--runtime", required=True)
+    ap.add_argument("--ramp", required=True)
+    ap.add_argument("--passes", type=int, default=1)
+    ap.add_argument("--ours-bin", default="")
+    args = ap.parse_args()
+    results = os.path.abspath(args.results)
+    work = os.path.dirname(results)
+    port_re = r"(127\.0\.0\.1:|--port |-p |port = )\d+"
+
+    # ---- table
+    header = ["row", OURS] + PEERS + ["best peer", "ratio (nbd-csi / best peer)", "target", "result"]
+    table = []
+    spread = []
+    for row, label, direction, metric, target in ROWS:
+        cells = {}
+        for server in [OURS] + PEERS:
+            cells[server] = measure(results, server, row, direction, metric, args.passes)
+        peer_vals = {p: cells[p][0] for p in PEERS if cells[p][0] is not None}
+        best_name = max(peer_vals, key=peer_vals.get) if peer_vals else None
+        best = peer_vals.get(best_name)
+        ours = cells[OURS][0]
+        if ours is not None and best:
+            ratio = ours / best
+            ratio_s = "%.2f" % ratio
+            result = "pass" if ratio >= target else "miss"
+            if len(peer_vals) < len(PEERS):
+                result = "incomplete (a peer failed)"
+        else:
+            ratio_s, result = "n/a", "n/a"
+        line = ["%s (%s)" % (label, UNIT[metric])]
+        for server in [OURS] + PEERS:
+            value, _, reason = cells[server]
+            line.append(fmt(value, metric) if value is not None else reason)
+        line.append("%s (%s)" % (fmt(best, metric), best_name) if best_name else "n/a")
+        line += [ratio_s, "≥ %.1f" % target, result]
+        table.append(line)
+        spread_line = ["%s (%s)" % (label, UNIT[metric])]
+        for server in [OURS] + PEERS:
+            value, values, reason = cells[server]
+            spread_line.append(" / ".join(fmt(v, metric) for v in values) if values else reason)
+        spread.append(spread_line)
+
+    md_table = ["| " + " | ".join(header) + " |",
+                "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    md_table += ["| " + " | ".join(line) + " |" for line in table]
+
+    # ---- machine and versions
+    ours_version = "not benchmarked"
+    if args.ours_bin:
+        ours_version = run([args.ours_bin, "--version"])
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        rev = run(["git", "-C", root, "rev-parse", "--short", "HEAD"])
+        dirty = run(["git", "-C", root, "status", "--porcelain"])
+        ours_version += " (git %s%s)" % (rev, ", uncommitted changes" if dirty not in ("", "unknown") else "")
+    versions = [
+        ("nbd-csi-controller", ours_version),
+        ("qemu-nbd", run(["qemu-nbd", "--version"])),
+        ("nbdkit", run(["nbdkit", "--version"])),
+        ("nbd-server", "%s (%s)" % (run(["nbd-server", "-V"]), dpkg_version("nbd-server") or "dpkg n/a")),
+        ("fio", run(["fio", "--version"])),
+        ("libnbd (fio's client)", dpkg_version("libnbd0") or "unknown"),
+    ]
+    machine = [
+        ("CPUs (nproc)", str(len(os.sched_getaffinity(0)))),
+        ("CPU model", cpu_model()),
+        ("memory", mem_total()),
+        ("kernel", platform.release()),
+        ("load average", loadavg(results)),
+        ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+    ]
+
+    servers_md = []
+    for server in [OURS] + PEERS:
+        path = os.path.join(results, server, "server.cmd")
+        if os.path.exists(path):
+            with open(path) as f:
+                servers_md.append("- %s: `%s`" % (server, readable(f.read().strip(), work, port_re)))
+        else:
+            servers_md.append("- %s: not run" % server)
+    conf = os.path.join(results, "nbd-server", "config")
+    if os.path.exists(conf):
+        with open(conf) as f:
+            conf_text = readable(f.read().strip(), work, port_re)
+        servers_md.append("\n  nbd-server's config file:\n\n  ```ini\n" +
+                          "\n".join("  " + l if l else "" for l in conf_text.splitlines()) + "\n  ```")
+
+    fio_md = []
+    for server in [OURS] + PEERS:
+        if os.path.isdir(os.path.join(results, server)):
+            for row, label, *_ in ROWS:
+                path = os.path.join(results, server, row + ".cmd")
+                if os.path.exists(path):
+                    with open(path) as f:
+                        fio_md.append("- %s:\n  `%s`" % (label, readable(f.read().strip(), work, port_re, True)))
+            break
+
+    out = []
+    out.append("# Benchmarks\n")
+    out.append("Generated by `bench/run.sh` (see `bench/README.md`). nbd-csi's NBD server "
+               "(`nbd-csi-controller serve-file`) against qemu-nbd, nbdkit (file plugin) and "
+               "nbd-server, each serving the same 1 GiB file of random data, one server at a "
+               "time, on 127.0.0.1, driven by fio's nbd engine (libnbd, userspace; one NBD "
+               "connection per fio job).\n")
+    out.append("## Results\n")
+    out.append("4k rows in IOPS, 1 MiB rows in MB/s (10^6 bytes/s); each job's ramp excluded. "
+               "\"best peer\" is the fastest of qemu-nbd, nbdkit and nbd-server on that row; the "
+               "target is a minimum for nbd-csi / best peer.\n")
+    out.extend(md_table)
+    out.append("")
+    if args.passes > 1:
+        out.append("Each cell above is the median of %d passes (server order rotated between "
+                   "passes); every pass's value, in pass order:\n" % args.passes)
+        out.append("| row | " + " | ".join([OURS] + PEERS) + " |")
+        out.append("|---|" + "---:|" * (1 + len(PEERS)))
+        out.extend("| " + " | ".join(l) + " |" for l in spread)
+        out.append("")
+    out.append("## Machine\n")
+    out.extend("- %s: %s" % kv for kv in machine)
+    out.append("\nThe fio client runs on the same machine and competes with the server for the CPUs.\n")
+    out.append("## Versions\n")
+    out.extend("- %s: %s" % kv for kv in versions)
+    out.append("")
+    out.append("## Servers\n")
+    out.append("`$WORK` is the temporary directory holding the image (`disk.img`); `$PORT` a "
+               "free loopback port. Before each server starts, the image is synced and read "
+               "once so every server starts with a clean, fully cached file. All servers use "
+               "the page cache (no O_DIRECT), allow several connections and advertise "
+               "multi-conn.\n")
+    out.extend(servers_md)
+    out.append("")
+    out.append("## fio parameters\n")
+    out.append("Identical for every server and pass (runtime %ss after a %ss ramp; %d pass(es)):\n"
+               % (args.runtime, args.ramp, args.passes))
+    out.extend(fio_md)
+    out.append("")
+
+    with open(args.output, "w") as f:
+        f.write("\n".join(out))
+    print("\n".join(md_table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

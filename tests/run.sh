@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The project's test command (README "Test"). Installs what it needs when
-# missing, then runs formatting, lints, unit, session and interop tests.
-set -euo pipefail
+# missing, then runs formatting, lints, the Rust tests (unit, property,
+# session, gRPC, interop with real NBD clients) and the conformance suites.
+# Every suite runs even if an earlier one failed; the last line sums them.
+set -uo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p target
+results=target/test-results.txt
+: >"$results"
 
 # Real NBD peers the interop tests drive, from Debian packages.
 apt_packages=(qemu-utils nbdkit libnbd-bin python3-libnbd nbd-server fio)
@@ -13,16 +18,36 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" || exit 1
 fi
 for component in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
 done
 
-cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
-mkdir -p target
-cargo test --workspace --locked 2>&1 | tee target/test-output.txt
-# One closing line for CI, summed over every test binary.
-awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, s; exit (f > 0) }' target/test-output.txt
+# record SUITE PASSED FAILED SKIPPED
+record() { echo "$1 $2 $3 $4" >>"$results"; echo "== $1: $2 passed, $3 failed, $4 skipped"; }
+# check SUITE COMMAND...: a suite that is one pass/fail check.
+check() {
+    local name=$1; shift
+    if "$@"; then record "$name" 1 0 0; else record "$name" 0 1 0; fi
+}
+
+check fmt cargo fmt --all -- --check
+check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+
+cargo test --workspace --locked 2>&1 | tee target/cargo-test.txt
+cargo_status=${PIPESTATUS[0]}
+read -r p f s < <(awk '/^test result:/ { p += $4; f += $6; s += $8 } END { print p+0, f+0, s+0 }' target/cargo-test.txt)
+# A build failure prints no result line: count it as a failure.
+[ "$cargo_status" -ne 0 ] && [ "$f" -eq 0 ] && f=1
+record cargo-test "$p" "$f" "$s"
+
+./tests/csi-sanity.sh
+sanity_status=$?
+read -r p f s < <(grep -Eo '[0-9]+ Passed \| [0-9]+ Failed \| [0-9]+ Pending \| [0-9]+ Skipped' target/csi-sanity.log 2>/dev/null \
+    | awk '{ print $1, $4, $7 + $10 }' | tail -n 1)
+p=${p:-0} f=${f:-0} s=${s:-0}
+[ "$sanity_status" -ne 0 ] && [ "$f" -eq 0 ] && f=1
+record csi-sanity "$p" "$f" "$s"
+
+awk '{ p += $2; f += $3; s += $4 } END { printf "%d passed, %d failed, %d skipped\n", p, f, s; exit (f > 0) }' "$results"

@@ -1,6 +1,8 @@
 //! `nbd-csi-controller`: the CSI controller (Identity + Controller, one NBD
-//! server per volume), and tools around its NBD server.
+//! server per volume), an operator CLI that drives a running one over its
+//! CSI endpoint, and tools around its NBD server.
 
+mod cli;
 mod csi;
 mod driver;
 mod error;
@@ -31,17 +33,37 @@ enum Command {
     /// Serve one existing file over NBD with the volume server code, until
     /// SIGINT or SIGTERM. For debugging and benchmarks.
     ServeFile(serve_file::Args),
+    /// Volumes of a running controller, over its CSI endpoint: create,
+    /// list, get, delete, expand, publish (prints the nbdUri), unpublish.
+    Volume(cli::VolumeArgs),
+    /// Snapshots of a running controller: create, list, get, delete.
+    Snapshot(cli::SnapshotArgs),
+    /// A running controller's name, version, readiness and free capacity.
+    Info(cli::ClientArgs),
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The client subcommands print results, not logs, unless RUST_LOG asks.
+    let client = matches!(cli.command, Some(Command::Volume(_) | Command::Snapshot(_) | Command::Info(_)));
+    let default_filter = if client { "warn" } else { "info" };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    if client {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        return match cli.command {
+            Some(Command::Volume(args)) => runtime.block_on(cli::volume(args)),
+            Some(Command::Snapshot(args)) => runtime.block_on(cli::snapshot(args)),
+            Some(Command::Info(args)) => runtime.block_on(cli::info(args)),
+            _ => unreachable!("client subcommands only"),
+        };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Some(Command::ServeFile(args)) => runtime.block_on(serve_file::run(args)),
         None => runtime.block_on(service::run(cli.serve)),
+        Some(_) => unreachable!("client subcommands returned above"),
     }
 }

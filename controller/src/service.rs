@@ -179,10 +179,16 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// The endpoint without `--endpoint`: a socket in the data directory. The
+/// CLI subcommands find a server started without flags the same way.
+pub fn default_endpoint(data_dir: &Path) -> Endpoint {
+    Endpoint::Unix(data_dir.join("csi.sock"))
+}
+
 /// `nbd-csi-controller` without a subcommand.
 pub async fn run(mut args: Args) -> anyhow::Result<()> {
     args.data_dir = std::path::absolute(&args.data_dir).context("resolving --data-dir")?;
-    let endpoint = args.endpoint.clone().unwrap_or_else(|| Endpoint::Unix(args.data_dir.join("csi.sock")));
+    let endpoint = args.endpoint.clone().unwrap_or_else(|| default_endpoint(&args.data_dir));
     let driver = build(&args).await?;
     if let Some(addr) = args.metrics_address {
         let local = crate::metrics::spawn(addr, Arc::clone(&driver.metrics))

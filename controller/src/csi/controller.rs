@@ -16,7 +16,7 @@ use crate::driver::Driver;
 pub struct ControllerService(pub Arc<Driver>);
 
 /// Exactly the capabilities the driver implements.
-pub const CAPABILITIES: [Rpc; 13] = [
+pub const CAPABILITIES: [Rpc; 14] = [
     Rpc::CreateDeleteVolume,
     Rpc::PublishUnpublishVolume,
     Rpc::PublishReadonly,
@@ -30,6 +30,7 @@ pub const CAPABILITIES: [Rpc; 13] = [
     Rpc::CloneVolume,
     Rpc::ExpandVolume,
     Rpc::SingleNodeMultiWriter,
+    Rpc::GetSnapshot,
 ];
 
 fn capabilities() -> ControllerGetCapabilitiesResponse {

@@ -25,6 +25,7 @@ use crate::error::{Error, Kind, Result};
 pub use controller::CAPABILITIES;
 pub use controller::ControllerService;
 pub use identity::IdentityService;
+pub use publish::{NBD_URI, READ_ONLY};
 
 /// Volumes are sized in whole MiB: requests round up to the next MiB.
 pub const MIB: u64 = 1 << 20;

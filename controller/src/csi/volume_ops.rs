@@ -13,9 +13,11 @@ use crate::driver::{Driver, blocking};
 use crate::error::{Error, Result};
 use crate::store::{self, FORMAT, Source, VolumeRecord};
 
-/// What the node plugin learns from volume_context (never the token).
+/// What the node plugin learns from volume_context (never the token), and
+/// the name the volume was created with, for operators.
 fn volume_context(record: &VolumeRecord) -> HashMap<String, String> {
     let mut context = HashMap::new();
+    context.insert("name".to_string(), record.name.clone());
     context.insert("accessType".to_string(), if record.block { "block" } else { "mount" }.to_string());
     if !record.fs_type.is_empty() {
         context.insert("fsType".to_string(), record.fs_type.clone());

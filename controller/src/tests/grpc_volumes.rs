@@ -37,7 +37,8 @@ async fn identity_reports_name_capabilities_and_readiness() {
     let mut want: Vec<i32> = crate::csi::CAPABILITIES.iter().map(|r| *r as i32).collect();
     want.sort_unstable();
     assert_eq!(got, want);
-    assert!(!got.contains(&(Rpc::ModifyVolume as i32)) && got.len() == 13);
+    assert!(got.contains(&(Rpc::GetSnapshot as i32)), "GetSnapshot (CSI 1.12) is implemented and advertised");
+    assert!(!got.contains(&(Rpc::ModifyVolume as i32)) && got.len() == 14);
     h.stop().await;
 }
 

@@ -67,17 +67,29 @@ impl Volume {
     }
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*), different per seed.
+/// Pseudo-random test data, different per seed. A 64 KiB xorshift64*
+/// tile repeated, with every 4 KiB block stamped with its index, so no two
+/// blocks are equal (data landing at the wrong offset is caught) while
+/// megabytes are cheap to make in a debug build.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
+    let mut tile = Vec::with_capacity(64 * KIB);
+    while tile.len() < 64 * KIB {
         state ^= state >> 12;
         state ^= state << 25;
         state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+        tile.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
     }
-    out.truncate(len);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let n = (len - out.len()).min(tile.len());
+        out.extend_from_slice(&tile[..n]);
+    }
+    for (index, block) in out.chunks_mut(4 * KIB).enumerate() {
+        let stamp = (index as u64 + 1).to_le_bytes();
+        let n = block.len().min(stamp.len());
+        block[..n].copy_from_slice(&stamp[..n]);
+    }
     out
 }
 
@@ -86,6 +98,9 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 #[track_caller]
 pub fn assert_same_bytes(actual: &[u8], expected: &[u8], what: &str) {
     assert_eq!(actual.len(), expected.len(), "{what}: length differs");
+    if actual == expected {
+        return;
+    }
     if let Some(at) = actual.iter().zip(expected).position(|(a, b)| a != b) {
         panic!("{what}: first difference at byte {at}: got {:#04x}, expected {:#04x}", actual[at], expected[at]);
     }
@@ -143,8 +158,8 @@ impl Server {
                 eprintln!("serve-file exited early with {status}");
                 return false;
             }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return true;
+            if let Ok(stream) = TcpStream::connect(("127.0.0.1", self.port)) {
+                return greet_and_abort(stream);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -214,6 +229,25 @@ impl Drop for Server {
     }
 }
 
+/// True if an NBD server greets on `stream`; leaves with NBD_OPT_ABORT so
+/// the probe does not show up in the server log as a broken connection.
+fn greet_and_abort(mut stream: TcpStream) -> bool {
+    use wire::*;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut greeting = [0u8; 18];
+    if stream.read_exact(&mut greeting).is_err() || greeting[..8] != NBDMAGIC.to_be_bytes() {
+        return false;
+    }
+    let mut msg = u32::from(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes().to_vec();
+    msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    msg.extend_from_slice(&OPT_ABORT.to_be_bytes());
+    msg.extend_from_slice(&0u32.to_be_bytes());
+    let _ = stream.write_all(&msg);
+    // The ACK (or just the close) is enough; its content is not our test.
+    let _ = stream.read(&mut [0u8; 20]);
+    true
+}
+
 fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local_addr").port()
@@ -221,16 +255,16 @@ fn free_port() -> u16 {
 
 // ---------------------------------------------------------------- tools
 
-/// A command whose stdout and stderr go to files (so a chatty tool cannot
-/// block on a full pipe), run with a deadline.
+/// An external tool's command, stdin closed; run it with [`run`] and friends.
 pub fn tool(program: &str) -> Command {
     let mut cmd = Command::new(program);
     cmd.stdin(Stdio::null());
     cmd
 }
 
-/// Runs `cmd` to completion within `timeout`. Panics when the program is
-/// missing (naming the packages to install) or when it overruns.
+/// Runs `cmd` to completion within `timeout`, its stdout and stderr going
+/// to files (a chatty tool cannot block on a full pipe). Panics when the
+/// program is missing (naming the packages to install) or when it overruns.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
     let dir = tempfile::tempdir().expect("tempdir");
     let out_path = dir.path().join("stdout");
@@ -355,6 +389,7 @@ pub mod wire {
     pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
     pub const FLAG_NO_ZEROES: u16 = 2;
     pub const OPT_EXPORT_NAME: u32 = 1;
+    pub const OPT_ABORT: u32 = 2;
     pub const CMD_READ: u16 = 0;
     pub const CMD_WRITE: u16 = 1;
     pub const CMD_DISC: u16 = 2;

@@ -98,13 +98,14 @@ impl Conn {
         loop {
             let mut header = [0u8; Request::SIZE];
             tokio::select! {
+                // Shutdown first: a busy client always has a header buffered.
                 biased;
+                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
                 read = rd.read_exact(&mut header) => match read {
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
                     Err(e) => return Err(e.into()),
                 },
-                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
             }
             // A bad magic means we lost framing: only closing is safe.
             let request = Request::decode(&header)?;

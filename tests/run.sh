@@ -32,6 +32,17 @@ check() {
     if "$@"; then record "$name" 1 0 0; else record "$name" 0 1 0; fi
 }
 
+# suite NAME SCRIPT: a script whose last "NAME: N passed, N failed" line counts.
+suite() {
+    local name=$1 script=$2 log="target/suite-$1.txt"
+    "$script" 2>&1 | tee "$log"
+    local status=${PIPESTATUS[0]} p f
+    read -r p f < <(grep -Eo '[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1 | awk '{ print $1, $3 }')
+    p=${p:-0} f=${f:-0}
+    [ "$status" -ne 0 ] && [ "$f" -eq 0 ] && f=1
+    record "$name" "$p" "$f" 0
+}
+
 check fmt cargo fmt --all -- --check
 check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 
@@ -49,5 +60,10 @@ read -r p f s < <(grep -Eo '[0-9]+ Passed \| [0-9]+ Failed \| [0-9]+ Pending \| 
 p=${p:-0} f=${f:-0} s=${s:-0}
 [ "$sanity_status" -ne 0 ] && [ "$f" -eq 0 ] && f=1
 record csi-sanity "$p" "$f" "$s"
+
+# The chart, deploy/ and the Dockerfile; then the chart on a real
+# kube-apiserver on 127.0.0.1 (tools are built once into ~/.cache/nbd-csi).
+suite chart ./tests/chart.sh
+suite apiserver ./tests/k8s/apiserver.sh
 
 awk '{ p += $2; f += $3; s += $4 } END { printf "%d passed, %d failed, %d skipped\n", p, f, s; exit (f > 0) }' "$results"

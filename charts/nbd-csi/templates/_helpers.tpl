@@ -1,0 +1,166 @@
+{{/*
+Chart name, truncated to the 63 characters a DNS label allows.
+*/}}
+{{- define "nbd-csi.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Fully qualified app name: the release name, prefixed with the chart name
+unless it already contains it. Suffixes ("-controller", "-node") are added
+to it, so it leaves them room.
+*/}}
+{{- define "nbd-csi.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "nbd-csi.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Labels on every object.
+*/}}
+{{- define "nbd-csi.labels" -}}
+helm.sh/chart: {{ include "nbd-csi.chart" . }}
+app.kubernetes.io/name: {{ include "nbd-csi.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: nbd-csi
+{{- end -}}
+
+{{/*
+Selector labels; call with (dict "ctx" $ "component" "controller").
+*/}}
+{{- define "nbd-csi.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "nbd-csi.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "nbd-csi.componentLabels" -}}
+{{ include "nbd-csi.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "nbd-csi.controller.fullname" -}}
+{{- printf "%s-controller" (include "nbd-csi.fullname" .) -}}
+{{- end -}}
+
+{{- define "nbd-csi.node.fullname" -}}
+{{- printf "%s-node" (include "nbd-csi.fullname" .) -}}
+{{- end -}}
+
+{{- define "nbd-csi.controller.serviceAccountName" -}}
+{{- if .Values.serviceAccount.controller.create -}}
+{{- default (include "nbd-csi.controller.fullname" .) .Values.serviceAccount.controller.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.controller.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "nbd-csi.node.serviceAccountName" -}}
+{{- if .Values.serviceAccount.node.create -}}
+{{- default (include "nbd-csi.node.fullname" .) .Values.serviceAccount.node.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.node.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The driver's image.
+*/}}
+{{- define "nbd-csi.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/*
+A sidecar's image from its values block.
+*/}}
+{{- define "nbd-csi.sidecarImage" -}}
+{{- printf "%s:%s" .repository .tag -}}
+{{- end -}}
+
+{{/*
+The kubelet's plugin directory for this driver, and the socket kubelet dials.
+*/}}
+{{- define "nbd-csi.node.pluginDir" -}}
+{{- printf "%s/plugins/%s" (trimSuffix "/" .Values.kubeletDir) .Values.driverName -}}
+{{- end -}}
+
+{{/*
+NBD port range "first-last", after checking the order and the size.
+*/}}
+{{- define "nbd-csi.nbdPortRange" -}}
+{{- $r := .Values.controller.nbd.portRange -}}
+{{- if gt (int $r.first) (int $r.last) -}}
+{{- fail (printf "controller.nbd.portRange: first (%d) must not be greater than last (%d)" (int $r.first) (int $r.last)) -}}
+{{- end -}}
+{{- if gt (sub (int $r.last) (int $r.first)) 999 -}}
+{{- fail (printf "controller.nbd.portRange: at most 1000 ports (%d-%d has %d)" (int $r.first) (int $r.last) (add1 (sub (int $r.last) (int $r.first)))) -}}
+{{- end -}}
+{{- printf "%d-%d" (int $r.first) (int $r.last) -}}
+{{- end -}}
+
+{{/*
+Checks the schema cannot express; included once by the controller's template.
+*/}}
+{{- define "nbd-csi.validate" -}}
+{{- $r := .Values.controller.nbd.portRange -}}
+{{- $ports := dict "controller.healthPort" .Values.controller.healthPort "node.healthPort" .Values.node.healthPort "node.registrarHealthPort" .Values.node.registrarHealthPort -}}
+{{- if .Values.controller.metrics.enabled -}}
+{{- $_ := set $ports "controller.metrics.port" .Values.controller.metrics.port -}}
+{{- end -}}
+{{- range $name, $port := $ports -}}
+{{- if and (ge (int $port) (int $r.first)) (le (int $port) (int $r.last)) -}}
+{{- fail (printf "%s (%d) lies inside controller.nbd.portRange %d-%d" $name (int $port) (int $r.first) (int $r.last)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.controller.metrics.enabled (eq (int .Values.controller.healthPort) (int .Values.controller.metrics.port)) -}}
+{{- fail "controller.healthPort and controller.metrics.port must differ" -}}
+{{- end -}}
+{{- if eq (int .Values.node.healthPort) (int .Values.node.registrarHealthPort) -}}
+{{- fail "node.healthPort and node.registrarHealthPort must differ (the node pod shares the host's ports)" -}}
+{{- end -}}
+{{- $names := dict -}}
+{{- range .Values.storageClasses -}}
+{{- if hasKey $names .name -}}
+{{- fail (printf "storageClasses: the name %q appears twice" .name) -}}
+{{- end -}}
+{{- $_ := set $names .name true -}}
+{{- end -}}
+{{- if eq .Values.controller.storage.type "persistentVolumeClaim" -}}
+{{- with .Values.controller.storage.persistentVolumeClaim.storageClassName -}}
+{{- if hasKey $names . -}}
+{{- fail (printf "controller.storage.persistentVolumeClaim.storageClassName %q must not use a StorageClass of this driver: the controller's own data cannot live on its volumes" .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- /* A StatefulSet's volumeClaimTemplates are immutable: say so before the API server does. */ -}}
+{{- $existing := lookup "apps/v1" "StatefulSet" .Release.Namespace (include "nbd-csi.controller.fullname" .) -}}
+{{- if $existing -}}
+{{- $hadClaim := not (empty $existing.spec.volumeClaimTemplates) -}}
+{{- $wantClaim := eq .Values.controller.storage.type "persistentVolumeClaim" -}}
+{{- if ne $hadClaim $wantClaim -}}
+{{- fail (printf "controller.storage.type cannot change on an existing release (the installed controller uses %s): the volumes' files stay where they are. Move the data and reinstall instead (see the chart README)." ($hadClaim | ternary "persistentVolumeClaim" "hostPath")) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.volumeSnapshotClass.create (not .Values.sidecars.snapshotter.enabled) -}}
+{{- fail "volumeSnapshotClass.create needs sidecars.snapshotter.enabled" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Security context of the containers that need no privileges.
+*/}}
+{{- define "nbd-csi.restrictedSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+{{- end -}}

@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# Installs the chart on a real kube-apiserver: starts etcd and kube-apiserver
+# on 127.0.0.1 (free ports, token authentication, RBAC), then
+#   - server-side dry-run of deploy/nbd-csi.yaml (every object validated),
+#   - helm install into a dedicated namespace, checks of what was created and
+#     of the ServiceAccounts' permissions as the server's RBAC evaluates them,
+#   - helm upgrade with the other branches of the templates (hostPath, hostNetwork,
+#     two StorageClasses), helm uninstall, and a check that everything is gone.
+# No kubelet, scheduler or controller-manager: pods are never created.
+# Tools come from tests/k8s/build-tools.sh (built on first use).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. tests/k8s/tools.sh
+
+ensure_helm
+ensure_etcd
+ensure_kube_apiserver
+helm=$TOOLS_BIN/helm
+kubectl=$TOOLS_BIN/kubectl
+
+passed=0
+failed=0
+ok() { passed=$((passed + 1)); echo "ok [${SECONDS}s]: $*"; }
+bad() { failed=$((failed + 1)); echo "FAILED: $*" >&2; }
+
+work=$(mktemp -d /tmp/nbd-csi-apiserver.XXXXXX)
+pids=()
+cleanup() {
+    # kube-apiserver first, then etcd; each gets 15 s to stop on SIGTERM.
+    local i pid
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        pid=${pids[i]}
+        kill "$pid" 2>/dev/null || continue
+        for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "${KEEP_WORK:-}" = 1 ]; then echo "kept $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
+etcd_port=$(free_port)
+peer_port=$(free_port)
+api_port=$(free_port)
+
+"$TOOLS_BIN/etcd" --name nbd-csi-test --data-dir "$work/etcd" \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "nbd-csi-test=http://127.0.0.1:$peer_port" \
+    --listen-metrics-urls "" --log-level warn >"$work/etcd.log" 2>&1 &
+pids+=($!)
+
+token=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+echo "$token,nbd-csi-admin,nbd-csi-admin,system:masters" >"$work/tokens.csv"
+openssl genrsa -out "$work/sa.key" 2048 2>/dev/null
+openssl rsa -in "$work/sa.key" -pubout -out "$work/sa.pub" 2>/dev/null
+mkdir -p "$work/certs"
+"$TOOLS_BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --cert-dir "$work/certs" \
+    --token-auth-file "$work/tokens.csv" \
+    --authorization-mode RBAC \
+    --allow-privileged=true \
+    --service-cluster-ip-range 10.0.0.0/24 \
+    --endpoint-reconciler-type none \
+    --service-account-issuer https://kubernetes.default.svc \
+    --service-account-key-file "$work/sa.pub" \
+    --service-account-signing-key-file "$work/sa.key" \
+    --enable-priority-and-fairness=false \
+    --profiling=false \
+    >"$work/kube-apiserver.log" 2>&1 &
+pids+=($!)
+
+deadline=$((SECONDS + 180))
+until curl -sf --cacert "$work/certs/apiserver.crt" -H "Authorization: Bearer $token" \
+    "https://127.0.0.1:$api_port/readyz" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ] || ! kill -0 "${pids[1]}" 2>/dev/null; then
+        tail -n 30 "$work/etcd.log" "$work/kube-apiserver.log" >&2
+        echo "kube-apiserver did not become ready" >&2
+        exit 1
+    fi
+    sleep 1
+done
+export KUBECONFIG=$work/kubeconfig
+"$kubectl" config set-cluster test --server "https://127.0.0.1:$api_port" --certificate-authority "$work/certs/apiserver.crt" --embed-certs >/dev/null
+"$kubectl" config set-credentials admin --token "$token" >/dev/null
+"$kubectl" config set-context test --cluster test --user admin >/dev/null
+"$kubectl" config use-context test >/dev/null
+ok "etcd $ETCD_VERSION and kube-apiserver $("$kubectl" version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])') ready on 127.0.0.1:$api_port"
+
+# --- deploy/ manifests pass server-side validation
+if "$kubectl" apply --dry-run=server -f deploy/nbd-csi.yaml >"$work/out.txt" 2>&1; then
+    ok "deploy/nbd-csi.yaml accepted by server-side dry run ($(wc -l <"$work/out.txt") objects)"
+else
+    cat "$work/out.txt" >&2
+    bad "deploy/nbd-csi.yaml rejected by the server"
+fi
+
+# --- helm install into a dedicated namespace
+ns=nbd-csi
+if "$helm" install nbd-csi charts/nbd-csi --namespace "$ns" --create-namespace >"$work/install.txt" 2>&1; then
+    ok "helm install nbd-csi charts/nbd-csi --namespace $ns"
+else
+    cat "$work/install.txt" >&2
+    bad "helm install"
+fi
+expect() { # DESCRIPTION COMMAND... ; the command's output must equal $want
+    local got
+    got=$("${@:2}" 2>&1) || true
+    if [ "$got" = "$want" ]; then ok "$1"; else bad "$1: got '$got', want '$want'"; fi
+}
+want="true true File Persistent"
+expect "CSIDriver nbd.csi.dev spec" "$kubectl" get csidriver nbd.csi.dev \
+    -o jsonpath='{.spec.attachRequired} {.spec.podInfoOnMount} {.spec.fsGroupPolicy} {.spec.volumeLifecycleModes[*]}'
+want="nbd.csi.dev Delete true Immediate ext4"
+expect "StorageClass nbd" "$kubectl" get storageclass nbd \
+    -o jsonpath='{.provisioner} {.reclaimPolicy} {.allowVolumeExpansion} {.volumeBindingMode} {.parameters.csi\.storage\.k8s\.io/fstype}'
+want="1 nbd-csi-controller,csi-provisioner,csi-attacher,csi-resizer,csi-snapshotter,liveness-probe,"
+expect "controller StatefulSet" "$kubectl" -n "$ns" get statefulset nbd-csi-controller \
+    -o jsonpath='{.spec.replicas} {range .spec.template.spec.containers[*]}{.name}{","}{end}'
+want="true Bidirectional nbd-csi-node,node-driver-registrar,liveness-probe,"
+expect "node DaemonSet" "$kubectl" -n "$ns" get daemonset nbd-csi-node \
+    -o jsonpath='{.spec.template.spec.hostNetwork} {.spec.template.spec.containers[0].volumeMounts[?(@.name=="pods-dir")].mountPropagation} {range .spec.template.spec.containers[*]}{.name}{","}{end}'
+
+# RBAC as the server evaluates it: "SERVICEACCOUNT VERB RESOURCE yes|no"
+sa_controller=system:serviceaccount:$ns:nbd-csi-controller
+sa_node=system:serviceaccount:$ns:nbd-csi-node
+while read -r who verb resource answer; do
+    sub=()
+    case $resource in */*) sub=(--subresource "${resource#*/}") ;; esac
+    got=$("$kubectl" auth can-i "$verb" "${resource%%/*}" "${sub[@]}" --as "$who" 2>/dev/null || true)
+    if [ "$got" = "$answer" ]; then ok "can-i $verb $resource as ${who##*:}: $got"; else bad "can-i $verb $resource as ${who##*:}: got '$got', want '$answer'"; fi
+done <<CHECKS
+$sa_controller get nodes yes
+$sa_controller list nodes yes
+$sa_controller delete nodes no
+$sa_controller create persistentvolumes yes
+$sa_controller patch volumeattachments.storage.k8s.io/status yes
+$sa_controller create events.events.k8s.io yes
+$sa_controller get secrets no
+$sa_controller create pods no
+$sa_controller create leases.coordination.k8s.io no
+$sa_node create events yes
+$sa_node create events.events.k8s.io yes
+$sa_node get nodes no
+$sa_node list persistentvolumes no
+$sa_node get secrets no
+CHECKS
+
+# --- helm upgrade with changed (mutable) values
+cat >"$work/upgrade.yaml" <<'VALUES'
+controller:
+  hostNetwork: true
+  nbd: {portRange: {first: 20000, last: 20099}}
+node:
+  connections: 2
+  modprobe: {required: true, parameters: [nbds_max=64]}
+storageClasses:
+  - {name: nbd, default: true, fsType: ext4, reclaimPolicy: Delete, allowVolumeExpansion: true, volumeBindingMode: Immediate}
+  - {name: nbd-xfs, fsType: xfs, reclaimPolicy: Retain, allowVolumeExpansion: false, volumeBindingMode: WaitForFirstConsumer, mountOptions: [noatime]}
+VALUES
+if "$helm" upgrade nbd-csi charts/nbd-csi --namespace "$ns" --values "$work/upgrade.yaml" >"$work/upgrade.txt" 2>&1; then
+    ok "helm upgrade (hostNetwork, another port range, two StorageClasses)"
+else
+    cat "$work/upgrade.txt" >&2
+    bad "helm upgrade"
+fi
+want="xfs WaitForFirstConsumer"
+expect "StorageClass nbd-xfs after upgrade" "$kubectl" get storageclass nbd-xfs \
+    -o jsonpath='{.parameters.csi\.storage\.k8s\.io/fstype} {.volumeBindingMode}'
+want="true 20000 --advertise-address=\$(NODE_IP)"
+expect "controller after upgrade" "$kubectl" -n "$ns" get statefulset nbd-csi-controller \
+    -o jsonpath='{.spec.template.spec.hostNetwork} {.spec.template.spec.containers[0].ports[?(@.name=="nbd-20000")].containerPort} {.spec.template.spec.containers[0].args[3]}'
+# Changing the storage type would change immutable volumeClaimTemplates: the
+# chart refuses with its own message before the API server does.
+if "$helm" upgrade nbd-csi charts/nbd-csi --namespace "$ns" --reuse-values --set controller.storage.type=hostPath >"$work/upgrade2.txt" 2>&1; then
+    bad "helm upgrade accepted a change of controller.storage.type"
+elif grep -q 'controller.storage.type cannot change on an existing release' "$work/upgrade2.txt"; then
+    ok "helm upgrade refuses to change controller.storage.type"
+else
+    cat "$work/upgrade2.txt" >&2
+    bad "helm upgrade of controller.storage.type failed without the chart's message"
+fi
+
+# --- helm uninstall leaves nothing of the chart behind
+if "$helm" uninstall nbd-csi --namespace "$ns" --wait >"$work/uninstall.txt" 2>&1; then
+    ok "helm uninstall"
+else
+    cat "$work/uninstall.txt" >&2
+    bad "helm uninstall"
+fi
+left=$("$kubectl" get csidriver,storageclass,clusterrole,clusterrolebinding -l app.kubernetes.io/instance=nbd-csi -o name 2>&1)
+left+=$("$kubectl" -n "$ns" get all,serviceaccount -l app.kubernetes.io/instance=nbd-csi -o name 2>&1)
+if [ -z "$left" ]; then ok "nothing labelled app.kubernetes.io/instance=nbd-csi is left"; else bad "left after uninstall: $left"; fi
+
+# --- a fresh install with the hostPath branch, then uninstall
+if "$helm" install nbd-csi charts/nbd-csi --namespace "$ns" \
+    --set controller.storage.type=hostPath --set controller.nodeSelector.kubernetes\\.io/hostname=storage-0 \
+    --set volumeSnapshotClass.create=false >"$work/install2.txt" 2>&1 &&
+    "$helm" uninstall nbd-csi --namespace "$ns" --wait >>"$work/install2.txt" 2>&1; then
+    ok "helm install and uninstall with controller.storage.type=hostPath"
+else
+    cat "$work/install2.txt" >&2
+    bad "helm install with controller.storage.type=hostPath"
+fi
+
+echo "apiserver: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

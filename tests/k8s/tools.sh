@@ -1,0 +1,132 @@
+# shellcheck shell=bash
+# Pinned Kubernetes-side tools, built with `go` from the module proxy into a
+# versioned cache outside the repository. Sourced by tests/chart.sh and
+# tests/k8s/*.sh; bump a version here and the next run rebuilds that tool.
+#
+# Cache layout ($NBD_CSI_TOOLS, default ~/.cache/nbd-csi/tools-v1):
+#   bin/                 the binaries (GOBIN)
+#   stamps/NAME-VERSION  written after NAME was built at VERSION
+#   build/NAME-VERSION/  throwaway Go modules for tools that cannot be `go install`ed
+#   build-times.txt      one line per build: tool, version, seconds
+
+HELM_VERSION=v3.22.0
+KUBECONFORM_VERSION=v0.8.0
+ETCD_VERSION=v3.7.3
+KUBERNETES_VERSION=v1.37.2
+
+NBD_CSI_TOOLS=${NBD_CSI_TOOLS:-$HOME/.cache/nbd-csi/tools-v1}
+TOOLS_BIN=$NBD_CSI_TOOLS/bin
+export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
+mkdir -p "$TOOLS_BIN" "$NBD_CSI_TOOLS/stamps" "$NBD_CSI_TOOLS/build"
+
+tools_have() { # NAME VERSION
+    [ -f "$NBD_CSI_TOOLS/stamps/$1-$2" ] && [ -x "$TOOLS_BIN/$1" ]
+}
+
+tools_built() { # NAME VERSION START_EPOCH
+    local secs=$(($(date +%s) - $3))
+    rm -f "$NBD_CSI_TOOLS/stamps/$1-"*
+    touch "$NBD_CSI_TOOLS/stamps/$1-$2"
+    printf '%s %s %ss %s\n' "$1" "$2" "$secs" "$(date -u +%FT%TZ)" >>"$NBD_CSI_TOOLS/build-times.txt"
+    echo "built $1 $2 in ${secs}s"
+}
+
+# go install for modules without replace directives.
+tools_go_install() { # NAME PACKAGE VERSION
+    tools_have "$1" "$3" && return 0
+    command -v go >/dev/null || { echo "go is needed to build $1 (install Go >= 1.26)" >&2; return 1; }
+    local start; start=$(date +%s)
+    echo "building $1 $3 (go install $2@$3)"
+    GOBIN=$TOOLS_BIN nice -n 10 go install "$2@$3"
+    tools_built "$1" "$3" "$start"
+}
+
+ensure_helm() { tools_go_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"; }
+ensure_kubeconform() { tools_go_install kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$KUBECONFORM_VERSION"; }
+
+# etcd has replace directives in its go.mod, so `go install` refuses it; a
+# throwaway module that requires the server module builds it unchanged.
+ensure_etcd() {
+    tools_have etcd "$ETCD_VERSION" && return 0
+    local start dir; start=$(date +%s)
+    dir=$NBD_CSI_TOOLS/build/etcd-$ETCD_VERSION
+    echo "building etcd $ETCD_VERSION in $dir"
+    rm -rf "$dir" && mkdir -p "$dir"
+    (
+        cd "$dir" || exit 1
+        go mod init nbd-csi.local/build/etcd >/dev/null 2>&1
+        nice -n 10 go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+        nice -n 10 go build -trimpath -o "$TOOLS_BIN/etcd" go.etcd.io/etcd/server/v3
+    )
+    tools_built etcd "$ETCD_VERSION" "$start"
+}
+
+# k8s.io/kubernetes replaces each staging module with ./staging/src/...; a
+# throwaway module requires it and replaces each staging module with its
+# published v0.Y.Z instead, then builds the commands with the version ldflags
+# that the release build sets (otherwise the server reports v0.0.0).
+ensure_kube_apiserver() {
+    tools_have kube-apiserver "$KUBERNETES_VERSION" && tools_have kubectl "$KUBERNETES_VERSION" && return 0
+    local start dir gomod staging minor
+    start=$(date +%s)
+    dir=$NBD_CSI_TOOLS/build/kubernetes-$KUBERNETES_VERSION
+    staging=v0.${KUBERNETES_VERSION#v1.}
+    minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
+    echo "building kube-apiserver and kubectl $KUBERNETES_VERSION in $dir"
+    rm -rf "$dir" && mkdir -p "$dir"
+    gomod=$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p')
+    [ -f "$gomod" ] || { echo "cannot download k8s.io/kubernetes@$KUBERNETES_VERSION" >&2; return 1; }
+    {
+        echo "module nbd-csi.local/build/kubernetes"
+        echo
+        echo "go $(sed -n 's/^go //p' "$gomod")"
+        echo
+        echo "require k8s.io/kubernetes $KUBERNETES_VERSION"
+        echo
+        grep -E '^[[:space:]]+k8s\.io/[^ ]+ v0\.0\.0$' "$gomod" | awk -v v="$staging" '{ printf "replace %s => %s %s\n", $1, $1, v }'
+    } >"$dir/go.mod"
+    local ldflags="-s -w
+        -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION
+        -X k8s.io/component-base/version.gitMajor=1
+        -X k8s.io/component-base/version.gitMinor=$minor
+        -X k8s.io/component-base/version.gitTreeState=clean
+        -X k8s.io/component-base/version.buildDate=1970-01-01T00:00:00Z
+        -X k8s.io/client-go/pkg/version.gitVersion=$KUBERNETES_VERSION
+        -X k8s.io/client-go/pkg/version.gitMajor=1
+        -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+    (
+        cd "$dir" || exit 1
+        nice -n 10 go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBERNETES_VERSION" "k8s.io/kubernetes/cmd/kubectl@$KUBERNETES_VERSION"
+        nice -n 10 go build -trimpath -ldflags "$ldflags" -o "$TOOLS_BIN/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+        tools_built kube-apiserver "$KUBERNETES_VERSION" "$start"
+        start=$(date +%s)
+        nice -n 10 go build -trimpath -ldflags "$ldflags" -o "$TOOLS_BIN/kubectl" k8s.io/kubernetes/cmd/kubectl
+        tools_built kubectl "$KUBERNETES_VERSION" "$start"
+    )
+}
+
+EXTERNAL_PROVISIONER_VERSION=v6.4.0
+EXTERNAL_ATTACHER_VERSION=v4.13.0
+
+# The kubernetes-csi sidecars replace k8s.io modules with published versions
+# in their go.mod, which `go install` refuses; build inside a copy of the
+# downloaded module instead (module zips carry no vendor/, hence -mod=mod).
+tools_build_sidecar() { # NAME MODULE VERSION
+    tools_have "$1" "$3" && return 0
+    local start src dir; start=$(date +%s)
+    dir=$NBD_CSI_TOOLS/build/$1-$3
+    echo "building $1 $3 from $2@$3"
+    src=$(go mod download -json "$2@$3" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+    [ -d "$src" ] || { echo "cannot download $2@$3" >&2; return 1; }
+    rm -rf "$dir" && cp -r "$src" "$dir" && chmod -R u+w "$dir"
+    (
+        cd "$dir" || exit 1
+        GOFLAGS=-mod=mod nice -n 10 go build -trimpath -ldflags "-s -w -X main.version=$3" -o "$TOOLS_BIN/$1" "./cmd/$1"
+    )
+    tools_built "$1" "$3" "$start"
+}
+
+ensure_csi_sidecars() {
+    tools_build_sidecar csi-provisioner github.com/kubernetes-csi/external-provisioner/v6 "$EXTERNAL_PROVISIONER_VERSION"
+    tools_build_sidecar csi-attacher github.com/kubernetes-csi/external-attacher/v4 "$EXTERNAL_ATTACHER_VERSION"
+}

@@ -184,7 +184,7 @@ where
 {
     let negotiated = tokio::select! {
         negotiated = handshake::negotiate_with_timeout(&export, &mut rd, &mut wr) => negotiated?,
-        _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        Ok(_) = shutdown.wait_for(|stop| *stop) => return Ok(()),
     };
     let Some(session) = negotiated else {
         return Ok(());

@@ -33,6 +33,8 @@ const WRITE_BATCH: usize = 1 << 20;
 /// Data at least this large goes out with writev instead of being copied
 /// into the batch buffer.
 const ZERO_COPY_THRESHOLD: usize = 64 << 10;
+/// FLUSH and FUA fdatasyncs one connection may have running at once.
+const FLUSHES_IN_FLIGHT: usize = 8;
 /// Budget is counted in units of this many bytes.
 const BUDGET_UNIT: usize = 1024;
 
@@ -50,6 +52,7 @@ struct Conn {
     session: Session,
     pool: Arc<BufferPool>,
     budget: Arc<Semaphore>,
+    flushes: Arc<Semaphore>,
     replies: mpsc::Sender<Reply>,
 }
 
@@ -68,7 +71,14 @@ where
     let pool = Arc::new(BufferPool::default());
     let budget_units = export.config().connection_buffer_budget / BUDGET_UNIT;
     let writer = tokio::spawn(write_replies(Arc::clone(&export), session, wr, rx, Arc::clone(&pool)));
-    let conn = Conn { export, session, pool, budget: Arc::new(Semaphore::new(budget_units)), replies: tx };
+    let conn = Conn {
+        export,
+        session,
+        pool,
+        budget: Arc::new(Semaphore::new(budget_units)),
+        flushes: Arc::new(Semaphore::new(FLUSHES_IN_FLIGHT)),
+        replies: tx,
+    };
     let read_result = conn.read_requests(rd, &mut shutdown).await;
     drop(conn);
     if read_result.is_err() {
@@ -100,7 +110,8 @@ impl Conn {
             tokio::select! {
                 // Shutdown first: a busy client always has a header buffered.
                 biased;
-                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                // A dropped sender is not a shutdown: that branch is disabled.
+                Ok(_) = shutdown.wait_for(|stop| *stop) => return Ok(()),
                 read = rd.read_exact(&mut header) => match read {
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
@@ -203,28 +214,39 @@ impl Conn {
             self.stats().writes.fetch_add(1, Ordering::Relaxed);
             self.stats().bytes_written.fetch_add(len as u64, Ordering::Relaxed);
             if request.flags & cmd_flags::FUA != 0 {
-                return self.flush_then_reply(request);
+                return self.flush_then_reply(request).await;
             }
         }
         self.status(&request, error).await
     }
 
     /// fdatasync on the blocking pool, reply when it is done. The reader
-    /// goes on meanwhile: replies may be out of order.
-    fn flush_then_reply(&self, request: Request) -> Result<()> {
+    /// goes on meanwhile (replies may be out of order), but only
+    /// [`FLUSHES_IN_FLIGHT`] per connection: a client that pipelines
+    /// flushes and never reads cannot pile up blocking threads.
+    async fn flush_then_reply(&self, request: Request) -> Result<()> {
+        let permit = Arc::clone(&self.flushes)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Protocol("flush limit closed".into()))?;
         let export = Arc::clone(&self.export);
         let replies = self.replies.clone();
-        tokio::task::spawn_blocking(move || {
+        tokio::spawn(async move {
+            let synced = Arc::clone(&export);
+            let result = tokio::task::spawn_blocking(move || synced.backend.flush()).await;
+            drop(permit);
             export.stats().flushes.fetch_add(1, Ordering::Relaxed);
-            let error = match export.backend.flush() {
-                Ok(()) => 0,
-                Err(e) => {
-                    export.stats().errors.fetch_add(1, Ordering::Relaxed);
-                    nbd_errno(&e)
-                }
+            let error = match result {
+                Ok(Ok(())) => 0,
+                Ok(Err(e)) => nbd_errno(&e),
+                Err(_) => errno::EIO,
             };
-            // If the writer is gone, the connection is gone with it.
-            let _ = replies.blocking_send(Reply::Status { cookie: request.cookie, error, is_read: false });
+            if error != 0 {
+                export.stats().errors.fetch_add(1, Ordering::Relaxed);
+            }
+            // If the writer is gone, the connection is gone with it. The
+            // blocking thread is already free: waiting here costs none.
+            let _ = replies.send(Reply::Status { cookie: request.cookie, error, is_read: false }).await;
         });
         Ok(())
     }
@@ -238,7 +260,7 @@ impl Conn {
         let gate = if changes_data { Some(self.export.write_gate().enter().await) } else { None };
         let result = match request.command {
             cmd::FLUSH if !self.flags_valid(&request, 0) => Err(errno::EINVAL),
-            cmd::FLUSH => return self.flush_then_reply(request),
+            cmd::FLUSH => return self.flush_then_reply(request).await,
             cmd::TRIM if !self.flags_valid(&request, 0) => Err(errno::EINVAL),
             cmd::TRIM if read_only => Err(errno::EPERM),
             cmd::TRIM if out_of_range(offset, request.length, size) => Err(errno::EINVAL),
@@ -262,7 +284,7 @@ impl Conn {
         drop(gate);
         match result {
             Ok(()) if request.flags & cmd_flags::FUA != 0 && request.command != cmd::CACHE => {
-                self.flush_then_reply(request)
+                self.flush_then_reply(request).await
             }
             Ok(()) => self.status(&request, 0).await,
             Err(error) => self.status(&request, error).await,

@@ -65,5 +65,7 @@ record csi-sanity "$p" "$f" "$s"
 # kube-apiserver on 127.0.0.1 (tools are built once into ~/.cache/nbd-csi).
 suite chart ./tests/chart.sh
 suite apiserver ./tests/k8s/apiserver.sh
+# Controller, csi-provisioner and csi-attacher as processes against it.
+suite e2e ./tests/k8s/e2e.sh
 
 awk '{ p += $2; f += $3; s += $4 } END { printf "%d passed, %d failed, %d skipped\n", p, f, s; exit (f > 0) }' "$results"

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
 
 use crate::error::{Error, Result};
+use crate::events::Events;
 use crate::kube::{NodeAddresses, Nodes};
 use crate::metrics::{ExportTable, Metrics};
 use crate::store::{SnapshotRecord, Store, VolumeRecord};
@@ -54,6 +55,8 @@ pub struct Driver {
     pub config: Config,
     pub store: Arc<Store>,
     pub nodes: Nodes,
+    /// Kubernetes Events for failures a human must act on.
+    pub events: Events,
     pub metrics: Arc<Metrics>,
     pub exports: ExportTable,
     state: Mutex<State>,
@@ -72,10 +75,12 @@ impl Driver {
     pub async fn start(config: Config, data_dir: PathBuf, nodes: Nodes) -> Result<Arc<Self>> {
         let (store, loaded) = blocking(move || Store::open(&data_dir)).await?;
         let exports = ExportTable::default();
+        let events = Events::new(&nodes, &config.driver_name);
         let driver = Arc::new(Self {
             config,
             store: Arc::new(store),
             nodes,
+            events,
             metrics: Arc::new(Metrics::new(exports.clone())),
             exports,
             state: Mutex::new(State::default()),
@@ -93,6 +98,7 @@ impl Driver {
             driver.reconcile_size(id).await?;
             if let Err(e) = driver.restart_server(id).await {
                 tracing::error!(volume.id = %id, error = %e, "volume server did not start; will retry");
+                driver.report_server_down(id, &e);
             }
         }
         let space = driver.store.space()?;
@@ -218,6 +224,7 @@ impl Driver {
             };
             if !serving && let Err(e) = self.restart_server(&id).await {
                 tracing::warn!(volume.id = %id, error = %e, "volume server still down");
+                self.report_server_down(&id, &e);
             }
             if !self.nodes.uses_kubernetes() {
                 continue;

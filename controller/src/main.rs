@@ -6,6 +6,7 @@ mod cli;
 mod csi;
 mod driver;
 mod error;
+mod events;
 mod kube;
 mod metrics;
 mod serve_file;
@@ -51,19 +52,23 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)))
         .with_writer(std::io::stderr)
         .init();
-    if client {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        return match cli.command {
-            Some(Command::Volume(args)) => runtime.block_on(cli::volume(args)),
-            Some(Command::Snapshot(args)) => runtime.block_on(cli::snapshot(args)),
-            Some(Command::Info(args)) => runtime.block_on(cli::info(args)),
-            _ => unreachable!("client subcommands only"),
-        };
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let client_runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let server_runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build();
     match cli.command {
-        Some(Command::ServeFile(args)) => runtime.block_on(serve_file::run(args)),
-        None => runtime.block_on(service::run(cli.serve)),
-        Some(_) => unreachable!("client subcommands returned above"),
+        Some(Command::Volume(args)) => client_done(client_runtime()?.block_on(cli::volume(args))),
+        Some(Command::Snapshot(args)) => client_done(client_runtime()?.block_on(cli::snapshot(args))),
+        Some(Command::Info(args)) => client_done(client_runtime()?.block_on(cli::info(args))),
+        Some(Command::ServeFile(args)) => server_runtime()?.block_on(serve_file::run(args)),
+        None => server_runtime()?.block_on(service::run(cli.serve)),
     }
+}
+
+/// A client subcommand's failure is one line on stderr (the RPC's code and
+/// message) and exit status 1, without a backtrace.
+fn client_done(result: anyhow::Result<()>) -> anyhow::Result<()> {
+    if let Err(e) = result {
+        eprintln!("nbd-csi-controller: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
 }

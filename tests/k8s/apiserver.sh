@@ -11,84 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . tests/k8s/tools.sh
+. tests/k8s/cluster.sh
 
 ensure_helm
-ensure_etcd
-ensure_kube_apiserver
-helm=$TOOLS_BIN/helm
-kubectl=$TOOLS_BIN/kubectl
-
-passed=0
-failed=0
-ok() { passed=$((passed + 1)); echo "ok [${SECONDS}s]: $*"; }
-bad() { failed=$((failed + 1)); echo "FAILED: $*" >&2; }
-
-work=$(mktemp -d /tmp/nbd-csi-apiserver.XXXXXX)
-pids=()
-cleanup() {
-    # kube-apiserver first, then etcd; each gets 15 s to stop on SIGTERM.
-    local i pid
-    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-        pid=${pids[i]}
-        kill "$pid" 2>/dev/null || continue
-        for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    if [ "${KEEP_WORK:-}" = 1 ]; then echo "kept $work"; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
-etcd_port=$(free_port)
-peer_port=$(free_port)
-api_port=$(free_port)
-
-"$TOOLS_BIN/etcd" --name nbd-csi-test --data-dir "$work/etcd" \
-    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
-    --initial-cluster "nbd-csi-test=http://127.0.0.1:$peer_port" \
-    --listen-metrics-urls "" --log-level warn >"$work/etcd.log" 2>&1 &
-pids+=($!)
-
-token=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
-echo "$token,nbd-csi-admin,nbd-csi-admin,system:masters" >"$work/tokens.csv"
-openssl genrsa -out "$work/sa.key" 2048 2>/dev/null
-openssl rsa -in "$work/sa.key" -pubout -out "$work/sa.pub" 2>/dev/null
-mkdir -p "$work/certs"
-"$TOOLS_BIN/kube-apiserver" \
-    --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
-    --cert-dir "$work/certs" \
-    --token-auth-file "$work/tokens.csv" \
-    --authorization-mode RBAC \
-    --allow-privileged=true \
-    --service-cluster-ip-range 10.0.0.0/24 \
-    --endpoint-reconciler-type none \
-    --service-account-issuer https://kubernetes.default.svc \
-    --service-account-key-file "$work/sa.pub" \
-    --service-account-signing-key-file "$work/sa.key" \
-    --enable-priority-and-fairness=false \
-    --profiling=false \
-    >"$work/kube-apiserver.log" 2>&1 &
-pids+=($!)
-
-deadline=$((SECONDS + 180))
-until curl -sf --cacert "$work/certs/apiserver.crt" -H "Authorization: Bearer $token" \
-    "https://127.0.0.1:$api_port/readyz" >/dev/null 2>&1; do
-    if [ $SECONDS -ge $deadline ] || ! kill -0 "${pids[1]}" 2>/dev/null; then
-        tail -n 30 "$work/etcd.log" "$work/kube-apiserver.log" >&2
-        echo "kube-apiserver did not become ready" >&2
-        exit 1
-    fi
-    sleep 1
-done
-export KUBECONFIG=$work/kubeconfig
-"$kubectl" config set-cluster test --server "https://127.0.0.1:$api_port" --certificate-authority "$work/certs/apiserver.crt" --embed-certs >/dev/null
-"$kubectl" config set-credentials admin --token "$token" >/dev/null
-"$kubectl" config set-context test --cluster test --user admin >/dev/null
-"$kubectl" config use-context test >/dev/null
-ok "etcd $ETCD_VERSION and kube-apiserver $("$kubectl" version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])') ready on 127.0.0.1:$api_port"
+cluster_init nbd-csi-apiserver
+cluster_start
 
 # --- deploy/ manifests pass server-side validation
 if "$kubectl" apply --dry-run=server -f deploy/nbd-csi.yaml >"$work/out.txt" 2>&1; then

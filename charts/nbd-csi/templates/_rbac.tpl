@@ -99,10 +99,14 @@ election and without group snapshots (neither is enabled here).
 {{- end -}}
 
 {{- define "nbd-csi.rules.controller" -}}
-# nbd-csi-controller: a Node's addresses for the export allowlist.
+# nbd-csi-controller: a Node's addresses for the export allowlist; a
+# volume's PersistentVolume (its claim) to put Events on.
 - apiGroups: [""]
   resources: [nodes]
   verbs: [get, list]
+- apiGroups: [""]
+  resources: [persistentvolumes]
+  verbs: [get]
 {{ include "nbd-csi.rules.events" . }}
 {{- end -}}
 

@@ -55,7 +55,16 @@ impl Controller for ControllerService {
         &self,
         r: Request<ControllerPublishVolumeRequest>,
     ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
-        call(&self.0, "ControllerPublishVolume", self.0.publish_volume(r.into_inner())).await
+        let req = r.into_inner();
+        let (volume_id, node_id) = (req.volume_id.clone(), req.node_id.clone());
+        let publish = async {
+            let result = self.0.publish_volume(req).await;
+            if let Err(e) = &result {
+                self.0.report_publish_refused(&volume_id, &node_id, e);
+            }
+            result
+        };
+        call(&self.0, "ControllerPublishVolume", publish).await
     }
 
     async fn controller_unpublish_volume(

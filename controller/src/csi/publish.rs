@@ -48,6 +48,10 @@ impl Driver {
             return Err(Error::not_found(format!("volume {id} not found")));
         }
         let addresses = self.node_addresses(&req.node_id).await?;
+        if addresses.as_ref().is_some_and(Vec::is_empty) {
+            // The export would admit nobody: an attach that cannot work.
+            return Err(Error::precondition(format!("node {:?} has no IP address in status.addresses", req.node_id)));
+        }
         let _guard = self.lock(format!("v:{id}")).await;
         let mut record = self
             .state()

@@ -1,0 +1,550 @@
+//! Kubernetes Events for failures a human has to act on: an attach the
+//! controller refused (ControllerPublishVolume failed) and a volume whose NBD
+//! server cannot be started.
+//!
+//! An Event is recorded (events.k8s.io/v1, Warning) on the
+//! PersistentVolumeClaim bound to the volume's PersistentVolume, so
+//! `kubectl describe pvc` shows it, or on the PersistentVolume when it has
+//! no claim. The PV is the one csi-provisioner created for the volume: it is
+//! named after the CreateVolume name (csi-provisioner uses the PV name as
+//! the volume name) and must point at this driver and volume id; volumes
+//! without such a PV (made with the CLI, say) get no Event. A repeat of the
+//! same Event within [`SERIES_WINDOW`] updates the first one's `series`
+//! instead of creating another, as client-go's recorder does.
+//!
+//! Recording is best effort: it runs in the background and a failure is
+//! logged, never returned to the RPC.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume};
+use k8s_openapi::api::events::v1::{Event, EventSeries};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+
+use crate::driver::Driver;
+use crate::error::Error;
+use crate::kube::Nodes;
+
+/// ControllerPublishVolume failed (unknown node, a node without addresses,
+/// a single-node volume attached elsewhere, ...).
+pub const ATTACH_REFUSED: &str = "AttachRefused";
+/// A stored volume's NBD server does not run (it is retried in the background).
+pub const SERVER_DOWN: &str = "VolumeServerDown";
+/// Repeats within this window count in the first Event's series.
+pub const SERIES_WINDOW: Duration = Duration::from_secs(10 * 60);
+/// The API server's limit on `note`.
+const MAX_NOTE: usize = 1024;
+/// Remembered Events, at most; older ones are forgotten first.
+const MAX_REMEMBERED: usize = 1024;
+
+/// One warning about a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    pub volume_id: String,
+    /// The volume's CreateVolume name, which is its PV's name.
+    pub pv_name: String,
+    /// The node it concerns, if any (put in `related`).
+    pub node: Option<String>,
+    pub reason: &'static str,
+    pub action: &'static str,
+    pub note: String,
+}
+
+/// Records Events when the controller has Kubernetes access; does nothing
+/// otherwise.
+#[derive(Clone, Default)]
+pub struct Events(Option<Arc<Inner>>);
+
+struct Inner {
+    client: kube::Client,
+    driver_name: String,
+    controller: String,
+    instance: String,
+    seen: Mutex<HashMap<Key, Seen>>,
+    /// One recording at a time, so that concurrent repeats (csi-attacher
+    /// may retry at once) find the first Event instead of making another.
+    recording: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    namespace: String,
+    regarding: String,
+    reason: &'static str,
+    note: String,
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    name: String,
+    count: i32,
+    first: Instant,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Events::Kubernetes" } else { "Events::Off" })
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+impl Events {
+    /// Events through the same Kubernetes client as node lookups, if any.
+    pub fn new(nodes: &Nodes, driver_name: &str) -> Self {
+        match nodes {
+            Nodes::Kubernetes(client) => Self::with_client(client.clone(), driver_name, &hostname()),
+            Nodes::Static(_) => Self(None),
+        }
+    }
+
+    pub fn with_client(client: kube::Client, driver_name: &str, host: &str) -> Self {
+        Self(Some(Arc::new(Inner {
+            client,
+            driver_name: driver_name.to_string(),
+            // A qualified name, as events.k8s.io/v1 requires.
+            controller: format!("{driver_name}/controller"),
+            instance: truncate(format!("nbd-csi-controller-{host}"), 128),
+            seen: Mutex::new(HashMap::new()),
+            recording: tokio::sync::Mutex::new(()),
+        })))
+    }
+
+    /// Records `warning` in the background.
+    pub fn emit(&self, warning: Warning) {
+        if self.0.is_none() {
+            return;
+        }
+        let events = self.clone();
+        tokio::spawn(async move {
+            match events.record(&warning).await {
+                Ok(Some(name)) => tracing::debug!(event = %name, reason = warning.reason, "event recorded"),
+                Ok(None) => tracing::debug!(
+                    volume.id = %warning.volume_id,
+                    reason = warning.reason,
+                    "no PersistentVolume of this driver for the volume; no event"
+                ),
+                Err(e) => tracing::warn!(volume.id = %warning.volume_id, error = %e, "recording an event failed"),
+            }
+        });
+    }
+
+    /// Records `warning` now: the Event's name, or `None` when there is no
+    /// Kubernetes access or no PV of this driver for the volume.
+    pub async fn record(&self, warning: &Warning) -> Result<Option<String>, kube::Error> {
+        let Some(inner) = &self.0 else { return Ok(None) };
+        let _one_at_a_time = inner.recording.lock().await;
+        let pvs: Api<PersistentVolume> = Api::all(inner.client.clone());
+        let Some(pv) = pvs.get_opt(&warning.pv_name).await? else { return Ok(None) };
+        let csi = pv.spec.as_ref().and_then(|s| s.csi.as_ref());
+        if !csi.is_some_and(|c| c.driver == inner.driver_name && c.volume_handle == warning.volume_id) {
+            return Ok(None);
+        }
+        let pv_ref = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("PersistentVolume".into()),
+            name: pv.metadata.name.clone(),
+            uid: pv.metadata.uid.clone(),
+            resource_version: pv.metadata.resource_version.clone(),
+            ..Default::default()
+        };
+        let claim = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref()).filter(|c| c.name.is_some());
+        let (regarding, namespace) = match claim {
+            Some(c) => {
+                let regarding = ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("PersistentVolumeClaim".into()),
+                    name: c.name.clone(),
+                    namespace: c.namespace.clone(),
+                    uid: c.uid.clone(),
+                    ..Default::default()
+                };
+                (regarding, c.namespace.clone().unwrap_or_else(|| "default".into()))
+            }
+            // Events about cluster-scoped objects live in "default".
+            None => (pv_ref.clone(), "default".to_string()),
+        };
+        let related = match &warning.node {
+            Some(node) => Some(ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(node.clone()),
+                ..Default::default()
+            }),
+            None if claim.is_some() => Some(pv_ref),
+            None => None,
+        };
+        let note = truncate(warning.note.clone(), MAX_NOTE);
+        let key = Key {
+            namespace: namespace.clone(),
+            regarding: format!(
+                "{}/{}",
+                regarding.kind.as_deref().unwrap_or(""),
+                regarding.name.as_deref().unwrap_or("")
+            ),
+            reason: warning.reason,
+            note: note.clone(),
+        };
+        let events: Api<Event> = Api::namespaced(inner.client.clone(), &namespace);
+        let now = Timestamp::now();
+        if let Some(seen) = inner.repeat(&key) {
+            let patch = serde_json::json!({
+                "series": EventSeries { count: seen.count, last_observed_time: MicroTime(now) }
+            });
+            match events.patch(&seen.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => return Ok(Some(seen.name)),
+                // Expired or deleted: record it anew.
+                Err(kube::Error::Api(status)) if status.code == 404 => inner.forget(&key),
+                Err(e) => return Err(e),
+            }
+        }
+        let event = Event {
+            metadata: ObjectMeta {
+                // client-go's naming: the object's name and the time in hex
+                // (a generateName of "NAME." is not a valid prefix).
+                name: Some(format!("{}.{:x}", regarding.name.as_deref().unwrap_or("volume"), now.as_nanosecond())),
+                namespace: Some(namespace),
+                ..Default::default()
+            },
+            event_time: Some(MicroTime(now)),
+            type_: Some("Warning".into()),
+            reason: Some(warning.reason.into()),
+            action: Some(warning.action.into()),
+            note: Some(note),
+            regarding: Some(regarding),
+            related,
+            reporting_controller: Some(inner.controller.clone()),
+            reporting_instance: Some(inner.instance.clone()),
+            ..Default::default()
+        };
+        let created = events.create(&PostParams::default(), &event).await?;
+        let name = created.metadata.name.unwrap_or_default();
+        inner.remember(key, name.clone());
+        Ok(Some(name))
+    }
+}
+
+impl Inner {
+    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Seen>> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The Event to count `key` in, with its new count, when it was first
+    /// recorded within the window.
+    fn repeat(&self, key: &Key) -> Option<Seen> {
+        let mut seen = self.seen();
+        let entry = seen.get_mut(key)?;
+        if entry.first.elapsed() > SERIES_WINDOW {
+            seen.remove(key);
+            return None;
+        }
+        entry.count += 1;
+        Some(entry.clone())
+    }
+
+    fn forget(&self, key: &Key) {
+        self.seen().remove(key);
+    }
+
+    fn remember(&self, key: Key, name: String) {
+        let mut seen = self.seen();
+        seen.retain(|_, s| s.first.elapsed() <= SERIES_WINDOW);
+        if seen.len() >= MAX_REMEMBERED
+            && let Some(oldest) = seen.iter().min_by_key(|(_, s)| s.first).map(|(k, _)| k.clone())
+        {
+            seen.remove(&oldest);
+        }
+        seen.insert(key, Seen { name, count: 1, first: Instant::now() });
+    }
+}
+
+impl Driver {
+    fn volume_name(&self, volume_id: &str) -> Option<String> {
+        self.state().volumes.get(volume_id).map(|v| v.record.name.clone())
+    }
+
+    /// ControllerPublishVolume of an existing volume failed with `error`.
+    pub fn report_publish_refused(&self, volume_id: &str, node_id: &str, error: &Error) {
+        let Some(pv_name) = self.volume_name(volume_id) else { return };
+        self.events.emit(Warning {
+            volume_id: volume_id.to_string(),
+            pv_name,
+            node: (!node_id.is_empty()).then(|| node_id.to_string()),
+            reason: ATTACH_REFUSED,
+            action: "ControllerPublishVolume",
+            note: format!("attaching volume {volume_id} to node {node_id:?} was refused: {error}"),
+        });
+    }
+
+    /// A stored volume's NBD server could not be started.
+    pub fn report_server_down(&self, volume_id: &str, error: &Error) {
+        let Some(pv_name) = self.volume_name(volume_id) else { return };
+        self.events.emit(Warning {
+            volume_id: volume_id.to_string(),
+            pv_name,
+            node: None,
+            reason: SERVER_DOWN,
+            action: "StartNBDServer",
+            note: format!("the NBD server of volume {volume_id} is not running (retried every 30s): {error}"),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Method, Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tower_test::mock::{Handle, SendResponse};
+
+    type MockHandle = Handle<Request<Body>, Response<Body>>;
+
+    fn events() -> (Events, MockHandle) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        (Events::with_client(kube::Client::new(service, "default"), "nbd.csi.dev", "host-1"), handle)
+    }
+
+    fn warning() -> Warning {
+        Warning {
+            volume_id: "vol-1".into(),
+            pv_name: "pvc-1234".into(),
+            node: Some("worker-2".into()),
+            reason: ATTACH_REFUSED,
+            action: "ControllerPublishVolume",
+            note: "attaching volume vol-1 to node \"worker-2\" was refused: volume is single-node".into(),
+        }
+    }
+
+    fn pv(handle: &str, claim: bool) -> Value {
+        let mut pv = json!({
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": "pvc-1234", "uid": "pv-uid", "resourceVersion": "7"},
+            "spec": {"csi": {"driver": "nbd.csi.dev", "volumeHandle": handle}}
+        });
+        if claim {
+            pv["spec"]["claimRef"] =
+                json!({"kind": "PersistentVolumeClaim", "namespace": "app", "name": "data", "uid": "pvc-uid"});
+        }
+        pv
+    }
+
+    fn reply(send: SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
+        let mut response = Response::new(Body::from(serde_json::to_vec(body).unwrap()));
+        *response.status_mut() = status;
+        send.send_response(response);
+    }
+
+    async fn body(request: Request<Body>) -> Value {
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    async fn expect_pv_get(handle: &mut MockHandle, pv: &Value) {
+        let (request, send) = handle.next_request().await.expect("PV lookup");
+        assert_eq!(request.method(), Method::GET);
+        assert_eq!(request.uri().path(), "/api/v1/persistentvolumes/pvc-1234");
+        reply(send, StatusCode::OK, pv);
+    }
+
+    #[tokio::test]
+    async fn warning_goes_to_the_claim_and_repeats_count_in_its_series() {
+        let (events, mut handle) = events();
+        let server = tokio::spawn(async move {
+            expect_pv_get(&mut handle, &pv("vol-1", true)).await;
+            let (request, send) = handle.next_request().await.expect("event create");
+            assert_eq!(request.method(), Method::POST);
+            assert_eq!(request.uri().path(), "/apis/events.k8s.io/v1/namespaces/app/events");
+            let event = body(request).await;
+            let name = event["metadata"]["name"].as_str().unwrap();
+            let suffix = name.strip_prefix("data.").expect("named after the claim");
+            assert!(!suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_hexdigit()), "{name}");
+            assert_eq!(event["type"], "Warning");
+            assert_eq!(event["reason"], "AttachRefused");
+            assert_eq!(event["action"], "ControllerPublishVolume");
+            assert_eq!(event["reportingController"], "nbd.csi.dev/controller");
+            assert_eq!(event["reportingInstance"], "nbd-csi-controller-host-1");
+            assert_eq!(
+                event["regarding"],
+                json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "namespace": "app", "name": "data", "uid": "pvc-uid"})
+            );
+            assert_eq!(event["related"], json!({"apiVersion": "v1", "kind": "Node", "name": "worker-2"}));
+            assert!(event["note"].as_str().unwrap().contains("single-node"), "{event}");
+            assert!(event["eventTime"].as_str().is_some_and(|t| t.ends_with('Z')), "{event}");
+            assert!(event.get("series").is_none());
+            let mut created = event.clone();
+            created["metadata"]["name"] = json!("data.17f3a");
+            reply(send, StatusCode::CREATED, &created);
+
+            // The same warning again: the first Event's series counts it.
+            expect_pv_get(&mut handle, &pv("vol-1", true)).await;
+            let (request, send) = handle.next_request().await.expect("event patch");
+            assert_eq!(request.method(), Method::PATCH);
+            assert_eq!(request.uri().path(), "/apis/events.k8s.io/v1/namespaces/app/events/data.17f3a");
+            assert_eq!(request.headers()["content-type"], "application/merge-patch+json");
+            let patch = body(request).await;
+            assert_eq!(patch["series"]["count"], 2);
+            assert!(patch["series"]["lastObservedTime"].as_str().is_some(), "{patch}");
+            created["series"] = patch["series"].clone();
+            reply(send, StatusCode::OK, &created);
+        });
+        assert_eq!(events.record(&warning()).await.unwrap().as_deref(), Some("data.17f3a"));
+        assert_eq!(events.record(&warning()).await.unwrap().as_deref(), Some("data.17f3a"));
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn expired_series_event_is_created_again() {
+        let (events, mut handle) = events();
+        let server = tokio::spawn(async move {
+            expect_pv_get(&mut handle, &pv("vol-1", true)).await;
+            let (_, send) = handle.next_request().await.expect("event create");
+            reply(send, StatusCode::CREATED, &json!({"metadata": {"name": "data.1", "namespace": "app"}}));
+            expect_pv_get(&mut handle, &pv("vol-1", true)).await;
+            let (request, send) = handle.next_request().await.expect("event patch");
+            assert_eq!(request.method(), Method::PATCH);
+            let status =
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
+            reply(send, StatusCode::NOT_FOUND, &status);
+            let (request, send) = handle.next_request().await.expect("event create again");
+            assert_eq!(request.method(), Method::POST);
+            assert!(body(request).await.get("series").is_none());
+            reply(send, StatusCode::CREATED, &json!({"metadata": {"name": "data.2", "namespace": "app"}}));
+        });
+        assert_eq!(events.record(&warning()).await.unwrap().as_deref(), Some("data.1"));
+        assert_eq!(events.record(&warning()).await.unwrap().as_deref(), Some("data.2"));
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unclaimed_volume_warning_goes_to_the_pv_in_default() {
+        let (events, mut handle) = events();
+        let server = tokio::spawn(async move {
+            expect_pv_get(&mut handle, &pv("vol-1", false)).await;
+            let (request, send) = handle.next_request().await.expect("event create");
+            assert_eq!(request.uri().path(), "/apis/events.k8s.io/v1/namespaces/default/events");
+            let event = body(request).await;
+            assert_eq!(event["reason"], "VolumeServerDown");
+            assert_eq!(
+                event["regarding"],
+                json!({"apiVersion": "v1", "kind": "PersistentVolume", "name": "pvc-1234", "uid": "pv-uid", "resourceVersion": "7"})
+            );
+            assert!(event.get("related").is_none(), "{event}");
+            reply(send, StatusCode::CREATED, &json!({"metadata": {"name": "pvc-1234.1", "namespace": "default"}}));
+        });
+        let warning = Warning { node: None, reason: SERVER_DOWN, action: "StartNBDServer", ..warning() };
+        assert_eq!(events.record(&warning).await.unwrap().as_deref(), Some("pvc-1234.1"));
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_event_without_a_pv_of_this_volume() {
+        let (events, mut handle) = events();
+        let server = tokio::spawn(async move {
+            // Another volume's PV under that name: not ours to report on.
+            expect_pv_get(&mut handle, &pv("vol-other", true)).await;
+            // No PV at all.
+            let (_, send) = handle.next_request().await.expect("PV lookup");
+            let status =
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
+            reply(send, StatusCode::NOT_FOUND, &status);
+            assert!(handle.next_request().await.is_none(), "no request after the lookups");
+        });
+        assert_eq!(events.record(&warning()).await.unwrap(), None);
+        assert_eq!(events.record(&warning()).await.unwrap(), None);
+        drop(events);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn without_kubernetes_nothing_is_recorded() {
+        let events = Events::new(&Nodes::Static(Default::default()), "nbd.csi.dev");
+        assert_eq!(events.record(&warning()).await.unwrap(), None);
+        events.emit(warning());
+    }
+
+    /// The wiring: a refused ControllerPublishVolume (a Node without
+    /// addresses, which no export could admit) records AttachRefused.
+    #[tokio::test]
+    async fn refused_publish_records_an_event_on_the_claim() {
+        use crate::csi::ControllerService;
+        use crate::driver::{Config, Driver};
+        use crate::tests::{create_req, publish_req};
+        use csi_proto::controller_server::Controller;
+        use csi_proto::volume_capability::access_mode::Mode;
+
+        let dir = tempfile::tempdir().unwrap();
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let config = Config {
+            driver_name: "nbd.csi.dev".into(),
+            advertise: "127.0.0.1".parse().unwrap(),
+            listen: "127.0.0.1".parse().unwrap(),
+            ports: 26900..=26931,
+        };
+        let nodes = Nodes::Kubernetes(kube::Client::new(service, "default"));
+        let driver = Driver::start(config, dir.path().join("data"), nodes).await.unwrap();
+        let created =
+            driver.create_volume(create_req("pvc-1234", 1 << 20, true, Mode::SingleNodeWriter)).await.unwrap();
+        let id = created.volume.unwrap().volume_id;
+        let volume_id = id.clone();
+        let server = tokio::spawn(async move {
+            let (request, send) = handle.next_request().await.expect("node lookup");
+            assert_eq!(request.uri().path(), "/api/v1/nodes/worker-2");
+            reply(send, StatusCode::OK, &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "worker-2"}}));
+            expect_pv_get(&mut handle, &pv(&volume_id, true)).await;
+            let (request, send) = handle.next_request().await.expect("event create");
+            assert_eq!(request.uri().path(), "/apis/events.k8s.io/v1/namespaces/app/events");
+            let event = body(request).await;
+            assert_eq!(event["reason"], "AttachRefused");
+            assert_eq!(event["regarding"]["name"], "data");
+            assert_eq!(event["related"]["name"], "worker-2");
+            let note = event["note"].as_str().unwrap();
+            assert!(note.contains(&volume_id) && note.contains("no IP address"), "{note}");
+            reply(send, StatusCode::CREATED, &json!({"metadata": {"name": "data.1", "namespace": "app"}}));
+        });
+        let controller = ControllerService(Arc::clone(&driver));
+        let refused = controller
+            .controller_publish_volume(tonic::Request::new(publish_req(
+                &id,
+                "worker-2",
+                true,
+                Mode::SingleNodeWriter,
+                false,
+            )))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+        tokio::time::timeout(Duration::from_secs(10), server).await.expect("event recorded in time").unwrap();
+        driver.shutdown().await;
+    }
+
+    #[test]
+    fn notes_are_cut_at_a_char_boundary() {
+        let note = "é".repeat(600);
+        let cut = truncate(note, MAX_NOTE);
+        assert_eq!(cut.len(), MAX_NOTE);
+        assert!(cut.chars().all(|c| c == 'é'));
+    }
+}

@@ -61,6 +61,9 @@ p=${p:-0} f=${f:-0} s=${s:-0}
 [ "$sanity_status" -ne 0 ] && [ "$f" -eq 0 ] && f=1
 record csi-sanity "$p" "$f" "$s"
 
+# The node plugin and the server on a real kernel with nbd.ko, in a qemu VM.
+suite vm ./tests/vm/run.sh
+
 # The chart, deploy/ and the Dockerfile; then the chart on a real
 # kube-apiserver on 127.0.0.1 (tools are built once into ~/.cache/nbd-csi).
 suite chart ./tests/chart.sh

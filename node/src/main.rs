@@ -1,14 +1,25 @@
-//! `nbd-csi-node`: the node plugin. This release carries the pieces the
-//! attach path is built on: URI parsing, the userspace handshake and the
-//! connection-count rule, exposed through the `probe` subcommand.
+//! `nbd-csi-node`: the node plugin. Subcommands: `probe` (handshake and the
+//! connection-count rule), `attach`/`detach`/`status` (the attach code,
+//! for debugging and the real-kernel test bed).
 
+mod attach;
 mod connections;
+mod csi;
+mod error;
+mod fsutil;
+mod heal;
+mod state;
+mod sys;
 mod uri;
+mod volumes;
+
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use crate::attach::{AttachSpec, Attacher, KernelAttacher};
 use crate::connections::{connection_count, default_connections};
 use crate::uri::NbdUri;
 
@@ -17,6 +28,26 @@ use crate::uri::NbdUri;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct AttachArgs {
+    /// Connections wanted when the server allows several (default: CPUs, at most 8).
+    #[arg(long, env = "NBD_CSI_CONNECTIONS")]
+    connections: Option<usize>,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// Seconds I/O waits for a reconnect once every connection is dead.
+    #[arg(long, default_value_t = 120)]
+    dead_conn_timeout: u64,
+    /// Use the ioctl interface even where netlink exists (testing the fallback).
+    #[arg(long)]
+    ioctl: bool,
+    /// Record the attachment as a staged block volume in this state
+    /// directory, so that `watch` (or the CSI server) heals it.
+    #[arg(long)]
+    state_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -30,6 +61,63 @@ enum Command {
         #[arg(long, env = "NBD_CSI_CONNECTIONS")]
         connections: Option<usize>,
     },
+    /// Attach an export as /dev/nbdX and print the device. With --ioctl the
+    /// command stays in the foreground (NBD_DO_IT) until SIGTERM/SIGINT.
+    Attach {
+        uri: String,
+        /// BACKEND_IDENTIFIER (the volume id) the device is found by.
+        #[arg(long)]
+        backend_id: String,
+        #[command(flatten)]
+        args: AttachArgs,
+    },
+    /// Hand fresh sockets to a device (RECONFIGURE), as healing does.
+    Reconnect {
+        uri: String,
+        #[arg(long)]
+        backend_id: String,
+        #[command(flatten)]
+        args: AttachArgs,
+    },
+    /// Disconnect the device attached with this backend identifier.
+    Detach {
+        #[arg(long)]
+        backend_id: String,
+    },
+    /// List NBD devices with a backend identifier.
+    Status,
+    /// Serve CSI Identity and Node on --endpoint, healing staged volumes.
+    Serve(ServeArgs),
+    /// Reconcile the state directory, then heal its volumes on LINK_DEAD
+    /// and on a periodic check, until SIGTERM.
+    Watch {
+        #[arg(long, default_value = "/var/lib/nbd-csi/node")]
+        state_dir: std::path::PathBuf,
+        /// Seconds between checks that every staged volume has its device.
+        #[arg(long, default_value_t = 10)]
+        check_interval: u64,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// unix:///path/to/csi.sock
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    endpoint: String,
+    #[arg(long, env = "NODE_NAME")]
+    node_id: String,
+    #[arg(long, env = "NBD_CSI_DRIVER_NAME", default_value = "nbd.csi.dev")]
+    driver_name: String,
+    /// Per-volume staging state.
+    #[arg(long, env = "NBD_CSI_STATE_DIR", default_value = "/var/lib/nbd-csi/node")]
+    state_dir: std::path::PathBuf,
+    #[arg(long, default_value_t = 64)]
+    max_volumes: i64,
+    /// Seconds between checks that every staged volume has its device.
+    #[arg(long, default_value_t = 10)]
+    check_interval: u64,
+    #[command(flatten)]
+    attach: AttachArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,10 +125,136 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match Cli::parse().command {
         Command::Probe { uri, connections } => runtime.block_on(probe(&uri, connections)),
+        Command::Attach { uri, backend_id, args } => runtime.block_on(attach_cmd(&uri, backend_id, &args)),
+        Command::Reconnect { uri, backend_id, args } => runtime.block_on(reconnect_cmd(&uri, backend_id, &args)),
+        Command::Detach { backend_id } => {
+            let attacher = KernelAttacher::open(false)?;
+            match attacher.find(&backend_id)? {
+                Some(index) => {
+                    attacher.detach(index).map_err(|e| anyhow::anyhow!(e.chain()))?;
+                    println!("detached=/dev/nbd{index}");
+                }
+                None => println!("detached=none"),
+            }
+            Ok(())
+        }
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Watch { state_dir, check_interval } => runtime.block_on(watch(state_dir, check_interval)),
+        Command::Status => {
+            let attacher = KernelAttacher::open(false)?;
+            for (index, backend) in attacher.list()? {
+                let connected = attacher.connected(index)?;
+                let queues = attacher.sysfs().hw_queues(index);
+                println!("nbd{index} backend={backend} connected={connected} hw_queues={queues}");
+            }
+            Ok(())
+        }
     }
+}
+
+fn spec(uri: &str, backend_id: String, args: &AttachArgs) -> anyhow::Result<AttachSpec> {
+    Ok(AttachSpec {
+        uri: NbdUri::parse(uri)?,
+        backend_id,
+        connections: args.connections.unwrap_or_else(default_connections),
+        timeout: Duration::from_secs(args.timeout),
+        dead_conn_timeout: Duration::from_secs(args.dead_conn_timeout),
+    })
+}
+
+async fn attach_cmd(uri: &str, backend_id: String, args: &AttachArgs) -> anyhow::Result<()> {
+    let spec = spec(uri, backend_id, args)?;
+    let attacher = KernelAttacher::open(args.ioctl)?;
+    let attached = attacher.attach(&spec).await.map_err(|e| anyhow::anyhow!(e.chain()))?;
+    println!("device={}", attached.device().display());
+    println!("size={}", attached.size);
+    println!("transmission_flags={:#06x}", attached.transmission_flags);
+    println!("connections={}", attached.connections);
+    println!("netlink={}", attacher.is_netlink());
+    if let Some(dir) = &args.state_dir {
+        let states = state::StateDir::open(dir)?;
+        states.save(&state::VolumeState {
+            volume_id: spec.backend_id.clone(),
+            phase: state::Phase::Staged,
+            uri: uri.to_owned(),
+            connections: spec.connections,
+            timeout_secs: args.timeout,
+            dead_conn_timeout_secs: args.dead_conn_timeout,
+            staging_path: std::path::PathBuf::new(),
+            access: "block".into(),
+            read_only: false,
+            index: Some(attached.index),
+        })?;
+    }
+    if !attacher.is_netlink() {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        attacher.detach(attached.index).map_err(|e| anyhow::anyhow!(e.chain()))?;
+    }
+    Ok(())
+}
+
+async fn reconnect_cmd(uri: &str, backend_id: String, args: &AttachArgs) -> anyhow::Result<()> {
+    let spec = spec(uri, backend_id, args)?;
+    let attacher = KernelAttacher::open(false)?;
+    let index = attacher.find(&spec.backend_id)?.context("no device with that backend identifier")?;
+    let n = attacher.reconnect(index, &spec).await.map_err(|e| anyhow::anyhow!(e.chain()))?;
+    println!("offered={n}");
+    Ok(())
+}
+
+async fn watch(state_dir: std::path::PathBuf, check_interval: u64) -> anyhow::Result<()> {
+    let attacher = std::sync::Arc::new(KernelAttacher::open(false)?);
+    let listener = attacher.link_dead_listener()?.context("healing needs the netlink interface")?;
+    let dead = heal::spawn_link_dead_thread(listener);
+    let healer = std::sync::Arc::new(heal::Healer::new(attacher, state::StateDir::open(state_dir)?));
+    healer.reconcile().await.map_err(|e| anyhow::anyhow!(e.chain()))?;
+    eprintln!("watching");
+    let run = tokio::spawn(std::sync::Arc::clone(&healer).run(dead, Duration::from_secs(check_interval)));
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    run.abort();
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let attacher = std::sync::Arc::new(KernelAttacher::open(args.attach.ioctl)?);
+    let states = state::StateDir::open(&args.state_dir)?;
+    let healer = std::sync::Arc::new(heal::Healer::new(std::sync::Arc::clone(&attacher), states.clone()));
+    healer.reconcile().await.map_err(|e| anyhow::anyhow!(e.chain()))?;
+    if let Some(listener) = attacher.link_dead_listener()? {
+        let dead = heal::spawn_link_dead_thread(listener);
+        tokio::spawn(std::sync::Arc::clone(&healer).run(dead, Duration::from_secs(args.check_interval)));
+    }
+    let settings = volumes::Settings {
+        connections: args.attach.connections.unwrap_or_else(default_connections),
+        timeout: Duration::from_secs(args.attach.timeout),
+        dead_conn_timeout: Duration::from_secs(args.attach.dead_conn_timeout),
+    };
+    let volumes = std::sync::Arc::new(volumes::Volumes::new(attacher, states, settings));
+    let info = csi::NodeInfo { driver_name: args.driver_name, node_id: args.node_id, max_volumes: args.max_volumes };
+    let shutdown = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+    };
+    tracing::info!(endpoint = %args.endpoint, "serving CSI Identity and Node");
+    csi::serve(volumes, info, &args.endpoint, shutdown).await
 }
 
 async fn probe(uri: &str, connections: Option<usize>) -> anyhow::Result<()> {

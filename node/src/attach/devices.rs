@@ -1,0 +1,127 @@
+//! What sysfs says about NBD devices. Ownership is decided by
+//! `/sys/block/nbdX/backend` (the BACKEND_IDENTIFIER given at CONNECT),
+//! never by the `pid` file, which holds a kernel thread id.
+
+use std::path::PathBuf;
+
+/// Where block devices are listed; a temporary tree in tests.
+#[derive(Debug, Clone)]
+pub struct Sysfs {
+    root: PathBuf,
+}
+
+impl Default for Sysfs {
+    fn default() -> Self {
+        Self { root: PathBuf::from("/sys/block") }
+    }
+}
+
+pub fn device_path(index: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/nbd{index}"))
+}
+
+/// The index in "nbd12" or "/dev/nbd12".
+pub fn parse_index(name: &str) -> Option<u32> {
+    let name = name.rsplit('/').next()?;
+    let digits = name.strip_prefix("nbd")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+impl Sysfs {
+    #[cfg(test)]
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    fn dir(&self, index: u32) -> PathBuf {
+        self.root.join(format!("nbd{index}"))
+    }
+
+    fn read(&self, index: u32, file: &str) -> Option<String> {
+        std::fs::read_to_string(self.dir(index).join(file)).ok().map(|s| s.trim_end_matches('\n').to_owned())
+    }
+
+    /// Indexes of every NBD device, sorted.
+    pub fn devices(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = std::fs::read_dir(&self.root)
+            .map(|rd| rd.filter_map(|e| parse_index(&e.ok()?.file_name().to_string_lossy())).collect())
+            .unwrap_or_default();
+        out.sort_unstable();
+        out
+    }
+
+    /// The backend identifier of a configured, netlink-made device.
+    pub fn backend(&self, index: u32) -> Option<String> {
+        self.read(index, "backend").filter(|s| !s.is_empty())
+    }
+
+    /// Every (index, backend) pair.
+    pub fn backends(&self) -> Vec<(u32, String)> {
+        self.devices().into_iter().filter_map(|i| Some((i, self.backend(i)?))).collect()
+    }
+
+    /// Size in bytes (sysfs counts 512-byte sectors).
+    pub fn size_bytes(&self, index: u32) -> Option<u64> {
+        self.read(index, "size")?.parse::<u64>().ok().map(|s| s * 512)
+    }
+
+    /// Number of blk-mq hardware queues: one per socket.
+    pub fn hw_queues(&self, index: u32) -> usize {
+        std::fs::read_dir(self.dir(index).join("mq")).map(|rd| rd.count()).unwrap_or(0)
+    }
+
+    /// A device nobody configured: size 0, no backend, no owning task.
+    pub fn is_free(&self, index: u32) -> bool {
+        self.size_bytes(index) == Some(0) && self.backend(index).is_none() && !self.dir(index).join("pid").exists()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn fake(root: &Path, index: u32, backend: Option<&str>, sectors: u64, queues: usize) {
+        let dir = root.join(format!("nbd{index}"));
+        std::fs::create_dir_all(dir.join("mq")).unwrap();
+        std::fs::write(dir.join("size"), format!("{sectors}\n")).unwrap();
+        if let Some(b) = backend {
+            std::fs::write(dir.join("backend"), format!("{b}\n")).unwrap();
+            // A pid file exists too, with a kernel thread id: it must not matter.
+            std::fs::write(dir.join("pid"), "4242\n").unwrap();
+        }
+        for q in 0..queues {
+            std::fs::create_dir_all(dir.join("mq").join(q.to_string())).unwrap();
+        }
+    }
+
+    #[test]
+    fn finds_devices_by_backend_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        fake(tmp.path(), 0, None, 0, 0);
+        fake(tmp.path(), 3, Some("vol-a"), 131072, 4);
+        fake(tmp.path(), 12, Some("vol-ab"), 8, 1);
+        std::fs::create_dir_all(tmp.path().join("loop0")).unwrap();
+        let s = Sysfs::at(tmp.path());
+        assert_eq!(s.devices(), [0, 3, 12]);
+        assert_eq!(s.backends(), [(3, "vol-a".to_owned()), (12, "vol-ab".to_owned())]);
+        assert_eq!(s.size_bytes(3), Some(64 << 20));
+        assert_eq!(s.hw_queues(3), 4);
+        assert!(s.is_free(0));
+        assert!(!s.is_free(3));
+    }
+
+    #[test]
+    fn parses_indexes() {
+        assert_eq!(parse_index("nbd0"), Some(0));
+        assert_eq!(parse_index("/dev/nbd15"), Some(15));
+        assert_eq!(parse_index("nbd1p1"), None);
+        assert_eq!(parse_index("nbd"), None);
+        assert_eq!(parse_index("loop1"), None);
+        assert_eq!(device_path(7), Path::new("/dev/nbd7"));
+    }
+}

@@ -1,0 +1,168 @@
+//! CSI Node: maps requests onto [`Volumes`].
+
+use std::path::Path;
+use std::sync::Arc;
+
+use csi_proto::node_server::Node;
+use csi_proto::node_service_capability::{Rpc, Type as CapType, rpc::Type as RpcType};
+use csi_proto::volume_capability::AccessType;
+use csi_proto::volume_usage::Unit;
+use csi_proto::*;
+use tonic::{Request, Response, Status};
+
+use super::{NodeInfo, status};
+use crate::attach::KernelAttacher;
+use crate::fsutil;
+use crate::volumes::{Access, Volumes};
+
+#[derive(Debug, Clone)]
+pub struct NodeService {
+    pub volumes: Arc<Volumes<KernelAttacher>>,
+    pub info: NodeInfo,
+}
+
+fn access(cap: Option<&VolumeCapability>) -> Result<Access, Status> {
+    let cap = cap.ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+    match &cap.access_type {
+        Some(AccessType::Block(_)) => Ok(Access::Block),
+        Some(AccessType::Mount(m)) => {
+            let fs_type = if m.fs_type.is_empty() { "ext4".to_owned() } else { m.fs_type.clone() };
+            if !["ext4", "ext3", "ext2", "xfs"].contains(&fs_type.as_str()) {
+                return Err(Status::invalid_argument(format!("unsupported fsType {fs_type:?}")));
+            }
+            Ok(Access::Mount { fs_type, flags: m.mount_flags.clone() })
+        }
+        None => Err(Status::invalid_argument("volume_capability needs an access type")),
+    }
+}
+
+fn read_only_context(ctx: &std::collections::HashMap<String, String>) -> bool {
+    ctx.get("readOnly").is_some_and(|v| v == "true")
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        req: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        if r.volume_id.is_empty() || r.staging_target_path.is_empty() {
+            return Err(Status::invalid_argument("volume_id and staging_target_path are required"));
+        }
+        let access = access(r.volume_capability.as_ref())?;
+        let uri =
+            r.publish_context.get("nbdUri").ok_or_else(|| Status::invalid_argument("publish_context has no nbdUri"))?;
+        let ro = read_only_context(&r.publish_context);
+        let staging = Path::new(&r.staging_target_path);
+        let index = self.volumes.stage(&r.volume_id, uri, staging, &access, ro).await.map_err(status)?;
+        tracing::info!(volume = %r.volume_id, index, "staged");
+        Ok(Response::new(NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        req: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        self.volumes.unstage(&r.volume_id, Path::new(&r.staging_target_path)).await.map_err(status)?;
+        tracing::info!(volume = %r.volume_id, "unstaged");
+        Ok(Response::new(NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        req: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let access = access(r.volume_capability.as_ref())?;
+        if r.staging_target_path.is_empty() {
+            return Err(Status::failed_precondition("staging_target_path is required (STAGE_UNSTAGE_VOLUME)"));
+        }
+        let (staging, target) = (Path::new(&r.staging_target_path), Path::new(&r.target_path));
+        let block = access == Access::Block;
+        self.volumes.publish(&r.volume_id, staging, target, block, r.readonly).await.map_err(status)?;
+        Ok(Response::new(NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        self.volumes.unpublish(&r.volume_id, Path::new(&r.target_path)).await.map_err(status)?;
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let r = req.into_inner();
+        if r.volume_id.is_empty() || r.volume_path.is_empty() {
+            return Err(Status::invalid_argument("volume_id and volume_path are required"));
+        }
+        let path = Path::new(&r.volume_path);
+        let meta =
+            std::fs::metadata(path).map_err(|_| Status::not_found(format!("{} does not exist", r.volume_path)))?;
+        let device = self.volumes.device_of(&r.volume_id).map_err(status)?;
+        let condition = match device {
+            Some((_, true)) => VolumeCondition { abnormal: false, message: "connected".into() },
+            Some((index, false)) => VolumeCondition { abnormal: true, message: format!("nbd{index} is disconnected") },
+            None => VolumeCondition { abnormal: true, message: "no NBD device for this volume".into() },
+        };
+        let usage = if meta.is_dir() {
+            let (b, i) = fsutil::usage(path).map_err(status)?;
+            let u = |v: [u64; 3], unit: Unit| VolumeUsage {
+                total: v[0] as i64,
+                available: v[1] as i64,
+                used: v[2] as i64,
+                unit: unit as i32,
+            };
+            vec![u(b, Unit::Bytes), u(i, Unit::Inodes)]
+        } else {
+            let size = device.and_then(|(i, _)| self.volumes.attacher.sysfs().size_bytes(i)).unwrap_or(0);
+            vec![VolumeUsage { total: size as i64, available: 0, used: 0, unit: Unit::Bytes as i32 }]
+        };
+        Ok(Response::new(NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) }))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        req: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        let r = req.into_inner();
+        if r.volume_id.is_empty() || r.volume_path.is_empty() {
+            return Err(Status::invalid_argument("volume_id and volume_path are required"));
+        }
+        let path = if r.staging_target_path.is_empty() { &r.volume_path } else { &r.staging_target_path };
+        let size = self.volumes.expand(&r.volume_id, Path::new(path)).await.map_err(status)?;
+        Ok(Response::new(NodeExpandVolumeResponse { capacity_bytes: size as i64 }))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        let rpc = |t: RpcType| NodeServiceCapability { r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })) };
+        let capabilities = [
+            RpcType::StageUnstageVolume,
+            RpcType::GetVolumeStats,
+            RpcType::ExpandVolume,
+            RpcType::VolumeCondition,
+            RpcType::SingleNodeMultiWriter,
+        ]
+        .into_iter()
+        .map(rpc)
+        .collect();
+        Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
+    }
+
+    async fn node_get_info(&self, _: Request<NodeGetInfoRequest>) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.info.node_id.clone(),
+            max_volumes_per_node: self.info.max_volumes,
+            accessible_topology: None,
+        }))
+    }
+}

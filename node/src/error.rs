@@ -1,0 +1,110 @@
+//! The node crate's one error type: a small kind, a message, and the cause.
+
+use std::fmt;
+
+/// What went wrong, coarse enough to map onto a gRPC status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is malformed (bad URI, missing field, wrong capability).
+    InvalidArgument,
+    /// A volume, device or path that must exist does not.
+    NotFound,
+    /// Something is still in use (a mounted device, an open block device).
+    Busy,
+    /// The NBD server cannot be reached or refused the export.
+    Unavailable,
+    /// The kernel refused a request (netlink, ioctl, mount).
+    Kernel,
+    /// Any other I/O failure.
+    Io,
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Self::InvalidArgument => "invalid argument",
+            Self::NotFound => "not found",
+            Self::Busy => "busy",
+            Self::Unavailable => "unavailable",
+            Self::Kernel => "kernel",
+            Self::Io => "i/o",
+        };
+        f.write_str(s)
+    }
+}
+
+type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub message: String,
+    #[source]
+    pub source: Option<Source>,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), source: None }
+    }
+
+    pub fn with_source(kind: ErrorKind, message: impl Into<String>, source: impl Into<Source>) -> Self {
+        Self { kind, message: message.into(), source: Some(source.into()) }
+    }
+
+    /// The message followed by every cause, for logs and gRPC statuses.
+    pub fn chain(&self) -> String {
+        let mut out = self.message.clone();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            out.push_str(": ");
+            out.push_str(&c.to_string());
+            cause = c.source();
+        }
+        out
+    }
+
+    /// The errno behind this error, when the cause is a system call.
+    pub fn errno(&self) -> Option<nix::errno::Errno> {
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            if let Some(e) = c.downcast_ref::<nix::errno::Errno>() {
+                return Some(*e);
+            }
+            if let Some(e) = c.downcast_ref::<std::io::Error>() {
+                return e.raw_os_error().map(nix::errno::Errno::from_raw);
+            }
+            cause = c.source();
+        }
+        None
+    }
+}
+
+/// Adds context to fallible calls: `.ctx(ErrorKind::Io, || format!(...))`.
+pub trait Context<T> {
+    fn ctx<M: Into<String>>(self, kind: ErrorKind, message: impl FnOnce() -> M) -> Result<T>;
+}
+
+impl<T, E: Into<Source>> Context<T> for std::result::Result<T, E> {
+    fn ctx<M: Into<String>>(self, kind: ErrorKind, message: impl FnOnce() -> M) -> Result<T> {
+        self.map_err(|e| Error::with_source(kind, message(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_shows_causes_and_errno_is_found() {
+        let io = std::io::Error::from_raw_os_error(16);
+        let err: Result<()> = Err(io).ctx(ErrorKind::Busy, || "unmounting /x");
+        let err = err.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Busy);
+        assert!(err.chain().starts_with("unmounting /x: "));
+        assert_eq!(err.errno(), Some(nix::errno::Errno::EBUSY));
+    }
+}

@@ -1,0 +1,11 @@
+//! Every piece of kernel ABI the node plugin touches, and all of its unsafe
+//! code: generic netlink (the `nbd` family), the NBD ioctls (fallback only),
+//! and mount(2). Everything above this module is safe Rust.
+#![allow(unsafe_code)]
+
+pub mod genl;
+pub mod ioctl;
+pub mod mount;
+pub mod nbd;
+pub mod nbd_genl;
+pub mod netlink;

@@ -1,0 +1,246 @@
+//! Stage, publish, expand and inspect volumes: the node's work behind the
+//! CSI calls, independent of gRPC. Every step is idempotent.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::attach::devices::device_path;
+use crate::attach::{AttachSpec, Attacher};
+use crate::error::{Context, Error, ErrorKind, Result};
+use crate::fsutil::{self, Content};
+use crate::state::{Phase, StateDir, VolumeState};
+use crate::sys::mount;
+use crate::uri::NbdUri;
+
+/// How a volume is used: a raw block device or a filesystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    Block,
+    Mount { fs_type: String, flags: Vec<String> },
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub connections: usize,
+    pub timeout: Duration,
+    pub dead_conn_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct Volumes<A> {
+    pub attacher: Arc<A>,
+    pub states: StateDir,
+    pub settings: Settings,
+    /// One volume operation at a time on this node.
+    lock: tokio::sync::Mutex<()>,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::InvalidArgument, msg)
+}
+
+/// Mount sources that use the device: a filesystem on it, or a bind of the
+/// device node (devtmpfs shows the device name as the root).
+fn users_of(index: u32) -> Result<Vec<PathBuf>> {
+    let dev = device_path(index);
+    let name = format!("/nbd{index}");
+    Ok(mount::mounts()?
+        .into_iter()
+        .filter(|m| Path::new(&m.source) == dev || (m.fstype == "devtmpfs" && m.root == name))
+        .map(|m| m.target)
+        .collect())
+}
+
+impl<A: Attacher> Volumes<A> {
+    pub fn new(attacher: Arc<A>, states: StateDir, settings: Settings) -> Self {
+        Self { attacher, states, settings, lock: tokio::sync::Mutex::new(()) }
+    }
+
+    pub async fn stage(&self, volume_id: &str, uri: &str, staging: &Path, access: &Access, ro: bool) -> Result<u32> {
+        if volume_id.is_empty() || staging.as_os_str().is_empty() {
+            return Err(invalid("volume id and staging path are required"));
+        }
+        let parsed = NbdUri::parse(uri).ctx(ErrorKind::InvalidArgument, || "publish_context nbdUri")?;
+        let _guard = self.lock.lock().await;
+        let mut state = VolumeState {
+            volume_id: volume_id.to_owned(),
+            phase: Phase::Attaching,
+            uri: uri.to_owned(),
+            connections: self.settings.connections,
+            timeout_secs: self.settings.timeout.as_secs(),
+            dead_conn_timeout_secs: self.settings.dead_conn_timeout.as_secs(),
+            staging_path: staging.to_owned(),
+            access: match access {
+                Access::Block => "block".into(),
+                Access::Mount { fs_type, .. } => fs_type.clone(),
+            },
+            read_only: ro,
+            index: None,
+        };
+        if let Some(old) = self.states.load(volume_id)?
+            && old.phase == Phase::Staged
+            && old.staging_path != staging
+        {
+            return Err(Error::new(ErrorKind::Busy, format!("volume {volume_id} is staged at another path")));
+        }
+        let index = match self.attacher.find(volume_id)? {
+            Some(index) => index,
+            None => {
+                self.states.save(&state)?;
+                let spec = AttachSpec {
+                    uri: parsed,
+                    backend_id: volume_id.to_owned(),
+                    connections: self.settings.connections,
+                    timeout: self.settings.timeout,
+                    dead_conn_timeout: self.settings.dead_conn_timeout,
+                };
+                self.attacher.attach(&spec).await?.index
+            }
+        };
+        state.index = Some(index);
+        if let Access::Mount { fs_type, flags } = access {
+            self.stage_mount(index, staging, fs_type, flags, ro)?;
+        }
+        state.phase = Phase::Staged;
+        self.states.save(&state)?;
+        Ok(index)
+    }
+
+    fn stage_mount(&self, index: u32, staging: &Path, fs_type: &str, flags: &[String], ro: bool) -> Result<()> {
+        let dev = device_path(index);
+        if let Some(m) = mount::mount_at(staging)? {
+            if Path::new(&m.source) == dev {
+                return Ok(());
+            }
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("{} is already a mount of {}", staging.display(), m.source),
+            ));
+        }
+        std::fs::create_dir_all(staging).ctx(ErrorKind::Io, || format!("creating {}", staging.display()))?;
+        let fs_type = match fsutil::probe(&dev)? {
+            Content::Blank if ro => return Err(invalid("a blank volume cannot be staged read-only")),
+            Content::Blank => {
+                fsutil::format(&dev, fs_type)?;
+                fs_type
+            }
+            Content::Filesystem(found) if found == fs_type || (found == "ext4" && fs_type.starts_with("ext")) => {
+                fs_type
+            }
+            Content::Filesystem(found) => {
+                return Err(invalid(format!("the volume holds {found}, not the requested {fs_type}")));
+            }
+            Content::Unknown => {
+                return Err(invalid("the volume holds data that is not a known filesystem; refusing to format it"));
+            }
+        };
+        mount::mount_fs(&dev, staging, fs_type, ro, flags)
+    }
+
+    pub async fn unstage(&self, volume_id: &str, staging: &Path) -> Result<()> {
+        if volume_id.is_empty() || staging.as_os_str().is_empty() {
+            return Err(invalid("volume id and staging path are required"));
+        }
+        let _guard = self.lock.lock().await;
+        let state = self.states.load(volume_id)?;
+        let index = self.attacher.find(volume_id)?;
+        if let Some(index) = index {
+            let users: Vec<PathBuf> = users_of(index)?.into_iter().filter(|t| t != staging).collect();
+            if !users.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("volume {volume_id} is still in use at {users:?}; unpublish it first"),
+                ));
+            }
+        }
+        if let Some(mut s) = state.clone() {
+            s.phase = Phase::Unstaging;
+            self.states.save(&s)?;
+        }
+        if mount::mount_at(staging)?.is_some() {
+            mount::unmount(staging)?;
+        }
+        if let Some(index) = index {
+            self.attacher.detach(index)?;
+        }
+        self.states.remove(volume_id)
+    }
+
+    pub async fn publish(&self, volume_id: &str, staging: &Path, target: &Path, block: bool, ro: bool) -> Result<()> {
+        if volume_id.is_empty() || staging.as_os_str().is_empty() || target.as_os_str().is_empty() {
+            return Err(invalid("volume id, staging path and target path are required"));
+        }
+        let _guard = self.lock.lock().await;
+        let state = self
+            .states
+            .load(volume_id)?
+            .filter(|s| s.phase == Phase::Staged)
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("volume {volume_id} is not staged")))?;
+        if mount::mount_at(target)?.is_some() {
+            return Ok(());
+        }
+        if block {
+            let index = self
+                .attacher
+                .find(volume_id)?
+                .or(state.index)
+                .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("volume {volume_id} has no device")))?;
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).ctx(ErrorKind::Io, || format!("creating {}", parent.display()))?;
+            }
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(target)
+                .ctx(ErrorKind::Io, || format!("creating {}", target.display()))?;
+            mount::bind(&device_path(index), target, ro)
+        } else {
+            std::fs::create_dir_all(target).ctx(ErrorKind::Io, || format!("creating {}", target.display()))?;
+            mount::bind(staging, target, ro)
+        }
+    }
+
+    pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<()> {
+        if volume_id.is_empty() || target.as_os_str().is_empty() {
+            return Err(invalid("volume id and target path are required"));
+        }
+        let _guard = self.lock.lock().await;
+        while mount::mount_at(target)?.is_some() {
+            mount::unmount(target)?;
+        }
+        match std::fs::metadata(target) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir(target),
+            Ok(_) => std::fs::remove_file(target),
+            Err(_) => Ok(()),
+        }
+        .ctx(ErrorKind::Io, || format!("removing {}", target.display()))
+    }
+
+    /// Device size, and whether every socket of it is alive.
+    pub fn device_of(&self, volume_id: &str) -> Result<Option<(u32, bool)>> {
+        let Some(index) = self.attacher.find(volume_id)? else { return Ok(None) };
+        Ok(Some((index, self.attacher.connected(index)?)))
+    }
+
+    /// The kernel learns the export's new size (RECONFIGURE), then the
+    /// filesystem, if any, is grown online. Returns the new size.
+    pub async fn expand(&self, volume_id: &str, volume_path: &Path) -> Result<u64> {
+        let _guard = self.lock.lock().await;
+        let state = self
+            .states
+            .load(volume_id)?
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("volume {volume_id} is not staged")))?;
+        let index = self
+            .attacher
+            .find(volume_id)?
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("volume {volume_id} has no device")))?;
+        let size = self.attacher.resize(index, &state.spec()?).await?;
+        if state.access != "block" {
+            let path = if volume_path.as_os_str().is_empty() { state.staging_path.as_path() } else { volume_path };
+            fsutil::grow(&device_path(index), path, &state.access)?;
+        }
+        Ok(size)
+    }
+}

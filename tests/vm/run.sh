@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Real-kernel test bed: boots a Debian kernel that has nbd.ko under qemu
+# (software emulation, no network) and runs tests/vm/scenarios.sh inside.
+# Prints one line per scenario and a summary; exits non-zero on any failure
+# or timeout. Downloads are cached under $NBD_CSI_VM_CACHE (default
+# ~/.cache/nbd-csi/vm-v1); only the initramfs is rebuilt on every run.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+repo=$PWD
+cache=${NBD_CSI_VM_CACHE:-$HOME/.cache/nbd-csi/vm-v1}
+timeout_s=${NBD_CSI_VM_TIMEOUT:-900}
+mkdir -p "$cache"
+start=$(date +%s)
+
+# Host tools. Both qemu packages come from the same suite (the candidate of
+# qemu-system-x86), or installing one would replace the other's version.
+need=()
+for pkg in qemu-system-x86 qemu-utils busybox-static cpio nbdkit e2fsprogs fio; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    qemu_version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    apt-get install -y -qq --no-install-recommends \
+        "qemu-system-x86=$qemu_version" "qemu-utils=$qemu_version" busybox-static cpio nbdkit e2fsprogs fio
+fi
+
+# The kernel: the newest linux-image-6.1.0-N-amd64: vmlinuz, nbd.ko, and
+# ext4 with its dependencies (modules in Debian's kernel), in load order.
+modules="lib/crc16.ko fs/mbcache.ko fs/jbd2/jbd2.ko crypto/crc32c_generic.ko fs/ext4/ext4.ko drivers/block/nbd.ko"
+if [ ! -f "$cache/vmlinuz" ] || [ ! -f "$cache/modules/nbd.ko" ]; then
+    n=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' |
+        sed -E 's/^linux-image-6\.1\.0-([0-9]+)-amd64 .*/\1/' | sort -n | tail -1)
+    [ -n "$n" ] || { echo "no linux-image-6.1.0-N-amd64 in apt" >&2; exit 1; }
+    rm -rf "$cache/kernel" && mkdir -p "$cache/kernel"
+    (cd "$cache/kernel" && apt-get download "linux-image-6.1.0-$n-amd64" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+    dpkg-deb -x "$cache"/kernel/linux-image-*.deb "$cache/kernel/x"
+    cp "$cache"/kernel/x/boot/vmlinuz-* "$cache/vmlinuz.tmp"
+    rm -rf "$cache/modules.tmp" && mkdir -p "$cache/modules.tmp"
+    for m in $modules; do cp "$cache"/kernel/x/lib/modules/*/kernel/"$m" "$cache/modules.tmp/"; done
+    rm -rf "$cache/modules" && mv "$cache/modules.tmp" "$cache/modules" && mv "$cache/vmlinuz.tmp" "$cache/vmlinuz"
+    rm -rf "$cache/kernel/x"
+fi
+
+# The project's release binaries.
+cargo build --release --locked -q -p nbd-csi-node -p nbd-csi-controller --bins
+cargo build --release --locked -q -p nbd-csi-node --examples
+
+# The initramfs: busybox, our binaries, the tools the scenarios use, and
+# every shared library they need.
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,run,mnt,lib,lib64,usr/bin,usr/sbin,tests}
+cp /bin/busybox "$root/bin/busybox"
+for applet in sh mount umount mkdir; do ln -sf busybox "$root/bin/$applet"; done
+tools=(
+    "$repo/target/release/nbd-csi-node" "$repo/target/release/nbd-csi-controller"
+    "$repo/target/release/examples/flag-server"
+    "$(command -v mke2fs)" "$(command -v e2fsck)" "$(command -v resize2fs)" "$(command -v nbdkit)" "$(command -v fio)"
+)
+nbdkit_lib=/usr/lib/x86_64-linux-gnu/nbdkit
+extra=("$nbdkit_lib/plugins/nbdkit-memory-plugin.so" "$nbdkit_lib/plugins/nbdkit-file-plugin.so"
+    "$nbdkit_lib/filters/nbdkit-multi-conn-filter.so" "$nbdkit_lib/filters/nbdkit-log-filter.so")
+for f in "${tools[@]}"; do cp "$f" "$root/usr/bin/"; done
+for f in "${extra[@]}"; do mkdir -p "$root$(dirname "$f")"; cp "$f" "$root$f"; done
+ln -sf mke2fs "$root/usr/bin/mkfs.ext4"
+for f in "${tools[@]}" "${extra[@]}"; do
+    ldd "$f" 2>/dev/null | grep -oE '/[^ ]+' || true
+done | sort -u | while read -r lib; do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+done
+mkdir -p "$root/modules"
+for m in $modules; do cp "$cache/modules/$(basename "$m")" "$root/modules/"; done
+echo "$modules" | tr ' ' '\n' | xargs -n1 basename > "$root/modules/order"
+cp "$repo/tests/vm/init.sh" "$root/init"
+cp "$repo/tests/vm/scenarios.sh" "$root/tests/scenarios.sh"
+chmod +x "$root/init"
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$cache/initrd.gz"
+echo "vm: initramfs $(du -h "$cache/initrd.gz" | cut -f1), prepared in $(($(date +%s) - start)) s"
+
+log=$repo/target/vm-console.log
+mkdir -p "$repo/target"
+boot=$(date +%s)
+set +e
+timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 -accel tcg -m 1024 -smp 2 \
+    -kernel "$cache/vmlinuz" -initrd "$cache/initrd.gz" \
+    -append "console=ttyS0 panic=-1 quiet ${NBD_CSI_VM_APPEND:-}" \
+    -nographic -no-reboot -net none </dev/null 2>&1 | tr -d '\r' | tee "$log" | grep --line-buffered -aoE '(RESULT|SUMMARY|BOOTED|vm:) .*'
+status=${PIPESTATUS[0]}
+set -e
+echo "vm: ran $(($(date +%s) - boot)) s (qemu exit $status); console log in $log"
+if [ "$status" = 124 ]; then
+    echo "vm: TIMEOUT after ${timeout_s}s" >&2
+    exit 1
+fi
+summary=$(grep -aoE 'SUMMARY .*' "$log" | tail -1)
+[ -n "$summary" ] || { echo "vm: no SUMMARY line (crash?)" >&2; exit 1; }
+passed=$(echo "$summary" | sed -n 's/.*passed=\([0-9]*\).*/\1/p')
+failed=$(echo "$summary" | sed -n 's/.*failed=\([0-9]*\).*/\1/p')
+echo "vm: ${passed:-0} passed, ${failed:-1} failed"
+[ "${failed:-1}" -eq 0 ]

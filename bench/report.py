@@ -268,8 +268,20 @@ def main():
     out.extend(fio_md)
     out.append("")
 
+    # Keep the section bench/controller.sh writes between its markers.
+    kept = ""
+    try:
+        with open(args.output) as f:
+            existing = f.read()
+        begin, end = "<!-- controller-bench:begin -->", "<!-- controller-bench:end -->"
+        if begin in existing and end in existing:
+            kept = existing[existing.index(begin):existing.index(end) + len(end)]
+    except FileNotFoundError:
+        pass
     with open(args.output, "w") as f:
         f.write("\n".join(out))
+        if kept:
+            f.write("\n" + kept + "\n")
     print("\n".join(md_table))
     return 0
 

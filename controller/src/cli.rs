@@ -260,7 +260,7 @@ fn print(output: Output, text: String, json: Value) {
 /// 1073741824 → "1 GiB"; sizes that are no whole unit stay in bytes.
 pub fn human_size(bytes: u64) -> String {
     for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{} {unit}", bytes >> shift);
         }
     }

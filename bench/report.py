@@ -114,6 +114,25 @@ def measure(results, server, row, direction, metric, passes):
     return statistics.median(values), values, None
 
 
+def cpu_per_io(results, server, row, direction, passes):
+    """Median server CPU microseconds per I/O: the server's CPU time over the
+    whole fio run (ramp included) divided by its I/Os over that time."""
+    values = []
+    for p in range(1, passes + 1):
+        base = os.path.join(results, server, "%s.%d" % (row, p))
+        try:
+            with open(base + ".cpu") as f:
+                ticks, hz, start, end = f.read().split()
+            iops = one_pass(base, direction, "iops")
+        except (OSError, ValueError):
+            return None
+        if not iops:
+            return None
+        ios = iops * (float(end) - float(start))
+        values.append(int(ticks) / int(hz) * 1e6 / ios)
+    return statistics.median(values) if values else None
+
+
 def fmt(value, metric):
     if value is None:
         return "-"
@@ -145,6 +164,7 @@ def main():
     header = ["row", OURS] + PEERS + ["best peer", "ratio (nbd-csi / best peer)", "target", "result"]
     table = []
     spread = []
+    cpu_table = []
     for row, label, direction, metric, target in ROWS:
         cells = {}
         for server in [OURS] + PEERS:
@@ -173,6 +193,15 @@ def main():
             value, values, reason = cells[server]
             spread_line.append(" / ".join(fmt(v, metric) for v in values) if values else reason)
         spread.append(spread_line)
+        cpu_line = ["%s" % label]
+        for server in [OURS] + PEERS:
+            c = cpu_per_io(results, server, row, direction, args.passes)
+            cpu_line.append("%.1f" % c if c is not None else "n/a")
+        cpu_table.append(cpu_line)
+
+    md_cpu = ["| row | " + " | ".join([OURS] + PEERS) + " |",
+              "|---|" + "---:|" * (1 + len(PEERS))]
+    md_cpu += ["| " + " | ".join(line) + " |" for line in cpu_table]
 
     md_table = ["| " + " | ".join(header) + " |",
                 "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
@@ -240,6 +269,15 @@ def main():
                "\"best peer\" is the fastest of qemu-nbd, nbdkit and nbd-server on that row; the "
                "target is a minimum for nbd-csi / best peer.\n")
     out.extend(md_table)
+    out.append("")
+    out.append("### Server CPU per I/O\n")
+    out.append("Microseconds of server CPU (user + system, all threads and reaped children, "
+               "read from /proc before and after each fio run, ramp included) per I/O the "
+               "client completed over that time; lower is better. fio and the server share "
+               "the same CPUs, so a server that needs less CPU per I/O leaves more to the "
+               "client; where the client is the bottleneck, throughput converges whatever "
+               "the server does.\n")
+    out.extend(md_cpu)
     out.append("")
     if args.passes > 1:
         out.append("Each cell above is the median of %d passes (server order rotated between "

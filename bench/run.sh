@@ -264,6 +264,10 @@ run_fio() {
     "$@" --output-format=json --output="$base.json")
   printf '%q ' "${cmd[@]}" | sed 's/ $//' >"$RESULTS/$server/$row.cmd"
   log "$server: $row (pass $PASS/$PASSES)"
+  local root ticks_before started
+  root="$(server_pid)"
+  ticks_before="$(tree_ticks "$root")"
+  started="$(date +%s.%N)"
   # In the background so that a signal to this script is handled at once.
   timeout --kill-after=10 "$FIO_TIMEOUT" "${cmd[@]}" 2>"$base.err" &
   FIO_PID=$!
@@ -273,6 +277,20 @@ run_fio() {
     FAILED=1
   fi
   FIO_PID=""
+  # Let forking servers reap their per-connection children first.
+  sleep 0.5
+  echo "$(($(tree_ticks "$root") - ticks_before)) $(getconf CLK_TCK) $started $(date +%s.%N)" >"$base.cpu"
+}
+
+# tree_ticks PID: CPU ticks (user+system, with reaped children) of PID and
+# every live descendant, to compare servers' CPU cost per I/O.
+tree_ticks() {
+  local pid="$1" total child
+  total="$(awk '{ print $14 + $15 + $16 + $17 }' "/proc/$pid/stat" 2>/dev/null || echo 0)"
+  for child in $(pgrep -P "$pid" 2>/dev/null); do
+    total=$((total + $(tree_ticks "$child")))
+  done
+  echo "$total"
 }
 
 row_randread_4k_qd64_j1() {

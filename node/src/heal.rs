@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::attach::Attacher;
 use crate::error::Result;
+use crate::events::Events;
 use crate::state::{Phase, StateDir, VolumeState};
 use crate::sys::mount;
 
@@ -20,6 +21,8 @@ pub struct Healer<A> {
     attacher: Arc<A>,
     states: StateDir,
     in_flight: Mutex<HashSet<String>>,
+    /// Where a volume healing gave up on is reported (off unless set).
+    pub events: Events,
 }
 
 /// Pause between reconnect attempts.
@@ -27,7 +30,7 @@ const RETRY: Duration = Duration::from_millis(500);
 
 impl<A: Attacher + 'static> Healer<A> {
     pub fn new(attacher: Arc<A>, states: StateDir) -> Self {
-        Self { attacher, states, in_flight: Mutex::new(HashSet::new()) }
+        Self { attacher, states, in_flight: Mutex::new(HashSet::new()), events: Events::default() }
     }
 
     /// Offers fresh sockets to the volume's device until the kernel takes
@@ -48,6 +51,12 @@ impl<A: Attacher + 'static> Healer<A> {
         let spec = state.spec()?;
         let deadline = Instant::now() + spec.dead_conn_timeout.max(Duration::from_secs(5));
         loop {
+            // Unstaging may have begun meanwhile: never attach or hand
+            // sockets to a volume that is no longer staged.
+            if !self.states.load(&state.volume_id)?.is_some_and(|s| s.phase == Phase::Staged) {
+                tracing::info!(volume = %state.volume_id, "no longer staged; not healing");
+                return Ok(());
+            }
             let Some(index) = self.attacher.find(&state.volume_id)? else {
                 tracing::warn!(volume = %state.volume_id, "device vanished; attaching again");
                 let attached = self.attacher.attach(&spec).await?;
@@ -66,6 +75,7 @@ impl<A: Attacher + 'static> Healer<A> {
                 }
                 Err(e) => {
                     tracing::error!(volume = %state.volume_id, error = %e.chain(), "giving up reconnecting");
+                    self.events.connection_lost(&state.volume_id, &spec.uri.export, &e);
                     return Err(e);
                 }
             }

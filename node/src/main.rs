@@ -6,6 +6,7 @@ mod attach;
 mod connections;
 mod csi;
 mod error;
+mod events;
 mod fsutil;
 mod heal;
 mod state;
@@ -116,6 +117,9 @@ struct ServeArgs {
     /// Seconds between checks that every staged volume has its device.
     #[arg(long, default_value_t = 10)]
     check_interval: u64,
+    /// Kubeconfig for recording Events (default: in-cluster config when in a pod).
+    #[arg(long, env = "NBD_CSI_KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
     #[command(flatten)]
     attach: AttachArgs,
 }
@@ -231,7 +235,10 @@ async fn watch(state_dir: std::path::PathBuf, check_interval: u64) -> anyhow::Re
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let attacher = std::sync::Arc::new(KernelAttacher::open(args.attach.ioctl)?);
     let states = state::StateDir::open(&args.state_dir)?;
-    let healer = std::sync::Arc::new(heal::Healer::new(std::sync::Arc::clone(&attacher), states.clone()));
+    let events = events::Events::connect(args.kubeconfig.as_deref(), &args.driver_name, &args.node_id).await;
+    let mut healer = heal::Healer::new(std::sync::Arc::clone(&attacher), states.clone());
+    healer.events = events.clone();
+    let healer = std::sync::Arc::new(healer);
     healer.reconcile().await.map_err(|e| anyhow::anyhow!(e.chain()))?;
     if let Some(listener) = attacher.link_dead_listener()? {
         let dead = heal::spawn_link_dead_thread(listener);
@@ -242,7 +249,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         timeout: Duration::from_secs(args.attach.timeout),
         dead_conn_timeout: Duration::from_secs(args.attach.dead_conn_timeout),
     };
-    let volumes = std::sync::Arc::new(volumes::Volumes::new(attacher, states, settings));
+    let mut volumes = volumes::Volumes::new(attacher, states, settings);
+    volumes.events = events;
+    let volumes = std::sync::Arc::new(volumes);
     let info = csi::NodeInfo { driver_name: args.driver_name, node_id: args.node_id, max_volumes: args.max_volumes };
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};

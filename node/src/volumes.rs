@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::attach::devices::device_path;
 use crate::attach::{AttachSpec, Attacher};
 use crate::error::{Context, Error, ErrorKind, Result};
+use crate::events::Events;
 use crate::fsutil::{self, Content};
 use crate::state::{Phase, StateDir, VolumeState};
 use crate::sys::mount;
@@ -32,6 +33,8 @@ pub struct Volumes<A> {
     pub attacher: Arc<A>,
     pub states: StateDir,
     pub settings: Settings,
+    /// Where a failed attach is reported (off unless set).
+    pub events: Events,
     /// One volume operation at a time on this node.
     lock: tokio::sync::Mutex<()>,
 }
@@ -54,7 +57,7 @@ fn users_of(index: u32) -> Result<Vec<PathBuf>> {
 
 impl<A: Attacher> Volumes<A> {
     pub fn new(attacher: Arc<A>, states: StateDir, settings: Settings) -> Self {
-        Self { attacher, states, settings, lock: tokio::sync::Mutex::new(()) }
+        Self { attacher, states, settings, events: Events::default(), lock: tokio::sync::Mutex::new(()) }
     }
 
     pub async fn stage(&self, volume_id: &str, uri: &str, staging: &Path, access: &Access, ro: bool) -> Result<u32> {
@@ -95,7 +98,8 @@ impl<A: Attacher> Volumes<A> {
                     timeout: self.settings.timeout,
                     dead_conn_timeout: self.settings.dead_conn_timeout,
                 };
-                self.attacher.attach(&spec).await?.index
+                let attached = self.attacher.attach(&spec).await;
+                attached.inspect_err(|e| self.events.attach_failed(volume_id, &spec.uri.export, e))?.index
             }
         };
         state.index = Some(index);

@@ -28,6 +28,7 @@ pub struct NodeInfo {
 
 pub fn status(e: Error) -> Status {
     let message = e.chain();
+    tracing::warn!(kind = %e.kind, error = %message, "request failed");
     match e.kind {
         ErrorKind::InvalidArgument => Status::invalid_argument(message),
         ErrorKind::NotFound => Status::not_found(message),

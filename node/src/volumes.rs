@@ -171,7 +171,18 @@ impl<A: Attacher> Volumes<A> {
         self.states.remove(volume_id)
     }
 
-    pub async fn publish(&self, volume_id: &str, staging: &Path, target: &Path, block: bool, ro: bool) -> Result<()> {
+    /// Publishes the staged volume at `target`. With `single_writer`
+    /// (SINGLE_NODE_SINGLE_WRITER) a publication at any other target is a
+    /// Busy error: that mode allows one publication at a time.
+    pub async fn publish(
+        &self,
+        volume_id: &str,
+        staging: &Path,
+        target: &Path,
+        block: bool,
+        ro: bool,
+        single_writer: bool,
+    ) -> Result<()> {
         if volume_id.is_empty() || staging.as_os_str().is_empty() || target.as_os_str().is_empty() {
             return Err(invalid("volume id, staging path and target path are required"));
         }
@@ -183,6 +194,15 @@ impl<A: Attacher> Volumes<A> {
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("volume {volume_id} is not staged")))?;
         if mount::mount_at(target)?.is_some() {
             return Ok(());
+        }
+        if single_writer && let Some(index) = self.attacher.find(volume_id)?.or(state.index) {
+            let others: Vec<PathBuf> = users_of(index)?.into_iter().filter(|t| t != staging && t != target).collect();
+            if !others.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("volume {volume_id} is single-node-single-writer and already published at {others:?}"),
+                ));
+            }
         }
         if block {
             let index = self

@@ -43,6 +43,14 @@ if [ ! -f "$cache/vmlinuz" ] || [ ! -f "$cache/modules/nbd.ko" ]; then
     rm -rf "$cache/kernel/x"
 fi
 
+# csi-sanity, as tests/csi-sanity.sh installs it (a Go binary; only libc).
+CSI_TEST_VERSION=v5.6.0
+sanity_dir="${NBD_CSI_TOOLS:-$HOME/.cache/nbd-csi/tools-v1}/csi-test-$CSI_TEST_VERSION"
+if [ ! -x "$sanity_dir/bin/csi-sanity" ]; then
+    mkdir -p "$sanity_dir/bin"
+    GOBIN="$sanity_dir/bin" go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$CSI_TEST_VERSION"
+fi
+
 # The project's release binaries.
 cargo build --release --locked -q -p nbd-csi-node -p nbd-csi-controller --bins
 cargo build --release --locked -q -p nbd-csi-node --examples
@@ -56,7 +64,8 @@ cp /bin/busybox "$root/bin/busybox"
 for applet in sh mount umount mkdir; do ln -sf busybox "$root/bin/$applet"; done
 tools=(
     "$repo/target/release/nbd-csi-node" "$repo/target/release/nbd-csi-controller"
-    "$repo/target/release/examples/flag-server"
+    "$repo/target/release/examples/flag-server" "$repo/target/release/examples/csi-node-client"
+    "$sanity_dir/bin/csi-sanity"
     "$(command -v mke2fs)" "$(command -v e2fsck)" "$(command -v resize2fs)" "$(command -v nbdkit)" "$(command -v fio)"
 )
 nbdkit_lib=/usr/lib/x86_64-linux-gnu/nbdkit

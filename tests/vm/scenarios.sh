@@ -240,7 +240,204 @@ scenario_heal() {
     fi
 }
 
-for s in ${SCENARIOS:-multi_conn flush ext4 ioctl heal}; do
+# --- The CSI services: the real controller and the real node plugin. ---
+
+CSI=/tmp/csi
+CLIENT=csi-node-client
+ctl() { $CTRL volume --endpoint "unix://$CSI/ctrl.sock" "$@"; }
+now_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
+
+start_controller() {
+    RUST_LOG=${RUST_LOG:-info} $CTRL --endpoint "unix://$CSI/ctrl.sock" --data-dir "$CSI/data" \
+        --nbd-listen-address 127.0.0.1 --nbd-port-range 11000-11199 --known-nodes vm-node \
+        2>>"$CSI/ctrl.log" &
+    CP=$!
+}
+
+csi_clean() { # whatever an earlier run left: mounts under $CSI, devices
+    grep " $CSI/" /proc/mounts | cut -d' ' -f2 | sort -r | while read -r m; do umount "$m"; done
+    $NODE status 2>/dev/null | sed -n 's/.* backend=\([^ ]*\) .*/\1/p' |
+        while read -r b; do $NODE detach --backend-id "$b" >/dev/null 2>&1; done
+    rm -rf "$CSI"
+}
+
+csi_start() { # timeout dead_conn_timeout: controller + node plugin
+    csi_clean; mkdir -p "$CSI"
+    start_controller
+    RUST_LOG=${RUST_LOG:-info} $NODE serve --endpoint "unix://$CSI/node.sock" --node-id vm-node \
+        --state-dir "$CSI/state" --connections 2 --timeout "$1" --dead-conn-timeout "$2" \
+        --check-interval 2 2>"$CSI/node.log" &
+    NP=$!
+    i=0
+    while ! { [ -S "$CSI/ctrl.sock" ] && [ -S "$CSI/node.sock" ]; }; do
+        i=$((i + 1)); [ $i -gt 300 ] && { echo "vm: CSI sockets did not appear"; return 1; }
+        usleep 100000
+    done
+}
+
+csi_stop() {
+    kill "$NP" "$CP" 2>/dev/null; wait "$NP" 2>/dev/null; wait "$CP" 2>/dev/null
+}
+
+# Devices left with a backend identifier (nothing may leak).
+leftover() { $NODE status 2>/dev/null | grep -c backend=; }
+
+sanity() { # access type
+    at=$1
+    if ! csi_start 10 30; then result "csi-sanity-$at" FAIL "could not start"; csi_stop; return; fi
+    timeout 1200 csi-sanity \
+        --csi.endpoint "unix://$CSI/node.sock" --csi.controllerendpoint "unix://$CSI/ctrl.sock" \
+        --csi.testvolumeaccesstype "$at" --csi.testvolumesize 67108864 --csi.testvolumeexpandsize 134217728 \
+        --csi.mountdir "$CSI/mnt" --csi.stagingdir "$CSI/staging" \
+        --ginkgo.no-color --ginkgo.v >"$CSI/sanity.log" 2>&1
+    rc=$?
+    counts=$(grep -aoE '[0-9]+ Passed \| [0-9]+ Failed \| [0-9]+ Pending \| [0-9]+ Skipped' "$CSI/sanity.log" | tail -1)
+    ran=$(grep -aoE 'Ran [0-9]+ of [0-9]+ Specs in [0-9.]+ seconds' "$CSI/sanity.log" | tail -1)
+    csi_stop
+    left=$(leftover)
+    npass=$(echo "$counts" | sed -n 's/^\([0-9]*\) Passed.*/\1/p')
+    nfail=$(echo "$counts" | sed -n 's/.*| \([0-9]*\) Failed.*/\1/p')
+    if [ "$rc" = 0 ] && [ "${nfail:-1}" = 0 ] && [ "${npass:-0}" -gt 0 ] && [ "$left" = 0 ]; then
+        result "csi-sanity-$at" PASS "$counts; $ran; devices left=$left"
+    else
+        result "csi-sanity-$at" FAIL "rc=$rc ${counts:-no ginkgo summary}; $ran; devices left=$left"
+        grep -aE '^\s*\[FAIL\]' "$CSI/sanity.log" | head -20 | sed 's/^/vm: sanity: /'
+        grep -aA4 -E 'Unexpected error|Expected$' "$CSI/sanity.log" | head -60 | sed 's/^/vm: sanity: /'
+        grep -aE 'ERROR|WARN' "$CSI/node.log" | tail -20 | sed 's/^/vm: node: /'
+        grep -aE 'ERROR' "$CSI/ctrl.log" | tail -10 | sed 's/^/vm: ctrl: /'
+    fi
+    # Which specs were skipped (capabilities the driver does not offer).
+    grep -aA1 '\[SKIPPED\]' "$CSI/sanity.log" | grep -aE '\[It\]' | grep -av '/csi-test/' |
+        sed 's/ *\[It\] */: /; s/^ */vm: skipped: /' | sort -u | head -30
+    cp "$CSI/sanity.log" "/tmp/sanity-$at.log"
+}
+
+scenario_sanity_mount() { sanity mount; }
+scenario_sanity_block() { sanity block; }
+
+# Create, publish and stage a mount volume through the CSI calls; sets ID
+# URI STG DEV.
+csi_stage_mount() { # name size
+    ID=$(ctl create "$1" --size "$2" | awk '/^volume:/ {print $2}')
+    URI=$(ctl publish --node vm-node "$ID" 2>/dev/null | grep '^nbd://')
+    STG=$CSI/staging/$1
+    $CLIENT "$CSI/node.sock" stage "$ID" "$STG" "$URI" >"$CSI/stage.out" 2>&1
+    idx=$($NODE status | sed -n "s/^nbd\([0-9]*\) backend=$ID .*/\1/p")
+    DEV=/dev/nbd$idx
+}
+
+df_kib() { df -P -k "$1" | awk 'NR == 2 { print $2 }'; }
+
+scenario_expand() {
+    csi_start 10 30 || { result expand-online-df FAIL "could not start"; csi_stop; return; }
+    csi_stage_mount exp 64M
+    failed=""
+    [ -n "$ID" ] && [ -n "$URI" ] && grep -q '^ok' "$CSI/stage.out" || failed="$failed stage($(cat "$CSI/stage.out"))"
+    dd if=/dev/urandom of="$STG/data" bs=1M count=4 2>/dev/null
+    sum1=$(sha256sum < "$STG/data")
+    df1=$(df_kib "$STG")
+    ctl expand --size 256M "$ID" >"$CSI/expand.out" 2>&1 || failed="$failed controller-expand($(cat "$CSI/expand.out"))"
+    out=$($CLIENT "$CSI/node.sock" expand "$ID" "$STG" "$STG" 268435456)
+    echo "$out" | grep -q '^ok' || failed="$failed node-expand($out)"
+    df2=$(df_kib "$STG")
+    devbytes=$(($(cat "/sys/block/${DEV#/dev/}/size") * 512))
+    dd if=/dev/urandom of="$STG/more" bs=1M count=100 2>/dev/null || failed="$failed write-into-new-space"
+    sync
+    sum2=$(sha256sum < "$STG/data")
+    out=$($CLIENT "$CSI/node.sock" unstage "$ID" "$STG")
+    echo "$out" | grep -q '^ok' || failed="$failed unstage($out)"
+    csi_stop
+    detail="df 1K-blocks $df1 -> $df2, $DEV $devbytes bytes, node: $(echo "$out" | cut -c1-40)"
+    if [ -z "$failed" ] && [ "$devbytes" = 268435456 ] && [ "${df2:-0}" -gt $((${df1:-0} * 3)) ] &&
+        [ "$sum1" = "$sum2" ] && [ "$(leftover)" = 0 ]; then
+        result expand-online-df PASS "$detail; 100 MiB written past the old end; data intact"
+    else
+        result expand-online-df FAIL "$detail; failed:$failed sums_equal=$([ "$sum1" = "$sum2" ] && echo y || echo n)"
+        grep -aE 'ERROR|WARN' "$CSI/node.log" | tail -10 | sed 's/^/vm: node: /'
+    fi
+}
+
+scenario_dead_server() {
+    # Request timeout 5 s, dead-connection timeout 15 s.
+    csi_start 5 15 || { result unstage-dead-server FAIL "could not start"; csi_stop; return; }
+    csi_stage_mount dead 64M
+    grep -q '^ok' "$CSI/stage.out" || { result unstage-dead-server FAIL "stage: $(cat "$CSI/stage.out")"; csi_stop; return; }
+    # Dirty data in the page cache: unmounting must try to write it back.
+    dd if=/dev/urandom of="$STG/data" bs=1M count=4 2>/dev/null
+    kill -9 "$CP"; wait "$CP" 2>/dev/null    # the server dies and never comes back
+    dmesg -c >/dev/null
+    ms0=$(now_ms)
+    out=$(timeout 120 $CLIENT "$CSI/node.sock" unstage "$ID" "$STG")
+    rc=$?
+    ms=$(($(now_ms) - ms0))
+    mounted=$(grep -c " $STG " /proc/mounts)
+    state=$(ls "$CSI/state" 2>/dev/null | wc -l)
+    size=$(cat "/sys/block/${DEV#/dev/}/size" 2>/dev/null)
+    backend=$(cat "/sys/block/${DEV#/dev/}/backend" 2>/dev/null)
+    left=$(leftover)
+    # A retry is idempotent and answers at once.
+    out2=$(timeout 30 $CLIENT "$CSI/node.sock" unstage "$ID" "$STG")
+    kill "$NP"; wait "$NP" 2>/dev/null
+    detail="took ${ms} ms (dead-conn timeout 15 s), rc=$rc, reply: $(echo "$out" | cut -c1-160); after: mounted=$mounted state_files=$state $DEV size=$size backend='$backend' leftover=$left; retry: $(echo "$out2" | cut -c1-30)"
+    if [ "$rc" != 124 ] && [ "$ms" -lt 45000 ] && [ "$mounted" = 0 ] && [ "$size" = 0 ] && [ -z "$backend" ] &&
+        [ "$left" = 0 ] && [ "$state" = 0 ] && echo "$out2" | grep -q '^ok'; then
+        result unstage-dead-server PASS "$detail"
+    else
+        result unstage-dead-server FAIL "$detail"
+        grep -aE 'ERROR|WARN|unstag' "$CSI/node.log" | tail -10 | sed 's/^/vm: node: /'
+    fi
+}
+
+# fio write+verify rounds on the staged filesystem until $2 seconds passed;
+# writes /tmp/fio.result.
+fio_loop() { # dir seconds
+    end=$(($(cut -d. -f1 /proc/uptime) + $2)); n=0; bad=0
+    while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+        fio --name=fsv --directory="$1" --filename=fio.dat --size=16M --bs=64k --rw=randwrite \
+            --ioengine=psync --direct=1 --verify=crc32c --do_verify=1 --end_fsync=1 \
+            --randseed=$n >/tmp/fio.out 2>&1 || { bad=$((bad + 1)); tail -3 /tmp/fio.out | sed 's/^/vm: fio: /'; }
+        grep -q 'err= 0' /tmp/fio.out || bad=$((bad + 1))
+        n=$((n + 1))
+    done
+    echo "fio_rounds=$n failed_rounds=$bad" > /tmp/fio.result
+}
+
+scenario_fio_controller_kill() {
+    csi_start 10 60 || { result fio-verify-controller-kill FAIL "could not start"; csi_stop; return; }
+    csi_stage_mount fio 128M
+    grep -q '^ok' "$CSI/stage.out" || { result fio-verify-controller-kill FAIL "stage: $(cat "$CSI/stage.out")"; csi_stop; return; }
+    port=$(echo "$URI" | sed 's|nbd://127.0.0.1:\([0-9]*\)/.*|\1|')
+    dmesg -c >/dev/null
+    rm -f /tmp/fio.result
+    fio_loop "$STG" 45 &
+    io=$!
+    sleep 6
+    kill -9 "$CP"; wait "$CP" 2>/dev/null     # the controller (and every NBD server in it) dies
+    sleep 3
+    start_controller                           # same data dir: the export comes back
+    sleep 12
+    kill -9 "$CP"; wait "$CP" 2>/dev/null     # and once more
+    sleep 2
+    start_controller
+    wait $io
+    r=$(cat /tmp/fio.result)
+    t=$(established_to "$port")
+    ioerr=$(dmesg | grep -cE 'I/O error|EXT4-fs error')
+    reconnects=$(grep -c 'reconnected' "$CSI/node.log")
+    out=$($CLIENT "$CSI/node.sock" unstage "$ID" "$STG")
+    csi_stop
+    detail="$r kernel_io_errors=$ioerr reconnects=$reconnects tcp_after=$t unstage: $(echo "$out" | cut -c1-40)"
+    if echo "$r" | grep -q 'failed_rounds=0' && ! echo "$r" | grep -q 'fio_rounds=0' && [ "$ioerr" = 0 ] &&
+        [ "$reconnects" -ge 2 ] && [ "$t" -ge 1 ] && echo "$out" | grep -q '^ok'; then
+        result fio-verify-controller-kill PASS "$detail"
+    else
+        result fio-verify-controller-kill FAIL "$detail"
+        dmesg | grep -E 'nbd|I/O|EXT4' | tail -5 | sed 's/^/vm: dmesg: /'
+        grep -aE 'ERROR|WARN' "$CSI/node.log" | tail -5 | sed 's/^/vm: node: /'
+    fi
+}
+
+for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl heal expand dead_server fio_controller_kill sanity_mount sanity_block}" | tr , " "); do
     t0=$(cut -d. -f1 /proc/uptime)
     "scenario_$s"
     echo "vm: scenario $s took $(($(cut -d. -f1 /proc/uptime) - t0)) s"

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use csi_proto::node_server::Node;
 use csi_proto::node_service_capability::{Rpc, Type as CapType, rpc::Type as RpcType};
 use csi_proto::volume_capability::AccessType;
+use csi_proto::volume_capability::access_mode::Mode;
 use csi_proto::volume_usage::Unit;
 use csi_proto::*;
 use tonic::{Request, Response, Status};
@@ -81,7 +82,12 @@ impl Node for NodeService {
         }
         let (staging, target) = (Path::new(&r.staging_target_path), Path::new(&r.target_path));
         let block = access == Access::Block;
-        self.volumes.publish(&r.volume_id, staging, target, block, r.readonly).await.map_err(status)?;
+        let single_writer = r
+            .volume_capability
+            .as_ref()
+            .and_then(|c| c.access_mode.as_ref())
+            .is_some_and(|m| m.mode == Mode::SingleNodeSingleWriter as i32);
+        self.volumes.publish(&r.volume_id, staging, target, block, r.readonly, single_writer).await.map_err(status)?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 

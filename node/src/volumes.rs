@@ -162,13 +162,30 @@ impl<A: Attacher> Volumes<A> {
             s.phase = Phase::Unstaging;
             self.states.save(&s)?;
         }
-        if mount::mount_at(staging)?.is_some() {
+        let mounted = mount::mount_at(staging)?.is_some();
+        // Push every dirty page to the server first: if it is gone for good,
+        // this fails after the dead-connection timeout and the caller hears
+        // that writes were lost, instead of the teardown hiding it.
+        let flushed = match index {
+            Some(index) => flush_to_server(staging, mounted, device_path(index)).await,
+            None => Ok(()),
+        };
+        if mounted {
             mount::unmount(staging)?;
         }
         if let Some(index) = index {
             self.attacher.detach(index)?;
         }
-        self.states.remove(volume_id)
+        self.states.remove(volume_id)?;
+        flushed.map_err(|e| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "volume {volume_id}: flushing to its NBD server failed ({e}); the device was released, \
+                     writes the server had not yet received are lost"
+                ),
+            )
+        })
     }
 
     /// Publishes the staged volume at `target`. With `single_writer`
@@ -267,4 +284,18 @@ impl<A: Attacher> Volumes<A> {
         }
         Ok(size)
     }
+}
+
+/// syncfs on the staged filesystem, then fsync on the device (the kernel
+/// sends NBD_CMD_FLUSH): the writes are on the server when this returns Ok.
+async fn flush_to_server(staging: &Path, mounted: bool, device: PathBuf) -> std::io::Result<()> {
+    let staging = staging.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        if mounted {
+            nix::unistd::syncfs(std::fs::File::open(&staging)?)?;
+        }
+        std::fs::File::open(&device)?.sync_all()
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }

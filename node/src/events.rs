@@ -308,6 +308,9 @@ mod tests {
         fn list(&self) -> Result<Vec<(u32, String)>> {
             Ok(Vec::new())
         }
+        fn in_use(&self, _: u32) -> Result<bool> {
+            Ok(false)
+        }
     }
 
     fn volumes(dir: &Path, events: Events) -> Volumes<Refused> {

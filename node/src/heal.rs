@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::attach::Attacher;
+use crate::attach::devices::is_driver_volume_id;
 use crate::error::Result;
 use crate::events::Events;
 use crate::state::{Phase, StateDir, VolumeState};
 use crate::sys::mount;
+use crate::volumes;
 
 #[derive(Debug)]
 pub struct Healer<A> {
@@ -62,7 +64,8 @@ impl<A: Attacher + 'static> Healer<A> {
                 let attached = self.attacher.attach(&spec).await?;
                 let mut updated = state.clone();
                 updated.index = Some(attached.index);
-                return self.states.save(&updated);
+                self.states.save(&updated)?;
+                return remount_staging(&updated);
             };
             match self.attacher.reconnect(index, &spec).await {
                 Ok(n) => {
@@ -85,7 +88,8 @@ impl<A: Attacher + 'static> Healer<A> {
     /// Start-up: staged volumes get fresh sockets offered (dead ones are
     /// replaced, live ones kept) or are attached again; volumes caught in
     /// the middle of attaching or unstaging are rolled back, so kubelet's
-    /// retry starts clean and no device with our identifier is left unowned.
+    /// retry starts clean; then devices of this driver that no state
+    /// claims are disconnected, unless something still uses them.
     pub async fn reconcile(self: &Arc<Self>) -> Result<()> {
         for state in self.states.all()? {
             match state.phase {
@@ -108,6 +112,32 @@ impl<A: Attacher + 'static> Healer<A> {
                     }
                     self.states.remove(&state.volume_id)?;
                 }
+            }
+        }
+        self.disconnect_unclaimed()
+    }
+
+    /// Disconnects devices whose backend identifier is one of this driver's
+    /// volume ids but has no state file (lost state, or a plugin killed
+    /// between CONNECT and saving). A device in use is left alone: tearing
+    /// it down would break its user; it is reported instead.
+    fn disconnect_unclaimed(&self) -> Result<()> {
+        let claimed: HashSet<String> = self.states.all()?.into_iter().map(|s| s.volume_id).collect();
+        for (index, backend) in self.attacher.list()? {
+            if !is_driver_volume_id(&backend) || claimed.contains(&backend) {
+                continue;
+            }
+            match self.attacher.in_use(index) {
+                Ok(false) => {
+                    tracing::warn!(index, volume = %backend, "no staged volume claims this device; disconnecting it");
+                    if let Err(e) = self.attacher.detach(index) {
+                        tracing::error!(index, volume = %backend, error = %e.chain(), "disconnecting failed");
+                    }
+                }
+                Ok(true) => {
+                    tracing::warn!(index, volume = %backend, "no staged volume claims this device, but it is in use; left alone");
+                }
+                Err(e) => tracing::error!(index, volume = %backend, error = %e.chain(), "checking the device failed"),
             }
         }
         Ok(())
@@ -142,6 +172,21 @@ impl<A: Attacher + 'static> Healer<A> {
     }
 }
 
+/// A filesystem volume attached again (after a reboot, or a device that
+/// was disconnected while nothing used it) goes back on its staging path,
+/// where kubelet expects it; never formatted. A staging path that kubelet
+/// removed, or that holds another mount, is left as it is.
+fn remount_staging(state: &VolumeState) -> Result<()> {
+    let (Some(index), false) = (state.index, state.access == "block") else { return Ok(()) };
+    if state.staging_path.as_os_str().is_empty() || !state.staging_path.is_dir() {
+        return Ok(());
+    }
+    let path = &state.staging_path;
+    volumes::mount_staging(index, path, &state.access, &state.mount_flags, state.read_only, false)?;
+    tracing::info!(volume = %state.volume_id, index, staging = %path.display(), "filesystem mounted again");
+    Ok(())
+}
+
 /// Forwards LINK_DEAD notifications from a blocking listener thread.
 pub fn spawn_link_dead_thread(listener: crate::sys::nbd::LinkDeadListener) -> mpsc::UnboundedReceiver<u32> {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -166,4 +211,125 @@ pub fn spawn_link_dead_thread(listener: crate::sys::nbd::LinkDeadListener) -> mp
         })
         .expect("spawning the LINK_DEAD listener thread");
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::attach::{AttachSpec, Attached};
+
+    /// The kernel as a list of (index, backend, in use); records detaches.
+    #[derive(Debug, Default)]
+    struct FakeKernel {
+        devices: Mutex<Vec<(u32, String, bool)>>,
+        detached: Mutex<Vec<u32>>,
+    }
+
+    impl FakeKernel {
+        fn with(devices: &[(u32, &str, bool)]) -> Self {
+            let devices = devices.iter().map(|&(i, b, u)| (i, b.to_owned(), u)).collect();
+            Self { devices: Mutex::new(devices), detached: Mutex::default() }
+        }
+        fn backends(&self) -> Vec<String> {
+            self.devices.lock().unwrap().iter().map(|d| d.1.clone()).collect()
+        }
+    }
+
+    impl Attacher for FakeKernel {
+        async fn attach(&self, spec: &AttachSpec) -> Result<Attached> {
+            let mut devices = self.devices.lock().unwrap();
+            let index = (0..).find(|i| !devices.iter().any(|d| d.0 == *i)).unwrap();
+            devices.push((index, spec.backend_id.clone(), false));
+            Ok(Attached { index, size: 1 << 20, transmission_flags: 1, connections: 1 })
+        }
+        async fn reconnect(&self, _: u32, _: &AttachSpec) -> Result<usize> {
+            Ok(1)
+        }
+        async fn resize(&self, _: u32, _: &AttachSpec) -> Result<u64> {
+            Ok(1 << 20)
+        }
+        fn detach(&self, index: u32) -> Result<()> {
+            self.devices.lock().unwrap().retain(|d| d.0 != index);
+            self.detached.lock().unwrap().push(index);
+            Ok(())
+        }
+        fn find(&self, backend_id: &str) -> Result<Option<u32>> {
+            Ok(self.devices.lock().unwrap().iter().find(|d| d.1 == backend_id).map(|d| d.0))
+        }
+        fn connected(&self, index: u32) -> Result<bool> {
+            Ok(self.devices.lock().unwrap().iter().any(|d| d.0 == index))
+        }
+        fn list(&self) -> Result<Vec<(u32, String)>> {
+            Ok(self.devices.lock().unwrap().iter().map(|d| (d.0, d.1.clone())).collect())
+        }
+        fn in_use(&self, index: u32) -> Result<bool> {
+            Ok(self.devices.lock().unwrap().iter().any(|d| d.0 == index && d.2))
+        }
+    }
+
+    fn id(c: char) -> String {
+        format!("vol-{}", c.to_string().repeat(32))
+    }
+
+    fn state(volume_id: &str, phase: Phase, staging: PathBuf) -> VolumeState {
+        VolumeState {
+            volume_id: volume_id.to_owned(),
+            phase,
+            uri: "nbd://127.0.0.1:1/x".into(),
+            connections: 1,
+            timeout_secs: 5,
+            dead_conn_timeout_secs: 5,
+            staging_path: staging,
+            access: "block".into(),
+            read_only: false,
+            mount_flags: Vec::new(),
+            index: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn start_up_disconnects_only_unclaimed_unused_devices_of_this_driver() {
+        let tmp = tempfile::tempdir().unwrap();
+        let states = StateDir::open(tmp.path().join("state")).unwrap();
+        let (staged, lost, busy, interrupted) = (id('a'), id('b'), id('c'), id('d'));
+        states.save(&state(&staged, Phase::Staged, tmp.path().join("s1"))).unwrap();
+        states.save(&state(&interrupted, Phase::Attaching, tmp.path().join("s2"))).unwrap();
+        let kernel = Arc::new(FakeKernel::with(&[
+            (0, &staged, true),
+            (1, &lost, false),
+            (2, &busy, true),
+            (3, "vol-mc", false),
+            (4, &interrupted, false),
+        ]));
+        let healer = Arc::new(Healer::new(Arc::clone(&kernel), states.clone()));
+        healer.reconcile().await.unwrap();
+        // The lost one is gone; the interrupted attach is rolled back; the
+        // one in use, the staged one and the foreign one stay.
+        assert_eq!(*kernel.detached.lock().unwrap(), [4, 1]);
+        assert_eq!(kernel.backends(), [staged.clone(), busy, "vol-mc".to_owned()]);
+        let left: Vec<String> = states.all().unwrap().into_iter().map(|s| s.volume_id).collect();
+        assert_eq!(left, [staged]);
+    }
+
+    #[tokio::test]
+    async fn a_vanished_device_is_attached_again_and_recorded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let states = StateDir::open(tmp.path().join("state")).unwrap();
+        let vol = id('e');
+        let mut s = state(&vol, Phase::Staged, PathBuf::new());
+        s.index = Some(7);
+        states.save(&s).unwrap();
+        let kernel = Arc::new(FakeKernel::with(&[(0, "other", true)]));
+        let healer = Healer::new(Arc::clone(&kernel), states.clone());
+        healer.heal(&s).await.unwrap();
+        assert_eq!(kernel.find(&vol).unwrap(), Some(1));
+        assert_eq!(states.load(&vol).unwrap().unwrap().index, Some(1));
+        // An unstaged volume is never attached again.
+        states.save(&VolumeState { phase: Phase::Unstaging, ..s.clone() }).unwrap();
+        kernel.detach(1).unwrap();
+        healer.heal(&s).await.unwrap();
+        assert_eq!(kernel.find(&vol).unwrap(), None);
+    }
 }

@@ -190,6 +190,7 @@ async fn attach_cmd(uri: &str, backend_id: String, args: &AttachArgs) -> anyhow:
             staging_path: std::path::PathBuf::new(),
             access: "block".into(),
             read_only: false,
+            mount_flags: Vec::new(),
             index: Some(attached.index),
         })?;
     }

@@ -53,6 +53,8 @@ pub struct VolumeState {
     /// "block" or the filesystem type.
     pub access: String,
     pub read_only: bool,
+    /// CSI mount flags of a filesystem volume, for mounting it again.
+    pub mount_flags: Vec<String>,
     pub index: Option<u32>,
 }
 
@@ -78,6 +80,7 @@ impl VolumeState {
         let _ = writeln!(s, "staging_path={}", self.staging_path.display());
         let _ = writeln!(s, "access={}", self.access);
         let _ = writeln!(s, "read_only={}", self.read_only);
+        let _ = writeln!(s, "mount_flags={}", self.mount_flags.join(","));
         if let Some(i) = self.index {
             let _ = writeln!(s, "index={i}");
         }
@@ -98,6 +101,10 @@ impl VolumeState {
             staging_path: PathBuf::from(get("staging_path")?),
             access: get("access")?,
             read_only: get("read_only")? == "true",
+            // Absent in files written before it existed: no flags.
+            mount_flags: get("mount_flags")
+                .map(|v| v.split(',').filter(|f| !f.is_empty()).map(str::to_owned).collect())
+                .unwrap_or_default(),
             index: get("index").and_then(|v| v.parse().ok()),
         })
     }
@@ -128,7 +135,8 @@ impl StateDir {
     pub fn save(&self, state: &VolumeState) -> Result<()> {
         let text = state.encode();
         let fields = [state.volume_id.as_str(), &state.uri, &state.access, &state.staging_path.to_string_lossy()];
-        if fields.iter().any(|f| f.contains('\n')) {
+        let newline = |f: &str| f.contains('\n');
+        if fields.iter().any(|f| newline(f)) || state.mount_flags.iter().any(|f| newline(f)) {
             return Err(Error::new(ErrorKind::InvalidArgument, "volume state fields cannot contain newlines"));
         }
         let path = self.path(&state.volume_id);
@@ -190,6 +198,7 @@ mod tests {
             staging_path: "/var/lib/kubelet/staging/x".into(),
             access: "ext4".into(),
             read_only: false,
+            mount_flags: vec!["noatime".into(), "discard".into()],
             index: Some(3),
         }
     }
@@ -222,5 +231,17 @@ mod tests {
         bad.uri.push_str("\nphase=staged");
         assert!(dir.save(&bad).is_err());
         assert_eq!(VolumeState::decode("volume_id=x\n"), None);
+        let mut flagged = sample("y");
+        flagged.mount_flags = vec!["a\nphase=attaching".into()];
+        assert!(dir.save(&flagged).is_err());
+    }
+
+    #[test]
+    fn reads_files_written_before_mount_flags_existed() {
+        let mut old = sample("x");
+        let text: String =
+            old.encode().lines().filter(|l| !l.starts_with("mount_flags=")).map(|l| format!("{l}\n")).collect();
+        old.mount_flags.clear();
+        assert_eq!(VolumeState::decode(&text), Some(old));
     }
 }

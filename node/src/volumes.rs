@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::attach::devices::device_path;
+use crate::attach::devices::{device_path, mounts_using};
 use crate::attach::{AttachSpec, Attacher};
 use crate::error::{Context, Error, ErrorKind, Result};
 use crate::events::Events;
 use crate::fsutil::{self, Content};
 use crate::state::{Phase, StateDir, VolumeState};
-use crate::sys::mount;
+use crate::sys::mount::{self, MountEntry};
 use crate::uri::NbdUri;
 
 /// How a volume is used: a raw block device or a filesystem.
@@ -43,16 +43,14 @@ fn invalid(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidArgument, msg)
 }
 
-/// Mount sources that use the device: a filesystem on it, or a bind of the
-/// device node (devtmpfs shows the device name as the root).
 fn users_of(index: u32) -> Result<Vec<PathBuf>> {
-    let dev = device_path(index);
-    let name = format!("/nbd{index}");
-    Ok(mount::mounts()?
-        .into_iter()
-        .filter(|m| Path::new(&m.source) == dev || (m.fstype == "devtmpfs" && m.root == name))
-        .map(|m| m.target)
-        .collect())
+    Ok(mounts_using(&mount::mounts()?, index))
+}
+
+/// Publications of device `index` other than `staging` and `target`: with
+/// SINGLE_NODE_SINGLE_WRITER any of them makes a new publication Busy.
+fn other_publications(mounts: &[MountEntry], index: u32, staging: &Path, target: &Path) -> Vec<PathBuf> {
+    mounts_using(mounts, index).into_iter().filter(|t| t != staging && t != target).collect()
 }
 
 impl<A: Attacher> Volumes<A> {
@@ -79,6 +77,10 @@ impl<A: Attacher> Volumes<A> {
                 Access::Mount { fs_type, .. } => fs_type.clone(),
             },
             read_only: ro,
+            mount_flags: match access {
+                Access::Block => Vec::new(),
+                Access::Mount { flags, .. } => flags.clone(),
+            },
             index: None,
         };
         if let Some(old) = self.states.load(volume_id)?
@@ -104,42 +106,11 @@ impl<A: Attacher> Volumes<A> {
         };
         state.index = Some(index);
         if let Access::Mount { fs_type, flags } = access {
-            self.stage_mount(index, staging, fs_type, flags, ro)?;
+            mount_staging(index, staging, fs_type, flags, ro, true)?;
         }
         state.phase = Phase::Staged;
         self.states.save(&state)?;
         Ok(index)
-    }
-
-    fn stage_mount(&self, index: u32, staging: &Path, fs_type: &str, flags: &[String], ro: bool) -> Result<()> {
-        let dev = device_path(index);
-        if let Some(m) = mount::mount_at(staging)? {
-            if Path::new(&m.source) == dev {
-                return Ok(());
-            }
-            return Err(Error::new(
-                ErrorKind::Busy,
-                format!("{} is already a mount of {}", staging.display(), m.source),
-            ));
-        }
-        std::fs::create_dir_all(staging).ctx(ErrorKind::Io, || format!("creating {}", staging.display()))?;
-        let fs_type = match fsutil::probe(&dev)? {
-            Content::Blank if ro => return Err(invalid("a blank volume cannot be staged read-only")),
-            Content::Blank => {
-                fsutil::format(&dev, fs_type)?;
-                fs_type
-            }
-            Content::Filesystem(found) if found == fs_type || (found == "ext4" && fs_type.starts_with("ext")) => {
-                fs_type
-            }
-            Content::Filesystem(found) => {
-                return Err(invalid(format!("the volume holds {found}, not the requested {fs_type}")));
-            }
-            Content::Unknown => {
-                return Err(invalid("the volume holds data that is not a known filesystem; refusing to format it"));
-            }
-        };
-        mount::mount_fs(&dev, staging, fs_type, ro, flags)
     }
 
     pub async fn unstage(&self, volume_id: &str, staging: &Path) -> Result<()> {
@@ -213,7 +184,7 @@ impl<A: Attacher> Volumes<A> {
             return Ok(());
         }
         if single_writer && let Some(index) = self.attacher.find(volume_id)?.or(state.index) {
-            let others: Vec<PathBuf> = users_of(index)?.into_iter().filter(|t| t != staging && t != target).collect();
+            let others = other_publications(&mount::mounts()?, index, staging, target);
             if !others.is_empty() {
                 return Err(Error::new(
                     ErrorKind::Busy,
@@ -286,6 +257,43 @@ impl<A: Attacher> Volumes<A> {
     }
 }
 
+/// Mounts the filesystem on device `index` at `staging` (a no-op when it is
+/// already there). A blank device is formatted only when `may_format`:
+/// healing never formats, NodeStageVolume does.
+pub(crate) fn mount_staging(
+    index: u32,
+    staging: &Path,
+    fs_type: &str,
+    flags: &[String],
+    ro: bool,
+    may_format: bool,
+) -> Result<()> {
+    let dev = device_path(index);
+    if let Some(m) = mount::mount_at(staging)? {
+        if Path::new(&m.source) == dev {
+            return Ok(());
+        }
+        return Err(Error::new(ErrorKind::Busy, format!("{} is already a mount of {}", staging.display(), m.source)));
+    }
+    std::fs::create_dir_all(staging).ctx(ErrorKind::Io, || format!("creating {}", staging.display()))?;
+    let fs_type = match fsutil::probe(&dev)? {
+        Content::Blank if ro => return Err(invalid("a blank volume cannot be staged read-only")),
+        Content::Blank if !may_format => return Err(invalid("the volume is blank; not formatting it while healing")),
+        Content::Blank => {
+            fsutil::format(&dev, fs_type)?;
+            fs_type
+        }
+        Content::Filesystem(found) if found == fs_type || (found == "ext4" && fs_type.starts_with("ext")) => fs_type,
+        Content::Filesystem(found) => {
+            return Err(invalid(format!("the volume holds {found}, not the requested {fs_type}")));
+        }
+        Content::Unknown => {
+            return Err(invalid("the volume holds data that is not a known filesystem; refusing to format it"));
+        }
+    };
+    mount::mount_fs(&dev, staging, fs_type, ro, flags)
+}
+
 /// syncfs on the staged filesystem, then fsync on the device (the kernel
 /// sends NBD_CMD_FLUSH): the writes are on the server when this returns Ok.
 async fn flush_to_server(staging: &Path, mounted: bool, device: PathBuf) -> std::io::Result<()> {
@@ -298,4 +306,29 @@ async fn flush_to_server(staging: &Path, mounted: bool, device: PathBuf) -> std:
     })
     .await
     .map_err(std::io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_writer_sees_publications_other_than_its_own() {
+        let mounts = mount::parse_mountinfo(
+            "40 22 43:0 / /stg/v rw - ext4 /dev/nbd0 rw\n\
+             41 22 43:0 / /pods/a rw - ext4 /dev/nbd0 rw\n\
+             42 22 43:32 / /pods/b rw - ext4 /dev/nbd2 rw\n\
+             43 22 0:5 /nbd2 /pods/c rw - devtmpfs udev rw\n",
+        );
+        let (stg, a, b, c) = (Path::new("/stg/v"), Path::new("/pods/a"), Path::new("/pods/b"), Path::new("/pods/c"));
+        // Staged and published at /pods/a: publishing there again is fine,
+        // anywhere else is a second writer.
+        assert!(other_publications(&mounts, 0, stg, a).is_empty());
+        assert_eq!(other_publications(&mounts, 0, stg, b), [a]);
+        // A block volume: the bind of the device node counts as well.
+        assert_eq!(other_publications(&mounts, 2, Path::new("/stg/w"), b), [c]);
+        assert_eq!(other_publications(&mounts, 2, Path::new("/stg/w"), c), [b]);
+        // Staged only: the first publication is free.
+        assert!(other_publications(&mounts[..1], 0, stg, a).is_empty());
+    }
 }

@@ -254,6 +254,13 @@ start_controller() {
     CP=$!
 }
 
+start_node() { # the node plugin, with the timeouts csi_start was given
+    # shellcheck disable=SC2086
+    RUST_LOG=${RUST_LOG:-info} $NODE serve --endpoint "unix://$CSI/node.sock" --node-id vm-node \
+        --state-dir "$CSI/state" --connections 2 $NODE_TIMEOUTS --check-interval 2 2>>"$CSI/node.log" &
+    NP=$!
+}
+
 csi_clean() { # whatever an earlier run left: mounts under $CSI, devices
     grep " $CSI/" /proc/mounts | cut -d' ' -f2 | sort -r | while read -r m; do umount "$m"; done
     $NODE status 2>/dev/null | sed -n 's/.* backend=\([^ ]*\) .*/\1/p' |
@@ -264,10 +271,8 @@ csi_clean() { # whatever an earlier run left: mounts under $CSI, devices
 csi_start() { # timeout dead_conn_timeout: controller + node plugin
     csi_clean; mkdir -p "$CSI"
     start_controller
-    RUST_LOG=${RUST_LOG:-info} $NODE serve --endpoint "unix://$CSI/node.sock" --node-id vm-node \
-        --state-dir "$CSI/state" --connections 2 --timeout "$1" --dead-conn-timeout "$2" \
-        --check-interval 2 2>"$CSI/node.log" &
-    NP=$!
+    NODE_TIMEOUTS="--timeout $1 --dead-conn-timeout $2"
+    start_node
     i=0
     while ! { [ -S "$CSI/ctrl.sock" ] && [ -S "$CSI/node.sock" ]; }; do
         i=$((i + 1)); [ $i -gt 300 ] && { echo "vm: CSI sockets did not appear"; return 1; }
@@ -405,15 +410,41 @@ fio_loop() { # dir seconds
     echo "fio_rounds=$n failed_rounds=$bad" > /tmp/fio.result
 }
 
-scenario_fio_controller_kill() {
-    csi_start 10 60 || { result fio-verify-controller-kill FAIL "could not start"; csi_stop; return; }
+# fio_under name disrupt reconnects starts: fio write+verify rounds on a
+# staged filesystem for 45 s while the function `disrupt` kills things. Passes
+# on zero failed rounds and kernel I/O errors, at least `reconnects` heals,
+# `starts` node-plugin starts, and a clean unstage.
+fio_under() {
+    name=$1
+    csi_start 10 60 || { result "$name" FAIL "could not start"; csi_stop; return; }
     csi_stage_mount fio 128M
-    grep -q '^ok' "$CSI/stage.out" || { result fio-verify-controller-kill FAIL "stage: $(cat "$CSI/stage.out")"; csi_stop; return; }
+    grep -q '^ok' "$CSI/stage.out" || { result "$name" FAIL "stage: $(cat "$CSI/stage.out")"; csi_stop; return; }
     port=$(echo "$URI" | sed 's|nbd://127.0.0.1:\([0-9]*\)/.*|\1|')
     dmesg -c >/dev/null
     rm -f /tmp/fio.result
     fio_loop "$STG" 45 &
     io=$!
+    "$2"
+    wait $io
+    r=$(cat /tmp/fio.result)
+    t=$(established_to "$port")
+    ioerr=$(dmesg | grep -cE 'I/O error|EXT4-fs error')
+    reconnects=$(grep -c 'reconnected' "$CSI/node.log")
+    starts=$(grep -c 'serving CSI Identity and Node' "$CSI/node.log")
+    out=$($CLIENT "$CSI/node.sock" unstage "$ID" "$STG")
+    csi_stop
+    detail="$r kernel_io_errors=$ioerr plugin_starts=$starts reconnects=$reconnects tcp_after=$t unstage: $(echo "$out" | cut -c1-40)"
+    if echo "$r" | grep -q 'failed_rounds=0' && ! echo "$r" | grep -q 'fio_rounds=0' && [ "$ioerr" = 0 ] &&
+        [ "$reconnects" -ge "$3" ] && [ "$starts" = "$4" ] && [ "$t" -ge 1 ] && echo "$out" | grep -q '^ok'; then
+        result "$name" PASS "$detail"
+    else
+        result "$name" FAIL "$detail"
+        dmesg | grep -E 'nbd|I/O|EXT4' | tail -5 | sed 's/^/vm: dmesg: /'
+        grep -aE 'ERROR|WARN' "$CSI/node.log" | tail -5 | sed 's/^/vm: node: /'
+    fi
+}
+
+kill_controller_twice() {
     sleep 6
     kill -9 "$CP"; wait "$CP" 2>/dev/null     # the controller (and every NBD server in it) dies
     sleep 3
@@ -422,25 +453,68 @@ scenario_fio_controller_kill() {
     kill -9 "$CP"; wait "$CP" 2>/dev/null     # and once more
     sleep 2
     start_controller
-    wait $io
-    r=$(cat /tmp/fio.result)
-    t=$(established_to "$port")
-    ioerr=$(dmesg | grep -cE 'I/O error|EXT4-fs error')
-    reconnects=$(grep -c 'reconnected' "$CSI/node.log")
+}
+
+kill_plugin_twice() {
+    sleep 6
+    kill -9 "$NP"; wait "$NP" 2>/dev/null     # the plugin dies mid-I/O: the kernel keeps the sockets
+    sleep 3
+    start_node
+    sleep 10
+    kill -9 "$NP"; wait "$NP" 2>/dev/null     # dies again, and while it is away
+    kill -9 "$CP"; wait "$CP" 2>/dev/null     # the server dies too: nobody is there to heal
+    sleep 2
+    start_controller
+    sleep 3
+    start_node                                 # the restarted plugin finds the dead link on start
+}
+
+scenario_fio_controller_kill() { fio_under fio-verify-controller-kill kill_controller_twice 2 1; }
+scenario_fio_plugin_kill() { fio_under fio-verify-plugin-kill kill_plugin_twice 1 3; }
+
+# The plugin starts after losing track of things: a device of ours no state
+# claims (disconnected), another that is mounted (left alone), and a staged
+# filesystem whose device and mount vanished as in a reboot (attached and
+# mounted again).
+scenario_reconcile() {
+    csi_start 10 30 || { result reconcile-on-start FAIL "could not start"; csi_stop; return; }
+    csi_stage_mount rec 64M
+    grep -q '^ok' "$CSI/stage.out" || { result reconcile-on-start FAIL "stage: $(cat "$CSI/stage.out")"; csi_stop; return; }
+    dd if=/dev/urandom of="$STG/data" bs=1M count=4 2>/dev/null
+    sync
+    sum1=$(sha256sum < "$STG/data")
+    lost=$(ctl create lost --size 64M | awk '/^volume:/ {print $2}')
+    busy=$(ctl create busy --size 64M | awk '/^volume:/ {print $2}')
+    $NODE attach "$(ctl publish --node vm-node "$lost" 2>/dev/null | grep '^nbd://')" --backend-id "$lost" >/dev/null 2>&1
+    bdev=$($NODE attach "$(ctl publish --node vm-node "$busy" 2>/dev/null | grep '^nbd://')" --backend-id "$busy" 2>/dev/null | field device)
+    mkfs.ext4 -q -F "$bdev"; mkdir -p /mnt/busy; mount -t ext4 "$bdev" /mnt/busy
+    kill -9 "$NP"; wait "$NP" 2>/dev/null
+    umount "$STG"; $NODE detach --backend-id "$ID" >/dev/null 2>&1
+    gone=$($NODE status | grep -c "backend=$ID ")
+    start_node
+    i=0
+    while ! grep -q " $STG " /proc/mounts && [ $i -lt 200 ]; do usleep 100000; i=$((i + 1)); done
+    sum2=$(sha256sum < "$STG/data" 2>/dev/null)
+    src=$(grep " $STG " /proc/mounts | cut -d' ' -f1)
+    has_lost=$($NODE status | grep -c "backend=$lost ")
+    has_busy=$($NODE status | grep -c "backend=$busy ")
+    has_id=$($NODE status | grep "backend=$ID " | cut -d' ' -f1)
+    left_alone=$(grep -c 'in use; left alone' "$CSI/node.log")
+    umount /mnt/busy; $NODE detach --backend-id "$busy" >/dev/null 2>&1
     out=$($CLIENT "$CSI/node.sock" unstage "$ID" "$STG")
     csi_stop
-    detail="$r kernel_io_errors=$ioerr reconnects=$reconnects tcp_after=$t unstage: $(echo "$out" | cut -c1-40)"
-    if echo "$r" | grep -q 'failed_rounds=0' && ! echo "$r" | grep -q 'fio_rounds=0' && [ "$ioerr" = 0 ] &&
-        [ "$reconnects" -ge 2 ] && [ "$t" -ge 1 ] && echo "$out" | grep -q '^ok'; then
-        result fio-verify-controller-kill PASS "$detail"
+    detail="before start: device gone=$([ "$gone" = 0 ] && echo y || echo n); after: staging on $src (${has_id:-no device}), data $([ "$sum1" = "$sum2" ] && echo intact || echo differs); unclaimed unused present=$has_lost; unclaimed mounted present=$has_busy (warned $left_alone); unstage: $(echo "$out" | cut -c1-30); leftover=$(leftover)"
+    if [ "$gone" = 0 ] && [ -n "$has_id" ] && [ "$src" = "/dev/$has_id" ] && [ "$sum1" = "$sum2" ] &&
+        [ "$has_lost" = 0 ] && [ "$has_busy" = 1 ] && [ "$left_alone" -ge 1 ] && echo "$out" | grep -q '^ok' &&
+        [ "$(leftover)" = 0 ]; then
+        result reconcile-on-start PASS "$detail"
     else
-        result fio-verify-controller-kill FAIL "$detail"
-        dmesg | grep -E 'nbd|I/O|EXT4' | tail -5 | sed 's/^/vm: dmesg: /'
-        grep -aE 'ERROR|WARN' "$CSI/node.log" | tail -5 | sed 's/^/vm: node: /'
+        result reconcile-on-start FAIL "$detail"
+        grep -aE 'ERROR|WARN' "$CSI/node.log" | tail -8 | sed 's/^/vm: node: /'
     fi
 }
 
-for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl heal expand dead_server fio_controller_kill sanity_mount sanity_block}" | tr , " "); do
+for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl heal expand dead_server fio_controller_kill fio_plugin_kill reconcile sanity_mount sanity_block}" | tr , " "); do
     t0=$(cut -d. -f1 /proc/uptime)
     "scenario_$s"
     echo "vm: scenario $s took $(($(cut -d. -f1 /proc/uptime) - t0)) s"

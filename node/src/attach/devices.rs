@@ -2,7 +2,9 @@
 //! `/sys/block/nbdX/backend` (the BACKEND_IDENTIFIER given at CONNECT),
 //! never by the `pid` file, which holds a kernel thread id.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use crate::sys::mount::MountEntry;
 
 /// Where block devices are listed; a temporary tree in tests.
 #[derive(Debug, Clone)]
@@ -28,6 +30,27 @@ pub fn parse_index(name: &str) -> Option<u32> {
         return None;
     }
     digits.parse().ok()
+}
+
+/// Mount targets that use device `index`: a filesystem on it, or a bind of
+/// the device node (devtmpfs shows the device's name as the root).
+pub fn mounts_using(mounts: &[MountEntry], index: u32) -> Vec<PathBuf> {
+    let dev = device_path(index);
+    let name = format!("/nbd{index}");
+    mounts
+        .iter()
+        .filter(|m| Path::new(&m.source) == dev || (m.fstype == "devtmpfs" && m.root == name))
+        .map(|m| m.target.clone())
+        .collect()
+}
+
+/// Whether a backend identifier has the shape of a volume id made by the
+/// nbd-csi controller (`vol-` and 32 lowercase hex digits): such a device
+/// belongs to this driver even when no staging state names it.
+pub fn is_driver_volume_id(backend: &str) -> bool {
+    backend
+        .strip_prefix("vol-")
+        .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 impl Sysfs {
@@ -113,6 +136,36 @@ mod tests {
         assert_eq!(s.hw_queues(3), 4);
         assert!(s.is_free(0));
         assert!(!s.is_free(3));
+    }
+
+    #[test]
+    fn finds_mounts_of_the_device_and_binds_of_its_node() {
+        let mounts = crate::sys::mount::parse_mountinfo(
+            "40 22 43:0 / /staging/a rw - ext4 /dev/nbd0 rw\n\
+             41 22 43:0 / /pods/a rw - ext4 /dev/nbd0 rw\n\
+             42 22 43:16 / /staging/b rw - ext4 /dev/nbd10 rw\n\
+             43 22 0:5 /nbd1 /pods/b rw - devtmpfs udev rw\n\
+             44 22 0:5 /nbd10 /pods/c rw - devtmpfs udev rw\n",
+        );
+        assert_eq!(mounts_using(&mounts, 0), [Path::new("/staging/a"), Path::new("/pods/a")]);
+        assert_eq!(mounts_using(&mounts, 1), [Path::new("/pods/b")]);
+        assert_eq!(mounts_using(&mounts, 10), [Path::new("/staging/b"), Path::new("/pods/c")]);
+        assert!(mounts_using(&mounts, 2).is_empty());
+    }
+
+    #[test]
+    fn recognises_the_controllers_volume_ids_only() {
+        assert!(is_driver_volume_id("vol-0123456789abcdef0123456789abcdef"));
+        for other in [
+            "vol-mc",
+            "vol-0123456789ABCDEF0123456789abcdef",
+            "vol-0123456789abcdef0123456789abcdef0",
+            "snap-0123456789abcdef0123456789abcdef",
+            "pvc-0123456789abcdef0123456789abcdef",
+            "",
+        ] {
+            assert!(!is_driver_volume_id(other), "{other}");
+        }
     }
 
     #[test]

@@ -2,12 +2,14 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Arc, Mutex};
 
-use super::devices::{Sysfs, device_path};
+use super::devices::{Sysfs, device_path, mounts_using};
 use super::{AttachSpec, Attached, Attacher, sockets};
 use crate::error::{Error, ErrorKind, Result};
 use crate::sys::ioctl::IoctlDevice;
+use crate::sys::mount;
 use crate::sys::nbd::NbdNetlink;
 use crate::sys::nbd_genl::ConnectParams;
 
@@ -165,6 +167,20 @@ impl Attacher for KernelAttacher {
         match &self.iface {
             Interface::Netlink(_) => Ok(self.sysfs.backends()),
             Interface::Ioctl(devices) => Ok(lock(devices).iter().map(|(i, (b, _))| (*i, b.clone())).collect()),
+        }
+    }
+
+    fn in_use(&self, index: u32) -> Result<bool> {
+        if !mounts_using(&mount::mounts()?, index).is_empty() {
+            return Ok(true);
+        }
+        // An exclusive open fails with EBUSY while anything holds the device.
+        let dev = device_path(index);
+        let exclusive = nix::fcntl::OFlag::O_EXCL.bits();
+        match std::fs::OpenOptions::new().read(true).custom_flags(exclusive).open(&dev) {
+            Ok(_) => Ok(false),
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => Ok(true),
+            Err(e) => Err(Error::with_source(ErrorKind::Io, format!("opening {} exclusively", dev.display()), e)),
         }
     }
 }

@@ -59,4 +59,7 @@ pub trait Attacher: Send + Sync {
     fn connected(&self, index: u32) -> Result<bool>;
     /// Every (index, backend identifier) the kernel has.
     fn list(&self) -> Result<Vec<(u32, String)>>;
+    /// Whether anything uses the device: a mount of it, or an exclusive
+    /// holder (a filesystem, device-mapper, an O_EXCL opener).
+    fn in_use(&self, index: u32) -> Result<bool>;
 }

@@ -84,7 +84,7 @@ fn truncate(mut s: String, max: usize) -> String {
 
 /// `error`'s message and causes, with the export name blanked wherever a
 /// cause (a server's refusal text, say) repeats it.
-fn describe(error: &Error, export: &str) -> String {
+pub(crate) fn describe(error: &Error, export: &str) -> String {
     let message = error.chain();
     if export.is_empty() { message } else { message.replace(export, "<export>") }
 }

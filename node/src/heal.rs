@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 use crate::attach::Attacher;
 use crate::attach::devices::is_driver_volume_id;
 use crate::error::Result;
-use crate::events::Events;
+use crate::events::{self, Events};
+use crate::health::Health;
 use crate::state::{Phase, StateDir, VolumeState};
 use crate::sys::mount;
 use crate::volumes;
@@ -25,6 +26,8 @@ pub struct Healer<A> {
     in_flight: Mutex<HashSet<String>>,
     /// Where a volume healing gave up on is reported (off unless set).
     pub events: Events,
+    /// Per-volume connection health, read by NodeGetVolumeStats.
+    pub health: Arc<Health>,
 }
 
 /// Pause between reconnect attempts.
@@ -32,7 +35,8 @@ const RETRY: Duration = Duration::from_millis(500);
 
 impl<A: Attacher + 'static> Healer<A> {
     pub fn new(attacher: Arc<A>, states: StateDir) -> Self {
-        Self { attacher, states, in_flight: Mutex::new(HashSet::new()), events: Events::default() }
+        let in_flight = Mutex::new(HashSet::new());
+        Self { attacher, states, in_flight, events: Events::default(), health: Arc::default() }
     }
 
     /// Offers fresh sockets to the volume's device until the kernel takes
@@ -44,7 +48,17 @@ impl<A: Attacher + 'static> Healer<A> {
                 return Ok(());
             }
         }
+        self.health.reconnecting(&state.volume_id);
         let result = self.heal_inner(state).await;
+        match &result {
+            Ok(()) => self.health.healed(&state.volume_id),
+            Err(e) => {
+                let export = state.spec().map(|s| s.uri.export).unwrap_or_default();
+                if self.health.lost(&state.volume_id, events::describe(e, &export)) {
+                    self.events.connection_lost(&state.volume_id, &export, e);
+                }
+            }
+        }
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&state.volume_id);
         result
     }
@@ -77,8 +91,7 @@ impl<A: Attacher + 'static> Healer<A> {
                     tokio::time::sleep(RETRY).await;
                 }
                 Err(e) => {
-                    tracing::error!(volume = %state.volume_id, error = %e.chain(), "giving up reconnecting");
-                    self.events.connection_lost(&state.volume_id, &spec.uri.export, &e);
+                    tracing::error!(volume = %state.volume_id, error = %e.chain(), "giving up reconnecting for now");
                     return Err(e);
                 }
             }
@@ -143,8 +156,8 @@ impl<A: Attacher + 'static> Healer<A> {
         Ok(())
     }
 
-    /// Forever: heals on LINK_DEAD, and checks every `interval` that each
-    /// staged volume still has its device.
+    /// Forever: heals on LINK_DEAD, and every `interval` retries volumes
+    /// whose device vanished or whose reconnecting failed.
     pub async fn run(self: Arc<Self>, mut dead: mpsc::UnboundedReceiver<u32>, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
         loop {
@@ -156,8 +169,14 @@ impl<A: Attacher + 'static> Healer<A> {
                     self.states.load(&backend).ok().flatten().into_iter().collect()
                 }
                 _ = tick.tick() => {
+                    // Devices that vanished, and links healing gave up on:
+                    // the server may be back, and the kernel still takes
+                    // sockets after the dead-connection timeout.
+                    let lost = self.health.lost_volumes();
                     let staged = self.states.all().unwrap_or_default().into_iter().filter(|s| s.phase == Phase::Staged);
-                    staged.filter(|s| !matches!(self.attacher.find(&s.volume_id), Ok(Some(_)))).collect()
+                    staged
+                        .filter(|s| lost.contains(&s.volume_id) || !matches!(self.attacher.find(&s.volume_id), Ok(Some(_))))
+                        .collect()
                 }
             };
             for state in targets.into_iter().filter(|s| s.phase == Phase::Staged) {

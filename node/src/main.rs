@@ -9,6 +9,7 @@ mod error;
 mod events;
 mod fsutil;
 mod heal;
+mod health;
 mod state;
 mod sys;
 mod uri;
@@ -252,6 +253,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let mut volumes = volumes::Volumes::new(attacher, states, settings);
     volumes.events = events;
+    volumes.health = std::sync::Arc::clone(&healer.health);
     let volumes = std::sync::Arc::new(volumes);
     let info = csi::NodeInfo { driver_name: args.driver_name, node_id: args.node_id, max_volumes: args.max_volumes };
     let shutdown = async {

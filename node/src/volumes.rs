@@ -10,6 +10,7 @@ use crate::attach::{AttachSpec, Attacher};
 use crate::error::{Context, Error, ErrorKind, Result};
 use crate::events::Events;
 use crate::fsutil::{self, Content};
+use crate::health::{self, Health};
 use crate::state::{Phase, StateDir, VolumeState};
 use crate::sys::mount::{self, MountEntry};
 use crate::uri::NbdUri;
@@ -35,6 +36,8 @@ pub struct Volumes<A> {
     pub settings: Settings,
     /// Where a failed attach is reported (off unless set).
     pub events: Events,
+    /// The healer's view of each connection (empty without a healer).
+    pub health: Arc<Health>,
     /// One volume operation at a time on this node.
     lock: tokio::sync::Mutex<()>,
 }
@@ -55,7 +58,8 @@ fn other_publications(mounts: &[MountEntry], index: u32, staging: &Path, target:
 
 impl<A: Attacher> Volumes<A> {
     pub fn new(attacher: Arc<A>, states: StateDir, settings: Settings) -> Self {
-        Self { attacher, states, settings, events: Events::default(), lock: tokio::sync::Mutex::new(()) }
+        let lock = tokio::sync::Mutex::new(());
+        Self { attacher, states, settings, events: Events::default(), health: Arc::default(), lock }
     }
 
     pub async fn stage(&self, volume_id: &str, uri: &str, staging: &Path, access: &Access, ro: bool) -> Result<u32> {
@@ -148,6 +152,7 @@ impl<A: Attacher> Volumes<A> {
             self.attacher.detach(index)?;
         }
         self.states.remove(volume_id)?;
+        self.health.healed(volume_id);
         flushed.map_err(|e| {
             Error::new(
                 ErrorKind::Unavailable,
@@ -230,10 +235,15 @@ impl<A: Attacher> Volumes<A> {
         .ctx(ErrorKind::Io, || format!("removing {}", target.display()))
     }
 
-    /// Device size, and whether every socket of it is alive.
-    pub fn device_of(&self, volume_id: &str) -> Result<Option<(u32, bool)>> {
-        let Some(index) = self.attacher.find(volume_id)? else { return Ok(None) };
-        Ok(Some((index, self.attacher.connected(index)?)))
+    /// The volume's device index, if any, and its VolumeCondition
+    /// (abnormal, message).
+    pub fn condition(&self, volume_id: &str) -> Result<(Option<u32>, (bool, String))> {
+        let device = match self.attacher.find(volume_id)? {
+            Some(index) => Some((index, self.attacher.connected(index)?)),
+            None => None,
+        };
+        let link = self.health.get(volume_id);
+        Ok((device.map(|d| d.0), health::condition(device, link.as_ref(), std::time::Instant::now())))
     }
 
     /// The kernel learns the export's new size (RECONFIGURE), then the

@@ -514,7 +514,50 @@ scenario_reconcile() {
     fi
 }
 
-for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl heal expand dead_server fio_controller_kill fio_plugin_kill reconcile sanity_mount sanity_block}" | tr , " "); do
+# The server stays away longer than the dead-connection timeout: I/O fails
+# and VolumeCondition says so; when it is back the plugin's periodic retry
+# reconnects the same device and I/O works again without re-staging.
+scenario_heal_after_timeout() {
+    csi_start 3 5 || { result heal-after-timeout FAIL "could not start"; csi_stop; return; }
+    ID=$(ctl create late --size 64M | awk '/^volume:/ {print $2}')
+    URI=$(ctl publish --node vm-node "$ID" 2>/dev/null | grep '^nbd://')
+    STG=$CSI/staging/late TGT=$CSI/pods/late
+    out=$($CLIENT "$CSI/node.sock" stage "$ID" "$STG" "$URI" --block)
+    out2=$($CLIENT "$CSI/node.sock" publish "$ID" "$STG" "$TGT" --block)
+    stats() { $CLIENT "$CSI/node.sock" stats "$ID" "$TGT" | grep -o 'VolumeCondition {[^}]*}'; }
+    c1=$(stats)
+    dd if=/dev/urandom of=/tmp/p1 bs=64k count=16 2>/dev/null
+    kill -9 "$CP"; wait "$CP" 2>/dev/null
+    ms0=$(now_ms)
+    dd if=/tmp/p1 of="$TGT" bs=64k conv=fsync 2>/dev/null && failed_io=n || failed_io=y
+    ms=$(($(now_ms) - ms0))
+    sleep 3
+    c2=$(stats)
+    start_controller
+    ms0=$(now_ms)
+    i=0
+    while ! stats | grep -q 'abnormal: false' && [ $i -lt 300 ]; do usleep 100000; i=$((i + 1)); done
+    back_ms=$(($(now_ms) - ms0))
+    c3=$(stats)
+    dd if=/tmp/p1 of="$TGT" bs=64k conv=fsync 2>/dev/null && wrote=y || wrote=n
+    echo 3 > /proc/sys/vm/drop_caches
+    dd if="$TGT" of=/tmp/p2 bs=64k count=16 2>/dev/null
+    cmp -s /tmp/p1 /tmp/p2 && same=y || same=n
+    $CLIENT "$CSI/node.sock" unpublish "$ID" "$TGT" >/dev/null
+    out3=$($CLIENT "$CSI/node.sock" unstage "$ID" "$STG")
+    csi_stop
+    detail="write with the server gone failed=$failed_io after ${ms} ms; condition before: $c1; while gone: $c2; back after ~${back_ms} ms: $c3; write+read back after: wrote=$wrote same=$same; unstage: $(echo "$out3" | cut -c1-20)"
+    if echo "$out $out2" | grep -q '^ok.*ok' && echo "$c1" | grep -q 'abnormal: false' && [ "$failed_io" = y ] &&
+        echo "$c2" | grep -q 'abnormal: true.*I/O fails until reconnecting succeeds' && echo "$c3" | grep -q 'abnormal: false' &&
+        [ "$wrote" = y ] && [ "$same" = y ] && echo "$out3" | grep -q '^ok' && [ "$(leftover)" = 0 ]; then
+        result heal-after-timeout PASS "$detail"
+    else
+        result heal-after-timeout FAIL "$detail; stage: $out $out2"
+        grep -aE 'ERROR|WARN' "$CSI/node.log" | tail -8 | sed 's/^/vm: node: /'
+    fi
+}
+
+for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl heal expand dead_server fio_controller_kill fio_plugin_kill reconcile heal_after_timeout sanity_mount sanity_block}" | tr , " "); do
     t0=$(cut -d. -f1 /proc/uptime)
     "scenario_$s"
     echo "vm: scenario $s took $(($(cut -d. -f1 /proc/uptime) - t0)) s"

@@ -31,6 +31,7 @@ pub fn plugin_capabilities() -> GetPluginCapabilitiesResponse {
 
 #[tonic::async_trait]
 impl Identity for IdentityService {
+    #[tracing::instrument(err, skip_all)]
     async fn get_plugin_info(
         &self,
         _: Request<GetPluginInfoRequest>,
@@ -42,6 +43,7 @@ impl Identity for IdentityService {
         }))
     }
 
+    #[tracing::instrument(err, skip_all)]
     async fn get_plugin_capabilities(
         &self,
         _: Request<GetPluginCapabilitiesRequest>,
@@ -49,6 +51,7 @@ impl Identity for IdentityService {
         Ok(Response::new(plugin_capabilities()))
     }
 
+    #[tracing::instrument(err, skip_all)]
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
         Ok(Response::new(ProbeResponse { ready: Some(true) }))
     }

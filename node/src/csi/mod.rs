@@ -27,8 +27,8 @@ pub struct NodeInfo {
 }
 
 pub fn status(e: Error) -> Status {
+    // Logged once, with the RPC's span, by `#[tracing::instrument(err)]`.
     let message = e.chain();
-    tracing::warn!(kind = %e.kind, error = %message, "request failed");
     match e.kind {
         ErrorKind::InvalidArgument => Status::invalid_argument(message),
         ErrorKind::NotFound => Status::not_found(message),

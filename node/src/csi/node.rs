@@ -43,6 +43,7 @@ fn read_only_context(ctx: &std::collections::HashMap<String, String>) -> bool {
 
 #[tonic::async_trait]
 impl Node for NodeService {
+    #[tracing::instrument(err, skip_all, fields(volume.id = %req.get_ref().volume_id))]
     async fn node_stage_volume(
         &self,
         req: Request<NodeStageVolumeRequest>,
@@ -61,6 +62,7 @@ impl Node for NodeService {
         Ok(Response::new(NodeStageVolumeResponse {}))
     }
 
+    #[tracing::instrument(err, skip_all, fields(volume.id = %req.get_ref().volume_id))]
     async fn node_unstage_volume(
         &self,
         req: Request<NodeUnstageVolumeRequest>,
@@ -71,6 +73,7 @@ impl Node for NodeService {
         Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
 
+    #[tracing::instrument(err, skip_all, fields(volume.id = %req.get_ref().volume_id))]
     async fn node_publish_volume(
         &self,
         req: Request<NodePublishVolumeRequest>,
@@ -91,6 +94,7 @@ impl Node for NodeService {
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 
+    #[tracing::instrument(err, skip_all, fields(volume.id = %req.get_ref().volume_id))]
     async fn node_unpublish_volume(
         &self,
         req: Request<NodeUnpublishVolumeRequest>,
@@ -100,6 +104,7 @@ impl Node for NodeService {
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
+    #[tracing::instrument(err, skip_all, fields(volume.id = %req.get_ref().volume_id))]
     async fn node_get_volume_stats(
         &self,
         req: Request<NodeGetVolumeStatsRequest>,
@@ -111,12 +116,8 @@ impl Node for NodeService {
         let path = Path::new(&r.volume_path);
         let meta =
             std::fs::metadata(path).map_err(|_| Status::not_found(format!("{} does not exist", r.volume_path)))?;
-        let device = self.volumes.device_of(&r.volume_id).map_err(status)?;
-        let condition = match device {
-            Some((_, true)) => VolumeCondition { abnormal: false, message: "connected".into() },
-            Some((index, false)) => VolumeCondition { abnormal: true, message: format!("nbd{index} is disconnected") },
-            None => VolumeCondition { abnormal: true, message: "no NBD device for this volume".into() },
-        };
+        let (device, (abnormal, message)) = self.volumes.condition(&r.volume_id).map_err(status)?;
+        let condition = VolumeCondition { abnormal, message };
         let usage = if meta.is_dir() {
             let (b, i) = fsutil::usage(path).map_err(status)?;
             let u = |v: [u64; 3], unit: Unit| VolumeUsage {
@@ -127,12 +128,13 @@ impl Node for NodeService {
             };
             vec![u(b, Unit::Bytes), u(i, Unit::Inodes)]
         } else {
-            let size = device.and_then(|(i, _)| self.volumes.attacher.sysfs().size_bytes(i)).unwrap_or(0);
+            let size = device.and_then(|i| self.volumes.attacher.sysfs().size_bytes(i)).unwrap_or(0);
             vec![VolumeUsage { total: size as i64, available: 0, used: 0, unit: Unit::Bytes as i32 }]
         };
         Ok(Response::new(NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) }))
     }
 
+    #[tracing::instrument(err, skip_all, fields(volume.id = %req.get_ref().volume_id))]
     async fn node_expand_volume(
         &self,
         req: Request<NodeExpandVolumeRequest>,
@@ -146,6 +148,7 @@ impl Node for NodeService {
         Ok(Response::new(NodeExpandVolumeResponse { capacity_bytes: size as i64 }))
     }
 
+    #[tracing::instrument(err, skip_all)]
     async fn node_get_capabilities(
         &self,
         _: Request<NodeGetCapabilitiesRequest>,
@@ -164,6 +167,7 @@ impl Node for NodeService {
         Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
     }
 
+    #[tracing::instrument(err, skip_all)]
     async fn node_get_info(&self, _: Request<NodeGetInfoRequest>) -> Result<Response<NodeGetInfoResponse>, Status> {
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.info.node_id.clone(),

@@ -16,6 +16,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY nbd nbd
 COPY proto proto
+COPY events events
 COPY controller controller
 COPY node node
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

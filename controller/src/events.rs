@@ -8,23 +8,17 @@
 //! no claim. The PV is the one csi-provisioner created for the volume: it is
 //! named after the CreateVolume name (csi-provisioner uses the PV name as
 //! the volume name) and must point at this driver and volume id; volumes
-//! without such a PV (made with the CLI, say) get no Event. A repeat of the
-//! same Event within [`SERIES_WINDOW`] updates the first one's `series`
-//! instead of creating another, as client-go's recorder does.
+//! without such a PV (made with the CLI, say) get no Event. Repeats count in
+//! the first Event's series ([`csi_events`]).
 //!
 //! Recording is best effort: it runs in the background and a failure is
 //! logged, never returned to the RPC.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
+use csi_events::{Recorder, WarningEvent};
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume};
-use k8s_openapi::api::events::v1::{Event, EventSeries};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::Timestamp;
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
 
 use crate::driver::Driver;
 use crate::error::Error;
@@ -35,12 +29,6 @@ use crate::kube::Nodes;
 pub const ATTACH_REFUSED: &str = "AttachRefused";
 /// A stored volume's NBD server does not run (it is retried in the background).
 pub const SERVER_DOWN: &str = "VolumeServerDown";
-/// Repeats within this window count in the first Event's series.
-pub const SERIES_WINDOW: Duration = Duration::from_secs(10 * 60);
-/// The API server's limit on `note`.
-const MAX_NOTE: usize = 1024;
-/// Remembered Events, at most; older ones are forgotten first.
-const MAX_REMEMBERED: usize = 1024;
 
 /// One warning about a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,29 +49,8 @@ pub struct Warning {
 pub struct Events(Option<Arc<Inner>>);
 
 struct Inner {
-    client: kube::Client,
+    recorder: Recorder,
     driver_name: String,
-    controller: String,
-    instance: String,
-    seen: Mutex<HashMap<Key, Seen>>,
-    /// One recording at a time, so that concurrent repeats (csi-attacher
-    /// may retry at once) find the first Event instead of making another.
-    recording: tokio::sync::Mutex<()>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
-    namespace: String,
-    regarding: String,
-    reason: &'static str,
-    note: String,
-}
-
-#[derive(Debug, Clone)]
-struct Seen {
-    name: String,
-    count: i32,
-    first: Instant,
 }
 
 impl std::fmt::Debug for Events {
@@ -100,17 +67,6 @@ fn hostname() -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
-fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-    s
-}
-
 impl Events {
     /// Events through the same Kubernetes client as node lookups, if any.
     pub fn new(nodes: &Nodes, driver_name: &str) -> Self {
@@ -121,15 +77,10 @@ impl Events {
     }
 
     pub fn with_client(client: kube::Client, driver_name: &str, host: &str) -> Self {
-        Self(Some(Arc::new(Inner {
-            client,
-            driver_name: driver_name.to_string(),
-            // A qualified name, as events.k8s.io/v1 requires.
-            controller: format!("{driver_name}/controller"),
-            instance: truncate(format!("nbd-csi-controller-{host}"), 128),
-            seen: Mutex::new(HashMap::new()),
-            recording: tokio::sync::Mutex::new(()),
-        })))
+        // A qualified reportingController, as events.k8s.io/v1 requires.
+        let recorder =
+            Recorder::new(client, format!("{driver_name}/controller"), &format!("nbd-csi-controller-{host}"));
+        Self(Some(Arc::new(Inner { recorder, driver_name: driver_name.to_string() })))
     }
 
     /// Records `warning` in the background.
@@ -155,8 +106,7 @@ impl Events {
     /// Kubernetes access or no PV of this driver for the volume.
     pub async fn record(&self, warning: &Warning) -> Result<Option<String>, kube::Error> {
         let Some(inner) = &self.0 else { return Ok(None) };
-        let _one_at_a_time = inner.recording.lock().await;
-        let pvs: Api<PersistentVolume> = Api::all(inner.client.clone());
+        let pvs: Api<PersistentVolume> = Api::all(inner.recorder.client().clone());
         let Some(pv) = pvs.get_opt(&warning.pv_name).await? else { return Ok(None) };
         let csi = pv.spec.as_ref().and_then(|s| s.csi.as_ref());
         if !csi.is_some_and(|c| c.driver == inner.driver_name && c.volume_handle == warning.volume_id) {
@@ -196,87 +146,15 @@ impl Events {
             None if claim.is_some() => Some(pv_ref),
             None => None,
         };
-        let note = truncate(warning.note.clone(), MAX_NOTE);
-        let key = Key {
-            namespace: namespace.clone(),
-            regarding: format!(
-                "{}/{}",
-                regarding.kind.as_deref().unwrap_or(""),
-                regarding.name.as_deref().unwrap_or("")
-            ),
-            reason: warning.reason,
-            note: note.clone(),
-        };
-        let events: Api<Event> = Api::namespaced(inner.client.clone(), &namespace);
-        let now = Timestamp::now();
-        if let Some(seen) = inner.repeat(&key) {
-            let patch = serde_json::json!({
-                "series": EventSeries { count: seen.count, last_observed_time: MicroTime(now) }
-            });
-            match events.patch(&seen.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-                Ok(_) => return Ok(Some(seen.name)),
-                // Expired or deleted: record it anew.
-                Err(kube::Error::Api(status)) if status.code == 404 => inner.forget(&key),
-                Err(e) => return Err(e),
-            }
-        }
-        let event = Event {
-            metadata: ObjectMeta {
-                // client-go's naming: the object's name and the time in hex
-                // (a generateName of "NAME." is not a valid prefix).
-                name: Some(format!("{}.{:x}", regarding.name.as_deref().unwrap_or("volume"), now.as_nanosecond())),
-                namespace: Some(namespace),
-                ..Default::default()
-            },
-            event_time: Some(MicroTime(now)),
-            type_: Some("Warning".into()),
-            reason: Some(warning.reason.into()),
-            action: Some(warning.action.into()),
-            note: Some(note),
-            regarding: Some(regarding),
+        let event = WarningEvent {
+            namespace,
+            regarding,
             related,
-            reporting_controller: Some(inner.controller.clone()),
-            reporting_instance: Some(inner.instance.clone()),
-            ..Default::default()
+            reason: warning.reason,
+            action: warning.action,
+            note: warning.note.clone(),
         };
-        let created = events.create(&PostParams::default(), &event).await?;
-        let name = created.metadata.name.unwrap_or_default();
-        inner.remember(key, name.clone());
-        Ok(Some(name))
-    }
-}
-
-impl Inner {
-    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Seen>> {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The Event to count `key` in, with its new count, when it was first
-    /// recorded within the window.
-    fn repeat(&self, key: &Key) -> Option<Seen> {
-        let mut seen = self.seen();
-        let entry = seen.get_mut(key)?;
-        if entry.first.elapsed() > SERIES_WINDOW {
-            seen.remove(key);
-            return None;
-        }
-        entry.count += 1;
-        Some(entry.clone())
-    }
-
-    fn forget(&self, key: &Key) {
-        self.seen().remove(key);
-    }
-
-    fn remember(&self, key: Key, name: String) {
-        let mut seen = self.seen();
-        seen.retain(|_, s| s.first.elapsed() <= SERIES_WINDOW);
-        if seen.len() >= MAX_REMEMBERED
-            && let Some(oldest) = seen.iter().min_by_key(|(_, s)| s.first).map(|(k, _)| k.clone())
-        {
-            seen.remove(&oldest);
-        }
-        seen.insert(key, Seen { name, count: 1, first: Instant::now() });
+        inner.recorder.record(event).await.map(Some)
     }
 }
 
@@ -314,17 +192,16 @@ impl Driver {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
-    use http::{Method, Request, Response, StatusCode};
-    use kube::client::Body;
+    use csi_events::mock_api::{self, ApiHandle, json_body as body, reply};
+    use http::{Method, StatusCode};
     use serde_json::{Value, json};
-    use tower_test::mock::{Handle, SendResponse};
 
-    type MockHandle = Handle<Request<Body>, Response<Body>>;
-
-    fn events() -> (Events, MockHandle) {
-        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        (Events::with_client(kube::Client::new(service, "default"), "nbd.csi.dev", "host-1"), handle)
+    fn events() -> (Events, ApiHandle) {
+        let (client, handle) = mock_api::client();
+        (Events::with_client(client, "nbd.csi.dev", "host-1"), handle)
     }
 
     fn warning() -> Warning {
@@ -351,18 +228,7 @@ mod tests {
         pv
     }
 
-    fn reply(send: SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
-        let mut response = Response::new(Body::from(serde_json::to_vec(body).unwrap()));
-        *response.status_mut() = status;
-        send.send_response(response);
-    }
-
-    async fn body(request: Request<Body>) -> Value {
-        let bytes = request.into_body().collect_bytes().await.unwrap();
-        serde_json::from_slice(&bytes).unwrap()
-    }
-
-    async fn expect_pv_get(handle: &mut MockHandle, pv: &Value) {
+    async fn expect_pv_get(handle: &mut ApiHandle, pv: &Value) {
         let (request, send) = handle.next_request().await.expect("PV lookup");
         assert_eq!(request.method(), Method::GET);
         assert_eq!(request.uri().path(), "/api/v1/persistentvolumes/pvc-1234");
@@ -425,9 +291,7 @@ mod tests {
             expect_pv_get(&mut handle, &pv("vol-1", true)).await;
             let (request, send) = handle.next_request().await.expect("event patch");
             assert_eq!(request.method(), Method::PATCH);
-            let status =
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
-            reply(send, StatusCode::NOT_FOUND, &status);
+            reply(send, StatusCode::NOT_FOUND, &mock_api::status(404, "NotFound", "not found"));
             let (request, send) = handle.next_request().await.expect("event create again");
             assert_eq!(request.method(), Method::POST);
             assert!(body(request).await.get("series").is_none());
@@ -467,9 +331,7 @@ mod tests {
             expect_pv_get(&mut handle, &pv("vol-other", true)).await;
             // No PV at all.
             let (_, send) = handle.next_request().await.expect("PV lookup");
-            let status =
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
-            reply(send, StatusCode::NOT_FOUND, &status);
+            reply(send, StatusCode::NOT_FOUND, &mock_api::status(404, "NotFound", "not found"));
             assert!(handle.next_request().await.is_none(), "no request after the lookups");
         });
         assert_eq!(events.record(&warning()).await.unwrap(), None);
@@ -496,14 +358,14 @@ mod tests {
         use csi_proto::volume_capability::access_mode::Mode;
 
         let dir = tempfile::tempdir().unwrap();
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let (client, mut handle) = mock_api::client();
         let config = Config {
             driver_name: "nbd.csi.dev".into(),
             advertise: "127.0.0.1".parse().unwrap(),
             listen: "127.0.0.1".parse().unwrap(),
             ports: 26900..=26931,
         };
-        let nodes = Nodes::Kubernetes(kube::Client::new(service, "default"));
+        let nodes = Nodes::Kubernetes(client);
         let driver = Driver::start(config, dir.path().join("data"), nodes).await.unwrap();
         let created =
             driver.create_volume(create_req("pvc-1234", 1 << 20, true, Mode::SingleNodeWriter)).await.unwrap();
@@ -538,13 +400,5 @@ mod tests {
         assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
         tokio::time::timeout(Duration::from_secs(10), server).await.expect("event recorded in time").unwrap();
         driver.shutdown().await;
-    }
-
-    #[test]
-    fn notes_are_cut_at_a_char_boundary() {
-        let note = "é".repeat(600);
-        let cut = truncate(note, MAX_NOTE);
-        assert_eq!(cut.len(), MAX_NOTE);
-        assert!(cut.chars().all(|c| c == 'é'));
     }
 }

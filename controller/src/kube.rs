@@ -89,12 +89,11 @@ pub async fn node_addresses(client: kube::Client, name: &str) -> Result<BTreeSet
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{Request, Response, StatusCode};
-    use kube::client::Body;
+    use csi_events::mock_api::{self, reply};
+    use http::StatusCode;
 
-    fn mock() -> (kube::Client, tower_test::mock::Handle<Request<Body>, Response<Body>>) {
-        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        (kube::Client::new(service, "default"), handle)
+    fn mock() -> (kube::Client, mock_api::ApiHandle) {
+        mock_api::client()
     }
 
     #[tokio::test]
@@ -113,7 +112,7 @@ mod tests {
                     {"type": "Hostname", "address": "worker-1"}
                 ]}
             });
-            send.send_response(Response::new(Body::from(serde_json::to_vec(&node).unwrap())));
+            reply(send, StatusCode::OK, &node);
         });
         let got = node_addresses(client, "worker-1").await.unwrap();
         let want: BTreeSet<IpAddr> = ["10.0.0.7".parse().unwrap(), "fd00::7".parse().unwrap()].into();
@@ -126,13 +125,7 @@ mod tests {
         let (client, mut handle) = mock();
         let server = tokio::spawn(async move {
             let (_, send) = handle.next_request().await.expect("one request");
-            let status = serde_json::json!({
-                "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "message": "nodes \"ghost\" not found", "reason": "NotFound", "code": 404
-            });
-            let mut response = Response::new(Body::from(serde_json::to_vec(&status).unwrap()));
-            *response.status_mut() = StatusCode::NOT_FOUND;
-            send.send_response(response);
+            reply(send, StatusCode::NOT_FOUND, &mock_api::status(404, "NotFound", "nodes \"ghost\" not found"));
         });
         let err = Nodes::Kubernetes(client).addresses("ghost").await.unwrap_err();
         assert_eq!(err.kind(), Kind::NotFound);

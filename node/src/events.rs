@@ -7,26 +7,19 @@
 //! object, in the "default" namespace as kubelet does, so
 //! `kubectl describe node` shows it. The reference's uid is the node name,
 //! kubelet's convention, which `kubectl describe node` looks for; no Node
-//! lookup (and no RBAC for one) is needed. A repeat of the same Event
-//! within [`SERIES_WINDOW`] updates the first one's `series` instead of
-//! creating another, as client-go's recorder does.
+//! lookup (and no RBAC for one) is needed. Repeats count in the first
+//! Event's series ([`csi_events`]).
 //!
 //! Kubernetes access comes from `--kubeconfig` or the in-cluster config;
 //! without either, recording is off. Recording runs in the background and
 //! a failure is only logged. Notes never hold the export name (the secret
 //! token in nbdUri).
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
+use csi_events::{Recorder, WarningEvent};
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::api::events::v1::{Event, EventSeries};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::Timestamp;
-use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::error::Error;
@@ -35,14 +28,8 @@ use crate::error::Error;
 pub const ATTACH_FAILED: &str = "AttachFailed";
 /// Healing could not reconnect a volume within the dead-connection timeout.
 pub const CONNECTION_LOST: &str = "ConnectionLost";
-/// Repeats within this window count in the first Event's series.
-pub const SERIES_WINDOW: Duration = Duration::from_secs(10 * 60);
 /// Events about cluster-scoped objects (a Node) live here.
 const NAMESPACE: &str = "default";
-/// The API server's limit on `note`.
-const MAX_NOTE: usize = 1024;
-/// Remembered Events, at most; older ones are forgotten first.
-const MAX_REMEMBERED: usize = 256;
 
 /// Records Events on this node's Node object when Kubernetes is reachable;
 /// does nothing otherwise.
@@ -50,36 +37,14 @@ const MAX_REMEMBERED: usize = 256;
 pub struct Events(Option<Arc<Inner>>);
 
 struct Inner {
-    client: kube::Client,
+    recorder: Recorder,
     node: String,
-    controller: String,
-    seen: Mutex<HashMap<(&'static str, String), Seen>>,
-    /// One recording at a time, so that a quick repeat finds the first Event.
-    recording: tokio::sync::Mutex<()>,
-}
-
-#[derive(Debug, Clone)]
-struct Seen {
-    name: String,
-    count: i32,
-    first: Instant,
 }
 
 impl std::fmt::Debug for Events {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.0.is_some() { "Events::Kubernetes" } else { "Events::Off" })
     }
-}
-
-fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-    s
 }
 
 /// `error`'s message and causes, with the export name blanked wherever a
@@ -120,14 +85,9 @@ impl Events {
     }
 
     pub fn with_client(client: kube::Client, driver_name: &str, node: &str) -> Self {
-        Self(Some(Arc::new(Inner {
-            client,
-            node: node.to_string(),
-            // A qualified name, as events.k8s.io/v1 requires.
-            controller: format!("{driver_name}/node"),
-            seen: Mutex::new(HashMap::new()),
-            recording: tokio::sync::Mutex::new(()),
-        })))
+        // A qualified reportingController, as events.k8s.io/v1 requires.
+        let recorder = Recorder::new(client, format!("{driver_name}/node"), node);
+        Self(Some(Arc::new(Inner { recorder, node: node.to_owned() })))
     }
 
     /// NodeStageVolume could not attach `volume_id`.
@@ -161,6 +121,8 @@ impl Events {
     }
 
     /// Records an Event now: its name, or `None` without Kubernetes access.
+    /// The reference's uid is the node name, kubelet's convention, which
+    /// `kubectl describe node` looks for.
     pub async fn record(
         &self,
         reason: &'static str,
@@ -168,116 +130,36 @@ impl Events {
         note: String,
     ) -> Result<Option<String>, kube::Error> {
         let Some(inner) = &self.0 else { return Ok(None) };
-        let _one_at_a_time = inner.recording.lock().await;
-        let note = truncate(note, MAX_NOTE);
-        let key = (reason, note.clone());
-        let events: Api<Event> = Api::namespaced(inner.client.clone(), NAMESPACE);
-        let now = Timestamp::now();
-        if let Some(seen) = inner.repeat(&key) {
-            let patch = serde_json::json!({
-                "series": EventSeries { count: seen.count, last_observed_time: MicroTime(now) }
-            });
-            match events.patch(&seen.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-                Ok(_) => return Ok(Some(seen.name)),
-                // Expired or deleted: record it anew.
-                Err(kube::Error::Api(status)) if status.code == 404 => inner.forget(&key),
-                Err(e) => return Err(e),
-            }
-        }
-        let event = Event {
-            metadata: ObjectMeta {
-                // client-go's naming: the object's name and the time in hex.
-                name: Some(format!("{}.{:x}", truncate(inner.node.clone(), 200), now.as_nanosecond())),
-                namespace: Some(NAMESPACE.into()),
-                ..Default::default()
-            },
-            event_time: Some(MicroTime(now)),
-            type_: Some("Warning".into()),
-            reason: Some(reason.into()),
-            action: Some(action.into()),
-            note: Some(note),
-            regarding: Some(ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Node".into()),
-                name: Some(inner.node.clone()),
-                uid: Some(inner.node.clone()),
-                ..Default::default()
-            }),
-            reporting_controller: Some(inner.controller.clone()),
-            reporting_instance: Some(truncate(inner.node.clone(), 128)),
+        let regarding = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(inner.node.clone()),
+            uid: Some(inner.node.clone()),
             ..Default::default()
         };
-        let created = events.create(&PostParams::default(), &event).await?;
-        let name = created.metadata.name.unwrap_or_default();
-        inner.remember(key, name.clone());
-        Ok(Some(name))
-    }
-}
-
-impl Inner {
-    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<(&'static str, String), Seen>> {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The Event to count `key` in, with its new count, when it was first
-    /// recorded within the window.
-    fn repeat(&self, key: &(&'static str, String)) -> Option<Seen> {
-        let mut seen = self.seen();
-        let entry = seen.get_mut(key)?;
-        if entry.first.elapsed() > SERIES_WINDOW {
-            seen.remove(key);
-            return None;
-        }
-        entry.count += 1;
-        Some(entry.clone())
-    }
-
-    fn forget(&self, key: &(&'static str, String)) {
-        self.seen().remove(key);
-    }
-
-    fn remember(&self, key: (&'static str, String), name: String) {
-        let mut seen = self.seen();
-        seen.retain(|_, s| s.first.elapsed() <= SERIES_WINDOW);
-        if seen.len() >= MAX_REMEMBERED
-            && let Some(oldest) = seen.iter().min_by_key(|(_, s)| s.first).map(|(k, _)| k.clone())
-        {
-            seen.remove(&oldest);
-        }
-        seen.insert(key, Seen { name, count: 1, first: Instant::now() });
+        let event = WarningEvent { namespace: NAMESPACE.into(), regarding, related: None, reason, action, note };
+        inner.recorder.record(event).await.map(Some)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::attach::{AttachSpec, Attached, Attacher};
     use crate::error::{ErrorKind, Result};
     use crate::state::StateDir;
     use crate::volumes::{Access, Settings, Volumes};
-    use http::{Method, Request, Response, StatusCode};
-    use kube::client::Body;
-    use serde_json::{Value, json};
-    use tower_test::mock::{Handle, SendResponse};
-
-    type MockHandle = Handle<Request<Body>, Response<Body>>;
+    use csi_events::mock_api::{self, ApiHandle, json_body as body, reply};
+    use http::{Method, StatusCode};
+    use serde_json::json;
 
     const TOKEN: &str = "s3cr3t-export-token";
 
-    fn events() -> (Events, MockHandle) {
-        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        (Events::with_client(kube::Client::new(service, "default"), "nbd.csi.dev", "worker-1"), handle)
-    }
-
-    fn reply(send: SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
-        let mut response = Response::new(Body::from(serde_json::to_vec(body).unwrap()));
-        *response.status_mut() = status;
-        send.send_response(response);
-    }
-
-    async fn body(request: Request<Body>) -> Value {
-        let bytes = request.into_body().collect_bytes().await.unwrap();
-        serde_json::from_slice(&bytes).unwrap()
+    fn events() -> (Events, ApiHandle) {
+        let (client, handle) = mock_api::client();
+        (Events::with_client(client, "nbd.csi.dev", "worker-1"), handle)
     }
 
     /// An attacher whose server refuses the export, naming it in the
@@ -383,59 +265,11 @@ mod tests {
         assert!(missing.0.is_none());
     }
 
-    #[tokio::test]
-    async fn repeats_count_in_the_series_and_expired_events_are_created_again() {
-        let (events, mut handle) = events();
-        let server = tokio::spawn(async move {
-            let (request, send) = handle.next_request().await.expect("event create");
-            assert_eq!(request.method(), Method::POST);
-            let mut created = body(request).await;
-            assert!(created.get("series").is_none());
-            created["metadata"]["name"] = json!("worker-1.17f3a");
-            reply(send, StatusCode::CREATED, &created);
-
-            let (request, send) = handle.next_request().await.expect("event patch");
-            assert_eq!(request.method(), Method::PATCH);
-            assert_eq!(request.uri().path(), "/apis/events.k8s.io/v1/namespaces/default/events/worker-1.17f3a");
-            assert_eq!(request.headers()["content-type"], "application/merge-patch+json");
-            let patch = body(request).await;
-            assert_eq!(patch["series"]["count"], 2);
-            assert!(patch["series"]["lastObservedTime"].as_str().is_some(), "{patch}");
-            reply(send, StatusCode::OK, &created);
-
-            let (request, send) = handle.next_request().await.expect("event patch");
-            assert_eq!(request.method(), Method::PATCH);
-            let status =
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404});
-            reply(send, StatusCode::NOT_FOUND, &status);
-            let (request, send) = handle.next_request().await.expect("event create again");
-            assert_eq!(request.method(), Method::POST);
-            let event = body(request).await;
-            assert!(event.get("series").is_none());
-            assert_eq!(event["reason"], "ConnectionLost");
-            reply(send, StatusCode::CREATED, &json!({"metadata": {"name": "worker-1.2", "namespace": "default"}}));
-        });
-        let note = || "volume vol-1 lost its NBD connection".to_string();
-        assert_eq!(
-            events.record(CONNECTION_LOST, "Reconnect", note()).await.unwrap().as_deref(),
-            Some("worker-1.17f3a")
-        );
-        assert_eq!(
-            events.record(CONNECTION_LOST, "Reconnect", note()).await.unwrap().as_deref(),
-            Some("worker-1.17f3a")
-        );
-        assert_eq!(events.record(CONNECTION_LOST, "Reconnect", note()).await.unwrap().as_deref(), Some("worker-1.2"));
-        server.await.unwrap();
-    }
-
     #[test]
-    fn notes_blank_the_export_and_are_cut_at_a_char_boundary() {
+    fn notes_blank_the_export() {
         let cause = std::io::Error::other(format!("no export {TOKEN}"));
         let err = Error::with_source(ErrorKind::Unavailable, "handshake with nbd://h:1/<export>", cause);
         assert_eq!(describe(&err, TOKEN), "handshake with nbd://h:1/<export>: no export <export>");
         assert_eq!(describe(&err, ""), err.chain());
-        let cut = truncate("é".repeat(600), MAX_NOTE);
-        assert_eq!(cut.len(), MAX_NOTE);
-        assert!(cut.chars().all(|c| c == 'é'));
     }
 }

@@ -10,6 +10,8 @@ mod events;
 mod fsutil;
 mod heal;
 mod health;
+#[cfg(test)]
+mod proptests;
 mod state;
 mod sys;
 mod uri;

@@ -93,7 +93,7 @@ log=$repo/target/vm-console.log
 mkdir -p "$repo/target"
 boot=$(date +%s)
 set +e
-timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 -accel tcg -m 1024 -smp 2 \
+timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 -accel tcg -m 1024 -smp 2,maxcpus=4 \
     -kernel "$cache/vmlinuz" -initrd "$cache/initrd.gz" \
     -append "console=ttyS0 panic=-1 quiet ${NBD_CSI_VM_APPEND:-}" \
     -nographic -no-reboot -net none </dev/null 2>&1 | tr -d '\r' | tee "$log" | grep --line-buffered -aoE '(RESULT|SUMMARY|BOOTED|vm:) .*'

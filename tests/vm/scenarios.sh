@@ -49,7 +49,9 @@ attach_check() {
     fi
 }
 
-CPUS=$(nproc)
+# blk-mq caps hardware queues at the number of possible CPUs; the VM boots
+# 2 (all the host has) of 4 possible, so 4 connections can show 4 queues.
+CPUS=$(awk -F- '{ print $NF + 1 }' /sys/devices/system/cpu/possible)
 min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 
 scenario_multi_conn() {
@@ -58,7 +60,6 @@ scenario_multi_conn() {
     p=$!
     wait_port 10809 || result multi-conn-ours FAIL "serve-file did not start"
     attach_check multi-conn-ours-2 nbd://127.0.0.1:10809/vol-mc vol-mc 10809 2 2 2
-    # blk-mq caps hardware queues at the CPU count; the sockets are all used.
     attach_check multi-conn-ours-4 nbd://127.0.0.1:10809/vol-mc vol-mc 10809 4 "$(min 4 "$CPUS")" 4
     kill $p; wait $p 2>/dev/null
 
@@ -77,7 +78,7 @@ scenario_multi_conn() {
     nbdkit --exit-with-parent -f -i 127.0.0.1 -p 10813 --filter=multi-conn memory 64M multi-conn-mode=plugin 2>/dev/null &
     p=$!
     wait_port 10813
-    attach_check multi-conn-nbdkit-plugin nbd://127.0.0.1:10813/ kit-on 10813 2 2 2
+    attach_check multi-conn-nbdkit-plugin nbd://127.0.0.1:10813/ kit-on 10813 4 "$(min 4 "$CPUS")" 4
     kill $p; wait $p 2>/dev/null
 
     # HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_CACHE (bit 10), bit 8 clear.

@@ -2,7 +2,8 @@
 //!
 //! Messages, enums, gRPC server traits and clients are generated at build
 //! time by `tonic-prost-build` from `csi.proto` (package `csi.v1`). Everything
-//! lives in [`v1`] and is re-exported at the crate root.
+//! lives in [`v1`] and is re-exported at the crate root. [`plugin`] holds
+//! what both nbd-csi binaries report about the plugin as a whole.
 
 /// Generated code for the `csi.v1` protobuf package.
 #[allow(
@@ -19,3 +20,5 @@ pub mod v1 {
 }
 
 pub use v1::*;
+
+pub mod plugin;

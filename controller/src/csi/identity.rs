@@ -3,11 +3,9 @@
 use std::sync::Arc;
 
 use csi_proto::identity_server::Identity;
-use csi_proto::plugin_capability::volume_expansion;
-use csi_proto::plugin_capability::{Service, Type, VolumeExpansion};
 use csi_proto::{
     GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse,
-    PluginCapability, ProbeRequest, ProbeResponse, plugin_capability,
+    ProbeRequest, ProbeResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -34,16 +32,6 @@ impl Driver {
     }
 }
 
-fn plugin_capabilities() -> GetPluginCapabilitiesResponse {
-    let service = PluginCapability {
-        r#type: Some(Type::Service(Service { r#type: plugin_capability::service::Type::ControllerService as i32 })),
-    };
-    let expansion = PluginCapability {
-        r#type: Some(Type::VolumeExpansion(VolumeExpansion { r#type: volume_expansion::Type::Online as i32 })),
-    };
-    GetPluginCapabilitiesResponse { capabilities: vec![service, expansion] }
-}
-
 #[tonic::async_trait]
 impl Identity for IdentityService {
     async fn get_plugin_info(
@@ -57,7 +45,7 @@ impl Identity for IdentityService {
         &self,
         _request: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
-        call(&self.0, "GetPluginCapabilities", async { Ok(plugin_capabilities()) }).await
+        call(&self.0, "GetPluginCapabilities", async { Ok(csi_proto::plugin::capabilities()) }).await
     }
 
     async fn probe(&self, _request: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {

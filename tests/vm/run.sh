@@ -15,7 +15,7 @@ start=$(date +%s)
 # Host tools. Both qemu packages come from the same suite (the candidate of
 # qemu-system-x86), or installing one would replace the other's version.
 need=()
-for pkg in qemu-system-x86 qemu-utils busybox-static cpio nbdkit e2fsprogs fio; do
+for pkg in qemu-system-x86 qemu-utils busybox-static cpio nbdkit e2fsprogs xfsprogs fio; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -23,18 +23,24 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     qemu_version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
     apt-get install -y -qq --no-install-recommends \
-        "qemu-system-x86=$qemu_version" "qemu-utils=$qemu_version" busybox-static cpio nbdkit e2fsprogs fio
+        "qemu-system-x86=$qemu_version" "qemu-utils=$qemu_version" busybox-static cpio nbdkit e2fsprogs xfsprogs fio
 fi
 
 # The kernel: the newest linux-image-6.1.0-N-amd64: vmlinuz, nbd.ko, and
-# ext4 with its dependencies (modules in Debian's kernel), in load order.
-modules="lib/crc16.ko fs/mbcache.ko fs/jbd2/jbd2.ko crypto/crc32c_generic.ko fs/ext4/ext4.ko drivers/block/nbd.ko"
-if [ ! -f "$cache/vmlinuz" ] || [ ! -f "$cache/modules/nbd.ko" ]; then
-    n=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' |
-        sed -E 's/^linux-image-6\.1\.0-([0-9]+)-amd64 .*/\1/' | sort -n | tail -1)
-    [ -n "$n" ] || { echo "no linux-image-6.1.0-N-amd64 in apt" >&2; exit 1; }
-    rm -rf "$cache/kernel" && mkdir -p "$cache/kernel"
-    (cd "$cache/kernel" && apt-get download "linux-image-6.1.0-$n-amd64" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+# ext4 and xfs with their dependencies (modules in Debian's kernel), in load
+# order. The package is kept, so a longer module list needs no download.
+modules="lib/crc16.ko fs/mbcache.ko fs/jbd2/jbd2.ko crypto/crc32c_generic.ko fs/ext4/ext4.ko lib/libcrc32c.ko fs/xfs/xfs.ko drivers/block/nbd.ko"
+missing=0
+for m in $modules; do [ -f "$cache/modules/$(basename "$m")" ] || missing=1; done
+if [ ! -f "$cache/vmlinuz" ] || [ "$missing" = 1 ]; then
+    if ! ls "$cache"/kernel/linux-image-*.deb >/dev/null 2>&1; then
+        n=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' |
+            sed -E 's/^linux-image-6\.1\.0-([0-9]+)-amd64 .*/\1/' | sort -n | tail -1)
+        [ -n "$n" ] || { echo "no linux-image-6.1.0-N-amd64 in apt" >&2; exit 1; }
+        rm -rf "$cache/kernel" && mkdir -p "$cache/kernel"
+        (cd "$cache/kernel" && apt-get download "linux-image-6.1.0-$n-amd64" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+    fi
+    rm -rf "$cache/kernel/x"
     dpkg-deb -x "$cache"/kernel/linux-image-*.deb "$cache/kernel/x"
     cp "$cache"/kernel/x/boot/vmlinuz-* "$cache/vmlinuz.tmp"
     rm -rf "$cache/modules.tmp" && mkdir -p "$cache/modules.tmp"
@@ -67,6 +73,7 @@ tools=(
     "$repo/target/release/examples/flag-server" "$repo/target/release/examples/csi-node-client"
     "$sanity_dir/bin/csi-sanity"
     "$(command -v mke2fs)" "$(command -v e2fsck)" "$(command -v resize2fs)" "$(command -v nbdkit)" "$(command -v fio)"
+    "$(command -v mkfs.xfs)" "$(command -v xfs_growfs)" "$(command -v xfs_repair)"
 )
 nbdkit_lib=/usr/lib/x86_64-linux-gnu/nbdkit
 extra=("$nbdkit_lib/plugins/nbdkit-memory-plugin.so" "$nbdkit_lib/plugins/nbdkit-file-plugin.so"

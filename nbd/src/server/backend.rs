@@ -54,6 +54,11 @@ impl Backend {
         self.size.load(Ordering::Acquire)
     }
 
+    /// The descriptor, for sendfile(2).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     pub fn resize(&self, size: u64) -> io::Result<()> {
         self.file.set_len(size)?;
         self.size.store(size, Ordering::Release);

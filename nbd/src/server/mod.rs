@@ -9,6 +9,7 @@ mod backend;
 mod gate;
 mod handshake;
 mod pool;
+mod sink;
 mod transmission;
 
 use std::fs::File;
@@ -29,6 +30,7 @@ use crate::consts::transmission_flags as tf;
 pub use access::{Access, Allowed};
 pub use backend::Backend;
 pub use gate::{WriteGate, WritesPaused};
+pub use sink::ReplySink;
 
 /// How long a stopping server waits for connections to send owed replies.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -180,7 +182,7 @@ async fn serve_halves<R, W>(
 ) -> crate::Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: ReplySink,
 {
     let negotiated = tokio::select! {
         negotiated = handshake::negotiate_with_timeout(&export, &mut rd, &mut wr) => negotiated?,

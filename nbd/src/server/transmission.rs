@@ -7,7 +7,9 @@
 //! channel; the writer drains everything that is ready and sends it with one
 //! write, so a queue of 128 requests costs a handful of syscalls, not 128.
 //! Memory is bounded by a per-connection byte budget that the reader must
-//! acquire before it allocates a payload.
+//! acquire before it allocates a payload. On a TCP socket, large READ data
+//! is not read by us at all: the writer hands it from the page cache to the
+//! socket with sendfile(2).
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use super::backend::nbd_errno;
 use super::handshake::{BASE_ALLOCATION_ID, Session};
 use super::pool::BufferPool;
+use super::sink::{ReplySink, send_file};
 use super::{Export, ExportStats};
 use crate::consts::{cmd, cmd_flags, errno, limits, reply_flags};
 use crate::error::{Error, Result};
@@ -30,8 +33,8 @@ const REPLY_QUEUE: usize = 512;
 const READ_BUFFER: usize = 256 << 10;
 /// Replies are gathered up to this size before a write.
 const WRITE_BATCH: usize = 1 << 20;
-/// Data at least this large goes out with writev instead of being copied
-/// into the batch buffer.
+/// Data at least this large goes out with sendfile (TCP) or writev instead
+/// of being copied into the batch buffer.
 const ZERO_COPY_THRESHOLD: usize = 64 << 10;
 /// FLUSH and FUA fdatasyncs one connection may have running at once.
 const FLUSHES_IN_FLIGHT: usize = 8;
@@ -43,6 +46,8 @@ enum Reply {
     Status { cookie: u64, error: u32, is_read: bool },
     /// A successful READ.
     Data { cookie: u64, offset: u64, buf: Vec<u8>, _permit: OwnedSemaphorePermit },
+    /// A READ the writer sends straight from the file (sendfile).
+    FileData { cookie: u64, offset: u64, len: usize },
     /// A successful BLOCK_STATUS for base:allocation.
     Extents { cookie: u64, extents: Vec<Extent> },
 }
@@ -54,6 +59,8 @@ struct Conn {
     budget: Arc<Semaphore>,
     flushes: Arc<Semaphore>,
     replies: mpsc::Sender<Reply>,
+    /// The writer can sendfile large READ data.
+    sendfile: bool,
 }
 
 pub async fn run<R, W>(
@@ -65,9 +72,10 @@ pub async fn run<R, W>(
 ) -> Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: ReplySink,
 {
     let (tx, rx) = mpsc::channel(REPLY_QUEUE);
+    let sendfile = wr.socket().is_some();
     let pool = Arc::new(BufferPool::default());
     let budget_units = export.config().connection_buffer_budget / BUDGET_UNIT;
     let writer = tokio::spawn(write_replies(Arc::clone(&export), session, wr, rx, Arc::clone(&pool)));
@@ -78,6 +86,7 @@ where
         budget: Arc::new(Semaphore::new(budget_units)),
         flushes: Arc::new(Semaphore::new(FLUSHES_IN_FLIGHT)),
         replies: tx,
+        sendfile,
     };
     let read_result = conn.read_requests(rd, &mut shutdown).await;
     drop(conn);
@@ -167,6 +176,11 @@ impl Conn {
             return self.status(&request, errno::EINVAL).await;
         }
         let len = request.length as usize;
+        if self.sendfile && len >= ZERO_COPY_THRESHOLD {
+            self.stats().reads.fetch_add(1, Ordering::Relaxed);
+            self.stats().bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+            return self.send(Reply::FileData { cookie: request.cookie, offset: request.offset, len }).await;
+        }
         let permit = self.acquire(len).await?;
         let mut buf = self.pool.take(len);
         if let Err(e) = self.export.backend.read(&mut buf, request.offset) {
@@ -313,7 +327,7 @@ impl Conn {
     }
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(
+async fn write_replies<W: ReplySink>(
     export: Arc<Export>,
     session: Session,
     mut wr: W,
@@ -334,6 +348,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                     write_all_vectored(&mut wr, &out, &buf).await?;
                     out.clear();
                     pool.give(buf);
+                }
+                Leftover::SendFile { offset, len } => {
+                    wr.write_all(&out).await?;
+                    out.clear();
+                    send_file_data(&mut wr, &export, &pool, offset, len).await?;
                 }
             }
             if out.len() >= WRITE_BATCH {
@@ -360,6 +379,32 @@ enum Leftover {
     Recycle(Vec<u8>),
     /// Large READ data to write right after the batch.
     SendAfter(Vec<u8>),
+    /// READ data to send from the file right after the batch.
+    SendFile {
+        offset: u64,
+        len: usize,
+    },
+}
+
+/// READ data from the file: sendfile on a TCP socket, else read and write.
+/// A failure here comes after the reply header, so it ends the connection.
+async fn send_file_data<W: ReplySink>(
+    wr: &mut W,
+    export: &Export,
+    pool: &BufferPool,
+    offset: u64,
+    len: usize,
+) -> io::Result<()> {
+    if let Some(socket) = wr.socket() {
+        return send_file(socket, export.backend.file(), offset, len).await;
+    }
+    let mut buf = pool.take(len);
+    let read = export.backend.read(&mut buf, offset);
+    if read.is_ok() {
+        wr.write_all(&buf).await?;
+    }
+    pool.give(buf);
+    read
 }
 
 /// Appends a reply to `out`; large READ data is left to be sent after it.
@@ -386,21 +431,35 @@ fn encode(out: &mut Vec<u8>, reply: Reply, session: Session) -> Leftover {
                     put_chunk(out, done, cookie, &Chunk::OffsetHole { offset, length });
                     return Leftover::Recycle(buf);
                 }
-                let length = (buf.len() + 8) as u32;
-                let header = ChunkHeader { flags: done, kind: crate::consts::reply_type::OFFSET_DATA, cookie, length };
-                out.extend_from_slice(&header.encode());
-                out.extend_from_slice(&offset.to_be_bytes());
-            } else {
-                out.extend_from_slice(&SimpleReply { error: 0, cookie }.encode());
             }
+            put_read_header(out, session, cookie, offset, buf.len());
             if buf.len() >= ZERO_COPY_THRESHOLD {
                 return Leftover::SendAfter(buf);
             }
             out.extend_from_slice(&buf);
             return Leftover::Recycle(buf);
         }
+        Reply::FileData { cookie, offset, len } => {
+            // Only large reads come this way: never empty, and not scanned
+            // for zeroes (that would mean reading them).
+            put_read_header(out, session, cookie, offset, len);
+            return Leftover::SendFile { offset, len };
+        }
     }
     Leftover::Nothing
+}
+
+/// What precedes `len` bytes of READ data: a simple reply, or the header
+/// of the one OFFSET_DATA chunk that ends the reply.
+fn put_read_header(out: &mut Vec<u8>, session: Session, cookie: u64, offset: u64, len: usize) {
+    if session.structured_replies {
+        let length = (len + 8) as u32;
+        let kind = crate::consts::reply_type::OFFSET_DATA;
+        out.extend_from_slice(&ChunkHeader { flags: reply_flags::DONE, kind, cookie, length }.encode());
+        out.extend_from_slice(&offset.to_be_bytes());
+    } else {
+        out.extend_from_slice(&SimpleReply { error: 0, cookie }.encode());
+    }
 }
 
 async fn write_all_vectored<W: AsyncWrite + Unpin>(wr: &mut W, a: &[u8], b: &[u8]) -> io::Result<()> {

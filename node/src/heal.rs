@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::attach::Attacher;
-use crate::attach::devices::is_driver_volume_id;
+use crate::attach::devices::{device_path, is_driver_volume_id};
 use crate::error::Result;
 use crate::events::{self, Events};
 use crate::health::Health;
@@ -201,6 +201,12 @@ fn remount_staging(state: &VolumeState) -> Result<()> {
         return Ok(());
     }
     let path = &state.staging_path;
+    if let Some(m) = mount::mount_at(path)?
+        && m.source != device_path(index).to_string_lossy()
+    {
+        tracing::warn!(volume = %state.volume_id, staging = %path.display(), source = %m.source, "staging path holds another mount; left alone");
+        return Ok(());
+    }
     volumes::mount_staging(index, path, &state.access, &state.mount_flags, state.read_only, false)?;
     tracing::info!(volume = %state.volume_id, index, staging = %path.display(), "filesystem mounted again");
     Ok(())

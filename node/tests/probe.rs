@@ -62,12 +62,20 @@ fn our_server_without_multi_conn_gets_one() {
     assert_ne!(flags & (1 << 10), 0);
 }
 
-struct Nbdkit(Child);
+/// One nbdkit at a time: two tests picking a free port at once can be given
+/// the same one, and the loser's probe would reach the winner's nbdkit.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+struct Nbdkit {
+    child: Child,
+    /// Released after the child is gone (fields drop after `drop`).
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
+}
 
 impl Drop for Nbdkit {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -76,8 +84,9 @@ fn free_port() -> u16 {
 }
 
 fn nbdkit(extra: &[&str]) -> (Nbdkit, u16) {
+    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let port = free_port();
-    let child = Command::new("nbdkit")
+    let mut child = Command::new("nbdkit")
         .args(["--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", &port.to_string()])
         .args(extra)
         .spawn()
@@ -85,9 +94,10 @@ fn nbdkit(extra: &[&str]) -> (Nbdkit, u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "nbdkit did not start");
+        assert!(child.try_wait().unwrap().is_none(), "nbdkit exited (port {port} taken?)");
         std::thread::sleep(Duration::from_millis(50));
     }
-    (Nbdkit(child), port)
+    (Nbdkit { child, _one_at_a_time: guard }, port)
 }
 
 #[test]

@@ -205,9 +205,9 @@ impl Driver {
         if let Some(volume) = state.volumes.get(id)
             && let Some(served) = &volume.served
         {
-            let closed = served.export.access().set_allowed(volumes::allowed(&volume.record.published));
+            let closed = volumes::apply_policy(&served.export, &volume.record.published);
             if closed > 0 {
-                tracing::info!(volume.id = %id, closed, "closed connections of revoked peers");
+                tracing::info!(volume.id = %id, closed, "closed connections of revoked peers, or of peers whose right to write changed");
             }
         }
     }

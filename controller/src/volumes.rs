@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 
-use nbd::server::{Allowed, Export, ExportConfig, Server};
+use nbd::server::{Allowed, Export, ExportConfig, ReadOnlyPeers, Server};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -22,18 +22,37 @@ pub struct Served {
     task: JoinHandle<io::Result<()>>,
 }
 
-/// Peers allowed by a volume's publications: nobody while it is not
+/// Who may connect, from a volume's publications: nobody while it is not
 /// published, anyone when a publication has no known addresses (no
-/// Kubernetes), else the union of the nodes' addresses.
-pub fn allowed(published: &BTreeMap<String, Publication>) -> Allowed {
+/// Kubernetes), else the union of the nodes' addresses. Nodes published
+/// read-only may only read; with unknown addresses that is enforced only
+/// when every publication is read-only.
+pub fn policy(published: &BTreeMap<String, Publication>) -> (Allowed, ReadOnlyPeers) {
     let mut set = BTreeSet::new();
+    let mut read_only = ReadOnlyPeers::default();
+    let mut unknown = false;
     for publication in published.values() {
         match &publication.addresses {
-            None => return Allowed::Any,
-            Some(addresses) => set.extend(addresses.iter().copied()),
+            None => unknown = true,
+            Some(addresses) => {
+                set.extend(addresses.iter().copied());
+                if publication.read_only {
+                    read_only.peers.extend(addresses.iter().copied());
+                }
+            }
         }
     }
-    Allowed::Only(set)
+    if unknown {
+        read_only.all = published.values().all(|p| p.read_only);
+        return (Allowed::Any, read_only);
+    }
+    (Allowed::Only(set), read_only)
+}
+
+/// Applies [`policy`] to an export; returns how many connections it closed.
+pub fn apply_policy(export: &Export, published: &BTreeMap<String, Publication>) -> usize {
+    let (allowed, read_only) = policy(published);
+    export.access().set_policy(allowed, read_only)
 }
 
 /// Opens the image and listens on `listen`:`record.port` (0 picks one).
@@ -43,7 +62,7 @@ pub async fn serve(image: &Path, record: &VolumeRecord, listen: IpAddr) -> io::R
     config.read_only = record.read_only;
     config.description = format!("nbd-csi volume {}", record.id);
     let export = Export::open(image, config)?;
-    export.access().set_allowed(allowed(&record.published));
+    apply_policy(&export, &record.published);
     let server = Server::bind(Arc::clone(&export), SocketAddr::new(listen, record.port)).await?;
     let addr = server.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
@@ -62,5 +81,40 @@ impl Served {
     pub async fn stop(mut self) -> io::Result<()> {
         drop(self.stop.take());
         (&mut self.task).await.map_err(io::Error::other)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publication(read_only: bool, addresses: Option<&[&str]>) -> Publication {
+        let addresses = addresses.map(|a| a.iter().map(|s| s.parse().unwrap()).collect());
+        Publication { read_only, access_mode: 5, addresses }
+    }
+
+    fn ips(list: &[&str]) -> BTreeSet<IpAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn policy_admits_published_nodes_and_marks_readers() {
+        let none = BTreeMap::new();
+        assert_eq!(policy(&none), (Allowed::Only(BTreeSet::new()), ReadOnlyPeers::default()));
+
+        let mut published = BTreeMap::new();
+        published.insert("a".to_string(), publication(false, Some(&["10.0.0.1"])));
+        published.insert("b".to_string(), publication(true, Some(&["10.0.0.2", "fd00::2"])));
+        let (allowed, read_only) = policy(&published);
+        assert_eq!(allowed, Allowed::Only(ips(&["10.0.0.1", "10.0.0.2", "fd00::2"])));
+        assert_eq!(read_only, ReadOnlyPeers { all: false, peers: ips(&["10.0.0.2", "fd00::2"]) });
+
+        // Unknown addresses: anyone may connect; read-only for all only
+        // when nobody may write.
+        let mut unknown = BTreeMap::new();
+        unknown.insert("a".to_string(), publication(true, None));
+        assert_eq!(policy(&unknown), (Allowed::Any, ReadOnlyPeers { all: true, peers: BTreeSet::new() }));
+        unknown.insert("b".to_string(), publication(false, None));
+        assert_eq!(policy(&unknown), (Allowed::Any, ReadOnlyPeers::default()));
     }
 }

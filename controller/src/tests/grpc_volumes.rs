@@ -109,6 +109,36 @@ async fn create_volume_validates_rounds_and_is_idempotent() {
     h.stop().await;
 }
 
+/// A read-only publication is enforced by the export, not only by the
+/// node's mount: the session is READ_ONLY and a write gets EPERM. Without
+/// node addresses (static nodes here) that holds while every publication
+/// is read-only.
+#[tokio::test]
+async fn read_only_publication_makes_the_export_refuse_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path()).await;
+    let mut c = h.controller().await;
+    let mode = Mode::MultiNodeMultiWriter;
+    let v = c.create_volume(create_req("ro", 4 * MIB, true, mode)).await.unwrap().into_inner().volume.unwrap();
+    let id = v.volume_id.clone();
+    let ctx = c.controller_publish_volume(publish_req(&id, NODE_A, true, mode, true)).await.unwrap().into_inner();
+    assert_eq!(ctx.publish_context["readOnly"], "true");
+    let (addr, name) = parse_uri(&ctx.publish_context["nbdUri"]);
+    let mut reader = Client::connect(&addr, &name).await.unwrap();
+    assert_ne!(reader.transmission_flags & nbd::transmission_flags::READ_ONLY, 0);
+    assert_eq!(reader.write(0, b"nope").await.unwrap(), nbd::errno::EPERM);
+    assert_eq!(reader.read(0, 4).await.unwrap(), [0u8; 4]);
+
+    // A writer joins: the reader's session was read-only and is closed (its
+    // flags cannot change); new sessions may write.
+    c.controller_publish_volume(publish_req(&id, NODE_B, true, mode, false)).await.unwrap();
+    assert!(reader.is_closed().await, "the policy change closes the read-only session");
+    let mut writer = Client::connect(&addr, &name).await.unwrap();
+    assert_eq!(writer.transmission_flags & nbd::transmission_flags::READ_ONLY, 0);
+    assert_eq!(writer.write(0, b"yes!").await.unwrap(), 0);
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn publish_guards_the_export_and_unpublish_revokes() {
     let dir = tempfile::tempdir().unwrap();

@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 pub struct Client {
     stream: TcpStream,
     pub size: u64,
+    pub transmission_flags: u16,
     cookie: u64,
 }
 
@@ -17,7 +18,7 @@ impl Client {
         let mut stream = TcpStream::connect(addr).await?;
         let opts = HandshakeOptions { export_name: export_name.into(), structured_replies: false };
         let export = handshake(&mut stream, &opts).await?;
-        Ok(Self { stream, size: export.size, cookie: 0 })
+        Ok(Self { stream, size: export.size, transmission_flags: export.transmission_flags, cookie: 0 })
     }
 
     async fn request(&mut self, command: u16, offset: u64, length: u32, payload: &[u8]) -> std::io::Result<u32> {

@@ -16,23 +16,31 @@ pub const BASE_ALLOCATION_ID: u32 = 1;
 /// What the client and server agreed on for the transmission phase.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Session {
+    /// The export is read-only, or this peer may only read.
+    pub read_only: bool,
     pub structured_replies: bool,
     /// `base:allocation` was selected with SET_META_CONTEXT.
     pub base_allocation: bool,
 }
 
 /// [`negotiate`] bounded by the export's handshake timeout.
-pub async fn negotiate_with_timeout<R, W>(export: &Export, rd: &mut R, wr: &mut W) -> Result<Option<Session>>
+pub async fn negotiate_with_timeout<R, W>(
+    export: &Export,
+    rd: &mut R,
+    wr: &mut W,
+    peer_read_only: bool,
+) -> Result<Option<Session>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let limit = export.config().handshake_timeout;
-    tokio::time::timeout(limit, negotiate(export, rd, wr)).await.map_err(|_| Error::HandshakeTimeout(limit))?
+    let negotiating = negotiate(export, rd, wr, peer_read_only);
+    tokio::time::timeout(limit, negotiating).await.map_err(|_| Error::HandshakeTimeout(limit))?
 }
 
 /// Runs the handshake. `Ok(None)`: the client aborted or went away cleanly.
-pub async fn negotiate<R, W>(export: &Export, rd: &mut R, wr: &mut W) -> Result<Option<Session>>
+pub async fn negotiate<R, W>(export: &Export, rd: &mut R, wr: &mut W, peer_read_only: bool) -> Result<Option<Session>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -46,7 +54,8 @@ where
         return Err(Error::Protocol(format!("unknown client flags {flags:#x}")));
     }
     let no_zeroes = flags & client_flags::C_NO_ZEROES != 0;
-    let mut haggle = Haggle { export, wr, session: Session::default() };
+    let session = Session { read_only: export.config().read_only || peer_read_only, ..Session::default() };
+    let mut haggle = Haggle { export, wr, session };
     let mut data = Vec::new();
     loop {
         let mut header = [0u8; OptionHeader::SIZE];
@@ -113,7 +122,9 @@ impl<W: AsyncWrite + Unpin> Haggle<'_, W> {
                 }
                 let reply = ExportNameReply {
                     size: self.export.size(),
-                    transmission_flags: self.export.transmission_flags(self.session.structured_replies),
+                    transmission_flags: self
+                        .export
+                        .transmission_flags(self.session.structured_replies, self.session.read_only),
                 };
                 self.wr.write_all(&reply.encode(no_zeroes)).await?;
                 self.wr.flush().await?;
@@ -160,7 +171,7 @@ impl<W: AsyncWrite + Unpin> Haggle<'_, W> {
         let config = self.export.config();
         let mut items = vec![InfoReply::Export {
             size: self.export.size(),
-            transmission_flags: self.export.transmission_flags(self.session.structured_replies),
+            transmission_flags: self.export.transmission_flags(self.session.structured_replies, self.session.read_only),
         }];
         if request.requests.contains(&info::NAME) {
             items.push(InfoReply::Name(config.name.clone()));

@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 
 use crate::consts::transmission_flags as tf;
 
-pub use access::{Access, Allowed};
+pub use access::{Access, Allowed, ReadOnlyPeers};
 pub use backend::Backend;
 pub use gate::{WriteGate, WritesPaused};
 pub use sink::ReplySink;
@@ -147,9 +147,9 @@ impl Export {
 
     /// The transmission flags for a session. SEND_DF is only set once
     /// structured replies are negotiated, as the spec requires.
-    pub fn transmission_flags(&self, structured_replies: bool) -> u16 {
+    pub fn transmission_flags(&self, structured_replies: bool, read_only: bool) -> u16 {
         let mut flags = tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_FUA | tf::SEND_CACHE;
-        if self.config.read_only {
+        if read_only {
             flags |= tf::READ_ONLY;
         } else {
             flags |= tf::SEND_TRIM | tf::SEND_WRITE_ZEROES | tf::SEND_FAST_ZERO;
@@ -171,13 +171,15 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
-    serve_halves(export, rd, wr, shutdown).await
+    serve_halves(export, rd, wr, false, shutdown).await
 }
 
+/// `peer_read_only`: the peer may only read, even if the export is writable.
 async fn serve_halves<R, W>(
     export: Arc<Export>,
     mut rd: R,
     mut wr: W,
+    peer_read_only: bool,
     mut shutdown: watch::Receiver<bool>,
 ) -> crate::Result<()>
 where
@@ -185,7 +187,7 @@ where
     W: ReplySink,
 {
     let negotiated = tokio::select! {
-        negotiated = handshake::negotiate_with_timeout(&export, &mut rd, &mut wr) => negotiated?,
+        negotiated = handshake::negotiate_with_timeout(&export, &mut rd, &mut wr, peer_read_only) => negotiated?,
         Ok(_) = shutdown.wait_for(|stop| *stop) => return Ok(()),
     };
     let Some(session) = negotiated else {
@@ -194,11 +196,16 @@ where
     transmission::run(export, session, rd, wr, shutdown).await
 }
 
-async fn serve_tcp(export: Arc<Export>, stream: TcpStream, shutdown: watch::Receiver<bool>) -> crate::Result<()> {
+async fn serve_tcp(
+    export: Arc<Export>,
+    stream: TcpStream,
+    read_only: bool,
+    shutdown: watch::Receiver<bool>,
+) -> crate::Result<()> {
     // Replies are batched by the writer; Nagle would only add latency.
     stream.set_nodelay(true)?;
     let (rd, wr) = stream.into_split();
-    serve_halves(export, rd, wr, shutdown).await
+    serve_halves(export, rd, wr, read_only, shutdown).await
 }
 
 /// A listening export server.
@@ -251,7 +258,8 @@ impl Server {
                     connections.spawn(async move {
                         export.stats.connections.fetch_add(1, Ordering::Relaxed);
                         let serving = Arc::clone(&export);
-                        let result = ticket.run(stop, |stop| serve_tcp(serving, stream, stop)).await;
+                        let read_only = ticket.read_only();
+                        let result = ticket.run(stop, |stop| serve_tcp(serving, stream, read_only, stop)).await;
                         export.stats.connections.fetch_sub(1, Ordering::Relaxed);
                         match result {
                             Ok(()) => tracing::debug!(%peer, "client disconnected"),

@@ -211,7 +211,7 @@ impl Conn {
         rd.read_exact(&mut buf).await?;
         let error = if !self.flags_valid(&request, 0) {
             errno::EINVAL
-        } else if self.export.config().read_only {
+        } else if self.session.read_only {
             errno::EPERM
         } else if out_of_range(request.offset, request.length, self.export.size()) {
             errno::ENOSPC
@@ -267,7 +267,7 @@ impl Conn {
 
     async fn other(&self, request: Request) -> Result<()> {
         let size = self.export.size();
-        let read_only = self.export.config().read_only;
+        let read_only = self.session.read_only;
         let backend = &self.export.backend;
         let (offset, len) = (request.offset, u64::from(request.length));
         let changes_data = matches!(request.command, cmd::TRIM | cmd::WRITE_ZEROES);

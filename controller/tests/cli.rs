@@ -55,6 +55,13 @@ fn qemu_io(uri: &str, command: &str) -> String {
     out
 }
 
+/// qemu-io opening the image read-only (`-r`).
+fn qemu_io_read_only(uri: &str, command: &str) -> String {
+    let out = run_ok(tool("qemu-io").args(["-r", "-f", "raw", uri, "-c", command]), QUICK);
+    assert!(!out.contains("failed"), "qemu-io -r {command:?} on {uri}: {out}");
+    out
+}
+
 #[test]
 fn cli_drives_a_controller_started_with_defaults() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -115,7 +122,12 @@ fn cli_drives_a_controller_started_with_defaults() {
     let published = cli_json(cwd, &["volume", "publish", &restored_id, "--node", "node-1", "--readonly"]);
     let restored_uri = published["publish_context"]["nbdUri"].as_str().expect("nbdUri").to_string();
     assert_eq!(published["publish_context"]["readOnly"], "true");
-    qemu_io(&restored_uri, "read -P 0x5a 0 1M");
+    qemu_io_read_only(&restored_uri, "read -P 0x5a 0 1M");
+    // The export itself is read-only for that publication: qemu cannot
+    // open it for writing.
+    let rw = tool("qemu-io").args(["-f", "raw", &restored_uri, "-c", "write -P 0x11 0 4k"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&rw.stderr);
+    assert!(!rw.status.success() && stderr.contains("Permission denied"), "{stderr}");
     qemu_io(&uri, "read -P 0x77 0 1M");
 
     // list and get show names, sizes, nodes, condition.

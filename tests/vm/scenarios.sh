@@ -21,6 +21,13 @@ wait_port() { # port: wait until something listens on 127.0.0.1:port
     done
 }
 
+serve() { # port command...: a server in the background (its pid in $p), up once the port listens
+    port=$1; shift
+    "$@" 2>/tmp/serve.log &
+    p=$!
+    wait_port "$port"
+}
+
 established_to() { # port: client-side ESTABLISHED TCP connections to it
     hex=$(printf '%04X' "$1")
     awk -v p=":$hex" 'NR > 1 && substr($3, length($3) - 4) == p && $4 == "01"' /proc/net/tcp | wc -l
@@ -56,35 +63,25 @@ min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 
 scenario_multi_conn() {
     truncate -s 64M /tmp/mc.img
-    $CTRL serve-file /tmp/mc.img --listen 127.0.0.1:10809 --export-name vol-mc 2>/tmp/serve.log &
-    p=$!
-    wait_port 10809 || result multi-conn-ours FAIL "serve-file did not start"
+    serve 10809 $CTRL serve-file /tmp/mc.img --listen 127.0.0.1:10809 --export-name vol-mc || result multi-conn-ours FAIL "serve-file did not start"
     attach_check multi-conn-ours-2 nbd://127.0.0.1:10809/vol-mc vol-mc 10809 2 2 2
     attach_check multi-conn-ours-4 nbd://127.0.0.1:10809/vol-mc vol-mc 10809 4 "$(min 4 "$CPUS")" 4
     kill $p; wait $p 2>/dev/null
 
-    $CTRL serve-file /tmp/mc.img --listen 127.0.0.1:10810 --export-name vol-nomc --no-multi-conn 2>/tmp/serve.log &
-    p=$!
-    wait_port 10810
+    serve 10810 $CTRL serve-file /tmp/mc.img --listen 127.0.0.1:10810 --export-name vol-nomc --no-multi-conn
     attach_check single-conn-ours-no-multi-conn nbd://127.0.0.1:10810/vol-nomc vol-nomc 10810 4 1 1
     kill $p; wait $p 2>/dev/null
 
-    nbdkit --exit-with-parent -f -i 127.0.0.1 -p 10812 --filter=multi-conn memory 64M multi-conn-mode=disable 2>/dev/null &
-    p=$!
-    wait_port 10812
+    serve 10812 nbdkit --exit-with-parent -f -i 127.0.0.1 -p 10812 --filter=multi-conn memory 64M multi-conn-mode=disable
     attach_check single-conn-nbdkit-multi-conn-disable nbd://127.0.0.1:10812/ kit-off 10812 4 1 1
     kill $p; wait $p 2>/dev/null
 
-    nbdkit --exit-with-parent -f -i 127.0.0.1 -p 10813 --filter=multi-conn memory 64M multi-conn-mode=plugin 2>/dev/null &
-    p=$!
-    wait_port 10813
+    serve 10813 nbdkit --exit-with-parent -f -i 127.0.0.1 -p 10813 --filter=multi-conn memory 64M multi-conn-mode=plugin
     attach_check multi-conn-nbdkit-plugin nbd://127.0.0.1:10813/ kit-on 10813 4 "$(min 4 "$CPUS")" 4
     kill $p; wait $p 2>/dev/null
 
     # HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_CACHE (bit 10), bit 8 clear.
-    flag-server --listen 127.0.0.1:10811 --size 67108864 --flags 0x040d 2>/dev/null &
-    p=$!
-    wait_port 10811
+    serve 10811 flag-server --listen 127.0.0.1:10811 --size 67108864 --flags 0x040d
     attach_check single-conn-send-cache-bit-10 nbd://127.0.0.1:10811/ flags-10 10811 4 1 1
     kill $p; wait $p 2>/dev/null
 }
@@ -92,9 +89,7 @@ scenario_multi_conn() {
 scenario_flush() {
     # Our server: after sync the bytes are in the backing file.
     truncate -s 64M /tmp/flush.img
-    $CTRL serve-file /tmp/flush.img --listen 127.0.0.1:10820 --export-name vol-fl 2>/tmp/serve.log &
-    p=$!
-    wait_port 10820
+    serve 10820 $CTRL serve-file /tmp/flush.img --listen 127.0.0.1:10820 --export-name vol-fl
     dev=$($NODE attach nbd://127.0.0.1:10820/vol-fl --backend-id vol-fl --connections 2 2>/tmp/err | field device)
     idx=${dev#/dev/nbd}
     wc=$(cat "/sys/block/nbd$idx/queue/write_cache" 2>/dev/null)
@@ -111,9 +106,7 @@ scenario_flush() {
     kill $p; wait $p 2>/dev/null
 
     # nbdkit's log filter shows the FLUSH command itself arriving.
-    nbdkit --exit-with-parent -f -i 127.0.0.1 -p 10821 --filter=log memory 64M logfile=/tmp/kit.log 2>/dev/null &
-    p=$!
-    wait_port 10821
+    serve 10821 nbdkit --exit-with-parent -f -i 127.0.0.1 -p 10821 --filter=log memory 64M logfile=/tmp/kit.log
     dev=$($NODE attach nbd://127.0.0.1:10821/ --backend-id kit-fl --connections 1 2>/tmp/err | field device)
     before=$(grep -c 'Flush' /tmp/kit.log)
     dd if=/tmp/pattern of="$dev" bs=64k conv=fsync 2>/dev/null
@@ -129,9 +122,7 @@ scenario_flush() {
 
 scenario_ext4() {
     truncate -s 128M /tmp/fs.img
-    $CTRL serve-file /tmp/fs.img --listen 127.0.0.1:10830 --export-name vol-fs 2>/tmp/serve.log &
-    p=$!
-    wait_port 10830
+    serve 10830 $CTRL serve-file /tmp/fs.img --listen 127.0.0.1:10830 --export-name vol-fs
     dev=$($NODE attach nbd://127.0.0.1:10830/vol-fs --backend-id vol-fs --connections 2 2>/tmp/err | field device)
     mkdir -p /mnt/fs
     failed=""
@@ -158,9 +149,7 @@ scenario_ext4() {
 
 scenario_ioctl() {
     truncate -s 64M /tmp/io.img
-    $CTRL serve-file /tmp/io.img --listen 127.0.0.1:10840 --export-name vol-io 2>/tmp/serve.log &
-    p=$!
-    wait_port 10840
+    serve 10840 $CTRL serve-file /tmp/io.img --listen 127.0.0.1:10840 --export-name vol-io
     $NODE attach nbd://127.0.0.1:10840/vol-io --backend-id vol-io --connections 2 --ioctl >/tmp/ioctl.out 2>/tmp/err &
     a=$!
     i=0
@@ -200,9 +189,7 @@ io_loop() { # dev seconds -> writes /tmp/io.result
 
 scenario_heal() {
     rm -rf /tmp/state; truncate -s 64M /tmp/heal.img
-    $CTRL serve-file /tmp/heal.img --listen 127.0.0.1:10850 --export-name vol-h 2>/tmp/serve.log &
-    p=$!
-    wait_port 10850
+    serve 10850 $CTRL serve-file /tmp/heal.img --listen 127.0.0.1:10850 --export-name vol-h
     dev=$($NODE attach nbd://127.0.0.1:10850/vol-h --backend-id vol-h --connections 2 \
         --timeout 10 --dead-conn-timeout 60 --state-dir /tmp/state 2>/tmp/err | field device)
     $NODE watch --state-dir /tmp/state --check-interval 2 2>/tmp/watch.log &

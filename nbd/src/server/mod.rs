@@ -208,6 +208,24 @@ async fn serve_tcp(
     serve_halves(export, rd, wr, read_only, shutdown).await
 }
 
+/// Counts one connection in [`ExportStats::connections`] for as long as it
+/// lives, however its task ends: a stopping server aborts the ones that do
+/// not drain, and those must leave the count too.
+struct Counted(Arc<Export>);
+
+impl Counted {
+    fn new(export: &Arc<Export>) -> Self {
+        export.stats.connections.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(export))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A listening export server.
 #[derive(Debug)]
 pub struct Server {
@@ -256,11 +274,10 @@ impl Server {
                     let export = Arc::clone(&self.export);
                     let stop = stop_rx.clone();
                     connections.spawn(async move {
-                        export.stats.connections.fetch_add(1, Ordering::Relaxed);
-                        let serving = Arc::clone(&export);
+                        let counted = Counted::new(&export);
                         let read_only = ticket.read_only();
-                        let result = ticket.run(stop, |stop| serve_tcp(serving, stream, read_only, stop)).await;
-                        export.stats.connections.fetch_sub(1, Ordering::Relaxed);
+                        let result = ticket.run(stop, |stop| serve_tcp(export, stream, read_only, stop)).await;
+                        drop(counted);
                         match result {
                             Ok(()) => tracing::debug!(%peer, "client disconnected"),
                             Err(e) => tracing::info!(%peer, error = %e, "connection closed"),

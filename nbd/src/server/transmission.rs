@@ -10,6 +10,10 @@
 //! acquire before it allocates a payload. On a TCP socket, large READ data
 //! is not read by us at all: the writer hands it from the page cache to the
 //! socket with sendfile(2).
+//!
+//! Every request is counted in `in_flight` by an [`InFlight`] guard that
+//! travels with its reply and counts it down when the reply is sent or
+//! dropped unsent, so the count returns to zero however the connection ends.
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
@@ -17,6 +21,7 @@ use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
 
 use super::backend::nbd_errno;
 use super::handshake::{BASE_ALLOCATION_ID, Session};
@@ -52,13 +57,50 @@ enum Reply {
     Extents { cookie: u64, extents: Vec<Extent> },
 }
 
+/// A request received and not yet answered, as counted in
+/// [`ExportStats::in_flight`]: one per request, from its header until the
+/// writer has encoded its reply for the socket, or until the reply or the
+/// request is dropped unsent (writer aborted or failed, request abandoned by
+/// a stop).
+struct InFlight(Arc<Export>);
+
+impl InFlight {
+    fn new(export: &Arc<Export>) -> Self {
+        export.stats().in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(export))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.stats().in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A reply on its way to the writer, still counted in flight.
+struct Answer {
+    reply: Reply,
+    _counted: InFlight,
+}
+
+/// The writer task, aborted when dropped: a connection whose future is
+/// dropped (a stopping server gave up on it) must not leave a detached
+/// writer holding the socket and the replies it owes.
+struct WriterTask(JoinHandle<io::Result<()>>);
+
+impl Drop for WriterTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Conn {
     export: Arc<Export>,
     session: Session,
     pool: Arc<BufferPool>,
     budget: Arc<Semaphore>,
     flushes: Arc<Semaphore>,
-    replies: mpsc::Sender<Reply>,
+    replies: mpsc::Sender<Answer>,
     /// The writer can sendfile large READ data.
     sendfile: bool,
 }
@@ -78,7 +120,7 @@ where
     let sendfile = wr.socket().is_some();
     let pool = Arc::new(BufferPool::default());
     let budget_units = export.config().connection_buffer_budget / BUDGET_UNIT;
-    let writer = tokio::spawn(write_replies(Arc::clone(&export), session, wr, rx, Arc::clone(&pool)));
+    let mut writer = WriterTask(tokio::spawn(write_replies(Arc::clone(&export), session, wr, rx, Arc::clone(&pool))));
     let conn = Conn {
         export,
         session,
@@ -91,13 +133,14 @@ where
     let read_result = conn.read_requests(rd, &mut shutdown).await;
     drop(conn);
     if read_result.is_err() {
-        // The client broke the protocol: owe it nothing more.
-        writer.abort();
+        // The client broke the protocol: owe it nothing more. Dropping the
+        // writer aborts it, and the replies it still held count down.
+        drop(writer);
         return read_result;
     }
     // Dropping the last sender (ours, then those held by blocking flushes)
     // lets the writer drain every owed reply and finish.
-    writer.await.map_err(io::Error::other)?.map_err(Error::from)
+    (&mut writer.0).await.map_err(io::Error::other)?.map_err(Error::from)
 }
 
 fn units(len: usize) -> u32 {
@@ -132,16 +175,11 @@ impl Conn {
             if request.command == cmd::DISC {
                 return Ok(());
             }
-            self.stats().in_flight.fetch_add(1, Ordering::Relaxed);
-            let handled = match request.command {
-                cmd::READ => self.read(request).await,
-                cmd::WRITE => self.write(request, &mut rd).await,
-                _ => self.other(request).await,
-            };
-            if handled.is_err() {
-                // No reply will be written for this request.
-                self.stats().in_flight.fetch_sub(1, Ordering::Relaxed);
-                return handled;
+            let counted = InFlight::new(&self.export);
+            match request.command {
+                cmd::READ => self.read(request, counted).await?,
+                cmd::WRITE => self.write(request, counted, &mut rd).await?,
+                _ => self.other(request, counted).await?,
             }
         }
     }
@@ -150,16 +188,17 @@ impl Conn {
         self.export.stats()
     }
 
-    async fn send(&self, reply: Reply) -> Result<()> {
-        self.replies.send(reply).await.map_err(|_| Error::Protocol("reply writer stopped".into()))
+    async fn send(&self, reply: Reply, counted: InFlight) -> Result<()> {
+        let answer = Answer { reply, _counted: counted };
+        self.replies.send(answer).await.map_err(|_| Error::Protocol("reply writer stopped".into()))
     }
 
-    async fn status(&self, request: &Request, error: u32) -> Result<()> {
+    async fn status(&self, request: &Request, error: u32, counted: InFlight) -> Result<()> {
         if error != 0 {
             self.stats().errors.fetch_add(1, Ordering::Relaxed);
         }
         let is_read = request.command == cmd::READ;
-        self.send(Reply::Status { cookie: request.cookie, error, is_read }).await
+        self.send(Reply::Status { cookie: request.cookie, error, is_read }, counted).await
     }
 
     /// Flags a command accepts besides FUA, which the spec allows on all.
@@ -167,29 +206,29 @@ impl Conn {
         request.flags & !(allowed | cmd_flags::FUA) == 0
     }
 
-    async fn read(&self, request: Request) -> Result<()> {
+    async fn read(&self, request: Request, counted: InFlight) -> Result<()> {
         let df = if self.session.structured_replies { cmd_flags::DF } else { 0 };
         if !self.flags_valid(&request, df)
             || request.length > limits::MAX_PAYLOAD
             || out_of_range(request.offset, request.length, self.export.size())
         {
-            return self.status(&request, errno::EINVAL).await;
+            return self.status(&request, errno::EINVAL, counted).await;
         }
         let len = request.length as usize;
         if self.sendfile && len >= ZERO_COPY_THRESHOLD {
             self.stats().reads.fetch_add(1, Ordering::Relaxed);
             self.stats().bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-            return self.send(Reply::FileData { cookie: request.cookie, offset: request.offset, len }).await;
+            return self.send(Reply::FileData { cookie: request.cookie, offset: request.offset, len }, counted).await;
         }
         let permit = self.acquire(len).await?;
         let mut buf = self.pool.take(len);
         if let Err(e) = self.export.backend.read(&mut buf, request.offset) {
             self.pool.give(buf);
-            return self.status(&request, nbd_errno(&e)).await;
+            return self.status(&request, nbd_errno(&e), counted).await;
         }
         self.stats().reads.fetch_add(1, Ordering::Relaxed);
         self.stats().bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-        self.send(Reply::Data { cookie: request.cookie, offset: request.offset, buf, _permit: permit }).await
+        self.send(Reply::Data { cookie: request.cookie, offset: request.offset, buf, _permit: permit }, counted).await
     }
 
     async fn acquire(&self, len: usize) -> Result<OwnedSemaphorePermit> {
@@ -199,7 +238,7 @@ impl Conn {
             .map_err(|_| Error::Protocol("buffer budget closed".into()))
     }
 
-    async fn write<R: AsyncRead + Unpin>(&self, request: Request, rd: &mut R) -> Result<()> {
+    async fn write<R: AsyncRead + Unpin>(&self, request: Request, counted: InFlight, rd: &mut R) -> Result<()> {
         if request.length > limits::MAX_PAYLOAD {
             // The payload follows the header; skipping 4 GiB to stay in sync
             // is what a denial of service looks like, so hang up.
@@ -228,17 +267,17 @@ impl Conn {
             self.stats().writes.fetch_add(1, Ordering::Relaxed);
             self.stats().bytes_written.fetch_add(len as u64, Ordering::Relaxed);
             if request.flags & cmd_flags::FUA != 0 {
-                return self.flush_then_reply(request).await;
+                return self.flush_then_reply(request, counted).await;
             }
         }
-        self.status(&request, error).await
+        self.status(&request, error, counted).await
     }
 
     /// fdatasync on the blocking pool, reply when it is done. The reader
     /// goes on meanwhile (replies may be out of order), but only
     /// [`FLUSHES_IN_FLIGHT`] per connection: a client that pipelines
     /// flushes and never reads cannot pile up blocking threads.
-    async fn flush_then_reply(&self, request: Request) -> Result<()> {
+    async fn flush_then_reply(&self, request: Request, counted: InFlight) -> Result<()> {
         let permit = Arc::clone(&self.flushes)
             .acquire_owned()
             .await
@@ -260,12 +299,13 @@ impl Conn {
             }
             // If the writer is gone, the connection is gone with it. The
             // blocking thread is already free: waiting here costs none.
-            let _ = replies.send(Reply::Status { cookie: request.cookie, error, is_read: false }).await;
+            let reply = Reply::Status { cookie: request.cookie, error, is_read: false };
+            let _ = replies.send(Answer { reply, _counted: counted }).await;
         });
         Ok(())
     }
 
-    async fn other(&self, request: Request) -> Result<()> {
+    async fn other(&self, request: Request, counted: InFlight) -> Result<()> {
         let size = self.export.size();
         let read_only = self.session.read_only;
         let backend = &self.export.backend;
@@ -274,7 +314,7 @@ impl Conn {
         let gate = if changes_data { Some(self.export.write_gate().enter().await) } else { None };
         let result = match request.command {
             cmd::FLUSH if !self.flags_valid(&request, 0) => Err(errno::EINVAL),
-            cmd::FLUSH => return self.flush_then_reply(request).await,
+            cmd::FLUSH => return self.flush_then_reply(request, counted).await,
             cmd::TRIM if !self.flags_valid(&request, 0) => Err(errno::EINVAL),
             cmd::TRIM if read_only => Err(errno::EPERM),
             cmd::TRIM if out_of_range(offset, request.length, size) => Err(errno::EINVAL),
@@ -292,20 +332,20 @@ impl Conn {
             cmd::CACHE if !self.flags_valid(&request, 0) => Err(errno::EINVAL),
             cmd::CACHE if out_of_range(offset, request.length, size) => Err(errno::EINVAL),
             cmd::CACHE => backend.cache(offset, len).map_err(|e| nbd_errno(&e)),
-            cmd::BLOCK_STATUS => return self.block_status(request).await,
+            cmd::BLOCK_STATUS => return self.block_status(request, counted).await,
             _ => Err(errno::EINVAL),
         };
         drop(gate);
         match result {
             Ok(()) if request.flags & cmd_flags::FUA != 0 && request.command != cmd::CACHE => {
-                self.flush_then_reply(request).await
+                self.flush_then_reply(request, counted).await
             }
-            Ok(()) => self.status(&request, 0).await,
-            Err(error) => self.status(&request, error).await,
+            Ok(()) => self.status(&request, 0, counted).await,
+            Err(error) => self.status(&request, error, counted).await,
         }
     }
 
-    async fn block_status(&self, request: Request) -> Result<()> {
+    async fn block_status(&self, request: Request, counted: InFlight) -> Result<()> {
         let invalid = !self.session.base_allocation
             || !self.flags_valid(&request, cmd_flags::REQ_ONE)
             || request.length == 0
@@ -317,13 +357,13 @@ impl Conn {
             let mut extents = Vec::new();
             match self.export.backend.extents(request.offset, request.length, one, &mut extents) {
                 Ok(()) if !extents.is_empty() => {
-                    return self.send(Reply::Extents { cookie: request.cookie, extents }).await;
+                    return self.send(Reply::Extents { cookie: request.cookie, extents }, counted).await;
                 }
                 Ok(()) => errno::EIO,
                 Err(e) => nbd_errno(&e),
             }
         };
-        self.status(&request, error).await
+        self.status(&request, error, counted).await
     }
 }
 
@@ -331,15 +371,15 @@ async fn write_replies<W: ReplySink>(
     export: Arc<Export>,
     session: Session,
     mut wr: W,
-    mut rx: mpsc::Receiver<Reply>,
+    mut rx: mpsc::Receiver<Answer>,
     pool: Arc<BufferPool>,
 ) -> io::Result<()> {
     let mut out = Vec::with_capacity(WRITE_BATCH + ZERO_COPY_THRESHOLD);
-    let stats = export.stats();
-    while let Some(mut reply) = rx.recv().await {
+    while let Some(mut answer) = rx.recv().await {
         loop {
-            stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-            match encode(&mut out, reply, session) {
+            // The request counts as answered once its reply is encoded
+            // (`answer` is dropped by the end of this iteration).
+            match encode(&mut out, answer.reply, session) {
                 Leftover::Nothing => {}
                 Leftover::Recycle(buf) => pool.give(buf),
                 Leftover::SendAfter(buf) => {
@@ -359,7 +399,7 @@ async fn write_replies<W: ReplySink>(
                 break;
             }
             match rx.try_recv() {
-                Ok(next) => reply = next,
+                Ok(next) => answer = next,
                 Err(_) => break,
             }
         }

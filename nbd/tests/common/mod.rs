@@ -356,3 +356,71 @@ pub fn assert_each_cookie_once(sent: &[u64], echoed: &[u64]) {
 }
 
 pub const ALL_WRITE_FLAGS: u16 = tf::SEND_TRIM | tf::SEND_WRITE_ZEROES | tf::SEND_FAST_ZERO;
+
+/// A real export server on a loopback TCP port, over a sparse temp file of
+/// `SIZE` bytes: for what only `Server::run` does (access control, socket
+/// options, counting connections).
+pub struct TcpServer {
+    pub addr: std::net::SocketAddr,
+    pub export: Arc<Export>,
+    /// A second descriptor on the backing file, to check what reached it.
+    pub file: File,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl TcpServer {
+    pub async fn start() -> Self {
+        let file = backing_file();
+        let export = Export::from_file(file.try_clone().expect("dup"), config()).expect("export");
+        let server = nbd::server::Server::bind(Arc::clone(&export), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        Self { addr, export, file, stop: Some(stop), task }
+    }
+
+    /// A client past the handshake (simple replies).
+    pub async fn connect(&self) -> tokio::net::TcpStream {
+        let mut stream = within(tokio::net::TcpStream::connect(self.addr)).await.expect("connect");
+        let opts = nbd::client::HandshakeOptions { export_name: NAME.into(), structured_replies: false };
+        within(nbd::client::handshake(&mut stream, &opts)).await.expect("handshake");
+        stream
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.export.stats().in_flight.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.export.stats().connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the server as SIGTERM does and waits for `Server::run` to return.
+    pub async fn stop(mut self) {
+        drop(self.stop.take());
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("server stopped in time")
+            .expect("server task")
+            .expect("server run");
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds, failing the test after `IO_TIMEOUT`.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// True when the peer has closed `stream` (EOF or reset) without sending a
+/// single byte first; false if anything arrives or nothing happens in time.
+pub async fn closed_without_reply(stream: &mut tokio::net::TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(tokio::time::timeout(IO_TIMEOUT, stream.read(&mut byte)).await, Ok(Ok(0) | Err(_)))
+}

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use nbd::server::Fence;
 use tokio::sync::OwnedMutexGuard;
 
 use crate::error::{Error, Result};
@@ -199,17 +200,18 @@ impl Driver {
         })
     }
 
-    /// Applies a volume's publications to its running export.
-    pub fn apply_access(&self, id: &str) {
+    /// Applies a volume's publications to its running export. The fence
+    /// resolves once the connections it stopped are done with the file.
+    pub fn apply_access(&self, id: &str) -> Fence {
         let state = self.state();
-        if let Some(volume) = state.volumes.get(id)
-            && let Some(served) = &volume.served
-        {
-            let closed = volumes::apply_policy(&served.export, &volume.record.published);
-            if closed > 0 {
-                tracing::info!(volume.id = %id, closed, "closed connections of revoked peers, or of peers whose right to write changed");
-            }
+        let Some(volume) = state.volumes.get(id) else { return Fence::default() };
+        let Some(served) = &volume.served else { return Fence::default() };
+        let fence = volumes::apply_policy(&served.export, &volume.record.published);
+        if fence.stopped() > 0 {
+            let stopped = fence.stopped();
+            tracing::info!(volume.id = %id, stopped, "stopping connections of revoked peers, or of peers whose right to write changed");
         }
+        fence
     }
 
     /// One background pass: restart servers that are down, re-read node
@@ -245,7 +247,9 @@ impl Driver {
                         if let Some(v) = self.state().volumes.get_mut(&id) {
                             v.record = updated;
                         }
-                        self.apply_access(&id);
+                        // The stop is sent; a background pass has nobody
+                        // to report completion to.
+                        drop(self.apply_access(&id));
                     }
                     Err(e) => tracing::warn!(volume.id = %id, error = %e, "saving node addresses failed"),
                 }

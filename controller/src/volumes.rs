@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 
-use nbd::server::{Allowed, Export, ExportConfig, ReadOnlyPeers, Server};
+use nbd::server::{Allowed, Export, ExportConfig, Fence, ReadOnlyPeers, Server};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -49,8 +49,9 @@ pub fn policy(published: &BTreeMap<String, Publication>) -> (Allowed, ReadOnlyPe
     (Allowed::Only(set), read_only)
 }
 
-/// Applies [`policy`] to an export; returns how many connections it closed.
-pub fn apply_policy(export: &Export, published: &BTreeMap<String, Publication>) -> usize {
+/// Applies [`policy`] to an export; the fence covers the connections it
+/// stopped (and any stopped before that are still open).
+pub fn apply_policy(export: &Export, published: &BTreeMap<String, Publication>) -> Fence {
     let (allowed, read_only) = policy(published);
     export.access().set_policy(allowed, read_only)
 }
@@ -62,7 +63,8 @@ pub async fn serve(image: &Path, record: &VolumeRecord, listen: IpAddr) -> io::R
     config.read_only = record.read_only;
     config.description = format!("nbd-csi volume {}", record.id);
     let export = Export::open(image, config)?;
-    apply_policy(&export, &record.published);
+    // A new export has no connections to fence.
+    drop(apply_policy(&export, &record.published));
     let server = Server::bind(Arc::clone(&export), SocketAddr::new(listen, record.port)).await?;
     let addr = server.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();

@@ -1,20 +1,33 @@
 //! ControllerPublishVolume / ControllerUnpublishVolume: who may attach a
 //! volume, and the NBD URI the node plugin connects to.
+//!
+//! Both change who may use the volume's export, and both answer only once
+//! the connections that change stopped can no longer touch the file: after
+//! ControllerUnpublishVolume returns, nothing a node sent earlier (a WRITE
+//! still arriving from a partitioned node, say) can land on top of what the
+//! next node writes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use csi_proto::*;
 
 use super::{check_capability, is_reader_only, is_single_node, require};
 use crate::driver::{Driver, blocking};
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::store::{Publication, VolumeRecord};
 
 /// publish_context keys read by the node plugin.
 pub const NBD_URI: &str = "nbdUri";
 pub const READ_ONLY: &str = "readOnly";
 pub const MULTI_CONN: &str = "multiConn";
+
+/// How long publish and unpublish wait for the connections they stopped to
+/// let go of the file. A stopped reader ends at its next poll, so this is
+/// reached only when a file operation hangs (a stuck disk); the call then
+/// fails with UNAVAILABLE, and its retry waits again.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Driver {
     fn publish_context(&self, record: &VolumeRecord, publication: &Publication) -> HashMap<String, String> {
@@ -33,7 +46,26 @@ impl Driver {
         if let Some(v) = self.state().volumes.get_mut(&id) {
             v.record = record;
         }
-        self.apply_access(&id);
+        self.fence_access(&id).await
+    }
+
+    /// Applies the volume's publications to its export and waits, at most
+    /// [`FENCE_TIMEOUT`], until every connection they no longer admit as it
+    /// was admitted is done with the file. Also run when nothing changed, so
+    /// that the retry of a call that timed out waits for the same stragglers.
+    async fn fence_access(&self, id: &str) -> Result<()> {
+        let mut fence = self.apply_access(id);
+        if tokio::time::timeout(FENCE_TIMEOUT, fence.wait()).await.is_err() {
+            return Err(Error::new(
+                Kind::Unavailable,
+                format!(
+                    "{} of {} stopped NBD connections still hold volume {id} after {FENCE_TIMEOUT:?}; \
+                     their writes could still land, retry",
+                    fence.remaining(),
+                    fence.stopped()
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -72,6 +104,8 @@ impl Driver {
         };
         if let Some(existing) = record.published.get(&req.node_id) {
             if existing.read_only == publication.read_only && existing.access_mode == publication.access_mode {
+                // A retry after a fence timed out must wait for it too.
+                self.fence_access(&id).await?;
                 return Ok(ControllerPublishVolumeResponse {
                     publish_context: self.publish_context(&record, existing),
                 });
@@ -110,6 +144,9 @@ impl Driver {
         if record.published.len() != before {
             self.save_published(record).await?;
             tracing::info!("volume unpublished");
+        } else {
+            // Already unpublished: a retry after a fence timed out.
+            self.fence_access(&id).await?;
         }
         Ok(ControllerUnpublishVolumeResponse {})
     }

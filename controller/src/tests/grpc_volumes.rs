@@ -220,6 +220,66 @@ async fn publish_guards_the_export_and_unpublish_revokes() {
     h.stop().await;
 }
 
+/// Requests the volume's export has received and not yet answered.
+fn in_flight(h: &Harness, id: &str) -> u64 {
+    let state = h.driver.state();
+    let served = state.volumes.get(id).and_then(|v| v.served.as_ref()).expect("volume served");
+    served.export.stats().in_flight.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// ControllerUnpublishVolume fences the node's writes already under way: a
+/// WRITE whose payload is still arriving when the call returns is dropped,
+/// so it cannot land on top of what the next node writes, and its sender
+/// never gets a success reply.
+#[tokio::test]
+async fn unpublish_fences_a_write_whose_payload_is_still_arriving() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path()).await;
+    let mut c = h.controller().await;
+    let mode = Mode::SingleNodeWriter;
+    let v = c.create_volume(create_req("fence", 4 * MIB, true, mode)).await.unwrap().into_inner().volume.unwrap();
+    let id = v.volume_id.clone();
+    let ctx = c.controller_publish_volume(publish_req(&id, NODE_A, true, mode, false)).await.unwrap().into_inner();
+    let (addr, name) = parse_uri(&ctx.publish_context["nbdUri"]);
+
+    let len = 1 << 20;
+    let stale = vec![0xaau8; len];
+    let mut first = Client::connect(&addr, &name).await.unwrap();
+    first.start_write(0, len as u32, &stale[..len / 2]).await.unwrap();
+    for _ in 0..500 {
+        if in_flight(&h, &id) == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(in_flight(&h, &id), 1, "the server is receiving the WRITE");
+
+    let started = std::time::Instant::now();
+    let unpublish =
+        ControllerUnpublishVolumeRequest { volume_id: id.clone(), node_id: NODE_A.into(), ..Default::default() };
+    c.controller_unpublish_volume(unpublish).await.unwrap();
+    let fenced = started.elapsed();
+    eprintln!("ControllerUnpublishVolume with a session mid-payload returned in {fenced:?}");
+
+    // The next node takes over, writes and flushes.
+    let ctx = c.controller_publish_volume(publish_req(&id, NODE_B, true, mode, false)).await.unwrap().into_inner();
+    let (addr, name) = parse_uri(&ctx.publish_context["nbdUri"]);
+    let mut second = Client::connect(&addr, &name).await.unwrap();
+    let fresh = vec![0xbbu8; len];
+    assert_eq!(second.write(0, &fresh).await.unwrap(), 0);
+    assert_eq!(second.flush().await.unwrap(), 0);
+
+    // Only now does the rest of the first node's payload arrive.
+    let _ = first.send_raw(&stale[len / 2..]).await;
+    assert!(first.is_closed().await, "the fenced WRITE got a reply instead of a closed connection");
+    assert!(
+        second.read(0, len as u32).await.unwrap() == fresh,
+        "the unpublished node's WRITE overwrote the next node's data"
+    );
+    assert_eq!(in_flight(&h, &id), 0);
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn list_get_capacity_validate_and_online_expand() {
     let dir = tempfile::tempdir().unwrap();

@@ -33,6 +33,19 @@ impl Client {
         Ok(reply.error)
     }
 
+    /// Sends a WRITE header for `length` bytes and only the first part of
+    /// its payload; the rest is for [`Client::send_raw`].
+    pub async fn start_write(&mut self, offset: u64, length: u32, first_part: &[u8]) -> std::io::Result<()> {
+        self.cookie += 1;
+        let request = Request { flags: 0, command: cmd::WRITE, cookie: self.cookie, offset, length };
+        self.stream.write_all(&request.encode()).await?;
+        self.stream.write_all(first_part).await
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
     pub async fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<u32> {
         self.request(cmd::WRITE, offset, data.len() as u32, data).await
     }

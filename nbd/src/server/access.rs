@@ -1,12 +1,15 @@
-//! Who may connect to an export, and closing the connections of peers that
+//! Who may connect to an export, and fencing the connections of peers that
 //! lose that right.
 //!
 //! The controller narrows an export to the addresses of the nodes a volume
 //! is published to, and marks the nodes it is published to read-only: their
 //! sessions are READ_ONLY and their writes get EPERM, whatever the node's
-//! mount does. Revoking a node, or changing whether it may write, closes its
-//! open connections: each one stops reading requests, sends the replies it
-//! owes and hangs up, just as when the whole server stops.
+//! mount does. Revoking a node, or changing whether it may write, stops its
+//! open connections at once: the reader drops the request it is in the
+//! middle of (even half a WRITE payload: it was never acknowledged), sends
+//! the replies already owed and hangs up. [`Access::set_policy`] returns a
+//! [`Fence`] that resolves once every connection it stopped can no longer
+//! touch the file, so a caller can tell the next node the volume is its own.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -48,14 +51,25 @@ impl ReadOnlyPeers {
     }
 }
 
+/// One open connection in the registry.
+#[derive(Debug)]
+struct Live {
+    peer: IpAddr,
+    /// It was admitted read-only.
+    read_only: bool,
+    /// Turns true to stop it.
+    stop: watch::Sender<bool>,
+    /// Closed (its sender dropped) once the connection can no longer touch
+    /// the file.
+    touching: watch::Receiver<()>,
+}
+
 #[derive(Debug, Default)]
 struct State {
     allowed: Allowed,
     read_only: ReadOnlyPeers,
     next_id: u64,
-    /// Open connections: peer address, whether it was admitted read-only,
-    /// and the switch that stops it.
-    live: HashMap<u64, (IpAddr, bool, watch::Sender<bool>)>,
+    live: HashMap<u64, Live>,
 }
 
 /// Per-export access policy and registry of open connections.
@@ -75,15 +89,17 @@ impl Access {
     }
 
     /// Replaces who may connect, keeping who may only read.
-    pub fn set_allowed(&self, allowed: Allowed) -> usize {
+    pub fn set_allowed(&self, allowed: Allowed) -> Fence {
         let read_only = self.lock().read_only.clone();
         self.set_policy(allowed, read_only)
     }
 
-    /// Replaces the policy and closes open connections it no longer admits
+    /// Replaces the policy and stops open connections it no longer admits
     /// or whose right to write it changes (a session's flags are fixed at
-    /// its handshake). Returns how many were told to close.
-    pub fn set_policy(&self, allowed: Allowed, read_only: ReadOnlyPeers) -> usize {
+    /// its handshake). The returned fence covers every such connection still
+    /// open, including ones an earlier call already stopped: applying the
+    /// same policy again waits for the stragglers of the last change.
+    pub fn set_policy(&self, allowed: Allowed, read_only: ReadOnlyPeers) -> Fence {
         let canonical = |set: BTreeSet<IpAddr>| set.into_iter().map(|ip| ip.to_canonical()).collect();
         let allowed = match allowed {
             Allowed::Only(set) => Allowed::Only(canonical(set)),
@@ -91,16 +107,16 @@ impl Access {
         };
         let read_only = ReadOnlyPeers { all: read_only.all, peers: canonical(read_only.peers) };
         let mut state = self.lock();
-        let mut closed = 0;
-        for (peer, was_read_only, stop) in state.live.values() {
-            if !allowed.admits(*peer) || read_only.covers(*peer) != *was_read_only {
-                let _ = stop.send(true);
-                closed += 1;
+        let mut fence = Fence::default();
+        for live in state.live.values() {
+            if !allowed.admits(live.peer) || read_only.covers(live.peer) != live.read_only {
+                let _ = live.stop.send(true);
+                fence.touching.push(live.touching.clone());
             }
         }
         state.allowed = allowed;
         state.read_only = read_only;
-        closed
+        fence
     }
 
     /// Open connections right now.
@@ -118,9 +134,66 @@ impl Access {
         let id = state.next_id;
         state.next_id += 1;
         let read_only = state.read_only.covers(peer);
-        let (tx, rx) = watch::channel(false);
-        state.live.insert(id, (peer, read_only, tx));
-        Some(Ticket { access: self.clone(), id, revoked: rx, read_only })
+        let (stop, revoked) = watch::channel(false);
+        let (touching_tx, touching) = watch::channel(());
+        state.live.insert(id, Live { peer, read_only, stop, touching });
+        Some(Ticket { access: self.clone(), id, revoked, read_only, touching: Some(touching_tx) })
+    }
+}
+
+/// The connections one policy change stopped. [`Fence::wait`] resolves once
+/// none of them can reach the file any more: each one's reader has ended,
+/// and with it every pwrite, trim and write-zeroes it could still do.
+#[derive(Debug, Default)]
+#[must_use = "a fence says when the stopped connections are gone; drop it explicitly if nobody waits"]
+pub struct Fence {
+    touching: Vec<watch::Receiver<()>>,
+}
+
+impl Fence {
+    /// How many connections the change stopped.
+    pub fn stopped(&self) -> usize {
+        self.touching.len()
+    }
+
+    /// Of those, how many may still touch the file.
+    pub fn remaining(&self) -> usize {
+        self.touching.iter().filter(|t| t.has_changed().is_ok()).count()
+    }
+
+    /// Resolves once every stopped connection is done with the file.
+    /// Cancel-safe: after a timeout, [`Fence::remaining`] says how many
+    /// were not, and waiting again goes on where it stopped.
+    pub async fn wait(&mut self) {
+        for touching in &mut self.touching {
+            // Nothing is ever sent: this returns when the sender is dropped.
+            while touching.changed().await.is_ok() {}
+        }
+    }
+}
+
+/// What a connection's serving code gets: the signal to stop, and, for as
+/// long as it is held, the mark that the connection may still touch the
+/// file. The reader drops it when it stops: that is what [`Fence::wait`]
+/// waits for.
+#[derive(Debug)]
+pub struct Stop {
+    requested: watch::Receiver<bool>,
+    _touching: Option<watch::Sender<()>>,
+}
+
+impl Stop {
+    /// A stop signal no fence waits on (sessions outside [`Access`]).
+    pub fn new(requested: watch::Receiver<bool>) -> Self {
+        Self { requested, _touching: None }
+    }
+
+    /// Resolves once a stop is requested; never if the sender went away
+    /// without asking (a dropped sender is not a stop).
+    pub async fn requested(&mut self) {
+        if self.requested.wait_for(|stop| *stop).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -131,6 +204,8 @@ pub struct Ticket {
     id: u64,
     revoked: watch::Receiver<bool>,
     read_only: bool,
+    /// Handed to the serving code inside its [`Stop`].
+    touching: Option<watch::Sender<()>>,
 }
 
 impl Ticket {
@@ -143,11 +218,11 @@ impl Ticket {
     /// server stops (`server_stop`) or this peer is revoked.
     pub async fn run<F, Fut, T>(mut self, mut server_stop: watch::Receiver<bool>, serve: F) -> T
     where
-        F: FnOnce(watch::Receiver<bool>) -> Fut,
+        F: FnOnce(Stop) -> Fut,
         Fut: Future<Output = T>,
     {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let serving = serve(stop_rx);
+        let serving = serve(Stop { requested: stop_rx, _touching: self.touching.take() });
         tokio::pin!(serving);
         tokio::select! {
             result = &mut serving => return result,
@@ -179,11 +254,11 @@ mod tests {
     fn policy_admits_only_listed_addresses_including_v4_mapped() {
         let access = Access::default();
         assert!(access.admit(ip("192.0.2.7")).is_some());
-        access.set_allowed(Allowed::Only([ip("192.0.2.7")].into()));
+        drop(access.set_allowed(Allowed::Only([ip("192.0.2.7")].into())));
         assert!(access.admit(ip("192.0.2.7")).is_some());
         assert!(access.admit(ip("::ffff:192.0.2.7")).is_some());
         assert!(access.admit(ip("192.0.2.8")).is_none());
-        access.set_allowed(Allowed::Only(BTreeSet::new()));
+        drop(access.set_allowed(Allowed::Only(BTreeSet::new())));
         assert!(access.admit(ip("192.0.2.7")).is_none());
     }
 
@@ -194,11 +269,14 @@ mod tests {
         let b = access.admit(ip("192.0.2.2")).unwrap();
         assert_eq!(access.connections(), 2);
         let (_server_tx, server_rx) = watch::channel(false);
-        let serve = |mut stop: watch::Receiver<bool>| async move { stop.wait_for(|s| *s).await.map(|_| ()).is_ok() };
+        let serve = |mut stop: Stop| async move {
+            stop.requested().await;
+            true
+        };
         let ta = tokio::spawn(a.run(server_rx.clone(), serve));
         let tb = tokio::spawn(b.run(server_rx, serve));
         tokio::task::yield_now().await;
-        assert_eq!(access.set_allowed(Allowed::Only([ip("192.0.2.2")].into())), 1);
+        assert_eq!(access.set_allowed(Allowed::Only([ip("192.0.2.2")].into())).stopped(), 1);
         assert!(ta.await.unwrap(), "revoked connection saw its stop signal");
         assert_eq!(access.connections(), 1);
         assert!(!tb.is_finished());
@@ -210,25 +288,65 @@ mod tests {
         let access = Access::default();
         let everyone = Allowed::Only([ip("192.0.2.1"), ip("192.0.2.2")].into());
         let reader = ReadOnlyPeers { all: false, peers: [ip("::ffff:192.0.2.2")].into() };
-        assert_eq!(access.set_policy(everyone.clone(), reader.clone()), 0);
+        assert_eq!(access.set_policy(everyone.clone(), reader.clone()).stopped(), 0);
         let writer = access.admit(ip("192.0.2.1")).unwrap();
         let ro = access.admit(ip("192.0.2.2")).unwrap();
         assert!(!writer.read_only() && ro.read_only());
         // The same policy again closes nothing; making the writer a reader
         // closes its connection only.
-        assert_eq!(access.set_policy(everyone.clone(), reader), 0);
+        assert_eq!(access.set_policy(everyone.clone(), reader).stopped(), 0);
         let (_server_tx, server_rx) = watch::channel(false);
-        let serve = |mut stop: watch::Receiver<bool>| async move { stop.wait_for(|s| *s).await.map(|_| ()).is_ok() };
+        let serve = |mut stop: Stop| async move {
+            stop.requested().await;
+            true
+        };
         let tw = tokio::spawn(writer.run(server_rx.clone(), serve));
         let tr = tokio::spawn(ro.run(server_rx, serve));
         tokio::task::yield_now().await;
         let both = ReadOnlyPeers { all: false, peers: [ip("192.0.2.1"), ip("192.0.2.2")].into() };
-        assert_eq!(access.set_policy(everyone.clone(), both), 1);
+        assert_eq!(access.set_policy(everyone.clone(), both).stopped(), 1);
         assert!(tw.await.unwrap());
         assert!(!tr.is_finished());
         tr.abort();
-        assert!(access.set_allowed(everyone) == 0 && access.admit(ip("192.0.2.1")).unwrap().read_only());
-        access.set_policy(Allowed::Any, ReadOnlyPeers { all: true, peers: BTreeSet::new() });
+        assert!(access.set_allowed(everyone).stopped() == 0 && access.admit(ip("192.0.2.1")).unwrap().read_only());
+        drop(access.set_policy(Allowed::Any, ReadOnlyPeers { all: true, peers: BTreeSet::new() }));
         assert!(access.admit(ip("203.0.113.9")).unwrap().read_only());
+    }
+
+    /// The fence resolves only once the stopped connection's serving code
+    /// has let go of its [`Stop`], not when the stop is sent; the same
+    /// policy applied again waits for that straggler too.
+    #[tokio::test]
+    async fn fence_resolves_only_after_the_stopped_connection_lets_go() {
+        let access = Access::default();
+        let ticket = access.admit(ip("192.0.2.1")).unwrap();
+        let (_server_tx, server_rx) = watch::channel(false);
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<()>();
+        // Stands for a reader busy in the middle of a request: it saw the
+        // stop but holds on until released.
+        let serve = |mut stop: Stop| async move {
+            stop.requested().await;
+            let _ = seen_tx.send(());
+            let _ = release_rx.await;
+            drop(stop);
+        };
+        let task = tokio::spawn(ticket.run(server_rx, serve));
+        tokio::task::yield_now().await;
+        let mut fence = access.set_allowed(Allowed::Only(BTreeSet::new()));
+        assert_eq!(fence.stopped(), 1);
+        seen_rx.await.unwrap();
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), fence.wait()).await;
+        assert!(waited.is_err(), "the fence resolved while the connection still held its stop");
+        assert_eq!(fence.remaining(), 1);
+        let mut again = access.set_allowed(Allowed::Only(BTreeSet::new()));
+        assert_eq!(again.stopped(), 1, "a straggler is fenced again by the same policy");
+        release_tx.send(()).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), fence.wait()).await.expect("fence resolves");
+        assert_eq!(fence.remaining(), 0);
+        tokio::time::timeout(std::time::Duration::from_secs(5), again.wait()).await.expect("second fence resolves");
+        task.await.unwrap();
+        assert_eq!(access.connections(), 0);
+        assert_eq!(access.set_allowed(Allowed::Any).stopped(), 0, "a connection that is gone is not fenced");
     }
 }

@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 
 use crate::consts::transmission_flags as tf;
 
-pub use access::{Access, Allowed, ReadOnlyPeers};
+pub use access::{Access, Allowed, Fence, ReadOnlyPeers, Stop};
 pub use backend::Backend;
 pub use gate::{WriteGate, WritesPaused};
 pub use sink::ReplySink;
@@ -171,16 +171,17 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
-    serve_halves(export, rd, wr, false, shutdown).await
+    serve_halves(export, rd, wr, false, Stop::new(shutdown)).await
 }
 
 /// `peer_read_only`: the peer may only read, even if the export is writable.
+/// `shutdown` is dropped once this session can no longer touch the file.
 async fn serve_halves<R, W>(
     export: Arc<Export>,
     mut rd: R,
     mut wr: W,
     peer_read_only: bool,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: Stop,
 ) -> crate::Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -188,7 +189,7 @@ where
 {
     let negotiated = tokio::select! {
         negotiated = handshake::negotiate_with_timeout(&export, &mut rd, &mut wr, peer_read_only) => negotiated?,
-        Ok(_) = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        () = shutdown.requested() => return Ok(()),
     };
     let Some(session) = negotiated else {
         return Ok(());
@@ -196,12 +197,7 @@ where
     transmission::run(export, session, rd, wr, shutdown).await
 }
 
-async fn serve_tcp(
-    export: Arc<Export>,
-    stream: TcpStream,
-    read_only: bool,
-    shutdown: watch::Receiver<bool>,
-) -> crate::Result<()> {
+async fn serve_tcp(export: Arc<Export>, stream: TcpStream, read_only: bool, shutdown: Stop) -> crate::Result<()> {
     // Replies are batched by the writer; Nagle would only add latency.
     stream.set_nodelay(true)?;
     let (rd, wr) = stream.into_split();

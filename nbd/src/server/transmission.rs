@@ -11,6 +11,13 @@
 //! is not read by us at all: the writer hands it from the page cache to the
 //! socket with sendfile(2).
 //!
+//! A stop (server shutdown, or the peer's access revoked) ends the reader at
+//! once, even in the middle of a request or its payload: that request is
+//! dropped unanswered (it was never acknowledged, so the client cannot rely
+//! on it), the replies already queued are sent, and the connection closes.
+//! The reader lets go of its [`Stop`] as it ends, which tells a fence
+//! waiting on it that this connection can no longer change the file.
+//!
 //! Every request is counted in `in_flight` by an [`InFlight`] guard that
 //! travels with its reply and counts it down when the reply is sent or
 //! dropped unsent, so the count returns to zero however the connection ends.
@@ -20,14 +27,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
 use super::backend::nbd_errno;
 use super::handshake::{BASE_ALLOCATION_ID, Session};
 use super::pool::BufferPool;
 use super::sink::{ReplySink, send_file};
-use super::{Export, ExportStats};
+use super::{Export, ExportStats, Stop};
 use crate::consts::{cmd, cmd_flags, errno, limits, reply_flags};
 use crate::error::{Error, Result};
 use crate::wire::{Chunk, ChunkHeader, Extent, Request, SimpleReply, put_chunk};
@@ -105,13 +112,7 @@ struct Conn {
     sendfile: bool,
 }
 
-pub async fn run<R, W>(
-    export: Arc<Export>,
-    session: Session,
-    rd: R,
-    wr: W,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<()>
+pub async fn run<R, W>(export: Arc<Export>, session: Session, rd: R, wr: W, mut shutdown: Stop) -> Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: ReplySink,
@@ -132,6 +133,9 @@ where
     };
     let read_result = conn.read_requests(rd, &mut shutdown).await;
     drop(conn);
+    // The reader is done: nothing from this connection reaches the file
+    // any more (flushes still running only sync it).
+    drop(shutdown);
     if read_result.is_err() {
         // The client broke the protocol: owe it nothing more. Dropping the
         // writer aborts it, and the replies it still held count down.
@@ -152,7 +156,7 @@ fn out_of_range(offset: u64, length: u32, size: u64) -> bool {
 }
 
 impl Conn {
-    async fn read_requests<R>(&self, rd: R, shutdown: &mut watch::Receiver<bool>) -> Result<()>
+    async fn read_requests<R>(&self, rd: R, shutdown: &mut Stop) -> Result<()>
     where
         R: AsyncRead + Unpin,
     {
@@ -162,8 +166,7 @@ impl Conn {
             tokio::select! {
                 // Shutdown first: a busy client always has a header buffered.
                 biased;
-                // A dropped sender is not a shutdown: that branch is disabled.
-                Ok(_) = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                () = shutdown.requested() => return Ok(()),
                 read = rd.read_exact(&mut header) => match read {
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
@@ -176,10 +179,21 @@ impl Conn {
                 return Ok(());
             }
             let counted = InFlight::new(&self.export);
-            match request.command {
-                cmd::READ => self.read(request, counted).await?,
-                cmd::WRITE => self.write(request, counted, &mut rd).await?,
-                _ => self.other(request, counted).await?,
+            let handling = async {
+                match request.command {
+                    cmd::READ => self.read(request, counted).await,
+                    cmd::WRITE => self.write(request, counted, &mut rd).await,
+                    _ => self.other(request, counted).await,
+                }
+            };
+            // A stop abandons the request wherever it waits: for budget,
+            // for the rest of a WRITE payload, for the write gate, for room
+            // in the reply queue. File I/O is synchronous, so a stop never
+            // lands in the middle of one; once this returns, none follows.
+            tokio::select! {
+                biased;
+                () = shutdown.requested() => return Ok(()),
+                handled = handling => handled?,
             }
         }
     }

@@ -35,6 +35,22 @@ pub use sink::ReplySink;
 /// How long a stopping server waits for connections to send owed replies.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// TCP keepalive on accepted sockets, so that a peer that vanished (a node
+/// partitioned away or powered off) while idle is noticed: first probe after
+/// 30 s of silence, then every 10 s. Storage clients reconnect on their own,
+/// so dropping a dead one early costs nothing; keeping it costs a socket and
+/// the replies it was owed.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 5;
+/// TCP_USER_TIMEOUT: data we sent that stays unacknowledged this long ends
+/// the connection (and, with keepalive on, so do unanswered probes). Without
+/// it a partitioned peer with replies owed holds the connection for the
+/// kernel's ~15 minutes of retransmissions. Longer than keepalive's
+/// 30 + 5 × 10 s, so probes get their chance, and well beyond a live but slow
+/// client, whose ACKs (zero-window probes included) keep resetting it.
+const USER_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// How one export behaves.
 #[derive(Debug, Clone)]
 pub struct ExportConfig {
@@ -198,10 +214,24 @@ where
 }
 
 async fn serve_tcp(export: Arc<Export>, stream: TcpStream, read_only: bool, shutdown: Stop) -> crate::Result<()> {
-    // Replies are batched by the writer; Nagle would only add latency.
-    stream.set_nodelay(true)?;
+    tune_socket(&stream)?;
     let (rd, wr) = stream.into_split();
     serve_halves(export, rd, wr, read_only, shutdown).await
+}
+
+/// Socket options for an accepted client: no Nagle (replies are batched by
+/// the writer; Nagle would only add latency), keepalive and a user timeout
+/// so that a peer gone silent does not hold its connection forever.
+fn tune_socket(stream: &TcpStream) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    stream.set_nodelay(true)?;
+    let secs = |d: Duration| d.as_secs() as u32;
+    setsockopt(stream, sockopt::KeepAlive, &true)?;
+    setsockopt(stream, sockopt::TcpKeepIdle, &secs(KEEPALIVE_IDLE))?;
+    setsockopt(stream, sockopt::TcpKeepInterval, &secs(KEEPALIVE_INTERVAL))?;
+    setsockopt(stream, sockopt::TcpKeepCount, &KEEPALIVE_PROBES)?;
+    setsockopt(stream, sockopt::TcpUserTimeout, &(USER_TIMEOUT.as_millis() as u32))?;
+    Ok(())
 }
 
 /// Counts one connection in [`ExportStats::connections`] for as long as it
@@ -294,5 +324,27 @@ impl Server {
         }
         let backend = self.export.clone();
         tokio::task::spawn_blocking(move || backend.flush()).await.map_err(io::Error::other)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{getsockopt, sockopt};
+
+    #[tokio::test]
+    async fn accepted_sockets_get_keepalive_and_a_user_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        tune_socket(&accepted).unwrap();
+        assert!(accepted.nodelay().unwrap());
+        assert!(getsockopt(&accepted, sockopt::KeepAlive).unwrap());
+        assert_eq!(getsockopt(&accepted, sockopt::TcpKeepIdle).unwrap(), 30);
+        assert_eq!(getsockopt(&accepted, sockopt::TcpKeepInterval).unwrap(), 10);
+        assert_eq!(getsockopt(&accepted, sockopt::TcpKeepCount).unwrap(), KEEPALIVE_PROBES);
+        assert_eq!(getsockopt(&accepted, sockopt::TcpUserTimeout).unwrap(), 90_000);
+        // Probes get their whole chance before the user timeout cuts in.
+        assert!(KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_PROBES < USER_TIMEOUT);
     }
 }

@@ -45,6 +45,8 @@ suite() {
 
 check fmt cargo fmt --all -- --check
 check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+# The API docs build without warnings (broken intra-doc links, stray HTML).
+check doc env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --locked
 
 cargo test --workspace --locked 2>&1 | tee target/cargo-test.txt
 cargo_status=${PIPESTATUS[0]}

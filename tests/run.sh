@@ -45,6 +45,11 @@ suite() {
 
 check fmt cargo fmt --all -- --check
 check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+# The API docs build without warnings (broken intra-doc links, stray HTML).
+check doc env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --locked
+# Licences, duplicate versions and sources of the locked graph (deny.toml);
+# cargo-deny is built once into the tools cache.
+suite supply-chain ./tests/supply-chain.sh
 
 cargo test --workspace --locked 2>&1 | tee target/cargo-test.txt
 cargo_status=${PIPESTATUS[0]}

@@ -33,6 +33,7 @@ use crate::service::{self, Endpoint};
 pub struct ClientArgs {
     /// CSI endpoint of the running controller: unix:///path/csi.sock or
     /// tcp://host:port [default: unix://<data-dir>/csi.sock, as the server]
+    #[allow(rustdoc::invalid_html_tags)] // `<data-dir>` is --help text, not HTML
     #[arg(long, env = "CSI_ENDPOINT", global = true)]
     endpoint: Option<Endpoint>,
     /// The server's --data-dir; only used to find its default endpoint.

@@ -21,6 +21,7 @@ use crate::kube::Nodes;
 pub struct Args {
     /// CSI endpoint: unix:///path/csi.sock or tcp://host:port
     /// [default: unix://<data-dir>/csi.sock]
+    #[allow(rustdoc::invalid_html_tags)] // `<data-dir>` is --help text, not HTML
     #[arg(long, env = "CSI_ENDPOINT")]
     pub endpoint: Option<Endpoint>,
     /// Directory holding volume and snapshot images and their records.

@@ -1,7 +1,7 @@
 //! The Linux kernel NBD driver as an [`Attacher`].
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Arc, Mutex};
 
@@ -64,7 +64,7 @@ impl KernelAttacher {
     fn ioctl_attach(
         &self,
         devices: &Mutex<HashMap<u32, (String, Arc<IoctlDevice>)>>,
-        params: &ConnectParams,
+        params: &ConnectParams<'_>,
     ) -> Result<u32> {
         let mut map = lock(devices);
         let index = self
@@ -93,7 +93,7 @@ impl Attacher for KernelAttacher {
     async fn attach(&self, spec: &AttachSpec) -> Result<Attached> {
         let (export, socks) = sockets::open(&spec.uri, spec.connections).await?;
         let params = ConnectParams {
-            sockets: socks.iter().map(|s| s.as_raw_fd()).collect(),
+            sockets: socks.iter().map(|s| s.as_fd()).collect(),
             size_bytes: export.size,
             block_size: sockets::block_size(&export)?,
             server_flags: export.transmission_flags,
@@ -106,14 +106,11 @@ impl Attacher for KernelAttacher {
             Interface::Netlink(nl) => lock(nl).connect(&params)?,
             Interface::Ioctl(devices) => self.ioctl_attach(devices, &params)?,
         };
+        let connections = params.sockets.len();
         // The kernel holds its own references on the sockets now.
+        drop(params);
         drop(socks);
-        Ok(Attached {
-            index,
-            size: export.size,
-            transmission_flags: export.transmission_flags,
-            connections: params.sockets.len(),
-        })
+        Ok(Attached { index, size: export.size, transmission_flags: export.transmission_flags, connections })
     }
 
     async fn reconnect(&self, index: u32, spec: &AttachSpec) -> Result<usize> {
@@ -121,7 +118,7 @@ impl Attacher for KernelAttacher {
             return Err(Error::new(ErrorKind::Kernel, "reconnecting needs the netlink interface"));
         };
         let (export, socks) = sockets::open(&spec.uri, spec.connections).await?;
-        let fds: Vec<i32> = socks.iter().map(|s| s.as_raw_fd()).collect();
+        let fds: Vec<BorrowedFd<'_>> = socks.iter().map(|s| s.as_fd()).collect();
         lock(nl).reconfigure(index, &spec.backend_id, &fds, None)?;
         tracing::info!(index, sockets = fds.len(), flags = export.transmission_flags, "handed fresh sockets");
         Ok(fds.len())

@@ -7,7 +7,7 @@
 //! dies: a plugin restart interrupts ioctl-attached devices.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::Path;
 
 use nix::libc::c_int;
@@ -61,56 +61,70 @@ impl IoctlDevice {
         Ok(Self { file })
     }
 
+    /// The device's descriptor for the nix ioctl wrappers, which take a raw
+    /// one; it stays open as long as `self` (and so the borrow) lives.
     fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
 
     /// Block size, size (in blocks), timeout, the server's transmission
-    /// flags, then the sockets; NBD_DO_IT is [`IoctlDevice::run`].
+    /// flags, then the sockets; NBD_DO_IT is [`IoctlDevice::run`]. The
+    /// sockets stay the caller's: the kernel takes its own reference on each.
     pub fn configure(
         &self,
         block_size: u64,
         size: u64,
         timeout_secs: u64,
         flags: u16,
-        sockets: &[RawFd],
+        sockets: &[BorrowedFd<'_>],
     ) -> Result<()> {
         let fd = self.fd();
+        let block_size_arg = int(block_size, "block size")?;
         let blocks = int(size / block_size.max(1), "size in blocks")?;
-        // SAFETY: fd is an open NBD device owned by self.file for the whole
-        // call; these requests take a plain integer argument and the kernel
-        // reads no user memory for them.
-        unsafe {
-            set_blksize(fd, int(block_size, "block size")?).ctx(ErrorKind::Kernel, || "NBD_SET_BLKSIZE")?;
-            set_size_blocks(fd, blocks).ctx(ErrorKind::Kernel, || "NBD_SET_SIZE_BLOCKS")?;
-            set_timeout(fd, int(timeout_secs, "timeout")?).ctx(ErrorKind::Kernel, || "NBD_SET_TIMEOUT")?;
-            set_flags(fd, c_int::from(flags)).ctx(ErrorKind::Kernel, || "NBD_SET_FLAGS")?;
-        }
-        for &sock in sockets {
-            // SAFETY: as above; `sock` is an open, connected socket descriptor
-            // of this process, which the kernel looks up and takes a reference on.
-            unsafe { set_sock(fd, sock) }.ctx(ErrorKind::Kernel, || "NBD_SET_SOCK")?;
+        let timeout = int(timeout_secs, "timeout")?;
+        // SAFETY: fd is the NBD device self.file keeps open for the whole call;
+        // NBD_SET_BLKSIZE takes its argument by value, no user memory is read.
+        unsafe { set_blksize(fd, block_size_arg) }.ctx(ErrorKind::Kernel, || "NBD_SET_BLKSIZE")?;
+        // SAFETY: as for NBD_SET_BLKSIZE: an open NBD device, an integer argument.
+        unsafe { set_size_blocks(fd, blocks) }.ctx(ErrorKind::Kernel, || "NBD_SET_SIZE_BLOCKS")?;
+        // SAFETY: as for NBD_SET_BLKSIZE: an open NBD device, an integer argument.
+        unsafe { set_timeout(fd, timeout) }.ctx(ErrorKind::Kernel, || "NBD_SET_TIMEOUT")?;
+        // SAFETY: as for NBD_SET_BLKSIZE: an open NBD device, an integer argument.
+        unsafe { set_flags(fd, c_int::from(flags)) }.ctx(ErrorKind::Kernel, || "NBD_SET_FLAGS")?;
+        for sock in sockets {
+            // SAFETY: fd is the open NBD device; the argument is the number of
+            // `sock`, a descriptor the borrow keeps open during the call, which
+            // the kernel looks up and takes its own reference on (it never
+            // closes or reuses ours).
+            unsafe { set_sock(fd, sock.as_raw_fd()) }.ctx(ErrorKind::Kernel, || "NBD_SET_SOCK")?;
         }
         Ok(())
     }
 
     /// NBD_DO_IT: serves the device until it is disconnected. Blocks.
     pub fn run(&self) -> Result<()> {
-        // SAFETY: fd is an open NBD device owned by self.file; DO_IT takes no argument.
+        // SAFETY: fd is the NBD device self.file keeps open; DO_IT takes no
+        // argument and touches no user memory.
         unsafe { do_it(self.fd()) }.map(drop).ctx(ErrorKind::Kernel, || "NBD_DO_IT")
     }
 
     /// NBD_DISCONNECT then NBD_CLEAR_SOCK (the two ioctls netlink-made devices accept too).
     pub fn disconnect(&self) -> Result<()> {
-        // SAFETY: fd is an open NBD device owned by self.file; no argument.
+        // SAFETY: fd is the NBD device self.file keeps open; DISCONNECT takes
+        // no argument and touches no user memory.
         unsafe { disconnect(self.fd()) }.ctx(ErrorKind::Kernel, || "NBD_DISCONNECT")?;
-        // SAFETY: as above.
+        // SAFETY: as for NBD_DISCONNECT: an open NBD device, no argument.
         unsafe { clear_sock(self.fd()) }.map(drop).ctx(ErrorKind::Kernel, || "NBD_CLEAR_SOCK")
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    use nix::errno::Errno;
+
     use super::*;
 
     #[test]
@@ -133,6 +147,24 @@ mod tests {
             nr::SET_FLAGS,
         ];
         assert_eq!(nrs, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    }
+
+    /// Every argument is checked before the first ioctl, so a bad one leaves
+    /// the device as it was instead of half configured. /dev/null stands in
+    /// for the device: the kernel answers any NBD ioctl on it with ENOTTY.
+    #[test]
+    fn bad_arguments_are_refused_before_any_ioctl() {
+        let dev = IoctlDevice::open(Path::new("/dev/null")).unwrap();
+        let err = dev.configure(4096, 1 << 20, 1 << 40, 0, &[]).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidArgument, "{}", err.chain());
+
+        // Valid arguments and a borrowed socket reach the kernel, which
+        // refuses them on a file that is no NBD device.
+        let (sock, _peer) = UnixStream::pair().unwrap();
+        let err = dev.configure(4096, 1 << 20, 30, 0, &[sock.as_fd()]).unwrap_err();
+        assert_eq!((err.kind, err.errno()), (ErrorKind::Kernel, Some(Errno::ENOTTY)), "{}", err.chain());
+        // The socket is still ours and open.
+        assert!(nix::sys::socket::getsockname::<nix::sys::socket::UnixAddr>(sock.as_raw_fd()).is_ok());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The kernel NBD driver through its generic netlink family.
 
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use super::genl::GenlSocket;
@@ -27,7 +28,7 @@ impl NbdNetlink {
     }
 
     /// CONNECT; returns the index of the device the kernel picked.
-    pub fn connect(&mut self, params: &ConnectParams) -> Result<u32> {
+    pub fn connect(&mut self, params: &ConnectParams<'_>) -> Result<u32> {
         let replies = self.sock.request(&nbd_genl::connect(self.family, params), "nbd CONNECT")?;
         replies
             .iter()
@@ -35,8 +36,15 @@ impl NbdNetlink {
             .ok_or_else(|| Error::new(ErrorKind::Kernel, "nbd CONNECT: the kernel returned no device index"))
     }
 
-    /// RECONFIGURE: hands fresh sockets (replacing dead ones) and/or a new size.
-    pub fn reconfigure(&mut self, index: u32, backend_id: &str, fds: &[i32], size: Option<u64>) -> Result<()> {
+    /// RECONFIGURE: hands fresh sockets (replacing dead ones) and/or a new
+    /// size. The sockets stay the caller's; the kernel takes its own references.
+    pub fn reconfigure(
+        &mut self,
+        index: u32,
+        backend_id: &str,
+        fds: &[BorrowedFd<'_>],
+        size: Option<u64>,
+    ) -> Result<()> {
         let req = nbd_genl::reconfigure(self.family, index, backend_id, fds, size);
         self.sock.request(&req, &format!("nbd RECONFIGURE of nbd{index}")).map(drop)
     }

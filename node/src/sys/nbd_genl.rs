@@ -1,6 +1,8 @@
 //! The kernel NBD driver's generic netlink family: numbers from
 //! include/uapi/linux/nbd-netlink.h and nbd.h, and pure message builders.
 
+use std::os::fd::{AsRawFd, BorrowedFd};
+
 use super::netlink::{Attrs, GenlRequest, NLM_F_ACK, NLM_F_REQUEST, attr_u8, attr_u32, attrs, find_attr};
 
 pub const FAMILY_NAME: &str = "nbd";
@@ -44,10 +46,12 @@ pub mod client_flags {
 }
 
 /// Everything CONNECT needs. `server_flags` are the export's transmission
-/// flags exactly as the server sent them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectParams {
-    pub sockets: Vec<i32>,
+/// flags exactly as the server sent them. The sockets stay the caller's: the
+/// message carries their numbers, and the kernel takes its own reference on
+/// each while handling it, so they need only outlive the request.
+#[derive(Debug, Clone)]
+pub struct ConnectParams<'fd> {
+    pub sockets: Vec<BorrowedFd<'fd>>,
     pub size_bytes: u64,
     pub block_size: u64,
     pub server_flags: u16,
@@ -57,11 +61,12 @@ pub struct ConnectParams {
     pub backend_id: String,
 }
 
-fn sockets(fds: &[i32]) -> Attrs {
+fn sockets(fds: &[BorrowedFd<'_>]) -> Attrs {
     let mut list = Attrs::new();
-    for &fd in fds {
+    for fd in fds {
         let mut item = Attrs::new();
-        item.u32(attr::SOCK_FD, fd as u32);
+        // An open descriptor is never negative: the cast keeps its number.
+        item.u32(attr::SOCK_FD, fd.as_raw_fd() as u32);
         list.nested(attr::SOCK_ITEM, &item);
     }
     list
@@ -73,7 +78,7 @@ fn request(family: u16, cmd: u8, attrs: Attrs) -> GenlRequest {
 
 /// CONNECT without INDEX: the kernel picks or creates a free device and
 /// answers with its INDEX.
-pub fn connect(family: u16, p: &ConnectParams) -> GenlRequest {
+pub fn connect(family: u16, p: &ConnectParams<'_>) -> GenlRequest {
     let mut a = Attrs::new();
     a.u64(attr::SIZE_BYTES, p.size_bytes)
         .u64(attr::BLOCK_SIZE_BYTES, p.block_size)
@@ -89,7 +94,13 @@ pub fn connect(family: u16, p: &ConnectParams) -> GenlRequest {
 /// RECONFIGURE: fresh sockets replace dead ones (surplus ones are ignored),
 /// and SIZE_BYTES, when given, resizes the device. BACKEND_IDENTIFIER must
 /// match the one given at CONNECT.
-pub fn reconfigure(family: u16, index: u32, backend_id: &str, fds: &[i32], size_bytes: Option<u64>) -> GenlRequest {
+pub fn reconfigure(
+    family: u16,
+    index: u32,
+    backend_id: &str,
+    fds: &[BorrowedFd<'_>],
+    size_bytes: Option<u64>,
+) -> GenlRequest {
     let mut a = Attrs::new();
     a.u32(attr::INDEX, index).string(attr::BACKEND_IDENTIFIER, backend_id);
     if let Some(size) = size_bytes {
@@ -136,6 +147,9 @@ pub fn parse_status(buf: &[u8]) -> Vec<(u32, bool)> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
     use super::super::netlink::{NLA_F_NESTED, attr_string, attr_u16};
     use super::*;
 
@@ -164,9 +178,19 @@ mod tests {
         assert_eq!((FAMILY_NAME, VERSION, MCAST_GROUP), ("nbd", 1, "nbd_mc_group"));
     }
 
-    fn params() -> ConnectParams {
+    /// Two real, open sockets: the messages carry descriptor numbers the
+    /// kernel will look up, so the tests use descriptors that exist.
+    fn socket_pair() -> (UnixStream, UnixStream) {
+        UnixStream::pair().unwrap()
+    }
+
+    fn number(fd: &impl AsRawFd) -> u32 {
+        u32::try_from(fd.as_raw_fd()).unwrap()
+    }
+
+    fn params<'fd>(sockets: &[BorrowedFd<'fd>]) -> ConnectParams<'fd> {
         ConnectParams {
-            sockets: vec![5, 6],
+            sockets: sockets.to_vec(),
             size_bytes: 64 << 20,
             block_size: 4096,
             server_flags: 0b101_0110_1101,
@@ -183,7 +207,8 @@ mod tests {
 
     #[test]
     fn connect_carries_every_attribute_and_no_index() {
-        let req = connect(21, &params());
+        let (first, second) = socket_pair();
+        let req = connect(21, &params(&[first.as_fd(), second.as_fd()]));
         assert_eq!((req.family, req.cmd, req.version), (21, 1, 1));
         assert_eq!(req.flags, NLM_F_REQUEST | NLM_F_ACK);
         let a = req.attrs.bytes();
@@ -200,7 +225,7 @@ mod tests {
         let socks: Vec<_> = attrs(find_attr(a, attr::SOCKETS).unwrap())
             .map(|(k, item)| (k, attr_u32(find_attr(item, attr::SOCK_FD).unwrap()).unwrap()))
             .collect();
-        assert_eq!(socks, [(1, 5), (1, 6)]);
+        assert_eq!(socks, [(1, number(&first)), (1, number(&second))]);
         // SOCKETS and its items are marked nested.
         let raw = a.windows(2).any(|w| u16::from_ne_bytes([w[0], w[1]]) == attr::SOCKETS | NLA_F_NESTED);
         assert!(raw);
@@ -208,8 +233,13 @@ mod tests {
 
     #[test]
     fn reconfigure_disconnect_status() {
-        let r = reconfigure(21, 3, "vol-1", &[9], Some(1 << 30));
+        let (sock, _peer) = socket_pair();
+        let r = reconfigure(21, 3, "vol-1", &[sock.as_fd()], Some(1 << 30));
         assert_eq!(r.cmd, cmd::RECONFIGURE);
+        let items: Vec<_> = attrs(find_attr(r.attrs.bytes(), attr::SOCKETS).unwrap())
+            .map(|(_, item)| attr_u32(find_attr(item, attr::SOCK_FD).unwrap()).unwrap())
+            .collect();
+        assert_eq!(items, [number(&sock)]);
         assert_eq!(parse_index(r.attrs.bytes()), Some(3));
         assert_eq!(u64_of(r.attrs.bytes(), attr::SIZE_BYTES), 1 << 30);
         let r = reconfigure(21, 3, "vol-1", &[], None);

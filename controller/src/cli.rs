@@ -20,7 +20,6 @@ use csi_proto::volume_capability::access_mode::Mode;
 use csi_proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use csi_proto::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use csi_proto::*;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
@@ -202,27 +201,17 @@ impl ClientArgs {
     async fn channel(&self) -> anyhow::Result<Channel> {
         let endpoint = self.endpoint();
         let timeout = Duration::from_secs(self.timeout);
-        let connected = match &endpoint {
-            Endpoint::Unix(path) => {
-                let path = path.clone();
-                tonic::transport::Endpoint::from_static("http://localhost")
-                    .connect_timeout(Duration::from_secs(10))
-                    .timeout(timeout)
-                    .connect_with_connector(tower::service_fn(move |_| {
-                        let path = path.clone();
-                        async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
-                    }))
-                    .await
-            }
-            Endpoint::Tcp(addr) => {
-                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    .with_context(|| format!("endpoint {endpoint}"))?
-                    .connect_timeout(Duration::from_secs(10))
-                    .timeout(timeout)
-                    .connect()
-                    .await
-            }
+        // tonic dials unix:// URIs itself; a TCP endpoint is plain HTTP/2.
+        let uri = match &endpoint {
+            Endpoint::Unix(path) => format!("unix://{}", path.display()),
+            Endpoint::Tcp(addr) => format!("http://{addr}"),
         };
+        let connected = tonic::transport::Endpoint::from_shared(uri)
+            .with_context(|| format!("endpoint {endpoint}"))?
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(timeout)
+            .connect()
+            .await;
         connected.with_context(|| {
             format!("cannot reach the controller at {endpoint}; is nbd-csi-controller running there (same --data-dir or --endpoint)?")
         })

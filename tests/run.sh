@@ -58,6 +58,9 @@ read -r p f s < <(awk '/^test result:/ { p += $4; f += $6; s += $8 } END { print
 [ "$cargo_status" -ne 0 ] && [ "$f" -eq 0 ] && f=1
 record cargo-test "$p" "$f" "$s"
 
+# Unix-socket CSI endpoints called by gRPC C-core (Python grpcio).
+suite grpc-clients ./tests/grpc-clients.sh
+
 ./tests/csi-sanity.sh
 sanity_status=$?
 read -r p f s < <(grep -Eo '[0-9]+ Passed \| [0-9]+ Failed \| [0-9]+ Pending \| [0-9]+ Skipped' target/csi-sanity.log 2>/dev/null \

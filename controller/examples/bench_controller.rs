@@ -17,7 +17,6 @@ use csi_proto::identity_client::IdentityClient;
 use csi_proto::volume_capability::access_mode::Mode;
 use csi_proto::volume_capability::{AccessMode, AccessType, BlockVolume};
 use csi_proto::*;
-use hyper_util::rt::TokioIo;
 use tonic::transport::Channel;
 
 #[derive(Debug, Parser)]
@@ -111,12 +110,9 @@ fn private(m: &Memory) -> u64 {
 }
 
 async fn connect(socket: PathBuf) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_static("http://localhost")
+    Ok(tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))?
         .timeout(Duration::from_secs(60))
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move { tokio::net::UnixStream::connect(socket).await.map(TokioIo::new) }
-        }))
+        .connect()
         .await?)
 }
 

@@ -20,7 +20,6 @@ use csi_proto::volume_capability::access_mode::Mode;
 use csi_proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use csi_proto::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use csi_proto::*;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
@@ -203,27 +202,17 @@ impl ClientArgs {
     async fn channel(&self) -> anyhow::Result<Channel> {
         let endpoint = self.endpoint();
         let timeout = Duration::from_secs(self.timeout);
-        let connected = match &endpoint {
-            Endpoint::Unix(path) => {
-                let path = path.clone();
-                tonic::transport::Endpoint::from_static("http://localhost")
-                    .connect_timeout(Duration::from_secs(10))
-                    .timeout(timeout)
-                    .connect_with_connector(tower::service_fn(move |_| {
-                        let path = path.clone();
-                        async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
-                    }))
-                    .await
-            }
-            Endpoint::Tcp(addr) => {
-                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    .with_context(|| format!("endpoint {endpoint}"))?
-                    .connect_timeout(Duration::from_secs(10))
-                    .timeout(timeout)
-                    .connect()
-                    .await
-            }
+        // tonic dials unix:// URIs itself; a TCP endpoint is plain HTTP/2.
+        let uri = match &endpoint {
+            Endpoint::Unix(path) => format!("unix://{}", path.display()),
+            Endpoint::Tcp(addr) => format!("http://{addr}"),
         };
+        let connected = tonic::transport::Endpoint::from_shared(uri)
+            .with_context(|| format!("endpoint {endpoint}"))?
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(timeout)
+            .connect()
+            .await;
         connected.with_context(|| {
             format!("cannot reach the controller at {endpoint}; is nbd-csi-controller running there (same --data-dir or --endpoint)?")
         })
@@ -268,22 +257,9 @@ pub fn human_size(bytes: u64) -> String {
     format!("{bytes} B")
 }
 
-/// UTC time of a protobuf timestamp as RFC 3339, without a date crate.
+/// UTC time of a protobuf timestamp as RFC 3339 (prost's own formatting).
 fn rfc3339(ts: Option<&prost_types::Timestamp>) -> String {
-    let Some(ts) = ts else { return "-".into() };
-    let days = ts.seconds.div_euclid(86_400);
-    let secs = ts.seconds.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    ts.map_or_else(|| "-".into(), ToString::to_string)
 }
 
 fn source_of(v: &Volume) -> (String, Value) {

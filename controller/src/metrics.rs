@@ -17,7 +17,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// The exports being served, by volume id; the driver keeps it current.
@@ -121,52 +120,59 @@ impl Metrics {
     }
 }
 
-/// Longest request head we read before answering.
-const MAX_REQUEST: usize = 8 << 10;
+/// The Prometheus text exposition format's content type.
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Answers every HTTP GET on `listener` with the metrics, until dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            let mut head = Vec::with_capacity(1024);
-            let mut buf = [0u8; 1024];
-            let read = async {
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
-                    let n = stream.read(&mut buf).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    head.extend_from_slice(&buf[..n]);
-                }
-                Ok::<_, std::io::Error>(())
-            };
-            if tokio::time::timeout(Duration::from_secs(10), read).await.is_err() {
-                return;
-            }
-            let (status, body) = if head.starts_with(b"GET ") {
-                ("200 OK", metrics.render())
-            } else {
-                ("405 Method Not Allowed", String::new())
-            };
-            let reply = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(reply.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
-    }
+/// Answers `GET /metrics` on `listener` with the metrics, until dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = Arc::clone(&metrics);
+            async move { ([(http::header::CONTENT_TYPE, TEXT_FORMAT)], metrics.render()) }
+        }),
+    );
+    axum::serve(listener, app).await
 }
 
 /// Binds the metrics listener and serves it in the background.
 pub async fn spawn(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    tokio::spawn(serve(listener, metrics));
+    tokio::spawn(async move {
+        if let Err(e) = serve(listener, metrics).await {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    });
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn http(addr: SocketAddr, request: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.unwrap();
+        reply
+    }
+
+    #[tokio::test]
+    async fn scrapes_get_the_text_format_and_nothing_else_is_served() {
+        let metrics = Arc::new(Metrics::new(ExportTable::default()));
+        metrics.observe("Probe", tonic::Code::Ok, Duration::from_millis(2));
+        let addr = spawn("127.0.0.1:0".parse().unwrap(), metrics).await.unwrap();
+        let close = "Connection: close\r\n\r\n";
+        let reply = http(addr, &format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{close}")).await;
+        assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+        assert!(reply.to_ascii_lowercase().contains(&format!("content-type: {TEXT_FORMAT}")), "{reply}");
+        assert!(reply.contains("nbd_csi_rpc_requests_total{method=\"Probe\",code=\"Ok\"} 1"), "{reply}");
+        let other = http(addr, &format!("GET /other HTTP/1.1\r\nHost: x\r\n{close}")).await;
+        assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+        let post = http(addr, &format!("POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n{close}")).await;
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    }
 }

@@ -148,11 +148,8 @@ pub async fn serve(
         .add_service(ControllerServer::new(ControllerService(Arc::clone(&driver))));
     match &endpoint {
         Endpoint::Unix(path) => {
-            remove_stale_socket(path)?;
-            let listener =
-                tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-            router.serve_with_incoming_shutdown(incoming, shutdown).await?;
+            let listener = csi_proto::uds::bind(path).with_context(|| format!("binding {}", path.display()))?;
+            router.serve_with_incoming_shutdown(csi_proto::uds::incoming(listener), shutdown).await?;
             let _ = std::fs::remove_file(path);
         }
         Endpoint::Tcp(addr) => {
@@ -165,19 +162,6 @@ pub async fn serve(
     }
     driver.shutdown().await;
     Ok(())
-}
-
-fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
-            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))
-        }
-        Ok(_) => bail!("{} exists and is not a socket", path.display()),
-        Err(_) => Ok(()),
-    }
 }
 
 /// The endpoint without `--endpoint`: a socket in the data directory. The

@@ -18,7 +18,6 @@ use csi_proto::node_client::NodeClient;
 use csi_proto::volume_capability::access_mode::Mode;
 use csi_proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use csi_proto::*;
-use hyper_util::rt::TokioIo;
 
 fn capability(block: bool, fs_type: &str) -> VolumeCapability {
     let access_type = if block {
@@ -52,13 +51,10 @@ async fn main() -> anyhow::Result<()> {
         out
     };
     let arg = |i: usize| pos.get(i).copied().context("missing argument (see the usage in the source)");
-    let socket = arg(0)?.trim_start_matches("unix://").to_owned();
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+    let socket = arg(0)?.trim_start_matches("unix://");
+    let channel = tonic::transport::Endpoint::from_shared(format!("unix://{socket}"))?
         .connect_timeout(Duration::from_secs(10))
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = socket.clone();
-            async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
-        }))
+        .connect()
         .await
         .context("connecting to the node plugin")?;
     let mut node = NodeClient::new(channel);

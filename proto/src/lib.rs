@@ -22,3 +22,4 @@ pub mod v1 {
 pub use v1::*;
 
 pub mod plugin;
+pub mod uds;

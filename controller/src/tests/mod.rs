@@ -16,7 +16,6 @@ use csi_proto::identity_client::IdentityClient;
 use csi_proto::volume_capability::access_mode::Mode;
 use csi_proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use csi_proto::*;
-use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -73,12 +72,9 @@ impl Harness {
     }
 
     pub async fn channel(&self) -> Channel {
-        let socket = self.socket.clone();
-        tonic::transport::Endpoint::from_static("http://localhost")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let socket = socket.clone();
-                async move { tokio::net::UnixStream::connect(socket).await.map(TokioIo::new) }
-            }))
+        tonic::transport::Endpoint::from_shared(format!("unix://{}", self.socket.display()))
+            .expect("a unix:// URI")
+            .connect()
             .await
             .expect("connect to the CSI socket")
     }

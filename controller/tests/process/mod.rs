@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_nbd-csi-controller");
@@ -188,13 +187,10 @@ impl Controller {
 
     /// A gRPC channel to the CSI socket; every RPC gives up after `timeout`.
     pub async fn channel(&self, timeout: Duration) -> Channel {
-        let socket = self.socket.clone();
-        tonic::transport::Endpoint::from_static("http://localhost")
+        tonic::transport::Endpoint::from_shared(format!("unix://{}", self.socket.display()))
+            .expect("a unix:// URI")
             .timeout(timeout)
-            .connect_with_connector(tower::service_fn(move |_| {
-                let socket = socket.clone();
-                async move { tokio::net::UnixStream::connect(socket).await.map(TokioIo::new) }
-            }))
+            .connect()
             .await
             .expect("connect to the CSI socket")
     }

@@ -49,15 +49,8 @@ pub async fn serve(
         .add_service(IdentityServer::new(IdentityService(info.clone())))
         .add_service(NodeServer::new(NodeService { volumes, info }));
     let path = Path::new(endpoint.strip_prefix("unix://").unwrap_or(endpoint));
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    }
-    if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
-    }
-    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    router.serve_with_incoming_shutdown(incoming, shutdown).await?;
+    let listener = csi_proto::uds::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    router.serve_with_incoming_shutdown(csi_proto::uds::incoming(listener), shutdown).await?;
     let _ = std::fs::remove_file(path);
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! One client cannot starve the others, end to end: the real controller,
 //! started with the usual container open-file limit (soft 1024), serves two
-//! volumes; a thousand idle connections to volume A from one address leave
+//! volumes; 1200 idle connections to volume A from one address leave
 //! volume B's handshake answering within a second. The controller raises
 //! its soft limit to the hard one at start, and caps connections per
 //! volume and per address (here the per-address cap comes from its
@@ -18,7 +18,8 @@ use common::wire::*;
 use common::*;
 use process::{Controller, command, free_port_block};
 
-const FLOOD: usize = 1000;
+/// More connections than the soft limit the controller starts with.
+const FLOOD: usize = 1200;
 const PER_PEER: usize = 16;
 const SOFT: u64 = 1024;
 const HARD: u64 = 8192;

@@ -47,6 +47,8 @@ controller:
     limits: {memory: 1Gi}
   nbd:
     portRange: {first: 20000, last: 20009}
+    maxConnections: 256
+    maxConnectionsPerPeer: 16
 node:
   connections: 2
   modprobe: {required: true, parameters: [nbds_max=64]}
@@ -107,6 +109,7 @@ rejects=(
     "--set controller.nbd.portRange.last=12000|controller.nbd.portRange: at most 1000 ports"
     "--set controller.healthPort=10950|controller.healthPort (10950) lies inside controller.nbd.portRange 10900-10999"
     "--set node.connections=0|minimum: got 0, want 1"
+    "--set controller.nbd.maxConnectionsPerPeer=0|minimum: got 0, want 1"
     "--set node.connections=four|got string, want integer"
     "--set storageClasses[0].fsType=btrfs|value must be one of 'ext4', 'xfs'"
     "--set storageClasses[0].reclaimPolicy=Recycle|value must be one of 'Delete', 'Retain'"

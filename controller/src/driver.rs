@@ -17,7 +17,7 @@ use crate::events::Events;
 use crate::kube::{NodeAddresses, Nodes};
 use crate::metrics::{ExportTable, Metrics};
 use crate::store::{SnapshotRecord, Store, VolumeRecord};
-use crate::volumes::{self, Served};
+use crate::volumes::{self, ConnectionCaps, Served};
 
 /// How often servers that failed to start are retried and node addresses
 /// re-read from Kubernetes.
@@ -31,6 +31,7 @@ pub struct Config {
     /// Address the NBD servers bind.
     pub listen: IpAddr,
     pub ports: RangeInclusive<u16>,
+    pub connection_caps: ConnectionCaps,
 }
 
 #[derive(Debug)]
@@ -166,9 +167,10 @@ impl Driver {
     /// (Re)starts a stored volume's server on its recorded port.
     pub async fn restart_server(&self, id: &str) -> Result<()> {
         let Some(record) = self.state().volumes.get(id).map(|v| v.record.clone()) else { return Ok(()) };
-        let served = volumes::serve(&self.store.volume_image(id), &record, self.config.listen)
-            .await
-            .map_err(|e| Error::io(format!("serving volume {id} on port {}", record.port), e))?;
+        let served =
+            volumes::serve(&self.store.volume_image(id), &record, self.config.listen, self.config.connection_caps)
+                .await
+                .map_err(|e| Error::io(format!("serving volume {id} on port {}", record.port), e))?;
         self.exports.insert(id, Arc::clone(&served.export));
         let old = self.state().volumes.get_mut(id).and_then(|v| v.served.replace(served));
         if let Some(old) = old {
@@ -183,7 +185,7 @@ impl Driver {
         let used: std::collections::BTreeSet<u16> = self.state().volumes.values().map(|v| v.record.port).collect();
         for port in self.config.ports.clone().filter(|p| !used.contains(p)) {
             record.port = port;
-            match volumes::serve(&image, record, self.config.listen).await {
+            match volumes::serve(&image, record, self.config.listen, self.config.connection_caps).await {
                 Ok(served) => return Ok(served),
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
                 Err(e) => return Err(Error::io(format!("serving volume {} on port {port}", record.id), e)),

@@ -364,6 +364,7 @@ mod tests {
             advertise: "127.0.0.1".parse().unwrap(),
             listen: "127.0.0.1".parse().unwrap(),
             ports: 26900..=26931,
+            connection_caps: Default::default(),
         };
         let nodes = Nodes::Kubernetes(client);
         let driver = Driver::start(config, dir.path().join("data"), nodes).await.unwrap();

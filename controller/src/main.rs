@@ -52,6 +52,9 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)))
         .with_writer(std::io::stderr)
         .init();
+    if !client {
+        raise_descriptor_limit();
+    }
     let client_runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build();
     let server_runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build();
     match cli.command {
@@ -60,6 +63,22 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Info(args)) => client_done(client_runtime()?.block_on(cli::info(args))),
         Some(Command::ServeFile(args)) => server_runtime()?.block_on(serve_file::run(args)),
         None => server_runtime()?.block_on(service::run(cli.serve)),
+    }
+}
+
+/// Every volume's NBD server lives in this process and shares its
+/// descriptor limit, whose soft value is often 1024 while the hard one is
+/// far higher: the soft limit goes up to the hard one, so the per-volume
+/// connection caps, not the process limit, bound what clients can open.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(error) => tracing::warn!(%error, limit = soft, "could not raise the open-file limit"),
+        },
+        Ok((soft, _)) => tracing::info!(limit = soft, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "could not read the open-file limit"),
     }
 }
 

@@ -23,12 +23,22 @@ pub struct Args {
     /// Do not advertise CAN_MULTI_CONN (clients then use one connection).
     #[arg(long)]
     no_multi_conn: bool,
+    /// Connections held at once; more are closed right after accept.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..),
+        default_value_t = nbd::server::DEFAULT_MAX_CONNECTIONS as u32)]
+    max_connections: u32,
+    /// Connections one client address holds at once (as for volumes).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..),
+        default_value_t = nbd::server::DEFAULT_MAX_CONNECTIONS_PER_PEER as u32)]
+    max_connections_per_peer: u32,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = ExportConfig::new(args.export_name);
     config.read_only = args.read_only;
     config.multi_conn = !args.no_multi_conn;
+    config.max_connections = args.max_connections as usize;
+    config.max_connections_per_peer = args.max_connections_per_peer as usize;
     config.description = format!("nbd-csi serve-file {}", args.path.display());
     let export = Export::open(&args.path, config).with_context(|| format!("opening {}", args.path.display()))?;
     let server = Server::bind(export, args.listen).await.with_context(|| format!("listening on {}", args.listen))?;

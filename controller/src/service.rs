@@ -16,6 +16,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::csi::{ControllerService, IdentityService};
 use crate::driver::{Config, Driver};
 use crate::kube::Nodes;
+use crate::volumes::ConnectionCaps;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -40,6 +41,17 @@ pub struct Args {
     /// Ports for the NBD servers, one per volume: FIRST-LAST.
     #[arg(long, env = "NBD_CSI_NBD_PORT_RANGE", default_value = "10900-11899", value_parser = parse_port_range)]
     pub nbd_port_range: RangeInclusive<u16>,
+    /// Connections one volume's NBD server holds at once, from all nodes;
+    /// more are closed right after accept.
+    #[arg(long, env = "NBD_CSI_NBD_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..),
+        default_value_t = nbd::server::DEFAULT_MAX_CONNECTIONS as u32)]
+    pub nbd_max_connections: u32,
+    /// Connections one address (node) holds to one volume's NBD server at
+    /// once. The node plugin opens at most 8; the rest is room for healing
+    /// reconnects that overlap connections the server has not yet seen die.
+    #[arg(long, env = "NBD_CSI_NBD_MAX_CONNECTIONS_PER_PEER", value_parser = clap::value_parser!(u32).range(1..),
+        default_value_t = nbd::server::DEFAULT_MAX_CONNECTIONS_PER_PEER as u32)]
+    pub nbd_max_connections_per_peer: u32,
     /// Serve Prometheus metrics over HTTP here (e.g. 0.0.0.0:9810); off when unset.
     #[arg(long, env = "NBD_CSI_METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,
@@ -126,6 +138,10 @@ pub async fn build(args: &Args) -> anyhow::Result<Arc<Driver>> {
         advertise,
         listen: args.nbd_listen_address,
         ports: args.nbd_port_range.clone(),
+        connection_caps: ConnectionCaps {
+            per_volume: args.nbd_max_connections as usize,
+            per_peer: args.nbd_max_connections_per_peer as usize,
+        },
     };
     let known: BTreeSet<String> = args.known_nodes.iter().filter(|n| !n.is_empty()).cloned().collect();
     let nodes = Nodes::connect(args.kubeconfig.as_deref(), known).await.context("Kubernetes access")?;

@@ -13,6 +13,24 @@ use tokio::task::JoinHandle;
 
 use crate::store::{Publication, VolumeRecord};
 
+/// Connection caps for every volume's NBD server (see [`ExportConfig`]):
+/// one volume's clients cannot use up the descriptors every other volume
+/// of the process needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionCaps {
+    pub per_volume: usize,
+    pub per_peer: usize,
+}
+
+impl Default for ConnectionCaps {
+    fn default() -> Self {
+        Self {
+            per_volume: nbd::server::DEFAULT_MAX_CONNECTIONS,
+            per_peer: nbd::server::DEFAULT_MAX_CONNECTIONS_PER_PEER,
+        }
+    }
+}
+
 /// A running export server. Dropping it stops the server too.
 #[derive(Debug)]
 pub struct Served {
@@ -57,11 +75,13 @@ pub fn apply_policy(export: &Export, published: &BTreeMap<String, Publication>) 
 }
 
 /// Opens the image and listens on `listen`:`record.port` (0 picks one).
-pub async fn serve(image: &Path, record: &VolumeRecord, listen: IpAddr) -> io::Result<Served> {
+pub async fn serve(image: &Path, record: &VolumeRecord, listen: IpAddr, caps: ConnectionCaps) -> io::Result<Served> {
     let mut config = ExportConfig::new(record.export_name.clone());
     config.list_export = false;
     config.read_only = record.read_only;
     config.description = format!("nbd-csi volume {}", record.id);
+    config.max_connections = caps.per_volume;
+    config.max_connections_per_peer = caps.per_peer;
     let export = Export::open(image, config)?;
     // A new export has no connections to fence.
     drop(apply_policy(&export, &record.published));

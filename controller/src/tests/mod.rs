@@ -52,6 +52,8 @@ impl Harness {
             advertise_address: None,
             nbd_listen_address: "127.0.0.1".parse().unwrap(),
             nbd_port_range: ports.clone(),
+            nbd_max_connections: nbd::server::DEFAULT_MAX_CONNECTIONS as u32,
+            nbd_max_connections_per_peer: nbd::server::DEFAULT_MAX_CONNECTIONS_PER_PEER as u32,
             metrics_address: None,
             kubeconfig: None,
             known_nodes: vec![NODE_A.into(), NODE_B.into()],

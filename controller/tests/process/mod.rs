@@ -17,20 +17,35 @@ use tonic::transport::Channel;
 pub const BIN: &str = env!("CARGO_BIN_EXE_nbd-csi-controller");
 
 /// Variables that would point the binary somewhere else than the test says.
-const ENV: [&str; 8] = [
+const ENV: [&str; 10] = [
     "CSI_ENDPOINT",
     "NBD_CSI_DATA_DIR",
     "NBD_CSI_DRIVER_NAME",
     "NBD_CSI_ADVERTISE_ADDRESS",
     "NBD_CSI_NBD_LISTEN_ADDRESS",
     "NBD_CSI_NBD_PORT_RANGE",
+    "NBD_CSI_NBD_MAX_CONNECTIONS",
+    "NBD_CSI_NBD_MAX_CONNECTIONS_PER_PEER",
     "NBD_CSI_KUBECONFIG",
     "NBD_CSI_KNOWN_NODES",
 ];
 
 /// `nbd-csi-controller` with a clean environment for its flags.
 pub fn command(cwd: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
+    command_with_nofile(cwd, None)
+}
+
+/// [`command`], started by util-linux `prlimit` with this open-file limit
+/// (soft, hard) when one is given.
+fn command_with_nofile(cwd: &Path, nofile: Option<(u64, u64)>) -> Command {
+    let mut cmd = match nofile {
+        None => Command::new(BIN),
+        Some((soft, hard)) => {
+            let mut cmd = Command::new("prlimit");
+            cmd.arg(format!("--nofile={soft}:{hard}")).arg(BIN);
+            cmd
+        }
+    };
     for var in ENV {
         cmd.env_remove(var);
     }
@@ -67,6 +82,10 @@ pub struct Controller {
     /// Started without flags: the embedded defaults (data and socket under
     /// `./nbd-csi-data`), only the port range from the environment.
     defaults: bool,
+    /// Open-file limit (soft, hard) to start with instead of ours.
+    nofile: Option<(u64, u64)>,
+    /// Further environment variables (flag fallbacks).
+    env: Vec<(String, String)>,
 }
 
 impl Controller {
@@ -83,6 +102,8 @@ impl Controller {
             log_path: dir.join("controller.log"),
             run_start: 0,
             defaults: false,
+            nofile: None,
+            env: Vec::new(),
         };
         c.restart();
         c
@@ -91,6 +112,17 @@ impl Controller {
     /// Starts the controller as `nbd-csi-controller` with no arguments in
     /// `dir` (only `NBD_CSI_NBD_PORT_RANGE` set): the README's run command.
     pub fn start_with_defaults(dir: &Path, ports: (u16, u16)) -> Self {
+        Self::start_with_defaults_and(dir, ports, None, &[])
+    }
+
+    /// [`start_with_defaults`](Self::start_with_defaults) with an open-file
+    /// limit (soft, hard) and further environment variables.
+    pub fn start_with_defaults_and(
+        dir: &Path,
+        ports: (u16, u16),
+        nofile: Option<(u64, u64)>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let data_dir = dir.join("nbd-csi-data");
         let mut c = Self {
             child: None,
@@ -101,6 +133,8 @@ impl Controller {
             log_path: dir.join("controller.log"),
             run_start: 0,
             defaults: true,
+            nofile,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         c.restart();
         c
@@ -112,7 +146,8 @@ impl Controller {
         let mut log = OpenOptions::new().create(true).append(true).open(&self.log_path).expect("log file");
         self.run_start = log.metadata().expect("log metadata").len();
         writeln!(log, "==== start").expect("write log");
-        let mut cmd = command(&self.dir);
+        let mut cmd = command_with_nofile(&self.dir, self.nofile);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let ports = format!("{}-{}", self.ports.0, self.ports.1);
         if self.defaults {
             cmd.env("NBD_CSI_NBD_PORT_RANGE", ports);

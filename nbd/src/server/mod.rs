@@ -3,8 +3,11 @@
 //! Every connection shares the same open file, so a FLUSH (fdatasync) or a
 //! FUA write on any connection is durable for all of them when it is
 //! acknowledged: that is what makes advertising CAN_MULTI_CONN truthful.
+//! Connections over the export's or a peer's cap are closed right after
+//! accept (see `admission`).
 
 mod access;
+mod admission;
 mod backend;
 mod gate;
 mod handshake;
@@ -27,7 +30,9 @@ use tokio::task::JoinSet;
 
 use crate::consts::transmission_flags as tf;
 
+use access::Ticket;
 pub use access::{Access, Allowed, Fence, ReadOnlyPeers, Stop};
+use admission::{AcceptBackoff, ConnectionLimits, RefusalLog, Refused, Slot};
 pub use backend::Backend;
 pub use gate::{WriteGate, WritesPaused};
 pub use sink::ReplySink;
@@ -51,6 +56,17 @@ const KEEPALIVE_PROBES: u32 = 5;
 /// client, whose ACKs (zero-window probes included) keep resetting it.
 const USER_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Default for [`ExportConfig::max_connections_per_peer`]. The node plugin
+/// opens at most 8 connections per volume, and healing opens new ones while
+/// the server may still hold the dead ones it has not noticed yet: 32 leaves
+/// room for a few generations of those, and no more.
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 32;
+/// Default for [`ExportConfig::max_connections`]: a volume published to
+/// several nodes (read-only or multi-writer) at 8 connections each, with
+/// their reconnects; small enough that one volume's clients cannot use up
+/// the descriptors the process's other volumes need.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+
 /// How one export behaves.
 #[derive(Debug, Clone)]
 pub struct ExportConfig {
@@ -69,6 +85,11 @@ pub struct ExportConfig {
     /// at once; the reader waits when it is used up. At least the maximum
     /// payload, so one maximal request always fits.
     pub connection_buffer_budget: usize,
+    /// Connections the export holds at once, handshaking ones included;
+    /// more are closed right after accept. At least 1.
+    pub max_connections: usize,
+    /// Connections one source address holds at once, likewise. At least 1.
+    pub max_connections_per_peer: usize,
 }
 
 impl ExportConfig {
@@ -81,6 +102,8 @@ impl ExportConfig {
             list_export: true,
             handshake_timeout: Duration::from_secs(10),
             connection_buffer_budget: 64 << 20,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
         }
     }
 }
@@ -118,7 +141,12 @@ impl Export {
 
     pub fn from_file(file: File, config: ExportConfig) -> io::Result<Arc<Self>> {
         let budget = config.connection_buffer_budget.max(crate::limits::MAX_PAYLOAD as usize);
-        let config = ExportConfig { connection_buffer_budget: budget, ..config };
+        let config = ExportConfig {
+            connection_buffer_budget: budget,
+            max_connections: config.max_connections.max(1),
+            max_connections_per_peer: config.max_connections_per_peer.max(1),
+            ..config
+        };
         Ok(Arc::new(Self {
             backend: Backend::new(file)?,
             config,
@@ -278,41 +306,40 @@ impl Server {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> io::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
+        let config = self.export.config();
+        let limits = ConnectionLimits::new(config.max_connections, config.max_connections_per_peer);
+        let mut refusals = RefusalLog::default();
+        let mut backoff = AcceptBackoff::default();
+        let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                accepted = self.listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(pair) => pair,
-                        Err(e) => {
-                            // Out of descriptors and similar: keep serving the
-                            // clients we have rather than dying.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
+                accepted = self.listener.accept(), if backoff.ready() => match accepted {
+                    Ok((stream, peer)) => {
+                        backoff.succeeded();
+                        match self.admit(&limits, peer) {
+                            Ok(admitted) => {
+                                let export = Arc::clone(&self.export);
+                                connections.spawn(serve_admitted(export, stream, peer, admitted, stop_rx.clone()));
+                            }
+                            // Dropping the stream closes it: no greeting, no handshake.
+                            Err(reason) => refusals.note(peer, reason),
                         }
-                    };
-                    let Some(ticket) = self.export.access.admit(peer.ip()) else {
-                        tracing::info!(%peer, "connection refused: peer not allowed");
-                        continue;
-                    };
-                    let export = Arc::clone(&self.export);
-                    let stop = stop_rx.clone();
-                    connections.spawn(async move {
-                        let counted = Counted::new(&export);
-                        let read_only = ticket.read_only();
-                        let result = ticket.run(stop, |stop| serve_tcp(export, stream, read_only, stop)).await;
-                        drop(counted);
-                        match result {
-                            Ok(()) => tracing::debug!(%peer, "client disconnected"),
-                            Err(e) => tracing::info!(%peer, error = %e, "connection closed"),
-                        }
-                    });
+                    }
+                    // Out of descriptors and similar: keep serving the
+                    // clients we have rather than dying or spinning.
+                    Err(e) => backoff.failed(&e),
+                },
+                () = tokio::time::sleep_until(backoff.resume_at()), if !backoff.ready() => backoff.resume(),
+                () = tokio::time::sleep_until(refusals.due().unwrap_or_else(far)), if refusals.due().is_some() => {
+                    refusals.flush();
                 }
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                // A closed connection frees a descriptor: try accepting again.
+                Some(_) = connections.join_next(), if !connections.is_empty() => backoff.resume(),
             }
         }
+        refusals.flush();
         drop(self.listener);
         let _ = stop_tx.send(true);
         // Connections stop reading at once; give them a moment to send what
@@ -324,6 +351,33 @@ impl Server {
         }
         let backend = self.export.clone();
         tokio::task::spawn_blocking(move || backend.flush()).await.map_err(io::Error::other)?
+    }
+
+    /// A slot under the connection caps, then the access policy's ticket.
+    fn admit(&self, limits: &ConnectionLimits, peer: SocketAddr) -> Result<(Slot, Ticket), Refused> {
+        let slot = limits.admit(peer.ip())?;
+        let ticket = self.export.access.admit(peer.ip()).ok_or(Refused::NotAllowed)?;
+        Ok((slot, ticket))
+    }
+}
+
+/// One admitted connection, from handshake to close; its slot is freed
+/// when it ends.
+async fn serve_admitted(
+    export: Arc<Export>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    (slot, ticket): (Slot, Ticket),
+    stop: watch::Receiver<bool>,
+) {
+    let counted = Counted::new(&export);
+    let read_only = ticket.read_only();
+    let result = ticket.run(stop, |stop| serve_tcp(export, stream, read_only, stop)).await;
+    drop(counted);
+    drop(slot);
+    match result {
+        Ok(()) => tracing::debug!(%peer, "client disconnected"),
+        Err(e) => tracing::info!(%peer, error = %e, "connection closed"),
     }
 }
 

@@ -234,7 +234,7 @@ impl Conn {
             self.stats().bytes_read.fetch_add(len as u64, Ordering::Relaxed);
             return self.send(Reply::FileData { cookie: request.cookie, offset: request.offset, len }, counted).await;
         }
-        let permit = self.acquire(len).await?;
+        let permit = self.acquire(BufferPool::capacity_for(len)).await?;
         let mut buf = self.pool.take(len);
         if let Err(e) = self.export.backend.read(&mut buf, request.offset) {
             self.pool.give(buf);
@@ -245,9 +245,11 @@ impl Conn {
         self.send(Reply::Data { cookie: request.cookie, offset: request.offset, buf, _permit: permit }, counted).await
     }
 
-    async fn acquire(&self, len: usize) -> Result<OwnedSemaphorePermit> {
+    /// Budget for a buffer of `capacity` bytes: what it really holds, not
+    /// the request length it is cut to.
+    async fn acquire(&self, capacity: usize) -> Result<OwnedSemaphorePermit> {
         Arc::clone(&self.budget)
-            .acquire_many_owned(units(len))
+            .acquire_many_owned(units(capacity))
             .await
             .map_err(|_| Error::Protocol("buffer budget closed".into()))
     }
@@ -259,7 +261,7 @@ impl Conn {
             return Err(Error::Protocol(format!("write payload of {} bytes", request.length)));
         }
         let len = request.length as usize;
-        let permit = self.acquire(len).await?;
+        let permit = self.acquire(BufferPool::capacity_for(len)).await?;
         let mut buf = self.pool.take(len);
         rd.read_exact(&mut buf).await?;
         let error = if !self.flags_valid(&request, 0) {

@@ -7,6 +7,9 @@
 //! without a record was never acknowledged (or was already deleted), and
 //! loading removes it along with leftover `*.tmp` files. A record that does
 //! not parse stops loading with an error naming the file; nothing is removed.
+//!
+//! Files are 0600 and directories 0700 whatever the umask; opening fixes
+//! the modes a store made by an older version has.
 
 mod atomic;
 pub mod copy;
@@ -95,8 +98,17 @@ fn io_err(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> Error {
 impl Store {
     /// Opens (creating if needed) the store and loads every record.
     pub fn open(root: &Path) -> Result<(Self, Loaded)> {
-        for dir in [root.to_path_buf(), root.join(VOLUMES), root.join(SNAPSHOTS)] {
-            fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        match atomic::create_private_dir(root) {
+            Ok(()) => {}
+            // A data directory owned by someone else: the 0700 directories
+            // inside still keep the records and images private.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied && root.is_dir() => {
+                tracing::warn!(path = %root.display(), error = %e, "cannot make the data directory 0700");
+            }
+            Err(e) => return Err(Error::io(format!("creating {}", root.display()), e)),
+        }
+        for dir in [root.join(VOLUMES), root.join(SNAPSHOTS)] {
+            atomic::create_private_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         }
         let store = Self { root: root.to_path_buf() };
         let mut loaded = Loaded::default();
@@ -128,6 +140,7 @@ impl Store {
                 tracing::info!(path = %path.display(), "removing leftover temporary file");
                 fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
             } else if let Some(id) = name.strip_suffix(JSON) {
+                make_private(&path)?;
                 if !valid_id(id) {
                     return Err(corrupt(&path, "file name is not a valid id"));
                 }
@@ -138,6 +151,7 @@ impl Store {
                 record_ids.insert(id.to_string());
                 records.push(record);
             } else if let Some(id) = name.strip_suffix(IMG) {
+                make_private(&path)?;
                 images.push((id.to_string(), path));
             }
         }
@@ -188,7 +202,7 @@ impl Store {
         let tmp_name = format!("{name}{}", atomic::TMP_SUFFIX);
         let tmp = dir.join(&tmp_name);
         let prepare = || -> io::Result<()> {
-            let file = File::options().read(true).write(true).create_new(true).open(&tmp)?;
+            let file = atomic::create_private(&tmp, true)?;
             if let Some(source) = source {
                 let from = File::open(source)?;
                 let method = copy::copy_file(&from, &file)?;
@@ -264,6 +278,14 @@ impl HasId for SnapshotRecord {
     fn format(&self) -> u32 {
         self.format
     }
+}
+
+/// Files made by an older version were 0644; a record holds a secret.
+fn make_private(path: &Path) -> Result<()> {
+    if atomic::restrict(path, atomic::FILE_MODE).map_err(io_err(format!("chmod {}", path.display())))? {
+        tracing::info!(path = %path.display(), "made private (0600)");
+    }
+    Ok(())
 }
 
 fn corrupt(path: &Path, reason: &str) -> Error {

@@ -107,6 +107,7 @@ impl Driver {
             snapshots = driver.state().snapshots.len(),
             available = space.available,
             total = space.total,
+            metadata_reserve = driver.store.reserve_len().unwrap_or(0),
             "store loaded"
         );
         tokio::spawn(refresh_loop(Arc::downgrade(&driver)));
@@ -212,9 +213,15 @@ impl Driver {
         }
     }
 
-    /// One background pass: restart servers that are down, re-read node
-    /// addresses from Kubernetes.
+    /// One background pass: refill the metadata reserve, restart servers
+    /// that are down, re-read node addresses from Kubernetes.
     async fn refresh(&self) {
+        let store = Arc::clone(&self.store);
+        let _ = blocking(move || {
+            store.refill_reserve();
+            Ok(())
+        })
+        .await;
         let ids: Vec<String> = self.state().volumes.keys().cloned().collect();
         for id in ids {
             let _guard = self.lock(format!("v:{id}")).await;

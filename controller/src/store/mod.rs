@@ -9,11 +9,13 @@
 //! not parse stops loading with an error naming the file; nothing is removed.
 //!
 //! Files are 0600 and directories 0700 whatever the umask; opening fixes
-//! the modes a store made by an older version has.
+//! the modes a store made by an older version has. A full filesystem does
+//! not stop record writes: they draw on the metadata [`reserve`].
 
 mod atomic;
 pub mod copy;
 pub mod records;
+pub mod reserve;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -74,6 +76,7 @@ pub struct Loaded {
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
+    reserve: reserve::Reserve,
 }
 
 #[derive(Clone, Copy)]
@@ -110,7 +113,7 @@ impl Store {
         for dir in [root.join(VOLUMES), root.join(SNAPSHOTS)] {
             atomic::create_private_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
         }
-        let store = Self { root: root.to_path_buf() };
+        let store = Self { root: root.to_path_buf(), reserve: reserve::Reserve::new(root.join(reserve::NAME)) };
         let mut loaded = Loaded::default();
         for record in store.scan::<VolumeRecord>(Kind::Volume, is_volume_id)? {
             loaded.volumes.insert(record.id.clone(), record);
@@ -118,7 +121,21 @@ impl Store {
         for record in store.scan::<SnapshotRecord>(Kind::Snapshot, is_snapshot_id)? {
             loaded.snapshots.insert(record.id.clone(), record);
         }
+        store.refill_reserve();
         Ok((store, loaded))
+    }
+
+    /// Grows the metadata reserve back to full size if space allows; a
+    /// failure is logged (the next refill tries again).
+    pub fn refill_reserve(&self) {
+        if let Err(e) = self.reserve.refill() {
+            tracing::warn!(error = %e, "no room for the metadata reserve yet");
+        }
+    }
+
+    /// Bytes the metadata reserve holds now.
+    pub fn reserve_len(&self) -> Result<u64> {
+        self.reserve.len().map_err(io_err("reading the metadata reserve"))
     }
 
     fn dir(&self, kind: Kind) -> PathBuf {
@@ -236,16 +253,38 @@ impl Store {
         self.save(Kind::Snapshot, &record.id, record)
     }
 
+    /// Writes a record; on a full filesystem it draws on the reserve.
     fn save<T: serde::Serialize>(&self, kind: Kind, id: &str, record: &T) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(record).map_err(|e| Error::internal(format!("encoding record: {e}")))?;
-        atomic::write(&self.dir(kind), &format!("{id}{JSON}"), &bytes).map_err(io_err(format!("writing record {id}")))
+        let (dir, name) = (self.dir(kind), format!("{id}{JSON}"));
+        let mut released = 0;
+        loop {
+            match atomic::write(&dir, &name, &bytes) {
+                Err(e) if reserve::is_full(&e) && released < reserve::MAX_SLICES_PER_WRITE => {
+                    match self.reserve.release() {
+                        Ok(true) => released += 1,
+                        Ok(false) => {
+                            return Err(Error::io(format!("writing record {id} (metadata reserve used up)"), e));
+                        }
+                        Err(re) => {
+                            tracing::warn!(error = %re, "releasing the metadata reserve failed");
+                            return Err(Error::io(format!("writing record {id}"), e));
+                        }
+                    }
+                }
+                result => return result.map_err(io_err(format!("writing record {id}"))),
+            }
+        }
     }
 
-    /// Removes record then image: once the record is gone the object is gone.
+    /// Removes record then image: once the record is gone the object is
+    /// gone. The space freed refills the metadata reserve first.
     fn remove(&self, kind: Kind, id: &str) -> Result<()> {
         let dir = self.dir(kind);
         atomic::remove(&dir, &format!("{id}{JSON}")).map_err(io_err(format!("removing record {id}")))?;
-        atomic::remove(&dir, &format!("{id}{IMG}")).map_err(io_err(format!("removing image {id}")))
+        atomic::remove(&dir, &format!("{id}{IMG}")).map_err(io_err(format!("removing image {id}")))?;
+        self.refill_reserve();
+        Ok(())
     }
 
     pub fn remove_volume(&self, id: &str) -> Result<()> {

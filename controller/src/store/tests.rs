@@ -188,8 +188,8 @@ fn records_images_and_directories_are_private_under_the_usual_umask() {
         let want = if path.is_dir() { 0o700 } else { 0o600 };
         assert_eq!(*mode, want, "{} is {mode:o}", path.display());
     }
-    // Three directories, two images, two records.
-    assert_eq!(found.len(), 3 + 4, "{found:?}");
+    // Three directories, two images, two records and the metadata reserve.
+    assert_eq!(found.len(), 3 + 4 + 1, "{found:?}");
 }
 
 #[test]
@@ -230,8 +230,38 @@ fn a_failed_record_write_on_a_full_disk_leaves_no_temp_file() {
     let fs = crate::tests::Tmpfs::mount(1 << 20);
     crate::tests::fill(&fs.path().join("filler"), 2 << 20);
     let err = atomic::write(fs.path(), "a.json", &[b'x'; 8192]).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(nix::errno::Errno::ENOSPC as i32), "{err}");
+    assert!(reserve::is_full(&err), "{err}");
     let mut names: Vec<_> = fs::read_dir(fs.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     names.sort();
     assert_eq!(names, vec![std::ffi::OsString::from("filler")]);
+}
+
+#[test]
+fn record_writes_on_a_full_disk_draw_on_the_reserve_which_refills_when_space_is_freed() {
+    let fs = crate::tests::Tmpfs::mount(4 << 20);
+    let (store, _) = Store::open(fs.path()).unwrap();
+    assert_eq!(store.reserve_len().unwrap(), reserve::SIZE);
+    let id = vid(10);
+    store.create_volume_image(&id, 1 << 20, None).unwrap();
+    store.save_volume(&volume(&id)).unwrap();
+    let filler = fs.path().join("filler");
+    crate::tests::fill(&filler, 8 << 20);
+    assert_eq!(store.space().unwrap().available, 0);
+
+    let mut record = volume(&id);
+    for n in 0..reserve::MAX_SLICES_PER_WRITE * 4 {
+        record.published.insert(format!("node-{n}"), Publication { read_only: false, access_mode: 1, addresses: None });
+        store.save_volume(&record).unwrap();
+    }
+    assert!(store.reserve_len().unwrap() < reserve::SIZE);
+    assert!(crate::tests::temp_files(fs.path()).is_empty());
+    let (store, loaded) = Store::open(fs.path()).unwrap();
+    assert_eq!(loaded.volumes[&id], record);
+
+    fs::remove_file(&filler).unwrap();
+    store.refill_reserve();
+    assert_eq!(store.reserve_len().unwrap(), reserve::SIZE);
+    let reserve_file = fs.path().join(reserve::NAME);
+    assert!(std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&reserve_file).unwrap()) * 512 >= reserve::SIZE);
+    assert_eq!(mode(&reserve_file), 0o600);
 }

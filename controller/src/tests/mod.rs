@@ -2,6 +2,7 @@
 //! driven by the generated tonic clients, and the volumes' NBD servers
 //! driven over loopback TCP.
 
+mod full_disk;
 mod grpc_snapshots;
 mod grpc_volumes;
 mod nbd_client;
@@ -205,4 +206,18 @@ pub fn fill(path: &Path, limit: u64) -> u64 {
     }
     assert!(written < limit, "{} did not fill up within {limit} bytes", path.display());
     written
+}
+
+/// Every `*.tmp` file left under `dir`, at any depth.
+pub fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(temp_files(&path));
+        } else if path.extension().is_some_and(|e| e == "tmp") {
+            found.push(path);
+        }
+    }
+    found
 }

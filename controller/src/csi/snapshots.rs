@@ -65,8 +65,13 @@ impl Driver {
         }
         let volume_id = req.source_volume_id.clone();
         let _guard = self.lock(format!("v:{volume_id}")).await;
-        let size = self.state().volumes.get(&volume_id).map(|v| v.record.capacity_bytes);
-        let size = size.ok_or_else(|| Error::not_found(format!("source volume {volume_id} not found")))?;
+        let size = match self.state().volumes.get(&volume_id) {
+            None => return Err(Error::not_found(format!("source volume {volume_id} not found"))),
+            Some(v) => {
+                v.check_usable()?;
+                v.record.capacity_bytes
+            }
+        };
         let id = format!("snap-{}", store::random_hex(16)?);
         Span::current().record("snapshot.id", id.as_str());
         let (store, source, snap_id) = (Arc::clone(&self.store), self.store.volume_image(&volume_id), id.clone());

@@ -43,8 +43,10 @@ pub fn volume_message(record: &VolumeRecord) -> Volume {
     }
 }
 
-fn condition(serving: bool) -> VolumeCondition {
-    if serving {
+fn condition(volume: &crate::driver::Volume) -> VolumeCondition {
+    if let Some(reason) = &volume.broken {
+        VolumeCondition { abnormal: true, message: reason.clone() }
+    } else if volume.is_serving() {
         VolumeCondition { abnormal: false, message: "NBD server is serving".into() }
     } else {
         VolumeCondition { abnormal: true, message: "NBD server is not serving".into() }
@@ -105,8 +107,13 @@ impl Driver {
             }
             Some(Source::Volume(id)) => {
                 let guard = self.lock(format!("v:{id}")).await;
-                let size = self.state().volumes.get(id).map(|v| v.record.capacity_bytes);
-                let size = size.ok_or_else(|| Error::not_found(format!("source volume {id} not found")))?;
+                let size = match self.state().volumes.get(id) {
+                    None => return Err(Error::not_found(format!("source volume {id} not found"))),
+                    Some(v) => {
+                        v.check_usable()?;
+                        v.record.capacity_bytes
+                    }
+                };
                 (Some(guard), Some(self.store.volume_image(id)), size)
             }
         };
@@ -161,7 +168,7 @@ impl Driver {
         self.exports.insert(&id, Arc::clone(&served.export));
         tracing::info!(size, port = served.addr.port(), "volume created");
         let volume = volume_message(&record);
-        self.state().volumes.insert(id, crate::driver::Volume { record, served: Some(served) });
+        self.state().volumes.insert(id, crate::driver::Volume::new(record, Some(served)));
         Ok(CreateVolumeResponse { volume: Some(volume) })
     }
 
@@ -249,7 +256,7 @@ impl Driver {
                 volume: Some(volume_message(&v.record)),
                 status: Some(list_volumes_response::VolumeStatus {
                     published_node_ids: v.record.published.keys().cloned().collect(),
-                    volume_condition: Some(condition(v.is_serving())),
+                    volume_condition: Some(condition(v)),
                 }),
             })
             .collect();
@@ -265,7 +272,7 @@ impl Driver {
             volume: Some(volume_message(&v.record)),
             status: Some(controller_get_volume_response::VolumeStatus {
                 published_node_ids: v.record.published.keys().cloned().collect(),
-                volume_condition: Some(condition(v.is_serving())),
+                volume_condition: Some(condition(v)),
             }),
         })
     }
@@ -299,6 +306,7 @@ impl Driver {
         let (mut record, export) = {
             let state = self.state();
             let v = state.volumes.get(&id).ok_or_else(|| Error::not_found(format!("volume {id} not found")))?;
+            v.check_usable()?;
             (v.record.clone(), v.served.as_ref().map(|s| Arc::clone(&s.export)))
         };
         // Never shrinks: the new size is at least the current one.

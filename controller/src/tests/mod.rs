@@ -5,6 +5,7 @@
 mod full_disk;
 mod grpc_snapshots;
 mod grpc_volumes;
+mod missing_image;
 mod nbd_client;
 
 use std::path::{Path, PathBuf};

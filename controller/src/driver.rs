@@ -111,6 +111,7 @@ impl Driver {
                 state.volumes.insert(id, Volume::new(record, None));
             }
         }
+        driver.fill_in_snapshot_sources().await;
         let ids: Vec<String> = driver.state().volumes.keys().cloned().collect();
         for id in &ids {
             if let Some(reason) = driver.missing_image(id).await? {
@@ -171,6 +172,35 @@ impl Driver {
             Err(e) => Err(Error::io(format!("stat {}", image.display()), e)),
         })
         .await
+    }
+
+    /// Snapshot records of older versions do not say whether their source
+    /// was a block volume: fill it in (and save it) while the source exists.
+    async fn fill_in_snapshot_sources(&self) {
+        let unknown: Vec<SnapshotRecord> = {
+            let state = self.state();
+            state
+                .snapshots
+                .values()
+                .filter(|s| s.source_block.is_none())
+                .filter_map(|s| {
+                    let block = state.volumes.get(&s.source_volume_id)?.record.block;
+                    Some(SnapshotRecord { source_block: Some(block), ..s.clone() })
+                })
+                .collect()
+        };
+        for record in unknown {
+            let (store, saved) = (Arc::clone(&self.store), record.clone());
+            match blocking(move || store.save_snapshot(&saved)).await {
+                Ok(()) => {
+                    tracing::info!(snapshot.id = %record.id, source_block = ?record.source_block, "recorded the snapshot's source access type");
+                    self.state().snapshots.insert(record.id.clone(), record);
+                }
+                Err(e) => {
+                    tracing::warn!(snapshot.id = %record.id, error = %e, "recording the snapshot's source access type failed")
+                }
+            }
+        }
     }
 
     /// An expansion interrupted by a crash may have grown the file but not

@@ -65,11 +65,11 @@ impl Driver {
         }
         let volume_id = req.source_volume_id.clone();
         let _guard = self.lock(format!("v:{volume_id}")).await;
-        let size = match self.state().volumes.get(&volume_id) {
+        let (size, source_block) = match self.state().volumes.get(&volume_id) {
             None => return Err(Error::not_found(format!("source volume {volume_id} not found"))),
             Some(v) => {
                 v.check_usable()?;
-                v.record.capacity_bytes
+                (v.record.capacity_bytes, v.record.block)
             }
         };
         let id = format!("snap-{}", store::random_hex(16)?);
@@ -94,6 +94,7 @@ impl Driver {
             created_seconds: now.as_secs() as i64,
             created_nanos: now.subsec_nanos() as i32,
             parameters,
+            source_block: Some(source_block),
         };
         let (store, saved) = (Arc::clone(&self.store), record.clone());
         if let Err(e) = blocking(move || store.save_snapshot(&saved)).await {

@@ -65,6 +65,21 @@ fn compatible(record: &VolumeRecord, req: &CreateVolumeRequest, caps: &Caps, sou
         && &record.source == source
 }
 
+/// Content that came from a block volume never becomes a filesystem volume:
+/// its user could write any bytes, a crafted superblock included, and the
+/// node would mount it in its kernel. The other way round is harmless: a
+/// block volume's user gets the raw bytes of a filesystem, parsed by nobody
+/// but that user.
+fn check_source_access(what: &str, source_block: bool, block: bool) -> Result<()> {
+    if source_block && !block {
+        return Err(Error::invalid(format!(
+            "{what} holds a block volume's content: it can only become a block volume, not a filesystem volume \
+             (the node would mount a filesystem the block volume's user could craft)"
+        )));
+    }
+    Ok(())
+}
+
 fn parse_source(source: &Option<VolumeContentSource>) -> Result<Option<Source>> {
     let Some(source) = source else { return Ok(None) };
     match &source.r#type {
@@ -101,8 +116,11 @@ impl Driver {
             None => (None, None, 0),
             Some(Source::Snapshot(id)) => {
                 let guard = self.lock(format!("s:{id}")).await;
-                let size = self.state().snapshots.get(id).map(|s| s.size_bytes);
-                let size = size.ok_or_else(|| Error::not_found(format!("source snapshot {id} not found")))?;
+                let snapshot = self.state().snapshots.get(id).map(|s| (s.size_bytes, s.source_block));
+                let (size, source_block) =
+                    snapshot.ok_or_else(|| Error::not_found(format!("source snapshot {id} not found")))?;
+                // Unknown (an old record whose source is gone): assume block.
+                check_source_access(&format!("snapshot {id}"), source_block.unwrap_or(true), caps.block)?;
                 (Some(guard), Some(self.store.snapshot_image(id)), size)
             }
             Some(Source::Volume(id)) => {
@@ -111,6 +129,7 @@ impl Driver {
                     None => return Err(Error::not_found(format!("source volume {id} not found"))),
                     Some(v) => {
                         v.check_usable()?;
+                        check_source_access(&format!("volume {id}"), v.record.block, caps.block)?;
                         v.record.capacity_bytes
                     }
                 };

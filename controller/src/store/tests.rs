@@ -162,6 +162,7 @@ fn snapshot(id: &str, source: &str) -> SnapshotRecord {
         created_seconds: 1,
         created_nanos: 2,
         parameters: BTreeMap::new(),
+        source_block: Some(true),
     }
 }
 
@@ -223,6 +224,19 @@ fn a_store_made_world_readable_by_an_older_version_is_made_private_at_open() {
     }) {
         assert_eq!(mode(&path), want, "{}", path.display());
     }
+}
+
+#[test]
+fn snapshot_records_of_older_versions_load_without_the_source_access_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _) = Store::open(dir.path()).unwrap();
+    let snap = format!("snap-{}", "4".repeat(32));
+    let mut json = serde_json::to_value(snapshot(&snap, &vid(1))).unwrap();
+    json.as_object_mut().unwrap().remove("source_block").unwrap();
+    fs::write(dir.path().join(SNAPSHOTS).join(format!("{snap}.json")), json.to_string()).unwrap();
+    fs::write(dir.path().join(SNAPSHOTS).join(format!("{snap}.img")), b"").unwrap();
+    let (_, loaded) = Store::open(dir.path()).unwrap();
+    assert_eq!(loaded.snapshots[&snap].source_block, None);
 }
 
 #[test]

@@ -14,23 +14,20 @@ const MODE: Mode = Mode::SingleNodeWriter;
 /// NBD's ENOSPC error code.
 const ENOSPC: u32 = 28;
 
-/// Writes into the volume behind `client` from offset 0 until the server
-/// answers ENOSPC (1 MiB, then 4 KiB at a time, so the filesystem ends with
-/// no free page); returns whether it did.
+/// Writes into the volume behind `client` 1 MiB at a time from offset 0
+/// until the server answers ENOSPC; returns whether it did. The write that
+/// fails has filled every free page (a short write, then ENOSPC), which a
+/// 4 KiB write into the volume's last, never written page confirms.
 async fn write_until_full(client: &mut Client, size: u64) -> bool {
-    let mut offset = 0;
-    for chunk in [MIB, 4096] {
-        let data = vec![0xa5u8; chunk as usize];
-        loop {
-            if offset + chunk > size {
-                break;
+    let data = vec![0xa5u8; MIB as usize];
+    for offset in (0..size).step_by(MIB as usize) {
+        match client.write(offset, &data).await.unwrap() {
+            0 => continue,
+            ENOSPC => {
+                assert_eq!(client.write(size - 4096, &[1; 4096]).await.unwrap(), ENOSPC, "no page is left");
+                return true;
             }
-            match client.write(offset, &data).await.unwrap() {
-                0 => offset += chunk,
-                ENOSPC if chunk == 4096 => return true,
-                ENOSPC => break,
-                other => panic!("write at {offset} failed with NBD error {other}"),
-            }
+            other => panic!("write at {offset} failed with NBD error {other}"),
         }
     }
     false

@@ -127,10 +127,13 @@ impl Store {
     }
 
     /// Grows the metadata reserve back to full size if space allows; a
-    /// failure is logged (the next refill tries again).
+    /// failure is logged (the next refill tries again). A full disk is
+    /// expected and retried every refresh, so it is only a debug line.
     pub fn refill_reserve(&self) {
-        if let Err(e) = self.reserve.refill() {
-            tracing::warn!(error = %e, "no room for the metadata reserve yet");
+        match self.reserve.refill() {
+            Ok(()) => {}
+            Err(e) if reserve::is_full(&e) => tracing::debug!(error = %e, "no room for the metadata reserve yet"),
+            Err(e) => tracing::warn!(error = %e, "refilling the metadata reserve failed"),
         }
     }
 

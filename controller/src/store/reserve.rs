@@ -83,7 +83,7 @@ impl Reserve {
     }
 
     /// Grows the reserve back to [`SIZE`]; fails (ENOSPC) while there is no
-    /// room, leaving it as large as the space allowed.
+    /// room, leaving it as it was or partly grown (filesystems differ).
     pub fn refill(&self) -> io::Result<()> {
         let _guard = self.guard();
         let len = self.len()?;

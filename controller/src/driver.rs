@@ -38,11 +38,27 @@ pub struct Config {
 pub struct Volume {
     pub record: VolumeRecord,
     pub served: Option<Served>,
+    /// Why the volume cannot be served at all (its image file is missing):
+    /// it is reported abnormal and can still be deleted, while the other
+    /// volumes serve normally.
+    pub broken: Option<String>,
 }
 
 impl Volume {
+    pub fn new(record: VolumeRecord, served: Option<Served>) -> Self {
+        Self { record, served, broken: None }
+    }
+
     pub fn is_serving(&self) -> bool {
         self.served.as_ref().is_some_and(Served::is_serving)
+    }
+
+    /// FAILED_PRECONDITION for operations that need the volume's data.
+    pub fn check_usable(&self) -> Result<()> {
+        match &self.broken {
+            Some(reason) => Err(Error::precondition(format!("volume {}: {reason}", self.record.id))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -73,7 +89,9 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 
 impl Driver {
     /// Loads the store under `data_dir` and starts every volume's server on
     /// its recorded port. A server that cannot start is logged and retried
-    /// in the background; Probe reports not-ready until it runs.
+    /// in the background; Probe reports not-ready until it runs. A volume
+    /// whose image file is missing is marked broken (abnormal, a Warning
+    /// Event) instead of stopping start-up: the others serve normally.
     pub async fn start(config: Config, data_dir: PathBuf, nodes: Nodes) -> Result<Arc<Self>> {
         let (store, loaded) = blocking(move || Store::open(&data_dir)).await?;
         let exports = ExportTable::default();
@@ -92,11 +110,20 @@ impl Driver {
             let mut state = driver.state();
             state.snapshots = loaded.snapshots;
             for (id, record) in loaded.volumes {
-                state.volumes.insert(id, Volume { record, served: None });
+                state.volumes.insert(id, Volume::new(record, None));
             }
         }
+        driver.fill_in_snapshot_sources().await;
         let ids: Vec<String> = driver.state().volumes.keys().cloned().collect();
         for id in &ids {
+            if let Some(reason) = driver.missing_image(id).await? {
+                tracing::error!(volume.id = %id, reason, "volume cannot be served");
+                if let Some(volume) = driver.state().volumes.get_mut(id) {
+                    volume.broken = Some(reason.clone());
+                }
+                driver.report_image_missing(id, &reason);
+                continue;
+            }
             driver.reconcile_size(id).await?;
             if let Err(e) = driver.restart_server(id).await {
                 tracing::error!(volume.id = %id, error = %e, "volume server did not start; will retry");
@@ -109,6 +136,7 @@ impl Driver {
             snapshots = driver.state().snapshots.len(),
             available = space.available,
             total = space.total,
+            metadata_reserve = driver.store.reserve_len().unwrap_or(0),
             "store loaded"
         );
         tokio::spawn(refresh_loop(Arc::downgrade(&driver)));
@@ -128,9 +156,53 @@ impl Driver {
         format!("nbd://{}/{}", SocketAddr::new(self.config.advertise, record.port), record.export_name)
     }
 
-    /// Ready when every stored volume's server is listening.
+    /// Ready when every stored volume's server is listening; a broken
+    /// volume never will, and is reported through its condition instead.
     pub fn ready(&self) -> bool {
-        self.state().volumes.values().all(Volume::is_serving)
+        self.state().volumes.values().all(|v| v.is_serving() || v.broken.is_some())
+    }
+
+    /// Why volume `id` cannot be served when its image file is missing.
+    async fn missing_image(&self, id: &str) -> Result<Option<String>> {
+        let image = self.store.volume_image(id);
+        blocking(move || match std::fs::symlink_metadata(&image) {
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Some(format!(
+                "image file {} is missing; its data is gone: delete the volume, or put the file back",
+                image.display()
+            ))),
+            Err(e) => Err(Error::io(format!("stat {}", image.display()), e)),
+        })
+        .await
+    }
+
+    /// Snapshot records of older versions do not say whether their source
+    /// was a block volume: fill it in (and save it) while the source exists.
+    async fn fill_in_snapshot_sources(&self) {
+        let unknown: Vec<SnapshotRecord> = {
+            let state = self.state();
+            state
+                .snapshots
+                .values()
+                .filter(|s| s.source_block.is_none())
+                .filter_map(|s| {
+                    let block = state.volumes.get(&s.source_volume_id)?.record.block;
+                    Some(SnapshotRecord { source_block: Some(block), ..s.clone() })
+                })
+                .collect()
+        };
+        for record in unknown {
+            let (store, saved) = (Arc::clone(&self.store), record.clone());
+            match blocking(move || store.save_snapshot(&saved)).await {
+                Ok(()) => {
+                    tracing::info!(snapshot.id = %record.id, source_block = ?record.source_block, "recorded the snapshot's source access type");
+                    self.state().snapshots.insert(record.id.clone(), record);
+                }
+                Err(e) => {
+                    tracing::warn!(snapshot.id = %record.id, error = %e, "recording the snapshot's source access type failed")
+                }
+            }
+        }
     }
 
     /// An expansion interrupted by a crash may have grown the file but not
@@ -216,16 +288,36 @@ impl Driver {
         fence
     }
 
-    /// One background pass: restart servers that are down, re-read node
+    /// One background pass: refill the metadata reserve, restart servers
+    /// that are down (a broken volume once its image is back), re-read node
     /// addresses from Kubernetes.
     async fn refresh(&self) {
+        let store = Arc::clone(&self.store);
+        let _ = blocking(move || {
+            store.refill_reserve();
+            Ok(())
+        })
+        .await;
         let ids: Vec<String> = self.state().volumes.keys().cloned().collect();
         for id in ids {
             let _guard = self.lock(format!("v:{id}")).await;
-            let Some((serving, record)) = self.state().volumes.get(&id).map(|v| (v.is_serving(), v.record.clone()))
+            let Some((serving, broken, record)) =
+                self.state().volumes.get(&id).map(|v| (v.is_serving(), v.broken.is_some(), v.record.clone()))
             else {
                 continue;
             };
+            if broken {
+                if !matches!(self.missing_image(&id).await, Ok(None)) {
+                    continue;
+                }
+                tracing::warn!(volume.id = %id, "image file is back; serving the volume again");
+                if let Some(v) = self.state().volumes.get_mut(&id) {
+                    v.broken = None;
+                }
+                if let Err(e) = self.reconcile_size(&id).await {
+                    tracing::warn!(volume.id = %id, error = %e, "checking the returned image failed");
+                }
+            }
             if !serving && let Err(e) = self.restart_server(&id).await {
                 tracing::warn!(volume.id = %id, error = %e, "volume server still down");
                 self.report_server_down(&id, &e);

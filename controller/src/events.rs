@@ -1,6 +1,6 @@
 //! Kubernetes Events for failures a human has to act on: an attach the
-//! controller refused (ControllerPublishVolume failed) and a volume whose NBD
-//! server cannot be started.
+//! controller refused (ControllerPublishVolume failed), a volume whose NBD
+//! server cannot be started, and a volume whose image file is missing.
 //!
 //! An Event is recorded (events.k8s.io/v1, Warning) on the
 //! PersistentVolumeClaim bound to the volume's PersistentVolume, so
@@ -29,6 +29,8 @@ use crate::kube::Nodes;
 pub const ATTACH_REFUSED: &str = "AttachRefused";
 /// A stored volume's NBD server does not run (it is retried in the background).
 pub const SERVER_DOWN: &str = "VolumeServerDown";
+/// A stored volume's image file is missing: its data is gone.
+pub const IMAGE_MISSING: &str = "VolumeImageMissing";
 
 /// One warning about a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +188,19 @@ impl Driver {
             reason: SERVER_DOWN,
             action: "StartNBDServer",
             note: format!("the NBD server of volume {volume_id} is not running (retried every 30s): {error}"),
+        });
+    }
+
+    /// A stored volume's image file was found missing at start.
+    pub fn report_image_missing(&self, volume_id: &str, reason: &str) {
+        let Some(pv_name) = self.volume_name(volume_id) else { return };
+        self.events.emit(Warning {
+            volume_id: volume_id.to_string(),
+            pv_name,
+            node: None,
+            reason: IMAGE_MISSING,
+            action: "LoadVolume",
+            note: format!("volume {volume_id} cannot be served: {reason}"),
         });
     }
 }
@@ -399,6 +414,49 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+        tokio::time::timeout(Duration::from_secs(10), server).await.expect("event recorded in time").unwrap();
+        driver.shutdown().await;
+    }
+
+    /// The wiring: a volume whose image file is gone at start records
+    /// VolumeImageMissing, and the controller starts.
+    #[tokio::test]
+    async fn missing_image_at_start_records_an_event_on_the_claim() {
+        use crate::driver::{Config, Driver};
+        use crate::tests::create_req;
+        use csi_proto::volume_capability::access_mode::Mode;
+
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            driver_name: "nbd.csi.dev".into(),
+            advertise: "127.0.0.1".parse().unwrap(),
+            listen: "127.0.0.1".parse().unwrap(),
+            ports: 26940..=26971,
+        };
+        let data = dir.path().join("data");
+        let driver = Driver::start(config.clone(), data.clone(), Nodes::Static(Default::default())).await.unwrap();
+        let created =
+            driver.create_volume(create_req("pvc-1234", 1 << 20, true, Mode::SingleNodeWriter)).await.unwrap();
+        let id = created.volume.unwrap().volume_id;
+        driver.shutdown().await;
+        drop(driver);
+        std::fs::remove_file(data.join("volumes").join(format!("{id}.img"))).unwrap();
+
+        let (client, mut handle) = mock_api::client();
+        let volume_id = id.clone();
+        let server = tokio::spawn(async move {
+            expect_pv_get(&mut handle, &pv(&volume_id, true)).await;
+            let (request, send) = handle.next_request().await.expect("event create");
+            assert_eq!(request.uri().path(), "/apis/events.k8s.io/v1/namespaces/app/events");
+            let event = body(request).await;
+            assert_eq!(event["reason"], "VolumeImageMissing");
+            assert_eq!(event["regarding"]["name"], "data");
+            let note = event["note"].as_str().unwrap();
+            assert!(note.contains(&volume_id) && note.contains("missing"), "{note}");
+            reply(send, StatusCode::CREATED, &json!({"metadata": {"name": "data.1", "namespace": "app"}}));
+        });
+        let driver = Driver::start(config, data, Nodes::Kubernetes(client)).await.expect("starts without the image");
+        assert!(driver.ready());
         tokio::time::timeout(Duration::from_secs(10), server).await.expect("event recorded in time").unwrap();
         driver.shutdown().await;
     }

@@ -65,8 +65,13 @@ impl Driver {
         }
         let volume_id = req.source_volume_id.clone();
         let _guard = self.lock(format!("v:{volume_id}")).await;
-        let size = self.state().volumes.get(&volume_id).map(|v| v.record.capacity_bytes);
-        let size = size.ok_or_else(|| Error::not_found(format!("source volume {volume_id} not found")))?;
+        let (size, source_block) = match self.state().volumes.get(&volume_id) {
+            None => return Err(Error::not_found(format!("source volume {volume_id} not found"))),
+            Some(v) => {
+                v.check_usable()?;
+                (v.record.capacity_bytes, v.record.block)
+            }
+        };
         let id = format!("snap-{}", store::random_hex(16)?);
         Span::current().record("snapshot.id", id.as_str());
         let (store, source, snap_id) = (Arc::clone(&self.store), self.store.volume_image(&volume_id), id.clone());
@@ -89,6 +94,7 @@ impl Driver {
             created_seconds: now.as_secs() as i64,
             created_nanos: now.subsec_nanos() as i32,
             parameters,
+            source_block: Some(source_block),
         };
         let (store, saved) = (Arc::clone(&self.store), record.clone());
         if let Err(e) = blocking(move || store.save_snapshot(&saved)).await {

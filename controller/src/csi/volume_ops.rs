@@ -43,8 +43,10 @@ pub fn volume_message(record: &VolumeRecord) -> Volume {
     }
 }
 
-fn condition(serving: bool) -> VolumeCondition {
-    if serving {
+fn condition(volume: &crate::driver::Volume) -> VolumeCondition {
+    if let Some(reason) = &volume.broken {
+        VolumeCondition { abnormal: true, message: reason.clone() }
+    } else if volume.is_serving() {
         VolumeCondition { abnormal: false, message: "NBD server is serving".into() }
     } else {
         VolumeCondition { abnormal: true, message: "NBD server is not serving".into() }
@@ -61,6 +63,21 @@ fn compatible(record: &VolumeRecord, req: &CreateVolumeRequest, caps: &Caps, sou
         && caps.modes.iter().all(|m| record.access_modes.contains(m))
         && (caps.fs_type.is_empty() || caps.fs_type == record.fs_type)
         && &record.source == source
+}
+
+/// Content that came from a block volume never becomes a filesystem volume:
+/// its user could write any bytes, a crafted superblock included, and the
+/// node would mount it in its kernel. The other way round is harmless: a
+/// block volume's user gets the raw bytes of a filesystem, parsed by nobody
+/// but that user.
+fn check_source_access(what: &str, source_block: bool, block: bool) -> Result<()> {
+    if source_block && !block {
+        return Err(Error::invalid(format!(
+            "{what} holds a block volume's content: it can only become a block volume, not a filesystem volume \
+             (the node would mount a filesystem the block volume's user could craft)"
+        )));
+    }
+    Ok(())
 }
 
 fn parse_source(source: &Option<VolumeContentSource>) -> Result<Option<Source>> {
@@ -99,14 +116,23 @@ impl Driver {
             None => (None, None, 0),
             Some(Source::Snapshot(id)) => {
                 let guard = self.lock(format!("s:{id}")).await;
-                let size = self.state().snapshots.get(id).map(|s| s.size_bytes);
-                let size = size.ok_or_else(|| Error::not_found(format!("source snapshot {id} not found")))?;
+                let snapshot = self.state().snapshots.get(id).map(|s| (s.size_bytes, s.source_block));
+                let (size, source_block) =
+                    snapshot.ok_or_else(|| Error::not_found(format!("source snapshot {id} not found")))?;
+                // Unknown (an old record whose source is gone): assume block.
+                check_source_access(&format!("snapshot {id}"), source_block.unwrap_or(true), caps.block)?;
                 (Some(guard), Some(self.store.snapshot_image(id)), size)
             }
             Some(Source::Volume(id)) => {
                 let guard = self.lock(format!("v:{id}")).await;
-                let size = self.state().volumes.get(id).map(|v| v.record.capacity_bytes);
-                let size = size.ok_or_else(|| Error::not_found(format!("source volume {id} not found")))?;
+                let size = match self.state().volumes.get(id) {
+                    None => return Err(Error::not_found(format!("source volume {id} not found"))),
+                    Some(v) => {
+                        v.check_usable()?;
+                        check_source_access(&format!("volume {id}"), v.record.block, caps.block)?;
+                        v.record.capacity_bytes
+                    }
+                };
                 (Some(guard), Some(self.store.volume_image(id)), size)
             }
         };
@@ -161,7 +187,7 @@ impl Driver {
         self.exports.insert(&id, Arc::clone(&served.export));
         tracing::info!(size, port = served.addr.port(), "volume created");
         let volume = volume_message(&record);
-        self.state().volumes.insert(id, crate::driver::Volume { record, served: Some(served) });
+        self.state().volumes.insert(id, crate::driver::Volume::new(record, Some(served)));
         Ok(CreateVolumeResponse { volume: Some(volume) })
     }
 
@@ -249,7 +275,7 @@ impl Driver {
                 volume: Some(volume_message(&v.record)),
                 status: Some(list_volumes_response::VolumeStatus {
                     published_node_ids: v.record.published.keys().cloned().collect(),
-                    volume_condition: Some(condition(v.is_serving())),
+                    volume_condition: Some(condition(v)),
                 }),
             })
             .collect();
@@ -265,7 +291,7 @@ impl Driver {
             volume: Some(volume_message(&v.record)),
             status: Some(controller_get_volume_response::VolumeStatus {
                 published_node_ids: v.record.published.keys().cloned().collect(),
-                volume_condition: Some(condition(v.is_serving())),
+                volume_condition: Some(condition(v)),
             }),
         })
     }
@@ -299,6 +325,7 @@ impl Driver {
         let (mut record, export) = {
             let state = self.state();
             let v = state.volumes.get(&id).ok_or_else(|| Error::not_found(format!("volume {id} not found")))?;
+            v.check_usable()?;
             (v.record.clone(), v.served.as_ref().map(|s| Arc::clone(&s.export)))
         };
         // Never shrinks: the new size is at least the current one.

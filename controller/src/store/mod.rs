@@ -7,10 +7,16 @@
 //! without a record was never acknowledged (or was already deleted), and
 //! loading removes it along with leftover `*.tmp` files. A record that does
 //! not parse stops loading with an error naming the file; nothing is removed.
+//! A record whose image is missing loads: the driver reports that volume.
+//!
+//! Files are 0600 and directories 0700 whatever the umask; opening fixes
+//! the modes a store made by an older version has. A full filesystem does
+//! not stop record writes: they draw on the metadata [`reserve`].
 
 mod atomic;
 pub mod copy;
 pub mod records;
+pub mod reserve;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -71,6 +77,7 @@ pub struct Loaded {
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
+    reserve: reserve::Reserve,
 }
 
 #[derive(Clone, Copy)]
@@ -95,10 +102,19 @@ fn io_err(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> Error {
 impl Store {
     /// Opens (creating if needed) the store and loads every record.
     pub fn open(root: &Path) -> Result<(Self, Loaded)> {
-        for dir in [root.to_path_buf(), root.join(VOLUMES), root.join(SNAPSHOTS)] {
-            fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        match atomic::create_private_dir(root) {
+            Ok(()) => {}
+            // A data directory owned by someone else: the 0700 directories
+            // inside still keep the records and images private.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied && root.is_dir() => {
+                tracing::warn!(path = %root.display(), error = %e, "cannot make the data directory 0700");
+            }
+            Err(e) => return Err(Error::io(format!("creating {}", root.display()), e)),
         }
-        let store = Self { root: root.to_path_buf() };
+        for dir in [root.join(VOLUMES), root.join(SNAPSHOTS)] {
+            atomic::create_private_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        }
+        let store = Self { root: root.to_path_buf(), reserve: reserve::Reserve::new(root.join(reserve::NAME)) };
         let mut loaded = Loaded::default();
         for record in store.scan::<VolumeRecord>(Kind::Volume, is_volume_id)? {
             loaded.volumes.insert(record.id.clone(), record);
@@ -106,7 +122,24 @@ impl Store {
         for record in store.scan::<SnapshotRecord>(Kind::Snapshot, is_snapshot_id)? {
             loaded.snapshots.insert(record.id.clone(), record);
         }
+        store.refill_reserve();
         Ok((store, loaded))
+    }
+
+    /// Grows the metadata reserve back to full size if space allows; a
+    /// failure is logged (the next refill tries again). A full disk is
+    /// expected and retried every refresh, so it is only a debug line.
+    pub fn refill_reserve(&self) {
+        match self.reserve.refill() {
+            Ok(()) => {}
+            Err(e) if reserve::is_full(&e) => tracing::debug!(error = %e, "no room for the metadata reserve yet"),
+            Err(e) => tracing::warn!(error = %e, "refilling the metadata reserve failed"),
+        }
+    }
+
+    /// Bytes the metadata reserve holds now.
+    pub fn reserve_len(&self) -> Result<u64> {
+        self.reserve.len().map_err(io_err("reading the metadata reserve"))
     }
 
     fn dir(&self, kind: Kind) -> PathBuf {
@@ -128,6 +161,7 @@ impl Store {
                 tracing::info!(path = %path.display(), "removing leftover temporary file");
                 fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
             } else if let Some(id) = name.strip_suffix(JSON) {
+                make_private(&path)?;
                 if !valid_id(id) {
                     return Err(corrupt(&path, "file name is not a valid id"));
                 }
@@ -138,6 +172,7 @@ impl Store {
                 record_ids.insert(id.to_string());
                 records.push(record);
             } else if let Some(id) = name.strip_suffix(IMG) {
+                make_private(&path)?;
                 images.push((id.to_string(), path));
             }
         }
@@ -188,7 +223,7 @@ impl Store {
         let tmp_name = format!("{name}{}", atomic::TMP_SUFFIX);
         let tmp = dir.join(&tmp_name);
         let prepare = || -> io::Result<()> {
-            let file = File::options().read(true).write(true).create_new(true).open(&tmp)?;
+            let file = atomic::create_private(&tmp, true)?;
             if let Some(source) = source {
                 let from = File::open(source)?;
                 let method = copy::copy_file(&from, &file)?;
@@ -222,16 +257,38 @@ impl Store {
         self.save(Kind::Snapshot, &record.id, record)
     }
 
+    /// Writes a record; on a full filesystem it draws on the reserve.
     fn save<T: serde::Serialize>(&self, kind: Kind, id: &str, record: &T) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(record).map_err(|e| Error::internal(format!("encoding record: {e}")))?;
-        atomic::write(&self.dir(kind), &format!("{id}{JSON}"), &bytes).map_err(io_err(format!("writing record {id}")))
+        let (dir, name) = (self.dir(kind), format!("{id}{JSON}"));
+        let mut released = 0;
+        loop {
+            match atomic::write(&dir, &name, &bytes) {
+                Err(e) if reserve::is_full(&e) && released < reserve::MAX_SLICES_PER_WRITE => {
+                    match self.reserve.release() {
+                        Ok(true) => released += 1,
+                        Ok(false) => {
+                            return Err(Error::io(format!("writing record {id} (metadata reserve used up)"), e));
+                        }
+                        Err(re) => {
+                            tracing::warn!(error = %re, "releasing the metadata reserve failed");
+                            return Err(Error::io(format!("writing record {id}"), e));
+                        }
+                    }
+                }
+                result => return result.map_err(io_err(format!("writing record {id}"))),
+            }
+        }
     }
 
-    /// Removes record then image: once the record is gone the object is gone.
+    /// Removes record then image: once the record is gone the object is
+    /// gone. The space freed refills the metadata reserve first.
     fn remove(&self, kind: Kind, id: &str) -> Result<()> {
         let dir = self.dir(kind);
         atomic::remove(&dir, &format!("{id}{JSON}")).map_err(io_err(format!("removing record {id}")))?;
-        atomic::remove(&dir, &format!("{id}{IMG}")).map_err(io_err(format!("removing image {id}")))
+        atomic::remove(&dir, &format!("{id}{IMG}")).map_err(io_err(format!("removing image {id}")))?;
+        self.refill_reserve();
+        Ok(())
     }
 
     pub fn remove_volume(&self, id: &str) -> Result<()> {
@@ -264,6 +321,14 @@ impl HasId for SnapshotRecord {
     fn format(&self) -> u32 {
         self.format
     }
+}
+
+/// Files made by an older version were 0644; a record holds a secret.
+fn make_private(path: &Path) -> Result<()> {
+    if atomic::restrict(path, atomic::FILE_MODE).map_err(io_err(format!("chmod {}", path.display())))? {
+        tracing::info!(path = %path.display(), "made private (0600)");
+    }
+    Ok(())
 }
 
 fn corrupt(path: &Path, reason: &str) -> Error {

@@ -63,4 +63,11 @@ pub struct SnapshotRecord {
     pub created_nanos: i32,
     #[serde(default)]
     pub parameters: BTreeMap<String, String>,
+    /// Whether the source volume was a block volume, whose user could write
+    /// any bytes, a crafted filesystem superblock included: such content is
+    /// never restored as a filesystem volume. `None` in records written
+    /// before this was kept; the driver fills it in from the source volume
+    /// while that still exists, and treats it as block otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_block: Option<bool>,
 }

@@ -133,3 +133,149 @@ fn clone_copies_content_and_grows() {
     assert_eq!(data.len(), 2 << 20);
     assert_eq!(&data[100..103], b"abc");
 }
+
+fn mode(path: &Path) -> u32 {
+    std::os::unix::fs::PermissionsExt::mode(&fs::metadata(path).unwrap().permissions()) & 0o7777
+}
+
+/// Every file and directory under `root` (root included) with its mode.
+fn modes(root: &Path) -> Vec<(PathBuf, u32)> {
+    let mut found = vec![(root.to_path_buf(), mode(root))];
+    for entry in fs::read_dir(root).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(modes(&path));
+        } else {
+            found.push((path.clone(), mode(&path)));
+        }
+    }
+    found
+}
+
+fn snapshot(id: &str, source: &str) -> SnapshotRecord {
+    SnapshotRecord {
+        format: FORMAT,
+        id: id.to_string(),
+        name: format!("name-{id}"),
+        source_volume_id: source.to_string(),
+        size_bytes: 1 << 20,
+        created_seconds: 1,
+        created_nanos: 2,
+        parameters: BTreeMap::new(),
+        source_block: Some(true),
+    }
+}
+
+#[test]
+fn records_images_and_directories_are_private_under_the_usual_umask() {
+    use nix::sys::stat::{Mode, umask};
+    // 022, the usual default, under which the old code made 0644 files in
+    // 0755 directories. The umask is per process and other tests run in
+    // parallel threads, so it is only ever set to that default here.
+    let old = umask(Mode::from_bits_truncate(0o022));
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let (store, _) = Store::open(&root).unwrap();
+    let id = vid(8);
+    store.create_volume_image(&id, 1 << 20, None).unwrap();
+    store.save_volume(&volume(&id)).unwrap();
+    store.save_volume(&volume(&id)).unwrap();
+    let snap = format!("snap-{}", "2".repeat(32));
+    store.create_snapshot_image(&snap, &store.volume_image(&id)).unwrap();
+    store.save_snapshot(&snapshot(&snap, &id)).unwrap();
+    umask(old);
+    let found = modes(&root);
+    for (path, mode) in &found {
+        let want = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(*mode, want, "{} is {mode:o}", path.display());
+    }
+    // Three directories, two images, two records and the metadata reserve.
+    assert_eq!(found.len(), 3 + 4 + 1, "{found:?}");
+}
+
+#[test]
+fn a_store_made_world_readable_by_an_older_version_is_made_private_at_open() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let id = vid(9);
+    let snap = format!("snap-{}", "3".repeat(32));
+    // What the old code left under umask 022.
+    for sub in ["", VOLUMES, SNAPSHOTS] {
+        fs::create_dir_all(root.join(sub)).unwrap();
+        fs::set_permissions(root.join(sub), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let files = [
+        (root.join(VOLUMES).join(format!("{id}.json")), serde_json::to_vec(&volume(&id)).unwrap()),
+        (root.join(VOLUMES).join(format!("{id}.img")), vec![0; 4096]),
+        (root.join(SNAPSHOTS).join(format!("{snap}.json")), serde_json::to_vec(&snapshot(&snap, &id)).unwrap()),
+        (root.join(SNAPSHOTS).join(format!("{snap}.img")), vec![0; 4096]),
+    ];
+    for (path, bytes) in &files {
+        fs::write(path, bytes).unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let (_, loaded) = Store::open(&root).unwrap();
+    assert_eq!(loaded.volumes.len(), 1);
+    assert_eq!(loaded.snapshots.len(), 1);
+    for (path, want) in modes(&root).into_iter().map(|(p, _)| {
+        let want = if p.is_dir() { 0o700 } else { 0o600 };
+        (p, want)
+    }) {
+        assert_eq!(mode(&path), want, "{}", path.display());
+    }
+}
+
+#[test]
+fn snapshot_records_of_older_versions_load_without_the_source_access_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _) = Store::open(dir.path()).unwrap();
+    let snap = format!("snap-{}", "4".repeat(32));
+    let mut json = serde_json::to_value(snapshot(&snap, &vid(1))).unwrap();
+    json.as_object_mut().unwrap().remove("source_block").unwrap();
+    fs::write(dir.path().join(SNAPSHOTS).join(format!("{snap}.json")), json.to_string()).unwrap();
+    fs::write(dir.path().join(SNAPSHOTS).join(format!("{snap}.img")), b"").unwrap();
+    let (_, loaded) = Store::open(dir.path()).unwrap();
+    assert_eq!(loaded.snapshots[&snap].source_block, None);
+}
+
+#[test]
+fn a_failed_record_write_on_a_full_disk_leaves_no_temp_file() {
+    let fs = crate::tests::Tmpfs::mount(1 << 20);
+    crate::tests::fill(&fs.path().join("filler"), 2 << 20);
+    let err = atomic::write(fs.path(), "a.json", &[b'x'; 8192]).unwrap_err();
+    assert!(reserve::is_full(&err), "{err}");
+    let mut names: Vec<_> = fs::read_dir(fs.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names, vec![std::ffi::OsString::from("filler")]);
+}
+
+#[test]
+fn record_writes_on_a_full_disk_draw_on_the_reserve_which_refills_when_space_is_freed() {
+    let fs = crate::tests::Tmpfs::mount(4 << 20);
+    let (store, _) = Store::open(fs.path()).unwrap();
+    assert_eq!(store.reserve_len().unwrap(), reserve::SIZE);
+    let id = vid(10);
+    store.create_volume_image(&id, 1 << 20, None).unwrap();
+    store.save_volume(&volume(&id)).unwrap();
+    let filler = fs.path().join("filler");
+    crate::tests::fill(&filler, 8 << 20);
+    assert_eq!(store.space().unwrap().available, 0);
+
+    let mut record = volume(&id);
+    for n in 0..reserve::MAX_SLICES_PER_WRITE * 4 {
+        record.published.insert(format!("node-{n}"), Publication { read_only: false, access_mode: 1, addresses: None });
+        store.save_volume(&record).unwrap();
+    }
+    assert!(store.reserve_len().unwrap() < reserve::SIZE);
+    assert!(crate::tests::temp_files(fs.path()).is_empty());
+    let (store, loaded) = Store::open(fs.path()).unwrap();
+    assert_eq!(loaded.volumes[&id], record);
+
+    fs::remove_file(&filler).unwrap();
+    store.refill_reserve();
+    assert_eq!(store.reserve_len().unwrap(), reserve::SIZE);
+    let reserve_file = fs.path().join(reserve::NAME);
+    assert!(std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&reserve_file).unwrap()) * 512 >= reserve::SIZE);
+    assert_eq!(mode(&reserve_file), 0o600);
+}

@@ -128,3 +128,77 @@ async fn list_get_and_delete_snapshots() {
     assert_eq!(left.entries.len(), 4);
     h.stop().await;
 }
+
+fn mount_from(name: &str, source: SourceType) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        volume_content_source: Some(VolumeContentSource { r#type: Some(source) }),
+        ..create_req(name, MIB, false, MODE)
+    }
+}
+
+#[tokio::test]
+async fn block_content_never_becomes_a_filesystem_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path()).await;
+    let mut c = h.controller().await;
+    let block = c.create_volume(create_req("raw", MIB, true, MODE)).await.unwrap().into_inner().volume.unwrap();
+    let fs = c.create_volume(create_req("fs", MIB, false, MODE)).await.unwrap().into_inner().volume.unwrap();
+    let block_snap = c.create_snapshot(snap_req("raw-snap", &block.volume_id)).await.unwrap().into_inner();
+    let block_snap = block_snap.snapshot.unwrap().snapshot_id;
+    let fs_snap = c.create_snapshot(snap_req("fs-snap", &fs.volume_id)).await.unwrap().into_inner();
+    let fs_snap = fs_snap.snapshot.unwrap().snapshot_id;
+    let snapshot = |id: &str| SourceType::Snapshot(SnapshotSource { snapshot_id: id.into() });
+    let volume = |id: &str| SourceType::Volume(VolumeSource { volume_id: id.into() });
+
+    // A block volume's bytes (a crafted superblock, say) are never mounted.
+    for (name, source) in [("m1", snapshot(&block_snap)), ("m2", volume(&block.volume_id))] {
+        let err = c.create_volume(mount_from(name, source)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("block"), "{}", err.message());
+    }
+    // Block to block, and a filesystem either way, are fine.
+    c.create_volume(from_source("b1", snapshot(&block_snap), MIB)).await.unwrap();
+    c.create_volume(from_source("b2", volume(&block.volume_id), MIB)).await.unwrap();
+    c.create_volume(mount_from("m3", snapshot(&fs_snap))).await.unwrap();
+    c.create_volume(mount_from("m4", volume(&fs.volume_id))).await.unwrap();
+    c.create_volume(from_source("b3", snapshot(&fs_snap), MIB)).await.unwrap();
+    let list = c.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner();
+    assert_eq!(list.entries.len(), 2 + 5);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn older_snapshot_records_learn_their_source_access_type_or_count_as_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = 27080..=27111;
+    let h = Harness::start_with_ports(dir.path(), ports.clone()).await;
+    let mut c = h.controller().await;
+    let fs = c.create_volume(create_req("fs", MIB, false, MODE)).await.unwrap().into_inner().volume.unwrap();
+    let gone = c.create_volume(create_req("gone", MIB, false, MODE)).await.unwrap().into_inner().volume.unwrap();
+    let mut snaps = Vec::new();
+    for (name, volume) in [("of-fs", &fs), ("of-gone", &gone)] {
+        let s = c.create_snapshot(snap_req(name, &volume.volume_id)).await.unwrap().into_inner();
+        snaps.push(s.snapshot.unwrap().snapshot_id);
+    }
+    c.delete_volume(DeleteVolumeRequest { volume_id: gone.volume_id.clone(), ..Default::default() }).await.unwrap();
+    h.stop().await;
+    // Rewrite both records as an older version wrote them.
+    let record_path = |id: &str| dir.path().join("data/snapshots").join(format!("{id}.json"));
+    for id in &snaps {
+        let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(record_path(id)).unwrap()).unwrap();
+        assert_eq!(json.as_object_mut().unwrap().remove("source_block"), Some(serde_json::Value::Bool(false)));
+        std::fs::write(record_path(id), json.to_string()).unwrap();
+    }
+
+    let h = Harness::start_with_ports(dir.path(), ports).await;
+    let mut c = h.controller().await;
+    // The source still exists: its access type is learnt and saved.
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(record_path(&snaps[0])).unwrap()).unwrap();
+    assert_eq!(saved["source_block"], serde_json::Value::Bool(false));
+    let snapshot = |id: &str| SourceType::Snapshot(SnapshotSource { snapshot_id: id.into() });
+    c.create_volume(mount_from("from-fs", snapshot(&snaps[0]))).await.unwrap();
+    // The source is gone: it might have been block, so only block restores.
+    assert_eq!(code(c.create_volume(mount_from("from-gone", snapshot(&snaps[1]))).await), Code::InvalidArgument);
+    c.create_volume(from_source("from-gone-block", snapshot(&snaps[1]), MIB)).await.unwrap();
+    h.stop().await;
+}

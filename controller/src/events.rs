@@ -432,6 +432,7 @@ mod tests {
             advertise: "127.0.0.1".parse().unwrap(),
             listen: "127.0.0.1".parse().unwrap(),
             ports: 26940..=26971,
+            connection_caps: Default::default(),
         };
         let data = dir.path().join("data");
         let driver = Driver::start(config.clone(), data.clone(), Nodes::Static(Default::default())).await.unwrap();

@@ -85,12 +85,11 @@ impl Driver {
             return Err(Error::precondition(format!("node {:?} has no IP address in status.addresses", req.node_id)));
         }
         let _guard = self.lock(format!("v:{id}")).await;
-        let mut record = self
-            .state()
-            .volumes
-            .get(&id)
-            .map(|v| v.record.clone())
-            .ok_or_else(|| Error::not_found(format!("volume {id} not found")))?;
+        let mut record = match self.state().volumes.get(&id) {
+            // A volume without its image has no server: an attach would hang.
+            Some(volume) => volume.check_usable().map(|()| volume.record.clone())?,
+            None => return Err(Error::not_found(format!("volume {id} not found"))),
+        };
         if block != record.block {
             return Err(Error::invalid(format!(
                 "volume was created for {} access",

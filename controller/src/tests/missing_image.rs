@@ -80,6 +80,8 @@ async fn a_volume_without_its_image_is_abnormal_and_the_others_serve() {
         ..Default::default()
     };
     assert_eq!(code(c.controller_expand_volume(expand).await), Code::FailedPrecondition);
+    let publish = publish_req(&lost.volume_id, NODE_B, true, MODE, false);
+    assert_eq!(code(c.controller_publish_volume(publish).await), Code::FailedPrecondition, "nothing serves it");
     c.delete_volume(DeleteVolumeRequest { volume_id: lost.volume_id.clone(), ..Default::default() }).await.unwrap();
     let list = c.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner();
     let ids: Vec<&str> = list.entries.iter().map(|e| e.volume.as_ref().unwrap().volume_id.as_str()).collect();

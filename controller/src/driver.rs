@@ -14,8 +14,8 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::error::{Error, Result};
 use crate::events::Events;
-use crate::kube::{NodeAddresses, Nodes};
 use crate::metrics::{ExportTable, Metrics};
+use crate::nodes::{NodeAddresses, Nodes};
 use crate::store::{SnapshotRecord, Store, VolumeRecord};
 use crate::volumes::{self, ConnectionCaps, Served};
 

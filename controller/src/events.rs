@@ -22,7 +22,7 @@ use kube::Api;
 
 use crate::driver::Driver;
 use crate::error::Error;
-use crate::kube::Nodes;
+use crate::nodes::Nodes;
 
 /// ControllerPublishVolume failed (unknown node, a node without addresses,
 /// a single-node volume attached elsewhere, ...).
@@ -91,17 +91,8 @@ impl Events {
             return;
         }
         let events = self.clone();
-        tokio::spawn(async move {
-            match events.record(&warning).await {
-                Ok(Some(name)) => tracing::debug!(event = %name, reason = warning.reason, "event recorded"),
-                Ok(None) => tracing::debug!(
-                    volume.id = %warning.volume_id,
-                    reason = warning.reason,
-                    "no PersistentVolume of this driver for the volume; no event"
-                ),
-                Err(e) => tracing::warn!(volume.id = %warning.volume_id, error = %e, "recording an event failed"),
-            }
-        });
+        // Nothing to record on: no PersistentVolume of this driver for the volume.
+        csi_events::in_background(warning.reason, async move { events.record(&warning).await });
     }
 
     /// Records `warning` now: the Event's name, or `None` when there is no

@@ -15,7 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::csi::{ControllerService, IdentityService};
 use crate::driver::{Config, Driver};
-use crate::kube::Nodes;
+use crate::nodes::Nodes;
 use crate::volumes::ConnectionCaps;
 
 #[derive(Debug, Clone, clap::Args)]

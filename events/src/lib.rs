@@ -2,7 +2,20 @@
 //! a repeat of the same Event (same object, reason and note) within
 //! [`SERIES_WINDOW`] updates the first one's `series` instead of creating
 //! another; an Event that expired meanwhile is created anew. Each binary
-//! decides only what an Event is about (`regarding`) and what it says.
+//! decides only what an Event is about (`regarding`) and what it says;
+//! [`client`] decides where Kubernetes access comes from and
+//! [`in_background`] keeps recording off the RPC path, for both.
+//!
+//! Why not `kube::runtime::events::Recorder` (kube-runtime 5): it keys a
+//! series by reason and object but not by note, so two different failures
+//! on one Node (two volumes that could not attach) would fold into one
+//! Event and the second message would be lost; a repeat whose Event expired
+//! meanwhile fails its merge patch with 404 instead of being created anew;
+//! its cache is bounded only by age, and notes are not cut to the API
+//! server's 1 KiB; and
+//! it would bring kube-runtime and its dependencies in for this one type.
+
+mod access;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,6 +27,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
+
+pub use access::{client, in_background};
 
 /// Repeats within this window count in the first Event's series.
 pub const SERIES_WINDOW: Duration = Duration::from_secs(10 * 60);

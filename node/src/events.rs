@@ -20,7 +20,6 @@ use std::sync::Arc;
 
 use csi_events::{Recorder, WarningEvent};
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::error::Error;
 
@@ -59,23 +58,14 @@ impl Events {
     /// else off. Logs once which it is; a config that cannot be loaded
     /// turns recording off with a warning, never stops the plugin.
     pub async fn connect(kubeconfig: Option<&Path>, driver_name: &str, node: &str) -> Self {
-        let config = if let Some(path) = kubeconfig {
-            match Kubeconfig::read_from(path) {
-                Ok(kc) => kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                    .await
-                    .map_err(|e| format!("kubeconfig {}: {e}", path.display())),
-                Err(e) => Err(format!("reading kubeconfig {}: {e}", path.display())),
-            }
-        } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
-            kube::Config::incluster().map_err(|e| format!("in-cluster config: {e}"))
-        } else {
-            tracing::info!("no Kubernetes access (neither in-cluster nor --kubeconfig): Events are not recorded");
-            return Self::default();
-        };
-        match config.and_then(|c| kube::Client::try_from(c).map_err(|e| format!("kubernetes client: {e}"))) {
-            Ok(client) => {
+        match csi_events::client(kubeconfig).await {
+            Ok(Some(client)) => {
                 tracing::info!(node = node, "recording Events on the Node");
                 Self::with_client(client, driver_name, node)
+            }
+            Ok(None) => {
+                tracing::info!("no Kubernetes access (neither in-cluster nor --kubeconfig): Events are not recorded");
+                Self::default()
             }
             Err(e) => {
                 tracing::warn!(error = %e, "no Kubernetes access: Events are not recorded");
@@ -111,13 +101,7 @@ impl Events {
             return;
         }
         let events = self.clone();
-        tokio::spawn(async move {
-            match events.record(reason, action, note).await {
-                Ok(Some(name)) => tracing::debug!(event = %name, reason, "event recorded"),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(reason, error = %e, "recording an event failed"),
-            }
-        });
+        csi_events::in_background(reason, async move { events.record(reason, action, note).await });
     }
 
     /// Records an Event now: its name, or `None` without Kubernetes access.

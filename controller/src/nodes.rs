@@ -12,7 +12,6 @@ use std::path::Path;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::error::{Error, Kind, Result};
 
@@ -43,19 +42,10 @@ impl Nodes {
     /// Kubernetes from `kubeconfig`, else in-cluster when running in a pod,
     /// else the static list.
     pub async fn connect(kubeconfig: Option<&Path>, known_nodes: BTreeSet<String>) -> Result<Self> {
-        let config = if let Some(path) = kubeconfig {
-            let kc = Kubeconfig::read_from(path)
-                .map_err(|e| Error::invalid(format!("reading kubeconfig {}: {e}", path.display())))?;
-            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| Error::invalid(format!("kubeconfig {}: {e}", path.display())))?
-        } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
-            kube::Config::incluster().map_err(|e| Error::invalid(format!("in-cluster config: {e}")))?
-        } else {
-            return Ok(Self::Static(known_nodes));
-        };
-        let client = kube::Client::try_from(config).map_err(|e| Error::invalid(format!("kubernetes client: {e}")))?;
-        Ok(Self::Kubernetes(client))
+        match csi_events::client(kubeconfig).await.map_err(Error::invalid)? {
+            Some(client) => Ok(Self::Kubernetes(client)),
+            None => Ok(Self::Static(known_nodes)),
+        }
     }
 
     pub fn uses_kubernetes(&self) -> bool {

@@ -70,13 +70,14 @@ pub struct State {
 
 #[derive(Debug)]
 pub struct Driver {
-    pub config: Config,
-    pub store: Arc<Store>,
-    pub nodes: Nodes,
+    config: Config,
+    store: Arc<Store>,
+    nodes: Nodes,
     /// Kubernetes Events for failures a human must act on.
-    pub events: Events,
-    pub metrics: Arc<Metrics>,
-    pub exports: ExportTable,
+    events: Events,
+    metrics: Arc<Metrics>,
+    /// The exports the metrics read; kept in step with the volumes' servers.
+    exports: ExportTable,
     state: Mutex<State>,
     locks: Locks,
 }
@@ -143,11 +144,59 @@ impl Driver {
         Ok(driver)
     }
 
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Adds a volume created just now, with its running server.
+    pub fn add_served_volume(&self, id: String, record: VolumeRecord, served: Served) {
+        self.exports.insert(&id, Arc::clone(&served.export));
+        self.state().volumes.insert(id, Volume::new(record, Some(served)));
+    }
+
+    /// Takes volume `id`'s server out of service (its metrics go with it).
+    pub fn take_server(&self, id: &str) -> Option<Served> {
+        self.exports.remove(id);
+        self.state().volumes.get_mut(id).and_then(|v| v.served.take())
+    }
+
+    /// The CreateVolume name (the PV's name) of volume `id`, for an Event.
+    fn pv_name(&self, id: &str) -> Option<String> {
+        self.state().volumes.get(id).map(|v| v.record.name.clone())
+    }
+
+    /// ControllerPublishVolume of an existing volume failed with `error`.
+    pub fn report_publish_refused(&self, id: &str, node_id: &str, error: &Error) {
+        if let Some(pv_name) = self.pv_name(id) {
+            self.events.publish_refused(id, pv_name, node_id, error);
+        }
+    }
+
+    fn report_server_down(&self, id: &str, error: &Error) {
+        if let Some(pv_name) = self.pv_name(id) {
+            self.events.server_down(id, pv_name, error);
+        }
+    }
+
+    fn report_image_missing(&self, id: &str, reason: &str) {
+        if let Some(pv_name) = self.pv_name(id) {
+            self.events.image_missing(id, pv_name, reason);
+        }
+    }
+
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub async fn lock(&self, key: String) -> OwnedMutexGuard<()> {
+    pub async fn lock(&self, key: LockKey) -> OwnedMutexGuard<()> {
         self.locks.lock(key).await
     }
 
@@ -300,7 +349,7 @@ impl Driver {
         .await;
         let ids: Vec<String> = self.state().volumes.keys().cloned().collect();
         for id in ids {
-            let _guard = self.lock(format!("v:{id}")).await;
+            let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
             let Some((serving, broken, record)) =
                 self.state().volumes.get(&id).map(|v| (v.is_serving(), v.broken.is_some(), v.record.clone()))
             else {
@@ -368,12 +417,24 @@ async fn refresh_loop(driver: Weak<Driver>) {
     }
 }
 
+/// What an operation holds while it changes one object: calls on the same
+/// volume, snapshot or request name run one at a time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LockKey {
+    VolumeId(String),
+    /// A CreateVolume request name (idempotency: one creation per name).
+    VolumeName(String),
+    SnapshotId(String),
+    /// A CreateSnapshot request name.
+    SnapshotName(String),
+}
+
 /// Per-key async locks: operations on one volume (or name) run one at a time.
 #[derive(Debug, Default)]
-struct Locks(Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>);
+struct Locks(Mutex<HashMap<LockKey, Weak<tokio::sync::Mutex<()>>>>);
 
 impl Locks {
-    async fn lock(&self, key: String) -> OwnedMutexGuard<()> {
+    async fn lock(&self, key: LockKey) -> OwnedMutexGuard<()> {
         let mutex = {
             let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
             if map.len() > 256 {

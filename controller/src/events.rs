@@ -20,7 +20,6 @@ use csi_events::{Recorder, WarningEvent};
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume};
 use kube::Api;
 
-use crate::driver::Driver;
 use crate::error::Error;
 use crate::nodes::Nodes;
 
@@ -151,15 +150,13 @@ impl Events {
     }
 }
 
-impl Driver {
-    fn volume_name(&self, volume_id: &str) -> Option<String> {
-        self.state().volumes.get(volume_id).map(|v| v.record.name.clone())
-    }
-
+/// The warnings the controller records, each about one volume, named by its
+/// id and its CreateVolume name (its PV's name). The caller knows both: this
+/// module never reads the driver's state.
+impl Events {
     /// ControllerPublishVolume of an existing volume failed with `error`.
-    pub fn report_publish_refused(&self, volume_id: &str, node_id: &str, error: &Error) {
-        let Some(pv_name) = self.volume_name(volume_id) else { return };
-        self.events.emit(Warning {
+    pub fn publish_refused(&self, volume_id: &str, pv_name: String, node_id: &str, error: &Error) {
+        self.emit(Warning {
             volume_id: volume_id.to_string(),
             pv_name,
             node: (!node_id.is_empty()).then(|| node_id.to_string()),
@@ -170,9 +167,8 @@ impl Driver {
     }
 
     /// A stored volume's NBD server could not be started.
-    pub fn report_server_down(&self, volume_id: &str, error: &Error) {
-        let Some(pv_name) = self.volume_name(volume_id) else { return };
-        self.events.emit(Warning {
+    pub fn server_down(&self, volume_id: &str, pv_name: String, error: &Error) {
+        self.emit(Warning {
             volume_id: volume_id.to_string(),
             pv_name,
             node: None,
@@ -183,9 +179,8 @@ impl Driver {
     }
 
     /// A stored volume's image file was found missing at start.
-    pub fn report_image_missing(&self, volume_id: &str, reason: &str) {
-        let Some(pv_name) = self.volume_name(volume_id) else { return };
-        self.events.emit(Warning {
+    pub fn image_missing(&self, volume_id: &str, pv_name: String, reason: &str) {
+        self.emit(Warning {
             volume_id: volume_id.to_string(),
             pv_name,
             node: None,

@@ -192,7 +192,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     let endpoint = args.endpoint.clone().unwrap_or_else(|| default_endpoint(&args.data_dir));
     let driver = build(&args).await?;
     if let Some(addr) = args.metrics_address {
-        let local = crate::metrics::spawn(addr, Arc::clone(&driver.metrics))
+        let local = crate::metrics::spawn(addr, Arc::clone(driver.metrics()))
             .await
             .with_context(|| format!("metrics on {addr}"))?;
         tracing::info!(address = %local, "metrics listening");
@@ -202,7 +202,7 @@ pub async fn run(mut args: Args) -> anyhow::Result<()> {
     tracing::info!(
         endpoint = %endpoint,
         data_dir = %args.data_dir.display(),
-        nbd = %SocketAddr::new(driver.config.advertise, *driver.config.ports.start()),
+        nbd = %SocketAddr::new(driver.config().advertise, *driver.config().ports.start()),
         "CSI controller listening"
     );
     eprintln!("nbd-csi-controller: CSI on {endpoint}, data in {}", args.data_dir.display());

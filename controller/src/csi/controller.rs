@@ -143,7 +143,7 @@ impl Controller for ControllerService {
         let result: Result<Response<ControllerModifyVolumeResponse>, Status> =
             Err(Status::unimplemented("ControllerModifyVolume is not supported"));
         let code = tonic::Code::Unimplemented;
-        self.0.metrics.observe("ControllerModifyVolume", code, std::time::Duration::ZERO);
+        self.0.metrics().observe("ControllerModifyVolume", code, std::time::Duration::ZERO);
         result
     }
 }

@@ -20,7 +20,7 @@ impl Driver {
     #[tracing::instrument(err, skip_all)]
     async fn plugin_info(&self) -> Result<GetPluginInfoResponse> {
         Ok(GetPluginInfoResponse {
-            name: self.config.driver_name.clone(),
+            name: self.config().driver_name.clone(),
             vendor_version: env!("CARGO_PKG_VERSION").to_string(),
             manifest: Default::default(),
         })

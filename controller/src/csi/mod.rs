@@ -45,7 +45,7 @@ async fn call<T>(
     let start = Instant::now();
     let result = rpc.await.map_err(Status::from);
     let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
-    driver.metrics.observe(method, code, start.elapsed());
+    driver.metrics().observe(method, code, start.elapsed());
     result.map(Response::new)
 }
 

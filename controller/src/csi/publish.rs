@@ -14,7 +14,7 @@ use std::time::Duration;
 use csi_proto::*;
 
 use super::{check_capability, is_reader_only, is_single_node, require};
-use crate::driver::{Driver, blocking};
+use crate::driver::{Driver, LockKey, blocking};
 use crate::error::{Error, Kind, Result};
 use crate::store::{Publication, VolumeRecord};
 
@@ -40,7 +40,7 @@ impl Driver {
     }
 
     async fn save_published(&self, record: VolumeRecord) -> Result<()> {
-        let (store, saved) = (Arc::clone(&self.store), record.clone());
+        let (store, saved) = (Arc::clone(self.store()), record.clone());
         blocking(move || store.save_volume(&saved)).await?;
         let id = record.id.clone();
         if let Some(v) = self.state().volumes.get_mut(&id) {
@@ -84,7 +84,7 @@ impl Driver {
             // The export would admit nobody: an attach that cannot work.
             return Err(Error::precondition(format!("node {:?} has no IP address in status.addresses", req.node_id)));
         }
-        let _guard = self.lock(format!("v:{id}")).await;
+        let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
         let mut record = match self.state().volumes.get(&id) {
             // A volume without its image has no server: an attach would hang.
             Some(volume) => volume.check_usable().map(|()| volume.record.clone())?,
@@ -130,7 +130,7 @@ impl Driver {
     ) -> Result<ControllerUnpublishVolumeResponse> {
         require(&req.volume_id, "volume_id")?;
         let id = req.volume_id;
-        let _guard = self.lock(format!("v:{id}")).await;
+        let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
         let Some(mut record) = self.state().volumes.get(&id).map(|v| v.record.clone()) else {
             return Ok(ControllerUnpublishVolumeResponse {});
         };

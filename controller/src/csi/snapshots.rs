@@ -8,7 +8,7 @@ use csi_proto::*;
 use tracing::Span;
 
 use super::{check_parameters, page, require};
-use crate::driver::{Driver, blocking};
+use crate::driver::{Driver, LockKey, blocking};
 use crate::error::{Error, Result};
 use crate::store::{self, FORMAT, SnapshotRecord};
 
@@ -52,7 +52,7 @@ impl Driver {
         require(&req.name, "name")?;
         require(&req.source_volume_id, "source_volume_id")?;
         let parameters = check_parameters(&req.parameters)?;
-        let _name_guard = self.lock(format!("sn:{}", req.name)).await;
+        let _name_guard = self.lock(LockKey::SnapshotName(req.name.to_owned())).await;
         let existing = self.state().snapshots.values().find(|s| s.name == req.name).cloned();
         if let Some(record) = existing {
             if record.source_volume_id == req.source_volume_id {
@@ -64,7 +64,7 @@ impl Driver {
             )));
         }
         let volume_id = req.source_volume_id.clone();
-        let _guard = self.lock(format!("v:{volume_id}")).await;
+        let _guard = self.lock(LockKey::VolumeId(volume_id.to_owned())).await;
         let (size, source_block) = match self.state().volumes.get(&volume_id) {
             None => return Err(Error::not_found(format!("source volume {volume_id} not found"))),
             Some(v) => {
@@ -74,7 +74,7 @@ impl Driver {
         };
         let id = format!("snap-{}", store::random_hex(16)?);
         Span::current().record("snapshot.id", id.as_str());
-        let (store, source, snap_id) = (Arc::clone(&self.store), self.store.volume_image(&volume_id), id.clone());
+        let (store, source, snap_id) = (Arc::clone(self.store()), self.store().volume_image(&volume_id), id.clone());
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         self.with_writes_paused(&volume_id, move || {
             // A reflink needs no space; a copy at most the source's allocated blocks.
@@ -96,9 +96,9 @@ impl Driver {
             parameters,
             source_block: Some(source_block),
         };
-        let (store, saved) = (Arc::clone(&self.store), record.clone());
+        let (store, saved) = (Arc::clone(self.store()), record.clone());
         if let Err(e) = blocking(move || store.save_snapshot(&saved)).await {
-            let (store, id) = (Arc::clone(&self.store), id.clone());
+            let (store, id) = (Arc::clone(self.store()), id.clone());
             let _ = blocking(move || store.remove_snapshot(&id)).await;
             return Err(e);
         }
@@ -111,11 +111,11 @@ impl Driver {
     pub async fn delete_snapshot(&self, req: DeleteSnapshotRequest) -> Result<DeleteSnapshotResponse> {
         require(&req.snapshot_id, "snapshot_id")?;
         let id = req.snapshot_id;
-        let _guard = self.lock(format!("s:{id}")).await;
+        let _guard = self.lock(LockKey::SnapshotId(id.to_owned())).await;
         if !self.state().snapshots.contains_key(&id) {
             return Ok(DeleteSnapshotResponse {});
         }
-        let (store, rid) = (Arc::clone(&self.store), id.clone());
+        let (store, rid) = (Arc::clone(self.store()), id.clone());
         blocking(move || store.remove_snapshot(&rid)).await?;
         self.state().snapshots.remove(&id);
         tracing::info!("snapshot deleted");

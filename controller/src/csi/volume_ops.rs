@@ -9,7 +9,7 @@ use csi_proto::*;
 use tracing::Span;
 
 use super::{Caps, MIB, capacity, check_capabilities, check_parameters, is_reader_only, page, require};
-use crate::driver::{Driver, blocking};
+use crate::driver::{Driver, LockKey, blocking};
 use crate::error::{Error, Result};
 use crate::store::{self, FORMAT, Source, VolumeRecord};
 
@@ -102,7 +102,7 @@ impl Driver {
             return Err(Error::invalid("mutable_parameters are not supported (no MODIFY_VOLUME)"));
         }
         let source = parse_source(&req.volume_content_source)?;
-        let _name_guard = self.lock(format!("vn:{}", req.name)).await;
+        let _name_guard = self.lock(LockKey::VolumeName(req.name.to_owned())).await;
         let existing = self.state().volumes.values().find(|v| v.record.name == req.name).map(|v| v.record.clone());
         if let Some(record) = existing {
             Span::current().record("volume.id", record.id.as_str());
@@ -115,16 +115,16 @@ impl Driver {
         let (_source_guard, source_image, source_size) = match &source {
             None => (None, None, 0),
             Some(Source::Snapshot(id)) => {
-                let guard = self.lock(format!("s:{id}")).await;
+                let guard = self.lock(LockKey::SnapshotId(id.to_owned())).await;
                 let snapshot = self.state().snapshots.get(id).map(|s| (s.size_bytes, s.source_block));
                 let (size, source_block) =
                     snapshot.ok_or_else(|| Error::not_found(format!("source snapshot {id} not found")))?;
                 // Unknown (an old record whose source is gone): assume block.
                 check_source_access(&format!("snapshot {id}"), source_block.unwrap_or(true), caps.block)?;
-                (Some(guard), Some(self.store.snapshot_image(id)), size)
+                (Some(guard), Some(self.store().snapshot_image(id)), size)
             }
             Some(Source::Volume(id)) => {
-                let guard = self.lock(format!("v:{id}")).await;
+                let guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
                 let size = match self.state().volumes.get(id) {
                     None => return Err(Error::not_found(format!("source volume {id} not found"))),
                     Some(v) => {
@@ -133,11 +133,11 @@ impl Driver {
                         v.record.capacity_bytes
                     }
                 };
-                (Some(guard), Some(self.store.volume_image(id)), size)
+                (Some(guard), Some(self.store().volume_image(id)), size)
             }
         };
         let size = capacity(req.capacity_range.as_ref(), source_size)?;
-        let store = Arc::clone(&self.store);
+        let store = Arc::clone(self.store());
         blocking(move || store.check_space(size)).await?;
         let id = format!("vol-{}", store::random_hex(16)?);
         Span::current().record("volume.id", id.as_str());
@@ -159,12 +159,12 @@ impl Driver {
         match (&source, source_image) {
             (Some(Source::Volume(src)), Some(image)) => {
                 // A clone of a live volume is point-in-time, like a snapshot.
-                let store = Arc::clone(&self.store);
+                let store = Arc::clone(self.store());
                 let new_id = id.clone();
                 self.with_writes_paused(src, move || store.create_volume_image(&new_id, size, Some(&image))).await?;
             }
             (_, image) => {
-                let store = Arc::clone(&self.store);
+                let store = Arc::clone(self.store());
                 let new_id = id.clone();
                 blocking(move || store.create_volume_image(&new_id, size, image.as_deref())).await?;
             }
@@ -172,22 +172,21 @@ impl Driver {
         let served = match self.serve_new(&mut record).await {
             Ok(served) => served,
             Err(e) => {
-                let (store, id) = (Arc::clone(&self.store), id.clone());
+                let (store, id) = (Arc::clone(self.store()), id.clone());
                 let _ = blocking(move || store.remove_volume(&id)).await;
                 return Err(e);
             }
         };
-        let (store, saved) = (Arc::clone(&self.store), record.clone());
+        let (store, saved) = (Arc::clone(self.store()), record.clone());
         if let Err(e) = blocking(move || store.save_volume(&saved)).await {
             let _ = served.stop().await;
-            let (store, id) = (Arc::clone(&self.store), id.clone());
+            let (store, id) = (Arc::clone(self.store()), id.clone());
             let _ = blocking(move || store.remove_volume(&id)).await;
             return Err(e);
         }
-        self.exports.insert(&id, Arc::clone(&served.export));
         tracing::info!(size, port = served.addr.port(), "volume created");
         let volume = volume_message(&record);
-        self.state().volumes.insert(id, crate::driver::Volume::new(record, Some(served)));
+        self.add_served_volume(id, record, served);
         Ok(CreateVolumeResponse { volume: Some(volume) })
     }
 
@@ -198,24 +197,23 @@ impl Driver {
         let Some(name) = self.state().volumes.get(&id).map(|v| v.record.name.clone()) else {
             return Ok(DeleteVolumeResponse {});
         };
-        let _name_guard = self.lock(format!("vn:{name}")).await;
-        let _guard = self.lock(format!("v:{id}")).await;
-        let served = {
-            let mut state = self.state();
-            let Some(volume) = state.volumes.get_mut(&id) else { return Ok(DeleteVolumeResponse {}) };
+        let _name_guard = self.lock(LockKey::VolumeName(name.to_owned())).await;
+        let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
+        {
+            let state = self.state();
+            let Some(volume) = state.volumes.get(&id) else { return Ok(DeleteVolumeResponse {}) };
             if !volume.record.published.is_empty() {
                 let nodes: Vec<&String> = volume.record.published.keys().collect();
                 return Err(Error::precondition(format!("volume is still published to {nodes:?}")));
             }
-            volume.served.take()
-        };
-        self.exports.remove(&id);
+        }
+        let served = self.take_server(&id);
         if let Some(served) = served
             && let Err(e) = served.stop().await
         {
             tracing::warn!(error = %e, "flushing on stop failed; deleting anyway");
         }
-        let (store, rid) = (Arc::clone(&self.store), id.clone());
+        let (store, rid) = (Arc::clone(self.store()), id.clone());
         if let Err(e) = blocking(move || store.remove_volume(&rid)).await {
             // Still stored: serve it again rather than leave it dark.
             let _ = self.restart_server(&id).await;
@@ -303,7 +301,7 @@ impl Driver {
             // No volume with these capabilities can be created at all.
             return Ok(GetCapacityResponse { available_capacity: 0, ..Default::default() });
         }
-        let store = Arc::clone(&self.store);
+        let store = Arc::clone(self.store());
         let space = blocking(move || store.space()).await?;
         let available = (space.available / MIB * MIB).min(i64::MAX as u64) as i64;
         Ok(GetCapacityResponse {
@@ -321,7 +319,7 @@ impl Driver {
             super::check_capability(cap)?;
         }
         let id = req.volume_id;
-        let _guard = self.lock(format!("v:{id}")).await;
+        let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
         let (mut record, export) = {
             let state = self.state();
             let v = state.volumes.get(&id).ok_or_else(|| Error::not_found(format!("volume {id} not found")))?;
@@ -333,7 +331,7 @@ impl Driver {
         let node_expansion_required = !record.block;
         if size > record.capacity_bytes {
             let (store, image, grow) =
-                (Arc::clone(&self.store), self.store.volume_image(&id), size - record.capacity_bytes);
+                (Arc::clone(self.store()), self.store().volume_image(&id), size - record.capacity_bytes);
             blocking(move || {
                 store.check_space(grow)?;
                 match export {
@@ -345,7 +343,7 @@ impl Driver {
             })
             .await?;
             record.capacity_bytes = size;
-            let (store, saved) = (Arc::clone(&self.store), record.clone());
+            let (store, saved) = (Arc::clone(self.store()), record.clone());
             blocking(move || store.save_volume(&saved)).await?;
             if let Some(v) = self.state().volumes.get_mut(&id) {
                 v.record.capacity_bytes = size;

@@ -37,7 +37,7 @@ async fn write_until_full(client: &mut Client, size: u64) -> bool {
 async fn unpublish_and_delete_work_on_a_full_data_filesystem() {
     let fs = Tmpfs::mount(16 * MIB);
     let h = Harness::start(fs.path()).await;
-    let store = Arc::clone(&h.driver.store);
+    let store = Arc::clone(h.driver.store());
     assert_eq!(store.reserve_len().unwrap(), reserve::SIZE, "the reserve is made at start");
     let mut c = h.controller().await;
 

@@ -365,7 +365,7 @@ async fn list_get_capacity_validate_and_online_expand() {
     let got = c.controller_get_volume(ControllerGetVolumeRequest { volume_id: id }).await.unwrap().into_inner();
     assert_eq!(got.volume.unwrap().capacity_bytes, 3 * MIB);
     // Every RPC above was counted.
-    let text = h.driver.metrics.render();
+    let text = h.driver.metrics().render();
     assert!(text.contains("nbd_csi_rpc_requests_total{method=\"CreateVolume\",code=\"Ok\"} 5"), "{text}");
     assert!(text.contains("nbd_csi_volume_written_bytes_total{volume_id="), "{text}");
     h.stop().await;

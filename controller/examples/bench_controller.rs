@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use csi_proto::contract::PublishContext;
 use csi_proto::controller_client::ControllerClient;
 use csi_proto::identity_client::IdentityClient;
 use csi_proto::volume_capability::access_mode::Mode;
@@ -147,9 +148,7 @@ async fn create_and_publish(
     };
     let context = c.controller_publish_volume(req).await?.into_inner().publish_context;
     let published = start.elapsed();
-    if !context.get("nbdUri").is_some_and(|u| u.starts_with("nbd://")) {
-        bail!("publish_context without nbdUri: {context:?}");
-    }
+    PublishContext::try_from(&context).context("ControllerPublishVolume")?;
     Ok((id, created, published))
 }
 

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use csi_proto::contract::{PublishContext, VolumeAccess, VolumeContext};
 use csi_proto::controller_client::ControllerClient;
 use csi_proto::identity_client::IdentityClient;
 use csi_proto::volume_capability::access_mode::Mode;
@@ -23,7 +24,6 @@ use csi_proto::*;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use crate::csi::{NBD_URI, READ_ONLY};
 use crate::service::{self, Endpoint};
 
 /// How to reach the controller, and how to print; shared by every client
@@ -278,8 +278,24 @@ struct VolumeView<'a> {
 }
 
 impl VolumeView<'_> {
-    fn context(&self, key: &str) -> &str {
-        self.volume.volume_context.get(key).map_or("", String::as_str)
+    /// The volume_context, when it is what the controller writes.
+    fn context(&self) -> Option<VolumeContext> {
+        VolumeContext::try_from(&self.volume.volume_context).ok()
+    }
+
+    fn name(&self) -> String {
+        self.context().map(|c| c.name).unwrap_or_default()
+    }
+
+    fn access(&self) -> &'static str {
+        self.context().map_or("", |c| c.access.as_str())
+    }
+
+    fn fs_type(&self) -> String {
+        match self.context().map(|c| c.access) {
+            Some(VolumeAccess::Mount { fs_type }) => fs_type,
+            _ => String::new(),
+        }
     }
 
     fn condition_text(&self) -> String {
@@ -294,11 +310,12 @@ impl VolumeView<'_> {
         let v = self.volume;
         let mut out = String::new();
         let _ = writeln!(out, "volume:     {}", v.volume_id);
-        let _ = writeln!(out, "name:       {}", or_dash(self.context("name")));
+        let _ = writeln!(out, "name:       {}", or_dash(&self.name()));
         let _ = writeln!(out, "size:       {} ({} bytes)", human_size(v.capacity_bytes as u64), v.capacity_bytes);
-        let _ = writeln!(out, "access:     {}", or_dash(self.context("accessType")));
-        if !self.context("fsType").is_empty() {
-            let _ = writeln!(out, "fs type:    {}", self.context("fsType"));
+        let _ = writeln!(out, "access:     {}", or_dash(self.access()));
+        let fs_type = self.fs_type();
+        if !fs_type.is_empty() {
+            let _ = writeln!(out, "fs type:    {fs_type}");
         }
         let _ = writeln!(out, "source:     {}", source_of(v).0);
         if let Some(nodes) = self.published {
@@ -314,7 +331,7 @@ impl VolumeView<'_> {
         let v = self.volume;
         let mut doc = json!({
             "id": v.volume_id,
-            "name": self.context("name"),
+            "name": self.name(),
             "capacity_bytes": v.capacity_bytes,
             "volume_context": v.volume_context,
             "source": source_of(v).1,
@@ -455,9 +472,9 @@ pub async fn volume(args: VolumeArgs) -> anyhow::Result<()> {
                 let condition = view.condition.map_or("-", |c| if c.abnormal { "abnormal" } else { "ok" });
                 rows.push(vec![
                     v.volume_id.clone(),
-                    or_dash(view.context("name")).to_string(),
+                    or_dash(&view.name()).to_string(),
                     human_size(v.capacity_bytes as u64),
-                    or_dash(view.context("accessType")).to_string(),
+                    or_dash(view.access()).to_string(),
                     or_dash(&nodes).to_string(),
                     condition.to_string(),
                 ]);
@@ -512,8 +529,10 @@ pub async fn volume(args: VolumeArgs) -> anyhow::Result<()> {
                 c.controller_get_volume(ControllerGetVolumeRequest { volume_id: id.clone() }).await,
             )?;
             let context = got.volume.map(|v| v.volume_context).unwrap_or_default();
-            let block = context.get("accessType").is_some_and(|t| t == "block");
-            let fs_type = context.get("fsType").cloned().unwrap_or_default();
+            let (block, fs_type) = match VolumeContext::try_from(&context).context("ControllerGetVolume")?.access {
+                VolumeAccess::Block => (true, String::new()),
+                VolumeAccess::Mount { fs_type } => (false, fs_type),
+            };
             let req = ControllerPublishVolumeRequest {
                 volume_id: id.clone(),
                 node_id: node.clone(),
@@ -522,9 +541,10 @@ pub async fn volume(args: VolumeArgs) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let r = rpc("ControllerPublishVolume", c.controller_publish_volume(req).await)?;
-            let uri = r.publish_context.get(NBD_URI).cloned().context("publish_context has no nbdUri")?;
+            let published = PublishContext::try_from(&r.publish_context).context("ControllerPublishVolume")?;
+            let uri = published.nbd_uri.to_uri_string();
             if out == Output::Text {
-                let ro = r.publish_context.get(READ_ONLY).is_some_and(|v| v == "true");
+                let ro = published.read_only;
                 eprintln!("published {id} to node {node} ({})", if ro { "read-only" } else { "read-write" });
             }
             let context: HashMap<&String, &String> = r.publish_context.iter().collect();

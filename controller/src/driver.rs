@@ -200,9 +200,9 @@ impl Driver {
         self.locks.lock(key).await
     }
 
-    /// `nbd://HOST:PORT/EXPORT` for a volume.
-    pub fn nbd_uri(&self, record: &VolumeRecord) -> String {
-        format!("nbd://{}/{}", SocketAddr::new(self.config.advertise, record.port), record.export_name)
+    /// Where nodes reach a volume's NBD server (the `nbdUri` authority).
+    pub fn nbd_address(&self, record: &VolumeRecord) -> SocketAddr {
+        SocketAddr::new(self.config.advertise, record.port)
     }
 
     /// Ready when every stored volume's server is listening; a broken

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use csi_proto::contract::{PublishContext, VolumeAccess, VolumeContext};
 use csi_proto::controller_client::ControllerClient;
 use csi_proto::identity_client::IdentityClient;
 use csi_proto::volume_capability::access_mode::Mode;
@@ -108,7 +109,8 @@ async fn publish(c: &mut ControllerClient<Channel>, id: &str) -> Result<String, 
         ..Default::default()
     };
     let context = c.controller_publish_volume(req).await?.into_inner().publish_context;
-    Ok(context.get("nbdUri").cloned().expect("publish_context has nbdUri"))
+    let published = PublishContext::try_from(&context).expect("a publish_context the node accepts");
+    Ok(published.nbd_uri.to_uri_string())
 }
 
 /// `qemu-io -c 'write -P BYTE OFFSET LEN' -c flush URI`; true when qemu-io
@@ -290,7 +292,8 @@ async fn verify_loaded(ctl: &Controller, cycles: &Cycles) -> (usize, usize) {
         let entry = by_id[id.as_str()];
         let volume = entry.volume.as_ref().unwrap();
         assert_eq!(volume.capacity_bytes, SIZE as i64, "{} size", cy.name);
-        assert_eq!(volume.volume_context.get("accessType").map(String::as_str), Some("block"));
+        let context = VolumeContext::try_from(&volume.volume_context).expect("volume_context");
+        assert_eq!(context.access, VolumeAccess::Block, "{}", cy.name);
         let status = entry.status.as_ref().expect("status");
         let condition = status.volume_condition.as_ref().expect("condition");
         assert!(!condition.abnormal, "{}: {}", cy.name, condition.message);

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use csi_proto::contract::publish_key;
 use csi_proto::node_client::NodeClient;
 use csi_proto::volume_capability::access_mode::Mode;
 use csi_proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
@@ -62,7 +63,8 @@ async fn main() -> anyhow::Result<()> {
     let cap = capability(block, fs_type.as_deref().unwrap_or(""));
     let reply = match arg(1)? {
         "stage" => {
-            let publish_context = HashMap::from([("nbdUri".to_owned(), arg(4)?.to_owned())]);
+            // Sent as given, unchecked: a test may want the node to refuse it.
+            let publish_context = HashMap::from([(publish_key::NBD_URI.to_owned(), arg(4)?.to_owned())]);
             node.node_stage_volume(NodeStageVolumeRequest {
                 volume_id: arg(2)?.into(),
                 staging_target_path: arg(3)?.into(),

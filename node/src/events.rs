@@ -136,6 +136,7 @@ mod tests {
     use crate::state::StateDir;
     use crate::volumes::{Access, Settings, Volumes};
     use csi_events::mock_api::{self, ApiHandle, json_body as body, reply};
+    use csi_proto::contract::{NbdUri, PublishContext};
     use http::{Method, StatusCode};
     use serde_json::json;
 
@@ -179,6 +180,11 @@ mod tests {
         }
     }
 
+    fn publish_context() -> PublishContext {
+        let nbd_uri = NbdUri::parse(&format!("nbd://10.0.0.5:10809/{TOKEN}")).unwrap();
+        PublishContext { nbd_uri, read_only: false }
+    }
+
     fn volumes(dir: &Path, events: Events) -> Volumes<Refused> {
         let settings =
             Settings { connections: 1, timeout: Duration::from_secs(30), dead_conn_timeout: Duration::from_secs(120) };
@@ -219,8 +225,8 @@ mod tests {
             reply(send, StatusCode::CREATED, &json!({"metadata": {"name": "worker-1.1", "namespace": "default"}}));
             assert!(handle.next_request().await.is_none(), "one event only");
         });
-        let uri = format!("nbd://10.0.0.5:10809/{TOKEN}");
-        let err = volumes.stage("vol-1", &uri, &dir.path().join("staging"), &Access::Block, false).await.unwrap_err();
+        let context = publish_context();
+        let err = volumes.stage("vol-1", &context, &dir.path().join("staging"), &Access::Block).await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::Unavailable);
         // The recording task holds the last client; dropping ours lets the
         // mock see the end of requests once it is done.
@@ -232,8 +238,8 @@ mod tests {
     async fn failed_attach_without_kubernetes_records_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let volumes = volumes(dir.path(), Events::default());
-        let uri = format!("nbd://10.0.0.5:10809/{TOKEN}");
-        let err = volumes.stage("vol-1", &uri, &dir.path().join("staging"), &Access::Block, false).await.unwrap_err();
+        let context = publish_context();
+        let err = volumes.stage("vol-1", &context, &dir.path().join("staging"), &Access::Block).await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::Unavailable);
         assert_eq!(Events::default().record(ATTACH_FAILED, "NodeStageVolume", "x".into()).await.unwrap(), None);
     }

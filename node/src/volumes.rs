@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use csi_proto::contract::PublishContext;
+
 use crate::attach::devices::{device_path, mounts_using};
 use crate::attach::{AttachSpec, Attacher};
 use crate::error::{Context, Error, ErrorKind, Result};
@@ -13,7 +15,6 @@ use crate::fsutil::{self, Content};
 use crate::health::{self, Health};
 use crate::state::{Phase, StateDir, VolumeState};
 use crate::sys::mount::{self, MountEntry};
-use crate::uri::NbdUri;
 
 /// How a volume is used: a raw block device or a filesystem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,16 +63,21 @@ impl<A: Attacher> Volumes<A> {
         Self { attacher, states, settings, events: Events::default(), health: Arc::default(), lock }
     }
 
-    pub async fn stage(&self, volume_id: &str, uri: &str, staging: &Path, access: &Access, ro: bool) -> Result<u32> {
+    pub async fn stage(
+        &self,
+        volume_id: &str,
+        context: &PublishContext,
+        staging: &Path,
+        access: &Access,
+    ) -> Result<u32> {
         if volume_id.is_empty() || staging.as_os_str().is_empty() {
             return Err(invalid("volume id and staging path are required"));
         }
-        let parsed = NbdUri::parse(uri).ctx(ErrorKind::InvalidArgument, || "publish_context nbdUri")?;
         let _guard = self.lock.lock().await;
         let mut state = VolumeState {
             volume_id: volume_id.to_owned(),
             phase: Phase::Attaching,
-            uri: uri.to_owned(),
+            uri: context.nbd_uri.to_uri_string(),
             connections: self.settings.connections,
             timeout_secs: self.settings.timeout.as_secs(),
             dead_conn_timeout_secs: self.settings.dead_conn_timeout.as_secs(),
@@ -80,7 +86,7 @@ impl<A: Attacher> Volumes<A> {
                 Access::Block => "block".into(),
                 Access::Mount { fs_type, .. } => fs_type.clone(),
             },
-            read_only: ro,
+            read_only: context.read_only,
             mount_flags: match access {
                 Access::Block => Vec::new(),
                 Access::Mount { flags, .. } => flags.clone(),
@@ -98,7 +104,7 @@ impl<A: Attacher> Volumes<A> {
             None => {
                 self.states.save(&state)?;
                 let spec = AttachSpec {
-                    uri: parsed,
+                    uri: context.nbd_uri.clone(),
                     backend_id: volume_id.to_owned(),
                     connections: self.settings.connections,
                     timeout: self.settings.timeout,
@@ -110,7 +116,7 @@ impl<A: Attacher> Volumes<A> {
         };
         state.index = Some(index);
         if let Access::Mount { fs_type, flags } = access {
-            mount_staging(index, staging, fs_type, flags, ro, true)?;
+            mount_staging(index, staging, fs_type, flags, context.read_only, true)?;
         }
         state.phase = Phase::Staged;
         self.states.save(&state)?;

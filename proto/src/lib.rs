@@ -3,7 +3,9 @@
 //! Messages, enums, gRPC server traits and clients are generated at build
 //! time by `tonic-prost-build` from `csi.proto` (package `csi.v1`). Everything
 //! lives in [`v1`] and is re-exported at the crate root. [`plugin`] holds
-//! what both nbd-csi binaries report about the plugin as a whole.
+//! what both nbd-csi binaries report about the plugin as a whole, and
+//! [`contract`] what the controller tells the node plugin (publish and
+//! volume context, the `nbd://` URI) and the parameters it accepts.
 
 /// Generated code for the `csi.v1` protobuf package.
 #[allow(
@@ -21,5 +23,6 @@ pub mod v1 {
 
 pub use v1::*;
 
+pub mod contract;
 pub mod plugin;
 pub mod uds;

@@ -13,6 +13,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use csi_proto::contract::StorageClassParameters;
 use csi_proto::volume_capability::AccessType;
 use csi_proto::volume_capability::access_mode::Mode;
 use csi_proto::{CapacityRange, VolumeCapability};
@@ -25,7 +26,6 @@ use crate::error::{Error, Kind, Result};
 pub use controller::CAPABILITIES;
 pub use controller::ControllerService;
 pub use identity::IdentityService;
-pub use publish::{NBD_URI, READ_ONLY};
 
 /// Volumes are sized in whole MiB: requests round up to the next MiB.
 pub const MIB: u64 = 1 << 20;
@@ -33,8 +33,6 @@ pub const MIB: u64 = 1 << 20;
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
 /// Names, ids and parameter strings longer than this are refused before use.
 pub const MAX_STRING: usize = 1024;
-/// Parameter prefix Kubernetes sidecars reserve for themselves; ignored.
-const RESERVED_PREFIX: &str = "csi.storage.k8s.io/";
 
 /// Runs one RPC: records count and latency by method and gRPC code.
 async fn call<T>(
@@ -133,15 +131,12 @@ pub fn check_capabilities(caps: &[VolumeCapability]) -> Result<Caps> {
     Ok(out)
 }
 
-/// Plugin parameters: this driver defines none, so any key outside the
-/// sidecars' reserved prefix is INVALID_ARGUMENT.
+/// Plugin parameters ([`StorageClassParameters`]): this driver defines
+/// none, so any key outside the sidecars' reserved prefix is
+/// INVALID_ARGUMENT. Nothing is kept: the result is what the record stores.
 pub fn check_parameters(parameters: &HashMap<String, String>) -> Result<BTreeMap<String, String>> {
-    let mut unknown: Vec<&str> =
-        parameters.keys().filter(|k| !k.starts_with(RESERVED_PREFIX)).map(String::as_str).collect();
-    if !unknown.is_empty() {
-        unknown.sort_unstable();
-        return Err(Error::invalid(format!("unknown parameters: {}", unknown.join(", "))));
-    }
+    let StorageClassParameters {} =
+        StorageClassParameters::try_from(parameters).map_err(|e| Error::invalid(e.to_string()))?;
     Ok(BTreeMap::new())
 }
 

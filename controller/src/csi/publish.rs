@@ -11,17 +11,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use csi_proto::contract::{NbdUri, PublishContext};
 use csi_proto::*;
 
 use super::{check_capability, is_reader_only, is_single_node, require};
 use crate::driver::{Driver, LockKey, blocking};
 use crate::error::{Error, Kind, Result};
 use crate::store::{Publication, VolumeRecord};
-
-/// publish_context keys read by the node plugin.
-pub const NBD_URI: &str = "nbdUri";
-pub const READ_ONLY: &str = "readOnly";
-pub const MULTI_CONN: &str = "multiConn";
 
 /// How long publish and unpublish wait for the connections they stopped to
 /// let go of the file. A stopped reader ends at its next poll, so this is
@@ -30,13 +26,11 @@ pub const MULTI_CONN: &str = "multiConn";
 const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Driver {
+    /// No connection count: the node opens several only when the server's
+    /// handshake sets CAN_MULTI_CONN, whatever a context says.
     fn publish_context(&self, record: &VolumeRecord, publication: &Publication) -> HashMap<String, String> {
-        HashMap::from([
-            (NBD_URI.to_string(), self.nbd_uri(record)),
-            (READ_ONLY.to_string(), publication.read_only.to_string()),
-            // Every export advertises CAN_MULTI_CONN.
-            (MULTI_CONN.to_string(), "true".to_string()),
-        ])
+        let nbd_uri = NbdUri::new(self.nbd_address(record), record.export_name.clone());
+        PublishContext { nbd_uri, read_only: publication.read_only }.to_map()
     }
 
     async fn save_published(&self, record: VolumeRecord) -> Result<()> {

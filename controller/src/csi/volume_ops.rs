@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use csi_proto::contract::{VolumeAccess, VolumeContext};
 use csi_proto::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use csi_proto::*;
 use tracing::Span;
@@ -16,13 +17,9 @@ use crate::store::{self, FORMAT, Source, VolumeRecord};
 /// What the node plugin learns from volume_context (never the token), and
 /// the name the volume was created with, for operators.
 fn volume_context(record: &VolumeRecord) -> HashMap<String, String> {
-    let mut context = HashMap::new();
-    context.insert("name".to_string(), record.name.clone());
-    context.insert("accessType".to_string(), if record.block { "block" } else { "mount" }.to_string());
-    if !record.fs_type.is_empty() {
-        context.insert("fsType".to_string(), record.fs_type.clone());
-    }
-    context
+    let access =
+        if record.block { VolumeAccess::Block } else { VolumeAccess::Mount { fs_type: record.fs_type.clone() } };
+    VolumeContext { name: record.name.clone(), access }.to_map()
 }
 
 fn source_message(source: &Option<Source>) -> Option<VolumeContentSource> {

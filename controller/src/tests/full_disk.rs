@@ -47,7 +47,7 @@ async fn unpublish_and_delete_work_on_a_full_data_filesystem() {
         let v = c.create_volume(create_req(name, 10 * MIB as i64, true, MODE)).await.unwrap().into_inner();
         let id = v.volume.unwrap().volume_id;
         let ctx = c.controller_publish_volume(publish_req(&id, NODE_A, true, MODE, false)).await.unwrap().into_inner();
-        let (addr, export) = parse_uri(&ctx.publish_context["nbdUri"]);
+        let (addr, export) = export_of(&ctx.publish_context);
         volumes.push((id, Client::connect(&addr, &export).await.unwrap()));
     }
     let mut full = false;

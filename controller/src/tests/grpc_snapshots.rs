@@ -23,7 +23,7 @@ fn from_source(name: &str, source: SourceType, bytes: i64) -> CreateVolumeReques
 async fn attach(c: &mut ControllerClient<Channel>, volume_id: &str) -> Client {
     let ctx =
         c.controller_publish_volume(publish_req(volume_id, NODE_A, true, MODE, false)).await.unwrap().into_inner();
-    let (addr, name) = parse_uri(&ctx.publish_context["nbdUri"]);
+    let (addr, name) = export_of(&ctx.publish_context);
     Client::connect(&addr, &name).await.unwrap()
 }
 
@@ -60,7 +60,7 @@ async fn snapshots_are_point_in_time_and_restore_into_new_volumes() {
             .await
             .unwrap()
             .into_inner();
-        let (addr, name) = parse_uri(&ctx.publish_context["nbdUri"]);
+        let (addr, name) = export_of(&ctx.publish_context);
         Client::connect(&addr, &name).await.unwrap()
     };
     assert_eq!(rc.size, 4 << 20);

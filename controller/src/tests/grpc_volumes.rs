@@ -6,6 +6,7 @@ use tonic::Code;
 use super::nbd_client::Client;
 use super::*;
 use crate::csi::DEFAULT_CAPACITY;
+use csi_proto::contract::{VolumeAccess, VolumeContext, publish_key};
 
 const MIB: i64 = 1 << 20;
 
@@ -51,7 +52,8 @@ async fn create_volume_validates_rounds_and_is_idempotent() {
 
     let v = c.create_volume(create_req("a", 1, false, mode)).await.unwrap().into_inner().volume.unwrap();
     assert_eq!(v.capacity_bytes, MIB, "1 byte rounds up to 1 MiB");
-    assert_eq!(v.volume_context.get("accessType").map(String::as_str), Some("mount"));
+    let context = VolumeContext::try_from(&v.volume_context).unwrap();
+    assert_eq!(context, VolumeContext { name: "a".into(), access: VolumeAccess::Mount { fs_type: "ext4".into() } });
     assert!(!format!("{:?}", v.volume_context).contains("nbd://"), "no token in volume_context");
     let again = c.create_volume(create_req("a", 1, false, mode)).await.unwrap().into_inner().volume.unwrap();
     assert_eq!(again.volume_id, v.volume_id);
@@ -122,8 +124,8 @@ async fn read_only_publication_makes_the_export_refuse_writes() {
     let v = c.create_volume(create_req("ro", 4 * MIB, true, mode)).await.unwrap().into_inner().volume.unwrap();
     let id = v.volume_id.clone();
     let ctx = c.controller_publish_volume(publish_req(&id, NODE_A, true, mode, true)).await.unwrap().into_inner();
-    assert_eq!(ctx.publish_context["readOnly"], "true");
-    let (addr, name) = parse_uri(&ctx.publish_context["nbdUri"]);
+    assert!(published(&ctx.publish_context).read_only);
+    let (addr, name) = export_of(&ctx.publish_context);
     let mut reader = Client::connect(&addr, &name).await.unwrap();
     assert_ne!(reader.transmission_flags & nbd::transmission_flags::READ_ONLY, 0);
     assert_eq!(reader.write(0, b"nope").await.unwrap(), nbd::errno::EPERM);
@@ -155,16 +157,20 @@ async fn publish_guards_the_export_and_unpublish_revokes() {
     );
     assert_eq!(code(c.controller_publish_volume(publish_req(&id, "", true, mode, false)).await), Code::InvalidArgument);
     let ctx = c.controller_publish_volume(publish_req(&id, NODE_A, true, mode, false)).await.unwrap().into_inner();
-    let uri = ctx.publish_context["nbdUri"].clone();
-    assert_eq!(ctx.publish_context["readOnly"], "false");
-    assert_eq!(ctx.publish_context["multiConn"], "true");
-    let (addr, name) = parse_uri(&uri);
+    // Nothing but what the node reads: how many connections it opens is the
+    // server's CAN_MULTI_CONN flag to decide, never a context key.
+    let mut keys: Vec<&str> = ctx.publish_context.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, [publish_key::NBD_URI, publish_key::READ_ONLY]);
+    let first = published(&ctx.publish_context);
+    assert!(!first.read_only);
+    let (addr, name) = export_of(&ctx.publish_context);
     assert_eq!(name.len(), 64, "a 32-byte hex token");
     assert!(addr.starts_with("127.0.0.1:"));
     // Idempotent; different options for the same node → ALREADY_EXISTS;
     // a single-writer volume on a second node → FAILED_PRECONDITION.
     let same = c.controller_publish_volume(publish_req(&id, NODE_A, true, mode, false)).await.unwrap().into_inner();
-    assert_eq!(same.publish_context["nbdUri"], uri);
+    assert_eq!(published(&same.publish_context), first);
     assert_eq!(
         code(c.controller_publish_volume(publish_req(&id, NODE_A, true, mode, true)).await),
         Code::AlreadyExists
@@ -212,7 +218,7 @@ async fn publish_guards_the_export_and_unpublish_revokes() {
     let ro = Mode::MultiNodeReaderOnly;
     let r = c.create_volume(create_req("ro", MIB, false, ro)).await.unwrap().into_inner().volume.unwrap();
     let ctx = c.controller_publish_volume(publish_req(&r.volume_id, NODE_A, false, ro, false)).await.unwrap();
-    assert_eq!(ctx.into_inner().publish_context["readOnly"], "true");
+    assert!(published(&ctx.into_inner().publish_context).read_only);
 
     c.delete_volume(DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() }).await.unwrap();
     c.delete_volume(DeleteVolumeRequest { volume_id: id, ..Default::default() }).await.unwrap();
@@ -240,7 +246,7 @@ async fn unpublish_fences_a_write_whose_payload_is_still_arriving() {
     let v = c.create_volume(create_req("fence", 4 * MIB, true, mode)).await.unwrap().into_inner().volume.unwrap();
     let id = v.volume_id.clone();
     let ctx = c.controller_publish_volume(publish_req(&id, NODE_A, true, mode, false)).await.unwrap().into_inner();
-    let (addr, name) = parse_uri(&ctx.publish_context["nbdUri"]);
+    let (addr, name) = export_of(&ctx.publish_context);
 
     let len = 1 << 20;
     let stale = vec![0xaau8; len];
@@ -263,7 +269,7 @@ async fn unpublish_fences_a_write_whose_payload_is_still_arriving() {
 
     // The next node takes over, writes and flushes.
     let ctx = c.controller_publish_volume(publish_req(&id, NODE_B, true, mode, false)).await.unwrap().into_inner();
-    let (addr, name) = parse_uri(&ctx.publish_context["nbdUri"]);
+    let (addr, name) = export_of(&ctx.publish_context);
     let mut second = Client::connect(&addr, &name).await.unwrap();
     let fresh = vec![0xbbu8; len];
     assert_eq!(second.write(0, &fresh).await.unwrap(), 0);
@@ -344,7 +350,7 @@ async fn list_get_capacity_validate_and_online_expand() {
     // Online expansion: a connected client can write past the old end.
     let id = ids[0].clone();
     let ctx = c.controller_publish_volume(publish_req(&id, NODE_A, true, mode, false)).await.unwrap().into_inner();
-    let (addr, name) = parse_uri(&ctx.publish_context["nbdUri"]);
+    let (addr, name) = export_of(&ctx.publish_context);
     let mut client = Client::connect(&addr, &name).await.unwrap();
     assert_ne!(client.write(MIB as u64, b"past").await.unwrap(), 0, "beyond the end before expansion");
     let expand = |bytes| ControllerExpandVolumeRequest {
@@ -383,8 +389,8 @@ async fn restart_keeps_ports_export_names_publications_and_data() {
         let v = c.create_volume(create_req(&format!("r{i}"), 2 * MIB, true, mode)).await.unwrap().into_inner();
         let id = v.volume.unwrap().volume_id;
         let ctx = c.controller_publish_volume(publish_req(&id, NODE_A, true, mode, false)).await.unwrap().into_inner();
-        let uri = ctx.publish_context["nbdUri"].clone();
-        let (addr, name) = parse_uri(&uri);
+        let uri = published(&ctx.publish_context).nbd_uri;
+        let (addr, name) = (uri.authority(), uri.export.clone());
         let mut client = Client::connect(&addr, &name).await.unwrap();
         assert_eq!(client.write(4096 * u64::from(i), &[i + 1; 4096]).await.unwrap(), 0);
         assert_eq!(client.flush().await.unwrap(), 0);
@@ -399,8 +405,8 @@ async fn restart_keeps_ports_export_names_publications_and_data() {
     for (i, (volume_id, uri)) in uris.iter().enumerate() {
         let again =
             c.controller_publish_volume(publish_req(volume_id, NODE_A, true, mode, false)).await.unwrap().into_inner();
-        assert_eq!(&again.publish_context["nbdUri"], uri, "same port and export name after restart");
-        let (addr, name) = parse_uri(uri);
+        assert_eq!(&published(&again.publish_context).nbd_uri, uri, "same port and export name after restart");
+        let (addr, name) = (uri.authority(), uri.export.clone());
         let mut client = Client::connect(&addr, &name).await.unwrap();
         assert_eq!(client.read(4096 * i as u64, 4096).await.unwrap(), vec![i as u8 + 1; 4096]);
     }

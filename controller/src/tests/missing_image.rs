@@ -29,8 +29,8 @@ async fn a_volume_without_its_image_is_abnormal_and_the_others_serve() {
         .await
         .unwrap()
         .into_inner();
-    let uri = ctx.publish_context["nbdUri"].clone();
-    let (addr, export) = parse_uri(&uri);
+    let uri = published(&ctx.publish_context).nbd_uri;
+    let (addr, export) = (uri.authority(), uri.export.clone());
     let mut client = Client::connect(&addr, &export).await.unwrap();
     assert_eq!(client.write(4096, &[7; 4096]).await.unwrap(), 0);
     assert_eq!(client.flush().await.unwrap(), 0);
@@ -54,7 +54,7 @@ async fn a_volume_without_its_image_is_abnormal_and_the_others_serve() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(again.publish_context["nbdUri"], uri);
+    assert_eq!(published(&again.publish_context).nbd_uri, uri);
     let mut client = Client::connect(&addr, &export).await.unwrap();
     assert_eq!(client.read(4096, 4096).await.unwrap(), vec![7; 4096]);
 

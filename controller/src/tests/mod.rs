@@ -8,11 +8,13 @@ mod grpc_volumes;
 mod missing_image;
 mod nbd_client;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
+use csi_proto::contract::PublishContext;
 use csi_proto::controller_client::ControllerClient;
 use csi_proto::identity_client::IdentityClient;
 use csi_proto::volume_capability::access_mode::Mode;
@@ -132,11 +134,15 @@ pub fn publish_req(
     }
 }
 
-/// `(host:port, export name)` from an `nbd://HOST:PORT/EXPORT` URI.
-pub fn parse_uri(uri: &str) -> (String, String) {
-    let rest = uri.strip_prefix("nbd://").expect("nbd:// URI");
-    let (addr, name) = rest.split_once('/').expect("export name");
-    (addr.to_string(), name.to_string())
+/// A ControllerPublishVolume answer read as the node plugin reads it.
+pub fn published(context: &HashMap<String, String>) -> PublishContext {
+    PublishContext::try_from(context).unwrap_or_else(|e| panic!("a publish_context the node refuses: {e}"))
+}
+
+/// `(host:port, export name)` a node connects to for a publish_context.
+pub fn export_of(context: &HashMap<String, String>) -> (String, String) {
+    let uri = published(context).nbd_uri;
+    (uri.authority(), uri.export)
 }
 
 pub fn code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {

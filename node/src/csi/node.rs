@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use csi_proto::contract::PublishContext;
 use csi_proto::node_server::Node;
 use csi_proto::node_service_capability::{Rpc, Type as CapType, rpc::Type as RpcType};
 use csi_proto::volume_capability::AccessType;
@@ -37,10 +38,6 @@ fn access(cap: Option<&VolumeCapability>) -> Result<Access, Status> {
     }
 }
 
-fn read_only_context(ctx: &std::collections::HashMap<String, String>) -> bool {
-    ctx.get("readOnly").is_some_and(|v| v == "true")
-}
-
 #[tonic::async_trait]
 impl Node for NodeService {
     #[tracing::instrument(err, skip_all, fields(volume.id = %req.get_ref().volume_id))]
@@ -53,11 +50,10 @@ impl Node for NodeService {
             return Err(Status::invalid_argument("volume_id and staging_target_path are required"));
         }
         let access = access(r.volume_capability.as_ref())?;
-        let uri =
-            r.publish_context.get("nbdUri").ok_or_else(|| Status::invalid_argument("publish_context has no nbdUri"))?;
-        let ro = read_only_context(&r.publish_context);
+        let context =
+            PublishContext::try_from(&r.publish_context).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let staging = Path::new(&r.staging_target_path);
-        let index = self.volumes.stage(&r.volume_id, uri, staging, &access, ro).await.map_err(status)?;
+        let index = self.volumes.stage(&r.volume_id, &context, staging, &access).await.map_err(status)?;
         tracing::info!(volume = %r.volume_id, index, "staged");
         Ok(Response::new(NodeStageVolumeResponse {}))
     }
@@ -174,5 +170,63 @@ impl Node for NodeService {
             max_volumes_per_node: self.info.max_volumes,
             accessible_topology: None,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use csi_proto::contract::publish_key::{NBD_URI, READ_ONLY};
+    use csi_proto::volume_capability::{AccessMode, BlockVolume};
+    use tonic::Code;
+
+    use super::*;
+    use crate::state::StateDir;
+    use crate::volumes::Settings;
+
+    fn service(dir: &Path) -> NodeService {
+        let settings =
+            Settings { connections: 1, timeout: Duration::from_secs(30), dead_conn_timeout: Duration::from_secs(120) };
+        let attacher = Arc::new(KernelAttacher::open(true).unwrap());
+        let volumes = Volumes::new(attacher, StateDir::open(dir.join("state")).unwrap(), settings);
+        let info = NodeInfo { driver_name: "nbd.csi.dev".into(), node_id: "worker-1".into(), max_volumes: 1 };
+        NodeService { volumes: Arc::new(volumes), info }
+    }
+
+    fn stage_request(dir: &Path, context: &[(&str, &str)]) -> NodeStageVolumeRequest {
+        NodeStageVolumeRequest {
+            volume_id: "vol-1".into(),
+            staging_target_path: dir.join("staging").to_string_lossy().into_owned(),
+            volume_capability: Some(VolumeCapability {
+                access_type: Some(AccessType::Block(BlockVolume {})),
+                access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+            }),
+            publish_context: context.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>(),
+            ..Default::default()
+        }
+    }
+
+    /// A publish_context the controller never writes is refused with the
+    /// key it is about, before anything is saved or attached (port 1 on
+    /// loopback refuses connections: an attach would fail UNAVAILABLE).
+    #[tokio::test]
+    async fn stage_refuses_a_bad_publish_context_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = service(dir.path());
+        let cases: [(&[(&str, &str)], &str); 4] = [
+            (&[(READ_ONLY, "false")], NBD_URI),
+            (&[(NBD_URI, "nbd://127.0.0.1:0/vol")], NBD_URI),
+            (&[(NBD_URI, "127.0.0.1:1/vol")], NBD_URI),
+            (&[(NBD_URI, "nbd://127.0.0.1:1/vol"), (READ_ONLY, "yes")], READ_ONLY),
+        ];
+        for (context, key) in cases {
+            let err = node.node_stage_volume(Request::new(stage_request(dir.path(), context))).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{context:?}: {err:?}");
+            assert!(err.message().contains(key), "{context:?}: {}", err.message());
+            let saved = std::fs::read_dir(dir.path().join("state")).unwrap().count();
+            assert_eq!(saved, 0, "{context:?}: nothing saved");
+        }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Go clients name a Unix-socket peer `localhost`; gRPC C-core and Java
 //! clients send the socket path as `:authority`, which our HTTP/2 server
-//! rejects (see [`rewrite`]). Operators poke CSI sockets with whatever
+//! rejects (see [`AuthorityRewriter`]). Operators poke CSI sockets with whatever
 //! client they have (grpcurl, Python, csc), so both binaries accept their
 //! connections through [`incoming`], which fixes the authority on the way in.
 

@@ -75,6 +75,9 @@ suite vm ./tests/vm/run.sh
 # The chart, deploy/ and the Dockerfile; then the chart on a real
 # kube-apiserver on 127.0.0.1 (tools are built once into ~/.cache/nbd-csi).
 suite chart ./tests/chart.sh
+# Every container of the rendered chart that starts our binaries, run with
+# its exact arguments and env in the binaries' validation mode.
+suite chart-args ./tests/chart-args.sh
 suite apiserver ./tests/k8s/apiserver.sh
 # Controller, csi-provisioner and csi-attacher as processes against it.
 suite e2e ./tests/k8s/e2e.sh

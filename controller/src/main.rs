@@ -43,6 +43,10 @@ enum Command {
     Info(cli::ClientArgs),
 }
 
+/// Set to `1`: parse and check the command line and environment exactly as
+/// a start would, print what would run, and exit without touching anything.
+const VALIDATE_ENV: &str = "NBD_CSI_VALIDATE_ARGS";
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The client subcommands print results, not logs, unless RUST_LOG asks.
@@ -52,6 +56,15 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)))
         .with_writer(std::io::stderr)
         .init();
+    if std::env::var_os(VALIDATE_ENV).is_some_and(|v| v == "1") {
+        return match cli.command {
+            None => service::validate(cli.serve),
+            Some(command) => {
+                println!("would_run={command:?}");
+                Ok(())
+            }
+        };
+    }
     if !client {
         raise_descriptor_limit();
     }

@@ -1,5 +1,6 @@
 //! The controller's main job: CSI Identity + Controller on `--endpoint`,
-//! one NBD server per volume, metrics.
+//! one NBD server per volume, metrics. A TCP endpoint that is not loopback
+//! is refused unless `--allow-insecure-tcp-endpoint` accepts the risk.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -25,6 +26,11 @@ pub struct Args {
     #[allow(rustdoc::invalid_html_tags)] // `<data-dir>` is --help text, not HTML
     #[arg(long, env = "CSI_ENDPOINT")]
     pub endpoint: Option<Endpoint>,
+    /// Serve CSI on a TCP endpoint that is not loopback. Nothing
+    /// authenticates CSI callers: whoever reaches the port can create,
+    /// delete and publish volumes and learn their export names.
+    #[arg(long, env = "NBD_CSI_ALLOW_INSECURE_TCP_ENDPOINT")]
+    pub allow_insecure_tcp_endpoint: bool,
     /// Directory holding volume and snapshot images and their records.
     #[arg(long, env = "NBD_CSI_DATA_DIR", default_value = "nbd-csi-data")]
     pub data_dir: PathBuf,
@@ -38,8 +44,9 @@ pub struct Args {
     /// Address every volume's NBD server binds.
     #[arg(long, env = "NBD_CSI_NBD_LISTEN_ADDRESS", default_value = "127.0.0.1")]
     pub nbd_listen_address: IpAddr,
-    /// Ports for the NBD servers, one per volume: FIRST-LAST.
-    #[arg(long, env = "NBD_CSI_NBD_PORT_RANGE", default_value = "10900-11899", value_parser = parse_port_range)]
+    /// Ports for the NBD servers, FIRST-LAST: one per volume, taken at
+    /// CreateVolume and kept until DeleteVolume. The chart's default too.
+    #[arg(long, env = "NBD_CSI_NBD_PORT_RANGE", default_value = "10900-10999", value_parser = parse_port_range)]
     pub nbd_port_range: RangeInclusive<u16>,
     /// Connections one volume's NBD server holds at once, from all nodes;
     /// more are closed right after accept.
@@ -101,6 +108,45 @@ impl FromStr for Endpoint {
     }
 }
 
+impl Endpoint {
+    /// Whether only this host can connect: a Unix socket, or TCP on a
+    /// loopback address. A host name other than `localhost` may resolve
+    /// to anything, so it counts as reachable from elsewhere.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Self::Unix(_) => true,
+            Self::Tcp(addr) => match addr.parse::<SocketAddr>() {
+                Ok(addr) => addr.ip().is_loopback(),
+                Err(_) => addr.rsplit_once(':').is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost")),
+            },
+        }
+    }
+}
+
+/// Refuses to serve CSI where other hosts can reach it unless `allow`
+/// accepts the risk, and then says so in the log: the CSI API has no
+/// authentication, and ControllerPublishVolume hands out the export name,
+/// the only guard of a published volume without Kubernetes.
+pub fn check_endpoint(endpoint: &Endpoint, allow: bool) -> anyhow::Result<()> {
+    if endpoint.is_local() {
+        return Ok(());
+    }
+    if !allow {
+        bail!(
+            "refusing to serve CSI on {endpoint}: it is not a loopback address, and anyone who reaches it can call \
+             every RPC, including ControllerPublishVolume, which reveals a volume's export name. Use a unix:// \
+             socket or tcp://127.0.0.1:PORT, or accept the risk with --allow-insecure-tcp-endpoint \
+             (NBD_CSI_ALLOW_INSECURE_TCP_ENDPOINT=true)"
+        );
+    }
+    tracing::warn!(
+        endpoint = %endpoint,
+        "serving CSI on a TCP endpoint that is not loopback (--allow-insecure-tcp-endpoint): every RPC, \
+         including ControllerPublishVolume and the export names it returns, is open to anyone who reaches it"
+    );
+    Ok(())
+}
+
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -122,9 +168,8 @@ fn validate_driver_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the driver from the flags: validates them, loads the store,
-/// starts the volume servers.
-pub async fn build(args: &Args) -> anyhow::Result<Arc<Driver>> {
+/// The driver's configuration from the flags, checked; touches nothing.
+fn config(args: &Args) -> anyhow::Result<Config> {
     validate_driver_name(&args.driver_name)?;
     let advertise = match args.advertise_address {
         Some(a) => a,
@@ -133,7 +178,7 @@ pub async fn build(args: &Args) -> anyhow::Result<Arc<Driver>> {
         }
         None => args.nbd_listen_address,
     };
-    let config = Config {
+    Ok(Config {
         driver_name: args.driver_name.clone(),
         advertise,
         listen: args.nbd_listen_address,
@@ -142,7 +187,13 @@ pub async fn build(args: &Args) -> anyhow::Result<Arc<Driver>> {
             per_volume: args.nbd_max_connections as usize,
             per_peer: args.nbd_max_connections_per_peer as usize,
         },
-    };
+    })
+}
+
+/// Builds the driver from the flags: validates them, loads the store,
+/// starts the volume servers.
+pub async fn build(args: &Args) -> anyhow::Result<Arc<Driver>> {
+    let config = config(args)?;
     let known: BTreeSet<String> = args.known_nodes.iter().filter(|n| !n.is_empty()).cloned().collect();
     let nodes = Nodes::connect(args.kubeconfig.as_deref(), known).await.context("Kubernetes access")?;
     tracing::info!(kubernetes = nodes.uses_kubernetes(), "node lookups configured");
@@ -186,10 +237,39 @@ pub fn default_endpoint(data_dir: &Path) -> Endpoint {
     Endpoint::Unix(data_dir.join("csi.sock"))
 }
 
-/// `nbd-csi-controller` without a subcommand.
-pub async fn run(mut args: Args) -> anyhow::Result<()> {
+/// The flags as the main job will use them: `--data-dir` made absolute
+/// and the endpoint with its default, after the checks that need no I/O.
+fn resolve(mut args: Args) -> anyhow::Result<(Args, Endpoint)> {
     args.data_dir = std::path::absolute(&args.data_dir).context("resolving --data-dir")?;
     let endpoint = args.endpoint.clone().unwrap_or_else(|| default_endpoint(&args.data_dir));
+    check_endpoint(&endpoint, args.allow_insecure_tcp_endpoint)?;
+    Ok((args, endpoint))
+}
+
+/// `NBD_CSI_VALIDATE_ARGS=1 nbd-csi-controller ...`: every check a start
+/// makes before touching the system, then what it would serve, one
+/// `key=value` per line on stdout. The chart's tests run the rendered
+/// command lines through this.
+pub fn validate(args: Args) -> anyhow::Result<()> {
+    let (args, endpoint) = resolve(args)?;
+    let config = config(&args)?;
+    let optional = |v: Option<String>| v.unwrap_or_default();
+    println!("would_run=controller");
+    println!("endpoint={endpoint}");
+    println!("data_dir={}", args.data_dir.display());
+    println!("driver_name={}", config.driver_name);
+    println!("advertise_address={}", config.advertise);
+    println!("nbd_listen_address={}", config.listen);
+    println!("nbd_port_range={}-{}", config.ports.start(), config.ports.end());
+    println!("metrics_address={}", optional(args.metrics_address.map(|a| a.to_string())));
+    println!("kubeconfig={}", optional(args.kubeconfig.map(|p| p.display().to_string())));
+    println!("known_nodes={}", args.known_nodes.join(","));
+    Ok(())
+}
+
+/// `nbd-csi-controller` without a subcommand.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let (args, endpoint) = resolve(args)?;
     let driver = build(&args).await?;
     if let Some(addr) = args.metrics_address {
         let local = crate::metrics::spawn(addr, Arc::clone(driver.metrics()))

@@ -1,6 +1,8 @@
-//! `nbd-csi-node`: the node plugin. Subcommands: `probe` (handshake and the
-//! connection-count rule), `attach`/`detach`/`status` (the attach code,
-//! for debugging and the real-kernel test bed).
+//! `nbd-csi-node`: the node plugin. `serve` is the CSI plugin the chart runs;
+//! `probe` (handshake and the connection-count rule), `attach`/`detach`/
+//! `status` (the attach code) and `watch` are for debugging and the
+//! real-kernel test bed. With `NBD_CSI_VALIDATE_ARGS=1` it only checks its
+//! arguments and prints what `serve` would use.
 
 mod attach;
 mod connections;
@@ -48,10 +50,6 @@ struct AttachArgs {
     /// Use the ioctl interface even where netlink exists (testing the fallback).
     #[arg(long)]
     ioctl: bool,
-    /// Record the attachment as a staged block volume in this state
-    /// directory, so that `watch` (or the CSI server) heals it.
-    #[arg(long)]
-    state_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,6 +70,10 @@ enum Command {
         /// BACKEND_IDENTIFIER (the volume id) the device is found by.
         #[arg(long)]
         backend_id: String,
+        /// Record the attachment as a staged block volume in this state
+        /// directory, so that `watch` (or the CSI server) heals it.
+        #[arg(long)]
+        state_dir: Option<std::path::PathBuf>,
         #[command(flatten)]
         args: AttachArgs,
     },
@@ -95,7 +97,7 @@ enum Command {
     /// Reconcile the state directory, then heal its volumes on LINK_DEAD
     /// and on a periodic check, until SIGTERM.
     Watch {
-        #[arg(long, default_value = "/var/lib/nbd-csi/node")]
+        #[arg(long, default_value_os_t = default_state_dir(DEFAULT_DRIVER_NAME))]
         state_dir: std::path::PathBuf,
         /// Seconds between checks that every staged volume has its device.
         #[arg(long, default_value_t = 10)]
@@ -103,18 +105,33 @@ enum Command {
     },
 }
 
+const DEFAULT_DRIVER_NAME: &str = "nbd.csi.dev";
+
+/// Where a driver's staging state lives by default: on the host, in the
+/// kubelet's directory for the plugin, so that it outlives the container.
+fn default_state_dir(driver_name: &str) -> std::path::PathBuf {
+    std::path::Path::new("/var/lib/kubelet/plugins").join(driver_name).join("state")
+}
+
+/// Set to `1`: parse and check the command line and environment exactly as
+/// a start would, print what would run, and exit without touching anything.
+const VALIDATE_ENV: &str = "NBD_CSI_VALIDATE_ARGS";
+
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
-    /// unix:///path/to/csi.sock
+    /// unix:///path/to/csi.sock (or /path/to/csi.sock); the kubelet dials
+    /// the plugin on the node, so there is no TCP endpoint.
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     endpoint: String,
     #[arg(long, env = "NODE_NAME")]
     node_id: String,
-    #[arg(long, env = "NBD_CSI_DRIVER_NAME", default_value = "nbd.csi.dev")]
+    #[arg(long, env = "NBD_CSI_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME)]
     driver_name: String,
-    /// Per-volume staging state.
-    #[arg(long, env = "NBD_CSI_STATE_DIR", default_value = "/var/lib/nbd-csi/node")]
-    state_dir: std::path::PathBuf,
+    /// Per-volume staging state. It must outlive the plugin (in a pod: a
+    /// hostPath), or a restarted plugin forgets every staged volume
+    /// [default: /var/lib/kubelet/plugins/<driver-name>/state].
+    #[arg(long, env = "NBD_CSI_STATE_DIR")]
+    state_dir: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 64)]
     max_volumes: i64,
     /// Seconds between checks that every staged volume has its device.
@@ -133,9 +150,17 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    let validate = std::env::var_os(VALIDATE_ENV).is_some_and(|v| v == "1");
+    if validate && !matches!(command, Command::Serve(_)) {
+        println!("would_run={command:?}");
+        return Ok(());
+    }
+    match command {
         Command::Probe { uri, connections } => runtime.block_on(probe(&uri, connections)),
-        Command::Attach { uri, backend_id, args } => runtime.block_on(attach_cmd(&uri, backend_id, &args)),
+        Command::Attach { uri, backend_id, state_dir, args } => {
+            runtime.block_on(attach_cmd(&uri, backend_id, state_dir.as_deref(), &args))
+        }
         Command::Reconnect { uri, backend_id, args } => runtime.block_on(reconnect_cmd(&uri, backend_id, &args)),
         Command::Detach { backend_id } => {
             let attacher = KernelAttacher::open(false)?;
@@ -148,6 +173,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Serve(args) if validate => print_serve_plan(&args),
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Watch { state_dir, check_interval } => runtime.block_on(watch(state_dir, check_interval)),
         Command::Status => {
@@ -172,7 +198,12 @@ fn spec(uri: &str, backend_id: String, args: &AttachArgs) -> anyhow::Result<Atta
     })
 }
 
-async fn attach_cmd(uri: &str, backend_id: String, args: &AttachArgs) -> anyhow::Result<()> {
+async fn attach_cmd(
+    uri: &str,
+    backend_id: String,
+    state_dir: Option<&std::path::Path>,
+    args: &AttachArgs,
+) -> anyhow::Result<()> {
     let spec = spec(uri, backend_id, args)?;
     let attacher = KernelAttacher::open(args.ioctl)?;
     let attached = attacher.attach(&spec).await.map_err(|e| anyhow::anyhow!(e.chain()))?;
@@ -181,7 +212,7 @@ async fn attach_cmd(uri: &str, backend_id: String, args: &AttachArgs) -> anyhow:
     println!("transmission_flags={:#06x}", attached.transmission_flags);
     println!("connections={}", attached.connections);
     println!("netlink={}", attacher.is_netlink());
-    if let Some(dir) = &args.state_dir {
+    if let Some(dir) = state_dir {
         let states = state::StateDir::open(dir)?;
         states.save(&state::VolumeState {
             volume_id: spec.backend_id.clone(),
@@ -236,9 +267,56 @@ async fn watch(state_dir: std::path::PathBuf, check_interval: u64) -> anyhow::Re
     Ok(())
 }
 
+/// The checks `serve` makes before touching the system; returns the
+/// state directory.
+fn check_serve_args(args: &ServeArgs) -> anyhow::Result<std::path::PathBuf> {
+    check_endpoint(&args.endpoint)?;
+    anyhow::ensure!(!args.node_id.is_empty(), "--node-id (NODE_NAME) is empty");
+    anyhow::ensure!(!args.driver_name.is_empty(), "--driver-name (NBD_CSI_DRIVER_NAME) is empty");
+    anyhow::ensure!(args.attach.connections != Some(0), "--connections must be at least 1");
+    let state_dir = args.state_dir.clone().unwrap_or_else(|| default_state_dir(&args.driver_name));
+    anyhow::ensure!(state_dir.is_absolute(), "--state-dir {} is not an absolute path", state_dir.display());
+    Ok(state_dir)
+}
+
+/// The node plugin serves CSI on a Unix socket only: `unix:///path` or
+/// `/path`. A `tcp://` endpoint is refused rather than taken for a file name.
+fn check_endpoint(endpoint: &str) -> anyhow::Result<()> {
+    let path = match endpoint.strip_prefix("unix://") {
+        Some(path) => path,
+        None if endpoint.contains("://") => anyhow::bail!(
+            "endpoint {endpoint:?}: the node plugin serves CSI only on a Unix socket (unix:///path/csi.sock), \
+             which the kubelet dials on the node; a TCP endpoint would open NodeStageVolume and \
+             NodePublishVolume to anyone who reaches it"
+        ),
+        None => endpoint,
+    };
+    anyhow::ensure!(path.starts_with('/'), "endpoint {endpoint:?} is neither unix:///path nor /path");
+    Ok(())
+}
+
+/// `NBD_CSI_VALIDATE_ARGS=1 nbd-csi-node serve ...`: what `serve` would use,
+/// one `key=value` per line on stdout.
+fn print_serve_plan(args: &ServeArgs) -> anyhow::Result<()> {
+    let state_dir = check_serve_args(args)?;
+    println!("would_run=serve");
+    println!("endpoint={}", args.endpoint);
+    println!("node_id={}", args.node_id);
+    println!("driver_name={}", args.driver_name);
+    println!("state_dir={}", state_dir.display());
+    let connections = args.attach.connections.map_or_else(|| "default".to_owned(), |n| n.to_string());
+    println!("connections={connections}");
+    println!("timeout={}", args.attach.timeout);
+    println!("dead_conn_timeout={}", args.attach.dead_conn_timeout);
+    println!("max_volumes={}", args.max_volumes);
+    println!("check_interval={}", args.check_interval);
+    Ok(())
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let state_dir = check_serve_args(&args)?;
     let attacher = std::sync::Arc::new(KernelAttacher::open(args.attach.ioctl)?);
-    let states = state::StateDir::open(&args.state_dir)?;
+    let states = state::StateDir::open(&state_dir)?;
     let events = events::Events::connect(args.kubeconfig.as_deref(), &args.driver_name, &args.node_id).await;
     let mut healer = heal::Healer::new(std::sync::Arc::clone(&attacher), states.clone());
     healer.events = events.clone();
@@ -267,7 +345,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         }
     };
-    tracing::info!(endpoint = %args.endpoint, "serving CSI Identity and Node");
+    tracing::info!(endpoint = %args.endpoint, state_dir = %state_dir.display(), "serving CSI Identity and Node");
     csi::serve(volumes, info, &args.endpoint, shutdown).await
 }
 

@@ -4,6 +4,8 @@
 # Prints one line per scenario and a summary; exits non-zero on any failure
 # or timeout. Downloads are cached under $NBD_CSI_VM_CACHE (default
 # ~/.cache/nbd-csi/vm-v1); only the initramfs is rebuilt on every run.
+# NBD_CSI_VM_SCENARIOS=heal,fresh_container runs only those scenarios (the
+# names after scenario_ in scenarios.sh), in that order.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
@@ -102,7 +104,7 @@ boot=$(date +%s)
 set +e
 timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 -accel tcg -m 1024 -smp 2,maxcpus=4 \
     -kernel "$cache/vmlinuz" -initrd "$cache/initrd.gz" \
-    -append "console=ttyS0 panic=-1 quiet ${NBD_CSI_VM_APPEND:-}" \
+    -append "console=ttyS0 panic=-1 quiet ${NBD_CSI_VM_SCENARIOS:+SCENARIOS=$NBD_CSI_VM_SCENARIOS} ${NBD_CSI_VM_APPEND:-}" \
     -nographic -no-reboot -net none </dev/null 2>&1 | tr -d '\r' | tee "$log" | grep --line-buffered -aoE '(RESULT|SUMMARY|BOOTED|vm:) .*'
 status=${PIPESTATUS[0]}
 set -e

@@ -562,7 +562,102 @@ scenario_heal_after_timeout() {
     fi
 }
 
-for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl heal expand expand_xfs dead_server fio_controller_kill fio_plugin_kill reconcile heal_after_timeout sanity_mount sanity_block}" | tr , " "); do
+# A node plugin pod restarts (crash, DaemonSet upgrade) while a filesystem is
+# staged, published and written to, and the server dies in the gap, so a
+# heal is needed that nobody is there to do. The new container starts from
+# scratch: an empty socket directory and nothing else of the old process,
+# only what the chart mounts from the host, among it the state directory
+# (<kubeletDir>/plugins/<driver>/state). From that alone the fresh plugin
+# must re-adopt the volume: heal its connection (fio keeps verifying), report
+# it healthy in NodeGetVolumeStats, publish it again, and unstage it.
+# FRESH_STATE=container (on the kernel command line) keeps the state inside
+# the container instead, as the chart once did: the scenario must then fail.
+scenario_fresh_container() {
+    name=fresh-container-host-state
+    csi_clean; mkdir -p "$CSI"
+    kubelet=$CSI/kubelet                                 # the host's kubelet directory
+    container=$CSI/container                             # the container's own files
+    host_state=$kubelet/plugins/nbd.csi.dev/state        # the chart's hostPath
+    [ "${FRESH_STATE:-host}" = container ] && host_state=$container/state
+    sock=$container/csi/csi.sock
+    start_controller
+    start_container() { # a new container: its own directories empty, the host's kept
+        rm -rf "$container"; mkdir -p "$container/csi"
+        RUST_LOG=${RUST_LOG:-info} $NODE serve --endpoint="unix://$sock" --node-id=vm-node \
+            --driver-name=nbd.csi.dev --state-dir="$host_state" --connections=2 \
+            --timeout=10 --dead-conn-timeout=60 --check-interval=2 2>>"$CSI/node.log" &
+        NP=$!
+        i=0
+        while ! { [ -S "$CSI/ctrl.sock" ] && [ -S "$sock" ]; }; do
+            i=$((i + 1)); [ $i -gt 300 ] && return 1
+            usleep 100000
+        done
+    }
+    start_container || { result $name FAIL "could not start"; csi_stop; return; }
+    ID=$(ctl create fresh --size 128M | awk '/^volume:/ {print $2}')
+    URI=$(ctl publish --node vm-node "$ID" 2>/dev/null | grep '^nbd://')
+    port=$(echo "$URI" | sed 's|nbd://127.0.0.1:\([0-9]*\)/.*|\1|')
+    STG=$kubelet/plugins/kubernetes.io/csi/nbd.csi.dev/fresh/globalmount
+    TGT1=$kubelet/pods/pod-1/volumes/kubernetes.io~csi/fresh/mount
+    TGT2=$kubelet/pods/pod-2/volumes/kubernetes.io~csi/fresh/mount
+    out=$($CLIENT "$sock" stage "$ID" "$STG" "$URI" --fs-type ext4)
+    out1=$($CLIENT "$sock" publish "$ID" "$STG" "$TGT1")
+    if ! echo "$out $out1" | grep -q '^ok.*ok'; then
+        result $name FAIL "stage: $out publish: $out1"; csi_stop; return
+    fi
+    dd if=/dev/urandom of="$TGT1/data" bs=1M count=4 2>/dev/null
+    sync
+    sum1=$(sha256sum < "$TGT1/data")
+    state_before=$(ls "$host_state" | wc -l)
+    dmesg -c >/dev/null
+    rm -f /tmp/fio.result
+    fio_loop "$TGT1" 40 &
+    io=$!
+    sleep 6
+    kill -9 "$NP"; wait "$NP" 2>/dev/null     # the container dies mid-I/O
+    kill -9 "$CP"; wait "$CP" 2>/dev/null     # and the server with it: the link is dead
+    sleep 2
+    start_controller
+    sleep 2
+    restarts=$(grep -c 'serving CSI Identity and Node' "$CSI/node.log")
+    start_container || { result $name FAIL "the fresh container did not start"; kill $io; csi_stop; return; }
+    ms0=$(now_ms)
+    i=0
+    while ! $CLIENT "$sock" stats "$ID" "$TGT1" 2>/dev/null | grep -q 'abnormal: false' && [ $i -lt 300 ]; do
+        usleep 100000; i=$((i + 1))
+    done
+    healthy_ms=$(($(now_ms) - ms0))
+    cond=$($CLIENT "$sock" stats "$ID" "$TGT1" | grep -o 'VolumeCondition {[^}]*}')
+    wait $io
+    r=$(cat /tmp/fio.result)
+    ioerr=$(dmesg | grep -cE 'I/O error|EXT4-fs error')
+    reconnects=$(grep -c 'reconnected' "$CSI/node.log")
+    # The already-staged volume is published again: to the old target
+    # (idempotent) and to a new one, which sees the same data.
+    again=$($CLIENT "$sock" publish "$ID" "$STG" "$TGT1")
+    out2=$($CLIENT "$sock" publish "$ID" "$STG" "$TGT2")
+    sum2=$(sha256sum < "$TGT2/data" 2>/dev/null)
+    t=$(established_to "$port")
+    u1=$($CLIENT "$sock" unpublish "$ID" "$TGT1")
+    u2=$($CLIENT "$sock" unpublish "$ID" "$TGT2")
+    out3=$($CLIENT "$sock" unstage "$ID" "$STG")
+    state_after=$(ls "$host_state" | wc -l)
+    csi_stop
+    detail="$r kernel_io_errors=$ioerr; host state files before=$state_before after unstage=$state_after; fresh plugin: healthy after ~${healthy_ms} ms, $cond, reconnects=$reconnects tcp=$t; publish again: $(echo "$again" | cut -c1-40) / new target: $(echo "$out2" | cut -c1-40) data $([ "$sum1" = "$sum2" ] && echo intact || echo differs); unpublish: $(echo "$u1" | cut -c1-2)/$(echo "$u2" | cut -c1-2), unstage: $(echo "$out3" | cut -c1-40)"
+    if echo "$r" | grep -q 'failed_rounds=0' && ! echo "$r" | grep -q 'fio_rounds=0' && [ "$ioerr" = 0 ] &&
+        [ "$restarts" = 1 ] && [ "$state_before" = 1 ] && echo "$cond" | grep -q 'abnormal: false' &&
+        [ "$reconnects" -ge 1 ] && [ "$t" -ge 1 ] && echo "$again" | grep -q '^ok' && echo "$out2" | grep -q '^ok' &&
+        [ "$sum1" = "$sum2" ] && echo "$u1" | grep -q '^ok' && echo "$u2" | grep -q '^ok' &&
+        echo "$out3" | grep -q '^ok' && [ "$state_after" = 0 ] && [ "$(leftover)" = 0 ]; then
+        result $name PASS "$detail"
+    else
+        result $name FAIL "$detail"
+        dmesg | grep -E 'nbd|I/O|EXT4' | tail -5 | sed 's/^/vm: dmesg: /'
+        grep -aE 'ERROR|WARN' "$CSI/node.log" | tail -8 | sed 's/^/vm: node: /'
+    fi
+}
+
+for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl heal expand expand_xfs dead_server fio_controller_kill fio_plugin_kill fresh_container reconcile heal_after_timeout sanity_mount sanity_block}" | tr , " "); do
     t0=$(cut -d. -f1 /proc/uptime)
     "scenario_$s"
     echo "vm: scenario $s took $(($(cut -d. -f1 /proc/uptime) - t0)) s"

@@ -94,6 +94,15 @@ The kubelet's plugin directory for this driver, and the socket kubelet dials.
 {{- end -}}
 
 {{/*
+The node plugin's staging state on the host, inside its kubelet plugin
+directory, so it outlives the container (the binary's default for the
+default kubeletDir).
+*/}}
+{{- define "nbd-csi.node.stateDir" -}}
+{{- printf "%s/state" (include "nbd-csi.node.pluginDir" .) -}}
+{{- end -}}
+
+{{/*
 NBD port range "first-last", after checking the order and the size.
 */}}
 {{- define "nbd-csi.nbdPortRange" -}}

@@ -51,6 +51,7 @@ impl Harness {
         let socket = dir.join("csi.sock");
         let args = service::Args {
             endpoint: Some(Endpoint::Unix(socket.clone())),
+            allow_insecure_tcp_endpoint: false,
             data_dir: dir.join("data"),
             driver_name: "nbd.csi.dev".into(),
             advertise_address: None,

@@ -17,8 +17,10 @@ use tonic::transport::Channel;
 pub const BIN: &str = env!("CARGO_BIN_EXE_nbd-csi-controller");
 
 /// Variables that would point the binary somewhere else than the test says.
-const ENV: [&str; 10] = [
+const ENV: [&str; 12] = [
     "CSI_ENDPOINT",
+    "NBD_CSI_ALLOW_INSECURE_TCP_ENDPOINT",
+    "NBD_CSI_VALIDATE_ARGS",
     "NBD_CSI_DATA_DIR",
     "NBD_CSI_DRIVER_NAME",
     "NBD_CSI_ADVERTISE_ADDRESS",

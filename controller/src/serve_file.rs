@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use nbd::server::{Export, ExportConfig, Server};
-use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -42,23 +41,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.description = format!("nbd-csi serve-file {}", args.path.display());
     let export = Export::open(&args.path, config).with_context(|| format!("opening {}", args.path.display()))?;
     let server = Server::bind(export, args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
+    let shutdown = csi_proto::shutdown::shutdown_signal()?;
     tracing::info!(
         path = %args.path.display(),
         listen = %server.local_addr()?,
         size = server.export().size(),
         "serving"
     );
-    server
-        .run(async move {
-            tokio::select! {
-                _ = sigterm.recv() => {}
-                _ = sigint.recv() => {}
-            }
-            tracing::info!("signal received, shutting down");
-        })
-        .await?;
+    server.run(shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use csi_proto::controller_server::ControllerServer;
 use csi_proto::identity_server::IdentityServer;
-use tokio::signal::unix::{SignalKind, signal};
 
 use crate::csi::{ControllerService, IdentityService};
 use crate::driver::{Config, Driver};
@@ -270,6 +269,7 @@ pub fn validate(args: Args) -> anyhow::Result<()> {
 /// `nbd-csi-controller` without a subcommand.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let (args, endpoint) = resolve(args)?;
+    let shutdown = csi_proto::shutdown::shutdown_signal()?;
     let driver = build(&args).await?;
     if let Some(addr) = args.metrics_address {
         let local = crate::metrics::spawn(addr, Arc::clone(driver.metrics()))
@@ -277,8 +277,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("metrics on {addr}"))?;
         tracing::info!(address = %local, "metrics listening");
     }
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
     tracing::info!(
         endpoint = %endpoint,
         data_dir = %args.data_dir.display(),
@@ -286,13 +284,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "CSI controller listening"
     );
     eprintln!("nbd-csi-controller: CSI on {endpoint}, data in {}", args.data_dir.display());
-    let shutdown = async move {
-        tokio::select! {
-            _ = sigterm.recv() => {}
-            _ = sigint.recv() => {}
-        }
-        tracing::info!("signal received, shutting down");
-    };
     serve(driver, endpoint, shutdown).await?;
     tracing::info!("stopped");
     Ok(())

@@ -229,12 +229,7 @@ async fn attach_cmd(
         })?;
     }
     if !attacher.is_netlink() {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+        csi_proto::shutdown::shutdown_signal()?.await;
         attacher.detach(attached.index).map_err(|e| anyhow::anyhow!(e.chain()))?;
     }
     Ok(())
@@ -257,12 +252,7 @@ async fn watch(state_dir: std::path::PathBuf, check_interval: u64) -> anyhow::Re
     healer.reconcile().await.map_err(|e| anyhow::anyhow!(e.chain()))?;
     eprintln!("watching");
     let run = tokio::spawn(std::sync::Arc::clone(&healer).run(dead, Duration::from_secs(check_interval)));
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    csi_proto::shutdown::shutdown_signal()?.await;
     run.abort();
     Ok(())
 }
@@ -336,15 +326,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     volumes.health = std::sync::Arc::clone(&healer.health);
     let volumes = std::sync::Arc::new(volumes);
     let info = csi::NodeInfo { driver_name: args.driver_name, node_id: args.node_id, max_volumes: args.max_volumes };
-    let shutdown = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-    };
+    let shutdown = csi_proto::shutdown::shutdown_signal()?;
     tracing::info!(endpoint = %args.endpoint, state_dir = %state_dir.display(), "serving CSI Identity and Node");
     csi::serve(volumes, info, &args.endpoint, shutdown).await
 }

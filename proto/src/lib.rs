@@ -25,4 +25,5 @@ pub use v1::*;
 
 pub mod contract;
 pub mod plugin;
+pub mod shutdown;
 pub mod uds;

@@ -1,9 +1,13 @@
 //! Per-volume staging state on disk, one small `key=value` file per volume,
 //! written atomically (temporary file, fsync, rename). It is what healing
-//! and the start-up reconciliation work from.
+//! and the start-up reconciliation work from. The files hold each volume's
+//! nbdUri, whose export name is the volume's secret, and they live on the
+//! host: the directory is 0700 and every file 0600, whatever the umask, and
+//! a directory left readable by an older version is made private at open.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -125,6 +129,17 @@ impl StateDir {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).ctx(ErrorKind::Io, || format!("creating {}", dir.display()))?;
+        let private = |path: &std::path::Path, mode| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .ctx(ErrorKind::Io, || format!("making {} private", path.display()))
+        };
+        private(&dir, 0o700)?;
+        let entries = std::fs::read_dir(&dir).ctx(ErrorKind::Io, || format!("listing {}", dir.display()))?;
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_file()) {
+                private(&entry.path(), 0o600)?;
+            }
+        }
         Ok(Self { dir })
     }
 
@@ -142,7 +157,9 @@ impl StateDir {
         let path = self.path(&state.volume_id);
         let tmp = path.with_extension("tmp");
         let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = std::fs::File::options().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            // A temp file left by a crash keeps its old mode: set it again.
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             f.write_all(text.as_bytes())?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
@@ -221,6 +238,35 @@ mod tests {
         dir.remove("a/b").unwrap();
         assert_eq!(dir.all().unwrap().len(), 1);
         assert_eq!(a.spec().unwrap().uri.export, "tok en");
+    }
+
+    fn mode(path: &std::path::Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// The usual umask (022) would leave 0755/0644; the files hold the
+    /// export names. (The process umask is not changed here: tests run in
+    /// parallel threads of one process, and 022 is what they run under.)
+    #[test]
+    fn state_is_private_and_a_readable_directory_is_made_private_at_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("state");
+        let dir = StateDir::open(&path).unwrap();
+        dir.save(&sample("v")).unwrap();
+        assert_eq!(mode(&path), 0o700);
+        assert_eq!(mode(&dir.path("v")), 0o600);
+
+        // As an older version left it: world-readable directory and file.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(dir.path("v"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let tmp_left = dir.path("w").with_extension("tmp");
+        std::fs::write(&tmp_left, "left by a crash").unwrap();
+        std::fs::set_permissions(&tmp_left, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let dir = StateDir::open(&path).unwrap();
+        assert_eq!((mode(&path), mode(&dir.path("v")), mode(&tmp_left)), (0o700, 0o600, 0o600));
+        dir.save(&sample("w")).unwrap();
+        assert_eq!(mode(&dir.path("w")), 0o600, "a leftover temp file's mode does not carry over");
+        assert_eq!(dir.load("v").unwrap(), Some(sample("v")));
     }
 
     #[test]

@@ -294,6 +294,23 @@ mod tests {
         }
     }
 
+    /// A device the kernel calls connected is still abnormal when no state
+    /// claims it: nothing heals it (a plugin that lost its state directory).
+    #[tokio::test]
+    async fn a_volume_without_state_is_abnormal_even_when_its_device_is_connected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::with(&[(0, &id('a'), true)]));
+        let settings = crate::volumes::Settings {
+            connections: 1,
+            timeout: std::time::Duration::from_secs(30),
+            dead_conn_timeout: std::time::Duration::from_secs(120),
+        };
+        let volumes = crate::volumes::Volumes::new(kernel, StateDir::open(tmp.path()).unwrap(), settings);
+        let (device, (abnormal, message)) = volumes.condition(&id('a')).unwrap();
+        assert_eq!(device, Some(0));
+        assert!(abnormal && message.contains("no staging state"), "{message}");
+    }
+
     fn id(c: char) -> String {
         format!("vol-{}", c.to_string().repeat(32))
     }

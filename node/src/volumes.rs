@@ -248,6 +248,13 @@ impl<A: Attacher> Volumes<A> {
             Some(index) => Some((index, self.attacher.connected(index)?)),
             None => None,
         };
+        if self.states.load(volume_id)?.is_none() {
+            // The kernel may still call the device connected, but nothing
+            // here heals it or flushes it at unstage.
+            let message = "this node plugin has no staging state for the volume (not staged by it, or its state \
+                           directory was lost): it is not healed; stage it again";
+            return Ok((device.map(|d| d.0), (true, message.into())));
+        }
         let link = self.health.get(volume_id);
         Ok((device.map(|d| d.0), health::condition(device, link.as_ref(), std::time::Instant::now())))
     }

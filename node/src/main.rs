@@ -130,6 +130,7 @@ struct ServeArgs {
     /// Per-volume staging state. It must outlive the plugin (in a pod: a
     /// hostPath), or a restarted plugin forgets every staged volume
     /// [default: /var/lib/kubelet/plugins/<driver-name>/state].
+    #[allow(rustdoc::invalid_html_tags)] // `<driver-name>` is --help text, not HTML
     #[arg(long, env = "NBD_CSI_STATE_DIR")]
     state_dir: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 64)]

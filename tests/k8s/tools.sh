@@ -61,17 +61,31 @@ ensure_etcd() {
     tools_built etcd "$ETCD_VERSION" "$start"
 }
 
+# The version ldflags the Kubernetes release build sets (otherwise every
+# component reports v0.0.0).
+kube_ldflags() {
+    local minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
+    echo "-s -w
+        -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION
+        -X k8s.io/component-base/version.gitMajor=1
+        -X k8s.io/component-base/version.gitMinor=$minor
+        -X k8s.io/component-base/version.gitTreeState=clean
+        -X k8s.io/component-base/version.buildDate=1970-01-01T00:00:00Z
+        -X k8s.io/client-go/pkg/version.gitVersion=$KUBERNETES_VERSION
+        -X k8s.io/client-go/pkg/version.gitMajor=1
+        -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+}
+
 # k8s.io/kubernetes replaces each staging module with ./staging/src/...; a
 # throwaway module requires it and replaces each staging module with its
 # published v0.Y.Z instead, then builds the commands with the version ldflags
 # that the release build sets (otherwise the server reports v0.0.0).
 ensure_kube_apiserver() {
     tools_have kube-apiserver "$KUBERNETES_VERSION" && tools_have kubectl "$KUBERNETES_VERSION" && return 0
-    local start dir gomod staging minor
+    local start dir gomod staging
     start=$(date +%s)
     dir=$NBD_CSI_TOOLS/build/kubernetes-$KUBERNETES_VERSION
     staging=v0.${KUBERNETES_VERSION#v1.}
-    minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
     echo "building kube-apiserver and kubectl $KUBERNETES_VERSION in $dir"
     rm -rf "$dir" && mkdir -p "$dir"
     gomod=$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p')
@@ -85,15 +99,7 @@ ensure_kube_apiserver() {
         echo
         grep -E '^[[:space:]]+k8s\.io/[^ ]+ v0\.0\.0$' "$gomod" | awk -v v="$staging" '{ printf "replace %s => %s %s\n", $1, $1, v }'
     } >"$dir/go.mod"
-    local ldflags="-s -w
-        -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION
-        -X k8s.io/component-base/version.gitMajor=1
-        -X k8s.io/component-base/version.gitMinor=$minor
-        -X k8s.io/component-base/version.gitTreeState=clean
-        -X k8s.io/component-base/version.buildDate=1970-01-01T00:00:00Z
-        -X k8s.io/client-go/pkg/version.gitVersion=$KUBERNETES_VERSION
-        -X k8s.io/client-go/pkg/version.gitMajor=1
-        -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+    local ldflags; ldflags=$(kube_ldflags)
     (
         cd "$dir" || exit 1
         nice -n 10 go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBERNETES_VERSION" "k8s.io/kubernetes/cmd/kubectl@$KUBERNETES_VERSION"
@@ -105,14 +111,35 @@ ensure_kube_apiserver() {
     )
 }
 
+# The rest of a cluster (tests/cluster): kubelet, kube-controller-manager and
+# kube-scheduler, from the same throwaway module as kube-apiserver. Static
+# (CGO off, as the release builds), so they run in the VM's root file system.
+ensure_kube_node() {
+    ensure_kube_apiserver
+    local dir=$NBD_CSI_TOOLS/build/kubernetes-$KUBERNETES_VERSION cmd start
+    for cmd in kubelet kube-controller-manager kube-scheduler; do
+        tools_have "$cmd" "$KUBERNETES_VERSION" && continue
+        start=$(date +%s)
+        echo "building $cmd $KUBERNETES_VERSION in $dir"
+        (
+            cd "$dir" || exit 1
+            nice -n 10 go get "k8s.io/kubernetes/cmd/$cmd@$KUBERNETES_VERSION"
+            CGO_ENABLED=0 nice -n 10 go build -trimpath -ldflags "$(kube_ldflags)" -o "$TOOLS_BIN/$cmd" "k8s.io/kubernetes/cmd/$cmd"
+        ) || return 1
+        tools_built "$cmd" "$KUBERNETES_VERSION" "$start"
+    done
+}
+
 EXTERNAL_PROVISIONER_VERSION=v6.4.0
 EXTERNAL_ATTACHER_VERSION=v4.13.0
 
 # The kubernetes-csi sidecars replace k8s.io modules with published versions
 # in their go.mod, which `go install` refuses; build inside a copy of the
 # downloaded module instead (module zips carry no vendor/, hence -mod=mod).
+# Static (CGO off, as the upstream images are) so the cluster suite's images
+# can hold the binary alone; the stamp says so, which rebuilds older dynamic ones.
 tools_build_sidecar() { # NAME MODULE VERSION
-    tools_have "$1" "$3" && return 0
+    tools_have "$1" "$3-static" && return 0
     local start src dir; start=$(date +%s)
     dir=$NBD_CSI_TOOLS/build/$1-$3
     echo "building $1 $3 from $2@$3"
@@ -121,12 +148,33 @@ tools_build_sidecar() { # NAME MODULE VERSION
     rm -rf "$dir" && cp -r "$src" "$dir" && chmod -R u+w "$dir"
     (
         cd "$dir" || exit 1
-        GOFLAGS=-mod=mod nice -n 10 go build -trimpath -ldflags "-s -w -X main.version=$3" -o "$TOOLS_BIN/$1" "./cmd/$1"
+        CGO_ENABLED=0 GOFLAGS=-mod=mod nice -n 10 go build -trimpath -ldflags "-s -w -X main.version=$3" -o "$TOOLS_BIN/$1" "./cmd/$1"
     )
-    tools_built "$1" "$3" "$start"
+    tools_built "$1" "$3-static" "$start"
 }
 
 ensure_csi_sidecars() {
     tools_build_sidecar csi-provisioner github.com/kubernetes-csi/external-provisioner/v6 "$EXTERNAL_PROVISIONER_VERSION"
     tools_build_sidecar csi-attacher github.com/kubernetes-csi/external-attacher/v4 "$EXTERNAL_ATTACHER_VERSION"
+}
+
+EXTERNAL_RESIZER_VERSION=v2.3.0
+EXTERNAL_SNAPSHOTTER_VERSION=v8.7.0
+
+# The sidecars the cluster suite runs besides provisioner and attacher, and
+# Kubernetes' own snapshot controller (same module as csi-snapshotter).
+ensure_cluster_sidecars() {
+    ensure_csi_sidecars
+    tools_build_sidecar csi-resizer github.com/kubernetes-csi/external-resizer/v2 "$EXTERNAL_RESIZER_VERSION"
+    tools_build_sidecar csi-snapshotter github.com/kubernetes-csi/external-snapshotter/v8 "$EXTERNAL_SNAPSHOTTER_VERSION"
+    tools_build_sidecar snapshot-controller github.com/kubernetes-csi/external-snapshotter/v8 "$EXTERNAL_SNAPSHOTTER_VERSION"
+}
+
+# The snapshot CRDs live in the snapshotter's client module; prints their directory.
+snapshot_crds_dir() {
+    local dir
+    dir=$(go mod download -json "github.com/kubernetes-csi/external-snapshotter/client/v8@$EXTERNAL_SNAPSHOTTER_VERSION" \
+        | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+    [ -d "$dir/config/crd" ] || { echo "cannot download the snapshot CRDs" >&2; return 1; }
+    echo "$dir/config/crd"
 }

@@ -18,6 +18,9 @@ use crate::driver::{Config, Driver};
 use crate::nodes::Nodes;
 use crate::volumes::ConnectionCaps;
 
+/// The CSI driver name without `--driver-name` (the chart's default too).
+pub const DEFAULT_DRIVER_NAME: &str = "nbd.csi.dev";
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// CSI endpoint: unix:///path/csi.sock or tcp://host:port
@@ -34,7 +37,7 @@ pub struct Args {
     #[arg(long, env = "NBD_CSI_DATA_DIR", default_value = "nbd-csi-data")]
     pub data_dir: PathBuf,
     /// CSI driver name reported by GetPluginInfo.
-    #[arg(long, env = "NBD_CSI_DRIVER_NAME", default_value = "nbd.csi.dev")]
+    #[arg(long, env = "NBD_CSI_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME)]
     pub driver_name: String,
     /// Address nodes use to reach the NBD servers (put in nbdUri)
     /// [default: --nbd-listen-address, which must then not be unspecified].

@@ -20,6 +20,7 @@ mod error;
 mod events;
 mod metrics;
 mod nodes;
+mod state;
 mod store;
 mod volumes;
 

@@ -28,7 +28,7 @@ pub struct ClientArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
+pub(super) enum Output {
     Text,
     Json,
 }
@@ -155,7 +155,7 @@ impl From<AccessModeArg> for Mode {
 
 /// Bytes, or a number with a binary suffix (K, M, G, T, optionally
 /// followed by `i` and/or `B`: 1G = 1GiB = 1073741824).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub(super) fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, suffix) = s.split_at(split);

@@ -11,10 +11,11 @@ use csi_proto::volume_content_source::{SnapshotSource, Type as SourceType, Volum
 use csi_proto::*;
 use serde_json::{Value, json};
 
+use super::args::Output;
 use super::args::{SnapshotCommand, VolumeCommand};
 use super::render::{VolumeView, human_size, or_dash, print, rfc3339, snapshot_json, snapshot_text, table};
 use super::requests::{all_snapshots, all_volumes, capability, rpc};
-use super::{ClientArgs, Output, SnapshotArgs, VolumeArgs};
+use super::{ClientArgs, SnapshotArgs, VolumeArgs};
 
 pub async fn volume(args: VolumeArgs) -> anyhow::Result<()> {
     let out = args.client.output;

@@ -14,7 +14,7 @@ mod connect;
 mod render;
 mod requests;
 
-pub use args::{ClientArgs, Output, SnapshotArgs, VolumeArgs, parse_size};
+pub use args::{ClientArgs, SnapshotArgs, VolumeArgs};
 pub use commands::{info, snapshot, volume};
 pub use connect::connect;
 pub use requests::{all_snapshots, all_volumes, capability};

@@ -8,7 +8,7 @@ use csi_proto::volume_content_source::Type as SourceType;
 use csi_proto::{Snapshot, Volume, VolumeCondition};
 use serde_json::{Value, json};
 
-use super::Output;
+use super::args::Output;
 
 pub(super) fn print(output: Output, text: String, json: Value) {
     match output {

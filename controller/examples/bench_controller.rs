@@ -16,8 +16,9 @@ use csi_proto::contract::PublishContext;
 use csi_proto::controller_client::ControllerClient;
 use csi_proto::identity_client::IdentityClient;
 use csi_proto::volume_capability::access_mode::Mode;
-use csi_proto::volume_capability::{AccessMode, AccessType, BlockVolume};
 use csi_proto::*;
+use nbd_csi_controller::cli::{all_volumes, capability, connect};
+use nbd_csi_controller::service::Endpoint;
 use tonic::transport::Channel;
 
 #[derive(Debug, Parser)]
@@ -110,18 +111,8 @@ fn private(m: &Memory) -> u64 {
     m.fields["Private_Clean"] + m.fields["Private_Dirty"]
 }
 
-async fn connect(socket: PathBuf) -> anyhow::Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_shared(format!("unix://{}", socket.display()))?
-        .timeout(Duration::from_secs(60))
-        .connect()
-        .await?)
-}
-
 fn cap() -> VolumeCapability {
-    VolumeCapability {
-        access_type: Some(AccessType::Block(BlockVolume {})),
-        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
-    }
+    capability(true, "", Mode::SingleNodeWriter)
 }
 
 /// Creates and publishes one volume; returns its id and both latencies.
@@ -165,14 +156,14 @@ fn ms(d: Duration) -> String {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let channel = connect(args.socket.clone()).await.context("connecting to the controller")?;
+    let channel = connect(&Endpoint::Unix(args.socket.clone()), Duration::from_secs(60)).await?;
     let mut identity = IdentityClient::new(channel.clone());
     let mut c = ControllerClient::new(channel);
     let ready = identity.probe(ProbeRequest {}).await?.into_inner().ready;
     if ready != Some(true) {
         bail!("controller not ready");
     }
-    let existing = c.list_volumes(ListVolumesRequest::default()).await?.into_inner().entries.len();
+    let existing = all_volumes(&mut c, 0).await?.len();
     if existing != 0 {
         bail!("the controller already has {existing} volumes; start it on an empty data directory");
     }
@@ -206,7 +197,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let total = started.elapsed();
     let floor = args.probe_dir.as_deref().map(|d| storage_floor(d, 300)).transpose()?;
-    let listed = c.list_volumes(ListVolumesRequest::default()).await?.into_inner().entries;
+    let listed = all_volumes(&mut c, 0).await?;
     if listed.len() != args.volumes {
         bail!("{} volumes listed, {} created", listed.len(), args.volumes);
     }

@@ -24,7 +24,7 @@ impl Identity for Stub {
         _: Request<GetPluginInfoRequest>,
     ) -> Result<Response<GetPluginInfoResponse>, Status> {
         Ok(Response::new(GetPluginInfoResponse {
-            name: "nbd.csi.dev".into(),
+            name: nbd_csi_controller::service::DEFAULT_DRIVER_NAME.into(),
             vendor_version: env!("CARGO_PKG_VERSION").into(),
             manifest: Default::default(),
         }))
@@ -113,13 +113,12 @@ async fn main() -> anyhow::Result<()> {
     let (Some(socket), Some(node_id)) = (args.next(), args.next()) else {
         anyhow::bail!("usage: sanity_node_stub SOCKET NODE_ID");
     };
-    let _ = std::fs::remove_file(&socket);
-    let listener = tokio::net::UnixListener::bind(&socket)?;
+    let listener = csi_proto::uds::bind(std::path::Path::new(&socket))?;
     let stub = Stub { node_id };
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(stub.clone()))
         .add_service(NodeServer::new(stub))
-        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+        .serve_with_incoming(csi_proto::uds::incoming(listener))
         .await?;
     Ok(())
 }

@@ -1,7 +1,7 @@
-//! The controller's state: the store, the volumes with their running NBD
-//! servers, the snapshots, per-object locks and node lookups.
+//! The controller's driver: the store, the [`State`] of volumes and
+//! snapshots it guards, per-object locks and node lookups.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::events::Events;
 use crate::metrics::{ExportTable, Metrics};
 use crate::nodes::{NodeAddresses, Nodes};
+use crate::state::State;
 use crate::store::{SnapshotRecord, Store, VolumeRecord};
 use crate::volumes::{self, ConnectionCaps, Served};
 
@@ -32,40 +33,6 @@ pub struct Config {
     pub listen: IpAddr,
     pub ports: RangeInclusive<u16>,
     pub connection_caps: ConnectionCaps,
-}
-
-#[derive(Debug)]
-pub struct Volume {
-    pub record: VolumeRecord,
-    pub served: Option<Served>,
-    /// Why the volume cannot be served at all (its image file is missing):
-    /// it is reported abnormal and can still be deleted, while the other
-    /// volumes serve normally.
-    pub broken: Option<String>,
-}
-
-impl Volume {
-    pub fn new(record: VolumeRecord, served: Option<Served>) -> Self {
-        Self { record, served, broken: None }
-    }
-
-    pub fn is_serving(&self) -> bool {
-        self.served.as_ref().is_some_and(Served::is_serving)
-    }
-
-    /// FAILED_PRECONDITION for operations that need the volume's data.
-    pub fn check_usable(&self) -> Result<()> {
-        match &self.broken {
-            Some(reason) => Err(Error::precondition(format!("volume {}: {reason}", self.record.id))),
-            None => Ok(()),
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-pub struct State {
-    pub volumes: BTreeMap<String, Volume>,
-    pub snapshots: BTreeMap<String, SnapshotRecord>,
 }
 
 #[derive(Debug)]
@@ -104,24 +71,15 @@ impl Driver {
             events,
             metrics: Arc::new(Metrics::new(exports.clone())),
             exports,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::loaded(loaded)),
             locks: Locks::default(),
         });
-        {
-            let mut state = driver.state();
-            state.snapshots = loaded.snapshots;
-            for (id, record) in loaded.volumes {
-                state.volumes.insert(id, Volume::new(record, None));
-            }
-        }
         driver.fill_in_snapshot_sources().await;
-        let ids: Vec<String> = driver.state().volumes.keys().cloned().collect();
+        let ids: Vec<String> = driver.state().volume_ids().cloned().collect();
         for id in &ids {
             if let Some(reason) = driver.missing_image(id).await? {
                 tracing::error!(volume.id = %id, reason, "volume cannot be served");
-                if let Some(volume) = driver.state().volumes.get_mut(id) {
-                    volume.broken = Some(reason.clone());
-                }
+                driver.state().mark_broken(id, reason.clone());
                 driver.report_image_missing(id, &reason);
                 continue;
             }
@@ -134,7 +92,7 @@ impl Driver {
         let space = driver.store.space()?;
         tracing::info!(
             volumes = ids.len(),
-            snapshots = driver.state().snapshots.len(),
+            snapshots = driver.state().snapshot_count(),
             available = space.available,
             total = space.total,
             metadata_reserve = driver.store.reserve_len().unwrap_or(0),
@@ -157,20 +115,20 @@ impl Driver {
     }
 
     /// Adds a volume created just now, with its running server.
-    pub fn add_served_volume(&self, id: String, record: VolumeRecord, served: Served) {
-        self.exports.insert(&id, Arc::clone(&served.export));
-        self.state().volumes.insert(id, Volume::new(record, Some(served)));
+    pub fn add_served_volume(&self, record: VolumeRecord, served: Served) {
+        self.exports.insert(&record.id, Arc::clone(&served.export));
+        self.state().add_volume(record, Some(served));
     }
 
     /// Takes volume `id`'s server out of service (its metrics go with it).
     pub fn take_server(&self, id: &str) -> Option<Served> {
         self.exports.remove(id);
-        self.state().volumes.get_mut(id).and_then(|v| v.served.take())
+        self.state().take_server(id)
     }
 
     /// The CreateVolume name (the PV's name) of volume `id`, for an Event.
     fn pv_name(&self, id: &str) -> Option<String> {
-        self.state().volumes.get(id).map(|v| v.record.name.clone())
+        self.state().volume(id).map(|v| v.record().name.clone())
     }
 
     /// ControllerPublishVolume of an existing volume failed with `error`.
@@ -192,6 +150,8 @@ impl Driver {
         }
     }
 
+    /// The volumes and snapshots, locked while the guard lives: hold it
+    /// for a look or one change, never across an await.
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -208,7 +168,7 @@ impl Driver {
     /// Ready when every stored volume's server is listening; a broken
     /// volume never will, and is reported through its condition instead.
     pub fn ready(&self) -> bool {
-        self.state().volumes.values().all(|v| v.is_serving() || v.broken.is_some())
+        self.state().all_serving_or_broken()
     }
 
     /// Why volume `id` cannot be served when its image file is missing.
@@ -231,11 +191,10 @@ impl Driver {
         let unknown: Vec<SnapshotRecord> = {
             let state = self.state();
             state
-                .snapshots
-                .values()
+                .snapshots()
                 .filter(|s| s.source_block.is_none())
                 .filter_map(|s| {
-                    let block = state.volumes.get(&s.source_volume_id)?.record.block;
+                    let block = state.volume(&s.source_volume_id)?.record().block;
                     Some(SnapshotRecord { source_block: Some(block), ..s.clone() })
                 })
                 .collect()
@@ -245,7 +204,7 @@ impl Driver {
             match blocking(move || store.save_snapshot(&saved)).await {
                 Ok(()) => {
                     tracing::info!(snapshot.id = %record.id, source_block = ?record.source_block, "recorded the snapshot's source access type");
-                    self.state().snapshots.insert(record.id.clone(), record);
+                    self.state().insert_snapshot(record);
                 }
                 Err(e) => {
                     tracing::warn!(snapshot.id = %record.id, error = %e, "recording the snapshot's source access type failed")
@@ -257,7 +216,7 @@ impl Driver {
     /// An expansion interrupted by a crash may have grown the file but not
     /// the record: the larger of the two wins, in both.
     async fn reconcile_size(&self, id: &str) -> Result<()> {
-        let Some(mut record) = self.state().volumes.get(id).map(|v| v.record.clone()) else { return Ok(()) };
+        let Some(mut record) = self.state().volume_record(id) else { return Ok(()) };
         let image = self.store.volume_image(id);
         let store = Arc::clone(&self.store);
         let changed = blocking(move || {
@@ -278,22 +237,20 @@ impl Driver {
         .await?;
         if let Some(record) = changed {
             tracing::warn!(volume.id = %id, size = record.capacity_bytes, "finished an interrupted expansion");
-            if let Some(volume) = self.state().volumes.get_mut(id) {
-                volume.record = record;
-            }
+            self.state().update_volume_record(record);
         }
         Ok(())
     }
 
     /// (Re)starts a stored volume's server on its recorded port.
     pub async fn restart_server(&self, id: &str) -> Result<()> {
-        let Some(record) = self.state().volumes.get(id).map(|v| v.record.clone()) else { return Ok(()) };
+        let Some(record) = self.state().volume_record(id) else { return Ok(()) };
         let served =
             volumes::serve(&self.store.volume_image(id), &record, self.config.listen, self.config.connection_caps)
                 .await
                 .map_err(|e| Error::io(format!("serving volume {id} on port {}", record.port), e))?;
         self.exports.insert(id, Arc::clone(&served.export));
-        let old = self.state().volumes.get_mut(id).and_then(|v| v.served.replace(served));
+        let old = self.state().replace_server(id, served);
         if let Some(old) = old {
             let _ = old.stop().await;
         }
@@ -303,7 +260,7 @@ impl Driver {
     /// Starts a server for a new volume on the first free port of the range.
     pub async fn serve_new(&self, record: &mut VolumeRecord) -> Result<Served> {
         let image = self.store.volume_image(&record.id);
-        let used: std::collections::BTreeSet<u16> = self.state().volumes.values().map(|v| v.record.port).collect();
+        let used = self.state().used_ports();
         for port in self.config.ports.clone().filter(|p| !used.contains(p)) {
             record.port = port;
             match volumes::serve(&image, record, self.config.listen, self.config.connection_caps).await {
@@ -327,9 +284,9 @@ impl Driver {
     /// resolves once the connections it stopped are done with the file.
     pub fn apply_access(&self, id: &str) -> Fence {
         let state = self.state();
-        let Some(volume) = state.volumes.get(id) else { return Fence::default() };
-        let Some(served) = &volume.served else { return Fence::default() };
-        let fence = volumes::apply_policy(&served.export, &volume.record.published);
+        let Some(volume) = state.volume(id) else { return Fence::default() };
+        let Some(export) = volume.export() else { return Fence::default() };
+        let fence = volumes::apply_policy(&export, &volume.record().published);
         if fence.stopped() > 0 {
             let stopped = fence.stopped();
             tracing::info!(volume.id = %id, stopped, "stopping connections of revoked peers, or of peers whose right to write changed");
@@ -347,11 +304,11 @@ impl Driver {
             Ok(())
         })
         .await;
-        let ids: Vec<String> = self.state().volumes.keys().cloned().collect();
+        let ids: Vec<String> = self.state().volume_ids().cloned().collect();
         for id in ids {
             let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
             let Some((serving, broken, record)) =
-                self.state().volumes.get(&id).map(|v| (v.is_serving(), v.broken.is_some(), v.record.clone()))
+                self.state().volume(&id).map(|v| (v.is_serving(), v.broken().is_some(), v.record().clone()))
             else {
                 continue;
             };
@@ -360,9 +317,7 @@ impl Driver {
                     continue;
                 }
                 tracing::warn!(volume.id = %id, "image file is back; serving the volume again");
-                if let Some(v) = self.state().volumes.get_mut(&id) {
-                    v.broken = None;
-                }
+                self.state().clear_broken(&id);
                 if let Err(e) = self.reconcile_size(&id).await {
                     tracing::warn!(volume.id = %id, error = %e, "checking the returned image failed");
                 }
@@ -387,9 +342,7 @@ impl Driver {
                 let saved = updated.clone();
                 match blocking(move || store.save_volume(&saved)).await {
                     Ok(()) => {
-                        if let Some(v) = self.state().volumes.get_mut(&id) {
-                            v.record = updated;
-                        }
+                        self.state().update_volume_record(updated);
                         // The stop is sent; a background pass has nobody
                         // to report completion to.
                         drop(self.apply_access(&id));
@@ -402,7 +355,7 @@ impl Driver {
 
     /// Stops every server (flushing each file); for shutdown and tests.
     pub async fn shutdown(&self) {
-        let served: Vec<Served> = self.state().volumes.values_mut().filter_map(|v| v.served.take()).collect();
+        let served = self.state().take_all_servers();
         for s in served {
             let _ = s.stop().await;
         }

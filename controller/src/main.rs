@@ -1,56 +1,16 @@
-//! `nbd-csi-controller`: the CSI controller (Identity + Controller, one NBD
-//! server per volume), an operator CLI that drives a running one over its
-//! CSI endpoint, and tools around its NBD server.
+//! `nbd-csi-controller`: the CSI controller, its operator CLI and
+//! `serve-file`, all from [`nbd_csi_controller`]; this binary only sets up
+//! logging, the process and a runtime for the one that runs.
 
-mod cli;
-mod csi;
-mod driver;
-mod error;
-mod events;
-mod metrics;
-mod nodes;
-mod serve_file;
-mod service;
-mod store;
-mod volumes;
-
-#[cfg(test)]
-mod tests;
-
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use nbd_csi_controller::command_line::{Cli, Command, VALIDATE_ENV};
+use nbd_csi_controller::{cli, serve_file, service};
 use tracing_subscriber::EnvFilter;
-
-#[derive(Debug, Parser)]
-#[command(version, about = "nbd-csi controller", args_conflicts_with_subcommands = true)]
-struct Cli {
-    #[command(flatten)]
-    serve: service::Args,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Serve one existing file over NBD with the volume server code, until
-    /// SIGINT or SIGTERM. For debugging and benchmarks.
-    ServeFile(serve_file::Args),
-    /// Volumes of a running controller, over its CSI endpoint: create,
-    /// list, get, delete, expand, publish (prints the nbdUri), unpublish.
-    Volume(cli::VolumeArgs),
-    /// Snapshots of a running controller: create, list, get, delete.
-    Snapshot(cli::SnapshotArgs),
-    /// A running controller's name, version, readiness and free capacity.
-    Info(cli::ClientArgs),
-}
-
-/// Set to `1`: parse and check the command line and environment exactly as
-/// a start would, print what would run, and exit without touching anything.
-const VALIDATE_ENV: &str = "NBD_CSI_VALIDATE_ARGS";
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The client subcommands print results, not logs, unless RUST_LOG asks.
-    let client = matches!(cli.command, Some(Command::Volume(_) | Command::Snapshot(_) | Command::Info(_)));
+    let client = cli.command.as_ref().is_some_and(Command::is_client);
     let default_filter = if client { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)))

@@ -18,6 +18,9 @@ use crate::driver::{Config, Driver};
 use crate::nodes::Nodes;
 use crate::volumes::ConnectionCaps;
 
+/// The CSI driver name without `--driver-name` (the chart's default too).
+pub const DEFAULT_DRIVER_NAME: &str = "nbd.csi.dev";
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// CSI endpoint: unix:///path/csi.sock or tcp://host:port
@@ -34,7 +37,7 @@ pub struct Args {
     #[arg(long, env = "NBD_CSI_DATA_DIR", default_value = "nbd-csi-data")]
     pub data_dir: PathBuf,
     /// CSI driver name reported by GetPluginInfo.
-    #[arg(long, env = "NBD_CSI_DRIVER_NAME", default_value = "nbd.csi.dev")]
+    #[arg(long, env = "NBD_CSI_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME)]
     pub driver_name: String,
     /// Address nodes use to reach the NBD servers (put in nbdUri)
     /// [default: --nbd-listen-address, which must then not be unspecified].
@@ -72,7 +75,7 @@ pub struct Args {
     pub known_nodes: Vec<String>,
 }
 
-pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+pub(crate) fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));
     let first: u16 = a.trim().parse().map_err(|e| format!("bad port {a:?}: {e}"))?;
     let last: u16 = b.trim().parse().map_err(|e| format!("bad port {b:?}: {e}"))?;
@@ -126,7 +129,7 @@ impl Endpoint {
 /// accepts the risk, and then says so in the log: the CSI API has no
 /// authentication, and ControllerPublishVolume hands out the export name,
 /// the only guard of a published volume without Kubernetes.
-pub fn check_endpoint(endpoint: &Endpoint, allow: bool) -> anyhow::Result<()> {
+pub(crate) fn check_endpoint(endpoint: &Endpoint, allow: bool) -> anyhow::Result<()> {
     if endpoint.is_local() {
         return Ok(());
     }
@@ -191,7 +194,7 @@ fn config(args: &Args) -> anyhow::Result<Config> {
 
 /// Builds the driver from the flags: validates them, loads the store,
 /// starts the volume servers.
-pub async fn build(args: &Args) -> anyhow::Result<Arc<Driver>> {
+pub(crate) async fn build(args: &Args) -> anyhow::Result<Arc<Driver>> {
     let config = config(args)?;
     let known: BTreeSet<String> = args.known_nodes.iter().filter(|n| !n.is_empty()).cloned().collect();
     let nodes = Nodes::connect(args.kubeconfig.as_deref(), known).await.context("Kubernetes access")?;
@@ -204,7 +207,7 @@ pub async fn build(args: &Args) -> anyhow::Result<Arc<Driver>> {
 
 /// Serves CSI on `endpoint` until `shutdown` resolves, then stops every
 /// volume server.
-pub async fn serve(
+pub(crate) async fn serve(
     driver: Arc<Driver>,
     endpoint: Endpoint,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,

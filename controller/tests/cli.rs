@@ -10,19 +10,12 @@ use std::path::Path;
 use std::process::Output;
 
 use common::*;
-use process::{Controller, command, free_port_block};
+use process::{Controller, cli_ok, command, free_port_block};
 use serde_json::Value;
 
 /// Runs the CLI in `cwd` (so it finds the default endpoint there).
 fn cli(cwd: &Path, args: &[&str]) -> Output {
     run(command(cwd).args(args), QUICK)
-}
-
-#[track_caller]
-fn cli_ok(cwd: &Path, args: &[&str]) -> String {
-    let output = cli(cwd, args);
-    assert!(output.status.success(), "nbd-csi-controller {args:?} failed\n{}", describe(&output));
-    String::from_utf8(output.stdout).expect("utf-8 output")
 }
 
 #[track_caller]

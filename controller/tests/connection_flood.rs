@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::wire::*;
 use common::*;
-use process::{Controller, command, free_port_block};
+use process::{Controller, cli_ok, free_port_block};
 
 /// More connections than the soft limit the controller starts with.
 const FLOOD: usize = 1200;
@@ -25,12 +25,6 @@ const SOFT: u64 = 1024;
 /// The controller's hard limit: this, or ours if lower.
 const HARD: u64 = 8192;
 const PROMPT: Duration = Duration::from_secs(1);
-
-fn cli_ok(cwd: &Path, args: &[&str]) -> String {
-    let output = run(command(cwd).args(args), QUICK);
-    assert!(output.status.success(), "nbd-csi-controller {args:?} failed\n{}", describe(&output));
-    String::from_utf8(output.stdout).expect("utf-8 output")
-}
 
 /// A published volume's (port, export name).
 fn publish_new(cwd: &Path, name: &str) -> (u16, String) {

@@ -30,9 +30,9 @@ use csi_proto::contract::{PublishContext, VolumeAccess, VolumeContext};
 use csi_proto::controller_client::ControllerClient;
 use csi_proto::identity_client::IdentityClient;
 use csi_proto::volume_capability::access_mode::Mode;
-use csi_proto::volume_capability::{AccessMode, AccessType, BlockVolume};
 use csi_proto::volume_content_source::{SnapshotSource, Type as SourceType};
 use csi_proto::*;
+use nbd_csi_controller::cli::{all_snapshots, all_volumes, capability};
 use process::{Controller, free_port_block, reference_file};
 use tonic::transport::Channel;
 
@@ -83,10 +83,7 @@ fn update(cycles: &Cycles, index: usize, f: impl FnOnce(&mut Cycle)) {
 }
 
 fn block_cap() -> VolumeCapability {
-    VolumeCapability {
-        access_type: Some(AccessType::Block(BlockVolume {})),
-        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
-    }
+    capability(true, "", Mode::SingleNodeWriter)
 }
 
 fn create_req(name: &str, source: Option<&str>) -> CreateVolumeRequest {
@@ -182,31 +179,9 @@ impl Rng {
 }
 
 async fn list_all(c: &mut ControllerClient<Channel>) -> (Vec<list_volumes_response::Entry>, Vec<Snapshot>) {
-    let mut volumes = Vec::new();
-    let mut token = String::new();
-    for _ in 0..1000 {
-        // Small pages: pagination across a restarted store is exercised too.
-        let page = c
-            .list_volumes(ListVolumesRequest { max_entries: 7, starting_token: token })
-            .await
-            .expect("ListVolumes")
-            .into_inner();
-        volumes.extend(page.entries);
-        token = page.next_token;
-        if token.is_empty() {
-            break;
-        }
-    }
-    assert!(token.is_empty(), "ListVolumes did not end");
-    let snapshots = c
-        .list_snapshots(ListSnapshotsRequest::default())
-        .await
-        .expect("ListSnapshots")
-        .into_inner()
-        .entries
-        .into_iter()
-        .filter_map(|e| e.snapshot)
-        .collect();
+    // Small pages: pagination across a restarted store is exercised too.
+    let volumes = all_volumes(c, 7).await.expect("ListVolumes");
+    let snapshots = all_snapshots(c, "", 0).await.expect("ListSnapshots");
     (volumes, snapshots)
 }
 

@@ -4,6 +4,7 @@
 //! loopback TCP serves as before. Also the validation mode the chart's tests
 //! use (`NBD_CSI_VALIDATE_ARGS=1`). Traffic stays on 127.0.0.1.
 
+mod common;
 mod process;
 
 use std::path::{Path, PathBuf};
@@ -12,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use csi_proto::GetPluginInfoRequest;
 use csi_proto::identity_client::IdentityClient;
+use nbd_csi_controller::cli;
+use nbd_csi_controller::command_line::VALIDATE_ENV;
+use nbd_csi_controller::service::Endpoint;
 use process::{command, free_port_block};
 
 const FLAG: &str = "--allow-insecure-tcp-endpoint";
@@ -80,12 +84,8 @@ fn plugin_name(started: &mut Started, port: u16) -> String {
             panic!("the controller exited with {status}\n{}", started.log());
         }
         let answer = runtime.block_on(async {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-                .expect("uri")
-                .timeout(Duration::from_secs(5))
-                .connect()
-                .await
-                .ok()?;
+            let endpoint = Endpoint::Tcp(format!("127.0.0.1:{port}"));
+            let channel = cli::connect(&endpoint, Duration::from_secs(5)).await.ok()?;
             IdentityClient::new(channel).get_plugin_info(GetPluginInfoRequest {}).await.ok()
         });
         if let Some(reply) = answer {
@@ -160,7 +160,7 @@ fn accepting_the_risk_serves_on_every_address_and_warns() {
 fn validate(cwd: &Path, args: &[&str]) -> Output {
     let mut child = command(cwd)
         .args(args)
-        .env("NBD_CSI_VALIDATE_ARGS", "1")
+        .env(VALIDATE_ENV, "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

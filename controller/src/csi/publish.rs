@@ -37,9 +37,7 @@ impl Driver {
         let (store, saved) = (Arc::clone(self.store()), record.clone());
         blocking(move || store.save_volume(&saved)).await?;
         let id = record.id.clone();
-        if let Some(v) = self.state().volumes.get_mut(&id) {
-            v.record = record;
-        }
+        self.state().update_volume_record(record);
         self.fence_access(&id).await
     }
 
@@ -70,7 +68,7 @@ impl Driver {
         let cap = req.volume_capability.as_ref().ok_or_else(|| Error::invalid("volume_capability is required"))?;
         let (block, mode) = check_capability(cap)?;
         let id = req.volume_id.clone();
-        if !self.state().volumes.contains_key(&id) {
+        if self.state().volume(&id).is_none() {
             return Err(Error::not_found(format!("volume {id} not found")));
         }
         let addresses = self.node_addresses(&req.node_id).await?;
@@ -79,9 +77,9 @@ impl Driver {
             return Err(Error::precondition(format!("node {:?} has no IP address in status.addresses", req.node_id)));
         }
         let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
-        let mut record = match self.state().volumes.get(&id) {
+        let mut record = match self.state().volume(&id) {
             // A volume without its image has no server: an attach would hang.
-            Some(volume) => volume.check_usable().map(|()| volume.record.clone())?,
+            Some(volume) => volume.check_usable().map(|()| volume.record().clone())?,
             None => return Err(Error::not_found(format!("volume {id} not found"))),
         };
         if block != record.block {
@@ -125,7 +123,7 @@ impl Driver {
         require(&req.volume_id, "volume_id")?;
         let id = req.volume_id;
         let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
-        let Some(mut record) = self.state().volumes.get(&id).map(|v| v.record.clone()) else {
+        let Some(mut record) = self.state().volume_record(&id) else {
             return Ok(ControllerUnpublishVolumeResponse {});
         };
         let before = record.published.len();

@@ -32,7 +32,7 @@ impl Driver {
         id: &str,
         copy: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let export = self.state().volumes.get(id).and_then(|v| v.served.as_ref().map(|s| Arc::clone(&s.export)));
+        let export = self.state().volume(id).and_then(|v| v.export());
         let Some(export) = export else {
             // No server, no writers: the file is still.
             return blocking(copy).await;
@@ -53,7 +53,7 @@ impl Driver {
         require(&req.source_volume_id, "source_volume_id")?;
         let parameters = check_parameters(&req.parameters)?;
         let _name_guard = self.lock(LockKey::SnapshotName(req.name.to_owned())).await;
-        let existing = self.state().snapshots.values().find(|s| s.name == req.name).cloned();
+        let existing = self.state().find_snapshot_by_name(&req.name).cloned();
         if let Some(record) = existing {
             if record.source_volume_id == req.source_volume_id {
                 return Ok(CreateSnapshotResponse { snapshot: Some(snapshot_message(&record)) });
@@ -65,11 +65,11 @@ impl Driver {
         }
         let volume_id = req.source_volume_id.clone();
         let _guard = self.lock(LockKey::VolumeId(volume_id.to_owned())).await;
-        let (size, source_block) = match self.state().volumes.get(&volume_id) {
+        let (size, source_block) = match self.state().volume(&volume_id) {
             None => return Err(Error::not_found(format!("source volume {volume_id} not found"))),
             Some(v) => {
                 v.check_usable()?;
-                (v.record.capacity_bytes, v.record.block)
+                (v.record().capacity_bytes, v.record().block)
             }
         };
         let id = format!("snap-{}", store::random_hex(16)?);
@@ -103,7 +103,7 @@ impl Driver {
             return Err(e);
         }
         tracing::info!(snapshot.id = %id, "snapshot created");
-        self.state().snapshots.insert(id, record.clone());
+        self.state().insert_snapshot(record.clone());
         Ok(CreateSnapshotResponse { snapshot: Some(snapshot_message(&record)) })
     }
 
@@ -112,12 +112,12 @@ impl Driver {
         require(&req.snapshot_id, "snapshot_id")?;
         let id = req.snapshot_id;
         let _guard = self.lock(LockKey::SnapshotId(id.to_owned())).await;
-        if !self.state().snapshots.contains_key(&id) {
+        if self.state().snapshot(&id).is_none() {
             return Ok(DeleteSnapshotResponse {});
         }
         let (store, rid) = (Arc::clone(self.store()), id.clone());
         blocking(move || store.remove_snapshot(&rid)).await?;
-        self.state().snapshots.remove(&id);
+        self.state().remove_snapshot(&id);
         tracing::info!("snapshot deleted");
         Ok(DeleteSnapshotResponse {})
     }
@@ -126,8 +126,7 @@ impl Driver {
     pub async fn list_snapshots(&self, req: ListSnapshotsRequest) -> Result<ListSnapshotsResponse> {
         let state = self.state();
         let matching: Vec<&String> = state
-            .snapshots
-            .values()
+            .snapshots()
             .filter(|s| req.snapshot_id.is_empty() || s.id == req.snapshot_id)
             .filter(|s| req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id)
             .map(|s| &s.id)
@@ -136,7 +135,7 @@ impl Driver {
             page(matching.into_iter(), &req.starting_token, req.max_entries, store::is_snapshot_id)?;
         let entries = ids
             .iter()
-            .filter_map(|id| state.snapshots.get(id))
+            .filter_map(|id| state.snapshot(id))
             .map(|s| list_snapshots_response::Entry { snapshot: Some(snapshot_message(s)) })
             .collect();
         Ok(ListSnapshotsResponse { entries, next_token })
@@ -146,7 +145,7 @@ impl Driver {
     pub async fn get_snapshot(&self, req: GetSnapshotRequest) -> Result<GetSnapshotResponse> {
         require(&req.snapshot_id, "snapshot_id")?;
         let state = self.state();
-        let record = state.snapshots.get(&req.snapshot_id).ok_or_else(|| Error::not_found("snapshot not found"))?;
+        let record = state.snapshot(&req.snapshot_id).ok_or_else(|| Error::not_found("snapshot not found"))?;
         Ok(GetSnapshotResponse { snapshot: Some(snapshot_message(record)) })
     }
 }

@@ -12,6 +12,7 @@ use tracing::Span;
 use super::{Caps, MIB, capacity, check_capabilities, check_parameters, is_reader_only, page, require};
 use crate::driver::{Driver, LockKey, blocking};
 use crate::error::{Error, Result};
+use crate::state;
 use crate::store::{self, FORMAT, Source, VolumeRecord};
 
 /// What the node plugin learns from volume_context (never the token), and
@@ -40,9 +41,9 @@ pub fn volume_message(record: &VolumeRecord) -> Volume {
     }
 }
 
-fn condition(volume: &crate::driver::Volume) -> VolumeCondition {
-    if let Some(reason) = &volume.broken {
-        VolumeCondition { abnormal: true, message: reason.clone() }
+fn condition(volume: &state::Volume) -> VolumeCondition {
+    if let Some(reason) = volume.broken() {
+        VolumeCondition { abnormal: true, message: reason.to_owned() }
     } else if volume.is_serving() {
         VolumeCondition { abnormal: false, message: "NBD server is serving".into() }
     } else {
@@ -100,7 +101,7 @@ impl Driver {
         }
         let source = parse_source(&req.volume_content_source)?;
         let _name_guard = self.lock(LockKey::VolumeName(req.name.to_owned())).await;
-        let existing = self.state().volumes.values().find(|v| v.record.name == req.name).map(|v| v.record.clone());
+        let existing = self.state().find_volume_by_name(&req.name).cloned();
         if let Some(record) = existing {
             Span::current().record("volume.id", record.id.as_str());
             if compatible(&record, &req, &caps, &source) {
@@ -113,7 +114,7 @@ impl Driver {
             None => (None, None, 0),
             Some(Source::Snapshot(id)) => {
                 let guard = self.lock(LockKey::SnapshotId(id.to_owned())).await;
-                let snapshot = self.state().snapshots.get(id).map(|s| (s.size_bytes, s.source_block));
+                let snapshot = self.state().snapshot(id).map(|s| (s.size_bytes, s.source_block));
                 let (size, source_block) =
                     snapshot.ok_or_else(|| Error::not_found(format!("source snapshot {id} not found")))?;
                 // Unknown (an old record whose source is gone): assume block.
@@ -122,12 +123,12 @@ impl Driver {
             }
             Some(Source::Volume(id)) => {
                 let guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
-                let size = match self.state().volumes.get(id) {
+                let size = match self.state().volume(id) {
                     None => return Err(Error::not_found(format!("source volume {id} not found"))),
                     Some(v) => {
                         v.check_usable()?;
-                        check_source_access(&format!("volume {id}"), v.record.block, caps.block)?;
-                        v.record.capacity_bytes
+                        check_source_access(&format!("volume {id}"), v.record().block, caps.block)?;
+                        v.record().capacity_bytes
                     }
                 };
                 (Some(guard), Some(self.store().volume_image(id)), size)
@@ -183,7 +184,7 @@ impl Driver {
         }
         tracing::info!(size, port = served.addr.port(), "volume created");
         let volume = volume_message(&record);
-        self.add_served_volume(id, record, served);
+        self.add_served_volume(record, served);
         Ok(CreateVolumeResponse { volume: Some(volume) })
     }
 
@@ -191,16 +192,16 @@ impl Driver {
     pub async fn delete_volume(&self, req: DeleteVolumeRequest) -> Result<DeleteVolumeResponse> {
         require(&req.volume_id, "volume_id")?;
         let id = req.volume_id;
-        let Some(name) = self.state().volumes.get(&id).map(|v| v.record.name.clone()) else {
+        let Some(name) = self.state().volume(&id).map(|v| v.record().name.clone()) else {
             return Ok(DeleteVolumeResponse {});
         };
         let _name_guard = self.lock(LockKey::VolumeName(name.to_owned())).await;
         let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
         {
             let state = self.state();
-            let Some(volume) = state.volumes.get(&id) else { return Ok(DeleteVolumeResponse {}) };
-            if !volume.record.published.is_empty() {
-                let nodes: Vec<&String> = volume.record.published.keys().collect();
+            let Some(volume) = state.volume(&id) else { return Ok(DeleteVolumeResponse {}) };
+            if !volume.record().published.is_empty() {
+                let nodes: Vec<&String> = volume.record().published.keys().collect();
                 return Err(Error::precondition(format!("volume is still published to {nodes:?}")));
             }
         }
@@ -216,7 +217,7 @@ impl Driver {
             let _ = self.restart_server(&id).await;
             return Err(e);
         }
-        self.state().volumes.remove(&id);
+        self.state().remove_volume(&id);
         tracing::info!("volume deleted");
         Ok(DeleteVolumeResponse {})
     }
@@ -230,7 +231,7 @@ impl Driver {
         if req.volume_capabilities.is_empty() {
             return Err(Error::invalid("volume_capabilities are required"));
         }
-        let Some(record) = self.state().volumes.get(&req.volume_id).map(|v| v.record.clone()) else {
+        let Some(record) = self.state().volume_record(&req.volume_id) else {
             return Err(Error::not_found(format!("volume {} not found", req.volume_id)));
         };
         let unconfirmed = |message: String| ValidateVolumeCapabilitiesResponse { confirmed: None, message };
@@ -262,14 +263,14 @@ impl Driver {
     #[tracing::instrument(err, skip_all, fields(volume.id = tracing::field::Empty))]
     pub async fn list_volumes(&self, req: ListVolumesRequest) -> Result<ListVolumesResponse> {
         let state = self.state();
-        let (ids, next_token) = page(state.volumes.keys(), &req.starting_token, req.max_entries, store::is_volume_id)?;
+        let (ids, next_token) = page(state.volume_ids(), &req.starting_token, req.max_entries, store::is_volume_id)?;
         let entries = ids
             .iter()
-            .filter_map(|id| state.volumes.get(id))
+            .filter_map(|id| state.volume(id))
             .map(|v| list_volumes_response::Entry {
-                volume: Some(volume_message(&v.record)),
+                volume: Some(volume_message(v.record())),
                 status: Some(list_volumes_response::VolumeStatus {
-                    published_node_ids: v.record.published.keys().cloned().collect(),
+                    published_node_ids: v.record().published.keys().cloned().collect(),
                     volume_condition: Some(condition(v)),
                 }),
             })
@@ -281,11 +282,11 @@ impl Driver {
     pub async fn get_volume(&self, req: ControllerGetVolumeRequest) -> Result<ControllerGetVolumeResponse> {
         require(&req.volume_id, "volume_id")?;
         let state = self.state();
-        let v = state.volumes.get(&req.volume_id).ok_or_else(|| Error::not_found("volume not found"))?;
+        let v = state.volume(&req.volume_id).ok_or_else(|| Error::not_found("volume not found"))?;
         Ok(ControllerGetVolumeResponse {
-            volume: Some(volume_message(&v.record)),
+            volume: Some(volume_message(v.record())),
             status: Some(controller_get_volume_response::VolumeStatus {
-                published_node_ids: v.record.published.keys().cloned().collect(),
+                published_node_ids: v.record().published.keys().cloned().collect(),
                 volume_condition: Some(condition(v)),
             }),
         })
@@ -319,9 +320,9 @@ impl Driver {
         let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
         let (mut record, export) = {
             let state = self.state();
-            let v = state.volumes.get(&id).ok_or_else(|| Error::not_found(format!("volume {id} not found")))?;
+            let v = state.volume(&id).ok_or_else(|| Error::not_found(format!("volume {id} not found")))?;
             v.check_usable()?;
-            (v.record.clone(), v.served.as_ref().map(|s| Arc::clone(&s.export)))
+            (v.record().clone(), v.export())
         };
         // Never shrinks: the new size is at least the current one.
         let size = capacity(Some(&range), record.capacity_bytes)?;
@@ -342,9 +343,7 @@ impl Driver {
             record.capacity_bytes = size;
             let (store, saved) = (Arc::clone(self.store()), record.clone());
             blocking(move || store.save_volume(&saved)).await?;
-            if let Some(v) = self.state().volumes.get_mut(&id) {
-                v.record.capacity_bytes = size;
-            }
+            self.state().set_volume_capacity(&id, size);
             tracing::info!(size, "volume expanded");
         }
         Ok(ControllerExpandVolumeResponse { capacity_bytes: size as i64, node_expansion_required })

@@ -352,4 +352,4 @@ fn read_record<T: serde::de::DeserializeOwned + HasId>(path: &Path) -> Result<T>
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,6 +1,6 @@
 use super::*;
 
-fn volume(id: &str) -> VolumeRecord {
+pub(crate) fn volume(id: &str) -> VolumeRecord {
     VolumeRecord {
         format: FORMAT,
         id: id.to_string(),

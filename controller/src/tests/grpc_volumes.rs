@@ -229,8 +229,8 @@ async fn publish_guards_the_export_and_unpublish_revokes() {
 /// Requests the volume's export has received and not yet answered.
 fn in_flight(h: &Harness, id: &str) -> u64 {
     let state = h.driver.state();
-    let served = state.volumes.get(id).and_then(|v| v.served.as_ref()).expect("volume served");
-    served.export.stats().in_flight.load(std::sync::atomic::Ordering::Relaxed)
+    let export = state.volume(id).and_then(|v| v.export()).expect("volume served");
+    export.stats().in_flight.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// ControllerUnpublishVolume fences the node's writes already under way: a

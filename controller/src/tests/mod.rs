@@ -18,17 +18,19 @@ use csi_proto::contract::PublishContext;
 use csi_proto::controller_client::ControllerClient;
 use csi_proto::identity_client::IdentityClient;
 use csi_proto::volume_capability::access_mode::Mode;
-use csi_proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use csi_proto::*;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
+use crate::cli;
 use crate::driver::Driver;
 use crate::service::{self, Endpoint};
 
 pub const NODE_A: &str = "node-a";
 pub const NODE_B: &str = "node-b";
+/// Generous: a test that hangs fails here instead of blocking the run.
+const RPC_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Each harness gets its own ports so parallel tests do not collide.
 static NEXT_PORT: AtomicU16 = AtomicU16::new(27100);
@@ -53,7 +55,7 @@ impl Harness {
             endpoint: Some(Endpoint::Unix(socket.clone())),
             allow_insecure_tcp_endpoint: false,
             data_dir: dir.join("data"),
-            driver_name: "nbd.csi.dev".into(),
+            driver_name: service::DEFAULT_DRIVER_NAME.into(),
             advertise_address: None,
             nbd_listen_address: "127.0.0.1".parse().unwrap(),
             nbd_port_range: ports.clone(),
@@ -79,11 +81,7 @@ impl Harness {
     }
 
     pub async fn channel(&self) -> Channel {
-        tonic::transport::Endpoint::from_shared(format!("unix://{}", self.socket.display()))
-            .expect("a unix:// URI")
-            .connect()
-            .await
-            .expect("connect to the CSI socket")
+        cli::connect(&Endpoint::Unix(self.socket.clone()), RPC_TIMEOUT).await.expect("connect to the CSI socket")
     }
 
     pub async fn controller(&self) -> ControllerClient<Channel> {
@@ -102,12 +100,7 @@ impl Harness {
 }
 
 pub fn cap(block: bool, mode: Mode) -> VolumeCapability {
-    let access_type = if block {
-        AccessType::Block(BlockVolume {})
-    } else {
-        AccessType::Mount(MountVolume { fs_type: "ext4".into(), ..Default::default() })
-    };
-    VolumeCapability { access_type: Some(access_type), access_mode: Some(AccessMode { mode: mode as i32 }) }
+    cli::capability(block, "ext4", mode)
 }
 
 pub fn create_req(name: &str, bytes: i64, block: bool, mode: Mode) -> CreateVolumeRequest {

@@ -1,6 +1,7 @@
 //! The real `nbd-csi-controller` binary as a child process on a temp data
 //! directory: started, probed, SIGKILLed or SIGTERMed, restarted on the same
 //! directory; plus a tonic channel to its CSI socket and the operator CLI.
+//! Needs the `common` module next to it.
 
 #![allow(dead_code)] // each test binary uses a different subset
 
@@ -12,25 +13,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use clap::CommandFactory;
+use nbd_csi_controller::cli;
+use nbd_csi_controller::command_line::{Cli, VALIDATE_ENV};
+use nbd_csi_controller::service::Endpoint;
 use tonic::transport::Channel;
+
+use crate::common::{QUICK, describe, run};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_nbd-csi-controller");
 
-/// Variables that would point the binary somewhere else than the test says.
-const ENV: [&str; 12] = [
-    "CSI_ENDPOINT",
-    "NBD_CSI_ALLOW_INSECURE_TCP_ENDPOINT",
-    "NBD_CSI_VALIDATE_ARGS",
-    "NBD_CSI_DATA_DIR",
-    "NBD_CSI_DRIVER_NAME",
-    "NBD_CSI_ADVERTISE_ADDRESS",
-    "NBD_CSI_NBD_LISTEN_ADDRESS",
-    "NBD_CSI_NBD_PORT_RANGE",
-    "NBD_CSI_NBD_MAX_CONNECTIONS",
-    "NBD_CSI_NBD_MAX_CONNECTIONS_PER_PEER",
-    "NBD_CSI_KUBECONFIG",
-    "NBD_CSI_KNOWN_NODES",
-];
+/// Every variable the binary reads (its flags' fallbacks, from its own
+/// command-line definition, and the validation switch): each would point
+/// it somewhere else than the test says.
+fn variables() -> Vec<String> {
+    fn collect(cmd: &clap::Command, out: &mut Vec<String>) {
+        out.extend(cmd.get_arguments().filter_map(|a| a.get_env()).map(|v| v.to_string_lossy().into_owned()));
+        cmd.get_subcommands().for_each(|sub| collect(sub, out));
+    }
+    let mut out = vec![VALIDATE_ENV.to_owned()];
+    collect(&Cli::command(), &mut out);
+    out.sort();
+    out.dedup();
+    out
+}
 
 /// `nbd-csi-controller` with a clean environment for its flags.
 pub fn command(cwd: &Path) -> Command {
@@ -48,11 +54,20 @@ fn command_with_nofile(cwd: &Path, nofile: Option<(u64, u64)>) -> Command {
             cmd
         }
     };
-    for var in ENV {
+    for var in variables() {
         cmd.env_remove(var);
     }
     cmd.env_remove("KUBERNETES_SERVICE_HOST").env("NO_COLOR", "1").current_dir(cwd).stdin(Stdio::null());
     cmd
+}
+
+/// Runs the operator CLI in `cwd` (so it finds the default endpoint
+/// there) and asserts it succeeds; returns its stdout.
+#[track_caller]
+pub fn cli_ok(cwd: &Path, args: &[&str]) -> String {
+    let output = run(command(cwd).args(args), QUICK);
+    assert!(output.status.success(), "nbd-csi-controller {args:?} failed\n{}", describe(&output));
+    String::from_utf8(output.stdout).expect("utf-8 output")
 }
 
 /// `count` consecutive loopback ports that are free right now, from a
@@ -224,12 +239,7 @@ impl Controller {
 
     /// A gRPC channel to the CSI socket; every RPC gives up after `timeout`.
     pub async fn channel(&self, timeout: Duration) -> Channel {
-        tonic::transport::Endpoint::from_shared(format!("unix://{}", self.socket.display()))
-            .expect("a unix:// URI")
-            .timeout(timeout)
-            .connect()
-            .await
-            .expect("connect to the CSI socket")
+        cli::connect(&Endpoint::Unix(self.socket.clone()), timeout).await.expect("connect to the CSI socket")
     }
 }
 

@@ -1,0 +1,41 @@
+//! The binary's command line: the controller's own flags, or one
+//! subcommand (`serve-file`, or an operator client of a running
+//! controller).
+
+use clap::{Parser, Subcommand};
+
+use crate::{cli, serve_file, service};
+
+/// Set to `1`: parse and check the command line and environment exactly as
+/// a start would, print what would run, and exit without touching anything.
+pub const VALIDATE_ENV: &str = "NBD_CSI_VALIDATE_ARGS";
+
+#[derive(Debug, Parser)]
+#[command(version, about = "nbd-csi controller", args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub serve: service::Args,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve one existing file over NBD with the volume server code, until
+    /// SIGINT or SIGTERM. For debugging and benchmarks.
+    ServeFile(serve_file::Args),
+    /// Volumes of a running controller, over its CSI endpoint: create,
+    /// list, get, delete, expand, publish (prints the nbdUri), unpublish.
+    Volume(cli::VolumeArgs),
+    /// Snapshots of a running controller: create, list, get, delete.
+    Snapshot(cli::SnapshotArgs),
+    /// A running controller's name, version, readiness and free capacity.
+    Info(cli::ClientArgs),
+}
+
+impl Command {
+    /// An operator client: it prints results, not logs, and serves nothing.
+    pub fn is_client(&self) -> bool {
+        matches!(self, Self::Volume(_) | Self::Snapshot(_) | Self::Info(_))
+    }
+}

@@ -7,6 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use nbd::ReplyFlags;
 use nbd::wire::{
     Chunk, ChunkHeader, ExportNameReply, Greeting, InfoReply, InfoRequest, MetaContextReply, MetaContextRequest,
     OptionHeader, OptionReplyHeader, Request, SimpleReply, decode_server_reply, encode_server_reply, put_chunk,
@@ -58,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
             && !matches!(chunk, Chunk::Unknown { .. })
         {
             let mut out = Vec::new();
-            put_chunk(&mut out, 0, 0, &chunk);
+            put_chunk(&mut out, ReplyFlags::empty(), 0, &chunk);
             let header = ChunkHeader::decode(head(&out).expect("chunk header")).expect("own chunk header");
             assert_eq!(header.kind, kind, "chunk type round trip");
             assert_eq!(header.length as usize, payload.len(), "chunk length round trip");

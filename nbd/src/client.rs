@@ -6,8 +6,9 @@ use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::consts::{client_flags, handshake_flags, info, limits, opt, rep, transmission_flags};
+use crate::consts::{info, limits, opt, rep};
 use crate::error::Error;
+use crate::flags::{ClientFlags, HandshakeFlags, TransmissionFlags};
 use crate::wire::{ExportNameReply, Greeting, InfoReply, InfoRequest, OptionHeader, OptionReplyHeader};
 
 /// What the client asks for.
@@ -23,7 +24,8 @@ pub struct HandshakeOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Export {
     pub size: u64,
-    pub transmission_flags: u16,
+    /// As the server sent them, bits this library does not know included.
+    pub transmission_flags: TransmissionFlags,
     /// (minimum, preferred, maximum payload) when the server announced them.
     pub block_size: Option<(u32, u32, u32)>,
     pub structured_replies: bool,
@@ -33,11 +35,11 @@ impl Export {
     /// True only when the server set NBD_FLAG_CAN_MULTI_CONN (bit 8). No
     /// other bit, SEND_CACHE (bit 10) in particular, counts.
     pub fn can_multi_conn(&self) -> bool {
-        self.transmission_flags & transmission_flags::CAN_MULTI_CONN != 0
+        self.transmission_flags.contains(TransmissionFlags::CAN_MULTI_CONN)
     }
 
     pub fn read_only(&self) -> bool {
-        self.transmission_flags & transmission_flags::READ_ONLY != 0
+        self.transmission_flags.contains(TransmissionFlags::READ_ONLY)
     }
 }
 
@@ -50,15 +52,14 @@ where
     let mut greeting = [0u8; Greeting::SIZE];
     stream.read_exact(&mut greeting).await?;
     let greeting = Greeting::decode(&greeting)?;
-    if greeting.handshake_flags & handshake_flags::FIXED_NEWSTYLE == 0 {
+    if !greeting.handshake_flags.contains(HandshakeFlags::FIXED_NEWSTYLE) {
         return Err(Error::NotFixedNewstyle);
     }
-    let no_zeroes = greeting.handshake_flags & handshake_flags::NO_ZEROES != 0;
-    let mut flags = client_flags::C_FIXED_NEWSTYLE;
-    if no_zeroes {
-        flags |= client_flags::C_NO_ZEROES;
-    }
-    stream.write_all(&flags.to_be_bytes()).await?;
+    // C_NO_ZEROES only when offered; other handshake bits are ignored.
+    let no_zeroes = greeting.handshake_flags.contains(HandshakeFlags::NO_ZEROES);
+    let mut flags = ClientFlags::C_FIXED_NEWSTYLE;
+    flags.set(ClientFlags::C_NO_ZEROES, no_zeroes);
+    stream.write_all(&flags.bits().to_be_bytes()).await?;
 
     let mut structured = false;
     if opts.structured_replies {

@@ -1,6 +1,7 @@
 //! The Network Block Device protocol, as nbd-csi speaks it.
 //!
 //! - [`consts`]: every number from the spec, pinned by tests.
+//! - [`flags`]: the flag fields as distinct types, pinned by tests.
 //! - [`wire`]: pure encode/decode of handshake and transmission messages.
 //! - [`client`]: the client side of the fixed-newstyle handshake (the node
 //!   plugin hands the negotiated socket to the kernel afterwards).
@@ -9,8 +10,10 @@
 pub mod client;
 pub mod consts;
 pub mod error;
+pub mod flags;
 pub mod server;
 pub mod wire;
 
 pub use consts::*;
 pub use error::{Error, ErrorKind, Result};
+pub use flags::{ClientFlags, CommandFlags, HandshakeFlags, ReplyFlags, TransmissionFlags};

@@ -4,8 +4,14 @@
 //! Decoders never trust a length they read: strings and lists are checked
 //! against the bytes actually present and against [`limits`] before anything
 //! is allocated.
+//!
+//! Flag fields decode into their [`crate::flags`] types with every bit kept,
+//! known or not (`from_bits_retain`): what a bit the spec does not define
+//! means is for the receiver to decide (ignore it, or refuse the request),
+//! so decoding a message and encoding it again gives back the same bytes.
 
-use crate::consts::{limits, magic, reply_flags, reply_type};
+use crate::consts::{limits, magic, reply_type};
+use crate::flags::{CommandFlags, HandshakeFlags, ReplyFlags, TransmissionFlags};
 
 /// Why a message could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -104,7 +110,7 @@ fn put_string(out: &mut Vec<u8>, s: &str) {
 /// The server's first message: NBDMAGIC, IHAVEOPT, handshake flags (18 bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Greeting {
-    pub handshake_flags: u16,
+    pub handshake_flags: HandshakeFlags,
 }
 
 impl Greeting {
@@ -114,7 +120,7 @@ impl Greeting {
         let mut out = [0u8; Self::SIZE];
         out[..8].copy_from_slice(&magic::NBDMAGIC.to_be_bytes());
         out[8..16].copy_from_slice(&magic::IHAVEOPT.to_be_bytes());
-        out[16..].copy_from_slice(&self.handshake_flags.to_be_bytes());
+        out[16..].copy_from_slice(&self.handshake_flags.bits().to_be_bytes());
         out
     }
 
@@ -122,7 +128,7 @@ impl Greeting {
         let mut r = Reader::new(buf);
         expect_magic(r.u64()?, magic::NBDMAGIC)?;
         expect_magic(r.u64()?, magic::IHAVEOPT)?;
-        Ok(Self { handshake_flags: r.u16()? })
+        Ok(Self { handshake_flags: HandshakeFlags::from_bits_retain(r.u16()?) })
     }
 }
 
@@ -187,7 +193,7 @@ impl OptionReplyHeader {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExportNameReply {
     pub size: u64,
-    pub transmission_flags: u16,
+    pub transmission_flags: TransmissionFlags,
 }
 
 impl ExportNameReply {
@@ -197,7 +203,7 @@ impl ExportNameReply {
     pub fn encode(&self, no_zeroes: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(Self::SIZE + Self::ZEROES);
         out.extend_from_slice(&self.size.to_be_bytes());
-        out.extend_from_slice(&self.transmission_flags.to_be_bytes());
+        out.extend_from_slice(&self.transmission_flags.bits().to_be_bytes());
         if !no_zeroes {
             out.resize(Self::SIZE + Self::ZEROES, 0);
         }
@@ -208,7 +214,7 @@ impl ExportNameReply {
         let mut r = Reader::new(buf);
         // A 10-byte array always holds both fields.
         let size = r.u64().unwrap_or_default();
-        let transmission_flags = r.u16().unwrap_or_default();
+        let transmission_flags = TransmissionFlags::from_bits_retain(r.u16().unwrap_or_default());
         Self { size, transmission_flags }
     }
 }
@@ -284,7 +290,7 @@ impl MetaContextRequest {
 pub enum InfoReply {
     Export {
         size: u64,
-        transmission_flags: u16,
+        transmission_flags: TransmissionFlags,
     },
     Name(String),
     Description(String),
@@ -307,7 +313,7 @@ impl InfoReply {
             Self::Export { size, transmission_flags } => {
                 out.extend_from_slice(&info::EXPORT.to_be_bytes());
                 out.extend_from_slice(&size.to_be_bytes());
-                out.extend_from_slice(&transmission_flags.to_be_bytes());
+                out.extend_from_slice(&transmission_flags.bits().to_be_bytes());
             }
             Self::Name(s) | Self::Description(s) => {
                 let kind = if matches!(self, Self::Name(_)) { info::NAME } else { info::DESCRIPTION };
@@ -330,7 +336,9 @@ impl InfoReply {
         let mut r = Reader::new(buf);
         let kind = r.u16()?;
         let item = match kind {
-            info::EXPORT => Self::Export { size: r.u64()?, transmission_flags: r.u16()? },
+            info::EXPORT => {
+                Self::Export { size: r.u64()?, transmission_flags: TransmissionFlags::from_bits_retain(r.u16()?) }
+            }
             info::NAME => Self::Name(r.string(r.remaining() as u64, "export name")?),
             info::DESCRIPTION => Self::Description(r.string(r.remaining() as u64, "description")?),
             info::BLOCK_SIZE => Self::BlockSize { minimum: r.u32()?, preferred: r.u32()?, maximum: r.u32()? },
@@ -388,7 +396,7 @@ pub fn decode_server_reply(buf: &[u8]) -> Result<(String, String), WireError> {
 /// payload for NBD_CMD_WRITE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
-    pub flags: u16,
+    pub flags: CommandFlags,
     pub command: u16,
     pub cookie: u64,
     pub offset: u64,
@@ -401,7 +409,7 @@ impl Request {
     pub fn encode(&self) -> [u8; Self::SIZE] {
         let mut out = [0u8; Self::SIZE];
         out[..4].copy_from_slice(&magic::REQUEST.to_be_bytes());
-        out[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        out[4..6].copy_from_slice(&self.flags.bits().to_be_bytes());
         out[6..8].copy_from_slice(&self.command.to_be_bytes());
         out[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         out[16..24].copy_from_slice(&self.offset.to_be_bytes());
@@ -412,7 +420,8 @@ impl Request {
     pub fn decode(buf: &[u8; Self::SIZE]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf);
         expect_magic(r.u32()?.into(), magic::REQUEST.into())?;
-        Ok(Self { flags: r.u16()?, command: r.u16()?, cookie: r.u64()?, offset: r.u64()?, length: r.u32()? })
+        let flags = CommandFlags::from_bits_retain(r.u16()?);
+        Ok(Self { flags, command: r.u16()?, cookie: r.u64()?, offset: r.u64()?, length: r.u32()? })
     }
 }
 
@@ -444,7 +453,7 @@ impl SimpleReply {
 /// A structured reply chunk header (20 bytes), followed by `length` bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkHeader {
-    pub flags: u16,
+    pub flags: ReplyFlags,
     pub kind: u16,
     pub cookie: u64,
     pub length: u32,
@@ -454,13 +463,13 @@ impl ChunkHeader {
     pub const SIZE: usize = 20;
 
     pub fn is_done(&self) -> bool {
-        self.flags & reply_flags::DONE != 0
+        self.flags.contains(ReplyFlags::DONE)
     }
 
     pub fn encode(&self) -> [u8; Self::SIZE] {
         let mut out = [0u8; Self::SIZE];
         out[..4].copy_from_slice(&magic::STRUCTURED_REPLY.to_be_bytes());
-        out[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        out[4..6].copy_from_slice(&self.flags.bits().to_be_bytes());
         out[6..8].copy_from_slice(&self.kind.to_be_bytes());
         out[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         out[16..].copy_from_slice(&self.length.to_be_bytes());
@@ -470,7 +479,8 @@ impl ChunkHeader {
     pub fn decode(buf: &[u8; Self::SIZE]) -> Result<Self, WireError> {
         let mut r = Reader::new(buf);
         expect_magic(r.u32()?.into(), magic::STRUCTURED_REPLY.into())?;
-        Ok(Self { flags: r.u16()?, kind: r.u16()?, cookie: r.u64()?, length: r.u32()? })
+        let flags = ReplyFlags::from_bits_retain(r.u16()?);
+        Ok(Self { flags, kind: r.u16()?, cookie: r.u64()?, length: r.u32()? })
     }
 }
 
@@ -540,7 +550,7 @@ impl<'a> Chunk<'a> {
 }
 
 /// Appends a whole structured reply chunk (header and payload) to `out`.
-pub fn put_chunk(out: &mut Vec<u8>, flags: u16, cookie: u64, chunk: &Chunk<'_>) {
+pub fn put_chunk(out: &mut Vec<u8>, flags: ReplyFlags, cookie: u64, chunk: &Chunk<'_>) {
     let start = out.len();
     let kind = match chunk {
         Chunk::None => reply_type::NONE,

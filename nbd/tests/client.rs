@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use nbd::client::{HandshakeOptions, handshake};
 use nbd::wire::{ExportNameReply, Greeting, InfoReply, InfoRequest, OptionHeader, OptionReplyHeader};
-use nbd::{Error, client_flags, handshake_flags, info, opt, rep, transmission_flags as tf};
+use nbd::{ClientFlags, Error, HandshakeFlags, TransmissionFlags as tf, info, opt, rep};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 fn options(structured_replies: bool) -> HandshakeOptions {
@@ -19,7 +19,7 @@ async fn client_negotiates_size_flags_and_block_size() {
         let mut h = start(config());
         let export = within(handshake(&mut h.client.io, &options(structured))).await.expect("handshake");
         assert_eq!(export.size, SIZE);
-        let df = if structured { tf::SEND_DF } else { 0 };
+        let df = if structured { tf::SEND_DF } else { tf::empty() };
         assert_eq!(export.transmission_flags, DEFAULT_FLAGS | df);
         assert_eq!(export.block_size, Some((1, 4096, 32 << 20)));
         assert_eq!(export.structured_replies, structured);
@@ -36,7 +36,7 @@ async fn client_sees_multi_conn_off_and_read_only() {
     let export = within(handshake(&mut h.client.io, &options(false))).await.expect("handshake");
     assert!(!export.can_multi_conn());
     assert!(export.read_only());
-    assert_eq!(export.transmission_flags & tf::SEND_CACHE, tf::SEND_CACHE);
+    assert!(export.transmission_flags.contains(tf::SEND_CACHE));
 }
 
 #[tokio::test]
@@ -59,8 +59,9 @@ struct Fake {
 }
 
 impl Fake {
-    /// Sends the greeting with `handshake_flags`; returns the client flags.
-    async fn greet(&mut self, handshake_flags: u16) -> u32 {
+    /// Sends the greeting with `handshake_flags`; returns the client flags
+    /// as they came on the wire.
+    async fn greet(&mut self, handshake_flags: HandshakeFlags) -> u32 {
         self.io.write_all(&Greeting { handshake_flags }.encode()).await.unwrap();
         self.io.read_u32().await.unwrap()
     }
@@ -91,8 +92,8 @@ async fn send_cache_alone_is_not_multi_conn() {
     // qemu 3.0 put SEND_CACHE on bit 8; a correct client only trusts bit 8.
     let (mut client, mut fake) = fake_pair();
     let server = tokio::spawn(async move {
-        let flags = fake.greet(handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES).await;
-        assert_eq!(flags, client_flags::C_FIXED_NEWSTYLE | client_flags::C_NO_ZEROES);
+        let flags = fake.greet(HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES).await;
+        assert_eq!(flags, (ClientFlags::C_FIXED_NEWSTYLE | ClientFlags::C_NO_ZEROES).bits());
         let (option, data) = fake.option().await;
         assert_eq!(option, opt::GO);
         let request = InfoRequest::decode(&data).unwrap();
@@ -104,17 +105,17 @@ async fn send_cache_alone_is_not_multi_conn() {
     });
     let export = within(handshake(&mut client, &options(false))).await.expect("handshake");
     within(server).await.unwrap();
-    assert_eq!(export.transmission_flags, 1 << 10 | 1);
+    assert_eq!(export.transmission_flags.bits(), 1 << 10 | 1);
     assert!(!export.can_multi_conn());
     assert_eq!(export.size, 1 << 30);
     assert_eq!(export.block_size, None);
 }
 
 /// A fake server that answers GO with ERR_UNSUP, then accepts EXPORT_NAME.
-async fn old_server(mut fake: Fake, handshake_flags: u16) {
+async fn old_server(mut fake: Fake, handshake_flags: HandshakeFlags) {
     let client_flags = fake.greet(handshake_flags).await;
-    let no_zeroes = client_flags & client_flags::C_NO_ZEROES != 0;
-    assert_eq!(no_zeroes, handshake_flags & handshake_flags::NO_ZEROES != 0, "C_NO_ZEROES only when offered");
+    let no_zeroes = client_flags & ClientFlags::C_NO_ZEROES.bits() != 0;
+    assert_eq!(no_zeroes, handshake_flags.contains(HandshakeFlags::NO_ZEROES), "C_NO_ZEROES only when offered");
     let (option, _) = fake.option().await;
     assert_eq!(option, opt::GO);
     fake.reply(opt::GO, rep::ERR_UNSUP, b"what is GO?").await;
@@ -130,7 +131,7 @@ async fn old_server(mut fake: Fake, handshake_flags: u16) {
 
 #[tokio::test]
 async fn client_falls_back_to_export_name_when_go_is_unsupported() {
-    for flags in [handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES, handshake_flags::FIXED_NEWSTYLE] {
+    for flags in [HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES, HandshakeFlags::FIXED_NEWSTYLE] {
         let (mut client, fake) = fake_pair();
         let server = tokio::spawn(old_server(fake, flags));
         let export = within(handshake(&mut client, &options(false))).await.expect("handshake");
@@ -147,7 +148,7 @@ async fn client_falls_back_to_export_name_when_go_is_unsupported() {
 async fn client_refuses_a_server_without_fixed_newstyle() {
     let (mut client, mut fake) = fake_pair();
     tokio::spawn(async move {
-        fake.io.write_all(&Greeting { handshake_flags: 0 }.encode()).await.unwrap();
+        fake.io.write_all(&Greeting { handshake_flags: HandshakeFlags::empty() }.encode()).await.unwrap();
         let _ = fake.io.read_u32().await;
     });
     let result = within(handshake(&mut client, &options(false))).await;

@@ -7,8 +7,8 @@
 mod common;
 
 use common::*;
-use nbd::cmd;
 use nbd::wire::Request;
+use nbd::{CommandFlags, cmd};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -21,7 +21,8 @@ async fn owe_replies(server: &TcpServer, stream: &mut TcpStream) {
     let mut batch = Vec::new();
     for cookie in 0..OWED {
         batch.extend_from_slice(
-            &Request { flags: 0, command: cmd::READ, cookie, offset: 0, length: MIB as u32 }.encode(),
+            &Request { flags: CommandFlags::empty(), command: cmd::READ, cookie, offset: 0, length: MIB as u32 }
+                .encode(),
         );
     }
     within(stream.write_all(&batch)).await.unwrap();

@@ -9,9 +9,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nbd::cmd;
 use nbd::server::Allowed;
 use nbd::wire::Request;
+use nbd::{CommandFlags, cmd};
 use tokio::io::AsyncWriteExt;
 
 #[tokio::test]
@@ -19,7 +19,8 @@ async fn a_revoked_session_mid_payload_never_applies_its_write() {
     let server = TcpServer::start().await;
     let mut client = server.connect().await;
     let payload = vec![0xaau8; MIB as usize];
-    let request = Request { flags: 0, command: cmd::WRITE, cookie: 7, offset: MIB, length: MIB as u32 };
+    let request =
+        Request { flags: CommandFlags::empty(), command: cmd::WRITE, cookie: 7, offset: MIB, length: MIB as u32 };
     let (first, rest) = payload.split_at(payload.len() / 2);
     within(client.write_all(&request.encode())).await.unwrap();
     within(client.write_all(first)).await.unwrap();
@@ -51,7 +52,8 @@ async fn a_revoked_session_mid_payload_never_applies_its_write() {
 async fn a_shutdown_mid_payload_drops_the_write_and_returns_promptly() {
     let server = TcpServer::start().await;
     let mut client = server.connect().await;
-    let request = Request { flags: 0, command: cmd::WRITE, cookie: 8, offset: 0, length: MIB as u32 };
+    let request =
+        Request { flags: CommandFlags::empty(), command: cmd::WRITE, cookie: 8, offset: 0, length: MIB as u32 };
     within(client.write_all(&request.encode())).await.unwrap();
     within(client.write_all(&[0x55; 4096])).await.unwrap();
     eventually("the server holds the WRITE", || server.in_flight() == 1).await;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use nbd::CommandFlags;
 use nbd::client::{HandshakeOptions, handshake};
 use nbd::consts::cmd;
 use nbd::server::{Export, ExportConfig, serve_stream};
@@ -30,7 +31,7 @@ async fn pipelined_flushes_stay_bounded_and_are_all_answered() {
     let sender = tokio::spawn(async move {
         let mut bytes = Vec::with_capacity(FLUSHES as usize * Request::SIZE);
         for cookie in 0..FLUSHES {
-            let request = Request { flags: 0, command: cmd::FLUSH, cookie, offset: 0, length: 0 };
+            let request = Request { flags: CommandFlags::empty(), command: cmd::FLUSH, cookie, offset: 0, length: 0 };
             bytes.extend_from_slice(&request.encode());
         }
         wr.write_all(&bytes).await.unwrap();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nbd::wire::{ExportNameReply, InfoReply, MetaContextReply, decode_server_reply};
-use nbd::{ErrorKind, client_flags, cmd, info, magic, opt, rep, transmission_flags as tf};
+use nbd::{ClientFlags, CommandFlags, ErrorKind, TransmissionFlags as tf, cmd, info, magic, opt, rep};
 
 #[tokio::test]
 async fn greeting_is_nbdmagic_ihaveopt_fixed_newstyle_no_zeroes() {
@@ -16,7 +16,7 @@ async fn greeting_is_nbdmagic_ihaveopt_fixed_newstyle_no_zeroes() {
     assert_eq!(&raw[8..16], b"IHAVEOPT");
     // FIXED_NEWSTYLE (bit 0) | NO_ZEROES (bit 1), big-endian u16.
     assert_eq!(&raw[16..], &[0x00, 0x03]);
-    h.client.send(&(client_flags::C_FIXED_NEWSTYLE | client_flags::C_NO_ZEROES).to_be_bytes()).await;
+    h.client.send(&(ClientFlags::C_FIXED_NEWSTYLE | ClientFlags::C_NO_ZEROES).bits().to_be_bytes()).await;
     h.client.option(opt::ABORT, &[]).await;
     h.client.expect_reply(opt::ABORT, rep::ACK).await;
     h.expect_clean_close().await;
@@ -25,7 +25,7 @@ async fn greeting_is_nbdmagic_ihaveopt_fixed_newstyle_no_zeroes() {
 #[tokio::test]
 async fn unknown_client_flag_bits_close_the_connection() {
     let mut h = start(config());
-    h.client.begin(client_flags::C_FIXED_NEWSTYLE | 1 << 2).await;
+    h.client.begin(ClientFlags::C_FIXED_NEWSTYLE.bits() | 1 << 2).await;
     let err = h.expect_error_close().await;
     assert_eq!(err.kind(), ErrorKind::Protocol, "{err}");
 }
@@ -93,7 +93,7 @@ async fn info_reports_export_block_size_name_and_description() {
     assert!(infos.contains(&InfoReply::Description(DESCRIPTION.into())));
     // The raw EXPORT item: type 0, size, flags.
     let raw = replies.iter().find(|(_, p)| p.len() == 12).unwrap();
-    assert_eq!(raw.1, [&[0u8, 0][..], &SIZE.to_be_bytes(), &DEFAULT_FLAGS.to_be_bytes()].concat());
+    assert_eq!(raw.1, [&[0u8, 0][..], &SIZE.to_be_bytes(), &DEFAULT_FLAGS.bits().to_be_bytes()].concat());
 
     // INFO without requests: EXPORT and (unasked) BLOCK_SIZE only.
     let infos = decode_infos(&h.client.info_or_go(opt::INFO, NAME, &[]).await);
@@ -230,9 +230,9 @@ async fn export_name_without_zeroes_is_ten_bytes() {
     h.client.begin_fixed().await;
     h.client.option(opt::EXPORT_NAME, NAME.as_bytes()).await;
     let raw = h.client.recv(ExportNameReply::SIZE).await;
-    assert_eq!(raw, [&SIZE.to_be_bytes()[..], &DEFAULT_FLAGS.to_be_bytes()].concat());
+    assert_eq!(raw, [&SIZE.to_be_bytes()[..], &DEFAULT_FLAGS.bits().to_be_bytes()].concat());
     // No padding: the very next bytes are the reply to a first request.
-    h.client.request(0, cmd::READ, 77, 0, 4).await;
+    h.client.request(CommandFlags::empty(), cmd::READ, 77, 0, 4).await;
     let next = h.client.recv(16 + 4).await;
     assert_eq!(&next[..4], &magic::SIMPLE_REPLY.to_be_bytes());
     assert_eq!(&next[8..16], &77u64.to_be_bytes());
@@ -241,13 +241,13 @@ async fn export_name_without_zeroes_is_ten_bytes() {
 #[tokio::test]
 async fn export_name_with_zeroes_is_134_bytes() {
     let mut h = start(config());
-    h.client.begin(client_flags::C_FIXED_NEWSTYLE).await;
+    h.client.begin(ClientFlags::C_FIXED_NEWSTYLE.bits()).await;
     h.client.option(opt::EXPORT_NAME, NAME.as_bytes()).await;
     let raw = h.client.recv(134).await;
     assert_eq!(&raw[..8], &SIZE.to_be_bytes());
-    assert_eq!(&raw[8..10], &DEFAULT_FLAGS.to_be_bytes());
+    assert_eq!(&raw[8..10], &DEFAULT_FLAGS.bits().to_be_bytes());
     assert!(raw[10..].iter().all(|&b| b == 0));
-    h.client.request(0, cmd::READ, 78, 0, 4).await;
+    h.client.request(CommandFlags::empty(), cmd::READ, 78, 0, 4).await;
     let next = h.client.recv(16 + 4).await;
     assert_eq!(&next[..4], &magic::SIMPLE_REPLY.to_be_bytes());
     assert_eq!(&next[8..16], &78u64.to_be_bytes());
@@ -272,12 +272,12 @@ async fn abort_is_acked_then_the_connection_closes() {
     h.expect_clean_close().await;
 }
 
-async fn go_flags(config: nbd::server::ExportConfig, structured: bool) -> u16 {
+async fn go_flags(config: nbd::server::ExportConfig, structured: bool) -> tf {
     let mut h = start(config);
     h.client.negotiate(structured, false).await
 }
 
-async fn export_name_flags(config: nbd::server::ExportConfig) -> u16 {
+async fn export_name_flags(config: nbd::server::ExportConfig) -> tf {
     let mut h = start(config);
     h.client.begin_fixed().await;
     h.client.option(opt::EXPORT_NAME, NAME.as_bytes()).await;
@@ -288,9 +288,9 @@ async fn export_name_flags(config: nbd::server::ExportConfig) -> u16 {
 async fn transmission_flags_by_default() {
     for flags in [go_flags(config(), false).await, export_name_flags(config()).await] {
         assert_eq!(flags, DEFAULT_FLAGS, "{flags:#06x}");
-        assert_eq!(flags & 1 << 8, 1 << 8, "CAN_MULTI_CONN is bit 8");
-        assert_eq!(flags & 1 << 10, 1 << 10, "SEND_CACHE is bit 10");
-        assert_flags(flags, 0, tf::SEND_DF | tf::READ_ONLY | tf::SEND_RESIZE | tf::ROTATIONAL);
+        assert_eq!(flags.bits() & 1 << 8, 1 << 8, "CAN_MULTI_CONN is bit 8");
+        assert_eq!(flags.bits() & 1 << 10, 1 << 10, "SEND_CACHE is bit 10");
+        assert_flags(flags, tf::empty(), tf::SEND_DF | tf::READ_ONLY | tf::SEND_RESIZE | tf::ROTATIONAL);
     }
     assert_eq!(go_flags(config(), true).await, DEFAULT_FLAGS | tf::SEND_DF);
 }
@@ -299,7 +299,7 @@ async fn transmission_flags_by_default() {
 async fn multi_conn_off_clears_only_bit_8() {
     let config = || nbd::server::ExportConfig { multi_conn: false, ..config() };
     for flags in [go_flags(config(), false).await, export_name_flags(config()).await] {
-        assert_eq!(flags, DEFAULT_FLAGS & !(1 << 8), "{flags:#06x}");
+        assert_eq!(flags.bits(), DEFAULT_FLAGS.bits() & !(1 << 8), "{flags:#06x}");
         assert_flags(flags, tf::SEND_CACHE, tf::CAN_MULTI_CONN);
     }
 }

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use nbd::base_allocation::{STATE_HOLE, STATE_ZERO};
 use nbd::wire::{Chunk, Extent};
-use nbd::{cmd, cmd_flags, errno, opt, rep, reply_flags, reply_type};
+use nbd::{CommandFlags, ReplyFlags, cmd, errno, opt, rep, reply_type};
 
 const HOLE: u32 = STATE_HOLE | STATE_ZERO;
 
@@ -24,12 +24,12 @@ enum ReadChunk {
 }
 
 /// READ with structured replies: exactly one chunk, flagged DONE.
-async fn read_one_chunk(client: &mut Client, flags: u16, offset: u64, length: u32) -> ReadChunk {
+async fn read_one_chunk(client: &mut Client, flags: CommandFlags, offset: u64, length: u32) -> ReadChunk {
     client.request(flags, cmd::READ, 0xabcd, offset, length).await;
     let chunks = client.chunks(0xabcd).await;
     assert_eq!(chunks.len(), 1, "one chunk: {chunks:?}");
     let (header, payload) = &chunks[0];
-    assert_eq!(header.flags, reply_flags::DONE);
+    assert_eq!(header.flags, ReplyFlags::DONE);
     match Chunk::decode(header.kind, payload).expect("chunk payload") {
         Chunk::OffsetData { offset, data } => ReadChunk::Data { offset, data: data.to_vec() },
         Chunk::OffsetHole { offset, length } => ReadChunk::Hole { offset, length },
@@ -46,13 +46,13 @@ async fn read_of_data_is_one_offset_data_chunk() {
     let mut h = session(backing_file(), false).await;
     let (offset, len) = (MIB + 5, 100_000);
     let data = pattern(offset, len);
-    assert_eq!(h.client.write_simple(0, offset, &data).await, 0);
-    for flags in [0, cmd_flags::DF, cmd_flags::FUA] {
+    assert_eq!(h.client.write_simple(CommandFlags::empty(), offset, &data).await, 0);
+    for flags in [CommandFlags::empty(), CommandFlags::DF, CommandFlags::FUA] {
         let chunk = read_one_chunk(&mut h.client, flags, offset, len as u32).await;
         assert_eq!(chunk, ReadChunk::Data { offset, data: data.clone() });
     }
     // A read half data, half hole is still one OFFSET_DATA chunk.
-    let chunk = read_one_chunk(&mut h.client, cmd_flags::DF, offset + len as u64 - 10, 20).await;
+    let chunk = read_one_chunk(&mut h.client, CommandFlags::DF, offset + len as u64 - 10, 20).await;
     let mixed = [&data[len - 10..], &[0; 10]].concat();
     assert_eq!(chunk, ReadChunk::Data { offset: offset + len as u64 - 10, data: mixed });
 }
@@ -61,11 +61,11 @@ async fn read_of_data_is_one_offset_data_chunk() {
 async fn read_of_zeroes_is_one_offset_hole_chunk() {
     let mut h = session(file_with_data(0, 4096), false).await;
     for (offset, length) in [(MIB, 4096), (SIZE - 512, 512), (8 * MIB, 1 << 20)] {
-        let chunk = read_one_chunk(&mut h.client, 0, offset, length).await;
+        let chunk = read_one_chunk(&mut h.client, CommandFlags::empty(), offset, length).await;
         assert_eq!(chunk, ReadChunk::Hole { offset, length });
     }
     // Raw bytes: header (magic, DONE, type 2, cookie, length 12), offset, length.
-    h.client.request(0, cmd::READ, 7, 2 * MIB, 8192).await;
+    h.client.request(CommandFlags::empty(), cmd::READ, 7, 2 * MIB, 8192).await;
     let raw = h.client.recv(20 + 12).await;
     let expected = [
         &nbd::magic::STRUCTURED_REPLY.to_be_bytes()[..],
@@ -84,11 +84,11 @@ async fn read_of_zeroes_is_one_offset_hole_chunk() {
 async fn read_errors_are_error_chunks_with_done() {
     let mut h = session(backing_file(), false).await;
     let cases = [
-        (0, SIZE - 512, 1024),
-        (0, 0, MAX_PAYLOAD + 1),
+        (CommandFlags::empty(), SIZE - 512, 1024),
+        (CommandFlags::empty(), 0, MAX_PAYLOAD + 1),
         // Bad flags too: never a simple reply to READ once structured.
-        (cmd_flags::NO_HOLE, 0, 512),
-        (1 << 7, 0, 512),
+        (CommandFlags::NO_HOLE, 0, 512),
+        (CommandFlags::from_bits_retain(1 << 7), 0, 512),
     ];
     for (flags, offset, length) in cases {
         let chunk = read_one_chunk(&mut h.client, flags, offset, length).await;
@@ -100,15 +100,15 @@ async fn read_errors_are_error_chunks_with_done() {
 #[tokio::test]
 async fn non_read_errors_may_stay_simple() {
     let mut h = session(backing_file(), false).await;
-    assert_eq!(h.client.write_simple(0, SIZE, &[1; 512]).await, errno::ENOSPC);
-    assert_eq!(h.client.command(0, cmd::TRIM, SIZE, 512).await, errno::EINVAL);
-    assert_eq!(h.client.command(0, 9, 0, 512).await, errno::EINVAL);
+    assert_eq!(h.client.write_simple(CommandFlags::empty(), SIZE, &[1; 512]).await, errno::ENOSPC);
+    assert_eq!(h.client.command(CommandFlags::empty(), cmd::TRIM, SIZE, 512).await, errno::EINVAL);
+    assert_eq!(h.client.command(CommandFlags::empty(), 9, 0, 512).await, errno::EINVAL);
     // BLOCK_STATUS without SET_META_CONTEXT, although structured replies are on.
-    assert_eq!(h.client.command(0, cmd::BLOCK_STATUS, 0, 4096).await, errno::EINVAL);
+    assert_eq!(h.client.command(CommandFlags::empty(), cmd::BLOCK_STATUS, 0, 4096).await, errno::EINVAL);
 }
 
 /// BLOCK_STATUS: the extents of the single `base:allocation` chunk.
-async fn block_status(client: &mut Client, flags: u16, offset: u64, length: u32) -> Vec<Extent> {
+async fn block_status(client: &mut Client, flags: CommandFlags, offset: u64, length: u32) -> Vec<Extent> {
     client.request(flags, cmd::BLOCK_STATUS, 0xb5, offset, length).await;
     let chunks = client.chunks(0xb5).await;
     assert_eq!(chunks.len(), 1, "one chunk for one context: {chunks:?}");
@@ -127,7 +127,7 @@ async fn block_status(client: &mut Client, flags: u16, offset: u64, length: u32)
 #[tokio::test]
 async fn block_status_reports_hole_data_hole() {
     let mut h = session(file_with_data(MIB, 65536), true).await;
-    let extents = block_status(&mut h.client, 0, 0, 4 << 20).await;
+    let extents = block_status(&mut h.client, CommandFlags::empty(), 0, 4 << 20).await;
     let expected = [
         Extent { length: 1 << 20, flags: HOLE },
         Extent { length: 65536, flags: 0 },
@@ -135,10 +135,10 @@ async fn block_status_reports_hole_data_hole() {
     ];
     assert_eq!(extents, expected);
     // Starting inside the data.
-    let extents = block_status(&mut h.client, 0, MIB + 4096, 65536).await;
+    let extents = block_status(&mut h.client, CommandFlags::empty(), MIB + 4096, 65536).await;
     assert_eq!(extents, [Extent { length: 61440, flags: 0 }, Extent { length: 4096, flags: HOLE }]);
     // The end of the export.
-    let extents = block_status(&mut h.client, 0, SIZE - 8192, 8192).await;
+    let extents = block_status(&mut h.client, CommandFlags::empty(), SIZE - 8192, 8192).await;
     assert_eq!(extents, [Extent { length: 8192, flags: HOLE }]);
 }
 
@@ -153,7 +153,7 @@ async fn block_status_req_one_gives_one_extent_within_the_request() {
         (MIB + 512, 1024, Extent { length: 1024, flags: 0 }),
     ];
     for (offset, length, expected) in cases {
-        let extents = block_status(&mut h.client, cmd_flags::REQ_ONE, offset, length).await;
+        let extents = block_status(&mut h.client, CommandFlags::REQ_ONE, offset, length).await;
         assert_eq!(extents, [expected], "at {offset} for {length}");
         assert!(extents[0].length <= length);
     }
@@ -162,37 +162,37 @@ async fn block_status_req_one_gives_one_extent_within_the_request() {
 #[tokio::test]
 async fn block_status_bad_requests_are_einval() {
     let mut h = session(backing_file(), true).await;
-    assert_eq!(h.client.command(0, cmd::BLOCK_STATUS, SIZE - 512, 1024).await, errno::EINVAL);
-    assert_eq!(h.client.command(0, cmd::BLOCK_STATUS, 0, 0).await, errno::EINVAL);
-    assert_eq!(h.client.command(cmd_flags::DF, cmd::BLOCK_STATUS, 0, 512).await, errno::EINVAL);
-    block_status(&mut h.client, 0, 0, 512).await;
+    assert_eq!(h.client.command(CommandFlags::empty(), cmd::BLOCK_STATUS, SIZE - 512, 1024).await, errno::EINVAL);
+    assert_eq!(h.client.command(CommandFlags::empty(), cmd::BLOCK_STATUS, 0, 0).await, errno::EINVAL);
+    assert_eq!(h.client.command(CommandFlags::DF, cmd::BLOCK_STATUS, 0, 512).await, errno::EINVAL);
+    block_status(&mut h.client, CommandFlags::empty(), 0, 512).await;
 }
 
 #[tokio::test]
 async fn trim_makes_a_hole_visible_through_block_status() {
     let mut h = session(backing_file(), true).await;
     let data = pattern(MIB, 1 << 20);
-    assert_eq!(h.client.write_simple(0, MIB, &data).await, 0);
-    let before = block_status(&mut h.client, 0, 0, 4 << 20).await;
+    assert_eq!(h.client.write_simple(CommandFlags::empty(), MIB, &data).await, 0);
+    let before = block_status(&mut h.client, CommandFlags::empty(), 0, 4 << 20).await;
     assert_eq!(before[1], Extent { length: 1 << 20, flags: 0 }, "{before:?}");
-    assert_eq!(h.client.command(0, cmd::TRIM, MIB, 1 << 20).await, 0);
-    let chunk = read_one_chunk(&mut h.client, 0, MIB, 1 << 20).await;
+    assert_eq!(h.client.command(CommandFlags::empty(), cmd::TRIM, MIB, 1 << 20).await, 0);
+    let chunk = read_one_chunk(&mut h.client, CommandFlags::empty(), MIB, 1 << 20).await;
     assert_eq!(chunk, ReadChunk::Hole { offset: MIB, length: 1 << 20 }, "reads back as zeroes");
     assert_eq!(read_file(&h.file, MIB, 1 << 20), vec![0; 1 << 20]);
     // /tmp is ext4: the punched range is a hole, merged with its neighbours.
-    let after = block_status(&mut h.client, 0, 0, 4 << 20).await;
+    let after = block_status(&mut h.client, CommandFlags::empty(), 0, 4 << 20).await;
     assert_eq!(after, [Extent { length: 4 << 20, flags: HOLE }]);
-    let one = block_status(&mut h.client, cmd_flags::REQ_ONE, MIB, 1 << 20).await;
+    let one = block_status(&mut h.client, CommandFlags::REQ_ONE, MIB, 1 << 20).await;
     assert_eq!(one, [Extent { length: 1 << 20, flags: HOLE }]);
 }
 
 #[tokio::test]
 async fn write_zeroes_reads_back_as_a_hole_chunk() {
     let mut h = session(file_with_data(0, 1 << 20), true).await;
-    for flags in [0, cmd_flags::NO_HOLE] {
-        assert_eq!(h.client.write_simple(0, 0, &pattern(0, 65536)).await, 0);
+    for flags in [CommandFlags::empty(), CommandFlags::NO_HOLE] {
+        assert_eq!(h.client.write_simple(CommandFlags::empty(), 0, &pattern(0, 65536)).await, 0);
         assert_eq!(h.client.command(flags, cmd::WRITE_ZEROES, 4096, 8192).await, 0);
-        let chunk = read_one_chunk(&mut h.client, 0, 4096, 8192).await;
+        let chunk = read_one_chunk(&mut h.client, CommandFlags::empty(), 4096, 8192).await;
         assert_eq!(chunk, ReadChunk::Hole { offset: 4096, length: 8192 }, "flags {flags:#x}");
     }
 }
@@ -209,7 +209,7 @@ async fn a_failed_set_meta_context_clears_the_selection() {
     assert_eq!(replies.len(), 1);
     assert_eq!(replies[0].0, rep::ERR_UNKNOWN);
     h.client.go().await;
-    assert_eq!(h.client.command(0, cmd::BLOCK_STATUS, 0, 4096).await, errno::EINVAL);
+    assert_eq!(h.client.command(CommandFlags::empty(), cmd::BLOCK_STATUS, 0, 4096).await, errno::EINVAL);
 }
 
 #[tokio::test]
@@ -220,5 +220,5 @@ async fn set_meta_context_with_no_match_clears_the_selection() {
     assert_eq!(h.client.set_meta_context(&["base:allocation"]).await.len(), 2);
     assert_eq!(h.client.set_meta_context(&[]).await, [(rep::ACK, vec![])]);
     h.client.go().await;
-    assert_eq!(h.client.command(0, cmd::BLOCK_STATUS, 0, 4096).await, errno::EINVAL);
+    assert_eq!(h.client.command(CommandFlags::empty(), cmd::BLOCK_STATUS, 0, 4096).await, errno::EINVAL);
 }

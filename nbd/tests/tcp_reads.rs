@@ -11,7 +11,7 @@ use std::time::Duration;
 use nbd::client::{HandshakeOptions, handshake};
 use nbd::server::{Export, ExportConfig, Server};
 use nbd::wire::{ChunkHeader, Request, SimpleReply};
-use nbd::{cmd, reply_flags, reply_type};
+use nbd::{CommandFlags, ReplyFlags, cmd, reply_type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -75,7 +75,13 @@ async fn pipelined_reads(structured: bool) {
     // A write first: its acknowledged data must be what a later READ sends.
     let written = vec![0xeeu8; 100_000];
     let offset_written = 2 << 20;
-    let write = Request { flags: 0, command: cmd::WRITE, cookie: 1000, offset: offset_written, length: 100_000 };
+    let write = Request {
+        flags: CommandFlags::empty(),
+        command: cmd::WRITE,
+        cookie: 1000,
+        offset: offset_written,
+        length: 100_000,
+    };
     stream.write_all(&write.encode()).await.unwrap();
     stream.write_all(&written).await.unwrap();
     let reply = SimpleReply::decode(&read_exact(&mut stream, SimpleReply::SIZE).await.try_into().unwrap()).unwrap();
@@ -84,12 +90,15 @@ async fn pipelined_reads(structured: bool) {
     let mut expected: Vec<(u64, u64, Vec<u8>)> = Vec::new();
     let mut requests = Vec::new();
     for (i, (offset, length)) in reads().into_iter().enumerate() {
-        requests
-            .extend_from_slice(&Request { flags: 0, command: cmd::READ, cookie: i as u64, offset, length }.encode());
+        requests.extend_from_slice(
+            &Request { flags: CommandFlags::empty(), command: cmd::READ, cookie: i as u64, offset, length }.encode(),
+        );
         expected.push((i as u64, offset, pattern(offset, length as usize)));
     }
     let (offset, length) = (offset_written - 10, 200_000u32);
-    requests.extend_from_slice(&Request { flags: 0, command: cmd::READ, cookie: 99, offset, length }.encode());
+    requests.extend_from_slice(
+        &Request { flags: CommandFlags::empty(), command: cmd::READ, cookie: 99, offset, length }.encode(),
+    );
     let mut mixed = pattern(offset, length as usize);
     mixed[10..100_010].copy_from_slice(&written);
     expected.push((99, offset, mixed));
@@ -100,7 +109,7 @@ async fn pipelined_reads(structured: bool) {
             let header =
                 ChunkHeader::decode(&read_exact(&mut stream, ChunkHeader::SIZE).await.try_into().unwrap()).unwrap();
             assert_eq!((header.cookie, header.kind), (cookie, reply_type::OFFSET_DATA), "{header:?}");
-            assert_ne!(header.flags & reply_flags::DONE, 0);
+            assert!(header.flags.contains(ReplyFlags::DONE));
             assert_eq!(header.length as usize, want.len() + 8);
             let body = read_exact(&mut stream, header.length as usize).await;
             assert_eq!(u64::from_be_bytes(body[..8].try_into().unwrap()), offset);

@@ -10,7 +10,8 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 
-use nbd::consts::{cmd, handshake_flags, info, magic, opt, rep};
+use nbd::HandshakeFlags;
+use nbd::consts::{cmd, info, magic, opt, rep};
 
 fn read_u32(s: &mut TcpStream) -> io::Result<u32> {
     let mut b = [0; 4];
@@ -33,7 +34,7 @@ fn serve(mut s: TcpStream, disk: Arc<Mutex<Vec<u8>>>, flags: u16) -> io::Result<
     let mut hello = Vec::new();
     hello.extend_from_slice(&magic::NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&magic::IHAVEOPT.to_be_bytes());
-    hello.extend_from_slice(&(handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES).to_be_bytes());
+    hello.extend_from_slice(&(HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES).bits().to_be_bytes());
     s.write_all(&hello)?;
     let client_flags = read_u32(&mut s)?;
     loop {

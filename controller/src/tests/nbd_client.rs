@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 pub struct Client {
     stream: TcpStream,
     pub size: u64,
-    pub transmission_flags: u16,
+    pub transmission_flags: nbd::TransmissionFlags,
     cookie: u64,
 }
 
@@ -23,7 +23,7 @@ impl Client {
 
     async fn request(&mut self, command: u16, offset: u64, length: u32, payload: &[u8]) -> std::io::Result<u32> {
         self.cookie += 1;
-        let request = Request { flags: 0, command, cookie: self.cookie, offset, length };
+        let request = Request { flags: nbd::CommandFlags::empty(), command, cookie: self.cookie, offset, length };
         self.stream.write_all(&request.encode()).await?;
         self.stream.write_all(payload).await?;
         let mut reply = [0u8; SimpleReply::SIZE];
@@ -37,7 +37,8 @@ impl Client {
     /// its payload; the rest is for [`Client::send_raw`].
     pub async fn start_write(&mut self, offset: u64, length: u32, first_part: &[u8]) -> std::io::Result<()> {
         self.cookie += 1;
-        let request = Request { flags: 0, command: cmd::WRITE, cookie: self.cookie, offset, length };
+        let request =
+            Request { flags: nbd::CommandFlags::empty(), command: cmd::WRITE, cookie: self.cookie, offset, length };
         self.stream.write_all(&request.encode()).await?;
         self.stream.write_all(first_part).await
     }

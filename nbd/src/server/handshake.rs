@@ -3,8 +3,9 @@
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Export;
-use crate::consts::{base_allocation, client_flags, handshake_flags, info, limits, opt, rep};
+use crate::consts::{base_allocation, info, limits, opt, rep};
 use crate::error::{Error, Result};
+use crate::flags::{ClientFlags, HandshakeFlags};
 use crate::wire::{
     ExportNameReply, Greeting, InfoReply, InfoRequest, MetaContextReply, MetaContextRequest, OptionHeader,
     OptionReplyHeader, encode_server_reply,
@@ -45,15 +46,13 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let greeting = Greeting { handshake_flags: handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES };
+    let greeting = Greeting { handshake_flags: HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES };
     wr.write_all(&greeting.encode()).await?;
     wr.flush().await?;
-    let flags = rd.read_u32().await?;
-    if flags & !client_flags::KNOWN != 0 {
-        // The spec: a server MUST close on client flags it does not know.
-        return Err(Error::Protocol(format!("unknown client flags {flags:#x}")));
-    }
-    let no_zeroes = flags & client_flags::C_NO_ZEROES != 0;
+    let raw = rd.read_u32().await?;
+    // The spec: a server MUST close on client flags it does not know.
+    let flags = ClientFlags::from_bits(raw).ok_or_else(|| Error::Protocol(format!("unknown client flags {raw:#x}")))?;
+    let no_zeroes = flags.contains(ClientFlags::C_NO_ZEROES);
     let session = Session { read_only: export.config().read_only || peer_read_only, ..Session::default() };
     let mut haggle = Haggle { export, wr, session };
     let mut data = Vec::new();

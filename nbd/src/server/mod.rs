@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::consts::transmission_flags as tf;
+use crate::flags::TransmissionFlags;
 
 use access::Ticket;
 pub use access::{Access, Allowed, Fence, ReadOnlyPeers, Stop};
@@ -191,7 +191,8 @@ impl Export {
 
     /// The transmission flags for a session. SEND_DF is only set once
     /// structured replies are negotiated, as the spec requires.
-    pub fn transmission_flags(&self, structured_replies: bool, read_only: bool) -> u16 {
+    pub fn transmission_flags(&self, structured_replies: bool, read_only: bool) -> TransmissionFlags {
+        use TransmissionFlags as tf;
         let mut flags = tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_FUA | tf::SEND_CACHE;
         if read_only {
             flags |= tf::READ_ONLY;

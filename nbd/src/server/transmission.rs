@@ -35,8 +35,9 @@ use super::handshake::{BASE_ALLOCATION_ID, Session};
 use super::pool::BufferPool;
 use super::sink::{ReplySink, send_file};
 use super::{Export, ExportStats, Stop};
-use crate::consts::{cmd, cmd_flags, errno, limits, reply_flags};
+use crate::consts::{cmd, errno, limits};
 use crate::error::{Error, Result};
+use crate::flags::{CommandFlags, ReplyFlags};
 use crate::wire::{Chunk, ChunkHeader, Extent, Request, SimpleReply, put_chunk};
 
 /// Replies queued between reader and writer; with the byte budget this
@@ -216,12 +217,13 @@ impl Conn {
     }
 
     /// Flags a command accepts besides FUA, which the spec allows on all.
-    fn flags_valid(&self, request: &Request, allowed: u16) -> bool {
-        request.flags & !(allowed | cmd_flags::FUA) == 0
+    /// Unknown bits are kept by the decoder, so they fail this too.
+    fn flags_valid(&self, request: &Request, allowed: CommandFlags) -> bool {
+        (allowed | CommandFlags::FUA).contains(request.flags)
     }
 
     async fn read(&self, request: Request, counted: InFlight) -> Result<()> {
-        let df = if self.session.structured_replies { cmd_flags::DF } else { 0 };
+        let df = if self.session.structured_replies { CommandFlags::DF } else { CommandFlags::empty() };
         if !self.flags_valid(&request, df)
             || request.length > limits::MAX_PAYLOAD
             || out_of_range(request.offset, request.length, self.export.size())
@@ -264,7 +266,7 @@ impl Conn {
         let permit = self.acquire(BufferPool::capacity_for(len)).await?;
         let mut buf = self.pool.take(len);
         rd.read_exact(&mut buf).await?;
-        let error = if !self.flags_valid(&request, 0) {
+        let error = if !self.flags_valid(&request, CommandFlags::empty()) {
             errno::EINVAL
         } else if self.session.read_only {
             errno::EPERM
@@ -282,7 +284,7 @@ impl Conn {
         if error == 0 {
             self.stats().writes.fetch_add(1, Ordering::Relaxed);
             self.stats().bytes_written.fetch_add(len as u64, Ordering::Relaxed);
-            if request.flags & cmd_flags::FUA != 0 {
+            if request.flags.contains(CommandFlags::FUA) {
                 return self.flush_then_reply(request, counted).await;
             }
         }
@@ -329,23 +331,23 @@ impl Conn {
         let changes_data = matches!(request.command, cmd::TRIM | cmd::WRITE_ZEROES);
         let gate = if changes_data { Some(self.export.write_gate().enter().await) } else { None };
         let result = match request.command {
-            cmd::FLUSH if !self.flags_valid(&request, 0) => Err(errno::EINVAL),
+            cmd::FLUSH if !self.flags_valid(&request, CommandFlags::empty()) => Err(errno::EINVAL),
             cmd::FLUSH => return self.flush_then_reply(request, counted).await,
-            cmd::TRIM if !self.flags_valid(&request, 0) => Err(errno::EINVAL),
+            cmd::TRIM if !self.flags_valid(&request, CommandFlags::empty()) => Err(errno::EINVAL),
             cmd::TRIM if read_only => Err(errno::EPERM),
             cmd::TRIM if out_of_range(offset, request.length, size) => Err(errno::EINVAL),
             cmd::TRIM => backend.trim(offset, len).map_err(|e| nbd_errno(&e)),
-            cmd::WRITE_ZEROES if !self.flags_valid(&request, cmd_flags::NO_HOLE | cmd_flags::FAST_ZERO) => {
+            cmd::WRITE_ZEROES if !self.flags_valid(&request, CommandFlags::NO_HOLE | CommandFlags::FAST_ZERO) => {
                 Err(errno::EINVAL)
             }
             cmd::WRITE_ZEROES if read_only => Err(errno::EPERM),
             cmd::WRITE_ZEROES if out_of_range(offset, request.length, size) => Err(errno::ENOSPC),
             cmd::WRITE_ZEROES => {
-                let may_punch = request.flags & cmd_flags::NO_HOLE == 0;
-                let fast_only = request.flags & cmd_flags::FAST_ZERO != 0;
+                let may_punch = !request.flags.contains(CommandFlags::NO_HOLE);
+                let fast_only = request.flags.contains(CommandFlags::FAST_ZERO);
                 backend.write_zeroes(offset, len, may_punch, fast_only).map_err(|e| nbd_errno(&e))
             }
-            cmd::CACHE if !self.flags_valid(&request, 0) => Err(errno::EINVAL),
+            cmd::CACHE if !self.flags_valid(&request, CommandFlags::empty()) => Err(errno::EINVAL),
             cmd::CACHE if out_of_range(offset, request.length, size) => Err(errno::EINVAL),
             cmd::CACHE => backend.cache(offset, len).map_err(|e| nbd_errno(&e)),
             cmd::BLOCK_STATUS => return self.block_status(request, counted).await,
@@ -353,7 +355,7 @@ impl Conn {
         };
         drop(gate);
         match result {
-            Ok(()) if request.flags & cmd_flags::FUA != 0 && request.command != cmd::CACHE => {
+            Ok(()) if request.flags.contains(CommandFlags::FUA) && request.command != cmd::CACHE => {
                 self.flush_then_reply(request, counted).await
             }
             Ok(()) => self.status(&request, 0, counted).await,
@@ -363,13 +365,13 @@ impl Conn {
 
     async fn block_status(&self, request: Request, counted: InFlight) -> Result<()> {
         let invalid = !self.session.base_allocation
-            || !self.flags_valid(&request, cmd_flags::REQ_ONE)
+            || !self.flags_valid(&request, CommandFlags::REQ_ONE)
             || request.length == 0
             || out_of_range(request.offset, request.length, self.export.size());
         let error = if invalid {
             errno::EINVAL
         } else {
-            let one = request.flags & cmd_flags::REQ_ONE != 0;
+            let one = request.flags.contains(CommandFlags::REQ_ONE);
             let mut extents = Vec::new();
             match self.export.backend.extents(request.offset, request.length, one, &mut extents) {
                 Ok(()) if !extents.is_empty() => {
@@ -465,7 +467,7 @@ async fn send_file_data<W: ReplySink>(
 
 /// Appends a reply to `out`; large READ data is left to be sent after it.
 fn encode(out: &mut Vec<u8>, reply: Reply, session: Session) -> Leftover {
-    let done = reply_flags::DONE;
+    let done = ReplyFlags::DONE;
     match reply {
         Reply::Status { cookie, error, is_read: true } if error != 0 && session.structured_replies => {
             // READ must use structured replies once they are negotiated.
@@ -511,7 +513,7 @@ fn put_read_header(out: &mut Vec<u8>, session: Session, cookie: u64, offset: u64
     if session.structured_replies {
         let length = (len + 8) as u32;
         let kind = crate::consts::reply_type::OFFSET_DATA;
-        out.extend_from_slice(&ChunkHeader { flags: reply_flags::DONE, kind, cookie, length }.encode());
+        out.extend_from_slice(&ChunkHeader { flags: ReplyFlags::DONE, kind, cookie, length }.encode());
         out.extend_from_slice(&offset.to_be_bytes());
     } else {
         out.extend_from_slice(&SimpleReply { error: 0, cookie }.encode());

@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::*;
-use crate::consts::{
-    base_allocation, cmd, cmd_flags, errno, handshake_flags, info, limits, opt, rep, transmission_flags,
-};
+use crate::consts::{base_allocation, cmd, errno, info, limits, opt, rep};
 
 // ------------------------------------------------------------------ helpers
 
@@ -47,14 +45,14 @@ fn split_chunk(buf: &[u8]) -> (ChunkHeader, &[u8]) {
     (header, payload)
 }
 
-fn chunk_bytes(flags: u16, cookie: u64, chunk: &Chunk<'_>) -> Vec<u8> {
+fn chunk_bytes(flags: ReplyFlags, cookie: u64, chunk: &Chunk<'_>) -> Vec<u8> {
     let mut out = Vec::new();
     put_chunk(&mut out, flags, cookie, chunk);
     out
 }
 
 /// put_chunk, then decode it back: header fields and payload must survive.
-fn assert_chunk_round_trip(flags: u16, cookie: u64, chunk: &Chunk<'_>) {
+fn assert_chunk_round_trip(flags: ReplyFlags, cookie: u64, chunk: &Chunk<'_>) {
     let out = chunk_bytes(flags, cookie, chunk);
     let (header, payload) = split_chunk(&out);
     assert_eq!(header.flags, flags);
@@ -66,14 +64,14 @@ fn assert_chunk_round_trip(flags: u16, cookie: u64, chunk: &Chunk<'_>) {
 
 #[test]
 fn greeting_encodes_nbdmagic_ihaveopt_flags() {
-    let g = Greeting { handshake_flags: handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES };
+    let g = Greeting { handshake_flags: HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES };
     let expected = hex("4e42444d41474943 | 49484156454f5054 | 0003");
     assert_eq!(g.encode().as_slice(), expected.as_slice());
     assert_eq!(&g.encode()[..16], b"NBDMAGICIHAVEOPT");
     assert_eq!(Greeting::SIZE, 18);
     assert_eq!(Greeting::decode(&g.encode()), Ok(g));
 
-    let g = Greeting { handshake_flags: 0x8001 };
+    let g = Greeting { handshake_flags: HandshakeFlags::from_bits_retain(0x8001) };
     assert_eq!(g.encode()[16..], hex("8001")[..]);
     assert_eq!(Greeting::decode(&g.encode()), Ok(g));
 }
@@ -142,8 +140,11 @@ fn option_reply_header_rejects_bad_magic() {
 
 #[test]
 fn export_name_reply_without_zeroes_is_ten_bytes() {
-    use transmission_flags::*;
-    let r = ExportNameReply { size: 4 << 30, transmission_flags: HAS_FLAGS | SEND_FLUSH | SEND_FUA | CAN_MULTI_CONN };
+    use TransmissionFlags as T;
+    let r = ExportNameReply {
+        size: 4 << 30,
+        transmission_flags: T::HAS_FLAGS | T::SEND_FLUSH | T::SEND_FUA | T::CAN_MULTI_CONN,
+    };
     let expected = hex("0000000100000000 | 010d");
     let out = r.encode(true);
     assert_eq!(out, expected);
@@ -152,7 +153,10 @@ fn export_name_reply_without_zeroes_is_ten_bytes() {
 
 #[test]
 fn export_name_reply_with_zeroes_appends_124_zero_bytes() {
-    let r = ExportNameReply { size: 0x0102_0304_0506_0708, transmission_flags: 0x0403 };
+    let r = ExportNameReply {
+        size: 0x0102_0304_0506_0708,
+        transmission_flags: TransmissionFlags::from_bits_retain(0x0403),
+    };
     let mut expected = hex("0102030405060708 | 0403");
     expected.extend_from_slice(&[0u8; 124]);
     let out = r.encode(false);
@@ -319,7 +323,7 @@ fn meta_context_request_errors() {
 #[test]
 fn info_reply_export() {
     // 16-bit NBD_INFO_EXPORT, 64-bit size, 16-bit flags: length 12.
-    let r = InfoReply::Export { size: 1 << 30, transmission_flags: 0x0d03 };
+    let r = InfoReply::Export { size: 1 << 30, transmission_flags: TransmissionFlags::from_bits_retain(0x0d03) };
     let expected = hex("0000 | 0000000040000000 | 0d03");
     assert_eq!(r.encode(), expected);
     assert_eq!(InfoReply::decode(&expected), Ok(r));
@@ -445,7 +449,7 @@ fn server_reply_errors() {
 fn request_layout() {
     // magic | flags | type | cookie | offset | length: 28 bytes.
     let req = Request {
-        flags: cmd_flags::FUA,
+        flags: CommandFlags::FUA,
         command: cmd::WRITE,
         cookie: 0x0102_0304_0506_0708,
         offset: 0x1122_3344_5566_7788,
@@ -457,7 +461,7 @@ fn request_layout() {
     assert_eq!(Request::decode(&req.encode()), Ok(req));
 
     let req = Request {
-        flags: cmd_flags::REQ_ONE,
+        flags: CommandFlags::REQ_ONE,
         command: cmd::BLOCK_STATUS,
         cookie: u64::MAX,
         offset: 0,
@@ -504,14 +508,19 @@ fn simple_reply_rejects_bad_magic() {
 #[test]
 fn chunk_header_layout() {
     // magic | flags | type | cookie | length: 20 bytes.
-    let h = ChunkHeader { flags: reply_flags::DONE, kind: reply_type::OFFSET_DATA, cookie: 42, length: 0x1008 };
+    let h = ChunkHeader { flags: ReplyFlags::DONE, kind: reply_type::OFFSET_DATA, cookie: 42, length: 0x1008 };
     let expected = hex("668e33ef | 0001 | 0001 | 000000000000002a | 00001008");
     assert_eq!(ChunkHeader::SIZE, 20);
     assert_eq!(h.encode().as_slice(), expected.as_slice());
     assert_eq!(ChunkHeader::decode(&h.encode()), Ok(h));
     assert!(h.is_done());
 
-    let h = ChunkHeader { flags: 0xfffe, kind: reply_type::ERROR_OFFSET, cookie: 0, length: 0 };
+    let h = ChunkHeader {
+        flags: ReplyFlags::from_bits_retain(0xfffe),
+        kind: reply_type::ERROR_OFFSET,
+        cookie: 0,
+        length: 0,
+    };
     let expected = hex("668e33ef fffe 8002 0000000000000000 00000000");
     assert_eq!(h.encode().as_slice(), expected.as_slice());
     assert_eq!(ChunkHeader::decode(&h.encode()), Ok(h));
@@ -529,9 +538,9 @@ fn chunk_header_rejects_bad_magic() {
 
 #[test]
 fn chunk_none() {
-    let out = chunk_bytes(reply_flags::DONE, 7, &Chunk::None);
+    let out = chunk_bytes(ReplyFlags::DONE, 7, &Chunk::None);
     assert_eq!(out, hex("668e33ef | 0001 | 0000 | 0000000000000007 | 00000000"));
-    assert_chunk_round_trip(reply_flags::DONE, 7, &Chunk::None);
+    assert_chunk_round_trip(ReplyFlags::DONE, 7, &Chunk::None);
     assert_eq!(Chunk::decode(reply_type::NONE, &[]), Ok(Chunk::None));
     assert_eq!(Chunk::decode(reply_type::NONE, &[0]), Err(WireError::TrailingBytes(1)));
 }
@@ -540,12 +549,12 @@ fn chunk_none() {
 fn chunk_offset_data() {
     // 64-bit offset, then the data: length 8 + data.
     let chunk = Chunk::OffsetData { offset: 0x200, data: b"abc" };
-    let out = chunk_bytes(0, 1, &chunk);
+    let out = chunk_bytes(ReplyFlags::empty(), 1, &chunk);
     let expected =
         cat(&[&hex("668e33ef | 0000 | 0001 | 0000000000000001 | 0000000b"), &hex("0000000000000200"), b"abc"]);
     assert_eq!(out, expected);
-    assert_chunk_round_trip(0, 1, &chunk);
-    assert_chunk_round_trip(reply_flags::DONE, u64::MAX, &Chunk::OffsetData { offset: 0, data: &[] });
+    assert_chunk_round_trip(ReplyFlags::empty(), 1, &chunk);
+    assert_chunk_round_trip(ReplyFlags::DONE, u64::MAX, &Chunk::OffsetData { offset: 0, data: &[] });
 
     // The data is borrowed from the payload, not copied.
     let payload = &out[ChunkHeader::SIZE..];
@@ -560,10 +569,10 @@ fn chunk_offset_data() {
 fn chunk_offset_hole() {
     // 64-bit offset, 32-bit hole size: length 12.
     let chunk = Chunk::OffsetHole { offset: 0x1000, length: 0x2000 };
-    let out = chunk_bytes(reply_flags::DONE, 3, &chunk);
+    let out = chunk_bytes(ReplyFlags::DONE, 3, &chunk);
     let expected = hex("668e33ef | 0001 | 0002 | 0000000000000003 | 0000000c | 0000000000001000 | 00002000");
     assert_eq!(out, expected);
-    assert_chunk_round_trip(reply_flags::DONE, 3, &chunk);
+    assert_chunk_round_trip(ReplyFlags::DONE, 3, &chunk);
 
     let payload = hex("0000000000001000 00002000");
     assert_eq!(Chunk::decode(reply_type::OFFSET_HOLE, &payload[..11]), Err(WireError::Truncated { needed: 1 }));
@@ -582,12 +591,12 @@ fn chunk_block_status() {
             Extent { length: 8192, flags: base_allocation::STATE_HOLE | base_allocation::STATE_ZERO },
         ],
     };
-    let out = chunk_bytes(reply_flags::DONE, 0x99, &chunk);
+    let out = chunk_bytes(ReplyFlags::DONE, 0x99, &chunk);
     let expected = hex("668e33ef | 0001 | 0005 | 0000000000000099 | 00000014
          | 00000001 | 00001000 00000000 | 00002000 00000003");
     assert_eq!(out, expected);
-    assert_chunk_round_trip(reply_flags::DONE, 0x99, &chunk);
-    assert_chunk_round_trip(0, 0, &Chunk::BlockStatus { context_id: 7, extents: vec![] });
+    assert_chunk_round_trip(ReplyFlags::DONE, 0x99, &chunk);
+    assert_chunk_round_trip(ReplyFlags::empty(), 0, &Chunk::BlockStatus { context_id: 7, extents: vec![] });
 }
 
 #[test]
@@ -608,24 +617,24 @@ fn chunk_block_status_errors() {
 fn chunk_error() {
     // 32-bit error, 16-bit message length, message: length 6 + message.
     let chunk = Chunk::Error { error: errno::EINVAL, message: "bad".into() };
-    let out = chunk_bytes(reply_flags::DONE, 5, &chunk);
+    let out = chunk_bytes(ReplyFlags::DONE, 5, &chunk);
     let expected =
         cat(&[&hex("668e33ef | 0001 | 8001 | 0000000000000005 | 00000009"), &hex("00000016 | 0003"), b"bad"]);
     assert_eq!(out, expected);
-    assert_chunk_round_trip(reply_flags::DONE, 5, &chunk);
+    assert_chunk_round_trip(ReplyFlags::DONE, 5, &chunk);
 
     let chunk = Chunk::Error { error: errno::EIO, message: String::new() };
-    let out = chunk_bytes(reply_flags::DONE, 5, &chunk);
+    let out = chunk_bytes(ReplyFlags::DONE, 5, &chunk);
     let expected = hex("668e33ef 0001 8001 0000000000000005 00000006 | 00000005 | 0000");
     assert_eq!(out, expected);
-    assert_chunk_round_trip(reply_flags::DONE, 5, &chunk);
+    assert_chunk_round_trip(ReplyFlags::DONE, 5, &chunk);
 }
 
 #[test]
 fn chunk_error_offset() {
     // 32-bit error, 16-bit message length, message, 64-bit offset: 14 + message.
     let chunk = Chunk::ErrorOffset { error: errno::EIO, message: "io".into(), offset: 0x1000 };
-    let out = chunk_bytes(reply_flags::DONE, 6, &chunk);
+    let out = chunk_bytes(ReplyFlags::DONE, 6, &chunk);
     let expected = cat(&[
         &hex("668e33ef | 0001 | 8002 | 0000000000000006 | 00000010"),
         &hex("00000005 | 0002"),
@@ -633,13 +642,13 @@ fn chunk_error_offset() {
         &hex("0000000000001000"),
     ]);
     assert_eq!(out, expected);
-    assert_chunk_round_trip(reply_flags::DONE, 6, &chunk);
+    assert_chunk_round_trip(ReplyFlags::DONE, 6, &chunk);
 
     let chunk = Chunk::ErrorOffset { error: errno::ENOSPC, message: String::new(), offset: 0 };
-    let out = chunk_bytes(0, 6, &chunk);
+    let out = chunk_bytes(ReplyFlags::empty(), 6, &chunk);
     let expected = hex("668e33ef 0000 8002 0000000000000006 0000000e | 0000001c | 0000 | 0000000000000000");
     assert_eq!(out, expected);
-    assert_chunk_round_trip(0, 6, &chunk);
+    assert_chunk_round_trip(ReplyFlags::empty(), 6, &chunk);
 }
 
 #[test]
@@ -666,7 +675,7 @@ fn chunk_error_message_is_clipped_to_string_limit_on_char_boundary() {
     let max = limits::MAX_STRING_LEN as usize;
 
     let chunk = Chunk::Error { error: errno::EIO, message: "a".repeat(max + 100) };
-    let out = chunk_bytes(0, 0, &chunk);
+    let out = chunk_bytes(ReplyFlags::empty(), 0, &chunk);
     let (header, payload) = split_chunk(&out);
     assert_eq!(payload[4..6], hex("1000")[..]);
     let expected = Chunk::Error { error: errno::EIO, message: "a".repeat(max) };
@@ -676,7 +685,7 @@ fn chunk_error_message_is_clipped_to_string_limit_on_char_boundary() {
     // count, so offset the string by one byte to force a split.
     let message = format!("x{}", "é".repeat(max));
     let chunk = Chunk::ErrorOffset { error: errno::EIO, message, offset: 9 };
-    let out = chunk_bytes(0, 0, &chunk);
+    let out = chunk_bytes(ReplyFlags::empty(), 0, &chunk);
     let (header, payload) = split_chunk(&out);
     assert_eq!(payload[4..6], hex("0fff")[..]);
     let expected =
@@ -686,9 +695,9 @@ fn chunk_error_message_is_clipped_to_string_limit_on_char_boundary() {
 
 #[test]
 fn chunk_unknown() {
-    let out = chunk_bytes(0, 2, &Chunk::Unknown { kind: 0x4000 });
+    let out = chunk_bytes(ReplyFlags::empty(), 2, &Chunk::Unknown { kind: 0x4000 });
     assert_eq!(out, hex("668e33ef | 0000 | 4000 | 0000000000000002 | 00000000"));
-    assert_chunk_round_trip(0, 2, &Chunk::Unknown { kind: 0x4000 });
+    assert_chunk_round_trip(ReplyFlags::empty(), 2, &Chunk::Unknown { kind: 0x4000 });
     // Unknown payloads are skipped, whatever they hold.
     assert_eq!(Chunk::decode(0x4000, b"whatever"), Ok(Chunk::Unknown { kind: 0x4000 }));
     // BLOCK_STATUS_EXT is not decoded by this library.
@@ -701,8 +710,8 @@ fn chunk_unknown() {
 #[test]
 fn put_chunk_appends_after_existing_bytes() {
     let mut out = b"prefix".to_vec();
-    put_chunk(&mut out, 0, 1, &Chunk::OffsetHole { offset: 0, length: 512 });
-    put_chunk(&mut out, reply_flags::DONE, 1, &Chunk::None);
+    put_chunk(&mut out, ReplyFlags::empty(), 1, &Chunk::OffsetHole { offset: 0, length: 512 });
+    put_chunk(&mut out, ReplyFlags::DONE, 1, &Chunk::None);
     assert_eq!(&out[..6], b"prefix");
     let first = &out[6..6 + ChunkHeader::SIZE + 12];
     let (h1, p1) = split_chunk(first);
@@ -761,8 +770,10 @@ fn extent() -> impl Strategy<Value = Extent> {
 
 fn info_reply() -> impl Strategy<Value = InfoReply> {
     prop_oneof![
-        (any::<u64>(), any::<u16>())
-            .prop_map(|(size, transmission_flags)| InfoReply::Export { size, transmission_flags }),
+        (any::<u64>(), any::<u16>()).prop_map(|(size, flags)| InfoReply::Export {
+            size,
+            transmission_flags: TransmissionFlags::from_bits_retain(flags)
+        }),
         name().prop_map(InfoReply::Name),
         name().prop_map(InfoReply::Description),
         (any::<u32>(), any::<u32>(), any::<u32>())
@@ -878,9 +889,10 @@ proptest! {
         offset in any::<u64>(),
         length in any::<u32>(),
     ) {
-        let req = Request { flags, command, cookie, offset, length };
+        let req = Request { flags: CommandFlags::from_bits_retain(flags), command, cookie, offset, length };
         let buf = req.encode();
         prop_assert_eq!(&buf[..4], &magic::REQUEST.to_be_bytes()[..]);
+        prop_assert_eq!(&buf[4..6], &flags.to_be_bytes()[..]);
         prop_assert_eq!(&buf[8..16], &cookie.to_be_bytes()[..]);
         prop_assert_eq!(Request::decode(&buf), Ok(req));
     }
@@ -898,7 +910,7 @@ proptest! {
         cookie in any::<u64>(),
         length in any::<u32>(),
     ) {
-        let h = ChunkHeader { flags, kind, cookie, length };
+        let h = ChunkHeader { flags: ReplyFlags::from_bits_retain(flags), kind, cookie, length };
         prop_assert_eq!(ChunkHeader::decode(&h.encode()), Ok(h));
         prop_assert_eq!(h.is_done(), flags & 1 == 1);
     }
@@ -917,9 +929,10 @@ proptest! {
         size in any::<u64>(),
         no_zeroes in any::<bool>(),
     ) {
-        let g = Greeting { handshake_flags: flags };
+        let g = Greeting { handshake_flags: HandshakeFlags::from_bits_retain(flags) };
+        prop_assert_eq!(&g.encode()[16..], &flags.to_be_bytes()[..]);
         prop_assert_eq!(Greeting::decode(&g.encode()), Ok(g));
-        let r = ExportNameReply { size, transmission_flags: flags };
+        let r = ExportNameReply { size, transmission_flags: TransmissionFlags::from_bits_retain(flags) };
         let buf = r.encode(no_zeroes);
         prop_assert_eq!(buf.len(), if no_zeroes { 10 } else { 134 });
         prop_assert!(buf[10..].iter().all(|&b| b == 0));
@@ -990,6 +1003,7 @@ proptest! {
         context_id in any::<u32>(),
         extents in prop::collection::vec(extent(), 0..64),
     ) {
+        let flags = ReplyFlags::from_bits_retain(flags);
         let chunk = Chunk::BlockStatus { context_id, extents };
         let out = chunk_bytes(flags, cookie, &chunk);
         let Chunk::BlockStatus { extents, .. } = &chunk else { unreachable!() };
@@ -1007,6 +1021,7 @@ proptest! {
         message in name(),
         data in prop::collection::vec(any::<u8>(), 0..256),
     ) {
+        let flags = ReplyFlags::from_bits_retain(flags);
         assert_chunk_round_trip(flags, cookie, &Chunk::None);
         assert_chunk_round_trip(flags, cookie, &Chunk::OffsetData { offset, data: &data });
         assert_chunk_round_trip(flags, cookie, &Chunk::OffsetHole { offset, length });
@@ -1022,7 +1037,7 @@ proptest! {
         n in 0usize..3000,
     ) {
         let message = unit.repeat(n);
-        let out = chunk_bytes(0, 0, &Chunk::Error { error: 1, message: message.clone() });
+        let out = chunk_bytes(ReplyFlags::empty(), 0, &Chunk::Error { error: 1, message: message.clone() });
         let (header, payload) = split_chunk(&out);
         match Chunk::decode(header.kind, payload) {
             Ok(Chunk::Error { message: got, .. }) => {

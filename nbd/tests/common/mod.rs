@@ -19,7 +19,7 @@ use nbd::wire::{
     ChunkHeader, Greeting, InfoReply, InfoRequest, MetaContextReply, MetaContextRequest, OptionHeader,
     OptionReplyHeader, Request, SimpleReply,
 };
-use nbd::{client_flags, cmd, info, opt, rep, transmission_flags as tf};
+use nbd::{ClientFlags, CommandFlags, TransmissionFlags, cmd, info, opt, rep};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -39,7 +39,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the server advertises by default, spelled out bit by bit:
 /// HAS_FLAGS(0) SEND_FLUSH(2) SEND_FUA(3) SEND_TRIM(5) SEND_WRITE_ZEROES(6)
 /// CAN_MULTI_CONN(8) SEND_CACHE(10) SEND_FAST_ZERO(11).
-pub const DEFAULT_FLAGS: u16 = 0b0000_1101_0110_1101;
+pub const DEFAULT_FLAGS: TransmissionFlags = TransmissionFlags::from_bits_retain(0b0000_1101_0110_1101);
 
 /// Awaits `fut`, failing the test if it takes longer than the I/O timeout.
 pub async fn within<F: std::future::Future>(fut: F) -> F::Output {
@@ -164,7 +164,7 @@ impl Client {
 
     /// Reads the greeting and sets both known client flags.
     pub async fn begin_fixed(&mut self) {
-        self.begin(client_flags::C_FIXED_NEWSTYLE | client_flags::C_NO_ZEROES).await;
+        self.begin((ClientFlags::C_FIXED_NEWSTYLE | ClientFlags::C_NO_ZEROES).bits()).await;
     }
 
     pub async fn option(&mut self, option: u32, data: &[u8]) {
@@ -229,7 +229,7 @@ impl Client {
 
     /// A whole handshake ending with a successful GO; returns the
     /// transmission flags from NBD_INFO_EXPORT.
-    pub async fn negotiate(&mut self, structured: bool, base_allocation: bool) -> u16 {
+    pub async fn negotiate(&mut self, structured: bool, base_allocation: bool) -> TransmissionFlags {
         self.begin_fixed().await;
         if structured {
             self.structured_replies().await;
@@ -246,7 +246,7 @@ impl Client {
 
     /// GO for the export on a client already past the greeting; returns
     /// the transmission flags from NBD_INFO_EXPORT.
-    pub async fn go(&mut self) -> u16 {
+    pub async fn go(&mut self) -> TransmissionFlags {
         let replies = self.info_or_go(opt::GO, NAME, &[info::BLOCK_SIZE]).await;
         assert_eq!(replies.last().map(|r| r.0), Some(rep::ACK), "GO refused: {replies:?}");
         let export = replies.iter().find_map(|(reply, payload)| match InfoReply::decode(payload) {
@@ -262,11 +262,11 @@ impl Client {
 
     // --------------------------------------------------------- transmission
 
-    pub async fn request(&mut self, flags: u16, command: u16, cookie: u64, offset: u64, length: u32) {
+    pub async fn request(&mut self, flags: CommandFlags, command: u16, cookie: u64, offset: u64, length: u32) {
         self.send(&Request { flags, command, cookie, offset, length }.encode()).await;
     }
 
-    pub async fn write(&mut self, flags: u16, cookie: u64, offset: u64, data: &[u8]) {
+    pub async fn write(&mut self, flags: CommandFlags, cookie: u64, offset: u64, data: &[u8]) {
         let mut msg =
             Request { flags, command: cmd::WRITE, cookie, offset, length: data.len() as u32 }.encode().to_vec();
         msg.extend_from_slice(data);
@@ -285,20 +285,20 @@ impl Client {
     }
 
     /// A command without payload in either direction; returns its error.
-    pub async fn command(&mut self, flags: u16, command: u16, offset: u64, length: u32) -> u32 {
+    pub async fn command(&mut self, flags: CommandFlags, command: u16, offset: u64, length: u32) -> u32 {
         let cookie = 0xc0de_0000 + u64::from(command);
         self.request(flags, command, cookie, offset, length).await;
         self.simple_error(cookie).await
     }
 
     /// WRITE with a simple reply; returns its error.
-    pub async fn write_simple(&mut self, flags: u16, offset: u64, data: &[u8]) -> u32 {
+    pub async fn write_simple(&mut self, flags: CommandFlags, offset: u64, data: &[u8]) -> u32 {
         self.write(flags, 0x7717e, offset, data).await;
         self.simple_error(0x7717e).await
     }
 
     /// READ with simple replies: the data, or the error.
-    pub async fn read_simple(&mut self, flags: u16, offset: u64, length: u32) -> Result<Vec<u8>, u32> {
+    pub async fn read_simple(&mut self, flags: CommandFlags, offset: u64, length: u32) -> Result<Vec<u8>, u32> {
         self.request(flags, cmd::READ, 0x4ead, offset, length).await;
         match self.simple_error(0x4ead).await {
             0 => Ok(self.recv(length as usize).await),
@@ -330,7 +330,7 @@ impl Client {
     /// After a request that must not have broken the session: a 512-byte
     /// READ still gets a normal reply (simple or structured).
     pub async fn still_works(&mut self, structured: bool) {
-        self.request(0, cmd::READ, 0x57111, 0, 512).await;
+        self.request(CommandFlags::empty(), cmd::READ, 0x57111, 0, 512).await;
         if structured {
             let chunks = self.chunks(0x57111).await;
             assert!(chunks.iter().all(|(h, _)| h.kind & 0x8000 == 0), "READ failed: {chunks:?}");
@@ -342,9 +342,9 @@ impl Client {
 }
 
 /// Asserts every bit in `set` is set and every bit in `clear` is clear.
-pub fn assert_flags(flags: u16, set: u16, clear: u16) {
-    assert_eq!(flags & set, set, "flags {flags:#06x} lack {:#06x}", set & !flags);
-    assert_eq!(flags & clear, 0, "flags {flags:#06x} have {:#06x}", flags & clear);
+pub fn assert_flags(flags: TransmissionFlags, set: TransmissionFlags, clear: TransmissionFlags) {
+    assert!(flags.contains(set), "flags {flags:#06x} lack {:#06x}", set.difference(flags));
+    assert!(!flags.intersects(clear), "flags {flags:#06x} have {:#06x}", flags.intersection(clear));
 }
 
 /// Cookies echoed by a batch of replies must be exactly the ones sent.
@@ -355,7 +355,8 @@ pub fn assert_each_cookie_once(sent: &[u64], echoed: &[u64]) {
     assert_eq!(unique, sent.iter().copied().collect::<HashSet<u64>>());
 }
 
-pub const ALL_WRITE_FLAGS: u16 = tf::SEND_TRIM | tf::SEND_WRITE_ZEROES | tf::SEND_FAST_ZERO;
+pub const ALL_WRITE_FLAGS: TransmissionFlags =
+    TransmissionFlags::SEND_TRIM.union(TransmissionFlags::SEND_WRITE_ZEROES).union(TransmissionFlags::SEND_FAST_ZERO);
 
 /// A real export server on a loopback TCP port, over a sparse temp file of
 /// `SIZE` bytes: for what only `Server::run` does (access control, socket

@@ -96,7 +96,8 @@ impl Attacher for KernelAttacher {
             sockets: socks.iter().map(|s| s.as_fd()).collect(),
             size_bytes: export.size,
             block_size: sockets::block_size(&export)?,
-            server_flags: export.transmission_flags,
+            // The kernel takes the server's flags as they came, unknown bits included.
+            server_flags: export.transmission_flags.bits(),
             client_flags: 0,
             timeout_secs: spec.timeout.as_secs().max(1),
             dead_conn_timeout_secs: spec.dead_conn_timeout.as_secs(),
@@ -110,7 +111,7 @@ impl Attacher for KernelAttacher {
         // The kernel holds its own references on the sockets now.
         drop(params);
         drop(socks);
-        Ok(Attached { index, size: export.size, transmission_flags: export.transmission_flags, connections })
+        Ok(Attached { index, size: export.size, transmission_flags: export.transmission_flags.bits(), connections })
     }
 
     async fn reconnect(&self, index: u32, spec: &AttachSpec) -> Result<usize> {
@@ -120,7 +121,7 @@ impl Attacher for KernelAttacher {
         let (export, socks) = sockets::open(&spec.uri, spec.connections).await?;
         let fds: Vec<BorrowedFd<'_>> = socks.iter().map(|s| s.as_fd()).collect();
         lock(nl).reconfigure(index, &spec.backend_id, &fds, None)?;
-        tracing::info!(index, sockets = fds.len(), flags = export.transmission_flags, "handed fresh sockets");
+        tracing::info!(index, sockets = fds.len(), flags = export.transmission_flags.bits(), "handed fresh sockets");
         Ok(fds.len())
     }
 

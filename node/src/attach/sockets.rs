@@ -98,7 +98,7 @@ mod tests {
     use super::*;
 
     fn export(size: u64, block_size: Option<(u32, u32, u32)>) -> Export {
-        Export { size, transmission_flags: 1, block_size, structured_replies: false }
+        Export { size, transmission_flags: nbd::TransmissionFlags::HAS_FLAGS, block_size, structured_replies: false }
     }
 
     #[test]

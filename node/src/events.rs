@@ -133,8 +133,8 @@ mod tests {
     use super::*;
     use crate::attach::{AttachSpec, Attached, Attacher};
     use crate::error::{ErrorKind, Result};
-    use crate::state::StateDir;
-    use crate::volumes::{Access, Settings, Volumes};
+    use crate::state::{Access, StateDir};
+    use crate::volumes::{Settings, Volumes};
     use csi_events::mock_api::{self, ApiHandle, json_body as body, reply};
     use csi_proto::contract::{NbdUri, PublishContext};
     use http::{Method, StatusCode};

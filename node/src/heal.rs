@@ -15,7 +15,7 @@ use crate::attach::devices::{device_path, is_driver_volume_id};
 use crate::error::Result;
 use crate::events::{self, Events};
 use crate::health::Health;
-use crate::state::{Phase, StateDir, VolumeState};
+use crate::state::{Access, Phase, StateDir, VolumeState};
 use crate::sys::mount;
 use crate::volumes;
 
@@ -196,7 +196,7 @@ impl<A: Attacher + 'static> Healer<A> {
 /// where kubelet expects it; never formatted. A staging path that kubelet
 /// removed, or that holds another mount, is left as it is.
 fn remount_staging(state: &VolumeState) -> Result<()> {
-    let (Some(index), false) = (state.index, state.access == "block") else { return Ok(()) };
+    let (Some(index), Access::Mount { fs_type, flags }) = (state.index, &state.access) else { return Ok(()) };
     if state.staging_path.as_os_str().is_empty() || !state.staging_path.is_dir() {
         return Ok(());
     }
@@ -207,7 +207,7 @@ fn remount_staging(state: &VolumeState) -> Result<()> {
         tracing::warn!(volume = %state.volume_id, staging = %path.display(), source = %m.source, "staging path holds another mount; left alone");
         return Ok(());
     }
-    volumes::mount_staging(index, path, &state.access, &state.mount_flags, state.read_only, false)?;
+    volumes::mount_staging(index, path, fs_type, flags, state.read_only, false)?;
     tracing::info!(volume = %state.volume_id, index, staging = %path.display(), "filesystem mounted again");
     Ok(())
 }
@@ -324,9 +324,8 @@ mod tests {
             timeout_secs: 5,
             dead_conn_timeout_secs: 5,
             staging_path: staging,
-            access: "block".into(),
+            access: Access::Block,
             read_only: false,
-            mount_flags: Vec::new(),
             index: None,
         }
     }

@@ -223,9 +223,8 @@ async fn attach_cmd(
             timeout_secs: args.timeout,
             dead_conn_timeout_secs: args.dead_conn_timeout,
             staging_path: std::path::PathBuf::new(),
-            access: "block".into(),
+            access: state::Access::Block,
             read_only: false,
-            mount_flags: Vec::new(),
             index: Some(attached.index),
         })?;
     }

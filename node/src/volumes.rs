@@ -13,15 +13,8 @@ use crate::error::{Context, Error, ErrorKind, Result};
 use crate::events::Events;
 use crate::fsutil::{self, Content};
 use crate::health::{self, Health};
-use crate::state::{Phase, StateDir, VolumeState};
+use crate::state::{Access, Phase, StateDir, VolumeState};
 use crate::sys::mount::{self, MountEntry};
-
-/// How a volume is used: a raw block device or a filesystem.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Access {
-    Block,
-    Mount { fs_type: String, flags: Vec<String> },
-}
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -82,15 +75,8 @@ impl<A: Attacher> Volumes<A> {
             timeout_secs: self.settings.timeout.as_secs(),
             dead_conn_timeout_secs: self.settings.dead_conn_timeout.as_secs(),
             staging_path: staging.to_owned(),
-            access: match access {
-                Access::Block => "block".into(),
-                Access::Mount { fs_type, .. } => fs_type.clone(),
-            },
+            access: access.clone(),
             read_only: context.read_only,
-            mount_flags: match access {
-                Access::Block => Vec::new(),
-                Access::Mount { flags, .. } => flags.clone(),
-            },
             index: None,
         };
         if let Some(old) = self.states.load(volume_id)?
@@ -272,9 +258,9 @@ impl<A: Attacher> Volumes<A> {
             .find(volume_id)?
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("volume {volume_id} has no device")))?;
         let size = self.attacher.resize(index, &state.spec()?).await?;
-        if state.access != "block" {
+        if let Access::Mount { fs_type, .. } = &state.access {
             let path = if volume_path.as_os_str().is_empty() { state.staging_path.as_path() } else { volume_path };
-            fsutil::grow(&device_path(index), path, &state.access)?;
+            fsutil::grow(&device_path(index), path, fs_type)?;
         }
         Ok(size)
     }

@@ -15,7 +15,8 @@ use tonic::{Request, Response, Status};
 use super::{NodeInfo, status};
 use crate::attach::KernelAttacher;
 use crate::fsutil;
-use crate::volumes::{Access, Volumes};
+use crate::state::Access;
+use crate::volumes::Volumes;
 
 #[derive(Debug, Clone)]
 pub struct NodeService {

@@ -1,6 +1,6 @@
 //! CSI Node: maps requests onto [`Volumes`].
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use csi_proto::contract::PublishContext;
@@ -14,6 +14,8 @@ use tonic::{Request, Response, Status};
 
 use super::{NodeInfo, status};
 use crate::attach::KernelAttacher;
+use crate::blocking::blocking;
+use crate::error::{Error, ErrorKind};
 use crate::fsutil;
 use crate::state::Access;
 use crate::volumes::Volumes;
@@ -110,13 +112,19 @@ impl Node for NodeService {
         if r.volume_id.is_empty() || r.volume_path.is_empty() {
             return Err(Status::invalid_argument("volume_id and volume_path are required"));
         }
-        let path = Path::new(&r.volume_path);
-        let meta =
-            std::fs::metadata(path).map_err(|_| Status::not_found(format!("{} does not exist", r.volume_path)))?;
-        let (device, (abnormal, message)) = self.volumes.condition(&r.volume_id).map_err(status)?;
+        let path = PathBuf::from(&r.volume_path);
+        // stat and statvfs of a filesystem on a device whose server is gone
+        // may wait: on the blocking pool.
+        let (is_dir, usage) = blocking(move || {
+            let meta = std::fs::metadata(&path)
+                .map_err(|_| Error::new(ErrorKind::NotFound, format!("{} does not exist", path.display())))?;
+            Ok((meta.is_dir(), if meta.is_dir() { Some(fsutil::usage(&path)?) } else { None }))
+        })
+        .await
+        .map_err(status)?;
+        let (device, (abnormal, message)) = self.volumes.condition(&r.volume_id).await.map_err(status)?;
         let condition = VolumeCondition { abnormal, message };
-        let usage = if meta.is_dir() {
-            let (b, i) = fsutil::usage(path).map_err(status)?;
+        let usage = if let (true, Some((b, i))) = (is_dir, usage) {
             let u = |v: [u64; 3], unit: Unit| VolumeUsage {
                 total: v[0] as i64,
                 available: v[1] as i64,
@@ -125,7 +133,7 @@ impl Node for NodeService {
             };
             vec![u(b, Unit::Bytes), u(i, Unit::Inodes)]
         } else {
-            let size = device.and_then(|i| self.volumes.attacher.sysfs().size_bytes(i)).unwrap_or(0);
+            let size = device.and_then(|i| self.volumes.attacher().sysfs().size_bytes(i)).unwrap_or(0);
             vec![VolumeUsage { total: size as i64, available: 0, used: 0, unit: Unit::Bytes as i32 }]
         };
         Ok(Response::new(NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) }))

@@ -385,4 +385,51 @@ mod tests {
         healer.heal(&s).await.unwrap();
         assert_eq!(kernel.find(&vol).unwrap(), None);
     }
+
+    /// Unstaging works from the device and the staging path: a state file
+    /// that no longer loads does not keep the volume staged forever.
+    #[tokio::test]
+    async fn unstage_goes_through_when_the_state_file_is_corrupt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let states = StateDir::open(tmp.path().join("state")).unwrap();
+        let vol = id('f');
+        states.save(&state(&vol, Phase::Staged, tmp.path().join("staging"))).unwrap();
+        let file = std::fs::read_dir(tmp.path().join("state")).unwrap().next().unwrap().unwrap().path();
+        std::fs::write(&file, b"{\"format\":1,").unwrap();
+        assert!(states.load(&vol).is_err());
+        let settings = crate::volumes::Settings {
+            connections: 1,
+            timeout: Duration::from_secs(30),
+            dead_conn_timeout: Duration::from_secs(120),
+        };
+        let volumes = crate::volumes::Volumes::new(Arc::new(FakeKernel::default()), states.clone(), settings);
+        volumes.unstage(&vol, &tmp.path().join("staging")).await.unwrap();
+        assert!(!file.exists());
+    }
+
+    /// The health a healer keeps is what NodeGetVolumeStats reports when
+    /// both are given the same one, as `serve` does.
+    #[tokio::test]
+    async fn volumes_report_the_health_their_healer_keeps() {
+        let tmp = tempfile::tempdir().unwrap();
+        let states = StateDir::open(tmp.path().join("state")).unwrap();
+        let vol = id('g');
+        // An nbdUri that does not parse: healing fails at once.
+        let broken = VolumeState { uri: "nbd://".into(), ..state(&vol, Phase::Staged, PathBuf::new()) };
+        states.save(&broken).unwrap();
+        let kernel = Arc::new(FakeKernel::with(&[(0, &vol, true)]));
+        let health = Arc::new(Health::default());
+        let healer = Healer::new(Arc::clone(&kernel), states.clone()).with_health(Arc::clone(&health));
+        let settings = crate::volumes::Settings {
+            connections: 1,
+            timeout: Duration::from_secs(30),
+            dead_conn_timeout: Duration::from_secs(120),
+        };
+        let volumes = crate::volumes::Volumes::new(kernel, states, settings).with_health(health);
+        assert!(!volumes.condition(&vol).await.unwrap().1.0, "healthy before healing fails");
+        assert!(healer.heal(&broken).await.is_err());
+        let (device, (abnormal, message)) = volumes.condition(&vol).await.unwrap();
+        assert_eq!(device, Some(0));
+        assert!(abnormal && message.contains("nbdUri"), "{message}");
+    }
 }

@@ -133,8 +133,8 @@ mod tests {
     use super::*;
     use crate::attach::{AttachSpec, Attached, Attacher};
     use crate::error::{ErrorKind, Result};
-    use crate::state::StateDir;
-    use crate::volumes::{Access, Settings, Volumes};
+    use crate::state::{Access, StateDir};
+    use crate::volumes::{Settings, Volumes};
     use csi_events::mock_api::{self, ApiHandle, json_body as body, reply};
     use csi_proto::contract::{NbdUri, PublishContext};
     use http::{Method, StatusCode};
@@ -163,19 +163,19 @@ mod tests {
         async fn resize(&self, _: u32, _: &AttachSpec) -> Result<u64> {
             Err(Error::new(ErrorKind::Unavailable, "unreachable"))
         }
-        fn detach(&self, _: u32) -> Result<()> {
+        async fn detach(&self, _: u32) -> Result<()> {
             Ok(())
         }
         fn find(&self, _: &str) -> Result<Option<u32>> {
             Ok(None)
         }
-        fn connected(&self, _: u32) -> Result<bool> {
+        async fn connected(&self, _: u32) -> Result<bool> {
             Ok(false)
         }
         fn list(&self) -> Result<Vec<(u32, String)>> {
             Ok(Vec::new())
         }
-        fn in_use(&self, _: u32) -> Result<bool> {
+        async fn in_use(&self, _: u32) -> Result<bool> {
             Ok(false)
         }
     }
@@ -188,9 +188,7 @@ mod tests {
     fn volumes(dir: &Path, events: Events) -> Volumes<Refused> {
         let settings =
             Settings { connections: 1, timeout: Duration::from_secs(30), dead_conn_timeout: Duration::from_secs(120) };
-        let mut volumes = Volumes::new(Arc::new(Refused), StateDir::open(dir.join("state")).unwrap(), settings);
-        volumes.events = events;
-        volumes
+        Volumes::new(Arc::new(Refused), StateDir::open(dir.join("state")).unwrap(), settings).with_events(events)
     }
 
     /// The wiring: a NodeStageVolume whose attach fails records one

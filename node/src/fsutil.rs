@@ -1,10 +1,14 @@
 //! Filesystems on attached devices: recognising a blank device, formatting,
-//! growing, and usage statistics.
+//! growing, and usage statistics. The tools (mkfs, resize2fs, xfs_growfs)
+//! run as async child processes and reading a device happens on the
+//! blocking pool: a slow device or tool never holds a runtime worker.
 
 use std::io::Read;
 use std::path::Path;
-use std::process::Command;
 
+use tokio::process::Command;
+
+use crate::blocking::blocking;
 use crate::error::{Context, Error, ErrorKind, Result};
 
 /// What the start of a device holds.
@@ -27,39 +31,53 @@ pub fn identify(head: &[u8]) -> Content {
     if head.iter().all(|&b| b == 0) { Content::Blank } else { Content::Unknown }
 }
 
-pub fn probe(device: &Path) -> Result<Content> {
-    let mut head = vec![0u8; 64 * 1024];
-    let mut f = std::fs::File::open(device).ctx(ErrorKind::Io, || format!("opening {}", device.display()))?;
-    let n = f.read(&mut head).ctx(ErrorKind::Io, || format!("reading {}", device.display()))?;
-    head.truncate(n);
-    Ok(identify(&head))
+/// What the first 64 KiB of `device` hold.
+pub async fn probe(device: &Path) -> Result<Content> {
+    let device = device.to_owned();
+    blocking(move || {
+        let mut head = vec![0u8; 64 * 1024];
+        let mut f = std::fs::File::open(&device).ctx(ErrorKind::Io, || format!("opening {}", device.display()))?;
+        let n = f.read(&mut head).ctx(ErrorKind::Io, || format!("reading {}", device.display()))?;
+        head.truncate(n);
+        Ok(identify(&head))
+    })
+    .await
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
-    let what = format!("{cmd:?}");
-    let out = cmd.output().ctx(ErrorKind::Io, || format!("running {what}"))?;
+/// Runs `tool` with `args`, its output captured; a failure names the tool,
+/// its arguments, its exit status and what it wrote on stderr.
+async fn run(tool: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
+    let what = || format!("{tool} {}", args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
+    let out = Command::new(tool)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .ctx(ErrorKind::Io, || format!("running {}", what()))?;
     if out.status.success() {
         return Ok(());
     }
     Err(Error::new(
         ErrorKind::Io,
-        format!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+        format!("{} failed ({}): {}", what(), out.status, String::from_utf8_lossy(&out.stderr).trim()),
     ))
 }
 
-pub fn format(device: &Path, fstype: &str) -> Result<()> {
+pub async fn format(device: &Path, fstype: &str) -> Result<()> {
+    let dev = device.as_os_str();
     match fstype {
-        "ext4" | "ext3" | "ext2" => run(Command::new(format!("mkfs.{fstype}")).args(["-q", "-F"]).arg(device)),
-        "xfs" => run(Command::new("mkfs.xfs").arg("-q").arg(device)),
+        "ext4" | "ext3" | "ext2" => run(&format!("mkfs.{fstype}"), &["-q".as_ref(), "-F".as_ref(), dev]).await,
+        "xfs" => run("mkfs.xfs", &["-q".as_ref(), dev]).await,
         other => Err(Error::new(ErrorKind::InvalidArgument, format!("unsupported fsType {other:?}"))),
     }
 }
 
 /// Grows a mounted filesystem to its device's size.
-pub fn grow(device: &Path, mount_path: &Path, fstype: &str) -> Result<()> {
+pub async fn grow(device: &Path, mount_path: &Path, fstype: &str) -> Result<()> {
     match fstype {
-        "xfs" => run(Command::new("xfs_growfs").arg(mount_path)),
-        _ => run(Command::new("resize2fs").arg(device)),
+        "xfs" => run("xfs_growfs", &[mount_path.as_os_str()]).await,
+        _ => run("resize2fs", &[device.as_os_str()]).await,
     }
 }
 
@@ -93,17 +111,29 @@ mod tests {
         assert_eq!(identify(&mbr), Content::Unknown);
     }
 
-    #[test]
-    fn formats_and_reports_usage_on_a_file() {
+    #[tokio::test]
+    async fn formats_and_reports_usage_on_a_file() {
         // e2fsprogs is part of every Debian base system.
         let tmp = tempfile::tempdir().unwrap();
         let img = tmp.path().join("img");
         std::fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
-        assert_eq!(probe(&img).unwrap(), Content::Blank);
-        format(&img, "ext4").unwrap();
-        assert_eq!(probe(&img).unwrap(), Content::Filesystem("ext4"));
+        assert_eq!(probe(&img).await.unwrap(), Content::Blank);
+        format(&img, "ext4").await.unwrap();
+        assert_eq!(probe(&img).await.unwrap(), Content::Filesystem("ext4"));
         let (bytes, inodes) = usage(tmp.path()).unwrap();
         assert!(bytes[0] > 0 && inodes[0] > 0);
-        assert!(format(&img, "btrfs").is_err());
+        assert!(format(&img, "btrfs").await.is_err());
+    }
+
+    /// A tool that fails is named with its arguments, exit status and stderr.
+    #[tokio::test]
+    async fn a_failing_tool_is_named_with_its_status_and_stderr() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("no-such-device");
+        let err = format(&missing, "ext4").await.unwrap_err().chain();
+        assert!(err.starts_with(&format!("mkfs.ext4 -q -F {} failed (exit status: 1)", missing.display())), "{err}");
+        assert!(err.contains("does not exist"), "mkfs's stderr: {err}");
+        let err = run("no-such-tool-nbd-csi", &[]).await.unwrap_err().chain();
+        assert!(err.contains("running no-such-tool-nbd-csi"), "{err}");
     }
 }

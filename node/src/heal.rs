@@ -15,8 +15,7 @@ use crate::attach::devices::{device_path, is_driver_volume_id};
 use crate::error::Result;
 use crate::events::{self, Events};
 use crate::health::Health;
-use crate::state::{Phase, StateDir, VolumeState};
-use crate::sys::mount;
+use crate::state::{Access, Phase, StateDir, VolumeState};
 use crate::volumes;
 
 #[derive(Debug)]
@@ -24,19 +23,32 @@ pub struct Healer<A> {
     attacher: Arc<A>,
     states: StateDir,
     in_flight: Mutex<HashSet<String>>,
-    /// Where a volume healing gave up on is reported (off unless set).
-    pub events: Events,
+    /// Where a volume healing gave up on is reported (off unless given).
+    events: Events,
     /// Per-volume connection health, read by NodeGetVolumeStats.
-    pub health: Arc<Health>,
+    health: Arc<Health>,
 }
 
 /// Pause between reconnect attempts.
 const RETRY: Duration = Duration::from_millis(500);
 
 impl<A: Attacher + 'static> Healer<A> {
+    /// A healer that reports nothing and keeps its health to itself; see
+    /// [`Self::with_events`] and [`Self::with_health`].
     pub fn new(attacher: Arc<A>, states: StateDir) -> Self {
         let in_flight = Mutex::new(HashSet::new());
         Self { attacher, states, in_flight, events: Events::default(), health: Arc::default() }
+    }
+
+    /// Links healing gives up on become Events here.
+    pub fn with_events(self, events: Events) -> Self {
+        Self { events, ..self }
+    }
+
+    /// Where each connection's health is kept: shared with the
+    /// [`volumes::Volumes`] that report it.
+    pub fn with_health(self, health: Arc<Health>) -> Self {
+        Self { health, ..self }
     }
 
     /// Offers fresh sockets to the volume's device until the kernel takes
@@ -78,8 +90,8 @@ impl<A: Attacher + 'static> Healer<A> {
                 let attached = self.attacher.attach(&spec).await?;
                 let mut updated = state.clone();
                 updated.index = Some(attached.index);
-                self.states.save(&updated)?;
-                return remount_staging(&updated);
+                volumes::save(&self.states, &updated).await?;
+                return remount_staging(&updated).await;
             };
             match self.attacher.reconnect(index, &spec).await {
                 Ok(n) => {
@@ -115,35 +127,35 @@ impl<A: Attacher + 'static> Healer<A> {
                     });
                 }
                 Phase::Attaching | Phase::Unstaging => {
-                    if let Some(m) = mount::mount_at(&state.staging_path)? {
+                    if let Some(m) = volumes::mount_at(&state.staging_path).await? {
                         tracing::info!(volume = %state.volume_id, target = %m.target.display(), "rolling back mount");
-                        mount::unmount(&state.staging_path)?;
+                        volumes::unmount(&state.staging_path).await?;
                     }
                     if let Some(index) = self.attacher.find(&state.volume_id)? {
                         tracing::info!(volume = %state.volume_id, index, "rolling back interrupted attach/detach");
-                        self.attacher.detach(index)?;
+                        self.attacher.detach(index).await?;
                     }
                     self.states.remove(&state.volume_id)?;
                 }
             }
         }
-        self.disconnect_unclaimed()
+        self.disconnect_unclaimed().await
     }
 
     /// Disconnects devices whose backend identifier is one of this driver's
     /// volume ids but has no state file (lost state, or a plugin killed
     /// between CONNECT and saving). A device in use is left alone: tearing
     /// it down would break its user; it is reported instead.
-    fn disconnect_unclaimed(&self) -> Result<()> {
+    async fn disconnect_unclaimed(&self) -> Result<()> {
         let claimed: HashSet<String> = self.states.all()?.into_iter().map(|s| s.volume_id).collect();
         for (index, backend) in self.attacher.list()? {
             if !is_driver_volume_id(&backend) || claimed.contains(&backend) {
                 continue;
             }
-            match self.attacher.in_use(index) {
+            match self.attacher.in_use(index).await {
                 Ok(false) => {
                     tracing::warn!(index, volume = %backend, "no staged volume claims this device; disconnecting it");
-                    if let Err(e) = self.attacher.detach(index) {
+                    if let Err(e) = self.attacher.detach(index).await {
                         tracing::error!(index, volume = %backend, error = %e.chain(), "disconnecting failed");
                     }
                 }
@@ -195,19 +207,19 @@ impl<A: Attacher + 'static> Healer<A> {
 /// was disconnected while nothing used it) goes back on its staging path,
 /// where kubelet expects it; never formatted. A staging path that kubelet
 /// removed, or that holds another mount, is left as it is.
-fn remount_staging(state: &VolumeState) -> Result<()> {
-    let (Some(index), false) = (state.index, state.access == "block") else { return Ok(()) };
+async fn remount_staging(state: &VolumeState) -> Result<()> {
+    let (Some(index), Access::Mount { fs_type, flags }) = (state.index, &state.access) else { return Ok(()) };
     if state.staging_path.as_os_str().is_empty() || !state.staging_path.is_dir() {
         return Ok(());
     }
     let path = &state.staging_path;
-    if let Some(m) = mount::mount_at(path)?
+    if let Some(m) = volumes::mount_at(path).await?
         && m.source != device_path(index).to_string_lossy()
     {
         tracing::warn!(volume = %state.volume_id, staging = %path.display(), source = %m.source, "staging path holds another mount; left alone");
         return Ok(());
     }
-    volumes::mount_staging(index, path, &state.access, &state.mount_flags, state.read_only, false)?;
+    volumes::mount_staging(index, path, fs_type, flags, state.read_only, false).await?;
     tracing::info!(volume = %state.volume_id, index, staging = %path.display(), "filesystem mounted again");
     Ok(())
 }
@@ -275,7 +287,7 @@ mod tests {
         async fn resize(&self, _: u32, _: &AttachSpec) -> Result<u64> {
             Ok(1 << 20)
         }
-        fn detach(&self, index: u32) -> Result<()> {
+        async fn detach(&self, index: u32) -> Result<()> {
             self.devices.lock().unwrap().retain(|d| d.0 != index);
             self.detached.lock().unwrap().push(index);
             Ok(())
@@ -283,13 +295,13 @@ mod tests {
         fn find(&self, backend_id: &str) -> Result<Option<u32>> {
             Ok(self.devices.lock().unwrap().iter().find(|d| d.1 == backend_id).map(|d| d.0))
         }
-        fn connected(&self, index: u32) -> Result<bool> {
+        async fn connected(&self, index: u32) -> Result<bool> {
             Ok(self.devices.lock().unwrap().iter().any(|d| d.0 == index))
         }
         fn list(&self) -> Result<Vec<(u32, String)>> {
             Ok(self.devices.lock().unwrap().iter().map(|d| (d.0, d.1.clone())).collect())
         }
-        fn in_use(&self, index: u32) -> Result<bool> {
+        async fn in_use(&self, index: u32) -> Result<bool> {
             Ok(self.devices.lock().unwrap().iter().any(|d| d.0 == index && d.2))
         }
     }
@@ -306,7 +318,7 @@ mod tests {
             dead_conn_timeout: std::time::Duration::from_secs(120),
         };
         let volumes = crate::volumes::Volumes::new(kernel, StateDir::open(tmp.path()).unwrap(), settings);
-        let (device, (abnormal, message)) = volumes.condition(&id('a')).unwrap();
+        let (device, (abnormal, message)) = volumes.condition(&id('a')).await.unwrap();
         assert_eq!(device, Some(0));
         assert!(abnormal && message.contains("no staging state"), "{message}");
     }
@@ -324,9 +336,8 @@ mod tests {
             timeout_secs: 5,
             dead_conn_timeout_secs: 5,
             staging_path: staging,
-            access: "block".into(),
+            access: Access::Block,
             read_only: false,
-            mount_flags: Vec::new(),
             index: None,
         }
     }
@@ -370,8 +381,55 @@ mod tests {
         assert_eq!(states.load(&vol).unwrap().unwrap().index, Some(1));
         // An unstaged volume is never attached again.
         states.save(&VolumeState { phase: Phase::Unstaging, ..s.clone() }).unwrap();
-        kernel.detach(1).unwrap();
+        kernel.detach(1).await.unwrap();
         healer.heal(&s).await.unwrap();
         assert_eq!(kernel.find(&vol).unwrap(), None);
+    }
+
+    /// Unstaging works from the device and the staging path: a state file
+    /// that no longer loads does not keep the volume staged forever.
+    #[tokio::test]
+    async fn unstage_goes_through_when_the_state_file_is_corrupt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let states = StateDir::open(tmp.path().join("state")).unwrap();
+        let vol = id('f');
+        states.save(&state(&vol, Phase::Staged, tmp.path().join("staging"))).unwrap();
+        let file = std::fs::read_dir(tmp.path().join("state")).unwrap().next().unwrap().unwrap().path();
+        std::fs::write(&file, b"{\"format\":1,").unwrap();
+        assert!(states.load(&vol).is_err());
+        let settings = crate::volumes::Settings {
+            connections: 1,
+            timeout: Duration::from_secs(30),
+            dead_conn_timeout: Duration::from_secs(120),
+        };
+        let volumes = crate::volumes::Volumes::new(Arc::new(FakeKernel::default()), states.clone(), settings);
+        volumes.unstage(&vol, &tmp.path().join("staging")).await.unwrap();
+        assert!(!file.exists());
+    }
+
+    /// The health a healer keeps is what NodeGetVolumeStats reports when
+    /// both are given the same one, as `serve` does.
+    #[tokio::test]
+    async fn volumes_report_the_health_their_healer_keeps() {
+        let tmp = tempfile::tempdir().unwrap();
+        let states = StateDir::open(tmp.path().join("state")).unwrap();
+        let vol = id('g');
+        // An nbdUri that does not parse: healing fails at once.
+        let broken = VolumeState { uri: "nbd://".into(), ..state(&vol, Phase::Staged, PathBuf::new()) };
+        states.save(&broken).unwrap();
+        let kernel = Arc::new(FakeKernel::with(&[(0, &vol, true)]));
+        let health = Arc::new(Health::default());
+        let healer = Healer::new(Arc::clone(&kernel), states.clone()).with_health(Arc::clone(&health));
+        let settings = crate::volumes::Settings {
+            connections: 1,
+            timeout: Duration::from_secs(30),
+            dead_conn_timeout: Duration::from_secs(120),
+        };
+        let volumes = crate::volumes::Volumes::new(kernel, states, settings).with_health(health);
+        assert!(!volumes.condition(&vol).await.unwrap().1.0, "healthy before healing fails");
+        assert!(healer.heal(&broken).await.is_err());
+        let (device, (abnormal, message)) = volumes.condition(&vol).await.unwrap();
+        assert_eq!(device, Some(0));
+        assert!(abnormal && message.contains("nbdUri"), "{message}");
     }
 }

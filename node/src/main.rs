@@ -5,6 +5,7 @@
 //! arguments and prints what `serve` would use.
 
 mod attach;
+mod blocking;
 mod connections;
 mod csi;
 mod error;
@@ -163,29 +164,11 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(attach_cmd(&uri, backend_id, state_dir.as_deref(), &args))
         }
         Command::Reconnect { uri, backend_id, args } => runtime.block_on(reconnect_cmd(&uri, backend_id, &args)),
-        Command::Detach { backend_id } => {
-            let attacher = KernelAttacher::open(false)?;
-            match attacher.find(&backend_id)? {
-                Some(index) => {
-                    attacher.detach(index).map_err(|e| anyhow::anyhow!(e.chain()))?;
-                    println!("detached=/dev/nbd{index}");
-                }
-                None => println!("detached=none"),
-            }
-            Ok(())
-        }
+        Command::Detach { backend_id } => runtime.block_on(detach_cmd(&backend_id)),
         Command::Serve(args) if validate => print_serve_plan(&args),
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Watch { state_dir, check_interval } => runtime.block_on(watch(state_dir, check_interval)),
-        Command::Status => {
-            let attacher = KernelAttacher::open(false)?;
-            for (index, backend) in attacher.list()? {
-                let connected = attacher.connected(index)?;
-                let queues = attacher.sysfs().hw_queues(index);
-                println!("nbd{index} backend={backend} connected={connected} hw_queues={queues}");
-            }
-            Ok(())
-        }
+        Command::Status => runtime.block_on(status_cmd()),
     }
 }
 
@@ -215,7 +198,7 @@ async fn attach_cmd(
     println!("netlink={}", attacher.is_netlink());
     if let Some(dir) = state_dir {
         let states = state::StateDir::open(dir)?;
-        states.save(&state::VolumeState {
+        let state = state::VolumeState {
             volume_id: spec.backend_id.clone(),
             phase: state::Phase::Staged,
             uri: uri.to_owned(),
@@ -223,15 +206,37 @@ async fn attach_cmd(
             timeout_secs: args.timeout,
             dead_conn_timeout_secs: args.dead_conn_timeout,
             staging_path: std::path::PathBuf::new(),
-            access: "block".into(),
+            access: state::Access::Block,
             read_only: false,
-            mount_flags: Vec::new(),
             index: Some(attached.index),
-        })?;
+        };
+        volumes::save(&states, &state).await?;
     }
     if !attacher.is_netlink() {
         csi_proto::shutdown::shutdown_signal()?.await;
-        attacher.detach(attached.index).map_err(|e| anyhow::anyhow!(e.chain()))?;
+        attacher.detach(attached.index).await.map_err(|e| anyhow::anyhow!(e.chain()))?;
+    }
+    Ok(())
+}
+
+async fn detach_cmd(backend_id: &str) -> anyhow::Result<()> {
+    let attacher = KernelAttacher::open(false)?;
+    match attacher.find(backend_id)? {
+        Some(index) => {
+            attacher.detach(index).await.map_err(|e| anyhow::anyhow!(e.chain()))?;
+            println!("detached=/dev/nbd{index}");
+        }
+        None => println!("detached=none"),
+    }
+    Ok(())
+}
+
+async fn status_cmd() -> anyhow::Result<()> {
+    let attacher = KernelAttacher::open(false)?;
+    for (index, backend) in attacher.list()? {
+        let connected = attacher.connected(index).await?;
+        let queues = attacher.sysfs().hw_queues(index);
+        println!("nbd{index} backend={backend} connected={connected} hw_queues={queues}");
     }
     Ok(())
 }
@@ -309,8 +314,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let attacher = std::sync::Arc::new(KernelAttacher::open(args.attach.ioctl)?);
     let states = state::StateDir::open(&state_dir)?;
     let events = events::Events::connect(args.kubeconfig.as_deref(), &args.driver_name, &args.node_id).await;
-    let mut healer = heal::Healer::new(std::sync::Arc::clone(&attacher), states.clone());
-    healer.events = events.clone();
+    let health = std::sync::Arc::new(health::Health::default());
+    let healer = heal::Healer::new(std::sync::Arc::clone(&attacher), states.clone())
+        .with_events(events.clone())
+        .with_health(std::sync::Arc::clone(&health));
     let healer = std::sync::Arc::new(healer);
     healer.reconcile().await.map_err(|e| anyhow::anyhow!(e.chain()))?;
     if let Some(listener) = attacher.link_dead_listener()? {
@@ -322,9 +329,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         timeout: Duration::from_secs(args.attach.timeout),
         dead_conn_timeout: Duration::from_secs(args.attach.dead_conn_timeout),
     };
-    let mut volumes = volumes::Volumes::new(attacher, states, settings);
-    volumes.events = events;
-    volumes.health = std::sync::Arc::clone(&healer.health);
+    let volumes = volumes::Volumes::new(attacher, states, settings).with_events(events).with_health(health);
     let volumes = std::sync::Arc::new(volumes);
     let info = csi::NodeInfo { driver_name: args.driver_name, node_id: args.node_id, max_volumes: args.max_volumes };
     let shutdown = csi_proto::shutdown::shutdown_signal()?;

@@ -5,7 +5,7 @@
 
 use proptest::prelude::*;
 
-use crate::state::{Phase, VolumeState};
+use crate::state::{Access, Phase, VolumeState};
 use crate::sys::mount::parse_mountinfo;
 use crate::sys::nbd_genl;
 use crate::sys::netlink::{self, Attrs, GenlRequest, Message};
@@ -14,35 +14,34 @@ fn no_newline() -> impl Strategy<Value = String> {
     "[^\n\r]{0,40}"
 }
 
+fn access() -> impl Strategy<Value = Access> {
+    let flags = prop::collection::vec("[a-z_=,]{1,10}", 0..4);
+    prop_oneof![
+        Just(Access::Block),
+        ("[^\n\r]{1,12}", flags).prop_map(|(fs_type, flags)| Access::Mount { fs_type, flags })
+    ]
+}
+
 fn state() -> impl Strategy<Value = VolumeState> {
     let phase = prop_oneof![Just(Phase::Attaching), Just(Phase::Staged), Just(Phase::Unstaging)];
     (
         ("[^\n\r=]{1,40}", phase, no_newline(), 1usize..9, any::<u32>(), any::<u32>()),
-        (
-            no_newline(),
-            "[^\n\r]{1,12}",
-            any::<bool>(),
-            prop::collection::vec("[a-z_=]{1,10}", 0..4),
-            any::<Option<u32>>(),
-        ),
+        (no_newline(), access(), any::<bool>(), any::<Option<u32>>()),
     )
-        .prop_map(
-            |((volume_id, phase, uri, connections, timeout, dead), (path, access, read_only, flags, index))| {
-                VolumeState {
-                    volume_id,
-                    phase,
-                    uri,
-                    connections,
-                    timeout_secs: timeout.into(),
-                    dead_conn_timeout_secs: dead.into(),
-                    staging_path: path.into(),
-                    access,
-                    read_only,
-                    mount_flags: flags,
-                    index,
-                }
-            },
-        )
+        .prop_map(|((volume_id, phase, uri, connections, timeout, dead), (path, access, read_only, index))| {
+            VolumeState {
+                volume_id,
+                phase,
+                uri,
+                connections,
+                timeout_secs: timeout.into(),
+                dead_conn_timeout_secs: dead.into(),
+                staging_path: path.into(),
+                access,
+                read_only,
+                index,
+            }
+        })
 }
 
 proptest! {
@@ -96,11 +95,26 @@ proptest! {
 
     #[test]
     fn state_files_decode_or_refuse(text in "\\PC{0,300}") {
-        let _ = VolumeState::decode(&text);
+        let _ = VolumeState::decode(text.as_bytes());
+        let _ = VolumeState::decode(format!("{{{text}").as_bytes());
     }
 
     #[test]
     fn states_round_trip(state in state()) {
-        prop_assert_eq!(VolumeState::decode(&state.encode()), Some(state));
+        prop_assert_eq!(VolumeState::decode(&state.encode().unwrap()).unwrap(), state);
+    }
+
+    /// What older versions wrote still reads back (their flags could not
+    /// hold a comma, and a block volume had none).
+    #[test]
+    fn key_value_states_still_decode(state in state()) {
+        let state = match state.access {
+            Access::Mount { fs_type, flags } if !fs_type.contains('=') && fs_type != "block" => {
+                let flags = flags.into_iter().filter(|f| !f.contains(',')).collect();
+                VolumeState { access: Access::Mount { fs_type, flags }, ..state }
+            }
+            _ => VolumeState { access: Access::Block, ..state },
+        };
+        prop_assert_eq!(VolumeState::decode(state.encode_key_value().as_bytes()).unwrap(), state);
     }
 }

@@ -1,22 +1,36 @@
-//! Per-volume staging state on disk, one small `key=value` file per volume,
-//! written atomically (temporary file, fsync, rename). It is what healing
-//! and the start-up reconciliation work from. The files hold each volume's
-//! nbdUri, whose export name is the volume's secret, and they live on the
-//! host: the directory is 0700 and every file 0600, whatever the umask, and
-//! a directory left readable by an older version is made private at open.
+//! Per-volume staging state on disk: one small JSON file per volume
+//! ([`VolumeState`] with its [`Phase`] and [`Access`]), written atomically
+//! (temporary file, fsync, rename, fsync of the directory). It is what
+//! healing and the start-up reconciliation work from. The files hold each
+//! volume's nbdUri, whose export name is the volume's secret, and they live
+//! on the host: the directory is 0700 and every file 0600, whatever the
+//! umask, and a directory left readable by an older version is made private
+//! at open. A file is read only up to [`MAX_STATE_FILE`] bytes.
+//!
+//! Older versions wrote `key=value` lines; such a file still loads (a node
+//! upgraded in place keeps its staged volumes) and is written as JSON at
+//! its next save.
 
-use std::fmt::Write as _;
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use crate::attach::AttachSpec;
 use crate::error::{Context, Error, ErrorKind, Result};
 use crate::uri::NbdUri;
 
+/// Bumped when the file's meaning changes; an older plugin refuses newer files.
+const FORMAT: u32 = 1;
+
+/// A state file is a few hundred bytes; anything past this is not one.
+pub const MAX_STATE_FILE: u64 = 64 * 1024;
+
 /// Where a volume is in its life on this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// CONNECT may have happened; not yet confirmed.
     Attaching,
@@ -25,26 +39,20 @@ pub enum Phase {
     Unstaging,
 }
 
-impl Phase {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Attaching => "attaching",
-            Self::Staged => "staged",
-            Self::Unstaging => "unstaging",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "attaching" => Self::Attaching,
-            "staged" => Self::Staged,
-            "unstaging" => Self::Unstaging,
-            _ => return None,
-        })
-    }
+/// How a volume is used: a raw block device or a filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum Access {
+    Block,
+    /// A filesystem (`fs_type`, e.g. ext4) mounted with the CSI mount flags.
+    Mount {
+        fs_type: String,
+        #[serde(default)]
+        flags: Vec<String>,
+    },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeState {
     pub volume_id: String,
     pub phase: Phase,
@@ -54,12 +62,25 @@ pub struct VolumeState {
     pub timeout_secs: u64,
     pub dead_conn_timeout_secs: u64,
     pub staging_path: PathBuf,
-    /// "block" or the filesystem type.
-    pub access: String,
+    pub access: Access,
     pub read_only: bool,
-    /// CSI mount flags of a filesystem volume, for mounting it again.
-    pub mount_flags: Vec<String>,
+    #[serde(default)]
     pub index: Option<u32>,
+}
+
+/// The file as written: the state and the format it is in.
+#[derive(Serialize)]
+struct Written<'a> {
+    format: u32,
+    #[serde(flatten)]
+    state: &'a VolumeState,
+}
+
+#[derive(Deserialize)]
+struct Read {
+    format: u32,
+    #[serde(flatten)]
+    state: VolumeState,
 }
 
 impl VolumeState {
@@ -73,44 +94,93 @@ impl VolumeState {
         })
     }
 
-    pub fn encode(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(s, "volume_id={}", self.volume_id);
-        let _ = writeln!(s, "phase={}", self.phase.as_str());
-        let _ = writeln!(s, "uri={}", self.uri);
-        let _ = writeln!(s, "connections={}", self.connections);
-        let _ = writeln!(s, "timeout={}", self.timeout_secs);
-        let _ = writeln!(s, "dead_conn_timeout={}", self.dead_conn_timeout_secs);
-        let _ = writeln!(s, "staging_path={}", self.staging_path.display());
-        let _ = writeln!(s, "access={}", self.access);
-        let _ = writeln!(s, "read_only={}", self.read_only);
-        let _ = writeln!(s, "mount_flags={}", self.mount_flags.join(","));
-        if let Some(i) = self.index {
-            let _ = writeln!(s, "index={i}");
-        }
-        s
+    /// The file's contents: JSON.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec_pretty(&Written { format: FORMAT, state: self })
+            .ctx(ErrorKind::InvalidArgument, || format!("encoding the state of volume {}", self.volume_id))
     }
 
-    pub fn decode(text: &str) -> Option<Self> {
+    /// A file's contents: JSON, or the `key=value` lines older versions
+    /// wrote (anything that does not start with `{`).
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let corrupt = |why: String| Error::new(ErrorKind::Io, format!("not a volume state file: {why}"));
+        if bytes.trim_ascii_start().starts_with(b"{") {
+            let read: Read = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+            if read.format > FORMAT {
+                return Err(corrupt(format!(
+                    "format {} is newer than this plugin's {FORMAT}; upgrade the plugin",
+                    read.format
+                )));
+            }
+            return Ok(read.state);
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| corrupt("neither JSON nor UTF-8 text".into()))?;
+        Self::decode_key_value(text).ok_or_else(|| corrupt("neither JSON nor complete key=value lines".into()))
+    }
+
+    /// The `key=value` format of older versions: `access` is `block` or the
+    /// filesystem type, `mount_flags` comma-separated (absent in the oldest).
+    pub fn decode_key_value(text: &str) -> Option<Self> {
         let get = |key: &str| {
             text.lines().find_map(|l| l.split_once('=').filter(|(k, _)| *k == key).map(|(_, v)| v.to_owned()))
         };
+        let phase = match get("phase")?.as_str() {
+            "attaching" => Phase::Attaching,
+            "staged" => Phase::Staged,
+            "unstaging" => Phase::Unstaging,
+            _ => return None,
+        };
+        let access = match get("access")? {
+            block if block == "block" => Access::Block,
+            fs_type => Access::Mount {
+                fs_type,
+                flags: get("mount_flags")
+                    .map(|v| v.split(',').filter(|f| !f.is_empty()).map(str::to_owned).collect())
+                    .unwrap_or_default(),
+            },
+        };
         Some(Self {
             volume_id: get("volume_id")?,
-            phase: Phase::parse(&get("phase")?)?,
+            phase,
             uri: get("uri")?,
             connections: get("connections")?.parse().ok()?,
             timeout_secs: get("timeout")?.parse().ok()?,
             dead_conn_timeout_secs: get("dead_conn_timeout")?.parse().ok()?,
             staging_path: PathBuf::from(get("staging_path")?),
-            access: get("access")?,
+            access,
             read_only: get("read_only")? == "true",
-            // Absent in files written before it existed: no flags.
-            mount_flags: get("mount_flags")
-                .map(|v| v.split(',').filter(|f| !f.is_empty()).map(str::to_owned).collect())
-                .unwrap_or_default(),
             index: get("index").and_then(|v| v.parse().ok()),
         })
+    }
+
+    /// What older versions wrote, for the tests that read such files.
+    #[cfg(test)]
+    pub fn encode_key_value(&self) -> String {
+        use std::fmt::Write as _;
+        let (access, flags) = match &self.access {
+            Access::Block => ("block", String::new()),
+            Access::Mount { fs_type, flags } => (fs_type.as_str(), flags.join(",")),
+        };
+        let phase = match self.phase {
+            Phase::Attaching => "attaching",
+            Phase::Staged => "staged",
+            Phase::Unstaging => "unstaging",
+        };
+        let mut s = String::new();
+        let _ = writeln!(s, "volume_id={}", self.volume_id);
+        let _ = writeln!(s, "phase={phase}");
+        let _ = writeln!(s, "uri={}", self.uri);
+        let _ = writeln!(s, "connections={}", self.connections);
+        let _ = writeln!(s, "timeout={}", self.timeout_secs);
+        let _ = writeln!(s, "dead_conn_timeout={}", self.dead_conn_timeout_secs);
+        let _ = writeln!(s, "staging_path={}", self.staging_path.display());
+        let _ = writeln!(s, "access={access}");
+        let _ = writeln!(s, "read_only={}", self.read_only);
+        let _ = writeln!(s, "mount_flags={flags}");
+        if let Some(i) = self.index {
+            let _ = writeln!(s, "index={i}");
+        }
+        s
     }
 }
 
@@ -123,6 +193,27 @@ pub struct StateDir {
 /// File name for a volume id: hex, so any id is a safe, unique name.
 fn file_name(volume_id: &str) -> String {
     volume_id.bytes().map(|b| format!("{b:02x}")).collect::<String>() + ".vol"
+}
+
+/// A state file's contents, refused before reading when larger than
+/// [`MAX_STATE_FILE`]; `None` when there is no file.
+fn read_capped(path: &Path) -> Result<Option<Vec<u8>>> {
+    let what = || format!("reading {}", path.display());
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::with_source(ErrorKind::Io, what(), e)),
+    };
+    let mut bytes = Vec::new();
+    // One byte past the cap tells an oversized file from one exactly at it.
+    file.take(MAX_STATE_FILE + 1).read_to_end(&mut bytes).ctx(ErrorKind::Io, what)?;
+    if bytes.len() as u64 > MAX_STATE_FILE {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!("{} is larger than {MAX_STATE_FILE} bytes: not a volume state file", path.display()),
+        ));
+    }
+    Ok(Some(bytes))
 }
 
 impl StateDir {
@@ -147,20 +238,28 @@ impl StateDir {
         self.dir.join(file_name(volume_id))
     }
 
+    /// Writes the volume's file as JSON, atomically; a file in the older
+    /// `key=value` format is replaced by JSON here.
     pub fn save(&self, state: &VolumeState) -> Result<()> {
-        let text = state.encode();
-        let fields = [state.volume_id.as_str(), &state.uri, &state.access, &state.staging_path.to_string_lossy()];
+        // No legitimate id, nbdUri, path, type or mount flag holds a line
+        // break; one that does is garbage from the caller.
+        let fields = [state.volume_id.as_str(), &state.uri, &state.staging_path.to_string_lossy()];
         let newline = |f: &str| f.contains('\n');
-        if fields.iter().any(|f| newline(f)) || state.mount_flags.iter().any(|f| newline(f)) {
+        let access_newline = match &state.access {
+            Access::Block => false,
+            Access::Mount { fs_type, flags } => newline(fs_type) || flags.iter().any(|f| newline(f)),
+        };
+        if fields.iter().any(|f| newline(f)) || access_newline {
             return Err(Error::new(ErrorKind::InvalidArgument, "volume state fields cannot contain newlines"));
         }
+        let bytes = state.encode()?;
         let path = self.path(&state.volume_id);
         let tmp = path.with_extension("tmp");
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::options().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
             // A temp file left by a crash keeps its old mode: set it again.
             f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-            f.write_all(text.as_bytes())?;
+            f.write_all(&bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
             std::fs::File::open(&self.dir)?.sync_all()
@@ -168,12 +267,14 @@ impl StateDir {
         write().ctx(ErrorKind::Io, || format!("saving state of volume {}", state.volume_id))
     }
 
+    /// The volume's state; an unreadable, oversized or corrupt file is an
+    /// error naming the file, never taken for "not staged".
     pub fn load(&self, volume_id: &str) -> Result<Option<VolumeState>> {
-        match std::fs::read_to_string(self.path(volume_id)) {
-            Ok(text) => Ok(VolumeState::decode(&text)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::with_source(ErrorKind::Io, format!("reading state of volume {volume_id}"), e)),
-        }
+        let path = self.path(volume_id);
+        let Some(bytes) = read_capped(&path)? else { return Ok(None) };
+        VolumeState::decode(&bytes)
+            .map(Some)
+            .map_err(|e| Error::new(e.kind, format!("state of volume {volume_id} ({}): {}", path.display(), e.message)))
     }
 
     pub fn remove(&self, volume_id: &str) -> Result<()> {
@@ -185,14 +286,20 @@ impl StateDir {
         }
     }
 
+    /// Every state that loads; a file that does not is logged and skipped,
+    /// so one bad file does not stop the others from being healed.
     pub fn all(&self) -> Result<Vec<VolumeState>> {
         let rd = std::fs::read_dir(&self.dir).ctx(ErrorKind::Io, || format!("listing {}", self.dir.display()))?;
         let mut out = Vec::new();
         for entry in rd.flatten() {
-            if entry.path().extension().is_some_and(|e| e == "vol")
-                && let Some(s) = std::fs::read_to_string(entry.path()).ok().and_then(|t| VolumeState::decode(&t))
-            {
-                out.push(s);
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "vol") {
+                continue;
+            }
+            match read_capped(&path).and_then(|b| b.map(|b| VolumeState::decode(&b)).transpose()) {
+                Ok(Some(state)) => out.push(state),
+                Ok(None) => {}
+                Err(e) => tracing::error!(file = %path.display(), error = %e.chain(), "skipping a state file"),
             }
         }
         out.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
@@ -213,9 +320,8 @@ mod tests {
             timeout_secs: 30,
             dead_conn_timeout_secs: 120,
             staging_path: "/var/lib/kubelet/staging/x".into(),
-            access: "ext4".into(),
+            access: Access::Mount { fs_type: "ext4".into(), flags: vec!["noatime".into(), "discard".into()] },
             read_only: false,
-            mount_flags: vec!["noatime".into(), "discard".into()],
             index: Some(3),
         }
     }
@@ -276,18 +382,113 @@ mod tests {
         let mut bad = sample("x");
         bad.uri.push_str("\nphase=staged");
         assert!(dir.save(&bad).is_err());
-        assert_eq!(VolumeState::decode("volume_id=x\n"), None);
+        assert_eq!(VolumeState::decode_key_value("volume_id=x\n"), None);
         let mut flagged = sample("y");
-        flagged.mount_flags = vec!["a\nphase=attaching".into()];
+        flagged.access = Access::Mount { fs_type: "ext4".into(), flags: vec!["a\nphase=attaching".into()] };
         assert!(dir.save(&flagged).is_err());
     }
 
     #[test]
     fn reads_files_written_before_mount_flags_existed() {
         let mut old = sample("x");
-        let text: String =
-            old.encode().lines().filter(|l| !l.starts_with("mount_flags=")).map(|l| format!("{l}\n")).collect();
-        old.mount_flags.clear();
-        assert_eq!(VolumeState::decode(&text), Some(old));
+        let text: String = old
+            .encode_key_value()
+            .lines()
+            .filter(|l| !l.starts_with("mount_flags="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        old.access = Access::Mount { fs_type: "ext4".into(), flags: Vec::new() };
+        assert_eq!(VolumeState::decode_key_value(&text), Some(old));
+    }
+
+    #[test]
+    fn new_files_are_json_with_typed_fields() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(tmp.path()).unwrap();
+        dir.save(&sample("v")).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path("v")).unwrap()).unwrap();
+        assert_eq!(json["format"], FORMAT);
+        assert_eq!(json["phase"], "staged");
+        assert_eq!(
+            json["access"],
+            serde_json::json!({"type": "mount", "fs_type": "ext4", "flags": ["noatime", "discard"]})
+        );
+        assert_eq!(json["index"], 3);
+        let block = VolumeState { access: Access::Block, index: None, ..sample("b") };
+        dir.save(&block).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path("b")).unwrap()).unwrap();
+        assert_eq!(json["access"], serde_json::json!({"type": "block"}));
+        assert_eq!(dir.load("b").unwrap(), Some(block));
+    }
+
+    /// A node upgraded in place keeps its staged volumes: the files an
+    /// older version wrote load to the same state, and become JSON at the
+    /// next save.
+    #[test]
+    fn key_value_files_of_older_versions_load_and_are_saved_as_json() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(tmp.path()).unwrap();
+        let old_mount = "volume_id=v\nphase=staged\nuri=nbd://10.0.0.1:10900/tok%20en\nconnections=4\ntimeout=30\n\
+                         dead_conn_timeout=120\nstaging_path=/var/lib/kubelet/staging/x\naccess=ext4\nread_only=false\n\
+                         mount_flags=noatime,discard\nindex=3\n";
+        let old_block = "volume_id=b\nphase=attaching\nuri=nbd://10.0.0.1:10901/t\nconnections=1\ntimeout=5\n\
+                         dead_conn_timeout=6\nstaging_path=/s\naccess=block\nread_only=true\nmount_flags=\n";
+        std::fs::write(dir.path("v"), old_mount).unwrap();
+        std::fs::write(dir.path("b"), old_block).unwrap();
+        assert_eq!(dir.load("v").unwrap(), Some(sample("v")));
+        let block = VolumeState {
+            volume_id: "b".into(),
+            phase: Phase::Attaching,
+            uri: "nbd://10.0.0.1:10901/t".into(),
+            connections: 1,
+            timeout_secs: 5,
+            dead_conn_timeout_secs: 6,
+            staging_path: "/s".into(),
+            access: Access::Block,
+            read_only: true,
+            index: None,
+        };
+        assert_eq!(dir.load("b").unwrap(), Some(block.clone()));
+        assert_eq!(dir.all().unwrap(), [block, sample("v")]);
+
+        let loaded = dir.load("v").unwrap().unwrap();
+        dir.save(&loaded).unwrap();
+        let text = std::fs::read_to_string(dir.path("v")).unwrap();
+        assert!(text.trim_start().starts_with('{'), "{text}");
+        assert_eq!(dir.load("v").unwrap(), Some(sample("v")));
+    }
+
+    #[test]
+    fn corrupt_oversized_and_newer_files_are_clear_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(tmp.path()).unwrap();
+        dir.save(&sample("good")).unwrap();
+        let cases: [(&str, Vec<u8>, &str); 5] = [
+            ("json", br#"{"format":1,"volume_id":"json","phase":"staged""#.to_vec(), "EOF while parsing"),
+            ("kv", b"volume_id=kv\nphase=staged\n".to_vec(), "neither JSON nor complete key=value lines"),
+            ("bin", vec![0xff, 0xfe, 0x00], "neither JSON nor UTF-8"),
+            ("big", vec![b' '; MAX_STATE_FILE as usize + 1], "larger than 65536 bytes"),
+            (
+                "new",
+                {
+                    let mut json: serde_json::Value = serde_json::from_slice(&sample("new").encode().unwrap()).unwrap();
+                    json["format"] = (FORMAT + 1).into();
+                    serde_json::to_vec(&json).unwrap()
+                },
+                "newer than this plugin's",
+            ),
+        ];
+        for (id, bytes, expected) in &cases {
+            std::fs::write(dir.path(id), bytes).unwrap();
+            let err = dir.load(id).unwrap_err();
+            let message = err.chain();
+            assert!(message.contains(expected), "{id}: {message}");
+            assert!(message.contains(&dir.path(id).display().to_string()), "{id}: names the file: {message}");
+        }
+        // A file exactly at the cap is read (and refused for what it holds).
+        std::fs::write(dir.path("cap"), vec![b' '; MAX_STATE_FILE as usize]).unwrap();
+        assert!(!dir.load("cap").unwrap_err().chain().contains("larger than"));
+        // The bad files do not hide the good one.
+        assert_eq!(dir.all().unwrap(), [sample("good")]);
     }
 }

@@ -1,5 +1,7 @@
 //! Stage, publish, expand and inspect volumes: the node's work behind the
-//! CSI calls, independent of gRPC. Every step is idempotent.
+//! CSI calls, independent of gRPC. Every step is idempotent. Mounts,
+//! unmounts, fsyncs and the kernel requests run on the blocking pool
+//! ([`blocking`]), never on a runtime worker.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,19 +11,13 @@ use csi_proto::contract::PublishContext;
 
 use crate::attach::devices::{device_path, mounts_using};
 use crate::attach::{AttachSpec, Attacher};
+use crate::blocking::blocking;
 use crate::error::{Context, Error, ErrorKind, Result};
 use crate::events::Events;
 use crate::fsutil::{self, Content};
 use crate::health::{self, Health};
-use crate::state::{Phase, StateDir, VolumeState};
+use crate::state::{Access, Phase, StateDir, VolumeState};
 use crate::sys::mount::{self, MountEntry};
-
-/// How a volume is used: a raw block device or a filesystem.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Access {
-    Block,
-    Mount { fs_type: String, flags: Vec<String> },
-}
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -32,13 +28,13 @@ pub struct Settings {
 
 #[derive(Debug)]
 pub struct Volumes<A> {
-    pub attacher: Arc<A>,
-    pub states: StateDir,
-    pub settings: Settings,
-    /// Where a failed attach is reported (off unless set).
-    pub events: Events,
+    attacher: Arc<A>,
+    states: StateDir,
+    settings: Settings,
+    /// Where a failed attach is reported (off unless given).
+    events: Events,
     /// The healer's view of each connection (empty without a healer).
-    pub health: Arc<Health>,
+    health: Arc<Health>,
     /// One volume operation at a time on this node.
     lock: tokio::sync::Mutex<()>,
 }
@@ -47,8 +43,25 @@ fn invalid(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidArgument, msg)
 }
 
-fn users_of(index: u32) -> Result<Vec<PathBuf>> {
-    Ok(mounts_using(&mount::mounts()?, index))
+async fn users_of(index: u32) -> Result<Vec<PathBuf>> {
+    blocking(move || Ok(mounts_using(&mount::mounts()?, index))).await
+}
+
+/// The mount at `path`, if any.
+pub(crate) async fn mount_at(path: &Path) -> Result<Option<MountEntry>> {
+    let path = path.to_owned();
+    blocking(move || mount::mount_at(&path)).await
+}
+
+pub(crate) async fn unmount(path: &Path) -> Result<()> {
+    let path = path.to_owned();
+    blocking(move || mount::unmount(&path)).await
+}
+
+/// Saves a state file (it is fsynced, with its directory).
+pub(crate) async fn save(states: &StateDir, state: &VolumeState) -> Result<()> {
+    let (states, state) = (states.clone(), state.clone());
+    blocking(move || states.save(&state)).await
 }
 
 /// Publications of device `index` other than `staging` and `target`: with
@@ -58,9 +71,26 @@ fn other_publications(mounts: &[MountEntry], index: u32, staging: &Path, target:
 }
 
 impl<A: Attacher> Volumes<A> {
+    /// Volumes that report nothing and know no healer; see
+    /// [`Self::with_events`] and [`Self::with_health`].
     pub fn new(attacher: Arc<A>, states: StateDir, settings: Settings) -> Self {
         let lock = tokio::sync::Mutex::new(());
         Self { attacher, states, settings, events: Events::default(), health: Arc::default(), lock }
+    }
+
+    /// Failed attaches become Events here.
+    pub fn with_events(self, events: Events) -> Self {
+        Self { events, ..self }
+    }
+
+    /// The healer's per-volume health, which NodeGetVolumeStats reports and
+    /// unstaging clears.
+    pub fn with_health(self, health: Arc<Health>) -> Self {
+        Self { health, ..self }
+    }
+
+    pub fn attacher(&self) -> &A {
+        &self.attacher
     }
 
     pub async fn stage(
@@ -82,15 +112,8 @@ impl<A: Attacher> Volumes<A> {
             timeout_secs: self.settings.timeout.as_secs(),
             dead_conn_timeout_secs: self.settings.dead_conn_timeout.as_secs(),
             staging_path: staging.to_owned(),
-            access: match access {
-                Access::Block => "block".into(),
-                Access::Mount { fs_type, .. } => fs_type.clone(),
-            },
+            access: access.clone(),
             read_only: context.read_only,
-            mount_flags: match access {
-                Access::Block => Vec::new(),
-                Access::Mount { flags, .. } => flags.clone(),
-            },
             index: None,
         };
         if let Some(old) = self.states.load(volume_id)?
@@ -102,7 +125,7 @@ impl<A: Attacher> Volumes<A> {
         let index = match self.attacher.find(volume_id)? {
             Some(index) => index,
             None => {
-                self.states.save(&state)?;
+                save(&self.states, &state).await?;
                 let spec = AttachSpec {
                     uri: context.nbd_uri.clone(),
                     backend_id: volume_id.to_owned(),
@@ -116,10 +139,10 @@ impl<A: Attacher> Volumes<A> {
         };
         state.index = Some(index);
         if let Access::Mount { fs_type, flags } = access {
-            mount_staging(index, staging, fs_type, flags, context.read_only, true)?;
+            mount_staging(index, staging, fs_type, flags, context.read_only, true).await?;
         }
         state.phase = Phase::Staged;
-        self.states.save(&state)?;
+        save(&self.states, &state).await?;
         Ok(index)
     }
 
@@ -128,10 +151,16 @@ impl<A: Attacher> Volumes<A> {
             return Err(invalid("volume id and staging path are required"));
         }
         let _guard = self.lock.lock().await;
-        let state = self.states.load(volume_id)?;
+        // A state file that does not load must not keep the device attached:
+        // unstaging works from the device and the staging path, and removes
+        // the file at the end.
+        let state = self.states.load(volume_id).unwrap_or_else(|e| {
+            tracing::warn!(volume = %volume_id, error = %e.chain(), "unstaging without its state");
+            None
+        });
         let index = self.attacher.find(volume_id)?;
         if let Some(index) = index {
-            let users: Vec<PathBuf> = users_of(index)?.into_iter().filter(|t| t != staging).collect();
+            let users: Vec<PathBuf> = users_of(index).await?.into_iter().filter(|t| t != staging).collect();
             if !users.is_empty() {
                 return Err(Error::new(
                     ErrorKind::Busy,
@@ -141,9 +170,9 @@ impl<A: Attacher> Volumes<A> {
         }
         if let Some(mut s) = state.clone() {
             s.phase = Phase::Unstaging;
-            self.states.save(&s)?;
+            save(&self.states, &s).await?;
         }
-        let mounted = mount::mount_at(staging)?.is_some();
+        let mounted = mount_at(staging).await?.is_some();
         // Push every dirty page to the server first: if it is gone for good,
         // this fails after the dead-connection timeout and the caller hears
         // that writes were lost, instead of the teardown hiding it.
@@ -152,10 +181,10 @@ impl<A: Attacher> Volumes<A> {
             None => Ok(()),
         };
         if mounted {
-            mount::unmount(staging)?;
+            unmount(staging).await?;
         }
         if let Some(index) = index {
-            self.attacher.detach(index)?;
+            self.attacher.detach(index).await?;
         }
         self.states.remove(volume_id)?;
         self.health.healed(volume_id);
@@ -191,11 +220,13 @@ impl<A: Attacher> Volumes<A> {
             .load(volume_id)?
             .filter(|s| s.phase == Phase::Staged)
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("volume {volume_id} is not staged")))?;
-        if mount::mount_at(target)?.is_some() {
+        if mount_at(target).await?.is_some() {
             return Ok(());
         }
-        if single_writer && let Some(index) = self.attacher.find(volume_id)?.or(state.index) {
-            let others = other_publications(&mount::mounts()?, index, staging, target);
+        let index = self.attacher.find(volume_id)?.or(state.index);
+        if single_writer && let Some(index) = index {
+            let mounts = blocking(mount::mounts).await?;
+            let others = other_publications(&mounts, index, staging, target);
             if !others.is_empty() {
                 return Err(Error::new(
                     ErrorKind::Busy,
@@ -203,26 +234,31 @@ impl<A: Attacher> Volumes<A> {
                 ));
             }
         }
-        if block {
-            let index = self
-                .attacher
-                .find(volume_id)?
-                .or(state.index)
-                .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("volume {volume_id} has no device")))?;
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).ctx(ErrorKind::Io, || format!("creating {}", parent.display()))?;
-            }
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(target)
-                .ctx(ErrorKind::Io, || format!("creating {}", target.display()))?;
-            mount::bind(&device_path(index), target, ro)
+        let source = if block {
+            let index =
+                index.ok_or_else(|| Error::new(ErrorKind::NotFound, format!("volume {volume_id} has no device")))?;
+            device_path(index)
         } else {
-            std::fs::create_dir_all(target).ctx(ErrorKind::Io, || format!("creating {}", target.display()))?;
-            mount::bind(staging, target, ro)
-        }
+            staging.to_owned()
+        };
+        let target = target.to_owned();
+        blocking(move || {
+            if block {
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).ctx(ErrorKind::Io, || format!("creating {}", parent.display()))?;
+                }
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&target)
+                    .ctx(ErrorKind::Io, || format!("creating {}", target.display()))?;
+            } else {
+                std::fs::create_dir_all(&target).ctx(ErrorKind::Io, || format!("creating {}", target.display()))?;
+            }
+            mount::bind(&source, &target, ro)
+        })
+        .await
     }
 
     pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<()> {
@@ -230,22 +266,26 @@ impl<A: Attacher> Volumes<A> {
             return Err(invalid("volume id and target path are required"));
         }
         let _guard = self.lock.lock().await;
-        while mount::mount_at(target)?.is_some() {
-            mount::unmount(target)?;
-        }
-        match std::fs::metadata(target) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir(target),
-            Ok(_) => std::fs::remove_file(target),
-            Err(_) => Ok(()),
-        }
-        .ctx(ErrorKind::Io, || format!("removing {}", target.display()))
+        let target = target.to_owned();
+        blocking(move || {
+            while mount::mount_at(&target)?.is_some() {
+                mount::unmount(&target)?;
+            }
+            match std::fs::metadata(&target) {
+                Ok(m) if m.is_dir() => std::fs::remove_dir(&target),
+                Ok(_) => std::fs::remove_file(&target),
+                Err(_) => Ok(()),
+            }
+            .ctx(ErrorKind::Io, || format!("removing {}", target.display()))
+        })
+        .await
     }
 
     /// The volume's device index, if any, and its VolumeCondition
     /// (abnormal, message).
-    pub fn condition(&self, volume_id: &str) -> Result<(Option<u32>, (bool, String))> {
+    pub async fn condition(&self, volume_id: &str) -> Result<(Option<u32>, (bool, String))> {
         let device = match self.attacher.find(volume_id)? {
-            Some(index) => Some((index, self.attacher.connected(index)?)),
+            Some(index) => Some((index, self.attacher.connected(index).await?)),
             None => None,
         };
         if self.states.load(volume_id)?.is_none() {
@@ -272,9 +312,9 @@ impl<A: Attacher> Volumes<A> {
             .find(volume_id)?
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("volume {volume_id} has no device")))?;
         let size = self.attacher.resize(index, &state.spec()?).await?;
-        if state.access != "block" {
+        if let Access::Mount { fs_type, .. } = &state.access {
             let path = if volume_path.as_os_str().is_empty() { state.staging_path.as_path() } else { volume_path };
-            fsutil::grow(&device_path(index), path, &state.access)?;
+            fsutil::grow(&device_path(index), path, fs_type).await?;
         }
         Ok(size)
     }
@@ -283,7 +323,7 @@ impl<A: Attacher> Volumes<A> {
 /// Mounts the filesystem on device `index` at `staging` (a no-op when it is
 /// already there). A blank device is formatted only when `may_format`:
 /// healing never formats, NodeStageVolume does.
-pub(crate) fn mount_staging(
+pub(crate) async fn mount_staging(
     index: u32,
     staging: &Path,
     fs_type: &str,
@@ -292,18 +332,20 @@ pub(crate) fn mount_staging(
     may_format: bool,
 ) -> Result<()> {
     let dev = device_path(index);
-    if let Some(m) = mount::mount_at(staging)? {
+    if let Some(m) = mount_at(staging).await? {
         if Path::new(&m.source) == dev {
             return Ok(());
         }
         return Err(Error::new(ErrorKind::Busy, format!("{} is already a mount of {}", staging.display(), m.source)));
     }
-    std::fs::create_dir_all(staging).ctx(ErrorKind::Io, || format!("creating {}", staging.display()))?;
-    let fs_type = match fsutil::probe(&dev)? {
+    let dir = staging.to_owned();
+    blocking(move || std::fs::create_dir_all(&dir).ctx(ErrorKind::Io, || format!("creating {}", dir.display())))
+        .await?;
+    let fs_type = match fsutil::probe(&dev).await? {
         Content::Blank if ro => return Err(invalid("a blank volume cannot be staged read-only")),
         Content::Blank if !may_format => return Err(invalid("the volume is blank; not formatting it while healing")),
         Content::Blank => {
-            fsutil::format(&dev, fs_type)?;
+            fsutil::format(&dev, fs_type).await?;
             fs_type
         }
         Content::Filesystem(found) if found == fs_type || (found == "ext4" && fs_type.starts_with("ext")) => fs_type,
@@ -314,7 +356,8 @@ pub(crate) fn mount_staging(
             return Err(invalid("the volume holds data that is not a known filesystem; refusing to format it"));
         }
     };
-    mount::mount_fs(&dev, staging, fs_type, ro, flags)
+    let (staging, fs_type, flags) = (staging.to_owned(), fs_type.to_owned(), flags.to_vec());
+    blocking(move || mount::mount_fs(&dev, &staging, &fs_type, ro, &flags)).await
 }
 
 /// syncfs on the staged filesystem, then fsync on the device (the kernel

@@ -1,6 +1,9 @@
 //! Attaching exports as /dev/nbdX: the [`Attacher`] trait and its kernel
-//! implementation (generic netlink; ioctls only where netlink is missing).
+//! implementation (generic netlink behind [`control::NbdControl`]; ioctls
+//! only where netlink is missing). Whatever can block in the kernel is
+//! async here.
 
+mod control;
 pub mod devices;
 mod kernel;
 mod sockets;
@@ -8,6 +11,8 @@ mod sockets;
 use std::path::PathBuf;
 use std::time::Duration;
 
+#[cfg(test)]
+pub use control::NbdControl;
 pub use kernel::KernelAttacher;
 
 use crate::error::Result;
@@ -52,14 +57,15 @@ pub trait Attacher: Send + Sync {
     /// Tells the kernel the export's current size; returns it.
     fn resize(&self, index: u32, spec: &AttachSpec) -> impl Future<Output = Result<u64>> + Send;
     /// Disconnects the device (idempotent).
-    fn detach(&self, index: u32) -> Result<()>;
-    /// The device attached with this backend identifier.
+    fn detach(&self, index: u32) -> impl Future<Output = Result<()>> + Send;
+    /// The device attached with this backend identifier (from sysfs or
+    /// memory: nothing that waits).
     fn find(&self, backend_id: &str) -> Result<Option<u32>>;
     /// Whether the kernel still has the device configured.
-    fn connected(&self, index: u32) -> Result<bool>;
+    fn connected(&self, index: u32) -> impl Future<Output = Result<bool>> + Send;
     /// Every (index, backend identifier) the kernel has.
     fn list(&self) -> Result<Vec<(u32, String)>>;
     /// Whether anything uses the device: a mount of it, or an exclusive
     /// holder (a filesystem, device-mapper, an O_EXCL opener).
-    fn in_use(&self, index: u32) -> Result<bool>;
+    fn in_use(&self, index: u32) -> impl Future<Output = Result<bool>> + Send;
 }

@@ -2,6 +2,8 @@
 
 mod identity;
 mod node;
+#[cfg(test)]
+mod tests;
 
 use std::path::Path;
 use std::sync::Arc;

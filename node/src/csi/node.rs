@@ -1,6 +1,6 @@
 //! CSI Node: maps requests onto [`Volumes`].
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use csi_proto::contract::PublishContext;
@@ -11,11 +11,15 @@ use csi_proto::volume_capability::access_mode::Mode;
 use csi_proto::volume_usage::Unit;
 use csi_proto::*;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use super::{NodeInfo, status};
 use crate::attach::KernelAttacher;
+use crate::blocking::blocking;
+use crate::error::{Error, ErrorKind};
 use crate::fsutil;
-use crate::volumes::{Access, Volumes};
+use crate::state::Access;
+use crate::volumes::Volumes;
 
 #[derive(Debug, Clone)]
 pub struct NodeService {
@@ -38,6 +42,20 @@ fn access(cap: Option<&VolumeCapability>) -> Result<Access, Status> {
     }
 }
 
+/// Runs a volume operation to its end in a task of its own. When the caller
+/// goes away (kubelet's deadline, a restart), tonic drops the handler, but a
+/// kernel request already on the blocking pool goes on: the operation goes
+/// on with it, holding the node's volume lock, so that kubelet's retry finds
+/// it done rather than half done (a device attached, its state "attaching").
+async fn to_the_end<T: Send + 'static>(
+    op: impl Future<Output = crate::error::Result<T>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(op.in_current_span())
+        .await
+        .map_err(|e| Status::internal(format!("volume operation failed: {e}")))?
+        .map_err(status)
+}
+
 #[tonic::async_trait]
 impl Node for NodeService {
     #[tracing::instrument(err, skip_all, fields(volume.id = %req.get_ref().volume_id))]
@@ -52,8 +70,9 @@ impl Node for NodeService {
         let access = access(r.volume_capability.as_ref())?;
         let context =
             PublishContext::try_from(&r.publish_context).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let staging = Path::new(&r.staging_target_path);
-        let index = self.volumes.stage(&r.volume_id, &context, staging, &access).await.map_err(status)?;
+        let volumes = Arc::clone(&self.volumes);
+        let (volume_id, staging) = (r.volume_id.clone(), PathBuf::from(&r.staging_target_path));
+        let index = to_the_end(async move { volumes.stage(&volume_id, &context, &staging, &access).await }).await?;
         tracing::info!(volume = %r.volume_id, index, "staged");
         Ok(Response::new(NodeStageVolumeResponse {}))
     }
@@ -64,7 +83,9 @@ impl Node for NodeService {
         req: Request<NodeUnstageVolumeRequest>,
     ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
         let r = req.into_inner();
-        self.volumes.unstage(&r.volume_id, Path::new(&r.staging_target_path)).await.map_err(status)?;
+        let volumes = Arc::clone(&self.volumes);
+        let (volume_id, staging) = (r.volume_id.clone(), PathBuf::from(&r.staging_target_path));
+        to_the_end(async move { volumes.unstage(&volume_id, &staging).await }).await?;
         tracing::info!(volume = %r.volume_id, "unstaged");
         Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
@@ -79,14 +100,16 @@ impl Node for NodeService {
         if r.staging_target_path.is_empty() {
             return Err(Status::failed_precondition("staging_target_path is required (STAGE_UNSTAGE_VOLUME)"));
         }
-        let (staging, target) = (Path::new(&r.staging_target_path), Path::new(&r.target_path));
+        let (staging, target) = (PathBuf::from(&r.staging_target_path), PathBuf::from(&r.target_path));
         let block = access == Access::Block;
         let single_writer = r
             .volume_capability
             .as_ref()
             .and_then(|c| c.access_mode.as_ref())
             .is_some_and(|m| m.mode == Mode::SingleNodeSingleWriter as i32);
-        self.volumes.publish(&r.volume_id, staging, target, block, r.readonly, single_writer).await.map_err(status)?;
+        let (volumes, volume_id, ro) = (Arc::clone(&self.volumes), r.volume_id, r.readonly);
+        to_the_end(async move { volumes.publish(&volume_id, &staging, &target, block, ro, single_writer).await })
+            .await?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 
@@ -96,7 +119,8 @@ impl Node for NodeService {
         req: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let r = req.into_inner();
-        self.volumes.unpublish(&r.volume_id, Path::new(&r.target_path)).await.map_err(status)?;
+        let (volumes, target) = (Arc::clone(&self.volumes), PathBuf::from(&r.target_path));
+        to_the_end(async move { volumes.unpublish(&r.volume_id, &target).await }).await?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
@@ -109,13 +133,19 @@ impl Node for NodeService {
         if r.volume_id.is_empty() || r.volume_path.is_empty() {
             return Err(Status::invalid_argument("volume_id and volume_path are required"));
         }
-        let path = Path::new(&r.volume_path);
-        let meta =
-            std::fs::metadata(path).map_err(|_| Status::not_found(format!("{} does not exist", r.volume_path)))?;
-        let (device, (abnormal, message)) = self.volumes.condition(&r.volume_id).map_err(status)?;
+        let path = PathBuf::from(&r.volume_path);
+        // stat and statvfs of a filesystem on a device whose server is gone
+        // may wait: on the blocking pool.
+        let (is_dir, usage) = blocking(move || {
+            let meta = std::fs::metadata(&path)
+                .map_err(|_| Error::new(ErrorKind::NotFound, format!("{} does not exist", path.display())))?;
+            Ok((meta.is_dir(), if meta.is_dir() { Some(fsutil::usage(&path)?) } else { None }))
+        })
+        .await
+        .map_err(status)?;
+        let (device, (abnormal, message)) = self.volumes.condition(&r.volume_id).await.map_err(status)?;
         let condition = VolumeCondition { abnormal, message };
-        let usage = if meta.is_dir() {
-            let (b, i) = fsutil::usage(path).map_err(status)?;
+        let usage = if let (true, Some((b, i))) = (is_dir, usage) {
             let u = |v: [u64; 3], unit: Unit| VolumeUsage {
                 total: v[0] as i64,
                 available: v[1] as i64,
@@ -124,7 +154,7 @@ impl Node for NodeService {
             };
             vec![u(b, Unit::Bytes), u(i, Unit::Inodes)]
         } else {
-            let size = device.and_then(|i| self.volumes.attacher.sysfs().size_bytes(i)).unwrap_or(0);
+            let size = device.and_then(|i| self.volumes.attacher().sysfs().size_bytes(i)).unwrap_or(0);
             vec![VolumeUsage { total: size as i64, available: 0, used: 0, unit: Unit::Bytes as i32 }]
         };
         Ok(Response::new(NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) }))
@@ -140,7 +170,8 @@ impl Node for NodeService {
             return Err(Status::invalid_argument("volume_id and volume_path are required"));
         }
         let path = if r.staging_target_path.is_empty() { &r.volume_path } else { &r.staging_target_path };
-        let size = self.volumes.expand(&r.volume_id, Path::new(path)).await.map_err(status)?;
+        let (volumes, path) = (Arc::clone(&self.volumes), PathBuf::from(path));
+        let size = to_the_end(async move { volumes.expand(&r.volume_id, &path).await }).await?;
         Ok(Response::new(NodeExpandVolumeResponse { capacity_bytes: size as i64 }))
     }
 
@@ -176,6 +207,7 @@ impl Node for NodeService {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+    use std::path::Path;
     use std::time::Duration;
 
     use csi_proto::contract::publish_key::{NBD_URI, READ_ONLY};

@@ -111,13 +111,13 @@ ensure_kube_apiserver() {
     )
 }
 
-# The rest of a cluster (tests/cluster): kubelet, kube-controller-manager and
-# kube-scheduler, from the same throwaway module as kube-apiserver. Static
+# The rest of a cluster (tests/cluster): kubelet, kube-controller-manager,
+# kube-scheduler and kube-proxy, from the same module as kube-apiserver. Static
 # (CGO off, as the release builds), so they run in the VM's root file system.
 ensure_kube_node() {
     ensure_kube_apiserver
     local dir=$NBD_CSI_TOOLS/build/kubernetes-$KUBERNETES_VERSION cmd start
-    for cmd in kubelet kube-controller-manager kube-scheduler; do
+    for cmd in kubelet kube-controller-manager kube-scheduler kube-proxy; do
         tools_have "$cmd" "$KUBERNETES_VERSION" && continue
         start=$(date +%s)
         echo "building $cmd $KUBERNETES_VERSION in $dir"
@@ -148,8 +148,17 @@ tools_build_sidecar() { # NAME MODULE VERSION
     rm -rf "$dir" && cp -r "$src" "$dir" && chmod -R u+w "$dir"
     (
         cd "$dir" || exit 1
+        # A replace pointing into the repository (external-snapshotter's
+        # ./client) is not in the module zip: use that module's release of
+        # the same version instead.
+        local local_module
+        for local_module in $(go mod edit -json | python3 -c 'import json, sys
+for r in json.load(sys.stdin).get("Replace") or []:
+    if r["New"]["Path"].startswith("./"): print(r["Old"]["Path"])'); do
+            go mod edit -dropreplace="$local_module" -require="$local_module@$3"
+        done
         CGO_ENABLED=0 GOFLAGS=-mod=mod nice -n 10 go build -trimpath -ldflags "-s -w -X main.version=$3" -o "$TOOLS_BIN/$1" "./cmd/$1"
-    )
+    ) || { echo "building $1 $3 failed" >&2; return 1; }
     tools_built "$1" "$3-static" "$start"
 }
 

@@ -12,8 +12,9 @@
 #   localhost/pause:3.10                containerd's sandbox image
 #   localhost/busybox:local             the test pods' workload image
 # then checks them: our binaries print the workspace version, the node
-# image's tools run, every sidecar starts, and the registrar stand-in
-# registers the real node plugin.
+# image's tools run, every sidecar starts, the registrar stand-in registers
+# the real node plugin, and Debian's containerd imports every archive under
+# its name.
 #
 # Usage (as root): tests/cluster/images.sh OUTDIR
 # OUTDIR gets NAME.tar per image and images.txt ("IMAGE FILE SIZE_BYTES").
@@ -38,7 +39,7 @@ exec 9>"$cache/lock"
 flock 9
 
 need=()
-for tool in buildah:buildah mmdebstrap:mmdebstrap gcc:gcc objcopy:binutils curl:curl; do
+for tool in buildah:buildah mmdebstrap:mmdebstrap gcc:gcc objcopy:binutils curl:curl containerd:containerd; do
     command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
 done
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev)
@@ -54,6 +55,9 @@ export PATH=/usr/local/go/bin:$PATH GOTOOLCHAIN=local
 # vfs and chroot: no overlay mounts, no user namespaces, no daemon.
 export BUILDAH_ISOLATION=chroot
 B=(buildah --root "$cache/storage" --runroot "$cache/run" --storage-driver vfs)
+# Working containers are throwaway: the checks' and those buildah bud leaves
+# for a stage without instructions (the Dockerfile's `prebuilt`).
+"${B[@]}" rm --all >/dev/null
 
 version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)
 [ -n "$version" ] || { echo "no [workspace.package] version in Cargo.toml" >&2; exit 1; }
@@ -295,6 +299,7 @@ for archive in "$cache"/archives/*.tar; do
     [[ " ${keep[*]} " == *" $archive "* ]] || rm -f "$archive"
 done
 # Untagged images left by rebuilds.
+"${B[@]}" rm --all >/dev/null
 "${B[@]}" rmi --prune >/dev/null 2>&1 || true
 
 # --- checks
@@ -427,6 +432,31 @@ rc=0
 for _ in $(seq 50); do kill -0 "$reg_pid" 2>/dev/null || break; sleep 0.1; done
 wait "$reg_pid" 2>/dev/null || rc=$?
 if [ "$rc" = 1 ]; then ok "registrar stand-in exits 1 when the kubelet reports a failed registration"; else bad "registrar stand-in after a failed registration: exit $rc"; fi
+
+# The archives as the VM loads them: Debian's containerd (the VM's) on a
+# private socket imports each under its name.
+mkdir -p "$work/containerd"
+cat >"$work/containerd/config.toml" <<EOF
+version = 2
+root = "$work/containerd/root"
+state = "$work/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$work/containerd/sock"
+EOF
+containerd --config "$work/containerd/config.toml" >"$work/containerd/log" 2>&1 &
+pids+=($!)
+ctr=(ctr --address "$work/containerd/sock" --namespace k8s.io)
+for _ in $(seq 100); do "${ctr[@]}" version >/dev/null 2>&1 && break; sleep 0.1; done
+while read -r image file _; do
+    # native: no overlay mount needed on the host.
+    if got=$("${ctr[@]}" images import --snapshotter native "$out/$file" 2>&1) &&
+        "${ctr[@]}" images ls -q | grep -qx "$image"; then
+        ok "ctr images import $file: $image"
+    else
+        bad "ctr images import $file did not give $image: $got"
+    fi
+done <"$out/images.txt"
 
 # --- sizes
 total=0

@@ -31,7 +31,9 @@ COPY events events
 COPY controller controller
 COPY node node
 # The release profile keeps line tables for backtraces; the image drops them
-# (75 MB of each binary's 95 MB), as tests/cluster/images.sh does.
+# (about three quarters of each binary: 76 MB to 20 MB for the controller, 58
+# to 15 for the node plugin), as tests/cluster/images.sh does. Backtraces keep
+# the function names.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p nbd-csi-controller -p nbd-csi-node --bins \

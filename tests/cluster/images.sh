@@ -220,12 +220,16 @@ build_image "localhost/nbd-csi:$version" \
     --build-arg "BINARIES_FROM=localhost/nbd-csi-binaries:$version" --build-arg "RUNTIME_IMAGE=$base_name" .
 
 # --- the pinned sidecars, static binaries from tests/k8s/tools.sh.
-ensure_cluster_sidecars
+ensure_cluster_sidecars || bad "ensure_cluster_sidecars failed (tests/k8s/tools.sh)"
 sidecars="csi-provisioner:$EXTERNAL_PROVISIONER_VERSION csi-attacher:$EXTERNAL_ATTACHER_VERSION
     csi-resizer:$EXTERNAL_RESIZER_VERSION csi-snapshotter:$EXTERNAL_SNAPSHOTTER_VERSION
     snapshot-controller:$EXTERNAL_SNAPSHOTTER_VERSION"
 for s in $sidecars; do
-    single_binary_image "localhost/$s" "$TOOLS_BIN/${s%%:*}" "kubernetes-csi ${s%%:*} ${s#*:}, built from its module by nbd-csi's tests"
+    if [ -x "$TOOLS_BIN/${s%%:*}" ]; then
+        single_binary_image "localhost/$s" "$TOOLS_BIN/${s%%:*}" "kubernetes-csi ${s%%:*} ${s#*:}, built from its module by nbd-csi's tests"
+    else
+        bad "no $TOOLS_BIN/${s%%:*}: ensure_cluster_sidecars did not build it"
+    fi
 done
 
 # --- stand-ins for livenessprobe and node-driver-registrar, at the chart's
@@ -253,7 +257,10 @@ single_binary_image localhost/pause:3.10 "$pause_dir/pause" "pod sandbox placeho
 
 # --- the workload image: Debian's static busybox with every applet linked.
 bb_dir=$cache/busybox
-bb_version=$(apt-cache policy busybox-static | awk '/Candidate:/ {print $2}')
+bb_candidate() { apt-cache policy busybox-static | awk '/Candidate:/ && $2 != "(none)" {print $2}'; }
+bb_version=$(bb_candidate)
+[ -n "$bb_version" ] || { apt-get update -qq && bb_version=$(bb_candidate); }
+[ -n "$bb_version" ] || { echo "apt knows no busybox-static" >&2; exit 1; }
 if [ "$(cat "$bb_dir/version" 2>/dev/null)" != "$bb_version" ]; then
     rm -rf "$bb_dir" && mkdir -p "$bb_dir/deb"
     (cd "$bb_dir/deb" && apt-get download busybox-static 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
@@ -450,8 +457,9 @@ ctr=(ctr --address "$work/containerd/sock" --namespace k8s.io)
 for _ in $(seq 100); do "${ctr[@]}" version >/dev/null 2>&1 && break; sleep 0.1; done
 while read -r image file _; do
     # native: no overlay mount needed on the host.
+    # (The list is read whole: grep -q closing the pipe early fails it under pipefail.)
     if got=$("${ctr[@]}" images import --snapshotter native "$out/$file" 2>&1) &&
-        "${ctr[@]}" images ls -q | grep -qx "$image"; then
+        grep -qx "$image" <<<"$("${ctr[@]}" images ls -q)"; then
         ok "ctr images import $file: $image"
     else
         bad "ctr images import $file did not give $image: $got"

@@ -71,37 +71,46 @@ hash_text() { sha256sum | cut -c1-32; }
 image_id() { "${B[@]}" inspect --type image --format '{{.FromImageID}}' "$1" 2>/dev/null; }
 stamp_file() { echo "$cache/stamps/$(tr '/:' '__' <<<"$1")"; }
 
-# build_image NAME KEY BUD_ARGS...: buildah bud unless the image was built
-# from inputs with this KEY and is still in the storage.
+# up_to_date NAME KEY: the image was built from inputs with this KEY and is
+# still in the storage.
+up_to_date() {
+    local id
+    id=$(image_id "$1" || true)
+    [ -n "$id" ] && [ "$(cat "$(stamp_file "$1")" 2>/dev/null)" = "$2 $id" ]
+}
+
+# build_image NAME KEY BUD_ARGS...: buildah bud unless up to date.
 build_image() {
-    local name=$1 key=$2 stamp id
+    local name=$1 key=$2 start
     shift 2
-    stamp=$(stamp_file "$name")
-    id=$(image_id "$name" || true)
-    if [ -n "$id" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$key $id" ]; then
+    if up_to_date "$name" "$key"; then
         echo "image $name: up to date"
         return 0
     fi
-    local start; start=$(date +%s)
+    start=$(date +%s)
     "${B[@]}" bud --quiet --pull=never --layers=false -t "$name" "$@" >/dev/null
-    echo "$key $(image_id "$name")" >"$stamp"
+    echo "$key $(image_id "$name")" >"$(stamp_file "$name")"
     echo "image $name: built in $(($(date +%s) - start))s"
 }
 
-# A FROM-scratch image holding one static binary as its entrypoint.
+# A FROM-scratch image holding one static binary as its entrypoint. The
+# build context (a copy of the binary) lives only while buildah reads it.
 single_binary_image() { # NAME BINARY DESCRIPTION
-    local name=$1 bin=$2 desc=$3 base ctx
+    local name=$1 bin=$2 desc=$3 base ctx containerfile key
     base=$(basename "$bin")
-    ctx=$cache/ctx/$base
-    rm -rf "$ctx" && mkdir -p "$ctx"
-    cp "$bin" "$ctx/$base"
-    cat >"$ctx/Containerfile" <<EOF
-FROM scratch
-LABEL org.opencontainers.image.description="$desc"
+    containerfile="FROM scratch
+LABEL org.opencontainers.image.description=\"$desc\"
 COPY $base /$base
-ENTRYPOINT ["/$base"]
-EOF
-    build_image "$name" "$(hash_of "$ctx/$base" "$ctx/Containerfile")" -f "$ctx/Containerfile" "$ctx"
+ENTRYPOINT [\"/$base\"]"
+    key=$( { sha256sum <"$bin"; echo "$containerfile"; } | hash_text)
+    ctx=$cache/ctx/$base
+    if ! up_to_date "$name" "$key"; then
+        rm -rf "$ctx" && mkdir -p "$ctx"
+        cp "$bin" "$ctx/$base"
+        echo "$containerfile" >"$ctx/Containerfile"
+    fi
+    build_image "$name" "$key" -f "$ctx/Containerfile" "$ctx"
+    rm -rf "$ctx"
 }
 
 # --- the runtime base: Debian bookworm, only the programs the images run
@@ -214,6 +223,7 @@ for b in nbd-csi-controller nbd-csi-node; do objcopy --strip-debug "$release/$b"
 printf 'FROM scratch\nCOPY out/ /out/\n' >"$bin_ctx/Containerfile"
 build_image "localhost/nbd-csi-binaries:$version" "$(hash_of "$bin_ctx"/out/* "$bin_ctx/Containerfile")" \
     -f "$bin_ctx/Containerfile" "$bin_ctx"
+rm -rf "$bin_ctx"
 build_image "localhost/nbd-csi:$version" \
     "$( { cat Dockerfile; image_id "localhost/nbd-csi-binaries:$version"; image_id "$base_name"; echo "$version"; } | hash_text)" \
     --target prebuilt-image --build-arg "VERSION=$version" \
@@ -379,14 +389,27 @@ else
     bad "localhost/busybox:local: $got"
 fi
 
-# pause on the host: SIGTERM ends it with 0.
-"$pause_dir/pause" 2>/dev/null &
-pid=$!
-sleep 0.2
-kill -TERM "$pid"
+# pause as PID 1 of its own PID namespace, as in a pod sandbox: an orphan
+# handed to it is reaped (no zombie left), and SIGTERM ends it with 0.
+unshare --pid --fork --mount-proc "$pause_dir/pause" &
+unshare_pid=$!
+pause_pid=
+for _ in $(seq 50); do pause_pid=$(pgrep -P "$unshare_pid" || true); [ -n "$pause_pid" ] && break; sleep 0.1; done
+if [ -n "$pause_pid" ]; then
+    # The shell exits at once: its sleep becomes pause's child, then exits too.
+    nsenter -t "$pause_pid" -p -m sh -c 'sleep 0.3 & exit'
+    children=x
+    for _ in $(seq 50); do
+        children=$(ps -o stat=,comm= --ppid "$pause_pid" || true)
+        [ -z "$children" ] && break
+        sleep 0.1
+    done
+    if [ -z "$children" ]; then ok "pause as PID 1 reaps an orphan"; else bad "pause as PID 1 left: $children"; fi
+    kill -TERM "$pause_pid"
+fi
 rc=0
-wait "$pid" || rc=$?
-if [ "$rc" = 0 ]; then ok "pause exits 0 on SIGTERM"; else bad "pause exited $rc on SIGTERM"; fi
+wait "$unshare_pid" || rc=$?
+if [ -n "$pause_pid" ] && [ "$rc" = 0 ]; then ok "pause as PID 1 exits 0 on SIGTERM"; else bad "pause as PID 1: exit $rc"; fi
 
 # The stand-ins against the real node plugin (the same binaries as in their
 # images): the registrar names the driver to a kubelet-like client and

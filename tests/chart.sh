@@ -188,10 +188,11 @@ for member in $members; do
         bad "Dockerfile or .dockerignore misses workspace member $member"
     fi
 done
-# The binaries it copies out are workspace binaries.
+# The binaries both final stages copy (from the builder or a prebuilt image)
+# are workspace binaries.
 bins=$(cargo metadata --no-deps --format-version 1 --offline 2>/dev/null |
     python3 -c 'import json,sys; print("\n".join(t["name"] for p in json.load(sys.stdin)["packages"] for t in p["targets"] if "bin" in t["kind"]))')
-for bin in $(sed -n 's#^COPY --from=builder \(.*\) /usr/local/bin/$#\1#p' Dockerfile); do
+for bin in $(sed -n 's#^COPY --from=\(builder\|prebuilt\) \(.*\) /usr/local/bin/$#\2#p' Dockerfile | tr ' ' '\n' | sort -u); do
     name=$(basename "$bin")
     if grep -qx "$name" <<<"$bins"; then ok "Dockerfile copies binary target $name"; else bad "Dockerfile copies $bin, no such binary target"; fi
     # Built binaries (cargo build --release) must not need a newer glibc than bookworm's 2.36.

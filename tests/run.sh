@@ -81,5 +81,8 @@ suite chart-args ./tests/chart-args.sh
 suite apiserver ./tests/k8s/apiserver.sh
 # Controller, csi-provisioner and csi-attacher as processes against it.
 suite e2e ./tests/k8s/e2e.sh
+# The chart as users run it: helm install on a one-node cluster (kubelet,
+# containerd, Kubernetes' own controllers) in the qemu VM, images built here.
+suite cluster ./tests/cluster/run.sh
 
 awk '{ p += $2; f += $3; s += $4 } END { printf "%d passed, %d failed, %d skipped\n", p, f, s; exit (f > 0) }' "$results"

@@ -28,28 +28,10 @@ if [ ${#need[@]} -gt 0 ]; then
         "qemu-system-x86=$qemu_version" "qemu-utils=$qemu_version" busybox-static cpio nbdkit e2fsprogs xfsprogs fio
 fi
 
-# The kernel: the newest linux-image-6.1.0-N-amd64: vmlinuz, nbd.ko, and
-# ext4 and xfs with their dependencies (modules in Debian's kernel), in load
-# order. The package is kept, so a longer module list needs no download.
+# The kernel: vmlinuz, its package (kept) and the modules listed here.
 modules="lib/crc16.ko fs/mbcache.ko fs/jbd2/jbd2.ko crypto/crc32c_generic.ko fs/ext4/ext4.ko lib/libcrc32c.ko fs/xfs/xfs.ko drivers/block/nbd.ko"
-missing=0
-for m in $modules; do [ -f "$cache/modules/$(basename "$m")" ] || missing=1; done
-if [ ! -f "$cache/vmlinuz" ] || [ "$missing" = 1 ]; then
-    if ! ls "$cache"/kernel/linux-image-*.deb >/dev/null 2>&1; then
-        n=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' |
-            sed -E 's/^linux-image-6\.1\.0-([0-9]+)-amd64 .*/\1/' | sort -n | tail -1)
-        [ -n "$n" ] || { echo "no linux-image-6.1.0-N-amd64 in apt" >&2; exit 1; }
-        rm -rf "$cache/kernel" && mkdir -p "$cache/kernel"
-        (cd "$cache/kernel" && apt-get download "linux-image-6.1.0-$n-amd64" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
-    fi
-    rm -rf "$cache/kernel/x"
-    dpkg-deb -x "$cache"/kernel/linux-image-*.deb "$cache/kernel/x"
-    cp "$cache"/kernel/x/boot/vmlinuz-* "$cache/vmlinuz.tmp"
-    rm -rf "$cache/modules.tmp" && mkdir -p "$cache/modules.tmp"
-    for m in $modules; do cp "$cache"/kernel/x/lib/modules/*/kernel/"$m" "$cache/modules.tmp/"; done
-    rm -rf "$cache/modules" && mv "$cache/modules.tmp" "$cache/modules" && mv "$cache/vmlinuz.tmp" "$cache/vmlinuz"
-    rm -rf "$cache/kernel/x"
-fi
+. tests/vm/kernel.sh
+ensure_vm_kernel "$cache" "$modules"
 
 # csi-sanity, as tests/csi-sanity.sh installs it (a Go binary; only libc).
 CSI_TEST_VERSION=v5.6.0

@@ -1,0 +1,234 @@
+#!/bin/bash
+# Inside the cluster VM, after cluster.sh: `helm install nbd-csi` as a user
+# runs it (only the image repositories pointed at the locally built images
+# and the controller's storage on a hostPath, the VM having no other
+# provisioner), then what a user would check. Nothing here performs a step
+# of a Kubernetes controller or of the kubelet: every object the test makes
+# is one a user makes (PVCs, pods, VolumeSnapshots, helm releases).
+# One RESULT line per scenario, one SUMMARY line. $SCENARIOS (run.env)
+# selects scenarios by name, in order.
+set -u
+export KUBECONFIG=/etc/kubernetes/admin.conf
+. /payload/run.env
+driver=nbd.csi.dev
+ns=nbd-csi
+passed=0
+failed=0
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+note() { echo "scenario: [$(uptime_s)s] $*"; }
+fail() { note "FAILED: $*"; return 1; }
+k() { kubectl "$@"; }
+# wait_for SECONDS WHAT COMMAND...: polls every second; false after SECONDS.
+wait_for() {
+    local deadline=$((SECONDS + $1)) what=$2
+    shift 2
+    until "$@" >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || { note "timed out waiting: $what"; return 1; }
+        sleep 1
+    done
+}
+pod_ready() { [ "$(k get pod "$@" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]; }
+gone() { ! k get "$@" >/dev/null 2>&1; }
+pvc_bound() { [ "$(k get pvc "$1" -o jsonpath='{.status.phase}')" = Bound ]; }
+
+# The images the run built (tests/cluster/images.sh), by the chart's keys.
+chart_images=(
+    --set image.repository=localhost/nbd-csi --set "image.tag=$VERSION"
+    --set sidecars.provisioner.image.repository=localhost/csi-provisioner
+    --set sidecars.attacher.image.repository=localhost/csi-attacher
+    --set sidecars.resizer.image.repository=localhost/csi-resizer
+    --set sidecars.snapshotter.image.repository=localhost/csi-snapshotter
+    --set sidecars.livenessProbe.image.repository=localhost/livenessprobe
+    --set sidecars.nodeDriverRegistrar.image.repository=localhost/csi-node-driver-registrar
+)
+helm_install() { # extra helm args...
+    helm install nbd-csi /payload/chart/nbd-csi --namespace "$ns" --create-namespace \
+        "${chart_images[@]}" --set controller.storage.type=hostPath \
+        --set volumeSnapshotClass.create=true "$@" --wait --timeout 10m
+}
+
+# A pod of the busybox image on the volume of CLAIM: mounted at /data
+# (Filesystem) or as /dev/xvda (Block); it sleeps, the test execs into it.
+workload() { # NAME CLAIM fs|block
+    local volume
+    if [ "$3" = block ]; then
+        volume="volumeDevices: [{ name: v, devicePath: /dev/xvda }]"
+    else
+        volume="volumeMounts: [{ name: v, mountPath: /data }]"
+    fi
+    k apply -f - <<YAML
+apiVersion: v1
+kind: Pod
+metadata: { name: $1 }
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+    - name: w
+      image: localhost/busybox:local
+      command: [sleep, "3600"]
+      $volume
+  volumes:
+    - name: v
+      persistentVolumeClaim: { claimName: $2 }
+YAML
+    wait_for 240 "pod $1 Ready" pod_ready "$1"
+}
+claim() { # NAME SIZE fs|block [extra spec yaml]
+    local mode=Filesystem
+    [ "$3" = block ] && mode=Block
+    k apply -f - <<YAML
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: { name: $1 }
+spec:
+  storageClassName: nbd
+  volumeMode: $mode
+  accessModes: [ReadWriteOnce]
+  resources: { requests: { storage: $2 } }
+  ${4:-}
+YAML
+    wait_for 120 "claim $1 Bound" pvc_bound "$1"
+}
+delete_pod() { k delete pod "$1" --wait=false >/dev/null; wait_for 180 "pod $1 gone" gone pod "$1"; }
+in_pod() { local pod=$1; shift; k exec "$pod" -- "$@"; }
+
+scenario_install() {
+    local crds=/payload/crds
+    # The snapshot CRDs and snapshot-controller, as a cluster admin installs
+    # them before a CSI driver that takes snapshots.
+    k apply -f "$crds/" >/dev/null || return 1
+    k apply -f /payload/guest/snapshot-controller.yaml >/dev/null || return 1
+    helm_install || return 1
+    wait_for 120 "driver in CSINode" sh -c "kubectl get csinode nbd-node -o jsonpath='{.spec.drivers[*].name}' | grep -qw $driver" \
+        || return 1
+    k -n "$ns" get pods -o wide
+}
+
+scenario_filesystem() {
+    claim fs-claim 64Mi fs || return 1
+    workload fs-writer fs-claim fs || return 1
+    in_pod fs-writer sh -c 'dd if=/dev/urandom of=/data/blob bs=1M count=8 2>/dev/null && sync && sha256sum /data/blob >/data/blob.sha256' \
+        || return 1
+    local sum; sum=$(in_pod fs-writer cat /data/blob.sha256) || return 1
+    note "written: $sum"
+    grep -q "/dev/nbd" /proc/mounts || fail "no /dev/nbd mount on the node" || return 1
+    delete_pod fs-writer || return 1
+    # The same claim in a new pod on the same node: the data is there.
+    workload fs-reader fs-claim fs || return 1
+    in_pod fs-reader sha256sum -c /data/blob.sha256 || fail "data changed across pods" || return 1
+    in_pod fs-reader df -P /data
+}
+
+scenario_block() {
+    claim block-claim 64Mi block || return 1
+    workload block-user block-claim block || return 1
+    local size
+    size=$(in_pod block-user blockdev --getsize64 /dev/xvda) || return 1
+    [ "$size" = 67108864 ] || fail "block device is $size bytes, want 67108864" || return 1
+    in_pod block-user sh -c 'dd if=/dev/urandom of=/tmp/pattern bs=1M count=4 2>/dev/null &&
+        dd if=/tmp/pattern of=/dev/xvda bs=1M seek=16 conv=fsync 2>/dev/null &&
+        dd if=/dev/xvda of=/tmp/back bs=1M skip=16 count=4 iflag=direct 2>/dev/null &&
+        cmp /tmp/pattern /tmp/back' || fail "block write/read back differs" || return 1
+    delete_pod block-user
+}
+
+scenario_expand() {
+    # Online: the filesystem claim grows while fs-reader has it mounted.
+    k patch pvc fs-claim -p '{"spec":{"resources":{"requests":{"storage":"128Mi"}}}}' >/dev/null || return 1
+    wait_for 180 "fs-claim capacity 128Mi" \
+        sh -c '[ "$(kubectl get pvc fs-claim -o jsonpath={.status.capacity.storage})" = 128Mi ]' || return 1
+    local blocks
+    wait_for 120 "df in the pod shows the new size" \
+        sh -c '[ "$(kubectl exec fs-reader -- df -P /data | awk "NR==2 {print \$2}")" -gt 100000 ]' || return 1
+    blocks=$(in_pod fs-reader df -P /data | awk 'NR==2 {print $2}')
+    note "df /data: $blocks 1K-blocks"
+    in_pod fs-reader sha256sum -c /data/blob.sha256 || fail "data changed by the expansion" || return 1
+    # The node's block device under that mount has the new size too.
+    local dev
+    dev=$(awk '$1 ~ /^\/dev\/nbd/ && $2 ~ /fs-claim|pvc-/ { print $1; exit }' /proc/mounts)
+    [ -n "$dev" ] && note "$dev: $(blockdev --getsize64 "$dev") bytes"
+}
+
+scenario_snapshot() {
+    k apply -f - <<YAML >/dev/null || return 1
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: { name: fs-snap }
+spec:
+  volumeSnapshotClassName: nbd
+  source: { persistentVolumeClaimName: fs-claim }
+YAML
+    wait_for 180 "snapshot ready" \
+        sh -c '[ "$(kubectl get volumesnapshot fs-snap -o jsonpath={.status.readyToUse})" = true ]' || return 1
+    # Written after the snapshot: must not be in the restored claim.
+    in_pod fs-reader sh -c 'echo after >/data/after && sync' || return 1
+    claim fs-restored 128Mi fs "dataSource: { name: fs-snap, kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io }" \
+        || return 1
+    workload fs-restored-reader fs-restored fs || return 1
+    in_pod fs-restored-reader sha256sum -c /data/blob.sha256 || fail "restored data differs" || return 1
+    in_pod fs-restored-reader test ! -e /data/after || fail "restored claim has data written after the snapshot" || return 1
+    delete_pod fs-restored-reader
+}
+
+scenario_plugin_restart() {
+    # I/O in the workload while the node plugin's pod is deleted and the
+    # DaemonSet recreates it: the kernel owns the NBD sockets, so the writes
+    # go on; every one is synced and read back at the end.
+    in_pod fs-reader sh -c 'rm -f /data/io.*; i=0; while [ $i -lt 60 ]; do
+            dd if=/dev/urandom of=/data/io.$i bs=64k count=4 conv=fsync 2>/dev/null || { echo "write $i failed"; exit 1; }
+            sha256sum /data/io.$i >>/data/io.sums; i=$((i + 1)); sleep 0.5; done' >/tmp/io.out 2>&1 &
+    local io=$! old
+    sleep 5
+    old=$(k -n "$ns" get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.name}')
+    k -n "$ns" delete pod "$old" --wait=false >/dev/null || return 1
+    wait_for 120 "old node plugin pod gone" gone pod -n "$ns" "$old" || return 1
+    wait_for 180 "new node plugin pod Ready" sh -c \
+        "kubectl -n $ns get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[*].status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
+    wait "$io" || { cat /tmp/io.out; fail "I/O failed while the node plugin restarted"; return 1; }
+    in_pod fs-reader sha256sum -c -s /data/io.sums || fail "data written during the restart differs" || return 1
+    note "60 synced writes, all read back, across the node plugin's restart"
+}
+
+scenario_uninstall() {
+    k delete volumesnapshot --all --wait=false >/dev/null
+    k delete pod --all --wait=false >/dev/null
+    wait_for 180 "workload pods gone" sh -c '[ -z "$(kubectl get pods -o name)" ]' || return 1
+    k delete pvc --all --wait=false >/dev/null
+    wait_for 240 "PersistentVolumes gone" sh -c '[ -z "$(kubectl get pv -o name)" ]' || return 1
+    wait_for 120 "VolumeSnapshotContents gone" sh -c '[ -z "$(kubectl get volumesnapshotcontent -o name 2>/dev/null)" ]' || return 1
+    wait_for 120 "VolumeAttachments gone" sh -c '[ -z "$(kubectl get volumeattachment -o name)" ]' || return 1
+    helm uninstall nbd-csi --namespace "$ns" --wait --timeout 5m || return 1
+    wait_for 180 "chart's pods gone" sh -c "[ -z \"\$(kubectl -n $ns get pods -o name)\" ]" || return 1
+    local left
+    left=$(k get all,csidriver,storageclass,volumesnapshotclass,serviceaccount,clusterrole,clusterrolebinding,role,rolebinding -A \
+        -l app.kubernetes.io/instance=nbd-csi -o name 2>/dev/null)
+    [ -z "$left" ] || fail "objects left behind: $left" || return 1
+    grep -q "/dev/nbd" /proc/mounts && { fail "nbd mounts left: $(grep /dev/nbd /proc/mounts)"; return 1; }
+    local d busy=""
+    for d in /sys/block/nbd*; do [ -e "$d/pid" ] && busy="$busy ${d##*/}"; done
+    [ -z "$busy" ] || fail "nbd devices still connected:$busy" || return 1
+    wait_for 60 "driver gone from CSINode" sh -c "! kubectl get csinode nbd-node -o jsonpath='{.spec.drivers[*].name}' | grep -qw $driver"
+}
+
+all="install filesystem block expand snapshot plugin_restart uninstall"
+for name in ${SCENARIOS:-$all}; do
+    started=$(uptime_s)
+    note "=== $name"
+    if "scenario_$name"; then
+        status=ok; passed=$((passed + 1))
+    else
+        status=FAIL; failed=$((failed + 1))
+        k get pods -A -o wide
+        k get pvc,pv,volumeattachment 2>&1 | head -30
+        k get events -A --sort-by=.lastTimestamp 2>&1 | tail -25
+        for pod in $(k get pods -A -o jsonpath='{range .items[*]}{.metadata.namespace}/{.metadata.name}{"\n"}{end}'); do
+            for c in $(k -n "${pod%/*}" get pod "${pod#*/}" -o jsonpath='{.spec.containers[*].name}'); do
+                echo "----- logs $pod $c"
+                k -n "${pod%/*}" logs "${pod#*/}" -c "$c" --tail 15 2>&1
+            done
+        done
+    fi
+    echo "RESULT $name $status $(awk -v a="$started" -v b="$(uptime_s)" 'BEGIN { printf "%.0fs", b - a }')"
+done
+echo "SUMMARY passed=$passed failed=$failed"
+[ "$failed" -eq 0 ]

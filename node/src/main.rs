@@ -20,6 +20,7 @@ mod sys;
 mod uri;
 mod volumes;
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -51,6 +52,11 @@ struct AttachArgs {
     /// Use the ioctl interface even where netlink exists (testing the fallback).
     #[arg(long)]
     ioctl: bool,
+    /// Connect to servers from this address: the node's own (in a pod, its
+    /// status.hostIP), the one the controller admits. Default: chosen by route,
+    /// which on a route into a pod network is the bridge's or tunnel's address.
+    #[arg(long, env = "NBD_CSI_SOURCE_ADDRESS")]
+    source_address: Option<IpAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,7 +195,7 @@ async fn attach_cmd(
     args: &AttachArgs,
 ) -> anyhow::Result<()> {
     let spec = spec(uri, backend_id, args)?;
-    let attacher = KernelAttacher::open(args.ioctl)?;
+    let attacher = KernelAttacher::open(args.ioctl)?.with_source_address(args.source_address);
     let attached = attacher.attach(&spec).await.map_err(|e| anyhow::anyhow!(e.chain()))?;
     println!("device={}", attached.device().display());
     println!("size={}", attached.size);
@@ -304,6 +310,8 @@ fn print_serve_plan(args: &ServeArgs) -> anyhow::Result<()> {
     println!("connections={connections}");
     println!("timeout={}", args.attach.timeout);
     println!("dead_conn_timeout={}", args.attach.dead_conn_timeout);
+    let source = args.attach.source_address.map_or_else(|| "by route".to_owned(), |a| a.to_string());
+    println!("source_address={source}");
     println!("max_volumes={}", args.max_volumes);
     println!("check_interval={}", args.check_interval);
     Ok(())
@@ -311,7 +319,8 @@ fn print_serve_plan(args: &ServeArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let state_dir = check_serve_args(&args)?;
-    let attacher = std::sync::Arc::new(KernelAttacher::open(args.attach.ioctl)?);
+    let attacher =
+        std::sync::Arc::new(KernelAttacher::open(args.attach.ioctl)?.with_source_address(args.attach.source_address));
     let states = state::StateDir::open(&state_dir)?;
     let events = events::Events::connect(args.kubeconfig.as_deref(), &args.driver_name, &args.node_id).await;
     let health = std::sync::Arc::new(health::Health::default());

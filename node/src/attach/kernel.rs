@@ -3,7 +3,7 @@
 //! blocking pool, never on a runtime worker.
 
 use std::collections::HashMap;
-use std::net::TcpStream;
+use std::net::{IpAddr, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Arc, Mutex};
@@ -33,6 +33,8 @@ enum Interface {
 pub struct KernelAttacher {
     iface: Interface,
     sysfs: Sysfs,
+    /// Address every connection to a server is made from (the node's).
+    source: Option<IpAddr>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -76,14 +78,19 @@ impl KernelAttacher {
                 Interface::Ioctl(IoctlDevices::default())
             }
         };
-        Ok(Self { iface, sysfs: Sysfs::default() })
+        Ok(Self { iface, sysfs: Sysfs::default(), source: None })
+    }
+
+    /// Connections to servers from `source` (see [`sockets::connect`]).
+    pub fn with_source_address(self, source: Option<IpAddr>) -> Self {
+        Self { source, ..self }
     }
 
     /// An attacher driving `control` instead of the kernel's netlink
     /// family, with devices listed under `sysfs`.
     #[cfg(test)]
     pub fn with_control(control: Arc<dyn NbdControl>, sysfs: Sysfs) -> Self {
-        Self { iface: Interface::Netlink(control), sysfs }
+        Self { iface: Interface::Netlink(control), sysfs, source: None }
     }
 
     pub fn is_netlink(&self) -> bool {
@@ -136,7 +143,7 @@ fn ioctl_attach(sysfs: &Sysfs, devices: &IoctlDevices, params: &ConnectParams<'_
 
 impl Attacher for KernelAttacher {
     async fn attach(&self, spec: &AttachSpec) -> Result<Attached> {
-        let (export, socks) = sockets::open(&spec.uri, spec.connections).await?;
+        let (export, socks) = sockets::open(&spec.uri, spec.connections, self.source).await?;
         let connect = Connect {
             size_bytes: export.size,
             block_size: sockets::block_size(&export)?,
@@ -164,7 +171,7 @@ impl Attacher for KernelAttacher {
 
     async fn reconnect(&self, index: u32, spec: &AttachSpec) -> Result<usize> {
         let control = self.netlink("reconnecting")?;
-        let (export, socks) = sockets::open(&spec.uri, spec.connections).await?;
+        let (export, socks) = sockets::open(&spec.uri, spec.connections, self.source).await?;
         let backend_id = spec.backend_id.clone();
         let n = blocking(move || {
             let fds: Vec<BorrowedFd<'_>> = socks.iter().map(|s| s.as_fd()).collect();
@@ -177,7 +184,7 @@ impl Attacher for KernelAttacher {
 
     async fn resize(&self, index: u32, spec: &AttachSpec) -> Result<u64> {
         let control = self.netlink("online resize")?;
-        let (export, socks) = sockets::open(&spec.uri, 1).await?;
+        let (export, socks) = sockets::open(&spec.uri, 1, self.source).await?;
         let backend_id = spec.backend_id.clone();
         blocking(move || {
             let _socks = socks;

@@ -1,7 +1,7 @@
 //! Opening the connections to an export: handshake in userspace, then as
 //! many sockets as the connection-count rule allows, ready for the kernel.
 
-use std::net::TcpStream;
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use nbd::client::{Export, HandshakeOptions, handshake};
@@ -14,11 +14,30 @@ use crate::uri::NbdUri;
 /// Connect + handshake must finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
-async fn open_one(uri: &NbdUri) -> Result<(Export, TcpStream)> {
+/// Connects to the export's address, from `source` when given. The server
+/// admits connections by the node's address (its Node InternalIP); the
+/// kernel would otherwise pick the source by route, and a route to a pod
+/// network usually goes out a bridge or tunnel whose own address the server
+/// does not know (a bridge CNI's gateway, Calico's tunl0, Cilium's
+/// cilium_host): every handshake would then be refused.
+pub async fn connect(uri: &NbdUri, source: Option<IpAddr>) -> Result<tokio::net::TcpStream> {
+    let connecting = || format!("connecting to {uri}");
+    let Some(source) = source else {
+        return tokio::net::TcpStream::connect(uri.authority()).await.ctx(ErrorKind::Unavailable, connecting);
+    };
+    let addresses = tokio::net::lookup_host(uri.authority()).await.ctx(ErrorKind::Unavailable, connecting)?;
+    let Some(target) = addresses.into_iter().find(|a| a.is_ipv4() == source.is_ipv4()) else {
+        return Err(Error::new(ErrorKind::Unavailable, format!("{uri} has no address of the family of {source}")));
+    };
+    let socket = if source.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+        .ctx(ErrorKind::Io, || "creating a socket")?;
+    socket.bind(SocketAddr::new(source, 0)).ctx(ErrorKind::Unavailable, || format!("binding to {source}"))?;
+    socket.connect(target).await.ctx(ErrorKind::Unavailable, connecting)
+}
+
+async fn open_one(uri: &NbdUri, source: Option<IpAddr>) -> Result<(Export, TcpStream)> {
     let work = async {
-        let mut stream = tokio::net::TcpStream::connect(uri.authority())
-            .await
-            .ctx(ErrorKind::Unavailable, || format!("connecting to {uri}"))?;
+        let mut stream = connect(uri, source).await?;
         // The kernel speaks simple replies only: no structured replies.
         let opts = HandshakeOptions { export_name: uri.export.clone(), structured_replies: false };
         let export =
@@ -40,14 +59,15 @@ async fn open_one(uri: &NbdUri) -> Result<(Export, TcpStream)> {
 }
 
 /// The export as the first connection saw it, and the sockets: `wanted`
-/// of them only if the server set CAN_MULTI_CONN (bit 8), else exactly one.
-pub async fn open(uri: &NbdUri, wanted: usize) -> Result<(Export, Vec<TcpStream>)> {
-    let (export, first) = open_one(uri).await?;
+/// of them only if the server set CAN_MULTI_CONN (bit 8), else exactly one;
+/// each from `source` when given.
+pub async fn open(uri: &NbdUri, wanted: usize, source: Option<IpAddr>) -> Result<(Export, Vec<TcpStream>)> {
+    let (export, first) = open_one(uri, source).await?;
     let count = connection_count(export.transmission_flags, wanted);
     let mut sockets = vec![first];
     let rest = futures_join((1..count).map(|_| {
         let uri = uri.clone();
-        async move { open_one(&uri).await }
+        async move { open_one(&uri, source).await }
     }))
     .await;
     for result in rest {
@@ -95,7 +115,41 @@ pub fn block_size(export: &Export) -> Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
+    use nbd::server::{Allowed, ExportConfig, Server};
+
     use super::*;
+
+    /// Our server on 127.0.0.1 admitting only 127.0.0.2, as the controller
+    /// admits only a Node's InternalIP.
+    async fn server_admitting_only_127_0_0_2(file: &std::path::Path) -> NbdUri {
+        let export = nbd::server::Export::open(file, ExportConfig::new("vol")).unwrap();
+        let _fence = export.access().set_allowed(Allowed::Only(BTreeSet::from(["127.0.0.2".parse().unwrap()])));
+        let server = Server::bind(export, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let uri = NbdUri::new(server.local_addr().unwrap(), "vol");
+        tokio::spawn(server.run(std::future::pending()));
+        uri
+    }
+
+    #[tokio::test]
+    async fn connections_come_from_the_source_address_the_server_admits() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(1 << 20).unwrap();
+        let uri = server_admitting_only_127_0_0_2(file.path()).await;
+        // By route, the source is 127.0.0.1: refused during the handshake.
+        let refused = open(&uri, 1, None).await.expect_err("a peer outside the allowlist must be refused");
+        assert!(refused.to_string().contains("handshake"), "{refused}");
+        // From the admitted address, every connection gets through.
+        let (export, sockets) = open(&uri, 1, Some("127.0.0.2".parse().unwrap())).await.unwrap();
+        assert_eq!(export.size, 1 << 20);
+        for socket in &sockets {
+            assert_eq!(socket.local_addr().unwrap().ip(), "127.0.0.2".parse::<IpAddr>().unwrap());
+        }
+        // A source of the other family than the server's address is a clear error.
+        let wrong = open(&uri, 1, Some("::1".parse().unwrap())).await.expect_err("no IPv6 address to reach");
+        assert!(wrong.to_string().contains("no address of the family"), "{wrong}");
+    }
 
     fn export(size: u64, block_size: Option<(u32, u32, u32)>) -> Export {
         Export { size, transmission_flags: nbd::TransmissionFlags::HAS_FLAGS, block_size, structured_replies: false }

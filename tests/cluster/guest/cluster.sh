@@ -76,7 +76,7 @@ start kube-apiserver kube-apiserver \
     --service-account-key-file "$pki/sa.pub" \
     --service-account-signing-key-file "$pki/sa.key" \
     --enable-priority-and-fairness=false --profiling=false
-api_ready() { curl -sf --cacert "$pki/apiserver.crt" -H "Authorization: Bearer $ADMIN_TOKEN" "$api/readyz"; }
+api_ready() { curl -sf -m 5 --cacert "$pki/apiserver.crt" -H "Authorization: Bearer $ADMIN_TOKEN" "$api/readyz"; }
 wait_for 300 "kube-apiserver ready" api_ready || fatal "kube-apiserver"
 
 kubeconfig() { # FILE USER TOKEN
@@ -131,9 +131,19 @@ start kube-proxy kube-proxy --kubeconfig /etc/kubernetes/kube-proxy.conf \
 node_ready() { [ "$(kubectl get node nbd-node -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]; }
 wait_for 300 "node Ready" node_ready || fatal "node not Ready"
 # Pods reach the API server through the kubernetes Service, which only
-# kube-proxy's rules make reachable.
-service_ready() { curl -sf --cacert "$pki/apiserver.crt" -H "Authorization: Bearer $ADMIN_TOKEN" https://10.96.0.1/readyz; }
-wait_for 120 "kubernetes Service (10.96.0.1) answers" service_ready || fatal "the kubernetes Service is not reachable"
+# kube-proxy's rules make reachable (a SYN sent before they exist goes out
+# dummy0 and is lost: hence the bounded curl).
+service_ready() { curl -sf -m 5 --cacert "$pki/apiserver.crt" -H "Authorization: Bearer $ADMIN_TOKEN" https://10.96.0.1/readyz; }
+service_diagnostics() {
+    ip route
+    iptables-save 2>&1 | grep -E "^-A (OUTPUT|PREROUTING)|10\.96\.0\.1|^#" | head -20
+    kubectl get svc,endpointslices -A -o wide 2>&1
+    curl -sk -m 5 -v https://10.96.0.1/readyz 2>&1 | tail -5
+}
+if ! wait_for 120 "kubernetes Service (10.96.0.1) answers" service_ready; then
+    service_diagnostics
+    fatal "the kubernetes Service is not reachable"
+fi
 sa_ready() { kubectl -n default get serviceaccount default; }
 wait_for 120 "default ServiceAccount" sa_ready || fatal "no default ServiceAccount"
 echo "RESULT cluster-start ok $(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%.0fs", b - a }')"

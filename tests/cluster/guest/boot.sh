@@ -29,6 +29,9 @@ modprobe overlay
 modprobe br_netfilter
 # kube-proxy sets conntrack limits at start and fails if the module is absent.
 modprobe nf_conntrack
+# The kubelet pins a raw block volume with a loop device (losetup -f); a
+# udev-less node has no /dev/loop-control until the module is loaded.
+modprobe loop
 sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1
 echo "BOOTED uptime=$(cut -d' ' -f1 /proc/uptime)s kernel=$(uname -r) cpus=$(nproc) mem=$(awk '/MemTotal/ {print $2 / 1024}' /proc/meminfo)MiB"
 

@@ -348,8 +348,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn probe(uri: &str, connections: Option<usize>) -> anyhow::Result<()> {
     let uri = NbdUri::parse(uri)?;
-    let mut stream =
-        tokio::net::TcpStream::connect(uri.authority()).await.with_context(|| format!("connecting to {uri}"))?;
+    let mut stream = attach::sockets::connect(&uri, None).await?;
     let opts = nbd::client::HandshakeOptions { export_name: uri.export.clone(), structured_replies: false };
     let export = nbd::client::handshake(&mut stream, &opts).await.with_context(|| format!("handshake with {uri}"))?;
     let count = connection_count(export.transmission_flags, connections.unwrap_or_else(default_connections));

@@ -6,7 +6,7 @@
 mod control;
 pub mod devices;
 mod kernel;
-mod sockets;
+pub mod sockets;
 
 use std::path::PathBuf;
 use std::time::Duration;

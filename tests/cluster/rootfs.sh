@@ -27,7 +27,7 @@ for pkg in mmdebstrap e2fsprogs kmod; do
 done
 ensure_helm
 ensure_etcd
-ensure_kube_node
+ensure_kubernetes
 
 # The kernel tests/vm boots; its package holds the module tree.
 . tests/vm/kernel.sh

@@ -15,7 +15,7 @@ repo=$PWD
 . tests/k8s/tools.sh
 cache=${NBD_CSI_CLUSTER_CACHE:-$HOME/.cache/nbd-csi/cluster-v1}
 vm_cache=${NBD_CSI_VM_CACHE:-$HOME/.cache/nbd-csi/vm-v1}
-timeout_s=${NBD_CSI_CLUSTER_TIMEOUT:-1800}
+timeout_s=${NBD_CSI_CLUSTER_TIMEOUT:-2700}
 mkdir -p "$cache" target
 start=$(date +%s)
 

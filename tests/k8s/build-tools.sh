@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds (or reuses from the cache) every Kubernetes-side tool the chart and
-# end-to-end tests need: helm, kubeconform, etcd, kube-apiserver, kubectl,
+# end-to-end tests need: helm, kubeconform, etcd, the Kubernetes commands,
 # csi-provisioner, csi-attacher. Versions and cache layout: tests/k8s/tools.sh.
 # Prints the versions, the time taken and the cache's disk use.
 set -euo pipefail
@@ -11,7 +11,7 @@ start=$(date +%s)
 ensure_helm
 ensure_kubeconform
 ensure_etcd
-ensure_kube_apiserver
+ensure_kubernetes
 ensure_csi_sidecars
 echo "tools ready in $(($(date +%s) - start))s under $NBD_CSI_TOOLS:"
 "$TOOLS_BIN/helm" version --short

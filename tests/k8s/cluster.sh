@@ -41,7 +41,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # shellcheck disable=SC2034 # $helm is for the scripts that source this file
 cluster_start() {
     ensure_etcd
-    ensure_kube_apiserver
+    ensure_kubernetes
     helm=$TOOLS_BIN/helm
     kubectl=$TOOLS_BIN/kubectl
     local etcd_port peer_port api_port apiserver_pid

@@ -17,6 +17,10 @@ KUBERNETES_VERSION=v1.37.2
 NBD_CSI_TOOLS=${NBD_CSI_TOOLS:-$HOME/.cache/nbd-csi/tools-v1}
 TOOLS_BIN=$NBD_CSI_TOOLS/bin
 export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
+# Every tool static, as their releases are: the cluster VM runs them without
+# the host's libc, and one setting lets a cold run compile the standard
+# library and the modules the tools share once instead of once per setting.
+export CGO_ENABLED=0
 mkdir -p "$TOOLS_BIN" "$NBD_CSI_TOOLS/stamps" "$NBD_CSI_TOOLS/build"
 
 tools_have() { # NAME VERSION
@@ -76,17 +80,24 @@ kube_ldflags() {
         -X k8s.io/client-go/pkg/version.gitMinor=$minor"
 }
 
+# The Kubernetes commands the suites run, all from k8s.io/kubernetes.
+KUBERNETES_COMMANDS="kube-apiserver kubectl kubelet kube-controller-manager kube-scheduler kube-proxy"
+
 # k8s.io/kubernetes replaces each staging module with ./staging/src/...; a
 # throwaway module requires it and replaces each staging module with its
 # published v0.Y.Z instead, then builds the commands with the version ldflags
-# that the release build sets (otherwise the server reports v0.0.0).
-ensure_kube_apiserver() {
-    tools_have kube-apiserver "$KUBERNETES_VERSION" && tools_have kubectl "$KUBERNETES_VERSION" && return 0
-    local start dir gomod staging
+# that the release build sets (otherwise the server reports v0.0.0). One
+# `go build` for all of them: the packages they share compile once (built
+# one by one with different CGO settings, a cold kubelet alone took 1169 s).
+ensure_kubernetes() {
+    local cmd missing=""
+    for cmd in $KUBERNETES_COMMANDS; do tools_have "$cmd" "$KUBERNETES_VERSION" || missing=1; done
+    [ -z "$missing" ] && return 0
+    local start dir gomod staging packages=""
     start=$(date +%s)
     dir=$NBD_CSI_TOOLS/build/kubernetes-$KUBERNETES_VERSION
     staging=v0.${KUBERNETES_VERSION#v1.}
-    echo "building kube-apiserver and kubectl $KUBERNETES_VERSION in $dir"
+    echo "building $KUBERNETES_COMMANDS $KUBERNETES_VERSION in $dir"
     rm -rf "$dir" && mkdir -p "$dir"
     gomod=$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p')
     [ -f "$gomod" ] || { echo "cannot download k8s.io/kubernetes@$KUBERNETES_VERSION" >&2; return 1; }
@@ -99,35 +110,20 @@ ensure_kube_apiserver() {
         echo
         grep -E '^[[:space:]]+k8s\.io/[^ ]+ v0\.0\.0$' "$gomod" | awk -v v="$staging" '{ printf "replace %s => %s %s\n", $1, $1, v }'
     } >"$dir/go.mod"
+    for cmd in $KUBERNETES_COMMANDS; do packages="$packages k8s.io/kubernetes/cmd/$cmd"; done
     local ldflags; ldflags=$(kube_ldflags)
     (
         cd "$dir" || exit 1
-        nice -n 10 go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBERNETES_VERSION" "k8s.io/kubernetes/cmd/kubectl@$KUBERNETES_VERSION"
-        nice -n 10 go build -trimpath -ldflags "$ldflags" -o "$TOOLS_BIN/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
-        tools_built kube-apiserver "$KUBERNETES_VERSION" "$start"
-        start=$(date +%s)
-        nice -n 10 go build -trimpath -ldflags "$ldflags" -o "$TOOLS_BIN/kubectl" k8s.io/kubernetes/cmd/kubectl
-        tools_built kubectl "$KUBERNETES_VERSION" "$start"
-    )
-}
-
-# The rest of a cluster (tests/cluster): kubelet, kube-controller-manager,
-# kube-scheduler and kube-proxy, from the same module as kube-apiserver. Static
-# (CGO off, as the release builds), so they run in the VM's root file system.
-ensure_kube_node() {
-    ensure_kube_apiserver
-    local dir=$NBD_CSI_TOOLS/build/kubernetes-$KUBERNETES_VERSION cmd start
-    for cmd in kubelet kube-controller-manager kube-scheduler kube-proxy; do
-        tools_have "$cmd" "$KUBERNETES_VERSION" && continue
-        start=$(date +%s)
-        echo "building $cmd $KUBERNETES_VERSION in $dir"
-        (
-            cd "$dir" || exit 1
-            nice -n 10 go get "k8s.io/kubernetes/cmd/$cmd@$KUBERNETES_VERSION"
-            CGO_ENABLED=0 nice -n 10 go build -trimpath -ldflags "$(kube_ldflags)" -o "$TOOLS_BIN/$cmd" "k8s.io/kubernetes/cmd/$cmd"
-        ) || return 1
-        tools_built "$cmd" "$KUBERNETES_VERSION" "$start"
+        # shellcheck disable=SC2086 # one word per package
+        nice -n 10 go get $packages
+        # shellcheck disable=SC2086
+        nice -n 10 go build -trimpath -ldflags "$ldflags" -o "$TOOLS_BIN/" $packages
+    ) || { echo "building Kubernetes $KUBERNETES_VERSION failed" >&2; return 1; }
+    for cmd in $KUBERNETES_COMMANDS; do
+        rm -f "$NBD_CSI_TOOLS/stamps/$cmd-"*
+        touch "$NBD_CSI_TOOLS/stamps/$cmd-$KUBERNETES_VERSION"
     done
+    tools_built kubernetes "$KUBERNETES_VERSION" "$start"
 }
 
 EXTERNAL_PROVISIONER_VERSION=v6.4.0
@@ -136,8 +132,9 @@ EXTERNAL_ATTACHER_VERSION=v4.13.0
 # The kubernetes-csi sidecars replace k8s.io modules with published versions
 # in their go.mod, which `go install` refuses; build inside a copy of the
 # downloaded module instead (module zips carry no vendor/, hence -mod=mod).
-# Static (CGO off, as the upstream images are) so the cluster suite's images
-# can hold the binary alone; the stamp says so, which rebuilds older dynamic ones.
+# Static (CGO off above, as the upstream images are) so the cluster suite's
+# images can hold the binary alone; the stamp says so, which rebuilds older
+# dynamic ones.
 tools_build_sidecar() { # NAME MODULE VERSION
     tools_have "$1" "$3-static" && return 0
     local start src dir; start=$(date +%s)
@@ -157,7 +154,7 @@ for r in json.load(sys.stdin).get("Replace") or []:
     if r["New"]["Path"].startswith("./"): print(r["Old"]["Path"])'); do
             go mod edit -dropreplace="$local_module" -require="$local_module@$3"
         done
-        CGO_ENABLED=0 GOFLAGS=-mod=mod nice -n 10 go build -trimpath -ldflags "-s -w -X main.version=$3" -o "$TOOLS_BIN/$1" "./cmd/$1"
+        GOFLAGS=-mod=mod nice -n 10 go build -trimpath -ldflags "-s -w -X main.version=$3" -o "$TOOLS_BIN/$1" "./cmd/$1"
     ) || { echo "building $1 $3 failed" >&2; return 1; }
     tools_built "$1" "$3-static" "$start"
 }

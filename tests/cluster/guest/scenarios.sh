@@ -170,23 +170,45 @@ YAML
     delete_pod fs-restored-reader
 }
 
+# Synced writes in POD's /data while something restarts: io_start POD COUNT
+# runs COUNT writes of 256 KiB, each fsync'd, its checksum kept; io_check
+# POD SECONDS waits (bounded) for them and reads every one back.
+io_start() {
+    in_pod "$1" sh -c "rm -f /data/io.*; i=0; while [ \$i -lt $2 ]; do
+            dd if=/dev/urandom of=/data/io.\$i bs=64k count=4 conv=fsync 2>/dev/null || { echo \"write \$i failed\"; exit 1; }
+            sha256sum /data/io.\$i >>/data/io.sums; i=\$((i + 1)); sleep 0.5; done" >/tmp/io.out 2>&1 &
+    io_pid=$!
+}
+io_check() {
+    local deadline=$((SECONDS + $2))
+    while kill -0 "$io_pid" 2>/dev/null; do
+        [ $SECONDS -lt $deadline ] || { kill "$io_pid"; fail "writes still running after $2 s: $(tail -n 3 /tmp/io.out)"; return 1; }
+        sleep 1
+    done
+    wait "$io_pid" || { cat /tmp/io.out; fail "a write failed"; return 1; }
+    in_pod "$1" sha256sum -c -s /data/io.sums || fail "data written during the restart differs" || return 1
+    note "$(in_pod "$1" wc -l </dev/null /data/io.sums | awk '{print $1}') synced writes, all read back"
+}
+component_pod() { k -n "$ns" get pod -l "app.kubernetes.io/component=$1" -o jsonpath='{.items[0].metadata.name}'; }
+component_ready() { # COMPONENT OLD_UID: a pod other than OLD_UID is Ready
+    local uid ready
+    uid=$(k -n "$ns" get pod -l "app.kubernetes.io/component=$1" -o jsonpath='{.items[*].metadata.uid}')
+    ready=$(k -n "$ns" get pod -l "app.kubernetes.io/component=$1" -o jsonpath='{.items[*].status.conditions[?(@.type=="Ready")].status}')
+    [ -n "$uid" ] && [ "$uid" != "$2" ] && [ "$ready" = True ]
+}
+
 scenario_plugin_restart() {
     # I/O in the workload while the node plugin's pod is deleted and the
     # DaemonSet recreates it: the kernel owns the NBD sockets, so the writes
-    # go on; every one is synced and read back at the end.
-    in_pod fs-reader sh -c 'rm -f /data/io.*; i=0; while [ $i -lt 60 ]; do
-            dd if=/dev/urandom of=/data/io.$i bs=64k count=4 conv=fsync 2>/dev/null || { echo "write $i failed"; exit 1; }
-            sha256sum /data/io.$i >>/data/io.sums; i=$((i + 1)); sleep 0.5; done' >/tmp/io.out 2>&1 &
-    local io=$! old
+    # go on.
+    io_start fs-reader 60
     sleep 5
-    old=$(k -n "$ns" get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[0].metadata.name}')
+    local old uid
+    old=$(component_pod node)
+    uid=$(k -n "$ns" get pod "$old" -o jsonpath='{.metadata.uid}')
     k -n "$ns" delete pod "$old" --wait=false >/dev/null || return 1
-    wait_for 120 "old node plugin pod gone" gone pod -n "$ns" "$old" || return 1
-    wait_for 180 "new node plugin pod Ready" sh -c \
-        "kubectl -n $ns get pod -l app.kubernetes.io/component=node -o jsonpath='{.items[*].status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
-    wait "$io" || { cat /tmp/io.out; fail "I/O failed while the node plugin restarted"; return 1; }
-    in_pod fs-reader sha256sum -c -s /data/io.sums || fail "data written during the restart differs" || return 1
-    note "60 synced writes, all read back, across the node plugin's restart"
+    wait_for 180 "a new node plugin pod Ready" component_ready node "$uid" || return 1
+    io_check fs-reader 180
 }
 
 scenario_uninstall() {
@@ -210,7 +232,53 @@ scenario_uninstall() {
     wait_for 60 "driver gone from CSINode" sh -c "! kubectl get csinode nbd-node -o jsonpath='{.spec.drivers[*].name}' | grep -qw $driver"
 }
 
-all="install filesystem block expand snapshot plugin_restart uninstall"
+# The controller on its node's address for what restarts it: a recreated
+# controller pod gets a new pod IP, and every volume's nbdUri carries the
+# address it was created with (storage agents with stable addresses remove
+# this; until then a controller on the pod network loses its attached
+# volumes when it moves). The chart documents controller.hostNetwork for it.
+scenario_install_host_network() {
+    helm_install --set controller.hostNetwork=true || return 1
+    wait_for 120 "driver in CSINode" sh -c "kubectl get csinode nbd-node -o jsonpath='{.spec.drivers[*].name}' | grep -qw $driver"
+}
+
+scenario_controller_restart() {
+    claim ctl-claim 64Mi fs || return 1
+    workload ctl-user ctl-claim fs || return 1
+    io_start ctl-user 60
+    sleep 5
+    local uid
+    uid=$(k -n "$ns" get pod "$(component_pod controller)" -o jsonpath='{.metadata.uid}')
+    k -n "$ns" delete pod "$(component_pod controller)" --wait=false >/dev/null || return 1
+    wait_for 240 "a new controller pod Ready" component_ready controller "$uid" || return 1
+    note "controller pod recreated"
+    io_check ctl-user 240 || return 1
+    # New volumes are provisioned and attached after it returns.
+    claim ctl-after 32Mi fs || return 1
+    workload ctl-after-user ctl-after fs || return 1
+    in_pod ctl-after-user sh -c 'echo fresh >/data/f && sync && grep -q fresh /data/f' || fail "new volume unusable" || return 1
+    delete_pod ctl-after-user
+}
+
+scenario_upgrade() {
+    # A changed value rolls the controller and the node plugin while ctl-user
+    # writes to its volume.
+    io_start ctl-user 90
+    sleep 3
+    helm upgrade nbd-csi /payload/chart/nbd-csi --namespace "$ns" --reuse-values --set logLevel=debug \
+        --wait --timeout 10m || return 1
+    local c n
+    c=$(k -n "$ns" get pod "$(component_pod controller)" -o jsonpath='{.spec.containers[?(@.name=="nbd-csi-controller")].env[?(@.name=="RUST_LOG")].value}')
+    n=$(k -n "$ns" get pod "$(component_pod node)" -o jsonpath='{.spec.containers[?(@.name=="nbd-csi-node")].env[?(@.name=="RUST_LOG")].value}')
+    [ "$c/$n" = debug/debug ] || fail "pods after the upgrade run RUST_LOG controller=$c node=$n" || return 1
+    local revision
+    revision=$(helm -n "$ns" status nbd-csi -o json | grep -o '"version":[0-9][0-9]*' | head -n 1)
+    [ "$revision" = '"version":2' ] || fail "helm status after the upgrade: $revision" || return 1
+    io_check ctl-user 240
+}
+
+all="install filesystem block expand snapshot plugin_restart uninstall
+     install_host_network controller_restart upgrade uninstall"
 for name in ${SCENARIOS:-$all}; do
     started=$(uptime_s)
     note "=== $name"

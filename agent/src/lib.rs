@@ -41,3 +41,5 @@ pub use store::{FORMAT, Publication, SnapshotRecord, Source, Space, VolumeRecord
 pub use volume_ops::NewVolume;
 pub use volumes::ConnectionCaps;
 
+#[cfg(test)]
+mod tests;

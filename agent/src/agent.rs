@@ -57,6 +57,10 @@ pub struct Agent {
 pub(crate) enum Object {
     Volume(String),
     Snapshot(String),
+    /// The creation of a volume or snapshot under an id the caller chose:
+    /// taken before any other lock, so two creations of one id run one
+    /// after the other without a lock order to get wrong.
+    Creation(String),
 }
 
 /// Runs blocking filesystem work off the async threads.

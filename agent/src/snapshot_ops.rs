@@ -7,12 +7,16 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::agent::{Agent, Object, blocking};
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::store::{self, FORMAT, SnapshotRecord};
 
 /// A snapshot to take; the agent picks its id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewSnapshot {
+    /// The id to take it under, for a caller that names snapshots itself;
+    /// `None` picks a fresh one. Taking an id that exists returns that
+    /// snapshot as it is.
+    pub id: Option<String>,
     /// The name it is taken under (the CSI request name), kept in the record.
     pub name: String,
     pub source_volume_id: String,
@@ -48,6 +52,20 @@ impl Agent {
     /// NOT_FOUND for a missing source, FAILED_PRECONDITION for one without
     /// its image, RESOURCE_EXHAUSTED when the copy cannot fit.
     pub async fn create_snapshot(&self, new: NewSnapshot) -> Result<SnapshotRecord> {
+        let id = match new.id {
+            Some(id) if store::is_snapshot_id(&id) => id,
+            Some(id) => {
+                return Err(Error::new(
+                    Kind::InvalidArgument,
+                    format!("{id:?} is not a snapshot id (snap- and 32 hex digits)"),
+                ));
+            }
+            None => format!("snap-{}", store::random_hex(16)?),
+        };
+        let _creating = self.lock(Object::Creation(id.clone())).await;
+        if let Some(existing) = self.state().snapshot(&id) {
+            return Ok(existing.clone());
+        }
         let volume_id = new.source_volume_id;
         let _guard = self.lock(Object::Volume(volume_id.clone())).await;
         let (size, source_block) = match self.state().volume(&volume_id) {
@@ -57,7 +75,6 @@ impl Agent {
                 (v.record().capacity_bytes, v.record().block)
             }
         };
-        let id = format!("snap-{}", store::random_hex(16)?);
         let (store, source, snap_id) = (Arc::clone(self.store()), self.store().volume_image(&volume_id), id.clone());
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         self.with_writes_paused(&volume_id, move || {

@@ -61,6 +61,7 @@ async fn open(config: &Config, dir: &Path) -> (Arc<Agent>, Arc<Recorded>) {
 
 fn new_volume(name: &str, size: u64, source: Option<Source>) -> NewVolume {
     NewVolume {
+        id: None,
         name: name.into(),
         capacity_bytes: size,
         block: true,
@@ -179,7 +180,8 @@ async fn snapshots_and_clones_are_point_in_time_copies_and_volumes_grow_online()
     let mut client = connect(&source).await;
     assert_eq!(client.write(0, &[1; 4096]).await.unwrap(), 0);
 
-    let new = NewSnapshot { name: "snap".into(), source_volume_id: source.id.clone(), parameters: BTreeMap::new() };
+    let new =
+        NewSnapshot { id: None, name: "snap".into(), source_volume_id: source.id.clone(), parameters: BTreeMap::new() };
     let snapshot = agent.create_snapshot(new).await.unwrap();
     assert_eq!((snapshot.size_bytes, snapshot.source_block), (2 * MIB, Some(true)));
     assert_eq!(agent.find_snapshot_by_name("snap").as_ref(), Some(&snapshot));
@@ -238,7 +240,12 @@ async fn a_missing_image_and_a_taken_port_are_reported_and_healed_by_the_refresh
     let broken = agent.volume(&lost.id).unwrap();
     assert!(matches!(&broken.condition, Condition::Broken(reason) if reason.contains("missing")), "{broken:?}");
     assert_eq!(broken.check_usable().unwrap_err().kind(), Kind::FailedPrecondition);
-    let new = NewSnapshot { name: "of-lost".into(), source_volume_id: lost.id.clone(), parameters: BTreeMap::new() };
+    let new = NewSnapshot {
+        id: None,
+        name: "of-lost".into(),
+        source_volume_id: lost.id.clone(),
+        parameters: BTreeMap::new(),
+    };
     assert_eq!(agent.create_snapshot(new).await.unwrap_err().kind(), Kind::FailedPrecondition);
     assert_eq!(agent.volume(&blocked.id).unwrap().condition, Condition::NotServing);
 
@@ -256,5 +263,34 @@ async fn a_missing_image_and_a_taken_port_are_reported_and_healed_by_the_refresh
         agent.set_access(&record.id, access(&["127.0.0.1"], false)).await.unwrap().wait(FENCE).await.unwrap();
         assert_eq!(connect(record).await.size, MIB, "{} serves on its port {}", record.name, record.port);
     }
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn creating_under_a_chosen_id_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, _) = open(&config(), dir.path()).await;
+    let id = format!("vol-{}", "ab".repeat(16));
+    let new = NewVolume { id: Some(id.clone()), ..new_volume("chosen", MIB, None) };
+    let created = agent.create_volume(new.clone()).await.unwrap();
+    assert_eq!(created.id, id);
+    assert_eq!(agent.create_volume(new).await.unwrap(), created, "the second creation finds the first");
+    assert_eq!(agent.volume_ids(), std::slice::from_ref(&id));
+    let bad = NewVolume { id: Some("vol-../../etc".into()), ..new_volume("bad", MIB, None) };
+    assert_eq!(agent.create_volume(bad).await.unwrap_err().kind(), Kind::InvalidArgument);
+
+    let snapshot_id = format!("snap-{}", "cd".repeat(16));
+    let new = NewSnapshot {
+        id: Some(snapshot_id.clone()),
+        name: "chosen".into(),
+        source_volume_id: id.clone(),
+        parameters: BTreeMap::new(),
+    };
+    let taken = agent.create_snapshot(new.clone()).await.unwrap();
+    assert_eq!(taken.id, snapshot_id);
+    assert_eq!(agent.create_snapshot(new.clone()).await.unwrap(), taken);
+    assert_eq!(agent.snapshots(), [taken]);
+    let bad = NewSnapshot { id: Some(id), ..new };
+    assert_eq!(agent.create_snapshot(bad).await.unwrap_err().kind(), Kind::InvalidArgument, "a volume id");
     agent.shutdown().await;
 }

@@ -12,6 +12,10 @@ use crate::store::{self, FORMAT, Source, VolumeRecord};
 /// A volume to create; the agent picks its id, port and export name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewVolume {
+    /// The id to create it under, for a caller that names volumes itself
+    /// (a reconciler, after the object asking for it); `None` picks a fresh
+    /// one. Creating an id that exists returns that volume as it is.
+    pub id: Option<String>,
     /// The name it is created under (the CSI request name); kept in the
     /// record so that a repeated request finds it.
     pub name: String,
@@ -37,6 +41,20 @@ impl Agent {
     /// source, FAILED_PRECONDITION for a source volume without its image,
     /// RESOURCE_EXHAUSTED without the space or a free port.
     pub async fn create_volume(&self, new: NewVolume) -> Result<VolumeRecord> {
+        let id = match new.id {
+            Some(id) if store::is_volume_id(&id) => id,
+            Some(id) => {
+                return Err(Error::new(
+                    Kind::InvalidArgument,
+                    format!("{id:?} is not a volume id (vol- and 32 hex digits)"),
+                ));
+            }
+            None => format!("vol-{}", store::random_hex(16)?),
+        };
+        let _creating = self.lock(Object::Creation(id.clone())).await;
+        if let Some(existing) = self.state().volume_record(&id) {
+            return Ok(existing);
+        }
         // Hold the source still while it is copied.
         let (_source_guard, source_image, source_size) = match &new.source {
             None => (None, None, 0),
@@ -64,7 +82,6 @@ impl Agent {
         }
         let store = Arc::clone(self.store());
         blocking(move || store.check_space(size)).await?;
-        let id = format!("vol-{}", store::random_hex(16)?);
         let mut record = VolumeRecord {
             format: FORMAT,
             id: id.clone(),

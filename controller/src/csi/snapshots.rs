@@ -41,7 +41,7 @@ impl Driver {
         let _guard = self.lock(LockKey::VolumeId(volume_id.to_owned())).await;
         let record = self
             .agent()
-            .create_snapshot(NewSnapshot { name: req.name, source_volume_id: volume_id, parameters })
+            .create_snapshot(NewSnapshot { id: None, name: req.name, source_volume_id: volume_id, parameters })
             .await?;
         Span::current().record("snapshot.id", record.id.as_str());
         Ok(CreateSnapshotResponse { snapshot: Some(snapshot_message(&record)) })

@@ -132,6 +132,7 @@ impl Driver {
         };
         let size = capacity(req.capacity_range.as_ref(), source_size)?;
         let new = NewVolume {
+            id: None,
             name: req.name.clone(),
             capacity_bytes: size,
             block: caps.block,

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::OwnedMutexGuard;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::exports::ExportTable;
 use crate::locks::Locks;
 use crate::report::Reporter;
@@ -66,6 +66,16 @@ pub(crate) enum Object {
 /// Runs blocking filesystem work off the async threads.
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
+}
+
+/// The id a creation uses: the caller's, once checked to be `prefix` and
+/// 32 hex digits (`valid`), or a fresh random one.
+pub(crate) fn creation_id(chosen: Option<String>, prefix: &str, valid: fn(&str) -> bool) -> Result<String> {
+    match chosen {
+        Some(id) if valid(&id) => Ok(id),
+        Some(id) => Err(Error::new(Kind::InvalidArgument, format!("{id:?} is not {prefix} and 32 hex digits"))),
+        None => Ok(format!("{prefix}{}", crate::store::random_hex(16)?)),
+    }
 }
 
 impl Agent {

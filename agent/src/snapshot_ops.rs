@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::agent::{Agent, Object, blocking};
-use crate::error::{Error, Kind, Result};
+use crate::agent::{Agent, Object, blocking, creation_id};
+use crate::error::{Error, Result};
 use crate::store::{self, FORMAT, SnapshotRecord};
 
 /// A snapshot to take; the agent picks its id.
@@ -52,16 +52,7 @@ impl Agent {
     /// NOT_FOUND for a missing source, FAILED_PRECONDITION for one without
     /// its image, RESOURCE_EXHAUSTED when the copy cannot fit.
     pub async fn create_snapshot(&self, new: NewSnapshot) -> Result<SnapshotRecord> {
-        let id = match new.id {
-            Some(id) if store::is_snapshot_id(&id) => id,
-            Some(id) => {
-                return Err(Error::new(
-                    Kind::InvalidArgument,
-                    format!("{id:?} is not a snapshot id (snap- and 32 hex digits)"),
-                ));
-            }
-            None => format!("snap-{}", store::random_hex(16)?),
-        };
+        let id = creation_id(new.id, "snap-", store::is_snapshot_id)?;
         let _creating = self.lock(Object::Creation(id.clone())).await;
         if let Some(existing) = self.state().snapshot(&id) {
             return Ok(existing.clone());

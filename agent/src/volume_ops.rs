@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::agent::{Agent, Object, blocking};
+use crate::agent::{Agent, Object, blocking, creation_id};
 use crate::error::{Error, Kind, Result};
 use crate::store::{self, FORMAT, Source, VolumeRecord};
 
@@ -41,16 +41,7 @@ impl Agent {
     /// source, FAILED_PRECONDITION for a source volume without its image,
     /// RESOURCE_EXHAUSTED without the space or a free port.
     pub async fn create_volume(&self, new: NewVolume) -> Result<VolumeRecord> {
-        let id = match new.id {
-            Some(id) if store::is_volume_id(&id) => id,
-            Some(id) => {
-                return Err(Error::new(
-                    Kind::InvalidArgument,
-                    format!("{id:?} is not a volume id (vol- and 32 hex digits)"),
-                ));
-            }
-            None => format!("vol-{}", store::random_hex(16)?),
-        };
+        let id = creation_id(new.id, "vol-", store::is_volume_id)?;
         let _creating = self.lock(Object::Creation(id.clone())).await;
         if let Some(existing) = self.state().volume_record(&id) {
             return Ok(existing);

@@ -26,6 +26,7 @@ WORKDIR /src
 # list against Cargo.toml's members).
 COPY Cargo.toml Cargo.lock ./
 COPY nbd nbd
+COPY agent agent
 COPY proto proto
 COPY events events
 COPY controller controller

@@ -1,9 +1,5 @@
 //! The crate's one error type: a gRPC-facing kind, a message, and the cause.
 
-use std::io;
-
-use nix::errno::Errno;
-
 /// What went wrong, as far as a CSI caller needs to know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -66,19 +62,26 @@ impl Error {
         Self::new(Kind::Internal, message)
     }
 
-    /// An I/O failure; a full disk or quota is RESOURCE_EXHAUSTED.
-    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        let kind = match source.raw_os_error().map(Errno::from_raw) {
-            Some(Errno::ENOSPC | Errno::EDQUOT | Errno::EFBIG) => Kind::ResourceExhausted,
-            _ => Kind::Internal,
-        };
-        let message = format!("{}: {source}", context.into());
-        Self { kind, message, source: Some(Box::new(source)) }
-    }
-
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.source = Some(Box::new(source));
         self
+    }
+}
+
+/// The storage agent's failures keep their message and cause; their kind
+/// becomes the CSI kind it stands for.
+impl From<agent::Error> for Error {
+    fn from(e: agent::Error) -> Self {
+        let kind = match e.kind() {
+            agent::Kind::InvalidArgument => Kind::InvalidArgument,
+            agent::Kind::NotFound => Kind::NotFound,
+            agent::Kind::FailedPrecondition => Kind::FailedPrecondition,
+            agent::Kind::ResourceExhausted => Kind::ResourceExhausted,
+            agent::Kind::Unavailable => Kind::Unavailable,
+            agent::Kind::Internal => Kind::Internal,
+        };
+        let message = e.message().to_owned();
+        Self { kind, message, source: e.into_source() }
     }
 }
 
@@ -101,15 +104,25 @@ impl From<Error> for tonic::Status {
 
 #[cfg(test)]
 mod tests {
+    use std::io;
+
+    use nix::errno::Errno;
+
     use super::*;
 
     #[test]
-    fn full_disk_is_resource_exhausted_and_maps_to_its_code() {
-        let e = Error::io("creating", io::Error::from_raw_os_error(Errno::ENOSPC as i32));
+    fn agent_failures_keep_their_message_and_map_to_their_code() {
+        let full = agent::Error::io("creating", io::Error::from_raw_os_error(Errno::ENOSPC as i32));
+        let message = full.to_string();
+        let e = Error::from(full);
         assert_eq!(e.kind(), Kind::ResourceExhausted);
-        assert_eq!(tonic::Status::from(e).code(), tonic::Code::ResourceExhausted);
-        let e = Error::io("creating", io::Error::from_raw_os_error(Errno::EIO as i32));
-        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Internal);
+        assert!(std::error::Error::source(&e).is_some(), "the cause is kept");
+        let status = tonic::Status::from(e);
+        assert_eq!((status.code(), status.message()), (tonic::Code::ResourceExhausted, message.as_str()));
+        let e = agent::Error::io("creating", io::Error::from_raw_os_error(Errno::EIO as i32));
+        assert_eq!(tonic::Status::from(Error::from(e)).code(), tonic::Code::Internal);
+        let e = agent::Error::precondition("volume vol-1: image file is missing");
+        assert_eq!(tonic::Status::from(Error::from(e)).code(), tonic::Code::FailedPrecondition);
         assert_eq!(tonic::Status::from(Error::not_found("x")).code(), tonic::Code::NotFound);
     }
 }

@@ -167,7 +167,7 @@ impl Events {
     }
 
     /// A stored volume's NBD server could not be started.
-    pub fn server_down(&self, volume_id: &str, pv_name: String, error: &Error) {
+    pub fn server_down(&self, volume_id: &str, pv_name: String, error: &agent::Error) {
         self.emit(Warning {
             volume_id: volume_id.to_string(),
             pv_name,
@@ -188,6 +188,17 @@ impl Events {
             action: "LoadVolume",
             note: format!("volume {volume_id} cannot be served: {reason}"),
         });
+    }
+}
+
+/// The storage agent's reports, recorded on the volume's claim.
+impl agent::Reporter for Events {
+    fn server_down(&self, volume: &agent::VolumeRecord, error: &agent::Error) {
+        Events::server_down(self, &volume.id, volume.name.clone(), error);
+    }
+
+    fn image_missing(&self, volume: &agent::VolumeRecord, reason: &str) {
+        Events::image_missing(self, &volume.id, volume.name.clone(), reason);
     }
 }
 
@@ -363,9 +374,11 @@ mod tests {
         let config = Config {
             driver_name: "nbd.csi.dev".into(),
             advertise: "127.0.0.1".parse().unwrap(),
-            listen: "127.0.0.1".parse().unwrap(),
-            ports: 26900..=26931,
-            connection_caps: Default::default(),
+            agent: agent::Config {
+                listen: "127.0.0.1".parse().unwrap(),
+                ports: 26900..=26931,
+                connection_caps: Default::default(),
+            },
         };
         let nodes = Nodes::Kubernetes(client);
         let driver = Driver::start(config, dir.path().join("data"), nodes).await.unwrap();
@@ -416,9 +429,11 @@ mod tests {
         let config = Config {
             driver_name: "nbd.csi.dev".into(),
             advertise: "127.0.0.1".parse().unwrap(),
-            listen: "127.0.0.1".parse().unwrap(),
-            ports: 26940..=26971,
-            connection_caps: Default::default(),
+            agent: agent::Config {
+                listen: "127.0.0.1".parse().unwrap(),
+                ports: 26940..=26971,
+                connection_caps: Default::default(),
+            },
         };
         let data = dir.path().join("data");
         let driver = Driver::start(config.clone(), data.clone(), Nodes::Static(Default::default())).await.unwrap();

@@ -1,13 +1,14 @@
 //! `nbd-csi-controller` as a library: the CSI controller (Identity +
-//! Controller, one NBD server per volume), the operator CLI that drives a
-//! running one over its CSI endpoint, and `serve-file`. The binary
+//! Controller over an in-process storage agent, `nbd-csi-agent`, which
+//! holds the volumes and runs one NBD server per volume), the operator CLI
+//! that drives a running one over its CSI endpoint, and `serve-file`. The binary
 //! (`main.rs`) parses [`command_line::Cli`] and runs one of them; the
 //! examples and integration tests reach the same types through here.
 //!
 //! Public: what a caller outside the crate runs or talks to (the command
 //! line, the server's entry points and endpoint, the CLI's client pieces).
-//! The driver, its store, the CSI services and the volume servers stay
-//! crate-private: nothing outside may reach into the controller's state.
+//! The driver, its agent and the CSI services stay crate-private: nothing
+//! outside may reach into the controller's state.
 
 pub mod cli;
 pub mod command_line;
@@ -20,9 +21,6 @@ mod error;
 mod events;
 mod metrics;
 mod nodes;
-mod state;
-mod store;
-mod volumes;
 
 #[cfg(test)]
 mod tests;

@@ -1,14 +1,15 @@
 //! Prometheus metrics (text format): per-volume NBD counters read from each
-//! export's `ExportStats` at scrape time, and CSI RPC counts and latencies.
+//! export's `ExportStats` at scrape time (through the agent's
+//! [`ExportTable`]), and CSI RPC counts and latencies.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nbd::server::{Export, ExportStats};
+use agent::ExportTable;
+use nbd::server::ExportStats;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -18,24 +19,6 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-
-/// The exports being served, by volume id; the driver keeps it current.
-#[derive(Debug, Default, Clone)]
-pub struct ExportTable(Arc<Mutex<BTreeMap<String, Arc<Export>>>>);
-
-impl ExportTable {
-    pub fn insert(&self, id: &str, export: Arc<Export>) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), export);
-    }
-
-    pub fn remove(&self, id: &str) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
-    }
-
-    fn snapshot(&self) -> Vec<(String, Arc<Export>)> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), Arc::clone(v))).collect()
-    }
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {

@@ -16,7 +16,6 @@ use csi_proto::identity_server::IdentityServer;
 use crate::csi::{ControllerService, IdentityService};
 use crate::driver::{Config, Driver};
 use crate::nodes::Nodes;
-use crate::volumes::ConnectionCaps;
 
 /// The CSI driver name without `--driver-name` (the chart's default too).
 pub const DEFAULT_DRIVER_NAME: &str = "nbd.csi.dev";
@@ -183,11 +182,13 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     Ok(Config {
         driver_name: args.driver_name.clone(),
         advertise,
-        listen: args.nbd_listen_address,
-        ports: args.nbd_port_range.clone(),
-        connection_caps: ConnectionCaps {
-            per_volume: args.nbd_max_connections as usize,
-            per_peer: args.nbd_max_connections_per_peer as usize,
+        agent: agent::Config {
+            listen: args.nbd_listen_address,
+            ports: args.nbd_port_range.clone(),
+            connection_caps: agent::ConnectionCaps {
+                per_volume: args.nbd_max_connections as usize,
+                per_peer: args.nbd_max_connections_per_peer as usize,
+            },
         },
     })
 }
@@ -261,8 +262,8 @@ pub fn validate(args: Args) -> anyhow::Result<()> {
     println!("data_dir={}", args.data_dir.display());
     println!("driver_name={}", config.driver_name);
     println!("advertise_address={}", config.advertise);
-    println!("nbd_listen_address={}", config.listen);
-    println!("nbd_port_range={}-{}", config.ports.start(), config.ports.end());
+    println!("nbd_listen_address={}", config.agent.listen);
+    println!("nbd_port_range={}-{}", config.agent.ports.start(), config.agent.ports.end());
     println!("metrics_address={}", optional(args.metrics_address.map(|a| a.to_string())));
     println!("kubeconfig={}", optional(args.kubeconfig.map(|p| p.display().to_string())));
     println!("known_nodes={}", args.known_nodes.join(","));
@@ -283,7 +284,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(
         endpoint = %endpoint,
         data_dir = %args.data_dir.display(),
-        nbd = %SocketAddr::new(driver.config().advertise, *driver.config().ports.start()),
+        nbd = %SocketAddr::new(driver.config().advertise, *driver.config().agent.ports.start()),
         "CSI controller listening"
     );
     eprintln!("nbd-csi-controller: CSI on {endpoint}, data in {}", args.data_dir.display());

@@ -7,17 +7,16 @@
 //! still arriving from a partitioned node, say) can land on top of what the
 //! next node writes.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use agent::{Publication, VolumeRecord};
 use csi_proto::contract::{NbdUri, PublishContext};
 use csi_proto::*;
 
 use super::{check_capability, is_reader_only, is_single_node, require};
-use crate::driver::{Driver, LockKey, blocking};
-use crate::error::{Error, Kind, Result};
-use crate::store::{Publication, VolumeRecord};
+use crate::driver::{Driver, LockKey};
+use crate::error::{Error, Result};
 
 /// How long publish and unpublish wait for the connections they stopped to
 /// let go of the file. A stopped reader ends at its next poll, so this is
@@ -33,32 +32,13 @@ impl Driver {
         PublishContext { nbd_uri, read_only: publication.read_only }.to_map()
     }
 
-    async fn save_published(&self, record: VolumeRecord) -> Result<()> {
-        let (store, saved) = (Arc::clone(self.store()), record.clone());
-        blocking(move || store.save_volume(&saved)).await?;
-        let id = record.id.clone();
-        self.state().update_volume_record(record);
-        self.fence_access(&id).await
-    }
-
-    /// Applies the volume's publications to its export and waits, at most
+    /// Gives the agent volume `id`'s publications and waits, at most
     /// [`FENCE_TIMEOUT`], until every connection they no longer admit as it
     /// was admitted is done with the file. Also run when nothing changed, so
     /// that the retry of a call that timed out waits for the same stragglers.
-    async fn fence_access(&self, id: &str) -> Result<()> {
-        let mut fence = self.apply_access(id);
-        if tokio::time::timeout(FENCE_TIMEOUT, fence.wait()).await.is_err() {
-            return Err(Error::new(
-                Kind::Unavailable,
-                format!(
-                    "{} of {} stopped NBD connections still hold volume {id} after {FENCE_TIMEOUT:?}; \
-                     their writes could still land, retry",
-                    fence.remaining(),
-                    fence.stopped()
-                ),
-            ));
-        }
-        Ok(())
+    async fn set_access(&self, id: &str, published: BTreeMap<String, Publication>) -> Result<()> {
+        let fence = self.agent().set_access(id, published).await?;
+        Ok(fence.wait(FENCE_TIMEOUT).await?)
     }
 
     #[tracing::instrument(err, skip_all, fields(volume.id = %req.volume_id, node.id = %req.node_id))]
@@ -68,7 +48,7 @@ impl Driver {
         let cap = req.volume_capability.as_ref().ok_or_else(|| Error::invalid("volume_capability is required"))?;
         let (block, mode) = check_capability(cap)?;
         let id = req.volume_id.clone();
-        if self.state().volume(&id).is_none() {
+        if self.agent().volume(&id).is_none() {
             return Err(Error::not_found(format!("volume {id} not found")));
         }
         let addresses = self.node_addresses(&req.node_id).await?;
@@ -77,9 +57,9 @@ impl Driver {
             return Err(Error::precondition(format!("node {:?} has no IP address in status.addresses", req.node_id)));
         }
         let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
-        let mut record = match self.state().volume(&id) {
+        let mut record = match self.agent().volume(&id) {
             // A volume without its image has no server: an attach would hang.
-            Some(volume) => volume.check_usable().map(|()| volume.record().clone())?,
+            Some(volume) => volume.check_usable().map(|()| volume.record)?,
             None => return Err(Error::not_found(format!("volume {id} not found"))),
         };
         if block != record.block {
@@ -96,7 +76,7 @@ impl Driver {
         if let Some(existing) = record.published.get(&req.node_id) {
             if existing.read_only == publication.read_only && existing.access_mode == publication.access_mode {
                 // A retry after a fence timed out must wait for it too.
-                self.fence_access(&id).await?;
+                self.set_access(&id, record.published.clone()).await?;
                 return Ok(ControllerPublishVolumeResponse {
                     publish_context: self.publish_context(&record, existing),
                 });
@@ -110,7 +90,7 @@ impl Driver {
         }
         let context = self.publish_context(&record, &publication);
         record.published.insert(req.node_id.clone(), publication);
-        self.save_published(record).await?;
+        self.set_access(&id, record.published).await?;
         tracing::info!("volume published");
         Ok(ControllerPublishVolumeResponse { publish_context: context })
     }
@@ -123,7 +103,7 @@ impl Driver {
         require(&req.volume_id, "volume_id")?;
         let id = req.volume_id;
         let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
-        let Some(mut record) = self.state().volume_record(&id) else {
+        let Some(mut record) = self.agent().volume(&id).map(|v| v.record) else {
             return Ok(ControllerUnpublishVolumeResponse {});
         };
         let before = record.published.len();
@@ -132,12 +112,11 @@ impl Driver {
         } else {
             record.published.remove(&req.node_id);
         }
-        if record.published.len() != before {
-            self.save_published(record).await?;
+        let changed = record.published.len() != before;
+        // Unchanged: already unpublished, a retry after a fence timed out.
+        self.set_access(&id, record.published).await?;
+        if changed {
             tracing::info!("volume unpublished");
-        } else {
-            // Already unpublished: a retry after a fence timed out.
-            self.fence_access(&id).await?;
         }
         Ok(ControllerUnpublishVolumeResponse {})
     }

@@ -2,18 +2,16 @@
 //! ControllerGetVolume, GetCapacity, ControllerExpandVolume.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
+use agent::{Condition, NewVolume, Source, VolumeRecord, VolumeStatus};
 use csi_proto::contract::{VolumeAccess, VolumeContext};
 use csi_proto::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use csi_proto::*;
 use tracing::Span;
 
 use super::{Caps, MIB, capacity, check_capabilities, check_parameters, is_reader_only, page, require};
-use crate::driver::{Driver, LockKey, blocking};
+use crate::driver::{Driver, LockKey};
 use crate::error::{Error, Result};
-use crate::state;
-use crate::store::{self, FORMAT, Source, VolumeRecord};
 
 /// What the node plugin learns from volume_context (never the token), and
 /// the name the volume was created with, for operators.
@@ -41,13 +39,11 @@ pub fn volume_message(record: &VolumeRecord) -> Volume {
     }
 }
 
-fn condition(volume: &state::Volume) -> VolumeCondition {
-    if let Some(reason) = volume.broken() {
-        VolumeCondition { abnormal: true, message: reason.to_owned() }
-    } else if volume.is_serving() {
-        VolumeCondition { abnormal: false, message: "NBD server is serving".into() }
-    } else {
-        VolumeCondition { abnormal: true, message: "NBD server is not serving".into() }
+fn condition(volume: &VolumeStatus) -> VolumeCondition {
+    match &volume.condition {
+        Condition::Broken(reason) => VolumeCondition { abnormal: true, message: reason.clone() },
+        Condition::Serving => VolumeCondition { abnormal: false, message: "NBD server is serving".into() },
+        Condition::NotServing => VolumeCondition { abnormal: true, message: "NBD server is not serving".into() },
     }
 }
 
@@ -101,7 +97,7 @@ impl Driver {
         }
         let source = parse_source(&req.volume_content_source)?;
         let _name_guard = self.lock(LockKey::VolumeName(req.name.to_owned())).await;
-        let existing = self.state().find_volume_by_name(&req.name).cloned();
+        let existing = self.agent().find_volume_by_name(&req.name);
         if let Some(record) = existing {
             Span::current().record("volume.id", record.id.as_str());
             if compatible(&record, &req, &caps, &source) {
@@ -109,116 +105,58 @@ impl Driver {
             }
             return Err(Error::exists(format!("volume {:?} exists as {} with other properties", req.name, record.id)));
         }
-        // Hold the source still while it is copied.
-        let (_source_guard, source_image, source_size) = match &source {
-            None => (None, None, 0),
+        // Hold the source still until the agent has copied it.
+        let (_source_guard, source_size) = match &source {
+            None => (None, 0),
             Some(Source::Snapshot(id)) => {
                 let guard = self.lock(LockKey::SnapshotId(id.to_owned())).await;
-                let snapshot = self.state().snapshot(id).map(|s| (s.size_bytes, s.source_block));
+                let snapshot = self.agent().snapshot(id).map(|s| (s.size_bytes, s.source_block));
                 let (size, source_block) =
                     snapshot.ok_or_else(|| Error::not_found(format!("source snapshot {id} not found")))?;
                 // Unknown (an old record whose source is gone): assume block.
                 check_source_access(&format!("snapshot {id}"), source_block.unwrap_or(true), caps.block)?;
-                (Some(guard), Some(self.store().snapshot_image(id)), size)
+                (Some(guard), size)
             }
             Some(Source::Volume(id)) => {
                 let guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
-                let size = match self.state().volume(id) {
+                let size = match self.agent().volume(id) {
                     None => return Err(Error::not_found(format!("source volume {id} not found"))),
                     Some(v) => {
                         v.check_usable()?;
-                        check_source_access(&format!("volume {id}"), v.record().block, caps.block)?;
-                        v.record().capacity_bytes
+                        check_source_access(&format!("volume {id}"), v.record.block, caps.block)?;
+                        v.record.capacity_bytes
                     }
                 };
-                (Some(guard), Some(self.store().volume_image(id)), size)
+                (Some(guard), size)
             }
         };
         let size = capacity(req.capacity_range.as_ref(), source_size)?;
-        let store = Arc::clone(self.store());
-        blocking(move || store.check_space(size)).await?;
-        let id = format!("vol-{}", store::random_hex(16)?);
-        Span::current().record("volume.id", id.as_str());
-        let mut record = VolumeRecord {
-            format: FORMAT,
-            id: id.clone(),
+        let new = NewVolume {
+            id: None,
             name: req.name.clone(),
             capacity_bytes: size,
             block: caps.block,
             read_only: caps.modes.iter().all(|m| is_reader_only(*m)),
-            access_modes: caps.modes.clone(),
-            fs_type: caps.fs_type.clone(),
+            access_modes: caps.modes,
+            fs_type: caps.fs_type,
             parameters,
-            source: source.clone(),
-            port: 0,
-            export_name: store::random_hex(32)?,
-            published: Default::default(),
+            source,
         };
-        match (&source, source_image) {
-            (Some(Source::Volume(src)), Some(image)) => {
-                // A clone of a live volume is point-in-time, like a snapshot.
-                let store = Arc::clone(self.store());
-                let new_id = id.clone();
-                self.with_writes_paused(src, move || store.create_volume_image(&new_id, size, Some(&image))).await?;
-            }
-            (_, image) => {
-                let store = Arc::clone(self.store());
-                let new_id = id.clone();
-                blocking(move || store.create_volume_image(&new_id, size, image.as_deref())).await?;
-            }
-        }
-        let served = match self.serve_new(&mut record).await {
-            Ok(served) => served,
-            Err(e) => {
-                let (store, id) = (Arc::clone(self.store()), id.clone());
-                let _ = blocking(move || store.remove_volume(&id)).await;
-                return Err(e);
-            }
-        };
-        let (store, saved) = (Arc::clone(self.store()), record.clone());
-        if let Err(e) = blocking(move || store.save_volume(&saved)).await {
-            let _ = served.stop().await;
-            let (store, id) = (Arc::clone(self.store()), id.clone());
-            let _ = blocking(move || store.remove_volume(&id)).await;
-            return Err(e);
-        }
-        tracing::info!(size, port = served.addr.port(), "volume created");
-        let volume = volume_message(&record);
-        self.add_served_volume(record, served);
-        Ok(CreateVolumeResponse { volume: Some(volume) })
+        let record = self.agent().create_volume(new).await?;
+        Span::current().record("volume.id", record.id.as_str());
+        Ok(CreateVolumeResponse { volume: Some(volume_message(&record)) })
     }
 
     #[tracing::instrument(err, skip_all, fields(volume.id = %req.volume_id))]
     pub async fn delete_volume(&self, req: DeleteVolumeRequest) -> Result<DeleteVolumeResponse> {
         require(&req.volume_id, "volume_id")?;
         let id = req.volume_id;
-        let Some(name) = self.state().volume(&id).map(|v| v.record().name.clone()) else {
+        let Some(name) = self.agent().volume(&id).map(|v| v.record.name) else {
             return Ok(DeleteVolumeResponse {});
         };
         let _name_guard = self.lock(LockKey::VolumeName(name.to_owned())).await;
         let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
-        {
-            let state = self.state();
-            let Some(volume) = state.volume(&id) else { return Ok(DeleteVolumeResponse {}) };
-            if !volume.record().published.is_empty() {
-                let nodes: Vec<&String> = volume.record().published.keys().collect();
-                return Err(Error::precondition(format!("volume is still published to {nodes:?}")));
-            }
-        }
-        let served = self.take_server(&id);
-        if let Some(served) = served
-            && let Err(e) = served.stop().await
-        {
-            tracing::warn!(error = %e, "flushing on stop failed; deleting anyway");
-        }
-        let (store, rid) = (Arc::clone(self.store()), id.clone());
-        if let Err(e) = blocking(move || store.remove_volume(&rid)).await {
-            // Still stored: serve it again rather than leave it dark.
-            let _ = self.restart_server(&id).await;
-            return Err(e);
-        }
-        self.state().remove_volume(&id);
-        tracing::info!("volume deleted");
+        self.agent().delete_volume(&id).await?;
         Ok(DeleteVolumeResponse {})
     }
 
@@ -231,7 +169,7 @@ impl Driver {
         if req.volume_capabilities.is_empty() {
             return Err(Error::invalid("volume_capabilities are required"));
         }
-        let Some(record) = self.state().volume_record(&req.volume_id) else {
+        let Some(record) = self.agent().volume(&req.volume_id).map(|v| v.record) else {
             return Err(Error::not_found(format!("volume {} not found", req.volume_id)));
         };
         let unconfirmed = |message: String| ValidateVolumeCapabilitiesResponse { confirmed: None, message };
@@ -262,16 +200,16 @@ impl Driver {
 
     #[tracing::instrument(err, skip_all, fields(volume.id = tracing::field::Empty))]
     pub async fn list_volumes(&self, req: ListVolumesRequest) -> Result<ListVolumesResponse> {
-        let state = self.state();
-        let (ids, next_token) = page(state.volume_ids(), &req.starting_token, req.max_entries, store::is_volume_id)?;
+        let all = self.agent().volume_ids();
+        let (ids, next_token) = page(all.iter(), &req.starting_token, req.max_entries, agent::is_volume_id)?;
         let entries = ids
             .iter()
-            .filter_map(|id| state.volume(id))
+            .filter_map(|id| self.agent().volume(id))
             .map(|v| list_volumes_response::Entry {
-                volume: Some(volume_message(v.record())),
+                volume: Some(volume_message(&v.record)),
                 status: Some(list_volumes_response::VolumeStatus {
-                    published_node_ids: v.record().published.keys().cloned().collect(),
-                    volume_condition: Some(condition(v)),
+                    published_node_ids: v.record.published.keys().cloned().collect(),
+                    volume_condition: Some(condition(&v)),
                 }),
             })
             .collect();
@@ -281,13 +219,12 @@ impl Driver {
     #[tracing::instrument(err, skip_all, fields(volume.id = %req.volume_id))]
     pub async fn get_volume(&self, req: ControllerGetVolumeRequest) -> Result<ControllerGetVolumeResponse> {
         require(&req.volume_id, "volume_id")?;
-        let state = self.state();
-        let v = state.volume(&req.volume_id).ok_or_else(|| Error::not_found("volume not found"))?;
+        let v = self.agent().volume(&req.volume_id).ok_or_else(|| Error::not_found("volume not found"))?;
         Ok(ControllerGetVolumeResponse {
-            volume: Some(volume_message(v.record())),
+            volume: Some(volume_message(&v.record)),
             status: Some(controller_get_volume_response::VolumeStatus {
-                published_node_ids: v.record().published.keys().cloned().collect(),
-                volume_condition: Some(condition(v)),
+                published_node_ids: v.record.published.keys().cloned().collect(),
+                volume_condition: Some(condition(&v)),
             }),
         })
     }
@@ -299,8 +236,7 @@ impl Driver {
             // No volume with these capabilities can be created at all.
             return Ok(GetCapacityResponse { available_capacity: 0, ..Default::default() });
         }
-        let store = Arc::clone(self.store());
-        let space = blocking(move || store.space()).await?;
+        let space = self.agent().space().await?;
         let available = (space.available / MIB * MIB).min(i64::MAX as u64) as i64;
         Ok(GetCapacityResponse {
             available_capacity: available,
@@ -318,34 +254,15 @@ impl Driver {
         }
         let id = req.volume_id;
         let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
-        let (mut record, export) = {
-            let state = self.state();
-            let v = state.volume(&id).ok_or_else(|| Error::not_found(format!("volume {id} not found")))?;
+        let record = {
+            let v = self.agent().volume(&id).ok_or_else(|| Error::not_found(format!("volume {id} not found")))?;
             v.check_usable()?;
-            (v.record().clone(), v.export())
+            v.record
         };
         // Never shrinks: the new size is at least the current one.
         let size = capacity(Some(&range), record.capacity_bytes)?;
         let node_expansion_required = !record.block;
-        if size > record.capacity_bytes {
-            let (store, image, grow) =
-                (Arc::clone(self.store()), self.store().volume_image(&id), size - record.capacity_bytes);
-            blocking(move || {
-                store.check_space(grow)?;
-                match export {
-                    // Online: connected clients see the new size at once.
-                    Some(export) => export.resize(size),
-                    None => std::fs::OpenOptions::new().write(true).open(&image).and_then(|f| f.set_len(size)),
-                }
-                .map_err(|e| Error::io("growing image", e))
-            })
-            .await?;
-            record.capacity_bytes = size;
-            let (store, saved) = (Arc::clone(self.store()), record.clone());
-            blocking(move || store.save_volume(&saved)).await?;
-            self.state().set_volume_capacity(&id, size);
-            tracing::info!(size, "volume expanded");
-        }
+        let size = self.agent().expand_volume(&id, size).await?;
         Ok(ControllerExpandVolumeResponse { capacity_bytes: size as i64, node_expansion_required })
     }
 }

@@ -5,9 +5,9 @@
 use csi_proto::volume_capability::access_mode::Mode;
 use csi_proto::*;
 
-use super::nbd_client::Client;
 use super::*;
-use crate::store::reserve;
+use agent::testing::{Client, Tmpfs, temp_files};
+use agent::{RESERVE_FILE, RESERVE_SIZE};
 
 const MIB: u64 = 1 << 20;
 const MODE: Mode = Mode::SingleNodeWriter;
@@ -37,8 +37,8 @@ async fn write_until_full(client: &mut Client, size: u64) -> bool {
 async fn unpublish_and_delete_work_on_a_full_data_filesystem() {
     let fs = Tmpfs::mount(16 * MIB);
     let h = Harness::start(fs.path()).await;
-    let store = Arc::clone(h.driver.store());
-    assert_eq!(store.reserve_len().unwrap(), reserve::SIZE, "the reserve is made at start");
+    let agent = Arc::clone(h.driver.agent());
+    assert_eq!(agent.reserve_len().unwrap(), RESERVE_SIZE, "the reserve is made at start");
     let mut c = h.controller().await;
 
     // Thin: two 10 MiB volumes on a 16 MiB filesystem, both published.
@@ -58,7 +58,7 @@ async fn unpublish_and_delete_work_on_a_full_data_filesystem() {
         }
     }
     assert!(full, "writing 20 MiB into a 16 MiB filesystem ends with ENOSPC");
-    assert_eq!(store.space().unwrap().available, 0, "the filesystem is full");
+    assert_eq!(agent.space().await.unwrap().available, 0, "the filesystem is full");
 
     for (id, _) in &volumes {
         let unpublish =
@@ -67,7 +67,7 @@ async fn unpublish_and_delete_work_on_a_full_data_filesystem() {
         let got = c.controller_get_volume(ControllerGetVolumeRequest { volume_id: id.clone() }).await.unwrap();
         assert!(got.into_inner().status.unwrap().published_node_ids.is_empty());
     }
-    assert!(store.reserve_len().unwrap() < reserve::SIZE, "the record writes drew on the reserve");
+    assert!(agent.reserve_len().unwrap() < RESERVE_SIZE, "the record writes drew on the reserve");
     assert!(temp_files(&h.data_dir).is_empty(), "{:?}", temp_files(&h.data_dir));
     for (id, _) in &volumes {
         c.delete_volume(DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() })
@@ -76,10 +76,10 @@ async fn unpublish_and_delete_work_on_a_full_data_filesystem() {
     }
     assert!(c.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().entries.is_empty());
     assert!(temp_files(&h.data_dir).is_empty(), "{:?}", temp_files(&h.data_dir));
-    assert_eq!(store.reserve_len().unwrap(), reserve::SIZE, "the freed space refilled the reserve");
-    let reserve_path = h.data_dir.join(reserve::NAME);
+    assert_eq!(agent.reserve_len().unwrap(), RESERVE_SIZE, "the freed space refilled the reserve");
+    let reserve_path = h.data_dir.join(RESERVE_FILE);
     let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&reserve_path).unwrap()) * 512;
-    assert!(allocated >= reserve::SIZE, "the reserve is allocated, not sparse: {allocated} bytes");
+    assert!(allocated >= RESERVE_SIZE, "the reserve is allocated, not sparse: {allocated} bytes");
     drop(volumes);
     h.stop().await;
 }

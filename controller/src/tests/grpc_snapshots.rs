@@ -3,8 +3,8 @@ use csi_proto::volume_content_source::{SnapshotSource, Type as SourceType, Volum
 use csi_proto::*;
 use tonic::Code;
 
-use super::nbd_client::Client;
 use super::*;
+use agent::testing::Client;
 
 const MIB: i64 = 1 << 20;
 const MODE: Mode = Mode::SingleNodeWriter;

@@ -3,9 +3,9 @@ use csi_proto::volume_capability::access_mode::Mode;
 use csi_proto::*;
 use tonic::Code;
 
-use super::nbd_client::Client;
 use super::*;
 use crate::csi::DEFAULT_CAPACITY;
+use agent::testing::Client;
 use csi_proto::contract::{VolumeAccess, VolumeContext, publish_key};
 
 const MIB: i64 = 1 << 20;
@@ -228,8 +228,8 @@ async fn publish_guards_the_export_and_unpublish_revokes() {
 
 /// Requests the volume's export has received and not yet answered.
 fn in_flight(h: &Harness, id: &str) -> u64 {
-    let state = h.driver.state();
-    let export = state.volume(id).and_then(|v| v.export()).expect("volume served");
+    let exports = h.driver.agent().exports().snapshot();
+    let (_, export) = exports.iter().find(|(served, _)| served == id).expect("volume served");
     export.stats().in_flight.load(std::sync::atomic::Ordering::Relaxed)
 }
 

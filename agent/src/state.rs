@@ -1,10 +1,11 @@
-//! What the controller knows right now: every volume (its record, its
-//! running NBD server, why it cannot be served) and every snapshot record.
+//! What the agent knows right now: every volume (its record, its running
+//! NBD server, why it cannot be served) and every snapshot record.
 //!
-//! Only this module changes them. The driver keeps the [`State`] behind one
-//! mutex and the RPCs ask it through the methods below, each at the point of
-//! the operation where it touched the maps before: after the store write
-//! that makes a change durable, under the per-object lock the RPC holds.
+//! Only this module changes them. The [`Agent`](crate::Agent) keeps the
+//! [`State`] behind one mutex and its operations ask it through the methods
+//! below, each after the store write that makes a change durable, under the
+//! per-object lock the operation holds. Callers outside the crate see
+//! copies: a [`VolumeStatus`] or a record.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -51,9 +52,45 @@ impl Volume {
 
     /// FAILED_PRECONDITION for operations that need the volume's data.
     pub fn check_usable(&self) -> Result<()> {
-        match &self.broken {
-            Some(reason) => Err(Error::precondition(format!("volume {}: {reason}", self.record.id))),
-            None => Ok(()),
+        self.status().check_usable()
+    }
+
+    /// A copy of what callers may know of it.
+    pub fn status(&self) -> VolumeStatus {
+        let condition = match (&self.broken, self.is_serving()) {
+            (Some(reason), _) => Condition::Broken(reason.clone()),
+            (None, true) => Condition::Serving,
+            (None, false) => Condition::NotServing,
+        };
+        VolumeStatus { record: self.record.clone(), condition }
+    }
+}
+
+/// Whether a volume serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    Serving,
+    /// Its server is down (being retried in the background).
+    NotServing,
+    /// It cannot be served at all, for this reason (its image file is
+    /// missing); it can still be deleted.
+    Broken(String),
+}
+
+/// A stored volume as the agent's callers see it: a copy of its record and
+/// its condition at the time of asking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeStatus {
+    pub record: VolumeRecord,
+    pub condition: Condition,
+}
+
+impl VolumeStatus {
+    /// FAILED_PRECONDITION for operations that need the volume's data.
+    pub fn check_usable(&self) -> Result<()> {
+        match &self.condition {
+            Condition::Broken(reason) => Err(Error::precondition(format!("volume {}: {reason}", self.record.id))),
+            Condition::Serving | Condition::NotServing => Ok(()),
         }
     }
 }

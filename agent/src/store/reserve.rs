@@ -2,12 +2,13 @@
 //! keeps room for records when the volumes fill the disk.
 //!
 //! Volumes are thin, so a full data filesystem is an expected state. It must
-//! not wedge detach: ControllerUnpublishVolume rewrites a record, and it has
-//! to succeed before DeleteVolume, the only thing that frees space, may run.
+//! not wedge detach: taking a node's access away (ControllerUnpublishVolume)
+//! rewrites a record, and it has to succeed before the volume may be
+//! deleted, the only thing that frees space.
 //! A record write that fails for lack of space gives back one slice of the
 //! reserve (the file is truncated by [`SLICE`]) and tries again; the reserve
 //! grows back to [`SIZE`] when space allows (after a delete, and in the
-//! controller's periodic pass).
+//! agent's periodic pass).
 //!
 //! The reserve's blocks are allocated (fallocate), so writes into volumes
 //! cannot take them. A volume writer can win a released slice before the

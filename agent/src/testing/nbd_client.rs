@@ -6,6 +6,7 @@ use nbd::wire::{Request, SimpleReply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+#[derive(Debug)]
 pub struct Client {
     stream: TcpStream,
     pub size: u64,

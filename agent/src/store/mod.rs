@@ -7,7 +7,7 @@
 //! without a record was never acknowledged (or was already deleted), and
 //! loading removes it along with leftover `*.tmp` files. A record that does
 //! not parse stops loading with an error naming the file; nothing is removed.
-//! A record whose image is missing loads: the driver reports that volume.
+//! A record whose image is missing loads: the agent reports that volume.
 //!
 //! Files are 0600 and directories 0700 whatever the umask; opening fixes
 //! the modes a store made by an older version has. A full filesystem does

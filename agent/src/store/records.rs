@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped when a record's meaning changes; older controllers refuse newer records.
+/// Bumped when a record's meaning changes; older versions refuse newer records.
 pub const FORMAT: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,8 +66,8 @@ pub struct SnapshotRecord {
     /// Whether the source volume was a block volume, whose user could write
     /// any bytes, a crafted filesystem superblock included: such content is
     /// never restored as a filesystem volume. `None` in records written
-    /// before this was kept; the driver fills it in from the source volume
-    /// while that still exists, and treats it as block otherwise.
+    /// before this was kept; the agent fills it in from the source volume
+    /// while that still exists; callers treat it as block otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_block: Option<bool>,
 }

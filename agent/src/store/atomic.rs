@@ -3,7 +3,7 @@
 //! file or the new one, plus at most a `*.tmp` file that loading removes; a
 //! write that fails (a full disk, say) removes its temp file itself.
 //!
-//! Everything the store creates is private to the controller whatever the
+//! Everything the store creates is private to the agent's process whatever the
 //! umask: files 0600 (records hold the export name, a secret; images hold
 //! tenants' data), directories 0700.
 

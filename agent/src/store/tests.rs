@@ -241,8 +241,8 @@ fn snapshot_records_of_older_versions_load_without_the_source_access_type() {
 
 #[test]
 fn a_failed_record_write_on_a_full_disk_leaves_no_temp_file() {
-    let fs = crate::tests::Tmpfs::mount(1 << 20);
-    crate::tests::fill(&fs.path().join("filler"), 2 << 20);
+    let fs = crate::testing::Tmpfs::mount(1 << 20);
+    crate::testing::fill(&fs.path().join("filler"), 2 << 20);
     let err = atomic::write(fs.path(), "a.json", &[b'x'; 8192]).unwrap_err();
     assert!(reserve::is_full(&err), "{err}");
     let mut names: Vec<_> = fs::read_dir(fs.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -252,14 +252,14 @@ fn a_failed_record_write_on_a_full_disk_leaves_no_temp_file() {
 
 #[test]
 fn record_writes_on_a_full_disk_draw_on_the_reserve_which_refills_when_space_is_freed() {
-    let fs = crate::tests::Tmpfs::mount(4 << 20);
+    let fs = crate::testing::Tmpfs::mount(4 << 20);
     let (store, _) = Store::open(fs.path()).unwrap();
     assert_eq!(store.reserve_len().unwrap(), reserve::SIZE);
     let id = vid(10);
     store.create_volume_image(&id, 1 << 20, None).unwrap();
     store.save_volume(&volume(&id)).unwrap();
     let filler = fs.path().join("filler");
-    crate::tests::fill(&filler, 8 << 20);
+    crate::testing::fill(&filler, 8 << 20);
     assert_eq!(store.space().unwrap().available, 0);
 
     let mut record = volume(&id);
@@ -268,7 +268,7 @@ fn record_writes_on_a_full_disk_draw_on_the_reserve_which_refills_when_space_is_
         store.save_volume(&record).unwrap();
     }
     assert!(store.reserve_len().unwrap() < reserve::SIZE);
-    assert!(crate::tests::temp_files(fs.path()).is_empty());
+    assert!(crate::testing::temp_files(fs.path()).is_empty());
     let (store, loaded) = Store::open(fs.path()).unwrap();
     assert_eq!(loaded.volumes[&id], record);
 

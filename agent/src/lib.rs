@@ -1,0 +1,45 @@
+//! `nbd-csi-agent`: the storage role of nbd-csi as a library. It owns a
+//! data directory, the store (sparse image files with crash-safe JSON
+//! records), and one NBD server per volume, and changes them when told what
+//! should be: create, clone, restore, grow and delete volumes, take and
+//! delete snapshots, set which nodes may connect to a volume.
+//!
+//! It knows nothing of CSI, gRPC or Kubernetes: the controller drives one
+//! in-process [`Agent`] directly (the embedded default, no cluster needed)
+//! and maps its [`Error`] kinds to gRPC codes once; a storage-node process
+//! can drive the same code from custom resources.
+//!
+//! Public: the [`Agent`] with its configuration and operations, the records
+//! it keeps (their on-disk format is the store's), and the export table
+//! metrics read. The store, the state and the volume servers stay private:
+//! every change goes through the agent, which keeps them in step.
+
+mod access;
+mod agent;
+mod error;
+mod exports;
+pub mod locks;
+mod report;
+mod snapshot_ops;
+mod state;
+mod store;
+mod volume_ops;
+mod volumes;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use access::Fence;
+pub use agent::{Agent, Config, REFRESH};
+pub use error::{Error, Kind, Result};
+pub use exports::ExportTable;
+pub use report::{LogsOnly, Reporter};
+pub use snapshot_ops::NewSnapshot;
+pub use state::{Condition, VolumeStatus};
+pub use store::reserve::{NAME as RESERVE_FILE, SIZE as RESERVE_SIZE};
+pub use store::{FORMAT, Publication, SnapshotRecord, Source, Space, VolumeRecord, is_snapshot_id, is_volume_id};
+pub use volume_ops::NewVolume;
+pub use volumes::ConnectionCaps;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,296 @@
+//! The agent through its own API, with real NBD servers on loopback TCP
+//! driven by the test client: data written through a volume's server
+//! survives a restart on the same port; access admits exactly the
+//! addresses it names and fences the ones it drops; copies are
+//! point-in-time; failures are reported and healed by the refresh pass.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::*;
+use crate::testing::Client;
+
+const MIB: u64 = 1 << 20;
+/// How long a fence may take here: the stopped connections are idle.
+const FENCE: Duration = Duration::from_secs(5);
+/// NBD's EPERM: a write refused on a read-only connection.
+const EPERM: u32 = 1;
+
+/// Each agent gets its own ports so parallel tests do not collide.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(29200);
+
+fn config() -> Config {
+    let first = NEXT_PORT.fetch_add(16, Ordering::Relaxed);
+    Config { listen: loopback(), ports: first..=first + 15, connection_caps: ConnectionCaps::default() }
+}
+
+fn loopback() -> IpAddr {
+    "127.0.0.1".parse().unwrap()
+}
+
+/// What the agent reported, in order.
+#[derive(Debug, Default)]
+struct Recorded(Mutex<Vec<String>>);
+
+impl Recorded {
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl Reporter for Recorded {
+    fn server_down(&self, volume: &VolumeRecord, error: &Error) {
+        self.0.lock().unwrap().push(format!("server down {} {}: {error}", volume.id, volume.name));
+    }
+
+    fn image_missing(&self, volume: &VolumeRecord, reason: &str) {
+        self.0.lock().unwrap().push(format!("image missing {} {}: {reason}", volume.id, volume.name));
+    }
+}
+
+async fn open(config: &Config, dir: &Path) -> (Arc<Agent>, Arc<Recorded>) {
+    let recorded = Arc::new(Recorded::default());
+    let reporter: Arc<dyn Reporter> = Arc::clone(&recorded) as Arc<dyn Reporter>;
+    let agent = Agent::open(config.clone(), dir, reporter).await.expect("agent opens");
+    (agent, recorded)
+}
+
+fn new_volume(name: &str, size: u64, source: Option<Source>) -> NewVolume {
+    NewVolume {
+        id: None,
+        name: name.into(),
+        capacity_bytes: size,
+        block: true,
+        access_modes: vec![1],
+        fs_type: String::new(),
+        parameters: BTreeMap::new(),
+        source,
+        read_only: false,
+    }
+}
+
+/// Published to one node reaching the agent from `addresses`.
+fn access(addresses: &[&str], read_only: bool) -> BTreeMap<String, Publication> {
+    let addresses = addresses.iter().map(|a| a.parse().unwrap()).collect();
+    let publication = Publication { read_only, access_mode: 1, addresses: Some(addresses) };
+    [("node-a".to_string(), publication)].into()
+}
+
+fn address(record: &VolumeRecord) -> String {
+    SocketAddr::new(loopback(), record.port).to_string()
+}
+
+async fn connect(record: &VolumeRecord) -> Client {
+    Client::connect(&address(record), &record.export_name).await.expect("the volume's server admits the client")
+}
+
+/// The client's connection is refused: closed before or during the
+/// handshake.
+async fn refused(record: &VolumeRecord) -> bool {
+    tokio::time::timeout(FENCE, Client::connect(&address(record), &record.export_name))
+        .await
+        .expect("a refused connection ends in time")
+        .is_err()
+}
+
+#[tokio::test]
+async fn a_volume_serves_the_same_data_on_the_same_port_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config();
+    let (agent, _) = open(&config, dir.path()).await;
+    let record = agent.create_volume(new_volume("restart", 4 * MIB, None)).await.unwrap();
+    assert!(config.ports.contains(&record.port), "port {} is from the range", record.port);
+    assert_eq!(agent.find_volume_by_name("restart").as_ref(), Some(&record));
+    agent.set_access(&record.id, access(&["127.0.0.1"], false)).await.unwrap().wait(FENCE).await.unwrap();
+    let mut client = connect(&record).await;
+    assert_eq!(client.size, 4 * MIB);
+    assert_eq!(client.write(MIB, &[0x5a; 4096]).await.unwrap(), 0);
+    assert_eq!(client.flush().await.unwrap(), 0);
+    drop(client);
+    agent.shutdown().await;
+    drop(agent);
+
+    let (agent, recorded) = open(&config, dir.path()).await;
+    assert!(agent.ready(), "every volume serves again");
+    let reloaded = agent.volume(&record.id).expect("the volume is still there");
+    assert_eq!(reloaded.condition, Condition::Serving);
+    assert_eq!(reloaded.record.port, record.port, "same port");
+    assert_eq!(reloaded.record.published, access(&["127.0.0.1"], false), "same access");
+    let mut client = connect(&record).await;
+    assert_eq!(client.read(MIB, 4096).await.unwrap(), vec![0x5a; 4096]);
+    assert!(recorded.take().is_empty());
+
+    // Deleting takes the access away first.
+    let still = agent.delete_volume(&record.id).await.unwrap_err();
+    assert_eq!(still.kind(), Kind::FailedPrecondition, "{still}");
+    drop(agent.set_access(&record.id, BTreeMap::new()).await.unwrap());
+    assert!(client.is_closed().await, "a client whose access is gone is stopped");
+    agent.delete_volume(&record.id).await.unwrap();
+    agent.delete_volume(&record.id).await.expect("deleting what is gone succeeds");
+    assert!(agent.volume(&record.id).is_none());
+    assert!(refused(&record).await, "nothing serves a deleted volume");
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn access_admits_only_the_addresses_it_names_and_fences_the_ones_it_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, _) = open(&config(), dir.path()).await;
+    let record = agent.create_volume(new_volume("access", MIB, None)).await.unwrap();
+    assert!(refused(&record).await, "a volume published nowhere admits nobody");
+
+    agent.set_access(&record.id, access(&["127.0.0.2"], false)).await.unwrap().wait(FENCE).await.unwrap();
+    assert!(refused(&record).await, "a client from 127.0.0.1 is refused when only 127.0.0.2 may connect");
+
+    agent.set_access(&record.id, access(&["127.0.0.1"], true)).await.unwrap().wait(FENCE).await.unwrap();
+    let mut reader = connect(&record).await;
+    assert_eq!(reader.write(0, &[1; 512]).await.unwrap(), EPERM, "a read-only peer may not write");
+    assert_eq!(reader.read(0, 512).await.unwrap(), vec![0; 512]);
+
+    // The peer may now write: its read-only connection is stopped, and the
+    // fence resolves once it is done with the file.
+    let fence = agent.set_access(&record.id, access(&["127.0.0.1"], false)).await.unwrap();
+    assert_eq!(fence.stopped(), 1);
+    fence.wait(FENCE).await.unwrap();
+    assert!(reader.is_closed().await);
+    let mut writer = connect(&record).await;
+    assert_eq!(writer.write(0, &[2; 512]).await.unwrap(), 0);
+
+    let fence = agent.set_access(&record.id, access(&["127.0.0.2"], false)).await.unwrap();
+    assert_eq!(fence.stopped(), 1, "the dropped address's connection is stopped");
+    fence.wait(FENCE).await.unwrap();
+    assert!(writer.is_closed().await);
+    assert!(refused(&record).await);
+
+    let missing = agent.set_access("vol-00000000000000000000000000000000", BTreeMap::new()).await.unwrap_err();
+    assert_eq!(missing.kind(), Kind::NotFound);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn snapshots_and_clones_are_point_in_time_copies_and_volumes_grow_online() {
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, _) = open(&config(), dir.path()).await;
+    let source = agent.create_volume(new_volume("source", 2 * MIB, None)).await.unwrap();
+    agent.set_access(&source.id, access(&["127.0.0.1"], false)).await.unwrap().wait(FENCE).await.unwrap();
+    let mut client = connect(&source).await;
+    assert_eq!(client.write(0, &[1; 4096]).await.unwrap(), 0);
+
+    let new =
+        NewSnapshot { id: None, name: "snap".into(), source_volume_id: source.id.clone(), parameters: BTreeMap::new() };
+    let snapshot = agent.create_snapshot(new).await.unwrap();
+    assert_eq!((snapshot.size_bytes, snapshot.source_block), (2 * MIB, Some(true)));
+    assert_eq!(agent.find_snapshot_by_name("snap").as_ref(), Some(&snapshot));
+    assert_eq!(client.write(0, &[2; 4096]).await.unwrap(), 0, "the source is writable again after the copy");
+
+    let clone = agent.create_volume(new_volume("clone", 2 * MIB, Some(Source::Volume(source.id.clone()))));
+    let clone = clone.await.unwrap();
+    let restored = new_volume("restored", 3 * MIB, Some(Source::Snapshot(snapshot.id.clone())));
+    let restored = agent.create_volume(restored).await.unwrap();
+    let too_small = new_volume("small", MIB, Some(Source::Snapshot(snapshot.id.clone())));
+    assert_eq!(agent.create_volume(too_small).await.unwrap_err().kind(), Kind::InvalidArgument);
+    let gone = new_volume("gone", MIB, Some(Source::Snapshot("snap-00000000000000000000000000000000".into())));
+    assert_eq!(agent.create_volume(gone).await.unwrap_err().kind(), Kind::NotFound);
+
+    for (record, byte, size) in [(&clone, 2, 2 * MIB), (&restored, 1, 3 * MIB)] {
+        agent.set_access(&record.id, access(&["127.0.0.1"], false)).await.unwrap().wait(FENCE).await.unwrap();
+        let mut copy = connect(record).await;
+        assert_eq!(copy.size, size);
+        assert_eq!(copy.read(0, 4096).await.unwrap(), vec![byte; 4096], "{} holds its source's data", record.name);
+    }
+
+    assert_eq!(agent.expand_volume(&source.id, 4 * MIB).await.unwrap(), 4 * MIB);
+    assert_eq!(agent.expand_volume(&source.id, MIB).await.unwrap(), 4 * MIB, "never shrinks");
+    assert_eq!(agent.volume(&source.id).unwrap().record.capacity_bytes, 4 * MIB);
+    assert_eq!(connect(&source).await.size, 4 * MIB, "a new connection sees the new size");
+
+    agent.delete_snapshot(&snapshot.id).await.unwrap();
+    assert!(agent.snapshot(&snapshot.id).is_none() && agent.snapshots().is_empty());
+    assert_eq!(agent.volume_ids().len(), 3);
+    drop(client);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_missing_image_and_a_taken_port_are_reported_and_healed_by_the_refresh_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config();
+    let (agent, _) = open(&config, dir.path()).await;
+    let lost = agent.create_volume(new_volume("lost", MIB, None)).await.unwrap();
+    let blocked = agent.create_volume(new_volume("blocked", MIB, None)).await.unwrap();
+    agent.shutdown().await;
+    drop(agent);
+
+    let image = dir.path().join("volumes").join(format!("{}.img", lost.id));
+    let kept = dir.path().join("kept.img");
+    std::fs::rename(&image, &kept).unwrap();
+    let squatter = std::net::TcpListener::bind(SocketAddr::new(loopback(), blocked.port)).unwrap();
+
+    let (agent, recorded) = open(&config, dir.path()).await;
+    let reports = recorded.take();
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    let reported = |prefix: String| reports.iter().any(|r| r.starts_with(&prefix));
+    assert!(reported(format!("image missing {} lost: image file", lost.id)), "{reports:?}");
+    assert!(reported(format!("server down {} blocked: serving volume", blocked.id)), "{reports:?}");
+    assert!(!agent.ready(), "a server that can start later holds readiness back");
+    let broken = agent.volume(&lost.id).unwrap();
+    assert!(matches!(&broken.condition, Condition::Broken(reason) if reason.contains("missing")), "{broken:?}");
+    assert_eq!(broken.check_usable().unwrap_err().kind(), Kind::FailedPrecondition);
+    let new = NewSnapshot {
+        id: None,
+        name: "of-lost".into(),
+        source_volume_id: lost.id.clone(),
+        parameters: BTreeMap::new(),
+    };
+    assert_eq!(agent.create_snapshot(new).await.unwrap_err().kind(), Kind::FailedPrecondition);
+    assert_eq!(agent.volume(&blocked.id).unwrap().condition, Condition::NotServing);
+
+    // Still down: reported again.
+    agent.refresh().await;
+    assert_eq!(recorded.take().len(), 1);
+
+    drop(squatter);
+    std::fs::rename(&kept, &image).unwrap();
+    agent.refresh().await;
+    assert!(recorded.take().is_empty());
+    assert!(agent.ready());
+    for record in [&lost, &blocked] {
+        assert_eq!(agent.volume(&record.id).unwrap().condition, Condition::Serving);
+        agent.set_access(&record.id, access(&["127.0.0.1"], false)).await.unwrap().wait(FENCE).await.unwrap();
+        assert_eq!(connect(record).await.size, MIB, "{} serves on its port {}", record.name, record.port);
+    }
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn creating_under_a_chosen_id_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, _) = open(&config(), dir.path()).await;
+    let id = format!("vol-{}", "ab".repeat(16));
+    let new = NewVolume { id: Some(id.clone()), ..new_volume("chosen", MIB, None) };
+    let created = agent.create_volume(new.clone()).await.unwrap();
+    assert_eq!(created.id, id);
+    assert_eq!(agent.create_volume(new).await.unwrap(), created, "the second creation finds the first");
+    assert_eq!(agent.volume_ids(), std::slice::from_ref(&id));
+    let bad = NewVolume { id: Some("vol-../../etc".into()), ..new_volume("bad", MIB, None) };
+    assert_eq!(agent.create_volume(bad).await.unwrap_err().kind(), Kind::InvalidArgument);
+
+    let snapshot_id = format!("snap-{}", "cd".repeat(16));
+    let new = NewSnapshot {
+        id: Some(snapshot_id.clone()),
+        name: "chosen".into(),
+        source_volume_id: id.clone(),
+        parameters: BTreeMap::new(),
+    };
+    let taken = agent.create_snapshot(new.clone()).await.unwrap();
+    assert_eq!(taken.id, snapshot_id);
+    assert_eq!(agent.create_snapshot(new.clone()).await.unwrap(), taken);
+    assert_eq!(agent.snapshots(), [taken]);
+    let bad = NewSnapshot { id: Some(id), ..new };
+    assert_eq!(agent.create_snapshot(bad).await.unwrap_err().kind(), Kind::InvalidArgument, "a volume id");
+    agent.shutdown().await;
+}

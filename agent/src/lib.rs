@@ -4,10 +4,13 @@
 //! should be: create, clone, restore, grow and delete volumes, take and
 //! delete snapshots, set which nodes may connect to a volume.
 //!
-//! It knows nothing of CSI, gRPC or Kubernetes: the controller drives one
-//! in-process [`Agent`] directly (the embedded default, no cluster needed)
-//! and maps its [`Error`] kinds to gRPC codes once; a storage-node process
-//! can drive the same code from custom resources.
+//! Its core (the [`Agent`], the store, the servers) knows nothing of CSI,
+//! gRPC or Kubernetes: the controller drives one in-process [`Agent`]
+//! directly (the embedded default, no cluster needed) and maps its
+//! [`Error`] kinds to gRPC codes once. With the `kubernetes` feature,
+//! [`resources`] is the Kubernetes-facing contract: the custom resources
+//! both roles share, their CRDs, cluster export names; a storage-node
+//! process drives the same core from those objects.
 //!
 //! Public: the [`Agent`] with its configuration and operations, the records
 //! it keeps (their on-disk format is the store's), and the export table
@@ -20,6 +23,8 @@ mod error;
 mod exports;
 pub mod locks;
 mod report;
+#[cfg(feature = "kubernetes")]
+pub mod resources;
 mod snapshot_ops;
 mod state;
 mod store;

@@ -23,7 +23,7 @@ const EPERM: u32 = 1;
 /// Each agent gets its own ports so parallel tests do not collide.
 static NEXT_PORT: AtomicU16 = AtomicU16::new(29200);
 
-fn config() -> Config {
+pub(crate) fn config() -> Config {
     let first = NEXT_PORT.fetch_add(16, Ordering::Relaxed);
     Config { listen: loopback(), ports: first..=first + 15, connection_caps: ConnectionCaps::default() }
 }
@@ -70,6 +70,7 @@ fn new_volume(name: &str, size: u64, source: Option<Source>) -> NewVolume {
         parameters: BTreeMap::new(),
         source,
         read_only: false,
+        export_name: None,
     }
 }
 
@@ -292,5 +293,25 @@ async fn creating_under_a_chosen_id_is_idempotent() {
     assert_eq!(agent.snapshots(), [taken]);
     let bad = NewSnapshot { id: Some(id), ..new };
     assert_eq!(agent.create_snapshot(bad).await.unwrap_err().kind(), Kind::InvalidArgument, "a volume id");
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_chosen_export_name_is_served_and_kept_and_a_bad_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, _) = open(&config(), dir.path()).await;
+    let chosen = "d".repeat(64);
+    let new = NewVolume { export_name: Some(chosen.clone()), ..new_volume("named", MIB, None) };
+    let record = agent.create_volume(new).await.unwrap();
+    assert_eq!(record.export_name, chosen);
+    agent.set_access(&record.id, access(&["127.0.0.1"], false)).await.unwrap().wait(FENCE).await.unwrap();
+    assert_eq!(connect(&record).await.size, MIB, "served under the chosen name");
+    for bad in [String::new(), "x".repeat(4097)] {
+        let new = NewVolume { export_name: Some(bad), ..new_volume("bad", MIB, None) };
+        assert_eq!(agent.create_volume(new).await.unwrap_err().kind(), Kind::InvalidArgument);
+    }
+    let random = agent.create_volume(new_volume("random", MIB, None)).await.unwrap();
+    assert_eq!(random.export_name.len(), 64, "without a chosen name, a random one as before");
+    assert_ne!(random.export_name, chosen);
     agent.shutdown().await;
 }

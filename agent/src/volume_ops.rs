@@ -32,7 +32,14 @@ pub struct NewVolume {
     pub source: Option<Source>,
     /// Every export of it refuses writes.
     pub read_only: bool,
+    /// The export name to serve it under, for a caller that derives names
+    /// itself (in a cluster, from a key both roles hold, so that no object
+    /// carries it); `None` picks a random one, kept in the record.
+    pub export_name: Option<String>,
 }
+
+/// The longest export name the NBD protocol allows.
+const MAX_EXPORT_NAME: usize = nbd::consts::limits::MAX_STRING_LEN as usize;
 
 impl Agent {
     /// Creates the volume: its image (copied from the source, if any, while
@@ -64,6 +71,16 @@ impl Agent {
                 (Some(guard), Some(self.store().volume_image(id)), size)
             }
         };
+        let export_name = match new.export_name {
+            None => store::random_hex(32)?,
+            Some(name) if !name.is_empty() && name.len() <= MAX_EXPORT_NAME => name,
+            Some(name) => {
+                return Err(Error::new(
+                    Kind::InvalidArgument,
+                    format!("an export name of {} bytes is not 1 to {MAX_EXPORT_NAME}", name.len()),
+                ));
+            }
+        };
         let size = new.capacity_bytes;
         if size < source_size {
             return Err(Error::new(
@@ -85,7 +102,7 @@ impl Agent {
             parameters: new.parameters,
             source: new.source,
             port: 0,
-            export_name: store::random_hex(32)?,
+            export_name,
             published: Default::default(),
         };
         let (store, new_id) = (Arc::clone(self.store()), id.clone());

@@ -1,6 +1,6 @@
 //! The binary's command line: the controller's own flags, or one
-//! subcommand (`serve-file`, or an operator client of a running
-//! controller).
+//! subcommand (`serve-file`, an operator client of a running controller,
+//! or `crds`).
 
 use clap::{Parser, Subcommand};
 
@@ -31,11 +31,15 @@ pub enum Command {
     Snapshot(cli::SnapshotArgs),
     /// A running controller's name, version, readiness and free capacity.
     Info(cli::ClientArgs),
+    /// Print the CustomResourceDefinitions of the nbd.csi.dev resources as
+    /// YAML (the chart's crds/ copy is this output).
+    Crds,
 }
 
 impl Command {
-    /// An operator client: it prints results, not logs, and serves nothing.
+    /// An operator client (or `crds`): it prints results, not logs, and
+    /// serves nothing.
     pub fn is_client(&self) -> bool {
-        matches!(self, Self::Volume(_) | Self::Snapshot(_) | Self::Info(_))
+        matches!(self, Self::Volume(_) | Self::Snapshot(_) | Self::Info(_) | Self::Crds)
     }
 }

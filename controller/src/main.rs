@@ -1,6 +1,7 @@
-//! `nbd-csi-controller`: the CSI controller, its operator CLI and
-//! `serve-file`, all from [`nbd_csi_controller`]; this binary only sets up
-//! logging, the process and a runtime for the one that runs.
+//! `nbd-csi-controller`: the CSI controller, its operator CLI,
+//! `serve-file` and `crds`, all from [`nbd_csi_controller`] and the agent;
+//! this binary only sets up logging, the process and a runtime for the one
+//! that runs.
 
 use clap::Parser;
 use nbd_csi_controller::command_line::{Cli, Command, VALIDATE_ENV};
@@ -34,6 +35,10 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Volume(args)) => client_done(client_runtime()?.block_on(cli::volume(args))),
         Some(Command::Snapshot(args)) => client_done(client_runtime()?.block_on(cli::snapshot(args))),
         Some(Command::Info(args)) => client_done(client_runtime()?.block_on(cli::info(args))),
+        Some(Command::Crds) => {
+            print!("{}", agent::resources::crds_yaml()?);
+            Ok(())
+        }
         Some(Command::ServeFile(args)) => server_runtime()?.block_on(serve_file::run(args)),
         None => server_runtime()?.block_on(service::run(cli.serve)),
     }

@@ -141,6 +141,7 @@ impl Driver {
             fs_type: caps.fs_type,
             parameters,
             source,
+            export_name: None,
         };
         let record = self.agent().create_volume(new).await?;
         Span::current().record("volume.id", record.id.as_str());

@@ -1,0 +1,340 @@
+use std::collections::BTreeMap;
+
+use kube::CustomResourceExt;
+use serde_json::json;
+
+use super::*;
+use crate::Source;
+
+const VOL: &str = "vol-0123456789abcdef0123456789abcdef";
+const SNAP: &str = "snap-0123456789abcdef0123456789abcdef";
+
+fn volume() -> NbdVolume {
+    let mut volume = NbdVolume::new(
+        VOL,
+        NbdVolumeSpec {
+            storage_node: "storage-0.example.internal".into(),
+            request_name: "pvc-1".into(),
+            size_bytes: 1 << 30,
+            access_type: AccessType::Mount,
+            fs_type: "ext4".into(),
+            access_modes: vec![AccessMode::SingleNodeWriter],
+            read_only: false,
+            parameters: BTreeMap::from([("tier".into(), "fast".into())]),
+            source: Some(VolumeSource::Snapshot(SNAP.into())),
+            published_to: vec![
+                PublishedTo {
+                    node: "worker-1".into(),
+                    read_only: false,
+                    access_mode: Some(AccessMode::SingleNodeWriter),
+                },
+                PublishedTo { node: "worker-2".into(), read_only: true, access_mode: None },
+            ],
+        },
+    );
+    volume.metadata.generation = Some(3);
+    volume.status = Some(NbdVolumeStatus {
+        phase: VolumePhase::Available,
+        observed_generation: Some(3),
+        port: Some(10809),
+        size_bytes: Some(1 << 30),
+        conditions: vec![Condition::new(ConditionType::Ready, ConditionStatus::True, "Served", "")],
+    });
+    volume
+}
+
+#[test]
+fn a_volume_round_trips_through_json_and_yaml_with_camel_case_fields() {
+    let volume = volume();
+    let value = serde_json::to_value(&volume).unwrap();
+    assert_eq!(value["apiVersion"], "nbd.csi.dev/v1alpha1");
+    assert_eq!(value["kind"], "NbdVolume");
+    assert_eq!(value["spec"]["storageNode"], "storage-0.example.internal");
+    assert_eq!(value["spec"]["sizeBytes"], 1 << 30);
+    assert_eq!(value["spec"]["accessType"], "Mount");
+    assert_eq!(value["spec"]["accessModes"], json!(["SingleNodeWriter"]));
+    assert_eq!(value["spec"]["source"], json!({"snapshot": SNAP}));
+    assert_eq!(value["spec"]["publishedTo"][1], json!({"node": "worker-2", "readOnly": true}));
+    assert_eq!(value["status"]["observedGeneration"], 3);
+    assert_eq!(value["status"]["conditions"][0]["type"], "Ready");
+    assert_eq!(parse::<NbdVolume>(value).unwrap(), volume);
+    let yaml = serde_saphyr::to_string(&volume).unwrap();
+    assert!(yaml.contains("publishedTo:"), "{yaml}");
+    let back: NbdVolume = serde_saphyr::from_str(&yaml).unwrap();
+    assert_eq!(back, volume);
+}
+
+#[test]
+fn a_snapshot_and_a_storage_node_round_trip() {
+    let mut snapshot = NbdSnapshot::new(
+        SNAP,
+        NbdSnapshotSpec {
+            storage_node: "storage-0".into(),
+            request_name: "snapshot-1".into(),
+            source_volume: VOL.into(),
+            parameters: BTreeMap::new(),
+        },
+    );
+    snapshot.status = Some(NbdSnapshotStatus {
+        phase: SnapshotPhase::Ready,
+        size_bytes: Some(4096),
+        created_at: Some("2026-11-30T01:00:00Z".into()),
+        source_block: Some(false),
+        ..Default::default()
+    });
+    let value = serde_json::to_value(&snapshot).unwrap();
+    assert_eq!(value["spec"]["sourceVolume"], VOL);
+    assert_eq!(value["status"]["createdAt"], "2026-11-30T01:00:00Z");
+    assert_eq!(parse::<NbdSnapshot>(value).unwrap(), snapshot);
+    let desired = snapshot.desired().unwrap();
+    assert_eq!((desired.id.as_str(), desired.source_volume.as_str()), (SNAP, VOL));
+
+    let mut node = NbdStorageNode::new(
+        "storage-0",
+        NbdStorageNodeSpec { address: "10.0.0.5".into(), ports: PortRange { first: 10809, last: 10909 } },
+    );
+    node.status = Some(NbdStorageNodeStatus {
+        total_bytes: Some(100),
+        free_bytes: Some(40),
+        agent_version: "0.1.0".into(),
+        conditions: vec![],
+    });
+    let value = serde_json::to_value(&node).unwrap();
+    assert_eq!(value["status"]["freeBytes"], 40);
+    assert_eq!(value["spec"]["ports"], json!({"first": 10809, "last": 10909}));
+    assert_eq!(parse::<NbdStorageNode>(value).unwrap(), node);
+    assert_eq!(node.endpoint().unwrap(), ("10.0.0.5".parse().unwrap(), 10809..=10909));
+}
+
+#[test]
+fn a_valid_volume_reads_as_what_the_agent_acts_on() {
+    let desired = volume().desired().unwrap();
+    assert_eq!(desired.id, VOL);
+    assert_eq!(desired.generation, Some(3));
+    assert!(!desired.block);
+    assert_eq!(desired.access_modes, [1]);
+    assert_eq!(desired.source, Some(Source::Snapshot(SNAP.into())));
+    assert_eq!(desired.published, BTreeMap::from([("worker-1".into(), (false, 1)), ("worker-2".into(), (true, 0))]));
+}
+
+/// A hand-edited object: every bad field gives an error naming the object
+/// and the field, never a panic.
+#[test]
+fn a_hand_edited_volume_with_bad_fields_gives_a_clear_error() {
+    let good = serde_json::to_value(volume()).unwrap();
+    let edit = |pointer: &str, value: serde_json::Value| {
+        let mut object = good.clone();
+        *object.pointer_mut(pointer).unwrap() = value;
+        object
+    };
+    // Wrong types: the parse names the object and what it wanted.
+    for (pointer, value, expected) in [
+        ("/spec/sizeBytes", json!("big"), "expected u64"),
+        ("/spec/sizeBytes", json!(-1), "expected u64"),
+        ("/spec/accessType", json!("Floppy"), "Floppy"),
+        ("/spec/publishedTo", json!([{"readOnly": true}]), "missing field `node`"),
+        ("/status/port", json!(70000), "expected u16"),
+    ] {
+        let err = parse::<NbdVolume>(edit(pointer, value)).unwrap_err();
+        assert_eq!((err.kind.as_str(), err.name.as_str()), ("NbdVolume", VOL));
+        assert!(err.to_string().contains(expected), "{pointer}: {err}");
+        assert!(err.to_string().starts_with(&format!("NbdVolume {VOL:?}: ")), "{err}");
+    }
+    // Right types, wrong values: the check names the field.
+    for (pointer, value, field) in [
+        ("/metadata/name", json!("vol-../../etc"), "metadata.name"),
+        ("/spec/sizeBytes", json!(0), "spec.sizeBytes"),
+        ("/spec/storageNode", json!("Storage_0"), "spec.storageNode"),
+        ("/spec/storageNode", json!("a".repeat(254)), "spec.storageNode"),
+        ("/spec/source", json!({"volume": VOL}), "spec.source"),
+        ("/spec/source", json!({"snapshot": "snap-x"}), "spec.source"),
+        ("/spec/publishedTo/1/node", json!("worker-1"), "spec.publishedTo"),
+        ("/spec/publishedTo/0/node", json!("-worker"), "spec.publishedTo[0].node"),
+    ] {
+        let object = parse::<NbdVolume>(edit(pointer, value)).expect("well-typed");
+        let err = object.desired().unwrap_err();
+        assert_eq!(err.kind, "NbdVolume");
+        assert!(err.problem.contains(field), "{pointer}: {err}");
+    }
+}
+
+#[test]
+fn bad_snapshots_and_storage_nodes_give_clear_errors() {
+    let snapshot = |name: &str, source: &str| {
+        NbdSnapshot::new(
+            name,
+            NbdSnapshotSpec {
+                storage_node: "storage-0".into(),
+                request_name: "s".into(),
+                source_volume: source.into(),
+                parameters: BTreeMap::new(),
+            },
+        )
+    };
+    assert!(snapshot(VOL, VOL).desired().unwrap_err().problem.contains("metadata.name"));
+    assert!(snapshot(SNAP, SNAP).desired().unwrap_err().problem.contains("spec.sourceVolume"));
+    let node = |address: &str, first, last| {
+        NbdStorageNode::new(
+            "storage-0",
+            NbdStorageNodeSpec { address: address.into(), ports: PortRange { first, last } },
+        )
+    };
+    assert!(node("storage-0", 1, 2).endpoint().unwrap_err().problem.contains("spec.address"));
+    assert!(node("10.0.0.5", 2000, 1000).endpoint().unwrap_err().problem.contains("spec.ports"));
+    assert!(node("10.0.0.5", 0, 1000).endpoint().unwrap_err().problem.contains("spec.ports"));
+    let err = parse::<NbdStorageNode>(json!({
+        "apiVersion": "nbd.csi.dev/v1alpha1", "kind": "NbdStorageNode",
+        "metadata": {"name": "storage-0"}, "spec": {"address": "10.0.0.5", "ports": {"first": 1}}
+    }))
+    .unwrap_err();
+    assert!(err.to_string().contains("missing field `last`"), "{err}");
+}
+
+#[test]
+fn node_names_are_dns_subdomains() {
+    for good in ["a", "worker-1", "ip-10-0-0-1.ec2.internal", &"a".repeat(63)] {
+        assert!(is_node_name(good), "{good}");
+    }
+    for bad in ["", "-a", "a-", "A", "a..b", "a_b", ".a", &"a".repeat(254)] {
+        assert!(!is_node_name(bad), "{bad}");
+    }
+}
+
+#[test]
+fn access_modes_map_to_csi_values_both_ways() {
+    for value in 1..=7 {
+        assert_eq!(AccessMode::from_csi(value).map(AccessMode::csi_value), Some(value));
+    }
+    assert_eq!(AccessMode::from_csi(0), None);
+    assert_eq!(AccessMode::from_csi(8), None);
+}
+
+#[test]
+fn a_condition_keeps_its_transition_time_until_its_status_changes() {
+    let mut conditions = Vec::new();
+    let ready = |status| Condition::new(ConditionType::Ready, status, "Served", "");
+    Condition::set(&mut conditions, ready(ConditionStatus::True), "t1");
+    Condition::set(&mut conditions, ready(ConditionStatus::True), "t2");
+    assert_eq!(conditions[0].last_transition_time.as_deref(), Some("t1"));
+    Condition::set(&mut conditions, ready(ConditionStatus::False), "t3");
+    assert_eq!(conditions.len(), 1);
+    assert_eq!(conditions[0].last_transition_time.as_deref(), Some("t3"));
+}
+
+/// The schema carries the cheap rules, for the API server to enforce.
+#[test]
+fn the_crds_carry_the_validation_rules() {
+    let crds = serde_json::to_string(&crds()).unwrap();
+    for rule in [
+        "self.first <= self.last",
+        "self.sizeBytes >= oldSelf.sizeBytes",
+        "self.metadata.name.matches('^vol-[0-9a-f]{32}$')",
+        "self.metadata.name.matches('^snap-[0-9a-f]{32}$')",
+    ] {
+        assert!(crds.contains(rule), "{rule}");
+    }
+    let volume = serde_json::to_value(NbdVolume::crd()).unwrap();
+    let spec = &volume["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    assert_eq!(spec["sizeBytes"]["minimum"].as_f64(), Some(1.0));
+    assert_eq!(spec["storageNode"]["pattern"], super::invalid::NODE_NAME_PATTERN);
+    assert_eq!(spec["publishedTo"]["x-kubernetes-list-map-keys"], json!(["node"]));
+    assert_eq!(volume["spec"]["scope"], "Cluster");
+    assert_eq!(volume["spec"]["versions"][0]["subresources"]["status"], json!({}));
+}
+
+/// The chart installs what the types generate, byte for byte.
+#[test]
+fn the_charts_crds_are_the_generated_ones() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(CRD_FILE);
+    let chart = std::fs::read_to_string(&path).unwrap_or_default();
+    let generated = crds_yaml().unwrap();
+    assert!(
+        chart == generated,
+        "{} differs from the CRDs the types generate; regenerate it from the repository root with \
+         `cargo run -p nbd-csi-controller -- crds > {CRD_FILE}`",
+        path.display()
+    );
+    // One document per resource, each a CRD that reads back.
+    let documents: Vec<_> = generated.split("\n---\n").skip(1).collect();
+    assert_eq!(documents.len(), 3);
+    for (document, crd) in documents.iter().zip(crds()) {
+        let back: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
+            serde_saphyr::from_str(document).unwrap();
+        assert_eq!(back.metadata.name, crd.metadata.name);
+    }
+}
+
+#[test]
+fn export_names_derive_deterministically_per_key_and_volume() {
+    let key = ExportKey::new(&[7; 32]).unwrap();
+    let name = key.export_name(VOL);
+    assert_eq!(name.len(), 64);
+    assert!(name.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(ExportKey::new(&[7; 32]).unwrap().export_name(VOL), name, "same key, same id: same name");
+    let other_id = VOL.replace('0', "1");
+    assert_ne!(key.export_name(&other_id), name, "another volume, another name");
+    let mut other_key = [7; 32];
+    other_key[31] = 8;
+    assert_ne!(ExportKey::new(&other_key).unwrap().export_name(VOL), name, "another key, another name");
+    // HMAC-SHA256 itself, not something else that happens to be stable.
+    let tag = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[7; 32]),
+        format!("nbd-csi export name v1\0{VOL}").as_bytes(),
+    );
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(name, hex);
+    assert_eq!(format!("{key:?}"), "ExportKey(..)", "Debug shows no key bytes");
+}
+
+#[test]
+fn export_keys_are_long_enough_and_read_with_a_cap() {
+    assert!(matches!(ExportKey::new(&[1; 31]), Err(KeyError::TooShort(31))));
+    assert!(matches!(ExportKey::new(&[1; ExportKey::MAX_LEN + 1]), Err(KeyError::TooLong)));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("key");
+    std::fs::write(&path, [9u8; 48]).unwrap();
+    let from_file = ExportKey::from_file(&path).unwrap();
+    assert_eq!(from_file.export_name(VOL), ExportKey::new(&[9; 48]).unwrap().export_name(VOL));
+    std::fs::write(&path, vec![9u8; 1 << 20]).unwrap();
+    assert!(matches!(ExportKey::from_file(&path), Err(KeyError::TooLong)));
+    let err = ExportKey::from_file(&dir.path().join("missing")).unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+}
+
+/// What an NbdVolume says never lets a reader attach it: neither the name
+/// derived from the cluster key nor the random one in the agent's record
+/// appears in a published volume's object, and no field could carry one.
+#[tokio::test]
+async fn a_published_volume_object_carries_no_export_name() {
+    let key = ExportKey::new(&[5; 32]).unwrap();
+    let derived = key.export_name(VOL);
+    let dir = tempfile::tempdir().unwrap();
+    let agent =
+        crate::Agent::open(crate::tests::config(), dir.path(), std::sync::Arc::new(crate::LogsOnly)).await.unwrap();
+    let new = crate::NewVolume {
+        id: Some(VOL.into()),
+        name: "pvc-1".into(),
+        capacity_bytes: 1 << 20,
+        block: false,
+        access_modes: vec![1],
+        fs_type: "ext4".into(),
+        parameters: BTreeMap::new(),
+        source: None,
+        read_only: false,
+        export_name: Some(derived.clone()),
+    };
+    let record = agent.create_volume(new).await.unwrap();
+    assert_eq!(record.export_name, derived);
+    let mut object = volume();
+    object.spec.source = None;
+    object.status.as_mut().unwrap().port = Some(record.port);
+    let yaml = serde_saphyr::to_string(&object).unwrap();
+    let json = serde_json::to_string(&object).unwrap();
+    assert!(!object.spec.published_to.is_empty());
+    for text in [&yaml, &json] {
+        assert!(!text.contains(&derived), "{text}");
+        assert!(!text.to_lowercase().contains("export"), "{text}");
+    }
+    assert!(!crds_yaml().unwrap().to_lowercase().contains("exportname"), "no field for one in any schema");
+    agent.shutdown().await;
+}

@@ -22,6 +22,7 @@ mod agent;
 mod error;
 mod exports;
 pub mod locks;
+mod quarantine;
 mod report;
 #[cfg(feature = "kubernetes")]
 pub mod resources;
@@ -42,7 +43,9 @@ pub use report::{LogsOnly, Reporter};
 pub use snapshot_ops::NewSnapshot;
 pub use state::{Condition, VolumeStatus};
 pub use store::reserve::{NAME as RESERVE_FILE, SIZE as RESERVE_SIZE};
-pub use store::{FORMAT, Publication, SnapshotRecord, Source, Space, VolumeRecord, is_snapshot_id, is_volume_id};
+pub use store::{
+    FORMAT, Publication, QUARANTINE, SnapshotRecord, Source, Space, VolumeRecord, is_snapshot_id, is_volume_id,
+};
 pub use volume_ops::NewVolume;
 pub use volumes::ConnectionCaps;
 

@@ -315,3 +315,32 @@ async fn a_chosen_export_name_is_served_and_kept_and_a_bad_one_refused() {
     assert_ne!(random.export_name, chosen);
     agent.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_quarantined_volume_stops_serving_and_its_files_move_aside_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, _) = open(&config(), dir.path()).await;
+    let record = agent.create_volume(new_volume("orphan", MIB, None)).await.unwrap();
+    let kept = agent.create_volume(new_volume("kept", MIB, None)).await.unwrap();
+    agent.set_access(&record.id, access(&["127.0.0.1"], false)).await.unwrap().wait(FENCE).await.unwrap();
+    let mut client = connect(&record).await;
+    assert_eq!(client.write(0, &[0xab; 512]).await.unwrap(), 0);
+    assert_eq!(client.flush().await.unwrap(), 0);
+    drop(client);
+    let aside = agent.quarantine_volume(&record.id).await.unwrap();
+    assert_eq!(aside, dir.path().join(crate::QUARANTINE).join(&record.id));
+    assert_eq!(agent.volume_ids(), std::slice::from_ref(&kept.id), "no longer the agent's");
+    assert!(tokio::net::TcpStream::connect(address(&record)).await.is_err(), "its server is stopped");
+    let image = std::fs::read(aside.join(format!("{}.img", record.id))).unwrap();
+    assert_eq!(image.len() as u64, MIB);
+    assert!(image[..512].iter().all(|b| *b == 0xab), "the data is kept");
+    assert!(aside.join(format!("{}.json", record.id)).exists(), "and the record with it");
+    assert!(!dir.path().join("volumes").join(format!("{}.img", record.id)).exists());
+    agent.shutdown().await;
+    // A restart does not bring it back, nor remove it.
+    let (agent, _) = open(&config(), dir.path()).await;
+    assert_eq!(agent.volume_ids(), std::slice::from_ref(&kept.id));
+    assert!(aside.join(format!("{}.img", record.id)).exists());
+    assert_eq!(agent.quarantine_volume(&record.id).await.unwrap_err().kind(), Kind::NotFound);
+    agent.shutdown().await;
+}

@@ -10,9 +10,6 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::Path;
 
-use k8s_openapi::api::core::v1::Node;
-use kube::Api;
-
 use crate::error::{Error, Kind, Result};
 
 /// Peers a node may connect from.
@@ -62,18 +59,14 @@ impl Nodes {
     }
 }
 
-/// The IP addresses in a Node's `status.addresses` (host names are skipped).
+/// The IP addresses in a Node's `status.addresses` (host names are
+/// skipped); NOT_FOUND when there is no such Node.
 pub async fn node_addresses(client: kube::Client, name: &str) -> Result<BTreeSet<IpAddr>> {
-    let api: Api<Node> = Api::all(client);
-    let node = api
-        .get_opt(name)
-        .await
-        .map_err(|e| Error::new(Kind::Unavailable, format!("looking up node {name:?}: {e}")).with_source(e))?;
-    let Some(node) = node else {
-        return Err(Error::not_found(format!("node {name:?} does not exist")));
-    };
-    let addresses = node.status.and_then(|s| s.addresses).unwrap_or_default();
-    Ok(addresses.iter().filter_map(|a| a.address.parse::<IpAddr>().ok()).map(|ip| ip.to_canonical()).collect())
+    match agent::resources::node_addresses(client, name).await {
+        Ok(Some(addresses)) => Ok(addresses),
+        Ok(None) => Err(Error::not_found(format!("node {name:?} does not exist"))),
+        Err(e) => Err(Error::new(Kind::Unavailable, format!("looking up node {name:?}: {e}")).with_source(e)),
+    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,11 @@
 //! so that an object written before a rule existed, or edited by hand past
 //! it, gives a clear [`InvalidObject`] instead of a panic.
 //!
+//! An agent in a cluster runs a [`Reconciler`]: it watches the objects of
+//! its storage node, makes its disk match them (deciding through [`plan`])
+//! and writes their status; it never deletes data because an object is
+//! missing.
+//!
 //! No object ever carries a volume's export name, the secret that lets a
 //! client attach it: in a cluster both roles derive it from a key they
 //! mount ([`ExportKey`]).
@@ -28,6 +33,9 @@ mod condition;
 mod crds;
 mod export_name;
 mod invalid;
+mod nodes;
+pub mod plan;
+mod reconciler;
 mod snapshot;
 mod storage_node;
 mod volume;
@@ -37,6 +45,8 @@ pub use condition::{Condition, ConditionStatus, ConditionType};
 pub use crds::{CRD_FILE, crds, crds_yaml};
 pub use export_name::{ExportKey, KeyError};
 pub use invalid::{InvalidObject, is_node_name, parse};
+pub use nodes::node_addresses;
+pub use reconciler::{FINALIZER, ReconcileError, Reconciler};
 pub use snapshot::{DesiredSnapshot, NbdSnapshot, NbdSnapshotSpec, NbdSnapshotStatus, SnapshotPhase};
 pub use storage_node::{NbdStorageNode, NbdStorageNodeSpec, NbdStorageNodeStatus, PortRange};
 pub use volume::{
@@ -48,5 +58,7 @@ pub const GROUP: &str = "nbd.csi.dev";
 /// Their one version so far; fields may still change.
 pub const VERSION: &str = "v1alpha1";
 
+#[cfg(test)]
+mod reconciler_tests;
 #[cfg(test)]
 mod tests;

@@ -338,3 +338,150 @@ async fn a_published_volume_object_carries_no_export_name() {
     assert!(!crds_yaml().unwrap().to_lowercase().contains("exportname"), "no field for one in any schema");
     agent.shutdown().await;
 }
+
+mod plans {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::net::IpAddr;
+
+    use super::super::plan::{self, VolumeAction};
+    use super::*;
+    use crate::error::{Error, Kind};
+    use crate::{Publication, VolumeRecord, VolumeStatus};
+
+    fn desired(size: u64, published: &[(&str, bool)]) -> DesiredVolume {
+        let mut volume = volume();
+        volume.spec.size_bytes = size;
+        volume.spec.published_to = published
+            .iter()
+            .map(|(node, read_only)| PublishedTo { node: (*node).into(), read_only: *read_only, access_mode: None })
+            .collect();
+        volume.desired().unwrap()
+    }
+
+    fn record(size: u64, published: BTreeMap<String, Publication>) -> VolumeRecord {
+        VolumeRecord {
+            format: crate::FORMAT,
+            id: VOL.into(),
+            name: "pvc-1".into(),
+            capacity_bytes: size,
+            block: false,
+            access_modes: vec![1],
+            fs_type: "ext4".into(),
+            parameters: BTreeMap::new(),
+            source: None,
+            port: 10809,
+            export_name: "secret".into(),
+            read_only: false,
+            published,
+        }
+    }
+
+    fn ips(list: &[&str]) -> Option<Vec<IpAddr>> {
+        Some(list.iter().map(|a| a.parse().unwrap()).collect())
+    }
+
+    fn publication(read_only: bool, addresses: &[&str]) -> Publication {
+        Publication { read_only, access_mode: 0, addresses: ips(addresses) }
+    }
+
+    #[test]
+    fn a_missing_volume_is_created_then_published_with_the_nodes_addresses() {
+        let want = desired(1 << 20, &[("worker-1", false), ("worker-2", true)]);
+        let addresses = BTreeMap::from([("worker-1".to_string(), ips(&["10.0.0.1"]))]);
+        let actions = plan::volume_actions(&want, None, &addresses);
+        let published = BTreeMap::from([
+            ("worker-1".to_string(), publication(false, &["10.0.0.1"])),
+            ("worker-2".to_string(), publication(true, &[])),
+        ]);
+        assert_eq!(
+            actions,
+            [VolumeAction::Create, VolumeAction::SetAccess(published)],
+            "an unresolved node admits nothing"
+        );
+        assert_eq!(plan::volume_actions(&desired(1, &[]), None, &BTreeMap::new()), [VolumeAction::Create]);
+    }
+
+    #[test]
+    fn an_existing_volume_grows_and_changes_access_only_where_the_spec_differs() {
+        let addresses = BTreeMap::from([("worker-1".to_string(), ips(&["10.0.0.1"]))]);
+        let published = BTreeMap::from([("worker-1".to_string(), publication(false, &["10.0.0.1"]))]);
+        let same = record(1 << 20, published.clone());
+        let want = desired(1 << 20, &[("worker-1", false)]);
+        assert_eq!(plan::volume_actions(&want, Some(&same), &addresses), [], "nothing to do");
+        assert_eq!(
+            plan::volume_actions(&desired(1 << 19, &[("worker-1", false)]), Some(&same), &addresses),
+            [],
+            "never shrinks"
+        );
+        assert_eq!(
+            plan::volume_actions(&desired(2 << 20, &[("worker-1", false)]), Some(&same), &addresses),
+            [VolumeAction::Grow(2 << 20)]
+        );
+        let moved = BTreeMap::from([("worker-1".to_string(), ips(&["10.0.0.9"]))]);
+        let actions = plan::volume_actions(&want, Some(&same), &moved);
+        let expected = BTreeMap::from([("worker-1".to_string(), publication(false, &["10.0.0.9"]))]);
+        assert_eq!(actions, [VolumeAction::SetAccess(expected)], "the node's address changed");
+        let read_only = desired(1 << 20, &[("worker-1", true)]);
+        assert!(matches!(&plan::volume_actions(&read_only, Some(&same), &addresses)[..], [VolumeAction::SetAccess(_)]));
+        assert_eq!(
+            plan::volume_actions(&desired(1 << 20, &[]), Some(&same), &addresses),
+            [VolumeAction::SetAccess(BTreeMap::new())],
+            "unpublished"
+        );
+    }
+
+    #[test]
+    fn deleting_fences_every_node_before_the_data_goes() {
+        assert_eq!(plan::cleanup_actions(None), []);
+        assert_eq!(plan::cleanup_actions(Some(&record(1, BTreeMap::new()))), [VolumeAction::Delete]);
+        let published = record(1, BTreeMap::from([("worker-1".to_string(), publication(false, &[]))]));
+        assert_eq!(
+            plan::cleanup_actions(Some(&published)),
+            [VolumeAction::SetAccess(BTreeMap::new()), VolumeAction::Delete]
+        );
+    }
+
+    #[test]
+    fn unclaimed_volumes_are_those_no_object_names() {
+        let stored = vec!["vol-a".to_string(), "vol-b".to_string()];
+        let claimed = BTreeSet::from(["vol-b".to_string(), "vol-c".to_string()]);
+        assert_eq!(plan::unclaimed(&stored, &claimed), ["vol-a"]);
+    }
+
+    #[test]
+    fn the_status_says_what_the_agent_made_of_the_spec() {
+        let want = desired(1 << 20, &[]);
+        let serving = VolumeStatus { record: record(1 << 20, BTreeMap::new()), condition: crate::Condition::Serving };
+        let status = plan::volume_status(Ok(&want), Some(4), Some(&serving), None, None, "t1");
+        assert_eq!(status.phase, VolumePhase::Available);
+        assert_eq!((status.port, status.size_bytes, status.observed_generation), (Some(10809), Some(1 << 20), Some(4)));
+        let ready = status.conditions.iter().find(|c| c.type_ == ConditionType::Ready).unwrap();
+        assert_eq!((ready.status, ready.last_transition_time.as_deref()), (ConditionStatus::True, Some("t1")));
+
+        let broken = VolumeStatus { condition: crate::Condition::Broken("image gone".into()), ..serving.clone() };
+        let status = plan::volume_status(Ok(&want), Some(4), Some(&broken), None, Some(&status), "t2");
+        assert_eq!(status.phase, VolumePhase::Unavailable);
+        let ready = status.conditions.iter().find(|c| c.type_ == ConditionType::Ready).unwrap();
+        assert_eq!((ready.reason.as_str(), ready.message.as_str()), ("ImageMissing", "image gone"));
+        assert_eq!(ready.last_transition_time.as_deref(), Some("t2"));
+        let valid = status.conditions.iter().find(|c| c.type_ == ConditionType::Valid).unwrap();
+        assert_eq!(valid.last_transition_time.as_deref(), Some("t1"), "unchanged, so its time is kept");
+
+        let full = Error::new(Kind::ResourceExhausted, "no space");
+        let status = plan::volume_status(Ok(&want), Some(4), None, Some(&full), None, "t3");
+        assert_eq!(status.phase, VolumePhase::Pending);
+        assert_eq!(status.port, None);
+        let ready = status.conditions.iter().find(|c| c.type_ == ConditionType::Ready).unwrap();
+        assert_eq!((ready.reason.as_str(), ready.message.as_str()), ("ResourceExhausted", "no space"));
+
+        let mut bad = volume();
+        bad.spec.size_bytes = 0;
+        let invalid = bad.desired().unwrap_err();
+        let status = plan::volume_status(Err(&invalid), Some(5), None, None, None, "t4");
+        assert_eq!(status.phase, VolumePhase::Invalid);
+        let valid = status.conditions.iter().find(|c| c.type_ == ConditionType::Valid).unwrap();
+        assert_eq!(valid.status, ConditionStatus::False);
+        assert!(valid.message.contains("spec.sizeBytes"), "{}", valid.message);
+        assert_eq!(valid.observed_generation, Some(5));
+    }
+}

@@ -30,6 +30,8 @@ pub use records::{FORMAT, Publication, SnapshotRecord, Source, VolumeRecord};
 use crate::error::{Error, Result};
 
 const VOLUMES: &str = "volumes";
+/// Where volumes nobody claims are moved aside, never deleted.
+pub const QUARANTINE: &str = "quarantine";
 const SNAPSHOTS: &str = "snapshots";
 const IMG: &str = ".img";
 const JSON: &str = ".json";
@@ -297,6 +299,33 @@ impl Store {
 
     pub fn remove_snapshot(&self, id: &str) -> Result<()> {
         self.remove(Kind::Snapshot, id)
+    }
+
+    /// Moves volume `id`'s image and record into `quarantine/<id>/`, where
+    /// the store no longer loads them and nothing deletes them; returns
+    /// that directory. The image moves first: a crash between the two
+    /// renames leaves the record behind, which loads as a volume whose
+    /// image is missing (reported, never deleted), while a record moved
+    /// first would leave an image without a record, which loading removes.
+    pub fn quarantine_volume(&self, id: &str) -> Result<PathBuf> {
+        let aside = self.root.join(QUARANTINE);
+        let target = aside.join(id);
+        for dir in [&aside, &target] {
+            atomic::create_private_dir(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        }
+        let dir = self.dir(Kind::Volume);
+        for name in [format!("{id}{IMG}"), format!("{id}{JSON}")] {
+            match fs::rename(dir.join(&name), target.join(&name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("moving {name} to {}", target.display()), e)),
+            }
+            for synced in [&target, &dir] {
+                atomic::sync_dir(synced).map_err(io_err(format!("syncing {}", synced.display())))?;
+            }
+        }
+        atomic::sync_dir(&aside).map_err(io_err(format!("syncing {}", aside.display())))?;
+        Ok(target)
     }
 }
 

@@ -1,0 +1,378 @@
+//! The agent's side of the custom resources: it watches the NbdVolume and
+//! NbdSnapshot objects of its storage node, makes its disk and servers
+//! match each one's spec, and writes what it made of it into the status.
+//!
+//! - Every object it acts on carries its finalizer ([`FINALIZER`]); data is
+//!   deleted only when such an object is being deleted, never because an
+//!   object is missing. A stored volume no object names is quarantined
+//!   ([`Agent::quarantine_volume`]) and reported with an Event.
+//! - A spec that does not check out (see [`NbdVolume::desired`]) gets a
+//!   Valid=False condition and an Event naming the field; nothing is done.
+//! - An export is served under the name derived from the cluster key
+//!   ([`ExportKey`]), which no object carries.
+//! - The decisions are [`plan`](super::plan)'s; this module carries them
+//!   out and talks to the API server.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::finalizer::{self, Event as Finalize, finalizer};
+use kube::runtime::watcher;
+use kube::{Api, Resource, ResourceExt};
+use tokio_stream::StreamExt;
+
+use super::export_name::ExportKey;
+use super::nodes::node_addresses;
+use super::plan::{self, VolumeAction};
+use super::{NbdSnapshot, NbdVolume};
+use crate::error::{Error, Kind};
+use crate::{Agent, NewSnapshot, NewVolume};
+
+/// The finalizer the agent puts on the objects it acts on.
+pub const FINALIZER: &str = "nbd.csi.dev/agent";
+/// The reportingController of its Events.
+const REPORTING_CONTROLLER: &str = "nbd.csi.dev/agent";
+/// Where Events about cluster-scoped objects live, as kubelet does.
+const EVENT_NAMESPACE: &str = "default";
+/// How long access changes may wait for stopped connections.
+const FENCE: Duration = Duration::from_secs(30);
+/// How soon an object whose reconcile failed is tried again.
+const RETRY: Duration = Duration::from_secs(10);
+
+/// Why one reconcile stopped; the object is tried again ten seconds later.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Agent(#[from] Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+type Outcome = Result<Action, ReconcileError>;
+
+/// Drives one [`Agent`] from the objects of one storage node.
+pub struct Reconciler {
+    client: kube::Client,
+    agent: Arc<Agent>,
+    node: String,
+    export_key: ExportKey,
+    events: csi_events::Recorder,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler").field("node", &self.node).finish_non_exhaustive()
+    }
+}
+
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now().to_string()
+}
+
+fn object_reference<K: Resource<DynamicType = ()>>(object: &K) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(K::api_version(&()).into_owned()),
+        kind: Some(K::kind(&()).into_owned()),
+        name: object.meta().name.clone(),
+        uid: object.meta().uid.clone(),
+        ..Default::default()
+    }
+}
+
+impl Reconciler {
+    /// `node` is this storage node's name (its Node's and NbdStorageNode's).
+    pub fn new(client: kube::Client, agent: Arc<Agent>, node: String, export_key: ExportKey) -> Self {
+        let events = csi_events::Recorder::new(client.clone(), REPORTING_CONTROLLER.to_owned(), &node);
+        Self { client, agent, node, export_key, events }
+    }
+
+    /// Watches this node's objects and reconciles them until the watches
+    /// end, and looks for unclaimed volumes every [`crate::REFRESH`].
+    pub async fn run(self: Arc<Self>) {
+        let selector = format!("spec.storageNode={}", self.node);
+        let volumes =
+            Controller::new(Api::<NbdVolume>::all(self.client.clone()), watcher::Config::default().fields(&selector))
+                .run(|o, me: Arc<Self>| async move { me.reconcile_volume(o).await }, retry, Arc::clone(&self));
+        let snapshots =
+            Controller::new(Api::<NbdSnapshot>::all(self.client.clone()), watcher::Config::default().fields(&selector))
+                .run(|o, me: Arc<Self>| async move { me.reconcile_snapshot(o).await }, retry, Arc::clone(&self));
+        let sweep = {
+            let me = Arc::clone(&self);
+            async move {
+                loop {
+                    tokio::time::sleep(crate::REFRESH).await;
+                    if let Err(e) = me.quarantine_unclaimed().await {
+                        tracing::warn!(error = %e, "looking for unclaimed volumes failed");
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = drain("NbdVolume", volumes) => {}
+            () = drain("NbdSnapshot", snapshots) => {}
+            () = sweep => {}
+        }
+    }
+
+    // ----------------------------------------------------------- volumes
+
+    /// One reconcile of an NbdVolume, through the finalizer: an object
+    /// being deleted is cleaned up, any other is applied.
+    pub async fn reconcile_volume(&self, object: Arc<NbdVolume>) -> Outcome {
+        let api: Api<NbdVolume> = Api::all(self.client.clone());
+        let outcome = finalizer(&api, FINALIZER, object, |event| async move {
+            match event {
+                Finalize::Apply(o) => self.apply_volume(&o).await,
+                Finalize::Cleanup(o) => self.cleanup_volume(&o).await,
+            }
+        })
+        .await;
+        finalized(outcome)
+    }
+
+    async fn apply_volume(&self, object: &NbdVolume) -> Outcome {
+        let desired = object.desired();
+        let failure = match &desired {
+            Err(invalid) => {
+                self.warn(object, "InvalidSpec", "Reconcile", invalid.to_string()).await;
+                None
+            }
+            Ok(d) if d.storage_node != self.node => return Ok(Action::await_change()),
+            Ok(d) => self.converge_volume(d).await.err(),
+        };
+        let actual = self.agent.volume(&object.name_any());
+        let status = plan::volume_status(
+            desired.as_ref(),
+            object.metadata.generation,
+            actual.as_ref(),
+            failure.as_ref(),
+            object.status.as_ref(),
+            &now(),
+        );
+        if object.status.as_ref() != Some(&status) {
+            let api: Api<NbdVolume> = Api::all(self.client.clone());
+            let patch = serde_json::json!({ "status": status });
+            api.patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        }
+        match failure {
+            Some(e) => Err(e.into()),
+            None if desired.is_err() => Ok(Action::await_change()),
+            // Again later: node addresses change, servers go down.
+            None => Ok(Action::requeue(crate::REFRESH)),
+        }
+    }
+
+    /// Carries out what [`plan::volume_actions`] says for `desired`.
+    async fn converge_volume(&self, desired: &super::DesiredVolume) -> Result<(), Error> {
+        let actual = self.agent.volume(&desired.id).map(|v| v.record);
+        let mut addresses = BTreeMap::new();
+        for node in desired.published.keys() {
+            let found = node_addresses(self.client.clone(), node)
+                .await
+                .map_err(|e| Error::new(Kind::Unavailable, format!("looking up node {node:?}: {e}")))?;
+            // A Node that is gone admits nothing.
+            addresses.insert(node.clone(), Some(found.unwrap_or_default().into_iter().collect()));
+        }
+        for action in plan::volume_actions(desired, actual.as_ref(), &addresses) {
+            match action {
+                VolumeAction::Create => {
+                    self.agent
+                        .create_volume(NewVolume {
+                            id: Some(desired.id.clone()),
+                            name: desired.request_name.clone(),
+                            capacity_bytes: desired.size_bytes,
+                            block: desired.block,
+                            access_modes: desired.access_modes.clone(),
+                            fs_type: desired.fs_type.clone(),
+                            parameters: desired.parameters.clone(),
+                            source: desired.source.clone(),
+                            read_only: desired.read_only,
+                            export_name: Some(self.export_key.export_name(&desired.id)),
+                        })
+                        .await?;
+                }
+                VolumeAction::Grow(size) => {
+                    self.agent.expand_volume(&desired.id, size).await?;
+                }
+                VolumeAction::SetAccess(published) => {
+                    self.agent.set_access(&desired.id, published).await?.wait(FENCE).await?;
+                }
+                // Only ever planned for an object being deleted.
+                VolumeAction::Delete => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn cleanup_volume(&self, object: &NbdVolume) -> Outcome {
+        let id = object.name_any();
+        if object.spec.storage_node != self.node {
+            return Ok(Action::await_change());
+        }
+        let actual = self.agent.volume(&id).map(|v| v.record);
+        for action in plan::cleanup_actions(actual.as_ref()) {
+            match action {
+                VolumeAction::SetAccess(none) => self.agent.set_access(&id, none).await?.wait(FENCE).await?,
+                VolumeAction::Delete => self.agent.delete_volume(&id).await?,
+                VolumeAction::Create | VolumeAction::Grow(_) => {}
+            }
+        }
+        Ok(Action::await_change())
+    }
+
+    // --------------------------------------------------------- snapshots
+
+    /// One reconcile of an NbdSnapshot, through the finalizer.
+    pub async fn reconcile_snapshot(&self, object: Arc<NbdSnapshot>) -> Outcome {
+        let api: Api<NbdSnapshot> = Api::all(self.client.clone());
+        let outcome = finalizer(&api, FINALIZER, object, |event| async move {
+            match event {
+                Finalize::Apply(o) => self.apply_snapshot(&o).await,
+                Finalize::Cleanup(o) => self.cleanup_snapshot(&o).await,
+            }
+        })
+        .await;
+        finalized(outcome)
+    }
+
+    async fn apply_snapshot(&self, object: &NbdSnapshot) -> Outcome {
+        let desired = object.desired();
+        let failure = match &desired {
+            Err(invalid) => {
+                self.warn(object, "InvalidSpec", "Reconcile", invalid.to_string()).await;
+                None
+            }
+            Ok(d) if d.storage_node != self.node => return Ok(Action::await_change()),
+            Ok(d) if self.agent.snapshot(&d.id).is_some() => None,
+            Ok(d) => self
+                .agent
+                .create_snapshot(NewSnapshot {
+                    id: Some(d.id.clone()),
+                    name: d.request_name.clone(),
+                    source_volume_id: d.source_volume.clone(),
+                    parameters: d.parameters.clone(),
+                })
+                .await
+                .err(),
+        };
+        let actual = self.agent.snapshot(&object.name_any());
+        let status = plan::snapshot_status(
+            desired.as_ref(),
+            object.metadata.generation,
+            actual.as_ref(),
+            failure.as_ref(),
+            object.status.as_ref(),
+            &now(),
+        );
+        if object.status.as_ref() != Some(&status) {
+            let api: Api<NbdSnapshot> = Api::all(self.client.clone());
+            let patch = serde_json::json!({ "status": status });
+            api.patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        }
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(Action::await_change()),
+        }
+    }
+
+    async fn cleanup_snapshot(&self, object: &NbdSnapshot) -> Outcome {
+        if object.spec.storage_node == self.node {
+            self.agent.delete_snapshot(&object.name_any()).await?;
+        }
+        Ok(Action::await_change())
+    }
+
+    // --------------------------------------------------------- unclaimed
+
+    /// Quarantines every stored volume no NbdVolume names, each reported
+    /// with an Event on this node's NbdStorageNode; returns their ids. A
+    /// volume counts as unclaimed only when the API server answers that
+    /// its object does not exist, not merely because a list missed it; a
+    /// list that fails quarantines nothing.
+    pub async fn quarantine_unclaimed(&self) -> Result<Vec<String>, ReconcileError> {
+        let stored = self.agent.volume_ids();
+        if stored.is_empty() {
+            return Ok(Vec::new());
+        }
+        let api: Api<NbdVolume> = Api::all(self.client.clone());
+        let claimed: BTreeSet<String> =
+            api.list(&ListParams::default()).await?.items.iter().map(|o| o.name_any()).collect();
+        let mut quarantined = Vec::new();
+        for id in plan::unclaimed(&stored, &claimed) {
+            if api.get_opt(id).await?.is_some() {
+                continue;
+            }
+            let aside = self.agent.quarantine_volume(id).await?;
+            let note = format!(
+                "volume {id} is stored on {} but no NbdVolume names it: its image and record were moved to {}, not deleted",
+                self.node,
+                aside.display()
+            );
+            let node = ObjectReference {
+                api_version: Some(format!("{}/{}", super::GROUP, super::VERSION)),
+                kind: Some("NbdStorageNode".into()),
+                name: Some(self.node.clone()),
+                ..Default::default()
+            };
+            self.record(node, "VolumeQuarantined", "Quarantine", note).await;
+            quarantined.push(id.clone());
+        }
+        Ok(quarantined)
+    }
+
+    // ------------------------------------------------------------ events
+
+    async fn warn<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        reason: &'static str,
+        action: &'static str,
+        note: String,
+    ) {
+        self.record(object_reference(object), reason, action, note).await;
+    }
+
+    /// Records a Warning Event; a failure is only logged.
+    async fn record(&self, regarding: ObjectReference, reason: &'static str, action: &'static str, note: String) {
+        let warning = csi_events::WarningEvent {
+            namespace: EVENT_NAMESPACE.to_owned(),
+            regarding,
+            related: None,
+            reason,
+            action,
+            note,
+        };
+        if let Err(e) = self.events.record(warning).await {
+            tracing::warn!(reason, error = %e, "recording an event failed");
+        }
+    }
+}
+
+/// Runs a controller's stream to its end, logging failed reconciles.
+async fn drain<T, E: std::fmt::Display>(kind: &'static str, results: impl tokio_stream::Stream<Item = Result<T, E>>) {
+    let mut results = std::pin::pin!(results);
+    while let Some(result) = results.next().await {
+        if let Err(e) = result {
+            tracing::warn!(kind, error = %e, "reconcile failed");
+        }
+    }
+}
+
+/// What a finalizer-wrapped reconcile returns, as one error type.
+fn finalized(outcome: Result<Action, finalizer::Error<ReconcileError>>) -> Outcome {
+    outcome.map_err(|e| match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        other => ReconcileError::Finalizer(other.to_string()),
+    })
+}
+
+/// After a failed reconcile: try again soon.
+fn retry<K>(_object: Arc<K>, _error: &ReconcileError, _me: Arc<Reconciler>) -> Action {
+    Action::requeue(RETRY)
+}

@@ -1,0 +1,346 @@
+//! The reconciler against a real agent and an API server the test answers
+//! (tower-test): what it asks, what it writes, what it does to the disk.
+
+use std::sync::Arc;
+
+use csi_events::mock_api::{self, ApiHandle, json_body, reply, status};
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use kube::runtime::controller::Action;
+
+use super::*;
+use crate::testing::Client;
+use crate::{Agent, LogsOnly};
+
+const VOL: &str = "vol-00000000000000000000000000000001";
+const ORPHAN: &str = "vol-00000000000000000000000000000002";
+const NODE: &str = "storage-0";
+const KEY: [u8; 32] = [42; 32];
+const VOLUMES: &str = "/apis/nbd.csi.dev/v1alpha1/nbdvolumes";
+
+/// One expected API call: method, path, and the reply to give (the
+/// request's JSON body, or null, is passed to it).
+type Step = (Method, String, Box<dyn FnOnce(&Value) -> (StatusCode, Value) + Send>);
+
+/// Answers `steps` in order, checking each request; returns the bodies.
+fn answer(mut handle: ApiHandle, steps: Vec<Step>) -> tokio::task::JoinHandle<Vec<Value>> {
+    tokio::spawn(async move {
+        let mut bodies = Vec::new();
+        for (method, path, respond) in steps {
+            let (request, send) = handle.next_request().await.expect("the expected request");
+            assert_eq!((request.method(), request.uri().path()), (&method, path.as_str()), "{:?}", request.uri());
+            let body = if method == Method::GET { Value::Null } else { json_body(request).await };
+            let (code, response) = respond(&body);
+            reply(send, code, &response);
+            bodies.push(body);
+        }
+        bodies
+    })
+}
+
+fn volume_object(size: i64, published: &[&str], finalizer: bool) -> Value {
+    let published: Vec<Value> = published.iter().map(|n| json!({"node": n, "readOnly": false})).collect();
+    let mut object = json!({
+        "apiVersion": "nbd.csi.dev/v1alpha1", "kind": "NbdVolume",
+        "metadata": {"name": VOL, "uid": "u1", "generation": 2, "resourceVersion": "7"},
+        "spec": {
+            "storageNode": NODE, "requestName": "pvc-1", "sizeBytes": size,
+            "accessType": "Block", "accessModes": ["SingleNodeWriter"], "publishedTo": published
+        }
+    });
+    if finalizer {
+        object["metadata"]["finalizers"] = json!([FINALIZER]);
+    }
+    object
+}
+
+fn node_object(name: &str, address: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+           "status": {"addresses": [{"type": "InternalIP", "address": address}, {"type": "Hostname", "address": name}]}})
+}
+
+fn echo_event(body: &Value) -> (StatusCode, Value) {
+    let mut event = body.clone();
+    event["metadata"]["name"] = json!("event-1");
+    (StatusCode::CREATED, event)
+}
+
+async fn setup() -> (tempfile::TempDir, Arc<Agent>, Reconciler, ApiHandle) {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::open(crate::tests::config(), dir.path(), Arc::new(LogsOnly)).await.unwrap();
+    let (client, handle) = mock_api::client();
+    let reconciler = Reconciler::new(client, Arc::clone(&agent), NODE.into(), ExportKey::new(&KEY).unwrap());
+    (dir, agent, reconciler, handle)
+}
+
+#[tokio::test]
+async fn a_new_volume_is_created_published_and_its_status_written_without_its_export_name() {
+    let (_dir, agent, reconciler, handle) = setup().await;
+    let object = volume_object(1 << 20, &["worker-1"], true);
+    let echoed = object.clone();
+    let server = answer(
+        handle,
+        vec![
+            (
+                Method::GET,
+                "/api/v1/nodes/worker-1".into(),
+                Box::new(|_| (StatusCode::OK, node_object("worker-1", "127.0.0.1"))),
+            ),
+            (Method::PATCH, format!("{VOLUMES}/{VOL}/status"), Box::new(move |_| (StatusCode::OK, echoed))),
+        ],
+    );
+    let action = reconciler.reconcile_volume(Arc::new(parse(object).unwrap())).await.unwrap();
+    assert_eq!(action, Action::requeue(crate::REFRESH));
+    let bodies = server.await.unwrap();
+
+    let record = agent.volume(VOL).expect("created under the object's name").record;
+    let export_name = ExportKey::new(&KEY).unwrap().export_name(VOL);
+    assert_eq!(record.export_name, export_name, "served under the derived name");
+    assert_eq!((record.capacity_bytes, record.block, record.name.as_str()), (1 << 20, true, "pvc-1"));
+    assert_eq!(record.published["worker-1"].addresses, Some(vec!["127.0.0.1".parse().unwrap()]));
+    let status = &bodies[1]["status"];
+    assert_eq!(status["phase"], "Available");
+    assert_eq!(status["port"], record.port);
+    assert_eq!(status["sizeBytes"], 1 << 20);
+    assert_eq!(status["observedGeneration"], 2);
+    assert_eq!(status["conditions"][1]["type"], "Ready");
+    assert_eq!(status["conditions"][1]["status"], "True");
+    assert!(!bodies[1].to_string().contains(&export_name), "{}", bodies[1]);
+    // A client that knows the derived name attaches it from the node's address.
+    let mut client = Client::connect(&format!("127.0.0.1:{}", record.port), &export_name).await.unwrap();
+    assert_eq!(client.size, 1 << 20);
+    assert_eq!(client.write(0, &[1; 512]).await.unwrap(), 0);
+    drop(client);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_volume_grows_and_its_access_follows_the_spec() {
+    let (_dir, agent, reconciler, handle) = setup().await;
+    let first = volume_object(1 << 20, &["worker-1"], true);
+    let (echo1, echo2) = (first.clone(), first.clone());
+    let second = volume_object(2 << 20, &[], true);
+    let server = answer(
+        handle,
+        vec![
+            (
+                Method::GET,
+                "/api/v1/nodes/worker-1".into(),
+                Box::new(|_| (StatusCode::OK, node_object("worker-1", "127.0.0.1"))),
+            ),
+            (Method::PATCH, format!("{VOLUMES}/{VOL}/status"), Box::new(move |_| (StatusCode::OK, echo1))),
+            (Method::PATCH, format!("{VOLUMES}/{VOL}/status"), Box::new(move |_| (StatusCode::OK, echo2))),
+        ],
+    );
+    reconciler.reconcile_volume(Arc::new(parse(first).unwrap())).await.unwrap();
+    let record = agent.volume(VOL).unwrap().record;
+    let export_name = ExportKey::new(&KEY).unwrap().export_name(VOL);
+    let mut client = Client::connect(&format!("127.0.0.1:{}", record.port), &export_name).await.unwrap();
+    // The second spec: twice the size, published nowhere.
+    reconciler.reconcile_volume(Arc::new(parse(second).unwrap())).await.unwrap();
+    let bodies = server.await.unwrap();
+    let record = agent.volume(VOL).unwrap().record;
+    assert_eq!(record.capacity_bytes, 2 << 20);
+    assert!(record.published.is_empty());
+    assert_eq!(bodies[2]["status"]["sizeBytes"], 2 << 20);
+    assert!(client.is_closed().await, "the node's connection was stopped when its access went");
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_volume_gets_a_condition_and_an_event_and_nothing_is_created() {
+    let (_dir, agent, reconciler, handle) = setup().await;
+    let mut object = volume_object(1 << 20, &[], true);
+    object["spec"]["storageNode"] = json!(NODE);
+    object["spec"]["publishedTo"] = json!([{"node": "Bad_Node"}]);
+    let echoed = object.clone();
+    let server = answer(
+        handle,
+        vec![
+            (Method::POST, "/apis/events.k8s.io/v1/namespaces/default/events".into(), Box::new(echo_event)),
+            (Method::PATCH, format!("{VOLUMES}/{VOL}/status"), Box::new(move |_| (StatusCode::OK, echoed))),
+        ],
+    );
+    let action = reconciler.reconcile_volume(Arc::new(parse(object).unwrap())).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    let bodies = server.await.unwrap();
+    assert_eq!(bodies[0]["reason"], "InvalidSpec");
+    assert_eq!(bodies[0]["regarding"]["kind"], "NbdVolume");
+    assert!(bodies[0]["note"].as_str().unwrap().contains("spec.publishedTo[0].node"), "{}", bodies[0]);
+    let status = &bodies[1]["status"];
+    assert_eq!(status["phase"], "Invalid");
+    assert_eq!(status["conditions"][0]["type"], "Valid");
+    assert_eq!(status["conditions"][0]["status"], "False");
+    assert!(agent.volume_ids().is_empty());
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_volume_of_another_storage_node_is_left_alone() {
+    let (_dir, agent, reconciler, handle) = setup().await;
+    let mut object = volume_object(1 << 20, &[], true);
+    object["spec"]["storageNode"] = json!("storage-1");
+    let server = answer(handle, vec![]);
+    let action = reconciler.reconcile_volume(Arc::new(parse(object).unwrap())).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    server.await.unwrap();
+    assert!(agent.volume_ids().is_empty());
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_object_being_deleted_takes_its_data_and_then_its_finalizer() {
+    let (_dir, agent, reconciler, handle) = setup().await;
+    let object = volume_object(1 << 20, &["worker-1"], true);
+    let echoed = object.clone();
+    let mut deleting = object.clone();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-11-30T02:00:00Z");
+    let mut released = deleting.clone();
+    released["metadata"]["finalizers"] = json!([]);
+    let server = answer(
+        handle,
+        vec![
+            (
+                Method::GET,
+                "/api/v1/nodes/worker-1".into(),
+                Box::new(|_| (StatusCode::OK, node_object("worker-1", "127.0.0.1"))),
+            ),
+            (Method::PATCH, format!("{VOLUMES}/{VOL}/status"), Box::new(move |_| (StatusCode::OK, echoed))),
+            (Method::PATCH, format!("{VOLUMES}/{VOL}"), Box::new(move |_| (StatusCode::OK, released))),
+        ],
+    );
+    reconciler.reconcile_volume(Arc::new(parse(object).unwrap())).await.unwrap();
+    assert!(agent.volume(VOL).is_some());
+    reconciler.reconcile_volume(Arc::new(parse(deleting).unwrap())).await.unwrap();
+    let bodies = server.await.unwrap();
+    assert!(agent.volume(VOL).is_none(), "deleted, although it was published");
+    assert!(bodies[2].to_string().contains("/metadata/finalizers"), "the finalizer is removed: {}", bodies[2]);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_object_without_the_finalizer_gets_it_before_anything_is_done() {
+    let (_dir, agent, reconciler, handle) = setup().await;
+    let object = volume_object(1 << 20, &[], false);
+    let mut with = object.clone();
+    with["metadata"]["finalizers"] = json!([FINALIZER]);
+    let server =
+        answer(handle, vec![(Method::PATCH, format!("{VOLUMES}/{VOL}"), Box::new(move |_| (StatusCode::OK, with)))]);
+    reconciler.reconcile_volume(Arc::new(parse(object).unwrap())).await.unwrap();
+    let bodies = server.await.unwrap();
+    assert!(bodies[0].to_string().contains(FINALIZER), "{}", bodies[0]);
+    assert!(agent.volume_ids().is_empty(), "created on the next reconcile, once the finalizer is there");
+    agent.shutdown().await;
+}
+
+/// Creates `id` in the agent directly, as an earlier reconcile would have.
+async fn stored(agent: &Agent, id: &str) {
+    let new = crate::NewVolume {
+        id: Some(id.into()),
+        name: id.into(),
+        capacity_bytes: 1 << 20,
+        block: true,
+        access_modes: vec![1],
+        fs_type: String::new(),
+        parameters: Default::default(),
+        source: None,
+        read_only: false,
+        export_name: None,
+    };
+    agent.create_volume(new).await.unwrap();
+}
+
+fn list(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "nbd.csi.dev/v1alpha1", "kind": "NbdVolumeList", "metadata": {"resourceVersion": "9"}, "items": items})
+}
+
+#[tokio::test]
+async fn a_volume_no_object_names_is_quarantined_and_reported_never_deleted() {
+    let (dir, agent, reconciler, handle) = setup().await;
+    stored(&agent, VOL).await;
+    stored(&agent, ORPHAN).await;
+    let listed = list(vec![volume_object(1 << 20, &[], true)]);
+    let server = answer(
+        handle,
+        vec![
+            (Method::GET, VOLUMES.into(), Box::new(move |_| (StatusCode::OK, listed))),
+            (
+                Method::GET,
+                format!("{VOLUMES}/{ORPHAN}"),
+                Box::new(|_| (StatusCode::NOT_FOUND, status(404, "NotFound", "not found"))),
+            ),
+            (Method::POST, "/apis/events.k8s.io/v1/namespaces/default/events".into(), Box::new(echo_event)),
+        ],
+    );
+    assert_eq!(reconciler.quarantine_unclaimed().await.unwrap(), [ORPHAN]);
+    let bodies = server.await.unwrap();
+    assert_eq!(agent.volume_ids(), [VOL]);
+    let aside = dir.path().join(crate::QUARANTINE).join(ORPHAN);
+    assert!(aside.join(format!("{ORPHAN}.img")).exists(), "moved aside, not deleted");
+    assert_eq!(bodies[2]["reason"], "VolumeQuarantined");
+    assert_eq!(bodies[2]["regarding"]["kind"], "NbdStorageNode");
+    assert_eq!(bodies[2]["regarding"]["name"], NODE);
+    assert!(bodies[2]["note"].as_str().unwrap().contains(ORPHAN));
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn nothing_is_quarantined_on_a_stale_list_or_a_failed_one() {
+    let (_dir, agent, reconciler, handle) = setup().await;
+    stored(&agent, ORPHAN).await;
+    let mut found = volume_object(1 << 20, &[], true);
+    found["metadata"]["name"] = json!(ORPHAN);
+    let server = answer(
+        handle,
+        vec![
+            // The list missed it, but the object is there.
+            (Method::GET, VOLUMES.into(), Box::new(|_| (StatusCode::OK, list(vec![])))),
+            (Method::GET, format!("{VOLUMES}/{ORPHAN}"), Box::new(move |_| (StatusCode::OK, found))),
+            // The API server fails the list.
+            (
+                Method::GET,
+                VOLUMES.into(),
+                Box::new(|_| (StatusCode::INTERNAL_SERVER_ERROR, status(500, "InternalError", "etcd is down"))),
+            ),
+        ],
+    );
+    assert!(reconciler.quarantine_unclaimed().await.unwrap().is_empty());
+    assert!(reconciler.quarantine_unclaimed().await.is_err());
+    server.await.unwrap();
+    assert_eq!(agent.volume_ids(), [ORPHAN]);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_snapshot_is_cut_and_its_status_written_then_deleted_with_its_object() {
+    let (_dir, agent, reconciler, handle) = setup().await;
+    stored(&agent, VOL).await;
+    let snap = "snap-00000000000000000000000000000003";
+    let object = json!({
+        "apiVersion": "nbd.csi.dev/v1alpha1", "kind": "NbdSnapshot",
+        "metadata": {"name": snap, "uid": "u2", "generation": 1, "finalizers": [FINALIZER]},
+        "spec": {"storageNode": NODE, "requestName": "snapshot-1", "sourceVolume": VOL}
+    });
+    let echoed = object.clone();
+    let mut deleting = object.clone();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-11-30T02:00:00Z");
+    let released = deleting.clone();
+    let path = "/apis/nbd.csi.dev/v1alpha1/nbdsnapshots";
+    let server = answer(
+        handle,
+        vec![
+            (Method::PATCH, format!("{path}/{snap}/status"), Box::new(move |_| (StatusCode::OK, echoed))),
+            (Method::PATCH, format!("{path}/{snap}"), Box::new(move |_| (StatusCode::OK, released))),
+        ],
+    );
+    reconciler.reconcile_snapshot(Arc::new(parse(object).unwrap())).await.unwrap();
+    assert_eq!(agent.snapshot(snap).unwrap().source_volume_id, VOL);
+    reconciler.reconcile_snapshot(Arc::new(parse(deleting).unwrap())).await.unwrap();
+    let bodies = server.await.unwrap();
+    assert_eq!(bodies[0]["status"]["phase"], "Ready");
+    assert_eq!(bodies[0]["status"]["sizeBytes"], 1 << 20);
+    assert!(bodies[0]["status"]["createdAt"].is_string());
+    assert!(agent.snapshot(snap).is_none());
+    agent.shutdown().await;
+}

@@ -22,7 +22,8 @@
 //! An agent in a cluster runs a [`Reconciler`]: it watches the objects of
 //! its storage node, makes its disk match them (deciding through [`plan`])
 //! and writes their status; it never deletes data because an object is
-//! missing.
+//! missing. It also writes its own NbdStorageNode and renews a Lease that
+//! says it is alive ([`Reconciler::keep_present`]).
 //!
 //! No object ever carries a volume's export name, the secret that lets a
 //! client attach it: in a cluster both roles derive it from a key they
@@ -35,6 +36,7 @@ mod export_name;
 mod invalid;
 mod nodes;
 pub mod plan;
+mod presence;
 mod reconciler;
 mod snapshot;
 mod storage_node;
@@ -46,6 +48,7 @@ pub use crds::{CRD_FILE, crds, crds_yaml};
 pub use export_name::{ExportKey, KeyError};
 pub use invalid::{InvalidObject, is_node_name, parse};
 pub use nodes::node_addresses;
+pub use presence::{FIELD_MANAGER, LEASE_DURATION, LEASE_RENEWAL};
 pub use reconciler::{FINALIZER, ReconcileError, Reconciler};
 pub use snapshot::{DesiredSnapshot, NbdSnapshot, NbdSnapshotSpec, NbdSnapshotStatus, SnapshotPhase};
 pub use storage_node::{NbdStorageNode, NbdStorageNodeSpec, NbdStorageNodeStatus, PortRange};

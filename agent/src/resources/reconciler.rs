@@ -120,6 +120,18 @@ impl Reconciler {
         }
     }
 
+    pub(crate) fn client(&self) -> &kube::Client {
+        &self.client
+    }
+
+    pub(crate) fn agent(&self) -> &Arc<Agent> {
+        &self.agent
+    }
+
+    pub(crate) fn node(&self) -> &str {
+        &self.node
+    }
+
     // ----------------------------------------------------------- volumes
 
     /// One reconcile of an NbdVolume, through the finalizer: an object

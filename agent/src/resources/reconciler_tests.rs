@@ -344,3 +344,58 @@ async fn a_snapshot_is_cut_and_its_status_written_then_deleted_with_its_object()
     assert!(agent.snapshot(snap).is_none());
     agent.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_agent_announces_its_storage_node_and_renews_its_lease() {
+    let (_dir, agent, reconciler, handle) = setup().await;
+    let path = format!("/apis/nbd.csi.dev/v1alpha1/nbdstoragenodes/{NODE}");
+    let leases = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases";
+    let node = |body: &Value| {
+        let mut object = body.clone();
+        object["metadata"]["name"] = json!(NODE);
+        object["apiVersion"] = json!("nbd.csi.dev/v1alpha1");
+        object["kind"] = json!("NbdStorageNode");
+        object["spec"] = json!({"address": "10.0.0.5", "ports": {"first": 1, "last": 2}});
+        (StatusCode::OK, object)
+    };
+    let lease = |body: &Value| {
+        let mut lease = body.clone();
+        lease["metadata"]["name"] = json!(NODE);
+        (StatusCode::OK, lease)
+    };
+    let server = answer(
+        handle,
+        vec![
+            (Method::PATCH, path.clone(), Box::new(node)),
+            (Method::PATCH, format!("{path}/status"), Box::new(node)),
+            // The first renewal finds no Lease and creates it; the second renews it.
+            (
+                Method::PATCH,
+                format!("{leases}/{NODE}"),
+                Box::new(|_| (StatusCode::NOT_FOUND, status(404, "NotFound", "not found"))),
+            ),
+            (Method::POST, leases.into(), Box::new(move |b| (StatusCode::CREATED, lease(b).1))),
+            (Method::PATCH, format!("{leases}/{NODE}"), Box::new(lease)),
+        ],
+    );
+    reconciler.announce("10.0.0.5".parse().unwrap()).await.unwrap();
+    reconciler.renew_lease("kube-system").await.unwrap();
+    reconciler.renew_lease("kube-system").await.unwrap();
+    let bodies = server.await.unwrap();
+    let ports = agent.config().ports.clone();
+    assert_eq!(
+        bodies[0]["spec"],
+        json!({"address": "10.0.0.5", "ports": {"first": ports.start(), "last": ports.end()}})
+    );
+    assert_eq!(bodies[0]["kind"], "NbdStorageNode", "a server-side apply carries its type");
+    let status = &bodies[1]["status"];
+    let space = agent.space().await.unwrap();
+    assert_eq!(status["totalBytes"], space.total);
+    assert!(status["freeBytes"].as_u64().unwrap() <= space.total);
+    assert_eq!(status["agentVersion"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(bodies[3]["spec"]["holderIdentity"], NODE);
+    assert_eq!(bodies[3]["spec"]["leaseDurationSeconds"], LEASE_DURATION.as_secs());
+    assert!(bodies[3]["spec"]["acquireTime"].is_string());
+    assert!(bodies[4]["spec"]["renewTime"].is_string());
+    agent.shutdown().await;
+}

@@ -151,10 +151,7 @@ impl Reconciler {
     async fn apply_volume(&self, object: &NbdVolume) -> Outcome {
         let desired = object.desired();
         let failure = match &desired {
-            Err(invalid) => {
-                self.warn(object, "InvalidSpec", "Reconcile", invalid.to_string()).await;
-                None
-            }
+            Err(_) => None,
             Ok(d) if d.storage_node != self.node => return Ok(Action::await_change()),
             Ok(d) => self.converge_volume(d).await.err(),
         };
@@ -168,9 +165,11 @@ impl Reconciler {
             &now(),
         );
         if object.status.as_ref() != Some(&status) {
-            let api: Api<NbdVolume> = Api::all(self.client.clone());
-            let patch = serde_json::json!({ "status": status });
-            api.patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            self.patch_volume_status(object, serde_json::json!({ "status": status })).await?;
+            // Once per change of status, not on every pass over the object.
+            if let Err(invalid) = &desired {
+                self.warn(object, "InvalidSpec", "Reconcile", invalid.to_string()).await;
+            }
         }
         match failure {
             Some(e) => Err(e.into()),
@@ -178,6 +177,11 @@ impl Reconciler {
             // Again later: node addresses change, servers go down.
             None => Ok(Action::requeue(crate::REFRESH)),
         }
+    }
+
+    async fn patch_volume_status(&self, object: &NbdVolume, patch: serde_json::Value) -> Result<(), kube::Error> {
+        let api: Api<NbdVolume> = Api::all(self.client.clone());
+        api.patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await.map(drop)
     }
 
     /// Carries out what [`plan::volume_actions`] says for `desired`.
@@ -228,6 +232,12 @@ impl Reconciler {
             return Ok(Action::await_change());
         }
         let actual = self.agent.volume(&id).map(|v| v.record);
+        let phase = object.status.as_ref().map(|s| s.phase);
+        if actual.is_some() && phase != Some(super::VolumePhase::Deleting) {
+            // Fencing its nodes may take a while: say so meanwhile.
+            let patch = serde_json::json!({ "status": { "phase": super::VolumePhase::Deleting } });
+            self.patch_volume_status(object, patch).await?;
+        }
         for action in plan::cleanup_actions(actual.as_ref()) {
             match action {
                 VolumeAction::SetAccess(none) => self.agent.set_access(&id, none).await?.wait(FENCE).await?,

@@ -2,6 +2,7 @@
 //! (tower-test): what it asks, what it writes, what it does to the disk.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use csi_events::mock_api::{self, ApiHandle, json_body, reply, status};
 use http::{Method, StatusCode};
@@ -158,21 +159,30 @@ async fn an_invalid_volume_gets_a_condition_and_an_event_and_nothing_is_created(
     let server = answer(
         handle,
         vec![
-            (Method::POST, "/apis/events.k8s.io/v1/namespaces/default/events".into(), Box::new(echo_event)),
             (Method::PATCH, format!("{VOLUMES}/{VOL}/status"), Box::new(move |_| (StatusCode::OK, echoed))),
+            (Method::POST, "/apis/events.k8s.io/v1/namespaces/default/events".into(), Box::new(echo_event)),
         ],
     );
-    let action = reconciler.reconcile_volume(Arc::new(parse(object).unwrap())).await.unwrap();
+    let parsed: NbdVolume = parse(object).unwrap();
+    let action = reconciler.reconcile_volume(Arc::new(parsed.clone())).await.unwrap();
     assert_eq!(action, Action::await_change());
     let bodies = server.await.unwrap();
-    assert_eq!(bodies[0]["reason"], "InvalidSpec");
-    assert_eq!(bodies[0]["regarding"]["kind"], "NbdVolume");
-    assert!(bodies[0]["note"].as_str().unwrap().contains("spec.publishedTo[0].node"), "{}", bodies[0]);
-    let status = &bodies[1]["status"];
+    assert_eq!(bodies[1]["reason"], "InvalidSpec");
+    assert_eq!(bodies[1]["regarding"]["kind"], "NbdVolume");
+    assert!(bodies[1]["note"].as_str().unwrap().contains("spec.publishedTo[0].node"), "{}", bodies[1]);
+    let status = &bodies[0]["status"];
     assert_eq!(status["phase"], "Invalid");
     assert_eq!(status["conditions"][0]["type"], "Valid");
     assert_eq!(status["conditions"][0]["status"], "False");
     assert!(agent.volume_ids().is_empty());
+    // Reconciled again with the status it wrote: no new patch, no new Event.
+    let (client, handle) = mock_api::client();
+    let again = Reconciler::new(client, Arc::clone(&agent), NODE.into(), ExportKey::new(&KEY).unwrap());
+    let server = answer(handle, vec![]);
+    let mut seen = parsed;
+    seen.status = Some(serde_json::from_value(bodies[0]["status"].clone()).unwrap());
+    assert_eq!(again.reconcile_volume(Arc::new(seen)).await.unwrap(), Action::await_change());
+    server.await.unwrap();
     agent.shutdown().await;
 }
 
@@ -198,6 +208,7 @@ async fn an_object_being_deleted_takes_its_data_and_then_its_finalizer() {
     deleting["metadata"]["deletionTimestamp"] = json!("2026-11-30T02:00:00Z");
     let mut released = deleting.clone();
     released["metadata"]["finalizers"] = json!([]);
+    let marked = deleting.clone();
     let server = answer(
         handle,
         vec![
@@ -207,6 +218,7 @@ async fn an_object_being_deleted_takes_its_data_and_then_its_finalizer() {
                 Box::new(|_| (StatusCode::OK, node_object("worker-1", "127.0.0.1"))),
             ),
             (Method::PATCH, format!("{VOLUMES}/{VOL}/status"), Box::new(move |_| (StatusCode::OK, echoed))),
+            (Method::PATCH, format!("{VOLUMES}/{VOL}/status"), Box::new(move |_| (StatusCode::OK, marked))),
             (Method::PATCH, format!("{VOLUMES}/{VOL}"), Box::new(move |_| (StatusCode::OK, released))),
         ],
     );
@@ -215,7 +227,8 @@ async fn an_object_being_deleted_takes_its_data_and_then_its_finalizer() {
     reconciler.reconcile_volume(Arc::new(parse(deleting).unwrap())).await.unwrap();
     let bodies = server.await.unwrap();
     assert!(agent.volume(VOL).is_none(), "deleted, although it was published");
-    assert!(bodies[2].to_string().contains("/metadata/finalizers"), "the finalizer is removed: {}", bodies[2]);
+    assert_eq!(bodies[2], json!({"status": {"phase": "Deleting"}}));
+    assert!(bodies[3].to_string().contains("/metadata/finalizers"), "the finalizer is removed: {}", bodies[3]);
     agent.shutdown().await;
 }
 
@@ -397,5 +410,56 @@ async fn the_agent_announces_its_storage_node_and_renews_its_lease() {
     assert_eq!(bodies[3]["spec"]["leaseDurationSeconds"], LEASE_DURATION.as_secs());
     assert!(bodies[3]["spec"]["acquireTime"].is_string());
     assert!(bodies[4]["spec"]["renewTime"].is_string());
+    agent.shutdown().await;
+}
+
+/// The whole loop: `run` lists and watches only this node's objects (by
+/// field selector) and reconciles what it finds.
+#[tokio::test]
+async fn run_watches_its_nodes_objects_and_reconciles_them() {
+    let (_dir, agent, reconciler, mut handle) = setup().await;
+    let object = volume_object(1 << 20, &[], true);
+    let (patched, mut patches) = tokio::sync::mpsc::unbounded_channel();
+    let lists = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let server = {
+        let lists = Arc::clone(&lists);
+        tokio::spawn(async move {
+            // Watches stay open, unanswered, while the test runs.
+            let mut watches = Vec::new();
+            while let Some((request, send)) = handle.next_request().await {
+                let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+                let query = request.uri().query().unwrap_or_default().to_owned();
+                if query.contains("watch=true") {
+                    watches.push(send);
+                } else if method == Method::GET && path == VOLUMES {
+                    lists.lock().unwrap().push(query);
+                    reply(send, StatusCode::OK, &list(vec![object.clone()]));
+                } else if method == Method::GET && path == "/apis/nbd.csi.dev/v1alpha1/nbdsnapshots" {
+                    lists.lock().unwrap().push(query);
+                    let empty = json!({"apiVersion": "nbd.csi.dev/v1alpha1", "kind": "NbdSnapshotList",
+                                       "metadata": {"resourceVersion": "9"}, "items": []});
+                    reply(send, StatusCode::OK, &empty);
+                } else if method == Method::PATCH && path == format!("{VOLUMES}/{VOL}/status") {
+                    patched.send(json_body(request).await).unwrap();
+                    reply(send, StatusCode::OK, &object);
+                } else {
+                    panic!("unexpected {method} {path}?{query}");
+                }
+            }
+        })
+    };
+    let running = tokio::spawn(Arc::new(reconciler).run());
+    let body =
+        tokio::time::timeout(Duration::from_secs(10), patches.recv()).await.expect("a status within 10 s").unwrap();
+    assert_eq!(body["status"]["phase"], "Available");
+    assert!(agent.volume(VOL).is_some());
+    running.abort();
+    let _ = running.await;
+    server.abort();
+    let lists = lists.lock().unwrap().clone();
+    assert_eq!(lists.len(), 2, "{lists:?}");
+    for query in lists {
+        assert!(query.contains("fieldSelector=spec.storageNode%3Dstorage-0"), "{query}");
+    }
     agent.shutdown().await;
 }

@@ -1,8 +1,8 @@
-//! Setting a volume aside: its server stops and its image and record move
-//! out of the store into `quarantine/<id>/`, kept for a human to look at.
-//! For a volume nobody claims any more (in a cluster, one whose object is
-//! gone without the agent having deleted it): data is never deleted
-//! because a claim is missing.
+//! Setting a volume or snapshot aside: a volume's server stops, and the
+//! image and record move out of the store into `quarantine/<id>/`, kept
+//! for a human to look at. For data nobody claims any more (in a cluster,
+//! one whose object is gone without the agent having deleted it): data is
+//! never deleted because a claim is missing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,5 +35,20 @@ impl Agent {
                 Err(e)
             }
         }
+    }
+
+    /// Quarantines snapshot `id`; returns where its files went. NOT_FOUND
+    /// when there is no such snapshot. Volumes restored from it keep their
+    /// own copies.
+    pub async fn quarantine_snapshot(&self, id: &str) -> Result<PathBuf> {
+        let _guard = self.lock(Object::Snapshot(id.to_owned())).await;
+        if self.state().snapshot(id).is_none() {
+            return Err(Error::not_found(format!("snapshot {id} not found")));
+        }
+        let (store, rid) = (Arc::clone(self.store()), id.to_owned());
+        let path = blocking(move || store.quarantine_snapshot(&rid)).await?;
+        self.state().remove_snapshot(id);
+        tracing::warn!(snapshot.id = %id, path = %path.display(), "snapshot quarantined");
+        Ok(path)
     }
 }

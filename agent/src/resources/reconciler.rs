@@ -312,40 +312,68 @@ impl Reconciler {
 
     // --------------------------------------------------------- unclaimed
 
-    /// Quarantines every stored volume no NbdVolume names, each reported
-    /// with an Event on this node's NbdStorageNode; returns their ids. A
-    /// volume counts as unclaimed only when the API server answers that
-    /// its object does not exist, not merely because a list missed it; a
-    /// list that fails quarantines nothing.
+    /// Quarantines every stored volume no NbdVolume names and every stored
+    /// snapshot no NbdSnapshot names, each reported with an Event on this
+    /// node's NbdStorageNode; returns their ids. One counts as unclaimed
+    /// only when the API server answers that its object does not exist, not
+    /// merely because a list missed it; a list that fails quarantines
+    /// nothing.
     pub async fn quarantine_unclaimed(&self) -> Result<Vec<String>, ReconcileError> {
-        let stored = self.agent.volume_ids();
+        let mut quarantined = Vec::new();
+        let volumes = self.agent.volume_ids();
+        for id in self.unclaimed::<NbdVolume>(&volumes).await? {
+            let aside = self.agent.quarantine_volume(&id).await?;
+            self.report_quarantined("volume", &id, &aside).await;
+            quarantined.push(id);
+        }
+        let snapshots: Vec<String> = self.agent.snapshots().into_iter().map(|s| s.id).collect();
+        for id in self.unclaimed::<NbdSnapshot>(&snapshots).await? {
+            let aside = self.agent.quarantine_snapshot(&id).await?;
+            self.report_quarantined("snapshot", &id, &aside).await;
+            quarantined.push(id);
+        }
+        Ok(quarantined)
+    }
+
+    /// Those of `stored` that no object of kind `K` names, confirmed one
+    /// by one.
+    async fn unclaimed<K>(&self, stored: &[String]) -> Result<Vec<String>, kube::Error>
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
         if stored.is_empty() {
             return Ok(Vec::new());
         }
-        let api: Api<NbdVolume> = Api::all(self.client.clone());
+        let api: Api<K> = Api::all(self.client.clone());
         let claimed: BTreeSet<String> =
             api.list(&ListParams::default()).await?.items.iter().map(|o| o.name_any()).collect();
-        let mut quarantined = Vec::new();
-        for id in plan::unclaimed(&stored, &claimed) {
-            if api.get_opt(id).await?.is_some() {
-                continue;
+        let mut unclaimed = Vec::new();
+        for id in plan::unclaimed(stored, &claimed) {
+            if api.get_opt(id).await?.is_none() {
+                unclaimed.push(id.clone());
             }
-            let aside = self.agent.quarantine_volume(id).await?;
-            let note = format!(
-                "volume {id} is stored on {} but no NbdVolume names it: its image and record were moved to {}, not deleted",
-                self.node,
-                aside.display()
-            );
-            let node = ObjectReference {
-                api_version: Some(format!("{}/{}", super::GROUP, super::VERSION)),
-                kind: Some("NbdStorageNode".into()),
-                name: Some(self.node.clone()),
-                ..Default::default()
-            };
-            self.record(node, "VolumeQuarantined", "Quarantine", note).await;
-            quarantined.push(id.clone());
         }
-        Ok(quarantined)
+        Ok(unclaimed)
+    }
+
+    async fn report_quarantined(&self, what: &str, id: &str, aside: &std::path::Path) {
+        let kind = if what == "volume" { "NbdVolume" } else { "NbdSnapshot" };
+        let note = format!(
+            "{what} {id} is stored on {} but no {kind} names it: its image and record were moved to {}, not deleted",
+            self.node,
+            aside.display()
+        );
+        let node = ObjectReference {
+            api_version: Some(format!("{}/{}", super::GROUP, super::VERSION)),
+            kind: Some("NbdStorageNode".into()),
+            name: Some(self.node.clone()),
+            ..Default::default()
+        };
+        let reason = if what == "volume" { "VolumeQuarantined" } else { "SnapshotQuarantined" };
+        self.record(node, reason, "Quarantine", note).await;
     }
 
     // ------------------------------------------------------------ events

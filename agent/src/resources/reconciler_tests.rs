@@ -273,28 +273,50 @@ async fn a_volume_no_object_names_is_quarantined_and_reported_never_deleted() {
     let (dir, agent, reconciler, handle) = setup().await;
     stored(&agent, VOL).await;
     stored(&agent, ORPHAN).await;
+    let snap = "snap-00000000000000000000000000000004";
+    let new = crate::NewSnapshot {
+        id: Some(snap.into()),
+        name: "s".into(),
+        source_volume_id: VOL.into(),
+        parameters: Default::default(),
+    };
+    agent.create_snapshot(new).await.unwrap();
     let listed = list(vec![volume_object(1 << 20, &[], true)]);
+    let snapshots = "/apis/nbd.csi.dev/v1alpha1/nbdsnapshots";
+    let not_found = |_: &Value| (StatusCode::NOT_FOUND, status(404, "NotFound", "not found"));
+    let no_snapshots = json!({"apiVersion": "nbd.csi.dev/v1alpha1", "kind": "NbdSnapshotList",
+                              "metadata": {"resourceVersion": "9"}, "items": []});
+    let events = "/apis/events.k8s.io/v1/namespaces/default/events";
     let server = answer(
         handle,
         vec![
             (Method::GET, VOLUMES.into(), Box::new(move |_| (StatusCode::OK, listed))),
-            (
-                Method::GET,
-                format!("{VOLUMES}/{ORPHAN}"),
-                Box::new(|_| (StatusCode::NOT_FOUND, status(404, "NotFound", "not found"))),
-            ),
-            (Method::POST, "/apis/events.k8s.io/v1/namespaces/default/events".into(), Box::new(echo_event)),
+            (Method::GET, format!("{VOLUMES}/{ORPHAN}"), Box::new(not_found)),
+            (Method::POST, events.into(), Box::new(echo_event)),
+            (Method::GET, snapshots.into(), Box::new(move |_| (StatusCode::OK, no_snapshots))),
+            (Method::GET, format!("{snapshots}/{snap}"), Box::new(not_found)),
+            (Method::POST, events.into(), Box::new(echo_event)),
         ],
     );
-    assert_eq!(reconciler.quarantine_unclaimed().await.unwrap(), [ORPHAN]);
+    assert_eq!(reconciler.quarantine_unclaimed().await.unwrap(), [ORPHAN, snap]);
     let bodies = server.await.unwrap();
     assert_eq!(agent.volume_ids(), [VOL]);
-    let aside = dir.path().join(crate::QUARANTINE).join(ORPHAN);
-    assert!(aside.join(format!("{ORPHAN}.img")).exists(), "moved aside, not deleted");
+    assert!(agent.snapshots().is_empty());
+    let aside = dir.path().join(crate::QUARANTINE);
+    assert!(aside.join(ORPHAN).join(format!("{ORPHAN}.img")).exists(), "moved aside, not deleted");
+    assert!(aside.join(snap).join(format!("{snap}.img")).exists(), "moved aside, not deleted");
+    assert!(aside.join(snap).join(format!("{snap}.json")).exists());
     assert_eq!(bodies[2]["reason"], "VolumeQuarantined");
     assert_eq!(bodies[2]["regarding"]["kind"], "NbdStorageNode");
     assert_eq!(bodies[2]["regarding"]["name"], NODE);
     assert!(bodies[2]["note"].as_str().unwrap().contains(ORPHAN));
+    assert_eq!(bodies[5]["reason"], "SnapshotQuarantined");
+    assert!(bodies[5]["note"].as_str().unwrap().contains(snap));
+    agent.shutdown().await;
+    // A restart brings neither back.
+    let agent = Agent::open(crate::tests::config(), dir.path(), Arc::new(LogsOnly)).await.unwrap();
+    assert_eq!(agent.volume_ids(), [VOL]);
+    assert!(agent.snapshots().is_empty());
     agent.shutdown().await;
 }
 

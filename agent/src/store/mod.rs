@@ -308,12 +308,23 @@ impl Store {
     /// image is missing (reported, never deleted), while a record moved
     /// first would leave an image without a record, which loading removes.
     pub fn quarantine_volume(&self, id: &str) -> Result<PathBuf> {
+        self.quarantine(Kind::Volume, id)
+    }
+
+    /// Moves snapshot `id`'s image and record aside, likewise (a crash
+    /// between the renames leaves a record whose image is missing, which
+    /// fails only restores from it).
+    pub fn quarantine_snapshot(&self, id: &str) -> Result<PathBuf> {
+        self.quarantine(Kind::Snapshot, id)
+    }
+
+    fn quarantine(&self, kind: Kind, id: &str) -> Result<PathBuf> {
         let aside = self.root.join(QUARANTINE);
         let target = aside.join(id);
         for dir in [&aside, &target] {
             atomic::create_private_dir(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         }
-        let dir = self.dir(Kind::Volume);
+        let dir = self.dir(kind);
         for name in [format!("{id}{IMG}"), format!("{id}{JSON}")] {
             match fs::rename(dir.join(&name), target.join(&name)) {
                 Ok(()) => {}

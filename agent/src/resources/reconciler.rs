@@ -4,8 +4,8 @@
 //!
 //! - Every object it acts on carries its finalizer ([`FINALIZER`]); data is
 //!   deleted only when such an object is being deleted, never because an
-//!   object is missing. A stored volume no object names is quarantined
-//!   ([`Agent::quarantine_volume`]) and reported with an Event.
+//!   object is missing. A stored volume or snapshot no object names is
+//!   quarantined ([`Agent::quarantine_volume`]) and reported with an Event.
 //! - A spec that does not check out (see [`NbdVolume::desired`]) gets a
 //!   Valid=False condition and an Event naming the field; nothing is done.
 //! - An export is served under the name derived from the cluster key
@@ -93,7 +93,8 @@ impl Reconciler {
     }
 
     /// Watches this node's objects and reconciles them until the watches
-    /// end, and looks for unclaimed volumes every [`crate::REFRESH`].
+    /// end, and looks for unclaimed volumes and snapshots every
+    /// [`crate::REFRESH`].
     pub async fn run(self: Arc<Self>) {
         let selector = format!("spec.storageNode={}", self.node);
         let volumes =
@@ -108,7 +109,7 @@ impl Reconciler {
                 loop {
                     tokio::time::sleep(crate::REFRESH).await;
                     if let Err(e) = me.quarantine_unclaimed().await {
-                        tracing::warn!(error = %e, "looking for unclaimed volumes failed");
+                        tracing::warn!(error = %e, "looking for unclaimed volumes and snapshots failed");
                     }
                 }
             }
@@ -149,10 +150,14 @@ impl Reconciler {
     }
 
     async fn apply_volume(&self, object: &NbdVolume) -> Outcome {
+        // Another agent's (the watch selects this node's; this is the
+        // check that does not depend on it).
+        if object.spec.storage_node != self.node {
+            return Ok(Action::await_change());
+        }
         let desired = object.desired();
         let failure = match &desired {
             Err(_) => None,
-            Ok(d) if d.storage_node != self.node => return Ok(Action::await_change()),
             Ok(d) => self.converge_volume(d).await.err(),
         };
         let actual = self.agent.volume(&object.name_any());
@@ -264,13 +269,12 @@ impl Reconciler {
     }
 
     async fn apply_snapshot(&self, object: &NbdSnapshot) -> Outcome {
+        if object.spec.storage_node != self.node {
+            return Ok(Action::await_change());
+        }
         let desired = object.desired();
         let failure = match &desired {
-            Err(invalid) => {
-                self.warn(object, "InvalidSpec", "Reconcile", invalid.to_string()).await;
-                None
-            }
-            Ok(d) if d.storage_node != self.node => return Ok(Action::await_change()),
+            Err(_) => None,
             Ok(d) if self.agent.snapshot(&d.id).is_some() => None,
             Ok(d) => self
                 .agent
@@ -296,6 +300,9 @@ impl Reconciler {
             let api: Api<NbdSnapshot> = Api::all(self.client.clone());
             let patch = serde_json::json!({ "status": status });
             api.patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            if let Err(invalid) = &desired {
+                self.warn(object, "InvalidSpec", "Reconcile", invalid.to_string()).await;
+            }
         }
         match failure {
             Some(e) => Err(e.into()),

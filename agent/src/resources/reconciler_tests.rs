@@ -485,3 +485,34 @@ async fn run_watches_its_nodes_objects_and_reconciles_them() {
     }
     agent.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_invalid_snapshot_gets_a_condition_and_an_event_and_nothing_is_cut() {
+    let (_dir, agent, reconciler, handle) = setup().await;
+    stored(&agent, VOL).await;
+    let snap = "snap-00000000000000000000000000000005";
+    let object = json!({
+        "apiVersion": "nbd.csi.dev/v1alpha1", "kind": "NbdSnapshot",
+        "metadata": {"name": snap, "uid": "u3", "generation": 1, "finalizers": [FINALIZER]},
+        "spec": {"storageNode": NODE, "requestName": "s", "sourceVolume": "vol-x"}
+    });
+    let echoed = object.clone();
+    let server = answer(
+        handle,
+        vec![
+            (
+                Method::PATCH,
+                format!("/apis/nbd.csi.dev/v1alpha1/nbdsnapshots/{snap}/status"),
+                Box::new(move |_| (StatusCode::OK, echoed)),
+            ),
+            (Method::POST, "/apis/events.k8s.io/v1/namespaces/default/events".into(), Box::new(echo_event)),
+        ],
+    );
+    let action = reconciler.reconcile_snapshot(Arc::new(parse(object).unwrap())).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    let bodies = server.await.unwrap();
+    assert_eq!(bodies[0]["status"]["phase"], "Invalid");
+    assert!(bodies[1]["note"].as_str().unwrap().contains("spec.sourceVolume"), "{}", bodies[1]);
+    assert!(agent.snapshots().is_empty());
+    agent.shutdown().await;
+}

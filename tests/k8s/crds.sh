@@ -5,7 +5,11 @@
 # one entry per node, one source, ordered port ranges, no shrinking, no move
 # to another storage node, immutable snapshot specs, status enums), the
 # status subresource and the spec.storageNode field selector the agents
-# watch with. Tools come from tests/k8s/build-tools.sh (built on first use).
+# watch with. Then the agent's reconciler against that server
+# (agent/tests/apiserver.rs): objects in, a served and fenced volume and its
+# status out, deletion through the finalizer, an unclaimed volume
+# quarantined with an Event, its NbdStorageNode and Lease.
+# Tools come from tests/k8s/build-tools.sh (built on first use).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . tests/k8s/tools.sh
@@ -78,6 +82,23 @@ accepted "a storage node" create "$(node storage-0 10900 10999)"
 refused "a reversed port range" "the first port comes before the last" create "$(node storage-1 11000 10000)"
 accepted "a snapshot" create "$(printf 'apiVersion: nbd.csi.dev/v1alpha1\nkind: NbdSnapshot\nmetadata: {name: %s}\nspec: {storageNode: storage-0, requestName: s1, sourceVolume: %s}\n' $S $V)"
 refused "changing a snapshot's spec" "a snapshot's spec never changes" "$k" patch nbdsnapshot $S --type merge -p '{"spec":{"requestName":"s2"}}'
+
+# --- the reconciler, on objects of its own
+"$k" delete nbdvolumes,nbdsnapshots,nbdstoragenodes --all >/dev/null
+"$k" create -f - >/dev/null <<'NODE'
+apiVersion: v1
+kind: Node
+metadata: {name: worker-1}
+NODE
+"$k" patch node worker-1 --subresource=status --type=merge \
+    -p '{"status":{"addresses":[{"type":"InternalIP","address":"127.0.0.1"},{"type":"Hostname","address":"worker-1"}]}}' >/dev/null
+if NBD_CSI_TEST_KUBECONFIG=$KUBECONFIG cargo test --locked -q -p nbd-csi-agent --test apiserver \
+    -- --nocapture >"$work/reconciler.txt" 2>&1; then
+    ok "the agent's reconciler on the API server (agent/tests/apiserver.rs)"
+else
+    cat "$work/reconciler.txt" >&2
+    bad "the agent's reconciler on the API server (agent/tests/apiserver.rs)"
+fi
 
 echo "crds: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -101,7 +101,10 @@ pub struct PublishedTo {
     pub access_mode: Option<AccessMode>,
 }
 
-/// What the agent made of the spec.
+/// What the agent made of the spec. A writer of the spec waits for
+/// `observedGeneration` to reach the object's `metadata.generation` with
+/// the Ready condition True: that generation is then in effect, its access
+/// changes fenced included (a Ready False of that generation says why not).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NbdVolumeStatus {

@@ -6,8 +6,10 @@
 //!   deleted only when such an object is being deleted, never because an
 //!   object is missing. A stored volume or snapshot no object names is
 //!   quarantined ([`Agent::quarantine_volume`]) and reported with an Event.
-//! - A spec that does not check out (see [`NbdVolume::desired`]) gets a
-//!   Valid=False condition and an Event naming the field; nothing is done.
+//! - A spec that does not check out (see [`NbdVolume::desired`]), or an
+//!   object that does not even read as its type (it is watched raw, so that
+//!   it cannot fail the watch of the others), gets a Valid=False condition
+//!   and an Event naming the field; nothing is done.
 //! - An export is served under the name derived from the cluster key
 //!   ([`ExportKey`]), which no object carries.
 //! - The decisions are [`plan`](super::plan)'s; this module carries them
@@ -28,7 +30,8 @@ use tokio_stream::StreamExt;
 use super::export_name::ExportKey;
 use super::nodes::node_addresses;
 use super::plan::{self, VolumeAction};
-use super::{NbdSnapshot, NbdVolume};
+use super::raw::{RawSnapshot, RawVolume};
+use super::{InvalidObject, NbdSnapshot, NbdSnapshotStatus, NbdVolume, NbdVolumeStatus};
 use crate::error::{Error, Kind};
 use crate::{Agent, NewSnapshot, NewVolume};
 
@@ -98,10 +101,10 @@ impl Reconciler {
     pub async fn run(self: Arc<Self>) {
         let selector = format!("spec.storageNode={}", self.node);
         let volumes =
-            Controller::new(Api::<NbdVolume>::all(self.client.clone()), watcher::Config::default().fields(&selector))
+            Controller::new(Api::<RawVolume>::all(self.client.clone()), watcher::Config::default().fields(&selector))
                 .run(|o, me: Arc<Self>| async move { me.reconcile_volume(o).await }, retry, Arc::clone(&self));
         let snapshots =
-            Controller::new(Api::<NbdSnapshot>::all(self.client.clone()), watcher::Config::default().fields(&selector))
+            Controller::new(Api::<RawSnapshot>::all(self.client.clone()), watcher::Config::default().fields(&selector))
                 .run(|o, me: Arc<Self>| async move { me.reconcile_snapshot(o).await }, retry, Arc::clone(&self));
         let sweep = {
             let me = Arc::clone(&self);
@@ -137,16 +140,42 @@ impl Reconciler {
 
     /// One reconcile of an NbdVolume, through the finalizer: an object
     /// being deleted is cleaned up, any other is applied.
-    pub async fn reconcile_volume(&self, object: Arc<NbdVolume>) -> Outcome {
-        let api: Api<NbdVolume> = Api::all(self.client.clone());
+    pub async fn reconcile_volume(&self, object: Arc<RawVolume>) -> Outcome {
+        let api: Api<RawVolume> = Api::all(self.client.clone());
         let outcome = finalizer(&api, FINALIZER, object, |event| async move {
             match event {
-                Finalize::Apply(o) => self.apply_volume(&o).await,
-                Finalize::Cleanup(o) => self.cleanup_volume(&o).await,
+                Finalize::Apply(raw) => match raw.typed() {
+                    Ok(object) => self.apply_volume(&object).await,
+                    Err(invalid) => self.unreadable_volume(&raw, invalid).await,
+                },
+                Finalize::Cleanup(raw) => self.cleanup_volume(&raw).await,
             }
         })
         .await;
         finalized(outcome)
+    }
+
+    /// An object that does not read as an NbdVolume: its status and an
+    /// Event say why, once per change; nothing else is done.
+    async fn unreadable_volume(&self, raw: &RawVolume, invalid: InvalidObject) -> Outcome {
+        if raw.storage_node().is_some_and(|node| node != self.node) {
+            return Ok(Action::await_change());
+        }
+        let previous: Option<NbdVolumeStatus> = raw.status.clone().and_then(|s| serde_json::from_value(s).ok());
+        let actual = self.agent.volume(&raw.id());
+        let status = plan::volume_status(
+            Err(&invalid),
+            raw.metadata.generation,
+            actual.as_ref(),
+            None,
+            previous.as_ref(),
+            &now(),
+        );
+        if previous.as_ref() != Some(&status) {
+            self.patch_volume_status(&raw.id(), serde_json::json!({ "status": status })).await?;
+            self.warn(raw, "InvalidSpec", "Reconcile", invalid.to_string()).await;
+        }
+        Ok(Action::await_change())
     }
 
     async fn apply_volume(&self, object: &NbdVolume) -> Outcome {
@@ -170,7 +199,7 @@ impl Reconciler {
             &now(),
         );
         if object.status.as_ref() != Some(&status) {
-            self.patch_volume_status(object, serde_json::json!({ "status": status })).await?;
+            self.patch_volume_status(&object.name_any(), serde_json::json!({ "status": status })).await?;
             // Once per change of status, not on every pass over the object.
             if let Err(invalid) = &desired {
                 self.warn(object, "InvalidSpec", "Reconcile", invalid.to_string()).await;
@@ -184,9 +213,9 @@ impl Reconciler {
         }
     }
 
-    async fn patch_volume_status(&self, object: &NbdVolume, patch: serde_json::Value) -> Result<(), kube::Error> {
-        let api: Api<NbdVolume> = Api::all(self.client.clone());
-        api.patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await.map(drop)
+    async fn patch_volume_status(&self, name: &str, patch: serde_json::Value) -> Result<(), kube::Error> {
+        let api: Api<RawVolume> = Api::all(self.client.clone());
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(drop)
     }
 
     /// Carries out what [`plan::volume_actions`] says for `desired`.
@@ -231,17 +260,19 @@ impl Reconciler {
         Ok(())
     }
 
-    async fn cleanup_volume(&self, object: &NbdVolume) -> Outcome {
-        let id = object.name_any();
-        if object.spec.storage_node != self.node {
+    /// Deletes the data of an object being deleted, whether or not it
+    /// reads as an NbdVolume: it is named after the volume id.
+    async fn cleanup_volume(&self, raw: &RawVolume) -> Outcome {
+        let id = raw.id();
+        if raw.storage_node() != Some(self.node.as_str()) {
             return Ok(Action::await_change());
         }
         let actual = self.agent.volume(&id).map(|v| v.record);
-        let phase = object.status.as_ref().map(|s| s.phase);
-        if actual.is_some() && phase != Some(super::VolumePhase::Deleting) {
+        let phase = raw.status.as_ref().and_then(|s| s.get("phase")).and_then(|p| p.as_str());
+        if actual.is_some() && phase != Some("Deleting") {
             // Fencing its nodes may take a while: say so meanwhile.
             let patch = serde_json::json!({ "status": { "phase": super::VolumePhase::Deleting } });
-            self.patch_volume_status(object, patch).await?;
+            self.patch_volume_status(&id, patch).await?;
         }
         for action in plan::cleanup_actions(actual.as_ref()) {
             match action {
@@ -256,16 +287,44 @@ impl Reconciler {
     // --------------------------------------------------------- snapshots
 
     /// One reconcile of an NbdSnapshot, through the finalizer.
-    pub async fn reconcile_snapshot(&self, object: Arc<NbdSnapshot>) -> Outcome {
-        let api: Api<NbdSnapshot> = Api::all(self.client.clone());
+    pub async fn reconcile_snapshot(&self, object: Arc<RawSnapshot>) -> Outcome {
+        let api: Api<RawSnapshot> = Api::all(self.client.clone());
         let outcome = finalizer(&api, FINALIZER, object, |event| async move {
             match event {
-                Finalize::Apply(o) => self.apply_snapshot(&o).await,
-                Finalize::Cleanup(o) => self.cleanup_snapshot(&o).await,
+                Finalize::Apply(raw) => match raw.typed() {
+                    Ok(object) => self.apply_snapshot(&object).await,
+                    Err(invalid) => self.unreadable_snapshot(&raw, invalid).await,
+                },
+                Finalize::Cleanup(raw) => self.cleanup_snapshot(&raw).await,
             }
         })
         .await;
         finalized(outcome)
+    }
+
+    /// An object that does not read as an NbdSnapshot (see
+    /// [`Self::unreadable_volume`]).
+    async fn unreadable_snapshot(&self, raw: &RawSnapshot, invalid: InvalidObject) -> Outcome {
+        if raw.storage_node().is_some_and(|node| node != self.node) {
+            return Ok(Action::await_change());
+        }
+        let previous: Option<NbdSnapshotStatus> = raw.status.clone().and_then(|s| serde_json::from_value(s).ok());
+        let actual = self.agent.snapshot(&raw.id());
+        let status = plan::snapshot_status(
+            Err(&invalid),
+            raw.metadata.generation,
+            actual.as_ref(),
+            None,
+            previous.as_ref(),
+            &now(),
+        );
+        if previous.as_ref() != Some(&status) {
+            let api: Api<RawSnapshot> = Api::all(self.client.clone());
+            let patch = serde_json::json!({ "status": status });
+            api.patch_status(&raw.id(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            self.warn(raw, "InvalidSpec", "Reconcile", invalid.to_string()).await;
+        }
+        Ok(Action::await_change())
     }
 
     async fn apply_snapshot(&self, object: &NbdSnapshot) -> Outcome {
@@ -310,9 +369,9 @@ impl Reconciler {
         }
     }
 
-    async fn cleanup_snapshot(&self, object: &NbdSnapshot) -> Outcome {
-        if object.spec.storage_node == self.node {
-            self.agent.delete_snapshot(&object.name_any()).await?;
+    async fn cleanup_snapshot(&self, raw: &RawSnapshot) -> Outcome {
+        if raw.storage_node() == Some(self.node.as_str()) {
+            self.agent.delete_snapshot(&raw.id()).await?;
         }
         Ok(Action::await_change())
     }
@@ -328,13 +387,13 @@ impl Reconciler {
     pub async fn quarantine_unclaimed(&self) -> Result<Vec<String>, ReconcileError> {
         let mut quarantined = Vec::new();
         let volumes = self.agent.volume_ids();
-        for id in self.unclaimed::<NbdVolume>(&volumes).await? {
+        for id in self.unclaimed::<RawVolume>(&volumes).await? {
             let aside = self.agent.quarantine_volume(&id).await?;
             self.report_quarantined("volume", &id, &aside).await;
             quarantined.push(id);
         }
         let snapshots: Vec<String> = self.agent.snapshots().into_iter().map(|s| s.id).collect();
-        for id in self.unclaimed::<NbdSnapshot>(&snapshots).await? {
+        for id in self.unclaimed::<RawSnapshot>(&snapshots).await? {
             let aside = self.agent.quarantine_snapshot(&id).await?;
             self.report_quarantined("snapshot", &id, &aside).await;
             quarantined.push(id);

@@ -81,6 +81,8 @@ suite chart-args ./tests/chart-args.sh
 suite apiserver ./tests/k8s/apiserver.sh
 # Controller, csi-provisioner and csi-attacher as processes against it.
 suite e2e ./tests/k8s/e2e.sh
+# The nbd.csi.dev CRDs on that API server and the agent's reconciler against them.
+suite crds ./tests/k8s/crds.sh
 # The chart as users run it: helm install on a one-node cluster (kubelet,
 # containerd, Kubernetes' own controllers) in the qemu VM, images built here.
 # Last, and alone: a build or another VM beside it starves the guest.

@@ -91,6 +91,43 @@ fn reason(error: &Error) -> String {
     format!("{:?}", error.kind())
 }
 
+/// The Valid and Ready conditions of a status being written; transition
+/// times carry over from the previous status's conditions.
+struct Conditions<'a> {
+    list: Vec<Condition>,
+    generation: Option<i64>,
+    now: &'a str,
+}
+
+impl<'a> Conditions<'a> {
+    fn new(previous: Option<&[Condition]>, generation: Option<i64>, now: &'a str) -> Self {
+        Self { list: previous.map(<[Condition]>::to_vec).unwrap_or_default(), generation, now }
+    }
+
+    fn set(&mut self, type_: ConditionType, status: ConditionStatus, reason: &str, message: String) {
+        let mut condition = Condition::new(type_, status, reason, message);
+        condition.observed_generation = self.generation;
+        Condition::set(&mut self.list, condition, self.now);
+    }
+
+    /// A spec that cannot be acted on: neither valid nor ready.
+    fn invalid(&mut self, invalid: &InvalidObject) {
+        self.set(ConditionType::Valid, ConditionStatus::False, "InvalidSpec", invalid.to_string());
+        self.set(ConditionType::Ready, ConditionStatus::False, "InvalidSpec", "the spec cannot be acted on".into());
+    }
+
+    /// A checked spec, ready or not for `reason`.
+    fn checked(&mut self, ready: bool, reason: &str, message: String) {
+        self.set(ConditionType::Valid, ConditionStatus::True, "Checked", String::new());
+        let status = if ready { ConditionStatus::True } else { ConditionStatus::False };
+        self.set(ConditionType::Ready, status, reason, message);
+    }
+
+    fn into_list(self) -> Vec<Condition> {
+        self.list
+    }
+}
+
 /// The status an NbdVolume gets: from its checked spec (or why it could
 /// not be checked), the agent's volume after the actions, and the error
 /// that stopped them, if one did. `previous` keeps transition times.
@@ -102,53 +139,41 @@ pub fn volume_status(
     previous: Option<&NbdVolumeStatus>,
     now: &str,
 ) -> NbdVolumeStatus {
-    let mut conditions = previous.map(|p| p.conditions.clone()).unwrap_or_default();
-    let mut set = |type_, status, reason: &str, message: String| {
-        let mut condition = Condition::new(type_, status, reason, message);
-        condition.observed_generation = generation;
-        Condition::set(&mut conditions, condition, now);
-    };
+    let mut conditions = Conditions::new(previous.map(|p| p.conditions.as_slice()), generation, now);
     let phase = match (desired, actual, failure) {
         (Err(invalid), _, _) => {
-            set(ConditionType::Valid, ConditionStatus::False, "InvalidSpec", invalid.to_string());
-            set(ConditionType::Ready, ConditionStatus::False, "InvalidSpec", "the spec cannot be acted on".into());
+            conditions.invalid(invalid);
             VolumePhase::Invalid
         }
         (Ok(_), actual, Some(error)) => {
-            set(ConditionType::Valid, ConditionStatus::True, "Checked", String::new());
-            set(ConditionType::Ready, ConditionStatus::False, &reason(error), error.to_string());
+            conditions.checked(false, &reason(error), error.to_string());
             if actual.is_some() { VolumePhase::Unavailable } else { VolumePhase::Pending }
         }
         (Ok(_), None, None) => {
-            set(ConditionType::Valid, ConditionStatus::True, "Checked", String::new());
-            set(ConditionType::Ready, ConditionStatus::False, "NotCreated", String::new());
+            conditions.checked(false, "NotCreated", String::new());
             VolumePhase::Pending
         }
-        (Ok(_), Some(volume), None) => {
-            set(ConditionType::Valid, ConditionStatus::True, "Checked", String::new());
-            match &volume.condition {
-                Serving::Serving => {
-                    set(ConditionType::Ready, ConditionStatus::True, "Serving", String::new());
-                    VolumePhase::Available
-                }
-                Serving::NotServing => {
-                    let message = "its NBD server is down; it is retried".to_owned();
-                    set(ConditionType::Ready, ConditionStatus::False, "ServerDown", message);
-                    VolumePhase::Unavailable
-                }
-                Serving::Broken(why) => {
-                    set(ConditionType::Ready, ConditionStatus::False, "ImageMissing", why.clone());
-                    VolumePhase::Unavailable
-                }
+        (Ok(_), Some(volume), None) => match &volume.condition {
+            Serving::Serving => {
+                conditions.checked(true, "Serving", String::new());
+                VolumePhase::Available
             }
-        }
+            Serving::NotServing => {
+                conditions.checked(false, "ServerDown", "its NBD server is down; it is retried".to_owned());
+                VolumePhase::Unavailable
+            }
+            Serving::Broken(why) => {
+                conditions.checked(false, "ImageMissing", why.clone());
+                VolumePhase::Unavailable
+            }
+        },
     };
     NbdVolumeStatus {
         phase,
         observed_generation: generation,
         port: actual.map(|v| v.record.port),
         size_bytes: actual.map(|v| v.record.capacity_bytes),
-        conditions,
+        conditions: conditions.into_list(),
     }
 }
 
@@ -161,31 +186,22 @@ pub fn snapshot_status(
     previous: Option<&NbdSnapshotStatus>,
     now: &str,
 ) -> NbdSnapshotStatus {
-    let mut conditions = previous.map(|p| p.conditions.clone()).unwrap_or_default();
-    let mut set = |type_, status, reason: &str, message: String| {
-        let mut condition = Condition::new(type_, status, reason, message);
-        condition.observed_generation = generation;
-        Condition::set(&mut conditions, condition, now);
-    };
+    let mut conditions = Conditions::new(previous.map(|p| p.conditions.as_slice()), generation, now);
     let phase = match (desired, actual, failure) {
         (Err(invalid), _, _) => {
-            set(ConditionType::Valid, ConditionStatus::False, "InvalidSpec", invalid.to_string());
-            set(ConditionType::Ready, ConditionStatus::False, "InvalidSpec", "the spec cannot be acted on".into());
+            conditions.invalid(invalid);
             SnapshotPhase::Invalid
         }
         (Ok(_), Some(_), _) => {
-            set(ConditionType::Valid, ConditionStatus::True, "Checked", String::new());
-            set(ConditionType::Ready, ConditionStatus::True, "Cut", String::new());
+            conditions.checked(true, "Cut", String::new());
             SnapshotPhase::Ready
         }
         (Ok(_), None, Some(error)) => {
-            set(ConditionType::Valid, ConditionStatus::True, "Checked", String::new());
-            set(ConditionType::Ready, ConditionStatus::False, &reason(error), error.to_string());
+            conditions.checked(false, &reason(error), error.to_string());
             SnapshotPhase::Failed
         }
         (Ok(_), None, None) => {
-            set(ConditionType::Valid, ConditionStatus::True, "Checked", String::new());
-            set(ConditionType::Ready, ConditionStatus::False, "NotCut", String::new());
+            conditions.checked(false, "NotCut", String::new());
             SnapshotPhase::Pending
         }
     };
@@ -195,7 +211,7 @@ pub fn snapshot_status(
         size_bytes: actual.map(|s| s.size_bytes),
         created_at: actual.and_then(|s| created_at(s.created_seconds, s.created_nanos)),
         source_block: actual.and_then(|s| s.source_block),
-        conditions,
+        conditions: conditions.into_list(),
     }
 }
 

@@ -8,7 +8,7 @@
 //! gRPC or Kubernetes: the controller drives one in-process [`Agent`]
 //! directly (the embedded default, no cluster needed) and maps its
 //! [`Error`] kinds to gRPC codes once. With the `kubernetes` feature,
-//! [`resources`] is the Kubernetes-facing contract: the custom resources
+//! `resources` is the Kubernetes-facing contract: the custom resources
 //! both roles share, their CRDs, cluster export names; a storage-node
 //! process drives the same core from those objects.
 //!

@@ -99,5 +99,13 @@ summary=$(grep -aoE '^SUMMARY .*' "$log" | tail -n 1)
 passed=$(echo "$summary" | sed -n 's/.*passed=\([0-9]*\).*/\1/p')
 failed=$(echo "$summary" | sed -n 's/.*failed=\([0-9]*\).*/\1/p')
 [ -n "$summary" ] || failed=1
+# CI shows only this script's output: the console of the first failed
+# scenario (what it printed, the pods, events and logs it dumped) goes there.
+first_failed=$(grep -aoE '^RESULT [a-z_-]+ FAIL' "$log" | head -n 1 | cut -d' ' -f2)
+if [ -n "$first_failed" ]; then
+    echo "cluster: console of the first failed scenario, $first_failed (last 150 lines):"
+    awk -v name="$first_failed" '$0 ~ "=== " name "$" { on = 1 } on { print } $0 ~ "^RESULT " name " " { exit }' "$log" \
+        | tail -n 150 | sed 's/^/  | /'
+fi
 echo "cluster: ${passed:-0} passed, ${failed:-1} failed"
 [ "${failed:-1}" -eq 0 ] && [ "$status" != 124 ]

@@ -97,6 +97,9 @@ scenario_install() {
     # The snapshot CRDs and snapshot-controller, as a cluster admin installs
     # them before a CSI driver that takes snapshots.
     k apply -f "$crds/" >/dev/null || return 1
+    # helm looks its kinds up in discovery once; the chart's
+    # VolumeSnapshotClass needs those CRDs served before it starts.
+    k wait --for=condition=Established --timeout=120s -f "$crds/" >/dev/null || return 1
     k apply -f /payload/guest/snapshot-controller.yaml >/dev/null || return 1
     helm_install || return 1
     wait_for 120 "driver in CSINode" sh -c "kubectl get csinode nbd-node -o jsonpath='{.spec.drivers[*].name}' | grep -qw $driver" \

@@ -21,7 +21,6 @@
 //!   written, and a write either happens whole or not at all.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -35,9 +34,9 @@ use csi_proto::{CapacityRange, Snapshot, Volume};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::wait::await_condition;
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use tokio::time::Instant;
 
 use super::FIELD_MANAGER;
 use super::objects::{self, Progress, VolumeRequest, snapshot_progress, volume_progress};
@@ -47,10 +46,6 @@ use crate::error::{Error, Kind, Result};
 
 /// Spec writes that lost a race (409) are tried again this many times.
 const CONFLICT_RETRIES: usize = 5;
-/// First pause between two reads of a status being waited for; doubles up
-/// to [`MAX_POLL`].
-const FIRST_POLL: Duration = Duration::from_millis(20);
-const MAX_POLL: Duration = Duration::from_millis(500);
 
 /// The cluster backend.
 pub struct Cluster {
@@ -68,15 +63,15 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
-/// One read of something being waited for.
+/// What a look at something being waited for found.
 enum Step<T> {
     Done(T),
     Waiting(String),
 }
 
-fn step<K>(object: K, progress: Progress) -> Result<Step<K>> {
+fn step<T>(value: T, progress: Progress) -> Result<Step<T>> {
     match progress {
-        Progress::Done => Ok(Step::Done(object)),
+        Progress::Done => Ok(Step::Done(value)),
         Progress::Waiting(why) => Ok(Step::Waiting(why)),
         Progress::Failed(e) => Err(e),
     }
@@ -115,39 +110,45 @@ impl Cluster {
         api.get_opt(name).await.map_err(|e| Error::kube(&format!("reading {name}"), e))
     }
 
-    /// Reads with `read` until it is done, at most `--storage-timeout`;
-    /// then UNAVAILABLE with the last reason it gave.
-    async fn until<T, F, Fut>(&self, what: &str, mut read: F) -> Result<T>
+    /// Watches object `name` until `judge` says it is done or failed, at
+    /// most `--storage-timeout`; then UNAVAILABLE with the reason it gave
+    /// last. A watch, not polling: the call answers as soon as the agent
+    /// writes the status.
+    async fn wait_for<K, T>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        what: &str,
+        judge: impl Fn(Option<&K>) -> Result<Step<T>>,
+    ) -> Result<T>
     where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<Step<T>>>,
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     {
-        let deadline = Instant::now() + self.timeout;
-        let mut pause = FIRST_POLL;
-        loop {
-            let why = match read().await? {
-                Step::Done(value) => return Ok(value),
-                Step::Waiting(why) => why,
-            };
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::unavailable(format!(
-                    "{what}: not done within {:?} ({why}); the call can be retried",
-                    self.timeout
-                )));
+        let settled = |object: Option<&K>| !matches!(judge(object), Ok(Step::Waiting(_)));
+        match tokio::time::timeout(self.timeout, await_condition(api.clone(), name, settled)).await {
+            Ok(Ok(object)) => {
+                if let Step::Done(value) = judge(object.as_ref())? {
+                    return Ok(value);
+                }
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(MAX_POLL);
+            Ok(Err(e)) => return Err(Error::unavailable(format!("{what}: watching {name} failed: {e}"))),
+            Err(_elapsed) => {}
+        }
+        // Out of time: one last look, for the reason.
+        match judge(self.get(api, name).await?.as_ref())? {
+            Step::Done(value) => Ok(value),
+            Step::Waiting(why) => Err(Error::unavailable(format!(
+                "{what}: not done within {:?} ({why}); the call can be retried",
+                self.timeout
+            ))),
         }
     }
 
     /// Waits until volume `id`'s current generation is in effect.
     async fn wait_volume(&self, id: &str) -> Result<NbdVolume> {
-        let api = &self.volumes();
-        self.until(&format!("waiting for volume {id}"), move || async move {
-            let object = self.get(api, id).await?.ok_or_else(|| Error::not_found(format!("volume {id} is gone")))?;
-            let progress = volume_progress(&object);
-            step(object, progress)
+        self.wait_for(&self.volumes(), id, &format!("waiting for volume {id}"), |object| match object {
+            None => Err(Error::not_found(format!("volume {id} is gone"))),
+            Some(object) => step(object.clone(), volume_progress(object)),
         })
         .await
     }
@@ -155,24 +156,18 @@ impl Cluster {
     /// Waits until volume `id`'s access, as its current generation says,
     /// is in effect, whether or not it serves.
     async fn wait_access(&self, id: &str) -> Result<Option<NbdVolume>> {
-        let api = &self.volumes();
-        self.until(&format!("waiting for the access to volume {id}"), move || async move {
-            let Some(object) = self.get(api, id).await? else { return Ok(Step::Done(None)) };
-            let progress = objects::access_progress(&object);
-            step(object, progress).map(|s| match s {
-                Step::Done(o) => Step::Done(Some(o)),
-                Step::Waiting(why) => Step::Waiting(why),
-            })
+        let what = format!("waiting for the access to volume {id}");
+        self.wait_for(&self.volumes(), id, &what, |object| match object {
+            None => Ok(Step::Done(None)),
+            Some(object) => step(Some(object.clone()), objects::access_progress(object)),
         })
         .await
     }
 
     async fn wait_snapshot(&self, id: &str) -> Result<NbdSnapshot> {
-        let api = &self.snapshots();
-        self.until(&format!("waiting for snapshot {id}"), move || async move {
-            let object = self.get(api, id).await?.ok_or_else(|| Error::not_found(format!("snapshot {id} is gone")))?;
-            let progress = snapshot_progress(&object);
-            step(object, progress)
+        self.wait_for(&self.snapshots(), id, &format!("waiting for snapshot {id}"), |object| match object {
+            None => Err(Error::not_found(format!("snapshot {id} is gone"))),
+            Some(object) => step(object.clone(), snapshot_progress(object)),
         })
         .await
     }
@@ -181,15 +176,16 @@ impl Cluster {
     /// agent removes the data first, under its finalizer.
     async fn delete_and_wait<K>(&self, api: &Api<K>, what: &str, name: &str) -> Result<()>
     where
-        K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     {
         match api.delete(name, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
             Err(e) => return Err(Error::kube(&format!("deleting {what} {name}"), e)),
         }
-        self.until(&format!("waiting for {what} {name} to be deleted by its agent"), move || async move {
-            Ok(match self.get(api, name).await? {
+        let waiting = format!("waiting for {what} {name} to be deleted by its agent");
+        self.wait_for(api, name, &waiting, |object| {
+            Ok(match object {
                 None => Step::Done(()),
                 Some(_) => Step::Waiting("its agent has not removed it yet".into()),
             })
@@ -657,10 +653,20 @@ mod tests {
         };
         let mut created: Option<NbdVolume> = None;
         let mut methods = Vec::new();
+        // Watches are held open, unanswered, until the client goes.
+        let mut watches = Vec::new();
         while let Some((request, send)) = handle.next_request().await {
             let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+            let query = request.uri().query().unwrap_or_default().to_owned();
             methods.push(method.clone());
             match (method, path.as_str()) {
+                (Method::GET, _) if query.contains("watch=true") => watches.push(send),
+                (Method::GET, "/apis/nbd.csi.dev/v1alpha1/nbdvolumes") if query.contains("fieldSelector") => {
+                    let items = created.iter().map(|o| serde_json::to_value(o).unwrap()).collect();
+                    let mut list = list("NbdVolumeList", items);
+                    list["metadata"]["resourceVersion"] = "1".into();
+                    reply(send, StatusCode::OK, &list);
+                }
                 (Method::GET, "/apis/nbd.csi.dev/v1alpha1/nbdstoragenodes") => reply(
                     send,
                     StatusCode::OK,

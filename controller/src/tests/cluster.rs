@@ -220,9 +220,12 @@ async fn cluster_mode_places_serves_and_fences_volumes_on_storage_nodes() {
 
     // 30 volumes, spread by free space, none on the stale node.
     let mut ids = Vec::new();
+    let mut took = Vec::new();
     for i in 0..30 {
         let volume = c.create_volume(create_req(&format!("pvc-spread-{i}"), VOLUME, false, Mode::SingleNodeWriter));
+        let start = std::time::Instant::now();
         let volume = volume.await.unwrap().into_inner().volume.unwrap();
+        took.push(start.elapsed());
         assert_eq!(volume.volume_id, volume_id(&format!("pvc-spread-{i}")));
         assert_eq!(volume.capacity_bytes, VOLUME);
         ids.push(volume.volume_id);
@@ -231,7 +234,9 @@ async fn cluster_mode_places_serves_and_fences_volumes_on_storage_nodes() {
     for object in volumes.list(&ListParams::default()).await.unwrap().items {
         *spread.entry(object.spec.storage_node).or_default() += 1;
     }
+    took.sort();
     println!("spread of 30 volumes of 16 MiB over free space {free:?}: {spread:?}");
+    println!("CreateVolume through the API server, one at a time: median {:?}, slowest {:?}", took[15], took[29]);
     assert!(!spread.contains_key(STALE), "a storage node with a stale Lease got volumes: {spread:?}");
     let on = |name: &str| spread.get(name).copied().unwrap_or(0);
     assert_eq!(on("storage-1") + on("storage-2") + on("storage-3"), 30);

@@ -181,6 +181,8 @@ async fn cluster_mode_places_serves_and_fences_volumes_on_storage_nodes() {
         namespace: Some(NAMESPACE.into()),
         storage_timeout: 30,
     };
+    let mut second = args.clone();
+    second.endpoint = Some(Endpoint::Unix(dir.path().join("csi-2.sock")));
     let h = Harness::start_with_args(args).await;
     assert!(!dir.path().join("unused").exists(), "cluster mode keeps no data");
     let secret = Api::<Secret>::namespaced(client.clone(), NAMESPACE).get(SECRET).await.unwrap();
@@ -266,6 +268,18 @@ async fn cluster_mode_places_serves_and_fences_volumes_on_storage_nodes() {
     let bigger = c.create_volume(create_req("pvc-spread-0", 2 * VOLUME, false, Mode::SingleNodeWriter)).await;
     assert_eq!(code(bigger), tonic::Code::AlreadyExists);
 
+    // A second controller replica reads the same export key, and the same
+    // CreateVolume sent to both at once makes one object, both answering
+    // with it.
+    let h2 = Harness::start_with_args(second).await;
+    let mut c2 = h2.controller().await;
+    let twice = || create_req("pvc-twice", VOLUME, false, Mode::SingleNodeWriter);
+    let (first, other) = tokio::join!(c.create_volume(twice()), c2.create_volume(twice()));
+    let first = first.unwrap().into_inner().volume.unwrap();
+    assert_eq!(first, other.unwrap().into_inner().volume.unwrap());
+    assert_eq!(volumes.list(&ListParams::default()).await.unwrap().items.len(), 31);
+    ids.push(first.volume_id);
+
     // Too large for every live agent: RESOURCE_EXHAUSTED, nothing left
     // behind; smaller volumes are still accepted.
     let huge = c.create_volume(create_req("pvc-huge", 1 << 30, false, Mode::SingleNodeWriter)).await;
@@ -297,6 +311,10 @@ async fn cluster_mode_places_serves_and_fences_volumes_on_storage_nodes() {
     // Published again with the same options: the same context.
     let again = c.controller_publish_volume(publish_req(&ids[0], WORKER, false, Mode::SingleNodeWriter, false));
     assert_eq!(again.await.unwrap().into_inner().publish_context, context);
+
+    let from_second = c2.controller_publish_volume(publish_req(&ids[0], WORKER, false, Mode::SingleNodeWriter, false));
+    assert_eq!(from_second.await.unwrap().into_inner().publish_context, context, "the same key on both replicas");
+    h2.stop().await;
 
     // Expanded online: the connected client's export grows.
     let expand = ControllerExpandVolumeRequest {

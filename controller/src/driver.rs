@@ -1,6 +1,7 @@
-//! The controller's driver: the in-process storage [`Agent`] it drives,
-//! per-object locks that make CSI calls idempotent, node lookups, Events
-//! and metrics.
+//! The controller's driver: its storage backend ([`Storage`]: the
+//! in-process [`Agent`] it drives, or the cluster's agents through
+//! objects), per-object locks that make CSI calls idempotent, node
+//! lookups, Events and metrics.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use crate::error::{Error, Kind, Result};
 use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::nodes::{NodeAddresses, Nodes};
+use crate::storage::{Cluster, Storage};
 
 /// How often node addresses are re-read from Kubernetes.
 const REFRESH: Duration = agent::REFRESH;
@@ -31,7 +33,7 @@ pub struct Config {
 #[derive(Debug)]
 pub struct Driver {
     config: Config,
-    agent: Arc<Agent>,
+    storage: Storage,
     nodes: Nodes,
     /// Kubernetes Events for failures a human must act on.
     events: Events,
@@ -49,7 +51,7 @@ impl Driver {
         let driver = Arc::new(Self {
             metrics: Arc::new(Metrics::new(agent.exports().clone())),
             config,
-            agent,
+            storage: Storage::Embedded(agent),
             nodes,
             events,
             locks: Locks::default(),
@@ -60,12 +62,35 @@ impl Driver {
         Ok(driver)
     }
 
+    /// Drives the cluster's agents through objects; no volume is held
+    /// here, so there is nothing to load or refresh.
+    pub fn start_cluster(config: Config, nodes: Nodes, cluster: Cluster) -> Arc<Self> {
+        Arc::new(Self {
+            events: Events::new(&nodes, &config.driver_name),
+            // No export is served here: volume metrics are the agents'.
+            metrics: Arc::new(Metrics::new(agent::ExportTable::default())),
+            config,
+            storage: Storage::Cluster(Box::new(cluster)),
+            nodes,
+            locks: Locks::default(),
+        })
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    pub fn agent(&self) -> &Arc<Agent> {
-        &self.agent
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The in-process agent, in embedded mode.
+    #[cfg(test)]
+    pub fn agent(&self) -> Option<&Arc<Agent>> {
+        match &self.storage {
+            Storage::Embedded(agent) => Some(agent),
+            Storage::Cluster(_) => None,
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -73,8 +98,12 @@ impl Driver {
     }
 
     /// ControllerPublishVolume of an existing volume failed with `error`.
+    /// In cluster mode the log says it (finding the PVC would cost a read
+    /// of the object on a call that already failed).
     pub fn report_publish_refused(&self, id: &str, node_id: &str, error: &Error) {
-        if let Some(volume) = self.agent.volume(id) {
+        if let Storage::Embedded(agent) = &self.storage
+            && let Some(volume) = agent.volume(id)
+        {
             self.events.publish_refused(id, volume.record.name, node_id, error);
         }
     }
@@ -88,9 +117,13 @@ impl Driver {
         SocketAddr::new(self.config.advertise, record.port)
     }
 
-    /// Ready when the agent serves every volume it can.
+    /// Ready when the agent serves every volume it can; in cluster mode
+    /// at once (each call reaches the API server itself).
     pub fn ready(&self) -> bool {
-        self.agent.ready()
+        match &self.storage {
+            Storage::Embedded(agent) => agent.ready(),
+            Storage::Cluster(_) => true,
+        }
     }
 
     /// Addresses for a publication: `None` means any (no Kubernetes).
@@ -104,9 +137,10 @@ impl Driver {
     /// One background pass: re-read the addresses of the nodes every volume
     /// is published to, and give the agent any that changed.
     async fn refresh(&self) {
-        for id in self.agent.volume_ids() {
+        let Storage::Embedded(agent) = &self.storage else { return };
+        for id in agent.volume_ids() {
             let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
-            let Some(volume) = self.agent.volume(&id) else { continue };
+            let Some(volume) = agent.volume(&id) else { continue };
             let mut published = volume.record.published.clone();
             for (node, publication) in published.iter_mut() {
                 match self.node_addresses(node).await {
@@ -116,7 +150,7 @@ impl Driver {
                 }
             }
             if published != volume.record.published {
-                match self.agent.set_access(&id, published).await {
+                match agent.set_access(&id, published).await {
                     // The stop is sent; a background pass has nobody to
                     // report completion to.
                     Ok(fence) => drop(fence),
@@ -128,7 +162,9 @@ impl Driver {
 
     /// Stops every volume server (flushing each file); for shutdown and tests.
     pub async fn shutdown(&self) {
-        self.agent.shutdown().await;
+        if let Storage::Embedded(agent) = &self.storage {
+            agent.shutdown().await;
+        }
     }
 }
 

@@ -62,6 +62,31 @@ impl Error {
         Self::new(Kind::Internal, message)
     }
 
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(Kind::Unavailable, message)
+    }
+
+    /// A Kubernetes API call `what` failed: the API server's refusals keep
+    /// their meaning (404 NOT_FOUND, 409 ABORTED: someone else changed the
+    /// object, 400/422 INVALID_ARGUMENT, 429 and 5xx UNAVAILABLE); a
+    /// forbidden call is the install's RBAC (INTERNAL); anything that never
+    /// got an answer (connection refused, timeout, TLS) is UNAVAILABLE:
+    /// the API server may be back for the retry.
+    pub fn kube(what: &str, e: kube::Error) -> Self {
+        let kind = match &e {
+            kube::Error::Api(status) => match status.code {
+                404 => Kind::NotFound,
+                409 => Kind::Aborted,
+                400 | 422 => Kind::InvalidArgument,
+                429 | 500..=599 => Kind::Unavailable,
+                _ => Kind::Internal,
+            },
+            kube::Error::SerdeError(_) | kube::Error::BuildRequest(_) => Kind::Internal,
+            _ => Kind::Unavailable,
+        };
+        Self::new(kind, format!("{what}: {e}")).with_source(e)
+    }
+
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.source = Some(Box::new(source));
         self
@@ -121,6 +146,11 @@ mod tests {
         assert_eq!((status.code(), status.message()), (tonic::Code::ResourceExhausted, message.as_str()));
         let e = agent::Error::io("creating", io::Error::from_raw_os_error(Errno::EIO as i32));
         assert_eq!(tonic::Status::from(Error::from(e)).code(), tonic::Code::Internal);
+        let e = Error::kube(
+            "creating",
+            kube::Error::Api(Box::new(kube::core::Status::failure("taken", "AlreadyExists").with_code(409))),
+        );
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Aborted);
         let e = agent::Error::precondition("volume vol-1: image file is missing");
         assert_eq!(tonic::Status::from(Error::from(e)).code(), tonic::Code::FailedPrecondition);
         assert_eq!(tonic::Status::from(Error::not_found("x")).code(), tonic::Code::NotFound);

@@ -1,6 +1,7 @@
 //! `nbd-csi-controller` as a library: the CSI controller (Identity +
 //! Controller over an in-process storage agent, `nbd-csi-agent`, which
-//! holds the volumes and runs one NBD server per volume), the operator CLI
+//! holds the volumes and runs one NBD server per volume, or, in cluster
+//! mode, over the storage nodes' agents through Kubernetes objects), the operator CLI
 //! that drives a running one over its CSI endpoint, and `serve-file`. The binary
 //! (`main.rs`) parses [`command_line::Cli`] and runs one of them; the
 //! examples and integration tests reach the same types through here.
@@ -21,6 +22,7 @@ mod error;
 mod events;
 mod metrics;
 mod nodes;
+mod storage;
 
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,8 @@
 //! The controller's main job: CSI Identity + Controller on `--endpoint`,
-//! one NBD server per volume, metrics. A TCP endpoint that is not loopback
-//! is refused unless `--allow-insecure-tcp-endpoint` accepts the risk.
+//! one NBD server per volume (or, with `--storage-mode cluster`, the
+//! storage nodes' agents driven through objects), metrics. A TCP endpoint
+//! that is not loopback is refused unless `--allow-insecure-tcp-endpoint`
+//! accepts the risk.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -8,6 +10,7 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use csi_proto::controller_server::ControllerServer;
@@ -16,6 +19,8 @@ use csi_proto::identity_server::IdentityServer;
 use crate::csi::{ControllerService, IdentityService};
 use crate::driver::{Config, Driver};
 use crate::nodes::Nodes;
+pub use crate::storage::StorageMode;
+use crate::storage::{self, Cluster};
 
 /// The CSI driver name without `--driver-name` (the chart's default too).
 pub const DEFAULT_DRIVER_NAME: &str = "nbd.csi.dev";
@@ -72,6 +77,57 @@ pub struct Args {
     /// publishing to any other is NOT_FOUND. Empty: any node id.
     #[arg(long, env = "NBD_CSI_KNOWN_NODES", value_delimiter = ',')]
     pub known_nodes: Vec<String>,
+    /// Where volumes live: embedded (one in-process agent on --data-dir,
+    /// no Kubernetes needed) or cluster (the storage nodes' agents, driven
+    /// through nbd.csi.dev objects; needs Kubernetes).
+    #[arg(long, env = "NBD_CSI_STORAGE_MODE", value_enum, default_value_t = StorageMode::Embedded)]
+    pub storage_mode: StorageMode,
+    /// Cluster mode: the Secret in --namespace holding the export-name key
+    /// (data key `key`) the agents mount; created with 32 random bytes if
+    /// it does not exist.
+    #[arg(long, env = "NBD_CSI_EXPORT_KEY_SECRET")]
+    pub export_key_secret: Option<String>,
+    /// Cluster mode: the namespace of the agents' Leases and of the
+    /// export-key Secret [default: the pod's, else the kubeconfig's].
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Cluster mode: seconds a call waits for a storage node's agent to
+    /// report the change in effect; then UNAVAILABLE, and the retry waits
+    /// again.
+    #[arg(long, env = "NBD_CSI_STORAGE_TIMEOUT", default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub storage_timeout: u64,
+}
+
+/// A Kubernetes object name (a DNS subdomain), for the Secret's.
+fn validate_object_name(what: &str, name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
+    if !ok {
+        bail!("{what} {name:?} must be at most 253 characters of [a-z0-9.-], starting and ending alphanumeric");
+    }
+    Ok(())
+}
+
+/// Cluster mode's own flags, checked: the export-key Secret is required.
+fn check_storage_mode(args: &Args) -> anyhow::Result<()> {
+    match args.storage_mode {
+        StorageMode::Embedded => Ok(()),
+        StorageMode::Cluster => {
+            let secret = args
+                .export_key_secret
+                .as_deref()
+                .context("--storage-mode cluster needs --export-key-secret (NBD_CSI_EXPORT_KEY_SECRET)")?;
+            validate_object_name("--export-key-secret", secret)?;
+            if let Some(namespace) = &args.namespace {
+                validate_object_name("--namespace", namespace)?;
+            }
+            Ok(())
+        }
+    }
 }
 
 pub(crate) fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
@@ -172,6 +228,7 @@ fn validate_driver_name(name: &str) -> anyhow::Result<()> {
 /// The driver's configuration from the flags, checked; touches nothing.
 fn config(args: &Args) -> anyhow::Result<Config> {
     validate_driver_name(&args.driver_name)?;
+    check_storage_mode(args)?;
     let advertise = match args.advertise_address {
         Some(a) => a,
         None if args.nbd_listen_address.is_unspecified() => {
@@ -193,13 +250,27 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     })
 }
 
-/// Builds the driver from the flags: validates them, loads the store,
-/// starts the volume servers.
+/// Builds the driver from the flags: validates them, then loads the store
+/// and starts the volume servers, or, in cluster mode, reads (or creates)
+/// the export-name key.
 pub(crate) async fn build(args: &Args) -> anyhow::Result<Arc<Driver>> {
     let config = config(args)?;
     let known: BTreeSet<String> = args.known_nodes.iter().filter(|n| !n.is_empty()).cloned().collect();
     let nodes = Nodes::connect(args.kubeconfig.as_deref(), known).await.context("Kubernetes access")?;
     tracing::info!(kubernetes = nodes.uses_kubernetes(), "node lookups configured");
+    if args.storage_mode == StorageMode::Cluster {
+        let Nodes::Kubernetes(client) = &nodes else {
+            bail!("--storage-mode cluster needs Kubernetes: run in a pod or give --kubeconfig");
+        };
+        let namespace = args.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+        let secret = args.export_key_secret.as_deref().unwrap_or_default();
+        let key = storage::load_export_key(client.clone(), &namespace, secret)
+            .await
+            .with_context(|| format!("the export-name key in Secret {namespace}/{secret}"))?;
+        tracing::info!(namespace, secret, "cluster mode: volumes on the storage nodes' agents");
+        let cluster = Cluster::new(client.clone(), namespace, key, Duration::from_secs(args.storage_timeout));
+        return Ok(Driver::start_cluster(config, nodes, cluster));
+    }
     let driver = Driver::start(config, args.data_dir.clone(), nodes)
         .await
         .with_context(|| format!("loading the store in {}", args.data_dir.display()))?;
@@ -267,6 +338,10 @@ pub fn validate(args: Args) -> anyhow::Result<()> {
     println!("metrics_address={}", optional(args.metrics_address.map(|a| a.to_string())));
     println!("kubeconfig={}", optional(args.kubeconfig.map(|p| p.display().to_string())));
     println!("known_nodes={}", args.known_nodes.join(","));
+    println!("storage_mode={}", args.storage_mode);
+    println!("export_key_secret={}", optional(args.export_key_secret));
+    println!("namespace={}", optional(args.namespace));
+    println!("storage_timeout={}", args.storage_timeout);
     Ok(())
 }
 

@@ -211,9 +211,30 @@ fn validation_mode_prints_the_settings_and_touches_nothing() {
         (&["--driver-name=Bad_Name"][..], "driver name"),
         (&["--metrics-address=:9810"][..], "invalid value ':9810' for '--metrics-address"),
         (&["serve", "--endpoint=unix:///x"][..], "unrecognized subcommand 'serve'"),
+        (&["--storage-mode=cluster"][..], "--storage-mode cluster needs --export-key-secret"),
+        (&["--storage-mode=cluster", "--export-key-secret=Key_1"][..], "--export-key-secret \"Key_1\""),
+        (&["--storage-mode=distributed"][..], "invalid value 'distributed' for '--storage-mode"),
     ] {
         let out = validate(dir.path(), args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && stderr.contains(want), "{args:?}: want an error with {want:?}\n{stderr}");
+    }
+
+    // Cluster mode's flags, checked without reaching Kubernetes.
+    let out = validate(
+        dir.path(),
+        &[
+            "--storage-mode=cluster",
+            "--export-key-secret=nbd-csi-export-key",
+            "--namespace=storage",
+            "--storage-timeout=12",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "refused: {}", String::from_utf8_lossy(&out.stderr));
+    for line in
+        ["storage_mode=cluster", "export_key_secret=nbd-csi-export-key", "namespace=storage", "storage_timeout=12"]
+    {
+        assert!(stdout.lines().any(|l| l == line), "no {line:?} in\n{stdout}");
     }
 }

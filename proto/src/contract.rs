@@ -320,11 +320,23 @@ impl TryFrom<&HashMap<String, String>> for VolumeContext {
 /// PVC name and namespace): accepted and ignored.
 pub const RESERVED_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
 
+/// StorageClass parameter keys the driver defines.
+pub mod parameter_key {
+    /// Restricts where a volume may be placed in cluster mode: storage
+    /// nodes whose Node carries every `key=value` label of this
+    /// comma-separated list.
+    pub const STORAGE_NODE_SELECTOR: &str = "storageNodeSelector";
+}
+
 /// StorageClass (and VolumeSnapshotClass) parameters. The driver defines
-/// none: every volume is a sparse file served over NBD, so any key outside
+/// one, [`parameter_key::STORAGE_NODE_SELECTOR`]; any other key outside
 /// [`RESERVED_PARAMETER_PREFIX`] is refused rather than silently ignored.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StorageClassParameters {}
+/// Values are kept as written: the controller, which places volumes,
+/// parses the selector.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StorageClassParameters {
+    pub storage_node_selector: Option<String>,
+}
 
 /// Parameters the driver does not define, sorted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -335,10 +347,13 @@ impl TryFrom<&HashMap<String, String>> for StorageClassParameters {
     type Error = UnknownParameters;
 
     fn try_from(map: &HashMap<String, String>) -> Result<Self, UnknownParameters> {
-        let mut unknown: Vec<String> =
-            map.keys().filter(|k| !k.starts_with(RESERVED_PARAMETER_PREFIX)).cloned().collect();
+        let mut unknown: Vec<String> = map
+            .keys()
+            .filter(|k| !k.starts_with(RESERVED_PARAMETER_PREFIX) && *k != parameter_key::STORAGE_NODE_SELECTOR)
+            .cloned()
+            .collect();
         if unknown.is_empty() {
-            return Ok(Self {});
+            return Ok(Self { storage_node_selector: map.get(parameter_key::STORAGE_NODE_SELECTOR).cloned() });
         }
         unknown.sort_unstable();
         Err(UnknownParameters(unknown))

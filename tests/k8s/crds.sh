@@ -8,7 +8,9 @@
 # watch with. Then the agent's reconciler against that server
 # (agent/tests/apiserver.rs): objects in, a served and fenced volume and its
 # status out, deletion through the finalizer, an unclaimed volume
-# quarantined with an Event, its NbdStorageNode and Lease.
+# quarantined with an Event, its NbdStorageNode and Lease. Last, the
+# controller in cluster mode against three in-process agents
+# (controller/src/tests/cluster.rs).
 # Tools come from tests/k8s/build-tools.sh (built on first use).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -98,6 +100,21 @@ if NBD_CSI_TEST_KUBECONFIG=$KUBECONFIG cargo test --locked -q -p nbd-csi-agent -
 else
     cat "$work/reconciler.txt" >&2
     bad "the agent's reconciler on the API server (agent/tests/apiserver.rs)"
+fi
+
+# --- the controller in cluster mode (controller/src/tests/cluster.rs): three
+# in-process agents on 127.0.1.1-3 with tmpfs of 64/128/192 MiB, a stale
+# storage node, CSI calls over the controller's Unix socket. It wants a
+# cluster without the objects above.
+"$k" delete nbdvolumes,nbdsnapshots,nbdstoragenodes --all --wait=false >/dev/null
+"$k" delete leases --all -n default >/dev/null
+if NBD_CSI_TEST_KUBECONFIG=$KUBECONFIG cargo test --locked -q -p nbd-csi-controller --lib tests::cluster \
+    -- --nocapture >"$work/cluster-mode.txt" 2>&1; then
+    ok "the controller in cluster mode: placement, publish, unpublish, clone, snapshot, expand, delete"
+    grep -E '^(spread of|CreateVolume through)' "$work/cluster-mode.txt"
+else
+    cat "$work/cluster-mode.txt" >&2
+    bad "the controller in cluster mode (controller/src/tests/cluster.rs)"
 fi
 
 echo "crds: $passed passed, $failed failed"

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use csi_proto::contract::StorageClassParameters;
+use csi_proto::contract::{StorageClassParameters, parameter_key};
 use csi_proto::volume_capability::AccessType;
 use csi_proto::volume_capability::access_mode::Mode;
 use csi_proto::{CapacityRange, VolumeCapability};
@@ -21,11 +21,13 @@ use tonic::{Response, Status};
 
 use crate::driver::Driver;
 use crate::error::{Error, Kind, Result};
+use crate::storage::placement::Selector;
 
 #[cfg(test)]
 pub use controller::CAPABILITIES;
 pub use controller::ControllerService;
 pub use identity::IdentityService;
+pub use volume_ops::check_source_access;
 
 /// Volumes are sized in whole MiB: requests round up to the next MiB.
 pub const MIB: u64 = 1 << 20;
@@ -132,12 +134,25 @@ pub fn check_capabilities(caps: &[VolumeCapability]) -> Result<Caps> {
 }
 
 /// Plugin parameters ([`StorageClassParameters`]): this driver defines
-/// none, so any key outside the sidecars' reserved prefix is
-/// INVALID_ARGUMENT. Nothing is kept: the result is what the record stores.
+/// one, `storageNodeSelector` (checked here, used for placement in cluster
+/// mode; with one embedded agent there is nothing to choose from), so any
+/// other key outside the sidecars' reserved prefix is INVALID_ARGUMENT.
+/// The result is what the record or object keeps: the driver's own keys.
 pub fn check_parameters(parameters: &HashMap<String, String>) -> Result<BTreeMap<String, String>> {
-    let StorageClassParameters {} =
+    let StorageClassParameters { storage_node_selector } =
         StorageClassParameters::try_from(parameters).map_err(|e| Error::invalid(e.to_string()))?;
-    Ok(BTreeMap::new())
+    let mut kept = BTreeMap::new();
+    if let Some(text) = storage_node_selector.filter(|s| !s.trim().is_empty()) {
+        require(&text, parameter_key::STORAGE_NODE_SELECTOR)?;
+        Selector::parse(&text)?;
+        kept.insert(parameter_key::STORAGE_NODE_SELECTOR.to_owned(), text);
+    }
+    Ok(kept)
+}
+
+/// The storage-node selector in checked parameters; empty without one.
+pub fn selector(parameters: &BTreeMap<String, String>) -> Result<Selector> {
+    Selector::parse(parameters.get(parameter_key::STORAGE_NODE_SELECTOR).map_or("", String::as_str))
 }
 
 /// The size a volume gets: `required_bytes`; when not given, the source's

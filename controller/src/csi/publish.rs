@@ -1,5 +1,7 @@
 //! ControllerPublishVolume / ControllerUnpublishVolume: who may attach a
-//! volume, and the NBD URI the node plugin connects to.
+//! volume, and the NBD URI the node plugin connects to. In cluster mode the
+//! volume's agent carries the change out and reports it in effect
+//! ([`crate::storage::Cluster::publish`]), under the same rules.
 //!
 //! Both change who may use the volume's export, and both answer only once
 //! the connections that change stopped can no longer touch the file: after
@@ -10,13 +12,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use agent::{Publication, VolumeRecord};
+use agent::{Agent, Publication, VolumeRecord};
 use csi_proto::contract::{NbdUri, PublishContext};
 use csi_proto::*;
 
 use super::{check_capability, is_reader_only, is_single_node, require};
 use crate::driver::{Driver, LockKey};
 use crate::error::{Error, Result};
+use crate::storage::Storage;
 
 /// How long publish and unpublish wait for the connections they stopped to
 /// let go of the file. A stopped reader ends at its next poll, so this is
@@ -36,8 +39,8 @@ impl Driver {
     /// [`FENCE_TIMEOUT`], until every connection they no longer admit as it
     /// was admitted is done with the file. Also run when nothing changed, so
     /// that the retry of a call that timed out waits for the same stragglers.
-    async fn set_access(&self, id: &str, published: BTreeMap<String, Publication>) -> Result<()> {
-        let fence = self.agent().set_access(id, published).await?;
+    async fn set_access(&self, agent: &Agent, id: &str, published: BTreeMap<String, Publication>) -> Result<()> {
+        let fence = agent.set_access(id, published).await?;
         Ok(fence.wait(FENCE_TIMEOUT).await?)
     }
 
@@ -48,7 +51,11 @@ impl Driver {
         let cap = req.volume_capability.as_ref().ok_or_else(|| Error::invalid("volume_capability is required"))?;
         let (block, mode) = check_capability(cap)?;
         let id = req.volume_id.clone();
-        if self.agent().volume(&id).is_none() {
+        let exists = match self.storage() {
+            Storage::Embedded(agent) => agent.volume(&id).is_some(),
+            Storage::Cluster(cluster) => cluster.volume(&id).await.map(|_| true)?,
+        };
+        if !exists {
             return Err(Error::not_found(format!("volume {id} not found")));
         }
         let addresses = self.node_addresses(&req.node_id).await?;
@@ -57,7 +64,16 @@ impl Driver {
             return Err(Error::precondition(format!("node {:?} has no IP address in status.addresses", req.node_id)));
         }
         let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
-        let mut record = match self.agent().volume(&id) {
+        let agent = match self.storage() {
+            Storage::Embedded(agent) => agent,
+            Storage::Cluster(cluster) => {
+                // Its agent looks the node's addresses up itself.
+                let publish_context = cluster.publish(&id, &req.node_id, block, mode, req.readonly).await?;
+                tracing::info!("volume published");
+                return Ok(ControllerPublishVolumeResponse { publish_context });
+            }
+        };
+        let mut record = match agent.volume(&id) {
             // A volume without its image has no server: an attach would hang.
             Some(volume) => volume.check_usable().map(|()| volume.record)?,
             None => return Err(Error::not_found(format!("volume {id} not found"))),
@@ -76,7 +92,7 @@ impl Driver {
         if let Some(existing) = record.published.get(&req.node_id) {
             if existing.read_only == publication.read_only && existing.access_mode == publication.access_mode {
                 // A retry after a fence timed out must wait for it too.
-                self.set_access(&id, record.published.clone()).await?;
+                self.set_access(agent, &id, record.published.clone()).await?;
                 return Ok(ControllerPublishVolumeResponse {
                     publish_context: self.publish_context(&record, existing),
                 });
@@ -90,7 +106,7 @@ impl Driver {
         }
         let context = self.publish_context(&record, &publication);
         record.published.insert(req.node_id.clone(), publication);
-        self.set_access(&id, record.published).await?;
+        self.set_access(agent, &id, record.published).await?;
         tracing::info!("volume published");
         Ok(ControllerPublishVolumeResponse { publish_context: context })
     }
@@ -103,7 +119,14 @@ impl Driver {
         require(&req.volume_id, "volume_id")?;
         let id = req.volume_id;
         let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
-        let Some(mut record) = self.agent().volume(&id).map(|v| v.record) else {
+        let agent = match self.storage() {
+            Storage::Embedded(agent) => agent,
+            Storage::Cluster(cluster) => {
+                cluster.unpublish(&id, &req.node_id).await?;
+                return Ok(ControllerUnpublishVolumeResponse {});
+            }
+        };
+        let Some(mut record) = agent.volume(&id).map(|v| v.record) else {
             return Ok(ControllerUnpublishVolumeResponse {});
         };
         let before = record.published.len();
@@ -114,7 +137,7 @@ impl Driver {
         }
         let changed = record.published.len() != before;
         // Unchanged: already unpublished, a retry after a fence timed out.
-        self.set_access(&id, record.published).await?;
+        self.set_access(agent, &id, record.published).await?;
         if changed {
             tracing::info!("volume unpublished");
         }

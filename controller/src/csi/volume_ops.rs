@@ -1,5 +1,7 @@
 //! CreateVolume, DeleteVolume, ValidateVolumeCapabilities, ListVolumes,
-//! ControllerGetVolume, GetCapacity, ControllerExpandVolume.
+//! ControllerGetVolume, GetCapacity, ControllerExpandVolume: checked here,
+//! then carried out by the in-process agent or, in cluster mode, through
+//! the cluster's objects ([`crate::storage`]).
 
 use std::collections::HashMap;
 
@@ -9,9 +11,11 @@ use csi_proto::volume_content_source::{SnapshotSource, Type as SourceType, Volum
 use csi_proto::*;
 use tracing::Span;
 
-use super::{Caps, MIB, capacity, check_capabilities, check_parameters, is_reader_only, page, require};
+use super::{Caps, MIB, capacity, check_capabilities, check_parameters, is_reader_only, page, require, selector};
 use crate::driver::{Driver, LockKey};
 use crate::error::{Error, Result};
+use crate::storage::Storage;
+use crate::storage::objects::{self, VolumeRequest};
 
 /// What the node plugin learns from volume_context (never the token), and
 /// the name the volume was created with, for operators.
@@ -64,7 +68,7 @@ fn compatible(record: &VolumeRecord, req: &CreateVolumeRequest, caps: &Caps, sou
 /// node would mount it in its kernel. The other way round is harmless: a
 /// block volume's user gets the raw bytes of a filesystem, parsed by nobody
 /// but that user.
-fn check_source_access(what: &str, source_block: bool, block: bool) -> Result<()> {
+pub fn check_source_access(what: &str, source_block: bool, block: bool) -> Result<()> {
     if source_block && !block {
         return Err(Error::invalid(format!(
             "{what} holds a block volume's content: it can only become a block volume, not a filesystem volume \
@@ -97,7 +101,21 @@ impl Driver {
         }
         let source = parse_source(&req.volume_content_source)?;
         let _name_guard = self.lock(LockKey::VolumeName(req.name.to_owned())).await;
-        let existing = self.agent().find_volume_by_name(&req.name);
+        let agent = match self.storage() {
+            Storage::Embedded(agent) => agent,
+            Storage::Cluster(cluster) => {
+                // The range is checked before anything is read.
+                capacity(req.capacity_range.as_ref(), 0)?;
+                let selector = selector(&parameters)?;
+                Span::current().record("volume.id", objects::volume_id(&req.name).as_str());
+                let (required, limit) =
+                    req.capacity_range.as_ref().map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
+                let request = VolumeRequest { name: req.name, required, limit, caps, source, parameters };
+                let volume = cluster.create_volume(&request, &selector).await?;
+                return Ok(CreateVolumeResponse { volume: Some(volume) });
+            }
+        };
+        let existing = agent.find_volume_by_name(&req.name);
         if let Some(record) = existing {
             Span::current().record("volume.id", record.id.as_str());
             if compatible(&record, &req, &caps, &source) {
@@ -110,7 +128,7 @@ impl Driver {
             None => (None, 0),
             Some(Source::Snapshot(id)) => {
                 let guard = self.lock(LockKey::SnapshotId(id.to_owned())).await;
-                let snapshot = self.agent().snapshot(id).map(|s| (s.size_bytes, s.source_block));
+                let snapshot = agent.snapshot(id).map(|s| (s.size_bytes, s.source_block));
                 let (size, source_block) =
                     snapshot.ok_or_else(|| Error::not_found(format!("source snapshot {id} not found")))?;
                 // Unknown (an old record whose source is gone): assume block.
@@ -119,7 +137,7 @@ impl Driver {
             }
             Some(Source::Volume(id)) => {
                 let guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
-                let size = match self.agent().volume(id) {
+                let size = match agent.volume(id) {
                     None => return Err(Error::not_found(format!("source volume {id} not found"))),
                     Some(v) => {
                         v.check_usable()?;
@@ -143,7 +161,7 @@ impl Driver {
             source,
             export_name: None,
         };
-        let record = self.agent().create_volume(new).await?;
+        let record = agent.create_volume(new).await?;
         Span::current().record("volume.id", record.id.as_str());
         Ok(CreateVolumeResponse { volume: Some(volume_message(&record)) })
     }
@@ -152,12 +170,20 @@ impl Driver {
     pub async fn delete_volume(&self, req: DeleteVolumeRequest) -> Result<DeleteVolumeResponse> {
         require(&req.volume_id, "volume_id")?;
         let id = req.volume_id;
-        let Some(name) = self.agent().volume(&id).map(|v| v.record.name) else {
+        let agent = match self.storage() {
+            Storage::Embedded(agent) => agent,
+            Storage::Cluster(cluster) => {
+                let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
+                cluster.delete_volume(&id).await?;
+                return Ok(DeleteVolumeResponse {});
+            }
+        };
+        let Some(name) = agent.volume(&id).map(|v| v.record.name) else {
             return Ok(DeleteVolumeResponse {});
         };
         let _name_guard = self.lock(LockKey::VolumeName(name.to_owned())).await;
         let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
-        self.agent().delete_volume(&id).await?;
+        agent.delete_volume(&id).await?;
         Ok(DeleteVolumeResponse {})
     }
 
@@ -170,16 +196,22 @@ impl Driver {
         if req.volume_capabilities.is_empty() {
             return Err(Error::invalid("volume_capabilities are required"));
         }
-        let Some(record) = self.agent().volume(&req.volume_id).map(|v| v.record) else {
-            return Err(Error::not_found(format!("volume {} not found", req.volume_id)));
+        let block = match self.storage() {
+            Storage::Embedded(agent) => match agent.volume(&req.volume_id) {
+                Some(v) => v.record.block,
+                None => return Err(Error::not_found(format!("volume {} not found", req.volume_id))),
+            },
+            Storage::Cluster(cluster) => {
+                cluster.volume(&req.volume_id).await?.spec.access_type == agent::resources::AccessType::Block
+            }
         };
         let unconfirmed = |message: String| ValidateVolumeCapabilitiesResponse { confirmed: None, message };
         let caps = match check_capabilities(&req.volume_capabilities) {
             Ok(caps) => caps,
             Err(e) => return Ok(unconfirmed(e.to_string())),
         };
-        if caps.block != record.block {
-            let kind = if record.block { "block" } else { "mount" };
+        if caps.block != block {
+            let kind = if block { "block" } else { "mount" };
             return Ok(unconfirmed(format!("volume was created for {kind} access")));
         }
         if let Err(e) = check_parameters(&req.parameters) {
@@ -201,11 +233,34 @@ impl Driver {
 
     #[tracing::instrument(err, skip_all, fields(volume.id = tracing::field::Empty))]
     pub async fn list_volumes(&self, req: ListVolumesRequest) -> Result<ListVolumesResponse> {
-        let all = self.agent().volume_ids();
+        let agent = match self.storage() {
+            Storage::Embedded(agent) => agent,
+            Storage::Cluster(cluster) => {
+                let objects = cluster.list_volumes().await?;
+                let ids: Vec<String> = objects.iter().map(kube::ResourceExt::name_any).collect();
+                let (on_page, next_token) =
+                    page(ids.iter(), &req.starting_token, req.max_entries, agent::is_volume_id)?;
+                let entries = objects
+                    .iter()
+                    .zip(&ids)
+                    // Both in id order: the page is one run of them.
+                    .filter(|(_, id)| on_page.binary_search(id).is_ok())
+                    .map(|(o, _)| list_volumes_response::Entry {
+                        volume: Some(objects::volume_message(o)),
+                        status: Some(list_volumes_response::VolumeStatus {
+                            published_node_ids: objects::published_nodes(o),
+                            volume_condition: Some(objects::volume_condition(o)),
+                        }),
+                    })
+                    .collect();
+                return Ok(ListVolumesResponse { entries, next_token });
+            }
+        };
+        let all = agent.volume_ids();
         let (ids, next_token) = page(all.iter(), &req.starting_token, req.max_entries, agent::is_volume_id)?;
         let entries = ids
             .iter()
-            .filter_map(|id| self.agent().volume(id))
+            .filter_map(|id| agent.volume(id))
             .map(|v| list_volumes_response::Entry {
                 volume: Some(volume_message(&v.record)),
                 status: Some(list_volumes_response::VolumeStatus {
@@ -220,7 +275,20 @@ impl Driver {
     #[tracing::instrument(err, skip_all, fields(volume.id = %req.volume_id))]
     pub async fn get_volume(&self, req: ControllerGetVolumeRequest) -> Result<ControllerGetVolumeResponse> {
         require(&req.volume_id, "volume_id")?;
-        let v = self.agent().volume(&req.volume_id).ok_or_else(|| Error::not_found("volume not found"))?;
+        let agent = match self.storage() {
+            Storage::Embedded(agent) => agent,
+            Storage::Cluster(cluster) => {
+                let object = cluster.volume(&req.volume_id).await?;
+                return Ok(ControllerGetVolumeResponse {
+                    volume: Some(objects::volume_message(&object)),
+                    status: Some(controller_get_volume_response::VolumeStatus {
+                        published_node_ids: objects::published_nodes(&object),
+                        volume_condition: Some(objects::volume_condition(&object)),
+                    }),
+                });
+            }
+        };
+        let v = agent.volume(&req.volume_id).ok_or_else(|| Error::not_found("volume not found"))?;
         Ok(ControllerGetVolumeResponse {
             volume: Some(volume_message(&v.record)),
             status: Some(controller_get_volume_response::VolumeStatus {
@@ -232,16 +300,23 @@ impl Driver {
 
     #[tracing::instrument(err, skip_all, fields(volume.id = tracing::field::Empty))]
     pub async fn get_capacity(&self, req: GetCapacityRequest) -> Result<GetCapacityResponse> {
-        check_parameters(&req.parameters)?;
+        let parameters = check_parameters(&req.parameters)?;
         if !req.volume_capabilities.is_empty() && check_capabilities(&req.volume_capabilities).is_err() {
             // No volume with these capabilities can be created at all.
             return Ok(GetCapacityResponse { available_capacity: 0, ..Default::default() });
         }
-        let space = self.agent().space().await?;
-        let available = (space.available / MIB * MIB).min(i64::MAX as u64) as i64;
+        let (available, largest) = match self.storage() {
+            Storage::Embedded(agent) => {
+                let available = agent.space().await?.available;
+                (available, available)
+            }
+            Storage::Cluster(cluster) => cluster.capacity(&selector(&parameters)?).await?,
+        };
+        // Whole MiB: what a volume's size can use.
+        let mib = |bytes: u64| (bytes / MIB * MIB).min(i64::MAX as u64) as i64;
         Ok(GetCapacityResponse {
-            available_capacity: available,
-            maximum_volume_size: Some(available),
+            available_capacity: mib(available),
+            maximum_volume_size: Some(mib(largest)),
             minimum_volume_size: Some(MIB as i64),
         })
     }
@@ -255,15 +330,27 @@ impl Driver {
         }
         let id = req.volume_id;
         let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
+        let agent = match self.storage() {
+            Storage::Embedded(agent) => agent,
+            Storage::Cluster(cluster) => {
+                let object = cluster.volume(&id).await?;
+                let node_expansion_required = object.spec.access_type == agent::resources::AccessType::Mount;
+                let size = cluster.expand_volume(&id, &range).await?;
+                return Ok(ControllerExpandVolumeResponse {
+                    capacity_bytes: size.min(i64::MAX as u64) as i64,
+                    node_expansion_required,
+                });
+            }
+        };
         let record = {
-            let v = self.agent().volume(&id).ok_or_else(|| Error::not_found(format!("volume {id} not found")))?;
+            let v = agent.volume(&id).ok_or_else(|| Error::not_found(format!("volume {id} not found")))?;
             v.check_usable()?;
             v.record
         };
         // Never shrinks: the new size is at least the current one.
         let size = capacity(Some(&range), record.capacity_bytes)?;
         let node_expansion_required = !record.block;
-        let size = self.agent().expand_volume(&id, size).await?;
+        let size = agent.expand_volume(&id, size).await?;
         Ok(ControllerExpandVolumeResponse { capacity_bytes: size as i64, node_expansion_required })
     }
 }

@@ -37,7 +37,7 @@ async fn write_until_full(client: &mut Client, size: u64) -> bool {
 async fn unpublish_and_delete_work_on_a_full_data_filesystem() {
     let fs = Tmpfs::mount(16 * MIB);
     let h = Harness::start(fs.path()).await;
-    let agent = Arc::clone(h.driver.agent());
+    let agent = Arc::clone(h.driver.agent().expect("embedded"));
     assert_eq!(agent.reserve_len().unwrap(), RESERVE_SIZE, "the reserve is made at start");
     let mut c = h.controller().await;
 

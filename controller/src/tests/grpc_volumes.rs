@@ -228,7 +228,7 @@ async fn publish_guards_the_export_and_unpublish_revokes() {
 
 /// Requests the volume's export has received and not yet answered.
 fn in_flight(h: &Harness, id: &str) -> u64 {
-    let exports = h.driver.agent().exports().snapshot();
+    let exports = h.driver.agent().expect("embedded").exports().snapshot();
     let (_, export) = exports.iter().find(|(served, _)| served == id).expect("volume served");
     export.stats().in_flight.load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -2,6 +2,7 @@
 //! driven by the generated tonic clients, and the volumes' NBD servers
 //! driven over loopback TCP.
 
+mod cluster;
 mod full_disk;
 mod grpc_snapshots;
 mod grpc_volumes;
@@ -49,9 +50,8 @@ impl Harness {
     }
 
     pub async fn start_with_ports(dir: &Path, ports: std::ops::RangeInclusive<u16>) -> Self {
-        let socket = dir.join("csi.sock");
         let args = service::Args {
-            endpoint: Some(Endpoint::Unix(socket.clone())),
+            endpoint: Some(Endpoint::Unix(dir.join("csi.sock"))),
             allow_insecure_tcp_endpoint: false,
             data_dir: dir.join("data"),
             driver_name: service::DEFAULT_DRIVER_NAME.into(),
@@ -63,7 +63,17 @@ impl Harness {
             metrics_address: None,
             kubeconfig: None,
             known_nodes: vec![NODE_A.into(), NODE_B.into()],
+            storage_mode: service::StorageMode::Embedded,
+            export_key_secret: None,
+            namespace: None,
+            storage_timeout: 30,
         };
+        Self::start_with_args(args).await
+    }
+
+    /// The controller as `args` say, serving CSI on their Unix endpoint.
+    pub async fn start_with_args(args: service::Args) -> Self {
+        let Some(Endpoint::Unix(socket)) = args.endpoint.clone() else { panic!("tests serve on a Unix socket") };
         let driver = service::build(&args).await.expect("driver starts");
         let (stop, stopped) = oneshot::channel::<()>();
         let endpoint = args.endpoint.clone().unwrap();

@@ -162,10 +162,13 @@ fn volume_context_rejections_name_the_key() {
 }
 
 #[test]
-fn storage_class_parameters_accept_only_the_reserved_prefix() {
+fn storage_class_parameters_accept_only_the_reserved_prefix_and_the_selector() {
     let sidecars = map(&[("csi.storage.k8s.io/pvc/name", "x"), ("csi.storage.k8s.io/fstype", "xfs")]);
-    assert_eq!(StorageClassParameters::try_from(&sidecars), Ok(StorageClassParameters {}));
-    assert_eq!(StorageClassParameters::try_from(&HashMap::new()), Ok(StorageClassParameters {}));
+    assert_eq!(StorageClassParameters::try_from(&sidecars), Ok(StorageClassParameters::default()));
+    assert_eq!(StorageClassParameters::try_from(&HashMap::new()), Ok(StorageClassParameters::default()));
+    let selector = map(&[("storageNodeSelector", "zone=a,disk=ssd")]);
+    let want = StorageClassParameters { storage_node_selector: Some("zone=a,disk=ssd".into()) };
+    assert_eq!(StorageClassParameters::try_from(&selector), Ok(want));
     let unknown = map(&[("zeta", "1"), ("csi.storage.k8s.io/pvc/name", "x"), ("alpha", "2")]);
     let err = StorageClassParameters::try_from(&unknown).unwrap_err();
     assert_eq!(err, UnknownParameters(vec!["alpha".into(), "zeta".into()]));

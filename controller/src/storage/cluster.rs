@@ -1,0 +1,753 @@
+//! Cluster mode: volumes live on storage nodes, each run by an agent, and
+//! the controller only reads and writes objects. It places a volume
+//! ([`placement`]), creates its NbdVolume, changes the spec (size, the
+//! nodes it is published to) with optimistic concurrency, and answers a
+//! CSI call once the agent's status says the object's generation is in
+//! effect. It never touches volume data.
+//!
+//! - Names are derived from CSI request names ([`objects::volume_id`]), so
+//!   a retry, or a second controller replica serving the same call, meets
+//!   the object the first one created (409) and compares specs: the same
+//!   request is answered from it, a different one is ALREADY_EXISTS.
+//! - Waits are bounded by `--storage-timeout`. Running out is UNAVAILABLE,
+//!   not DEADLINE_EXCEEDED: that code is the caller's own deadline, while
+//!   this one says the storage node has not answered yet and a retry (which
+//!   meets the same object) may succeed. The object is left in place for
+//!   that retry.
+//! - An agent that refuses a new volume outright (no room any more, say:
+//!   the free space it reports is a little stale) stores nothing; its
+//!   object is then deleted so that the retry places the volume afresh.
+//! - An API server that cannot be reached is UNAVAILABLE before anything is
+//!   written, and a write either happens whole or not at all.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use agent::Source;
+use agent::resources::{
+    AccessMode, AccessType, ExportKey, LEASE_DURATION, NbdSnapshot, NbdSnapshotSpec, NbdStorageNode, NbdVolume,
+    PublishedTo, SnapshotPhase, VolumePhase,
+};
+use csi_proto::contract::{NbdUri, PublishContext};
+use csi_proto::{CapacityRange, Snapshot, Volume};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::wait::await_condition;
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+use super::FIELD_MANAGER;
+use super::objects::{self, Progress, VolumeRequest, snapshot_progress, volume_progress};
+use super::placement::{self, Selector, StorageNode};
+use crate::csi::{capacity, check_source_access, is_reader_only, is_single_node};
+use crate::error::{Error, Kind, Result};
+
+/// Spec writes that lost a race (409) are tried again this many times.
+const CONFLICT_RETRIES: usize = 5;
+
+/// The cluster backend.
+pub struct Cluster {
+    client: kube::Client,
+    /// Where the agents' Leases and the export-key Secret live.
+    namespace: String,
+    export_key: ExportKey,
+    /// How long a call waits for an agent's status.
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("namespace", &self.namespace).field("timeout", &self.timeout).finish()
+    }
+}
+
+/// What a look at something being waited for found.
+enum Step<T> {
+    Done(T),
+    Waiting(String),
+}
+
+fn step<T>(value: T, progress: Progress) -> Result<Step<T>> {
+    match progress {
+        Progress::Done => Ok(Step::Done(value)),
+        Progress::Waiting(why) => Ok(Step::Waiting(why)),
+        Progress::Failed(e) => Err(e),
+    }
+}
+
+fn is_deleting<K: Resource>(object: &K) -> bool {
+    object.meta().deletion_timestamp.is_some()
+}
+
+/// PatchParams and PostParams under the controller's field manager.
+fn patch_params() -> PatchParams {
+    PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..Default::default() }
+}
+
+fn post_params() -> PostParams {
+    PostParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..Default::default() }
+}
+
+impl Cluster {
+    pub fn new(client: kube::Client, namespace: String, export_key: ExportKey, timeout: Duration) -> Self {
+        Self { client, namespace, export_key, timeout }
+    }
+
+    fn volumes(&self) -> Api<NbdVolume> {
+        Api::all(self.client.clone())
+    }
+
+    fn snapshots(&self) -> Api<NbdSnapshot> {
+        Api::all(self.client.clone())
+    }
+
+    async fn get<K>(&self, api: &Api<K>, name: &str) -> Result<Option<K>>
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        api.get_opt(name).await.map_err(|e| Error::kube(&format!("reading {name}"), e))
+    }
+
+    /// Watches object `name` until `judge` says it is done or failed, at
+    /// most `--storage-timeout`; then UNAVAILABLE with the reason it gave
+    /// last. A watch, not polling: the call answers as soon as the agent
+    /// writes the status.
+    async fn wait_for<K, T>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        what: &str,
+        judge: impl Fn(Option<&K>) -> Result<Step<T>>,
+    ) -> Result<T>
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+    {
+        let settled = |object: Option<&K>| !matches!(judge(object), Ok(Step::Waiting(_)));
+        match tokio::time::timeout(self.timeout, await_condition(api.clone(), name, settled)).await {
+            Ok(Ok(object)) => {
+                if let Step::Done(value) = judge(object.as_ref())? {
+                    return Ok(value);
+                }
+            }
+            Ok(Err(e)) => return Err(Error::unavailable(format!("{what}: watching {name} failed: {e}"))),
+            Err(_elapsed) => {}
+        }
+        // Out of time: one last look, for the reason.
+        match judge(self.get(api, name).await?.as_ref())? {
+            Step::Done(value) => Ok(value),
+            Step::Waiting(why) => Err(Error::unavailable(format!(
+                "{what}: not done within {:?} ({why}); the call can be retried",
+                self.timeout
+            ))),
+        }
+    }
+
+    /// Waits until volume `id`'s current generation is in effect.
+    async fn wait_volume(&self, id: &str) -> Result<NbdVolume> {
+        self.wait_for(&self.volumes(), id, &format!("waiting for volume {id}"), |object| match object {
+            None => Err(Error::not_found(format!("volume {id} is gone"))),
+            Some(object) => step(object.clone(), volume_progress(object)),
+        })
+        .await
+    }
+
+    /// Waits until volume `id`'s access, as its current generation says,
+    /// is in effect, whether or not it serves.
+    async fn wait_access(&self, id: &str) -> Result<Option<NbdVolume>> {
+        let what = format!("waiting for the access to volume {id}");
+        self.wait_for(&self.volumes(), id, &what, |object| match object {
+            None => Ok(Step::Done(None)),
+            Some(object) => step(Some(object.clone()), objects::access_progress(object)),
+        })
+        .await
+    }
+
+    async fn wait_snapshot(&self, id: &str) -> Result<NbdSnapshot> {
+        self.wait_for(&self.snapshots(), id, &format!("waiting for snapshot {id}"), |object| match object {
+            None => Err(Error::not_found(format!("snapshot {id} is gone"))),
+            Some(object) => step(object.clone(), snapshot_progress(object)),
+        })
+        .await
+    }
+
+    /// Deletes object `name` (if there) and waits until it is gone: its
+    /// agent removes the data first, under its finalizer.
+    async fn delete_and_wait<K>(&self, api: &Api<K>, what: &str, name: &str) -> Result<()>
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+    {
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
+            Err(e) => return Err(Error::kube(&format!("deleting {what} {name}"), e)),
+        }
+        let waiting = format!("waiting for {what} {name} to be deleted by its agent");
+        self.wait_for(api, name, &waiting, |object| {
+            Ok(match object {
+                None => Step::Done(()),
+                Some(_) => Step::Waiting("its agent has not removed it yet".into()),
+            })
+        })
+        .await
+    }
+
+    /// Writes `spec` (a JSON merge patch of the spec) only if the object is
+    /// still at `object`'s resourceVersion: ABORTED when someone changed it
+    /// since it was read.
+    async fn patch_spec<K>(&self, api: &Api<K>, object: &K, spec: serde_json::Value) -> Result<K>
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        let name = object.meta().name.clone().unwrap_or_default();
+        let version = object.meta().resource_version.clone().ok_or_else(|| {
+            Error::internal(format!("{name} was read without a resourceVersion; it cannot be changed safely"))
+        })?;
+        let patch = serde_json::json!({ "metadata": { "resourceVersion": version }, "spec": spec });
+        api.patch(&name, &patch_params(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| Error::kube(&format!("changing the spec of {name}"), e))
+    }
+
+    /// Every storage node as placement sees it: liveness from its Lease,
+    /// room from its status and the volumes placed on it, and, when
+    /// `selector` needs them, its Node's labels.
+    async fn storage_nodes(&self, selector: &Selector) -> Result<Vec<StorageNode>> {
+        let list = ListParams::default();
+        let nodes = Api::<NbdStorageNode>::all(self.client.clone())
+            .list(&list)
+            .await
+            .map_err(|e| Error::kube("listing storage nodes", e))?;
+        let leases = Api::<Lease>::namespaced(self.client.clone(), &self.namespace)
+            .list(&list)
+            .await
+            .map_err(|e| Error::kube("listing the agents' Leases", e))?;
+        let volumes = self.volumes().list(&list).await.map_err(|e| Error::kube("listing volumes", e))?;
+        let mut placed: HashMap<String, u64> = HashMap::new();
+        for v in &volumes.items {
+            let sum = placed.entry(v.spec.storage_node.clone()).or_default();
+            *sum = sum.saturating_add(v.spec.size_bytes);
+        }
+        let mut labels: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+        if !selector.is_empty() {
+            let found = Api::<Node>::all(self.client.clone())
+                .list(&list)
+                .await
+                .map_err(|e| Error::kube("listing Nodes for storageNodeSelector", e))?;
+            labels = found.items.into_iter().map(|n| (n.name_any(), n.labels().clone())).collect();
+        }
+        let renewed: HashMap<String, (Option<i64>, i64)> = leases
+            .items
+            .iter()
+            .map(|lease| {
+                let spec = lease.spec.clone().unwrap_or_default();
+                let duration = spec
+                    .lease_duration_seconds
+                    .map_or(LEASE_DURATION.as_millis() as i64, |s| i64::from(s).saturating_mul(1000));
+                (lease.name_any(), (spec.renew_time.map(|t| t.0.as_millisecond()), duration))
+            })
+            .collect();
+        let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+        Ok(nodes
+            .items
+            .iter()
+            .map(|node| {
+                let name = node.name_any();
+                let (renew, duration) = renewed.get(&name).copied().unwrap_or((None, 0));
+                StorageNode {
+                    // A node whose address does not read cannot serve.
+                    live: placement::is_live(renew, duration, now) && node.endpoint().is_ok(),
+                    free_bytes: node.status.as_ref().and_then(|s| s.free_bytes),
+                    placed_bytes: placed.get(&name).copied().unwrap_or(0),
+                    labels: labels.get(&name).cloned().unwrap_or_default(),
+                    name,
+                }
+            })
+            .collect())
+    }
+
+    // ------------------------------------------------------------ volumes
+
+    /// CreateVolume: the volume of `request`, placed, created and served.
+    pub async fn create_volume(&self, request: &VolumeRequest, selector: &Selector) -> Result<Volume> {
+        let id = objects::volume_id(&request.name);
+        let api = self.volumes();
+        if let Some(existing) = self.get(&api, &id).await? {
+            return self.existing_volume(existing, request).await;
+        }
+        let (source_node, minimum) = self.source(request).await?;
+        let size =
+            capacity(Some(&CapacityRange { required_bytes: request.required, limit_bytes: request.limit }), minimum)?;
+        let nodes = self.storage_nodes(selector).await?;
+        let node = match source_node {
+            Some(node) => {
+                placement::check_source_node(&nodes, &node, size)?;
+                node
+            }
+            None => placement::place(&nodes, size, selector)?.name.clone(),
+        };
+        let object = NbdVolume::new(&id, objects::volume_spec(request, &node, size));
+        match api.create(&post_params(), &object).await {
+            Ok(_) => tracing::info!(volume.id = %id, storage_node = %node, size, "volume object created"),
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                // Another replica, or an earlier try, was first.
+                let existing = self.get(&api, &id).await?.ok_or_else(|| {
+                    Error::new(Kind::Aborted, format!("volume {id} was created and deleted meanwhile; retry"))
+                })?;
+                return self.existing_volume(existing, request).await;
+            }
+            Err(e) => return Err(Error::kube(&format!("creating volume {id}"), e)),
+        }
+        self.finish_create(&id).await
+    }
+
+    async fn existing_volume(&self, existing: NbdVolume, request: &VolumeRequest) -> Result<Volume> {
+        let id = existing.name_any();
+        if is_deleting(&existing) {
+            return Err(Error::new(Kind::Aborted, format!("volume {id} is being deleted; retry once it is gone")));
+        }
+        if !objects::satisfies(&existing.spec, request) {
+            return Err(Error::exists(format!("volume {:?} exists as {id} with other properties", request.name)));
+        }
+        self.finish_create(&id).await
+    }
+
+    /// Waits for a new volume to be served. When its agent refused it
+    /// outright (still Pending: nothing stored), the object is deleted so
+    /// that the retry places it afresh.
+    async fn finish_create(&self, id: &str) -> Result<Volume> {
+        let error = match self.wait_volume(id).await {
+            Ok(object) => return Ok(objects::volume_message(&object)),
+            Err(e) if matches!(e.kind(), Kind::Unavailable | Kind::NotFound) => return Err(e),
+            Err(e) => e,
+        };
+        let api = self.volumes();
+        let pending = self
+            .get(&api, id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|o| o.status.is_some_and(|s| s.phase == VolumePhase::Pending));
+        if pending && let Err(e) = api.delete(id, &DeleteParams::default()).await {
+            tracing::warn!(volume.id = %id, error = %e, "deleting a volume object its agent refused failed");
+        }
+        Err(error)
+    }
+
+    /// The storage node of a clone's or restore's source, and the size the
+    /// new volume needs at least.
+    async fn source(&self, request: &VolumeRequest) -> Result<(Option<String>, u64)> {
+        match &request.source {
+            None => Ok((None, 0)),
+            Some(Source::Volume(id)) => {
+                let found = if agent::is_volume_id(id) { self.get(&self.volumes(), id).await? } else { None };
+                let source = found.ok_or_else(|| Error::not_found(format!("source volume {id} not found")))?;
+                let block = source.spec.access_type == AccessType::Block;
+                check_source_access(&format!("volume {id}"), block, request.caps.block)?;
+                Ok((Some(source.spec.storage_node.clone()), source.spec.size_bytes))
+            }
+            Some(Source::Snapshot(id)) => {
+                let found = if agent::is_snapshot_id(id) { self.get(&self.snapshots(), id).await? } else { None };
+                let source = found.ok_or_else(|| Error::not_found(format!("source snapshot {id} not found")))?;
+                let status = source.status.clone().unwrap_or_default();
+                if status.phase != SnapshotPhase::Ready {
+                    return Err(Error::unavailable(format!("source snapshot {id} is not cut yet")));
+                }
+                // Unknown (an old snapshot): assume block, the safe side.
+                check_source_access(
+                    &format!("snapshot {id}"),
+                    status.source_block.unwrap_or(true),
+                    request.caps.block,
+                )?;
+                Ok((Some(source.spec.storage_node.clone()), status.size_bytes.unwrap_or(0)))
+            }
+        }
+    }
+
+    /// DeleteVolume: the object deleted and gone (its agent deletes the
+    /// data first). A volume still published is FAILED_PRECONDITION.
+    pub async fn delete_volume(&self, id: &str) -> Result<()> {
+        let api = self.volumes();
+        let Some(object) = (if agent::is_volume_id(id) { self.get(&api, id).await? } else { None }) else {
+            return Ok(());
+        };
+        if !is_deleting(&object) && !object.spec.published_to.is_empty() {
+            let nodes = objects::published_nodes(&object);
+            return Err(Error::precondition(format!("volume is still published to {nodes:?}")));
+        }
+        self.delete_and_wait(&api, "volume", id).await
+    }
+
+    /// The volume object `id`; NOT_FOUND when there is none.
+    pub async fn volume(&self, id: &str) -> Result<NbdVolume> {
+        let found = if agent::is_volume_id(id) { self.get(&self.volumes(), id).await? } else { None };
+        found.ok_or_else(|| Error::not_found(format!("volume {id} not found")))
+    }
+
+    /// Every volume object, in id order.
+    pub async fn list_volumes(&self) -> Result<Vec<NbdVolume>> {
+        let mut items =
+            self.volumes().list(&ListParams::default()).await.map_err(|e| Error::kube("listing volumes", e))?.items;
+        items.sort_by_key(|o| o.name_any());
+        Ok(items)
+    }
+
+    /// ControllerExpandVolume: the spec's size raised to what `range` asks
+    /// (never lowered) and in effect; the size served.
+    pub async fn expand_volume(&self, id: &str, range: &CapacityRange) -> Result<u64> {
+        let api = self.volumes();
+        for attempt in 0.. {
+            let object = self.volume(id).await?;
+            let size = capacity(Some(range), object.spec.size_bytes)?;
+            if size <= object.spec.size_bytes {
+                break;
+            }
+            match self.patch_spec(&api, &object, serde_json::json!({ "sizeBytes": size })).await {
+                Ok(_) => break,
+                Err(e) if e.kind() == Kind::Aborted && attempt < CONFLICT_RETRIES => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let object = self.wait_volume(id).await?;
+        Ok(object.status.and_then(|s| s.size_bytes).unwrap_or(object.spec.size_bytes))
+    }
+
+    /// ControllerPublishVolume: `node` added to the volume's publishedTo
+    /// (single-node volumes on one node only), in effect, and the context
+    /// the node plugin attaches with: the storage node's address, the
+    /// volume's port there, its export name derived from the key.
+    pub async fn publish(
+        &self,
+        id: &str,
+        node: &str,
+        block: bool,
+        mode: i32,
+        readonly: bool,
+    ) -> Result<HashMap<String, String>> {
+        let api = self.volumes();
+        for attempt in 0.. {
+            let object = self.volume(id).await?;
+            if is_deleting(&object) {
+                return Err(Error::not_found(format!("volume {id} is being deleted")));
+            }
+            let spec = &object.spec;
+            if (spec.access_type == AccessType::Block) != block {
+                let kind = if block { "mount" } else { "block" };
+                return Err(Error::invalid(format!("volume was created for {kind} access")));
+            }
+            let wanted = PublishedTo {
+                node: node.to_owned(),
+                read_only: readonly || spec.read_only || is_reader_only(mode),
+                access_mode: AccessMode::from_csi(mode),
+            };
+            if let Some(existing) = spec.published_to.iter().find(|p| p.node == node) {
+                if *existing == wanted {
+                    // A retry: wait for it as the first call did.
+                    break;
+                }
+                return Err(Error::exists(format!("volume is published to {node} with other options")));
+            }
+            if let Some(other) = spec.published_to.first()
+                && (is_single_node(mode) || other.access_mode.is_some_and(|m| is_single_node(m.csi_value())))
+            {
+                return Err(Error::precondition(format!(
+                    "volume is single-node and already published to {}",
+                    other.node
+                )));
+            }
+            let mut published = spec.published_to.clone();
+            published.push(wanted);
+            match self.patch_spec(&api, &object, serde_json::json!({ "publishedTo": published })).await {
+                Ok(_) => break,
+                Err(e) if e.kind() == Kind::Aborted && attempt < CONFLICT_RETRIES => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let object = self.wait_volume(id).await?;
+        let publication = object.spec.published_to.iter().find(|p| p.node == node).ok_or_else(|| {
+            Error::new(Kind::Aborted, format!("volume {id} was unpublished from {node} meanwhile; retry"))
+        })?;
+        let port = object
+            .status
+            .as_ref()
+            .and_then(|s| s.port)
+            .ok_or_else(|| Error::unavailable(format!("volume {id} has no port in its status yet")))?;
+        let storage_node = &object.spec.storage_node;
+        let storage = Api::<NbdStorageNode>::all(self.client.clone())
+            .get_opt(storage_node)
+            .await
+            .map_err(|e| Error::kube(&format!("reading storage node {storage_node}"), e))?
+            .ok_or_else(|| Error::unavailable(format!("storage node {storage_node} has no NbdStorageNode")))?;
+        let (address, _) = storage.endpoint().map_err(|e| Error::unavailable(e.to_string()))?;
+        let nbd_uri = NbdUri::new(SocketAddr::new(address, port), self.export_key.export_name(id));
+        Ok(PublishContext { nbd_uri, read_only: publication.read_only }.to_map())
+    }
+
+    /// ControllerUnpublishVolume: `node` (every node when empty) removed
+    /// from the volume's publishedTo, and the connections it had stopped.
+    pub async fn unpublish(&self, id: &str, node: &str) -> Result<()> {
+        let api = self.volumes();
+        if !agent::is_volume_id(id) {
+            return Ok(());
+        }
+        for attempt in 0.. {
+            let Some(object) = self.get(&api, id).await? else { return Ok(()) };
+            let published = &object.spec.published_to;
+            let remaining: Vec<&PublishedTo> =
+                published.iter().filter(|p| !node.is_empty() && p.node != node).collect();
+            if remaining.len() == published.len() {
+                // Already unpublished: a retry waits for the same fence.
+                break;
+            }
+            match self.patch_spec(&api, &object, serde_json::json!({ "publishedTo": remaining })).await {
+                Ok(_) => break,
+                Err(e) if e.kind() == Kind::Aborted && attempt < CONFLICT_RETRIES => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        self.wait_access(id).await.map(drop)
+    }
+
+    /// GetCapacity: the free bytes of the live storage nodes `selector`
+    /// matches, summed, and the most free on one of them.
+    pub async fn capacity(&self, selector: &Selector) -> Result<(u64, u64)> {
+        Ok(placement::capacity(&self.storage_nodes(selector).await?, selector))
+    }
+
+    // ---------------------------------------------------------- snapshots
+
+    /// CreateSnapshot: a snapshot of `source_volume`, on its storage node,
+    /// named after `name`, cut.
+    pub async fn create_snapshot(
+        &self,
+        name: &str,
+        source_volume: &str,
+        parameters: BTreeMap<String, String>,
+    ) -> Result<Snapshot> {
+        let id = objects::snapshot_id(name);
+        let api = self.snapshots();
+        if let Some(existing) = self.get(&api, &id).await? {
+            return self.existing_snapshot(existing, name, source_volume).await;
+        }
+        let source = self.volume(source_volume).await?;
+        let spec = NbdSnapshotSpec {
+            storage_node: source.spec.storage_node.clone(),
+            request_name: name.to_owned(),
+            source_volume: source_volume.to_owned(),
+            parameters,
+        };
+        match api.create(&post_params(), &NbdSnapshot::new(&id, spec)).await {
+            Ok(_) => tracing::info!(snapshot.id = %id, "snapshot object created"),
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                let existing = self.get(&api, &id).await?.ok_or_else(|| {
+                    Error::new(Kind::Aborted, format!("snapshot {id} was created and deleted meanwhile; retry"))
+                })?;
+                return self.existing_snapshot(existing, name, source_volume).await;
+            }
+            Err(e) => return Err(Error::kube(&format!("creating snapshot {id}"), e)),
+        }
+        self.finish_snapshot(&id).await
+    }
+
+    async fn existing_snapshot(&self, existing: NbdSnapshot, name: &str, source_volume: &str) -> Result<Snapshot> {
+        let id = existing.name_any();
+        if is_deleting(&existing) {
+            return Err(Error::new(Kind::Aborted, format!("snapshot {id} is being deleted; retry once it is gone")));
+        }
+        if existing.spec.source_volume != source_volume {
+            return Err(Error::exists(format!("snapshot {name:?} exists for volume {}", existing.spec.source_volume)));
+        }
+        self.finish_snapshot(&id).await
+    }
+
+    /// Waits for a snapshot to be cut; one its agent could not cut (no
+    /// data) is deleted so that the retry starts afresh.
+    async fn finish_snapshot(&self, id: &str) -> Result<Snapshot> {
+        let error = match self.wait_snapshot(id).await {
+            Ok(object) => return Ok(objects::snapshot_message(&object)),
+            Err(e) if matches!(e.kind(), Kind::Unavailable | Kind::NotFound) => return Err(e),
+            Err(e) => e,
+        };
+        let api = self.snapshots();
+        let uncut = self.get(&api, id).await.ok().flatten().is_some_and(|o| {
+            o.status.is_some_and(|s| matches!(s.phase, SnapshotPhase::Failed | SnapshotPhase::Pending))
+        });
+        if uncut && let Err(e) = api.delete(id, &DeleteParams::default()).await {
+            tracing::warn!(snapshot.id = %id, error = %e, "deleting a snapshot object its agent could not cut failed");
+        }
+        Err(error)
+    }
+
+    /// DeleteSnapshot: the object deleted and gone.
+    pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        if !agent::is_snapshot_id(id) {
+            return Ok(());
+        }
+        self.delete_and_wait(&self.snapshots(), "snapshot", id).await
+    }
+
+    pub async fn snapshot(&self, id: &str) -> Result<NbdSnapshot> {
+        let found = if agent::is_snapshot_id(id) { self.get(&self.snapshots(), id).await? } else { None };
+        found.ok_or_else(|| Error::not_found(format!("snapshot {id} not found")))
+    }
+
+    /// Every snapshot object, in id order.
+    pub async fn list_snapshots(&self) -> Result<Vec<NbdSnapshot>> {
+        let mut items =
+            self.snapshots().list(&ListParams::default()).await.map_err(|e| Error::kube("listing snapshots", e))?.items;
+        items.sort_by_key(|o| o.name_any());
+        Ok(items)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agent::resources::{
+        Condition, ConditionStatus, ConditionType, NbdStorageNodeSpec, NbdStorageNodeStatus, NbdVolumeStatus, PortRange,
+    };
+    use csi_events::mock_api::{self, reply};
+    use csi_proto::volume_capability::access_mode::Mode;
+    use http::{Method, StatusCode};
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+
+    use super::*;
+    use crate::csi::Caps;
+
+    fn request() -> VolumeRequest {
+        VolumeRequest {
+            name: "pvc-1".into(),
+            required: 1 << 20,
+            limit: 0,
+            caps: Caps { block: true, modes: vec![Mode::SingleNodeWriter as i32], fs_type: String::new() },
+            source: None,
+            parameters: BTreeMap::new(),
+        }
+    }
+
+    fn key() -> ExportKey {
+        ExportKey::new(&[7; 32]).unwrap()
+    }
+
+    fn list(kind: &str, items: Vec<serde_json::Value>) -> serde_json::Value {
+        serde_json::json!({ "apiVersion": "v1", "kind": kind, "metadata": {}, "items": items })
+    }
+
+    /// A mock API server with one live storage node and no volume; once
+    /// the NbdVolume is created, every read of it answers `status`.
+    /// Returns the methods it was called with.
+    async fn serve(mut handle: mock_api::ApiHandle, status: NbdVolumeStatus) -> Vec<Method> {
+        let mut storage = NbdStorageNode::new(
+            "storage-1",
+            NbdStorageNodeSpec { address: "127.0.1.1".into(), ports: PortRange { first: 10900, last: 10999 } },
+        );
+        storage.status = Some(NbdStorageNodeStatus { free_bytes: Some(1 << 30), ..Default::default() });
+        let lease = Lease {
+            metadata: ObjectMeta { name: Some("storage-1".into()), ..Default::default() },
+            spec: Some(LeaseSpec {
+                renew_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+                lease_duration_seconds: Some(40),
+                ..Default::default()
+            }),
+        };
+        let mut created: Option<NbdVolume> = None;
+        let mut methods = Vec::new();
+        // Watches are held open, unanswered, until the client goes.
+        let mut watches = Vec::new();
+        while let Some((request, send)) = handle.next_request().await {
+            let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+            let query = request.uri().query().unwrap_or_default().to_owned();
+            methods.push(method.clone());
+            match (method, path.as_str()) {
+                (Method::GET, _) if query.contains("watch=true") => watches.push(send),
+                (Method::GET, "/apis/nbd.csi.dev/v1alpha1/nbdvolumes") if query.contains("fieldSelector") => {
+                    let items = created.iter().map(|o| serde_json::to_value(o).unwrap()).collect();
+                    let mut list = list("NbdVolumeList", items);
+                    list["metadata"]["resourceVersion"] = "1".into();
+                    reply(send, StatusCode::OK, &list);
+                }
+                (Method::GET, "/apis/nbd.csi.dev/v1alpha1/nbdstoragenodes") => reply(
+                    send,
+                    StatusCode::OK,
+                    &list("NbdStorageNodeList", vec![serde_json::to_value(&storage).unwrap()]),
+                ),
+                (Method::GET, "/apis/coordination.k8s.io/v1/namespaces/default/leases") => {
+                    reply(send, StatusCode::OK, &list("LeaseList", vec![serde_json::to_value(&lease).unwrap()]))
+                }
+                (Method::GET, "/apis/nbd.csi.dev/v1alpha1/nbdvolumes") => {
+                    reply(send, StatusCode::OK, &list("NbdVolumeList", Vec::new()))
+                }
+                (Method::POST, "/apis/nbd.csi.dev/v1alpha1/nbdvolumes") => {
+                    let mut object: NbdVolume = serde_json::from_value(mock_api::json_body(request).await).unwrap();
+                    object.metadata.generation = Some(1);
+                    object.metadata.resource_version = Some("1".into());
+                    object.status = Some(status.clone());
+                    reply(send, StatusCode::CREATED, &serde_json::to_value(&object).unwrap());
+                    created = Some(object);
+                }
+                (Method::GET, _) => match &created {
+                    Some(object) => reply(send, StatusCode::OK, &serde_json::to_value(object).unwrap()),
+                    None => reply(send, StatusCode::NOT_FOUND, &mock_api::status(404, "NotFound", "not found")),
+                },
+                (Method::DELETE, _) => {
+                    let object = created.take().expect("deleting what was created");
+                    reply(send, StatusCode::OK, &serde_json::to_value(&object).unwrap());
+                }
+                (method, path) => panic!("unexpected {method} {path}"),
+            }
+        }
+        methods
+    }
+
+    fn status(reason: &str) -> NbdVolumeStatus {
+        let mut ready = Condition::new(ConditionType::Ready, ConditionStatus::False, reason, "the agent's words");
+        ready.observed_generation = Some(1);
+        NbdVolumeStatus {
+            phase: VolumePhase::Pending,
+            observed_generation: Some(1),
+            conditions: vec![ready],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_does_not_answer_in_time_is_unavailable_and_the_object_stays_for_the_retry() {
+        let (client, handle) = mock_api::client();
+        let server = tokio::spawn(serve(handle, status("NotCreated")));
+        let cluster = Cluster::new(client, "default".into(), key(), Duration::from_millis(300));
+        let e = cluster.create_volume(&request(), &Selector::default()).await.unwrap_err();
+        assert_eq!(e.kind(), Kind::Unavailable, "{e}");
+        assert!(e.to_string().contains("can be retried"), "{e}");
+        drop(cluster);
+        let methods = server.await.unwrap();
+        assert!(methods.contains(&Method::POST), "{methods:?}");
+        assert!(!methods.contains(&Method::DELETE), "the object is left for the retry: {methods:?}");
+    }
+
+    #[tokio::test]
+    async fn a_volume_its_agent_refuses_keeps_the_agents_code_and_its_object_is_removed() {
+        let (client, handle) = mock_api::client();
+        let server = tokio::spawn(serve(handle, status("ResourceExhausted")));
+        let cluster = Cluster::new(client, "default".into(), key(), Duration::from_secs(10));
+        let e = cluster.create_volume(&request(), &Selector::default()).await.unwrap_err();
+        assert_eq!(e.kind(), Kind::ResourceExhausted, "{e}");
+        assert!(e.to_string().contains("the agent's words"), "{e}");
+        drop(cluster);
+        let methods = server.await.unwrap();
+        assert_eq!(methods.last(), Some(&Method::DELETE), "so that the retry places it afresh: {methods:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_api_server_is_unavailable() {
+        // Nothing listens on port 1.
+        let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap())).unwrap();
+        let cluster = Cluster::new(client, "default".into(), key(), Duration::from_secs(1));
+        let e = cluster.create_volume(&request(), &Selector::default()).await.unwrap_err();
+        assert_eq!(e.kind(), Kind::Unavailable, "{e}");
+        let e = cluster.capacity(&Selector::default()).await.unwrap_err();
+        assert_eq!(e.kind(), Kind::Unavailable, "{e}");
+        let e = cluster.publish(&objects::volume_id("pvc-1"), "worker-1", true, 1, false).await.unwrap_err();
+        assert_eq!(e.kind(), Kind::Unavailable, "{e}");
+    }
+}

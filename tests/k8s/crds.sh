@@ -8,13 +8,17 @@
 # watch with. Then the agent's reconciler against that server
 # (agent/tests/apiserver.rs): objects in, a served and fenced volume and its
 # status out, deletion through the finalizer, an unclaimed volume
-# quarantined with an Event, its NbdStorageNode and Lease.
+# quarantined with an Event, its NbdStorageNode and Lease. Last, the agent as
+# the process storage nodes run, `nbd-csi-controller agent`, with the chart's
+# RBAC (tests/k8s/agent.sh): an NbdVolume served from 127.0.1.2, across a
+# SIGTERM and a restart, on the same port with its data.
 # Tools come from tests/k8s/build-tools.sh (built on first use).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . tests/k8s/tools.sh
 . tests/k8s/cluster.sh
 
+ensure_helm
 cluster_init nbd-csi-crds
 cluster_start
 k=$kubectl
@@ -99,6 +103,9 @@ else
     cat "$work/reconciler.txt" >&2
     bad "the agent's reconciler on the API server (agent/tests/apiserver.rs)"
 fi
+
+# --- the agent as a process
+. tests/k8s/agent.sh
 
 echo "crds: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

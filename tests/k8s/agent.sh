@@ -23,9 +23,13 @@ agent_dir=$work/agent
 agent_pid=
 mkdir -p "$agent_dir"
 
-agent_wait() { # SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.2 s until it succeeds
+agent_wait() { # SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.2 s until it succeeds, while the agent runs
     local deadline=$((SECONDS + $1))
     until "${@:3}" >"$agent_dir/wait.txt" 2>&1; do
+        if ! kill -0 "$agent_pid" 2>/dev/null; then
+            bad "$2: the agent exited: $(tail -n 5 "$agent_dir/agent.log")"
+            return 1
+        fi
         if [ $SECONDS -ge $deadline ]; then
             bad "$2: not within $1 s: $(tail -c 600 "$agent_dir/wait.txt")"
             return 1
@@ -200,6 +204,8 @@ else
 fi
 
 # --- deleted through its finalizer, then stopped and its objects removed
+got=$("$kubectl" get nbdvolume "$agent_volume" -o jsonpath='{.metadata.finalizers}')
+if grep -qF nbd.csi.dev/agent <<<"$got"; then ok "the NbdVolume carries the agent's finalizer"; else bad "finalizers: '$got'"; fi
 "$kubectl" delete nbdvolume "$agent_volume" --wait=false >/dev/null
 agent_wait 60 "the deleted NbdVolume is gone, and its image with it" deleted
 agent_stop

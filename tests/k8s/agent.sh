@@ -8,8 +8,9 @@
 #   - an NbdVolume created with kubectl for its node becomes Available with
 #     a port; published to a Node whose InternalIP is 127.0.0.1, the export,
 #     under the name derived from the key (computed here with Python's hmac,
-#     which pins the derivation), is readable from 127.0.0.1, a wrong name is
-#     refused, qemu-io writes a pattern, and the object carries no export name;
+#     which pins the derivation), is readable from 127.0.0.1, another peer
+#     address and a wrong name are refused, qemu-io writes a pattern, and the
+#     object carries no export name;
 #   - SIGTERM stops it with exit 0; restarted, it serves the same volume on the
 #     same port with the pattern intact; deleting the object deletes its data.
 # Uses $work, $kubectl, $helm, $api_url, ok/bad and cluster_kubeconfig from
@@ -168,6 +169,13 @@ if served "$agent_port"; then
     ok "nbdinfo from 127.0.0.1 reads the export under its derived name: 4194304 bytes"
 else
     bad "nbdinfo nbd://$agent_addr:$agent_port/<derived name>: $(nbdinfo --size "nbd://$agent_addr:$agent_port/$agent_export" 2>&1)"
+fi
+out=$(python3 tests/k8s/nbd_probe.py 127.0.0.9 "nbd://$agent_addr:$agent_port/$agent_export" 2>&1)
+status=$?
+if [ "$status" -eq 2 ]; then
+    ok "a peer at 127.0.0.9, not worker-a's address, is refused"
+else
+    bad "a peer at 127.0.0.9: exit $status: $out"
 fi
 if nbdinfo --size "nbd://$agent_addr:$agent_port/$(printf '%064d' 0)" >/dev/null 2>&1; then
     bad "a wrong export name was served"

@@ -6,6 +6,8 @@
 #   - values.schema.json and the templates reject bad values with a clear message
 #   - kubeconform validates the rendered objects (strict) against JSON schemas
 #     converted from the OpenAPI document of the pinned Kubernetes release
+#   - storage.mode=cluster: the storage agents' DaemonSet and RBAC, and what the
+#     controller gains, are what they need and no more (tests/chart_storage.py)
 #   - the Dockerfile: pinned bases, runtime packages exist in Debian bookworm,
 #     the workspace members it copies and the binaries it copies out
 # Tools (helm, kubeconform) are built with `go` into ~/.cache/nbd-csi/tools-v1.
@@ -58,10 +60,33 @@ storageClasses:
 volumeSnapshotClass: {create: true, default: true}
 serviceMonitor: {enabled: true, labels: {release: prometheus}}
 VALUES
+# Cluster mode with every option of the storage agents set.
+cat >"$work/cluster.yaml" <<'VALUES'
+storage:
+  mode: cluster
+  nodeSelector: {nbd.csi.dev/storage: "true", topology.kubernetes.io/zone: a}
+  hostPath: /srv/nbd-storage
+  exportKeySecret: cluster-export-key
+  nbd:
+    portRange: {first: 21000, last: 21099}
+    maxConnections: 64
+    maxConnectionsPerPeer: 16
+  metrics: {enabled: true, port: 9900}
+  tolerations:
+    - {key: dedicated, operator: Equal, value: storage, effect: NoSchedule}
+  resources:
+    requests: {cpu: 100m, memory: 64Mi}
+  podAnnotations: {example.dev/a: b}
+  podLabels: {example.dev/c: d}
+  extraArgs: []
+  extraEnv: [{name: EXTRA, value: x}]
+serviceAccount:
+  storage: {create: true, name: storage-agent, annotations: {example.dev/e: f}}
+VALUES
 
 # --- helm lint
 for strict in "" --strict; do
-    for values in "" "$work/all-on.yaml"; do
+    for values in "" "$work/all-on.yaml" "$work/cluster.yaml"; do
         lint_args=()
         [ -n "$strict" ] && lint_args+=("$strict")
         [ -n "$values" ] && lint_args+=(--values "$values")
@@ -100,6 +125,20 @@ if render --values "$work/all-on.yaml" >"$work/all-on-rendered.yaml"; then
 else
     bad "render with every option on"
 fi
+if render --values "$work/cluster.yaml" >"$work/cluster-rendered.yaml"; then
+    ok "render storage.mode=cluster with every storage option set"
+else
+    bad "render storage.mode=cluster with every storage option set"
+fi
+# What the storage role and cluster mode are given, with the default names.
+if render --set storage.mode=cluster >"$work/cluster-default.yaml" &&
+    python3 tests/chart_storage.py "$work/cluster-default.yaml" "$work/default.yaml" >"$work/storage.txt" 2>&1; then
+    sed 's/^ok: /ok: storage.mode=cluster: /' "$work/storage.txt"
+    passed=$((passed + $(grep -c '^ok:' "$work/storage.txt")))
+else
+    cat "$work/storage.txt" >&2
+    bad "storage.mode=cluster checks (tests/chart_storage.py)"
+fi
 
 # --- bad values fail with a clear message: "helm arguments|expected text"
 rejects=(
@@ -122,6 +161,12 @@ rejects=(
     "--set serviceMonitor.enabled=true --set controller.metrics.enabled=false|serviceMonitor.enabled needs controller.metrics.enabled"
     "--set volumeSnapshotClass.create=true --set sidecars.snapshotter.enabled=false|volumeSnapshotClass.create needs sidecars.snapshotter.enabled"
     "--set controller.storage.persistentVolumeClaim.storageClassName=nbd|must not use a StorageClass of this driver"
+    "--set storage.mode=distributed|value must be one of 'embedded', 'cluster'"
+    "--set storage.mode=cluster --set storage.nbd.portRange.first=11000|storage.nbd.portRange: first (11000) must not be greater than last (10999)"
+    "--set storage.mode=cluster --set storage.metrics.port=9809|storage.metrics.port (9809) is node.healthPort too"
+    "--set storage.mode=cluster --set storage.metrics.port=10950|storage.metrics.port (10950) lies inside storage.nbd.portRange 10900-10999"
+    "--set storage.hostPath=srv|/storage/hostPath"
+    "--set storage.exportKeySecret=Key_Secret|/storage/exportKeySecret"
 )
 for case in "${rejects[@]}"; do
     set_args=${case%%|*}
@@ -150,7 +195,7 @@ kubeconform_args=(-strict -summary -kubernetes-version "${KUBERNETES_VERSION#v}"
     -schema-location "$schemas/{{ .ResourceKind }}{{ .KindSuffix }}.json"
     # CRD kinds have no schema in the Kubernetes OpenAPI document.
     -skip VolumeSnapshotClass,ServiceMonitor)
-for f in "$work/default.yaml" "$work/all-on-rendered.yaml"; do
+for f in "$work/default.yaml" "$work/all-on-rendered.yaml" "$work/cluster-rendered.yaml"; do
     if "$TOOLS_BIN/kubeconform" "${kubeconform_args[@]}" "$f" >"$work/kc.txt" 2>&1; then
         ok "kubeconform $(basename "$f"): $(tail -1 "$work/kc.txt")"
     else

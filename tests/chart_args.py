@@ -5,6 +5,7 @@ validation mode (NBD_CSI_VALIDATE_ARGS=1: parse and check everything a real
 start does, print the settings, touch nothing).
 
     chart_args.py RENDERED.yaml --bin-dir DIR [--expect CONTAINER.KEY=VALUE]...
+                  [--skip-container NAME]...
 
 The container's argv is its command + args (the image has no ENTRYPOINT),
 with $(VAR) references expanded from the container's env the way Kubernetes
@@ -14,7 +15,12 @@ does; the process gets exactly that env. On top of "the binary accepts it":
     the same path as on the host (a restart must find it again);
   - the CSI socket each binary serves is the one every sidecar of the pod
     dials (same volume, same path inside it);
-  - the controller's data directory is on a volume, not the container's root.
+  - the controller's data directory is on a volume, not the container's root
+    (in embedded mode: in cluster mode it keeps no data);
+  - a storage agent's (`nbd-csi-controller agent`) data directory is on a
+    hostPath volume and its export-key file on a Secret volume, read-only.
+A container named by --skip-container is reported as skipped, not run (a
+mode whose flags the binary does not have yet).
 Prints "ok: ..." / "FAILED: ..." lines; exits 1 on any failure.
 """
 
@@ -190,7 +196,28 @@ def check_node(spec, container, settings, where):
         ok(f"{where}: state directory {state_dir} is hostPath volume {found[0]['name']} ({host['path']})")
 
 
+def check_agent(spec, container, settings, where):
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    data_dir = settings.get("data_dir", "")
+    found = mount_of(container, data_dir)
+    host = volumes.get(found[0]["name"], {}).get("hostPath") if found else None
+    if host is None:
+        bad(f"{where}: data directory {data_dir} is not on a hostPath volume: a new pod would start empty")
+    else:
+        ok(f"{where}: data directory {data_dir} is hostPath volume {found[0]['name']} ({host['path']})")
+    key_file = settings.get("export_key_file", "")
+    found = mount_of(container, key_file)
+    secret = volumes.get(found[0]["name"], {}).get("secret") if found else None
+    if secret is None or not found[0].get("readOnly"):
+        bad(f"{where}: export-key file {key_file} is not on a read-only Secret volume")
+    else:
+        ok(f"{where}: export-key file {key_file} from Secret {secret.get('secretName')}, read-only")
+
+
 def check_controller(spec, claims, container, settings, where):
+    if settings.get("storage_mode") == "cluster":
+        ok(f"{where}: cluster mode keeps no data directory")
+        return
     data_dir = settings.get("data_dir", "")
     found = mount_of(container, data_dir)
     names = {v["name"] for v in spec.get("volumes") or []} | claims
@@ -205,6 +232,7 @@ def main():
     parser.add_argument("rendered")
     parser.add_argument("--bin-dir", required=True)
     parser.add_argument("--expect", action="append", default=[], help="CONTAINER.KEY=VALUE")
+    parser.add_argument("--skip-container", action="append", default=[], help="NAME")
     opts = parser.parse_args()
     with open(opts.rendered) as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
@@ -221,6 +249,9 @@ def main():
             if binary not in OUR_BINARIES:
                 continue
             where = f"{workload}/{container['name']}"
+            if container["name"] in opts.skip_container:
+                print(f"skip: {where}")
+                continue
             env = container_env(container, where)
             argv = [expand(a, env) for a in argv]
             settings = run_binary(opts.bin_dir, argv, env, where)
@@ -233,6 +264,9 @@ def main():
                     ok(f"{where}: {key}={got}")
                 else:
                     bad(f"{where}: {key}={got!r}, expected {want!r}")
+            if settings["would_run"] == "agent":
+                check_agent(spec, container, settings, where)
+                continue
             check_socket_shared(spec, container, settings.get("endpoint", ""), where)
             if binary == "nbd-csi-node":
                 check_node(spec, container, settings, where)

@@ -1,10 +1,10 @@
 //! The binary's command line: the controller's own flags, or one
-//! subcommand (`serve-file`, an operator client of a running controller,
-//! or `crds`).
+//! subcommand (`agent`, `serve-file`, an operator client of a running
+//! controller, or `crds`).
 
 use clap::{Parser, Subcommand};
 
-use crate::{cli, serve_file, service};
+use crate::{agent_role, cli, serve_file, service};
 
 /// Set to `1`: parse and check the command line and environment exactly as
 /// a start would, print what would run, and exit without touching anything.
@@ -21,6 +21,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The storage role on one storage node: serve this node's volumes
+    /// from a data directory, as its NbdVolume and NbdSnapshot objects
+    /// say, until SIGINT or SIGTERM. Needs Kubernetes.
+    Agent(agent_role::Args),
     /// Serve one existing file over NBD with the volume server code, until
     /// SIGINT or SIGTERM. For debugging and benchmarks.
     ServeFile(serve_file::Args),

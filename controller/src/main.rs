@@ -1,11 +1,11 @@
-//! `nbd-csi-controller`: the CSI controller, its operator CLI,
-//! `serve-file` and `crds`, all from [`nbd_csi_controller`] and the agent;
+//! `nbd-csi-controller`: the CSI controller, the storage agent, its
+//! operator CLI, `serve-file` and `crds`, all from [`nbd_csi_controller`] and the agent;
 //! this binary only sets up logging, the process and a runtime for the one
 //! that runs.
 
 use clap::Parser;
 use nbd_csi_controller::command_line::{Cli, Command, VALIDATE_ENV};
-use nbd_csi_controller::{cli, serve_file, service};
+use nbd_csi_controller::{agent_role, cli, serve_file, service};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
     if std::env::var_os(VALIDATE_ENV).is_some_and(|v| v == "1") {
         return match cli.command {
             None => service::validate(cli.serve),
+            Some(Command::Agent(args)) => agent_role::validate(args),
             Some(command) => {
                 println!("would_run={command:?}");
                 Ok(())
@@ -39,6 +40,7 @@ fn main() -> anyhow::Result<()> {
             print!("{}", agent::resources::crds_yaml()?);
             Ok(())
         }
+        Some(Command::Agent(args)) => server_runtime()?.block_on(agent_role::run(args)),
         Some(Command::ServeFile(args)) => server_runtime()?.block_on(serve_file::run(args)),
         None => server_runtime()?.block_on(service::run(cli.serve)),
     }

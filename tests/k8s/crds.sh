@@ -8,7 +8,10 @@
 # watch with. Then the agent's reconciler against that server
 # (agent/tests/apiserver.rs): objects in, a served and fenced volume and its
 # status out, deletion through the finalizer, an unclaimed volume
-# quarantined with an Event, its NbdStorageNode and Lease. Last, the
+# quarantined with an Event, its NbdStorageNode and Lease. Then the agent as
+# the process storage nodes run, `nbd-csi-controller agent`, with the chart's
+# RBAC (tests/k8s/agent.sh): an NbdVolume served from 127.0.1.2, across a
+# SIGTERM and a restart, on the same port with its data. Last, the
 # controller in cluster mode against three in-process agents
 # (controller/src/tests/cluster.rs).
 # Tools come from tests/k8s/build-tools.sh (built on first use).
@@ -17,6 +20,7 @@ cd "$(dirname "$0")/../.."
 . tests/k8s/tools.sh
 . tests/k8s/cluster.sh
 
+ensure_helm
 cluster_init nbd-csi-crds
 cluster_start
 k=$kubectl
@@ -101,6 +105,9 @@ else
     cat "$work/reconciler.txt" >&2
     bad "the agent's reconciler on the API server (agent/tests/apiserver.rs)"
 fi
+
+# --- the agent as a process
+. tests/k8s/agent.sh
 
 # --- the controller in cluster mode (controller/src/tests/cluster.rs): three
 # in-process agents on 127.0.1.1-3 with tmpfs of 64/128/192 MiB, a stale

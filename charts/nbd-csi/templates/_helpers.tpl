@@ -56,6 +56,25 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-node" (include "nbd-csi.fullname" .) -}}
 {{- end -}}
 
+{{- define "nbd-csi.storage.fullname" -}}
+{{- printf "%s-storage" (include "nbd-csi.fullname" .) -}}
+{{- end -}}
+
+{{- define "nbd-csi.storage.serviceAccountName" -}}
+{{- if .Values.serviceAccount.storage.create -}}
+{{- default (include "nbd-csi.storage.fullname" .) .Values.serviceAccount.storage.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.storage.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The Secret holding the cluster's export-name key (cluster mode).
+*/}}
+{{- define "nbd-csi.exportKeySecret" -}}
+{{- default (printf "%s-export-key" (include "nbd-csi.fullname" .)) .Values.storage.exportKeySecret -}}
+{{- end -}}
+
 {{- define "nbd-csi.controller.serviceAccountName" -}}
 {{- if .Values.serviceAccount.controller.create -}}
 {{- default (include "nbd-csi.controller.fullname" .) .Values.serviceAccount.controller.name -}}
@@ -103,17 +122,32 @@ default kubeletDir).
 {{- end -}}
 
 {{/*
-NBD port range "first-last", after checking the order and the size.
+A port range "first-last", after checking the order and the size; call with
+(dict "range" .Values.controller.nbd.portRange "key" "controller.nbd.portRange").
 */}}
-{{- define "nbd-csi.nbdPortRange" -}}
-{{- $r := .Values.controller.nbd.portRange -}}
+{{- define "nbd-csi.checkedPortRange" -}}
+{{- $r := .range -}}
 {{- if gt (int $r.first) (int $r.last) -}}
-{{- fail (printf "controller.nbd.portRange: first (%d) must not be greater than last (%d)" (int $r.first) (int $r.last)) -}}
+{{- fail (printf "%s: first (%d) must not be greater than last (%d)" .key (int $r.first) (int $r.last)) -}}
 {{- end -}}
 {{- if gt (sub (int $r.last) (int $r.first)) 999 -}}
-{{- fail (printf "controller.nbd.portRange: at most 1000 ports (%d-%d has %d)" (int $r.first) (int $r.last) (add1 (sub (int $r.last) (int $r.first)))) -}}
+{{- fail (printf "%s: at most 1000 ports (%d-%d has %d)" .key (int $r.first) (int $r.last) (add1 (sub (int $r.last) (int $r.first)))) -}}
 {{- end -}}
 {{- printf "%d-%d" (int $r.first) (int $r.last) -}}
+{{- end -}}
+
+{{/*
+The controller's NBD port range "first-last", checked.
+*/}}
+{{- define "nbd-csi.nbdPortRange" -}}
+{{- include "nbd-csi.checkedPortRange" (dict "range" .Values.controller.nbd.portRange "key" "controller.nbd.portRange") -}}
+{{- end -}}
+
+{{/*
+The storage agents' NBD port range "first-last", checked.
+*/}}
+{{- define "nbd-csi.storage.nbdPortRange" -}}
+{{- include "nbd-csi.checkedPortRange" (dict "range" .Values.storage.nbd.portRange "key" "storage.nbd.portRange") -}}
 {{- end -}}
 
 {{/*
@@ -136,6 +170,19 @@ Checks the schema cannot express; included once by the controller's template.
 {{- if eq (int .Values.node.healthPort) (int .Values.node.registrarHealthPort) -}}
 {{- fail "node.healthPort and node.registrarHealthPort must differ (the node pod shares the host's ports)" -}}
 {{- end -}}
+{{- if and (eq .Values.storage.mode "cluster") .Values.storage.metrics.enabled -}}
+{{- /* The agent and the node plugin both use the host's ports. */ -}}
+{{- $s := .Values.storage -}}
+{{- $hostPorts := dict "node.healthPort" .Values.node.healthPort "node.registrarHealthPort" .Values.node.registrarHealthPort -}}
+{{- range $name, $port := $hostPorts -}}
+{{- if eq (int $port) (int $s.metrics.port) -}}
+{{- fail (printf "storage.metrics.port (%d) is %s too: the storage agent and the node plugin share the host's ports" (int $s.metrics.port) $name) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (ge (int $s.metrics.port) (int $s.nbd.portRange.first)) (le (int $s.metrics.port) (int $s.nbd.portRange.last)) -}}
+{{- fail (printf "storage.metrics.port (%d) lies inside storage.nbd.portRange %d-%d" (int $s.metrics.port) (int $s.nbd.portRange.first) (int $s.nbd.portRange.last)) -}}
+{{- end -}}
+{{- end -}}
 {{- $names := dict -}}
 {{- range .Values.storageClasses -}}
 {{- if hasKey $names .name -}}
@@ -154,7 +201,10 @@ Checks the schema cannot express; included once by the controller's template.
 {{- $existing := lookup "apps/v1" "StatefulSet" .Release.Namespace (include "nbd-csi.controller.fullname" .) -}}
 {{- if $existing -}}
 {{- $hadClaim := not (empty $existing.spec.volumeClaimTemplates) -}}
-{{- $wantClaim := eq .Values.controller.storage.type "persistentVolumeClaim" -}}
+{{- $wantClaim := and (eq .Values.storage.mode "embedded") (eq .Values.controller.storage.type "persistentVolumeClaim") -}}
+{{- if and $hadClaim (eq .Values.storage.mode "cluster") -}}
+{{- fail "storage.mode cannot become cluster on a release whose controller keeps its volumes on a claim: the volumes' files stay there. Move the data and reinstall instead (see the chart README)." -}}
+{{- end -}}
 {{- if ne $hadClaim $wantClaim -}}
 {{- fail (printf "controller.storage.type cannot change on an existing release (the installed controller uses %s): the volumes' files stay where they are. Move the data and reinstall instead (see the chart README)." ($hadClaim | ternary "persistentVolumeClaim" "hostPath")) -}}
 {{- end -}}

@@ -110,6 +110,64 @@ election and without group snapshots (neither is enabled here).
 {{ include "nbd-csi.rules.events" . }}
 {{- end -}}
 
+{{- define "nbd-csi.rules.controller-cluster" -}}
+# nbd-csi-controller in cluster mode: it writes the specs of the volume and
+# snapshot objects, and places volumes on live storage nodes.
+- apiGroups: [nbd.csi.dev]
+  resources: [nbdvolumes, nbdsnapshots]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [nbd.csi.dev]
+  resources: [nbdstoragenodes]
+  verbs: [get, list, watch]
+{{- end -}}
+
+{{- define "nbd-csi.namespacedRules.controller-cluster" -}}
+# The agents' Leases (who is alive) and the export-name key: created when
+# missing, and only that Secret may be read.
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create]
+- apiGroups: [""]
+  resources: [secrets]
+  resourceNames: [{{ include "nbd-csi.exportKeySecret" . }}]
+  verbs: [get]
+{{- end -}}
+
+{{- define "nbd-csi.rules.storage" -}}
+# nbd-csi-controller agent: the volume and snapshot objects of its node
+# (watched with a field selector, which RBAC cannot narrow), their
+# finalizer and status; its own NbdStorageNode; the addresses of the Nodes
+# it serves; Events on the objects.
+- apiGroups: [nbd.csi.dev]
+  resources: [nbdvolumes, nbdsnapshots]
+  verbs: [get, list, watch, patch]
+- apiGroups: [nbd.csi.dev]
+  resources: [nbdvolumes/status, nbdsnapshots/status]
+  verbs: [patch]
+- apiGroups: [nbd.csi.dev]
+  resources: [nbdstoragenodes]
+  verbs: [get, create, patch]
+- apiGroups: [nbd.csi.dev]
+  resources: [nbdstoragenodes/status]
+  verbs: [patch]
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [get]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}
+
+{{- define "nbd-csi.namespacedRules.storage" -}}
+# Its Lease, which says it is alive.
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [get, create, patch]
+{{- end -}}
+
 {{- define "nbd-csi.rules.node" -}}
 # nbd-csi-node: Events only.
 {{ include "nbd-csi.rules.events" . }}

@@ -83,39 +83,63 @@ kube_ldflags() {
 # The Kubernetes commands the suites run, all from k8s.io/kubernetes.
 KUBERNETES_COMMANDS="kube-apiserver kubectl kubelet kube-controller-manager kube-scheduler kube-proxy"
 
-# k8s.io/kubernetes replaces each staging module with ./staging/src/...; a
-# throwaway module requires it and replaces each staging module with its
-# published v0.Y.Z instead, then builds the commands with the version ldflags
-# that the release build sets (otherwise the server reports v0.0.0). One
-# `go build` for all of them: the packages they share compile once (built
-# one by one with different CGO settings, a cold kubelet alone took 1169 s).
-ensure_kubernetes() {
-    local cmd missing=""
-    for cmd in $KUBERNETES_COMMANDS; do tools_have "$cmd" "$KUBERNETES_VERSION" || missing=1; done
-    [ -z "$missing" ] && return 0
-    local start dir gomod staging packages=""
-    start=$(date +%s)
-    dir=$NBD_CSI_TOOLS/build/kubernetes-$KUBERNETES_VERSION
-    staging=v0.${KUBERNETES_VERSION#v1.}
-    echo "building $KUBERNETES_COMMANDS $KUBERNETES_VERSION in $dir"
-    rm -rf "$dir" && mkdir -p "$dir"
+# The kubernetes-csi sidecars and Kubernetes' snapshot controller, as
+# NAME:MODULE:VERSION:PACKAGE (the package relative to the module).
+EXTERNAL_PROVISIONER_VERSION=v6.4.0
+EXTERNAL_ATTACHER_VERSION=v4.13.0
+EXTERNAL_RESIZER_VERSION=v2.3.0
+EXTERNAL_SNAPSHOTTER_VERSION=v8.7.0
+CSI_SIDECARS="csi-provisioner:github.com/kubernetes-csi/external-provisioner/v6:$EXTERNAL_PROVISIONER_VERSION:cmd/csi-provisioner
+csi-attacher:github.com/kubernetes-csi/external-attacher/v4:$EXTERNAL_ATTACHER_VERSION:cmd/csi-attacher
+csi-resizer:github.com/kubernetes-csi/external-resizer/v2:$EXTERNAL_RESIZER_VERSION:cmd/csi-resizer
+csi-snapshotter:github.com/kubernetes-csi/external-snapshotter/v8:$EXTERNAL_SNAPSHOTTER_VERSION:cmd/csi-snapshotter
+snapshot-controller:github.com/kubernetes-csi/external-snapshotter/v8:$EXTERNAL_SNAPSHOTTER_VERSION:cmd/snapshot-controller"
+
+# A sidecar's stamp: its version and the Kubernetes modules it was built with.
+sidecar_stamp() { echo "$1-k$KUBERNETES_VERSION"; }
+
+# Writes DIR/go.mod: a throwaway module that requires k8s.io/kubernetes at
+# $KUBERNETES_VERSION, and MODULE VERSION lines from stdin besides.
+# k8s.io/kubernetes replaces each staging module with ./staging/src/...,
+# which only works inside its repository: the throwaway module replaces
+# each with its published v0.Y.Z instead.
+kubernetes_module() { # DIR
+    local gomod staging=v0.${KUBERNETES_VERSION#v1.}
     gomod=$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p')
     [ -f "$gomod" ] || { echo "cannot download k8s.io/kubernetes@$KUBERNETES_VERSION" >&2; return 1; }
     {
-        echo "module nbd-csi.local/build/kubernetes"
+        echo "module nbd-csi.local/build/$(basename "$1")"
         echo
         echo "go $(sed -n 's/^go //p' "$gomod")"
         echo
         echo "require k8s.io/kubernetes $KUBERNETES_VERSION"
+        sed '/^$/d; s/^/require /'
         echo
         grep -E '^[[:space:]]+k8s\.io/[^ ]+ v0\.0\.0$' "$gomod" | awk -v v="$staging" '{ printf "replace %s => %s %s\n", $1, $1, v }'
-    } >"$dir/go.mod"
+    } >"$1/go.mod"
+}
+
+# The Kubernetes commands with the version ldflags the release build sets
+# (otherwise the server reports v0.0.0), exactly on the dependency versions
+# Kubernetes pins. One `go build` for all of them: the packages they share
+# compile once (built one by one with different CGO settings, a cold
+# kubelet alone took 1169 s).
+ensure_kubernetes() {
+    local cmd missing=""
+    for cmd in $KUBERNETES_COMMANDS; do tools_have "$cmd" "$KUBERNETES_VERSION" || missing=1; done
+    [ -z "$missing" ] && return 0
+    local start dir packages=""
+    start=$(date +%s)
+    dir=$NBD_CSI_TOOLS/build/kubernetes-$KUBERNETES_VERSION
+    echo "building $KUBERNETES_COMMANDS $KUBERNETES_VERSION in $dir"
+    rm -rf "$dir" && mkdir -p "$dir"
+    kubernetes_module "$dir" </dev/null || return 1
     for cmd in $KUBERNETES_COMMANDS; do packages="$packages k8s.io/kubernetes/cmd/$cmd"; done
     local ldflags; ldflags=$(kube_ldflags)
     (
         cd "$dir" || exit 1
         # shellcheck disable=SC2086 # one word per package
-        nice -n 10 go get $packages
+        nice -n 10 go get $packages || exit 1
         # shellcheck disable=SC2086
         nice -n 10 go build -trimpath -ldflags "$ldflags" -o "$TOOLS_BIN/" $packages
     ) || { echo "building Kubernetes $KUBERNETES_VERSION failed" >&2; return 1; }
@@ -126,55 +150,63 @@ ensure_kubernetes() {
     tools_built kubernetes "$KUBERNETES_VERSION" "$start"
 }
 
-EXTERNAL_PROVISIONER_VERSION=v6.4.0
-EXTERNAL_ATTACHER_VERSION=v4.13.0
-
-# The kubernetes-csi sidecars replace k8s.io modules with published versions
-# in their go.mod, which `go install` refuses; build inside a copy of the
-# downloaded module instead (module zips carry no vendor/, hence -mod=mod).
-# Static (CGO off above, as the upstream images are) so the cluster suite's
-# images can hold the binary alone; the stamp says so, which rebuilds older
-# dynamic ones.
-tools_build_sidecar() { # NAME MODULE VERSION
-    tools_have "$1" "$3-static" && return 0
-    local start src dir; start=$(date +%s)
-    dir=$NBD_CSI_TOOLS/build/$1-$3
-    echo "building $1 $3 from $2@$3"
-    src=$(go mod download -json "$2@$3" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
-    [ -d "$src" ] || { echo "cannot download $2@$3" >&2; return 1; }
-    rm -rf "$dir" && cp -r "$src" "$dir" && chmod -R u+w "$dir"
+# Every sidecar in one throwaway module. Their own go.mod files replace
+# k8s.io modules with published versions, which `go install` refuses, and
+# pin them differently (v0.36.1 to v0.37.1); built apart, each recompiled
+# client-go, api, apimachinery, grpc and the rest, 194-220 s apiece on a
+# cold cache. In one module they share one set of dependency versions, so
+# those compile once. The price is that minimum version selection lifts
+# each sidecar's dependencies to the newest any of them needs, and the
+# k8s.io modules to $KUBERNETES_VERSION's (csi-provisioner's
+# k8s.io/kubernetes from v1.36.3 to it, csi-lib-utils from v0.24 to v0.25
+# for two of them): patch and minor steps of libraries, which the suites
+# that run the sidecars check. Kubernetes' own commands stay in their own
+# module above, on exactly the versions Kubernetes pins (its CEL, for one,
+# decides what the CRD suite sees). Each sidecar gets its main.version;
+# that only changes the link, so each `go build` after the first reuses the
+# compiled packages. Static (CGO off above, as the upstream images are):
+# the cluster VM's images hold the binary alone.
+ensure_csi_sidecars() {
+    local cmd module version package entry missing=""
+    for entry in $CSI_SIDECARS; do
+        IFS=: read -r cmd _ version _ <<<"$entry"
+        tools_have "$cmd" "$(sidecar_stamp "$version")" || missing=1
+    done
+    [ -z "$missing" ] && return 0
+    local start dir requires="" packages=""
+    start=$(date +%s)
+    dir=$NBD_CSI_TOOLS/build/csi-sidecars-k$KUBERNETES_VERSION
+    echo "building the CSI sidecars with Kubernetes $KUBERNETES_VERSION modules in $dir"
+    rm -rf "$dir" && mkdir -p "$dir"
+    for entry in $CSI_SIDECARS; do
+        IFS=: read -r _ module version package <<<"$entry"
+        requires="$requires$module $version"$'\n'
+        packages="$packages $module/$package"
+    done
+    # external-snapshotter replaces its client module with ./client, which
+    # is not in the module zip: the client's release of the same version.
+    requires="${requires}github.com/kubernetes-csi/external-snapshotter/client/v8 $EXTERNAL_SNAPSHOTTER_VERSION"
+    sort -u <<<"$requires" | kubernetes_module "$dir" || return 1
     (
         cd "$dir" || exit 1
-        # A replace pointing into the repository (external-snapshotter's
-        # ./client) is not in the module zip: use that module's release of
-        # the same version instead.
-        local local_module
-        for local_module in $(go mod edit -json | python3 -c 'import json, sys
-for r in json.load(sys.stdin).get("Replace") or []:
-    if r["New"]["Path"].startswith("./"): print(r["Old"]["Path"])'); do
-            go mod edit -dropreplace="$local_module" -require="$local_module@$3"
+        # shellcheck disable=SC2086 # one word per package
+        nice -n 10 go get $packages || exit 1
+        for entry in $CSI_SIDECARS; do
+            IFS=: read -r cmd module version package <<<"$entry"
+            nice -n 10 go build -trimpath -ldflags "-s -w -X main.version=$version" -o "$TOOLS_BIN/$cmd" \
+                "$module/$package" || exit 1
         done
-        GOFLAGS=-mod=mod nice -n 10 go build -trimpath -ldflags "-s -w -X main.version=$3" -o "$TOOLS_BIN/$1" "./cmd/$1"
-    ) || { echo "building $1 $3 failed" >&2; return 1; }
-    tools_built "$1" "$3-static" "$start"
+    ) || { echo "building the CSI sidecars failed" >&2; return 1; }
+    for entry in $CSI_SIDECARS; do
+        IFS=: read -r cmd _ version _ <<<"$entry"
+        rm -f "$NBD_CSI_TOOLS/stamps/$cmd-"*
+        touch "$NBD_CSI_TOOLS/stamps/$cmd-$(sidecar_stamp "$version")"
+    done
+    tools_built csi-sidecars "k$KUBERNETES_VERSION" "$start"
 }
 
-ensure_csi_sidecars() {
-    tools_build_sidecar csi-provisioner github.com/kubernetes-csi/external-provisioner/v6 "$EXTERNAL_PROVISIONER_VERSION"
-    tools_build_sidecar csi-attacher github.com/kubernetes-csi/external-attacher/v4 "$EXTERNAL_ATTACHER_VERSION"
-}
-
-EXTERNAL_RESIZER_VERSION=v2.3.0
-EXTERNAL_SNAPSHOTTER_VERSION=v8.7.0
-
-# The sidecars the cluster suite runs besides provisioner and attacher, and
-# Kubernetes' own snapshot controller (same module as csi-snapshotter).
-ensure_cluster_sidecars() {
-    ensure_csi_sidecars
-    tools_build_sidecar csi-resizer github.com/kubernetes-csi/external-resizer/v2 "$EXTERNAL_RESIZER_VERSION"
-    tools_build_sidecar csi-snapshotter github.com/kubernetes-csi/external-snapshotter/v8 "$EXTERNAL_SNAPSHOTTER_VERSION"
-    tools_build_sidecar snapshot-controller github.com/kubernetes-csi/external-snapshotter/v8 "$EXTERNAL_SNAPSHOTTER_VERSION"
-}
+# The cluster suite runs all five; one module builds them together.
+ensure_cluster_sidecars() { ensure_csi_sidecars; }
 
 # The snapshot CRDs live in the snapshotter's client module; prints their directory.
 snapshot_crds_dir() {

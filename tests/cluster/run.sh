@@ -101,7 +101,7 @@ failed=$(echo "$summary" | sed -n 's/.*failed=\([0-9]*\).*/\1/p')
 [ -n "$summary" ] || failed=1
 # CI shows only this script's output: the console of the first failed
 # scenario (what it printed, the pods, events and logs it dumped) goes there.
-first_failed=$(grep -aoE '^RESULT [a-z_-]+ FAIL' "$log" | head -n 1 | cut -d' ' -f2)
+first_failed=$(grep -aoE '^RESULT [a-z_-]+ FAIL' "$log" | head -n 1 | cut -d' ' -f2 || true)
 if [ -n "$first_failed" ]; then
     echo "cluster: console of the first failed scenario, $first_failed (last 150 lines):"
     awk -v name="$first_failed" '$0 ~ "=== " name "$" { on = 1 } on { print } $0 ~ "^RESULT " name " " { exit }' "$log" \

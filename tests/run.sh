@@ -83,6 +83,8 @@ suite apiserver ./tests/k8s/apiserver.sh
 suite e2e ./tests/k8s/e2e.sh
 # The nbd.csi.dev CRDs on that API server and the agent's reconciler against them.
 suite crds ./tests/k8s/crds.sh
+# Cluster mode end to end: three agent processes, the controller, the sidecars.
+suite scale-out ./tests/k8s/scale-out.sh
 # The chart as users run it: helm install on a one-node cluster (kubelet,
 # containerd, Kubernetes' own controllers) in the qemu VM, images built here.
 # Last, and alone: a build or another VM beside it starves the guest.

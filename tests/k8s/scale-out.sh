@@ -1,0 +1,478 @@
+#!/usr/bin/env bash
+# Cluster mode end to end (issue 12, deliverable 5) on a real kube-apiserver
+# and etcd on 127.0.0.1, everything as processes (no pods):
+#   - from `helm template --set storage.mode=cluster`: the CRDs, CSIDriver,
+#     StorageClass, ServiceAccounts and RBAC;
+#   - three `nbd-csi-controller agent` processes, storage-1..3, listening on
+#     127.0.1.1..3, each on its own tmpfs of 64, 128 and 192 MiB (so their
+#     free space differs) with a token of the chart's storage ServiceAccount
+#     and the export key the controller put in its Secret, as a storage node
+#     mounts it; their Node objects carry those addresses;
+#   - the controller with --storage-mode cluster and the chart's controller
+#     ServiceAccount token, and the real csi-provisioner and csi-attacher;
+#   - kube-controller-manager with only the PV binder and the PV/PVC
+#     protection controllers, so PVCs bind as in a cluster.
+# Checks: 30 PVCs bind and spread over the agents by free space; a PVC no
+# agent can hold stays Pending with a ProvisioningFailed Event saying
+# ResourceExhausted while a small one binds; a clone lands on its source's
+# storage node; a VolumeAttachment to a Node at 127.0.0.1 makes the export
+# readable and writable there (nbdinfo, qemu-io) and deleting it closes it;
+# SIGKILL of that volume's agent during qemu-io writes, restart: the same
+# nbdUri serves again and the data is intact (qemu-img compare with a
+# reference image); SIGKILL of the controller during a storm of 20 PVCs,
+# restart: every PVC Bound, one NbdVolume per PV, no object without a PV
+# and no agent record without an object.
+# No kubelet or attach/detach controller runs: the test creates the Nodes
+# and CSINodes and the VolumeAttachment, and restarts the sidecars after the
+# controller's SIGKILL (kubelet would restart the pod's containers); each
+# such step is printed as "(acting as ...)". Needs root (tmpfs mounts),
+# nbdinfo, qemu-io and qemu-img.
+# NBD_CSI_CONTROLLER=path uses that controller binary instead of building one.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+. tests/k8s/tools.sh
+. tests/k8s/cluster.sh
+
+ensure_helm
+ensure_csi_sidecars
+controller_bin=${NBD_CSI_CONTROLLER:-}
+if [ -z "$controller_bin" ]; then
+    cargo build --locked -q -p nbd-csi-controller --bin nbd-csi-controller || exit 1
+    controller_bin=$(cargo metadata --format-version 1 --no-deps --offline |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/nbd-csi-controller
+fi
+controller_bin=$(realpath "$controller_bin")
+driver=nbd.csi.dev
+ns=nbd-csi
+MIB=1048576
+
+# The agents' disks live outside $work: they are unmounted after every
+# process has stopped, before the work directory goes.
+disks=$(mktemp -d /tmp/nbd-csi-scale-out-disks.XXXXXX)
+scale_out_cleanup() {
+    cluster_cleanup
+    local d
+    for d in "$disks"/*; do umount "$d" 2>/dev/null || umount -l "$d" 2>/dev/null || true; done
+    rm -rf "$disks"
+}
+cluster_init nbd-csi-scale-out
+trap scale_out_cleanup EXIT
+cluster_start
+k() { "$kubectl" "$@"; }
+
+wait_until() { # SECONDS COMMAND...: polls every 0.5 s; false after SECONDS
+    local deadline=$((SECONDS + $1))
+    shift
+    until "$@" >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || return 1
+        sleep 0.5
+    done
+}
+jp() { "$kubectl" get "$@" 2>/dev/null || true; }
+gone() { ! "$kubectl" get "$@" >/dev/null 2>&1; }
+check() { # DESCRIPTION WANT GOT
+    if [ "$2" = "$3" ]; then ok "$1"; else bad "$1: got '$3', want '$2'"; fi
+}
+acting() { echo "   (acting as $1)"; }
+logs() {
+    local f
+    for f in "$@"; do echo "--- tail of $f" >&2; tail -n 25 "$work/$f" >&2 || true; done
+}
+
+# --- the chart's objects for storage.mode=cluster
+k create namespace "$ns" >/dev/null
+k create namespace app >/dev/null
+"$helm" template nbd-csi charts/nbd-csi --namespace "$ns" --set storage.mode=cluster \
+    --show-only templates/csidriver.yaml --show-only templates/storageclasses.yaml \
+    --show-only templates/serviceaccounts.yaml --show-only templates/rbac.yaml >"$work/chart.yaml"
+if k apply --server-side -f charts/nbd-csi/crds/nbd.csi.dev.yaml >"$work/apply.txt" 2>&1 &&
+    k wait --for=condition=Established --timeout=60s \
+        crd/nbdvolumes.nbd.csi.dev crd/nbdsnapshots.nbd.csi.dev crd/nbdstoragenodes.nbd.csi.dev >>"$work/apply.txt" 2>&1 &&
+    k apply -f "$work/chart.yaml" >>"$work/apply.txt" 2>&1; then
+    ok "the chart's CRDs, CSIDriver, StorageClass, ServiceAccounts and RBAC for storage.mode=cluster applied"
+else
+    cat "$work/apply.txt" >&2
+    bad "applying the chart's objects"
+    exit 1
+fi
+cluster_kubeconfig "$work/controller.kubeconfig" nbd-csi-controller "$(k -n "$ns" create token nbd-csi-controller --duration 2h)"
+cluster_kubeconfig "$work/storage.kubeconfig" nbd-csi-storage "$(k -n "$ns" create token nbd-csi-storage --duration 2h)"
+
+# --- kube-controller-manager: PV binding and the protection finalizers
+"$TOOLS_BIN/kube-controller-manager" --kubeconfig "$KUBECONFIG" --leader-elect=false \
+    --controllers=persistentvolume-binder-controller,persistentvolume-protection-controller,persistentvolumeclaim-protection-controller \
+    --bind-address 127.0.0.1 --secure-port "$(free_port)" --pvclaimbinder-sync-period=2s \
+    --authentication-skip-lookup --authorization-always-allow-paths=/healthz >"$work/kcm.log" 2>&1 &
+kcm_pid=$!
+pids+=("$kcm_pid")
+
+# --- Nodes: three storage nodes and a consumer at 127.0.0.1
+acting "kubelet: Node objects (and a CSINode for the consumer)"
+add_node() { # NAME IP
+    k create -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Node
+metadata: {name: $1}
+EOF
+    k patch node "$1" --subresource=status --type=merge \
+        -p "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"$2\"},{\"type\":\"Hostname\",\"address\":\"$1\"}]}}" >/dev/null
+}
+agents=(storage-1 storage-2 storage-3)
+declare -A agent_addr=([storage-1]=127.0.1.1 [storage-2]=127.0.1.2 [storage-3]=127.0.1.3)
+declare -A agent_mib=([storage-1]=64 [storage-2]=128 [storage-3]=192)
+declare -A agent_pid
+for a in "${agents[@]}"; do add_node "$a" "${agent_addr[$a]}"; done
+add_node worker-a 127.0.0.1
+k create -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: CSINode
+metadata: {name: worker-a}
+spec:
+  drivers:
+    - {name: $driver, nodeID: worker-a}
+EOF
+
+# --- the controller (it creates the export-key Secret) and the sidecars
+socket=$work/csi.sock
+start_controller() { # LOG
+    rm -f "$socket"
+    NO_COLOR=1 RUST_LOG=${RUST_LOG:-info,nbd_csi_controller=debug} "$controller_bin" \
+        --endpoint "unix://$socket" --driver-name "$driver" --storage-mode cluster \
+        --export-key-secret nbd-csi-export-key --namespace "$ns" --storage-timeout 30 \
+        --kubeconfig "$work/controller.kubeconfig" >"$work/$1" 2>&1 &
+    controller_pid=$!
+    pids+=("$controller_pid")
+    wait_until 60 test -S "$socket" && kill -0 "$controller_pid"
+}
+sidecar_args=(--kubeconfig "$work/controller.kubeconfig" --csi-address "$socket" --leader-election=false
+    --timeout=60s --retry-interval-max=5s --v=4)
+start_sidecars() { # LOG-SUFFIX
+    "$TOOLS_BIN/csi-provisioner" "${sidecar_args[@]}" --extra-create-metadata --default-fstype=ext4 \
+        >"$work/provisioner$1.log" 2>&1 &
+    sidecar_pids=($!)
+    "$TOOLS_BIN/csi-attacher" "${sidecar_args[@]}" >"$work/attacher$1.log" 2>&1 &
+    sidecar_pids+=($!)
+    pids+=("${sidecar_pids[@]}")
+    sleep 2
+    kill -0 "${sidecar_pids[@]}" 2>/dev/null
+}
+if start_controller controller.log; then
+    ok "nbd-csi-controller --storage-mode cluster serving CSI on $socket"
+else
+    logs controller.log
+    bad "nbd-csi-controller did not start"
+    exit 1
+fi
+start_sidecars "" || { logs provisioner.log attacher.log; bad "a sidecar exited at start"; exit 1; }
+ok "csi-provisioner $EXTERNAL_PROVISIONER_VERSION and csi-attacher $EXTERNAL_ATTACHER_VERSION running"
+if wait_until 30 k -n "$ns" get secret nbd-csi-export-key; then
+    ok "the controller created the export-key Secret $ns/nbd-csi-export-key"
+else
+    logs controller.log
+    bad "no export-key Secret"
+    exit 1
+fi
+acting "kubelet: the Secret's key mounted as a file on each storage node"
+k -n "$ns" get secret nbd-csi-export-key -o jsonpath='{.data.key}' | base64 -d >"$work/export.key"
+chmod 0400 "$work/export.key"
+
+# --- the agents, each on its own tmpfs
+port_base=$((24000 + RANDOM % 4000))
+start_agent() { # NAME
+    local a=$1 i
+    for i in "${!agents[@]}"; do [ "${agents[i]}" = "$a" ] && break; done
+    NO_COLOR=1 "$controller_bin" agent --node-name "$a" --data-dir "$disks/$a/data" \
+        --listen-address "${agent_addr[$a]}" --nbd-port-range "$((port_base + 100 * i))-$((port_base + 100 * i + 49))" \
+        --export-key-file "$work/export.key" --namespace "$ns" --kubeconfig "$work/storage.kubeconfig" \
+        --metrics-address "${agent_addr[$a]}:$((port_base + 100 * i + 99))" >>"$work/agent-$a.log" 2>&1 &
+    agent_pid[$a]=$!
+    pids+=("${agent_pid[$a]}")
+}
+announced() { # NAME: the NbdStorageNode reports free space
+    [ "$(k get nbdstoragenode "$1" -o jsonpath='{.status.freeBytes}' 2>/dev/null)" -gt 0 ] 2>/dev/null
+}
+for a in "${agents[@]}"; do
+    mkdir -p "$disks/$a"
+    mount -t tmpfs -o "size=${agent_mib[$a]}m,mode=0755" nbd-csi-scale-out "$disks/$a" || { bad "mounting a tmpfs (needs root)"; exit 1; }
+    start_agent "$a"
+done
+for a in "${agents[@]}"; do
+    if wait_until 60 announced "$a"; then
+        ok "agent $a on ${agent_addr[$a]} (${agent_mib[$a]} MiB tmpfs): NbdStorageNode reports $(jp nbdstoragenode "$a" -o jsonpath='{.status.freeBytes}') bytes free"
+    else
+        logs "agent-$a.log"
+        bad "agent $a did not announce itself"
+        exit 1
+    fi
+done
+
+# --- PVCs and their volumes
+pvc() { # NAME SIZE [DATASOURCE-PVC]
+    local source=""
+    [ -n "${3:-}" ] && source="  dataSource: {kind: PersistentVolumeClaim, name: $3}"
+    cat <<EOF
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: $1, namespace: app}
+spec:
+  storageClassName: nbd
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: $2}}
+$source
+EOF
+}
+phases() { # PVC...: their phases, one word each
+    local p
+    for p in "$@"; do jp -n app pvc "$p" -o jsonpath='{.status.phase}'; echo; done
+}
+# (grep without -q: under pipefail an early exit would fail phases with SIGPIPE)
+all_bound() { [ -z "$(phases "$@" | grep -vx Bound)" ]; }
+# placements: "PVC VOLUME-ID STORAGE-NODE" for every PVC of app ("-" where
+# there is none yet), from one list of each kind.
+placements() {
+    python3 - <(k get -n app pvc -o json) <(k get pv -o json) <(k get nbdvolumes -o json) <<'PY'
+import json, sys
+pvcs, pvs, volumes = (json.load(open(f))["items"] for f in sys.argv[1:])
+handle = {pv["metadata"]["name"]: pv["spec"].get("csi", {}).get("volumeHandle", "-") for pv in pvs}
+node = {v["metadata"]["name"]: v["spec"]["storageNode"] for v in volumes}
+for pvc in pvcs:
+    volume = handle.get(pvc["spec"].get("volumeName", ""), "-")
+    print(pvc["metadata"]["name"], volume, node.get(volume, "-"))
+PY
+}
+volume_of() { placements | awk -v p="$1" '$1 == p {print $2}'; }
+node_of() { placements | awk -v p="$1" '$1 == p {print $3}'; }
+
+# 30 PVCs of 8 MiB: room is free space minus what is already placed, so
+# the agents fill up in proportion to their free space.
+spread_pvcs=()
+for i in $(seq -w 1 30); do spread_pvcs+=("spread-$i"); done
+for p in "${spread_pvcs[@]}"; do pvc "$p" 8Mi; done | k create -f - >/dev/null
+if wait_until 180 all_bound "${spread_pvcs[@]}"; then
+    ok "30 PVCs of 8Mi Bound (kube-controller-manager bound them to the PVs csi-provisioner created)"
+else
+    logs provisioner.log controller.log kcm.log
+    bad "not all 30 PVCs Bound within 180s: $(phases "${spread_pvcs[@]}" | sort | uniq -c | paste -sd' ')"
+fi
+declare -A spread=()
+while read -r p _ n; do
+    [[ $p == spread-* ]] && spread[$n]=$((${spread[$n]:-0} + 1))
+done < <(placements)
+spread_line=$(for a in "${agents[@]}"; do printf '%s (%s MiB)=%s ' "$a" "${agent_mib[$a]}" "${spread[$a]:-0}"; done)
+echo "   spread of 30 volumes by NbdVolume spec.storageNode: $spread_line"
+if [ "${spread[storage-1]:-0}" -lt "${spread[storage-2]:-0}" ] && [ "${spread[storage-2]:-0}" -lt "${spread[storage-3]:-0}" ] &&
+    [ "${spread[storage-1]:-0}" -ge 1 ] && [ $((${spread[storage-1]:-0} + ${spread[storage-2]:-0} + ${spread[storage-3]:-0})) = 30 ]; then
+    ok "the spread follows free space: $spread_line"
+else
+    bad "the spread does not follow free space (64 < 128 < 192 MiB): $spread_line ${spread[-]:+none=${spread[-]}: $(placements | grep -E '^spread-.* -' | paste -sd' ')}"
+fi
+
+# --- no agent can hold 256 MiB; a small PVC still binds
+k create -f - >/dev/null < <(pvc too-big 256Mi; pvc small-after 8Mi)
+too_big_event() {
+    k get events -n app --field-selector involvedObject.name=too-big,reason=ProvisioningFailed \
+        -o jsonpath='{.items[*].message}' | grep -iE 'ResourceExhausted|RESOURCE_EXHAUSTED' >/dev/null
+}
+if wait_until 60 too_big_event; then
+    ok "PVC too-big (256Mi): ProvisioningFailed Event: $(k get events -n app --field-selector involvedObject.name=too-big,reason=ProvisioningFailed -o jsonpath='{.items[0].message}' | cut -c1-220)"
+else
+    bad "PVC too-big: no ProvisioningFailed Event naming ResourceExhausted: $(k get events -n app --field-selector involvedObject.name=too-big -o jsonpath='{.items[*].message}' | cut -c1-300)"
+fi
+if wait_until 60 all_bound small-after; then
+    ok "PVC small-after (8Mi) Bound meanwhile, on $(node_of small-after)"
+else
+    bad "PVC small-after: $(phases small-after)"
+fi
+check "PVC too-big stays Pending" Pending "$(phases too-big)"
+k -n app delete pvc too-big --wait=false >/dev/null
+
+# --- a clone lands on its source's storage node (pick a source not on the
+# node with the most room, so that placement alone would not put it there)
+source_pvc=
+source_pvc=$(placements | awk '$1 ~ /^spread-/ && $3 == "storage-1" {print $1; exit}')
+source_pvc=${source_pvc:-spread-01}
+k create -f - >/dev/null < <(pvc clone-1 8Mi "$source_pvc")
+if wait_until 60 all_bound clone-1; then
+    check "clone of $source_pvc lands on its source's storage node" "$(node_of "$source_pvc")" "$(node_of clone-1)"
+    check "the clone's NbdVolume names its source" "$(volume_of "$source_pvc")" "$(jp nbdvolume "$(volume_of clone-1)" -o jsonpath='{.spec.source.volume}')"
+else
+    logs provisioner.log controller.log
+    bad "clone-1 of $source_pvc: $(phases clone-1)"
+fi
+
+# --- attach to worker-a (127.0.0.1): served, then closed on detach
+acting "attach/detach controller: VolumeAttachment of a PV to worker-a"
+add_va() { # NAME PVC
+    k create -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: VolumeAttachment
+metadata: {name: $1}
+spec:
+  attacher: $driver
+  nodeName: worker-a
+  source: {persistentVolumeName: $(jp -n app pvc "$2" -o jsonpath='{.spec.volumeName}')}
+EOF
+}
+attached() { [ "$(jp volumeattachment "$1" -o jsonpath='{.status.attached}')" = true ]; }
+uri_of() { jp volumeattachment "$1" -o jsonpath='{.status.attachmentMetadata.nbdUri}'; }
+attach() { # VA PVC: attached, with an nbdUri of the volume's storage node
+    local node uri
+    add_va "$1" "$2"
+    if ! wait_until 60 attached "$1"; then
+        logs attacher.log controller.log
+        bad "VolumeAttachment $1 not attached within 60s: $(jp volumeattachment "$1" -o jsonpath='{.status}')"
+        return 1
+    fi
+    node=$(node_of "$2")
+    uri=$(uri_of "$1")
+    if [[ $uri =~ ^nbd://${agent_addr[$node]//./\\.}:[0-9]+/[0-9a-f]{64}$ ]]; then
+        ok "VolumeAttachment $1 attached: nbdUri nbd://${agent_addr[$node]}:<port>/<64 hex> of $2's storage node $node"
+    else
+        bad "VolumeAttachment $1: nbdUri '$uri', want one on $node (${agent_addr[$node]})"
+        return 1
+    fi
+}
+io_pvc=spread-02
+if attach va-io "$io_pvc"; then
+    uri=$(uri_of va-io)
+    size=$(nbdinfo --size "$uri" 2>&1)
+    check "nbdinfo from 127.0.0.1 reads the export's size" $((8 * MIB)) "$size"
+    if out=$(qemu-io -f raw "$uri" -c "write -P 0x3c 0 1M" -c "flush" -c "read -P 0x3c 0 1M" 2>&1) && ! grep -qiE 'fail|error' <<<"$out"; then
+        ok "qemu-io from 127.0.0.1 writes and reads back 1 MiB"
+    else
+        bad "qemu-io on $io_pvc: $out"
+    fi
+    k delete volumeattachment va-io --wait=false >/dev/null
+    if wait_until 60 gone volumeattachment va-io; then ok "VolumeAttachment va-io deleted (csi-attacher unpublished)"; else bad "VolumeAttachment va-io still there"; fi
+    out=$(python3 tests/k8s/nbd_probe.py 127.0.0.1 "$uri" 2>&1)
+    status=$?
+    if [ "$status" = 2 ] || [ "$status" = 3 ]; then ok "after detach the export is closed to 127.0.0.1: $out"; else bad "after detach: exit $status: $out"; fi
+fi
+
+# --- SIGKILL of an agent during qemu-io writes, restart
+kill_pvc=clone-1
+kill_node=$(node_of "$kill_pvc")
+if [ -n "$kill_node" ] && attach va-kill "$kill_pvc"; then
+    uri=$(uri_of va-kill)
+    if out=$(qemu-io -f raw "$uri" -c "write -P 0xa5 0 2M" -c "flush" 2>&1) && ! grep -qiE 'fail|error' <<<"$out"; then
+        ok "qemu-io wrote 2 MiB of 0xa5 to $kill_pvc on $kill_node"
+    else
+        bad "qemu-io first write: $out"
+    fi
+    # 96 writes of 64 KiB after it, 30 ms apart, each reported when done.
+    cmds=()
+    for i in $(seq 0 95); do cmds+=(-c "write -P 0x5a $((2 * MIB + i * 65536)) 64k" -c "sleep 30"); done
+    stdbuf -oL qemu-io -f raw "$uri" "${cmds[@]}" >"$work/writes.txt" 2>&1 &
+    writer=$!
+    wait_until 30 bash -c "[ \$(grep -c '^wrote' '$work/writes.txt') -ge 20 ]" || bad "qemu-io wrote fewer than 20 blocks in 30 s"
+    kill -KILL "${agent_pid[$kill_node]}"
+    wait "${agent_pid[$kill_node]}" 2>/dev/null
+    done_writes=$(grep -c '^wrote' "$work/writes.txt")
+    for _ in $(seq 100); do kill -0 "$writer" 2>/dev/null || break; sleep 0.1; done
+    kill "$writer" 2>/dev/null
+    wait "$writer" 2>/dev/null
+    if grep -qiE 'fail|error' "$work/writes.txt"; then
+        ok "SIGKILL of agent $kill_node after $done_writes of 96 writes: qemu-io's next write failed ($(grep -ciE 'fail|error' "$work/writes.txt") failed)"
+    else
+        bad "SIGKILL of agent $kill_node: qemu-io saw no failure: $(tail -n 3 "$work/writes.txt")"
+    fi
+    start_agent "$kill_node"
+    if wait_until 60 nbdinfo --size "$uri"; then
+        ok "agent $kill_node restarted: the same nbdUri serves again"
+    else
+        logs "agent-$kill_node.log"
+        bad "the nbdUri is not served within 60s of the restart: $(nbdinfo --size "$uri" 2>&1)"
+    fi
+    # The reference: 0xa5 over 2 MiB, then every block qemu-io reported
+    # written; the one write in flight at the kill may or may not have
+    # landed, so the reference takes that block from the export.
+    qemu-img convert -f raw -O raw "$uri" "$work/after.raw" 2>"$work/convert.txt" || bad "qemu-img convert: $(cat "$work/convert.txt")"
+    python3 - "$work/writes.txt" "$work/after.raw" "$work/reference.raw" <<'PY'
+import re, sys
+writes, after, reference = sys.argv[1:]
+MIB = 1 << 20
+image = bytearray(8 * MIB)
+image[0:2 * MIB] = b"\xa5" * (2 * MIB)
+done = [int(m.group(1)) for m in re.finditer(r"^wrote 65536/65536 bytes at offset (\d+)", open(writes).read(), re.M)]
+for offset in done:
+    image[offset:offset + 65536] = b"\x5a" * 65536
+in_flight = 2 * MIB + len(done) * 65536
+if in_flight < 8 * MIB:
+    image[in_flight:in_flight + 65536] = open(after, "rb").read()[in_flight:in_flight + 65536]
+open(reference, "wb").write(image)
+PY
+    if out=$(qemu-img compare -f raw -F raw "$work/reference.raw" "$uri" 2>&1); then
+        ok "qemu-img compare: the export equals the reference (2 MiB of 0xa5 and the $done_writes acknowledged writes): $out"
+    else
+        bad "qemu-img compare after the agent's restart: $out"
+    fi
+    check "the NbdVolume is Available again after the restart" Available "$(jp nbdvolume "$(volume_of "$kill_pvc")" -o jsonpath='{.status.phase}')"
+    k delete volumeattachment va-kill --wait=false >/dev/null
+    wait_until 60 gone volumeattachment va-kill || bad "VolumeAttachment va-kill still there"
+else
+    bad "no storage node for $kill_pvc to kill"
+fi
+
+# --- SIGKILL of the controller during a storm of 20 CreateVolume
+storm_pvcs=()
+for i in $(seq -w 1 20); do storm_pvcs+=("storm-$i"); done
+storm_volumes() { k get nbdvolumes -o jsonpath='{range .items[*]}{.spec.requestName}{"\n"}{end}' | grep -c .; }
+before=$(storm_volumes)
+for p in "${storm_pvcs[@]}"; do pvc "$p" 8Mi; done | k create -f - >/dev/null
+# Kill as soon as the storm is under way: the first of its NbdVolumes made,
+# the other calls in flight (polled every 0.1 s, at most 60 s).
+for _ in $(seq 600); do
+    [ "$(k get nbdvolumes -o name | wc -l)" -gt "$before" ] && break
+    sleep 0.1
+done
+kill -KILL "$controller_pid"
+wait "$controller_pid" 2>/dev/null
+made=$(($(storm_volumes) - before))
+ok "SIGKILL of the controller with $made of 20 storm volumes made ($(phases "${storm_pvcs[@]}" | grep -cx Bound) of those PVCs Bound)"
+# csi-provisioner and csi-attacher exit when they lose the socket; kubelet
+# would restart the pod's containers.
+for pid in "${sidecar_pids[@]}"; do
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+done
+acting "kubelet: restart the controller pod's containers"
+if start_controller controller-2.log && start_sidecars -2; then
+    ok "controller and sidecars restarted"
+else
+    logs controller-2.log provisioner-2.log
+    bad "restart after SIGKILL"
+fi
+if wait_until 180 all_bound "${storm_pvcs[@]}"; then
+    ok "all 20 storm PVCs Bound after the restart"
+else
+    logs provisioner-2.log controller-2.log
+    bad "storm PVCs not all Bound within 180s: $(phases "${storm_pvcs[@]}" | sort | uniq -c | paste -sd' ')"
+fi
+# No duplicate: one NbdVolume per PV (by its CSI request name, the PV name),
+# no NbdVolume without a PV, no agent record without an NbdVolume.
+k get pv -o jsonpath='{range .items[*]}{.metadata.name} {.spec.csi.volumeHandle}{"\n"}{end}' | sort >"$work/pvs.txt"
+k get nbdvolumes -o jsonpath='{range .items[*]}{.spec.requestName} {.metadata.name}{"\n"}{end}' | sort >"$work/objects.txt"
+for a in "${agents[@]}"; do
+    find "$disks/$a/data/volumes" -maxdepth 1 -name 'vol-*.json' -printf '%f\n' | sed 's/\.json$//' | sed "s/$/ $a/"
+done | sort >"$work/records.txt"
+echo "   $(wc -l <"$work/pvs.txt") PVs, $(wc -l <"$work/objects.txt") NbdVolumes, agent records: $(for a in "${agents[@]}"; do printf '%s=%s ' "$a" "$(grep -c " $a$" "$work/records.txt")"; done)"
+dups=$(cut -d' ' -f1 "$work/objects.txt" | uniq -d | paste -sd' ')
+check "no duplicate: one NbdVolume per request name" "" "$dups"
+check "every PV has its NbdVolume and every NbdVolume its PV (same names and handles)" "" \
+    "$(diff "$work/pvs.txt" "$work/objects.txt" | grep '^[<>]' | paste -sd' ')"
+check "every agent record has an NbdVolume and every NbdVolume a record (each agent's data dir listed)" "" \
+    "$(diff <(cut -d' ' -f1 "$work/records.txt" | sort) <(cut -d' ' -f2 "$work/objects.txt" | sort) | grep '^[<>]' | paste -sd' ')"
+misplaced=$(while read -r id a; do [ "$(jp nbdvolume "$id" -o jsonpath='{.spec.storageNode}')" = "$a" ] || echo "$id@$a"; done <"$work/records.txt" | paste -sd' ')
+check "each record is on the storage node its NbdVolume names" "" "$misplaced"
+check "every NbdVolume Available" "" "$(k get nbdvolumes -o jsonpath='{range .items[*]}{.metadata.name}={.status.phase}{"\n"}{end}' | grep -v '=Available$' | paste -sd' ')"
+quarantined=$(find "$disks" -path '*quarantine*' -type f 2>/dev/null | wc -l)
+check "nothing quarantined by the agents" 0 "$quarantined"
+
+for a in "${agents[@]}"; do
+    if kill -0 "${agent_pid[$a]}" 2>/dev/null; then ok "agent $a still running"; else bad "agent $a exited: $(tail -n 5 "$work/agent-$a.log")"; fi
+done
+if kill -0 "$controller_pid" 2>/dev/null; then ok "nbd-csi-controller still running"; else bad "nbd-csi-controller exited"; fi
+echo "scale-out: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

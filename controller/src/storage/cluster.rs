@@ -55,6 +55,11 @@ pub struct Cluster {
     export_key: ExportKey,
     /// How long a call waits for an agent's status.
     timeout: Duration,
+    /// Held from reading the storage nodes' room to creating the object:
+    /// placements in this process see each other's volumes. Without it, a
+    /// burst of CreateVolume calls (the provisioner sends them in
+    /// parallel) all read the same room and all pick the same node.
+    placing: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -92,7 +97,7 @@ fn post_params() -> PostParams {
 
 impl Cluster {
     pub fn new(client: kube::Client, namespace: String, export_key: ExportKey, timeout: Duration) -> Self {
-        Self { client, namespace, export_key, timeout }
+        Self { client, namespace, export_key, timeout, placing: tokio::sync::Mutex::new(()) }
     }
 
     fn volumes(&self) -> Api<NbdVolume> {
@@ -279,6 +284,7 @@ impl Cluster {
         let (source_node, minimum) = self.source(request).await?;
         let size =
             capacity(Some(&CapacityRange { required_bytes: request.required, limit_bytes: request.limit }), minimum)?;
+        let placing = self.placing.lock().await;
         let nodes = self.storage_nodes(selector).await?;
         let node = match source_node {
             Some(node) => {
@@ -288,7 +294,9 @@ impl Cluster {
             None => placement::place(&nodes, size, selector)?.name.clone(),
         };
         let object = NbdVolume::new(&id, objects::volume_spec(request, &node, size));
-        match api.create(&post_params(), &object).await {
+        let created = api.create(&post_params(), &object).await;
+        drop(placing);
+        match created {
             Ok(_) => tracing::info!(volume.id = %id, storage_node = %node, size, "volume object created"),
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 // Another replica, or an earlier try, was first.

@@ -86,13 +86,11 @@ qemu_io() { # COMMANDS...: qemu-io on the export; fails on any failed command
 }
 
 # --- the agent's binary, RBAC, identity and key
-if ! cargo build --locked -q -p nbd-csi-controller --bin nbd-csi-controller >"$agent_dir/build.txt" 2>&1; then
+if ! agent_bin=$(controller_binary 2>"$agent_dir/build.txt"); then
     cat "$agent_dir/build.txt" >&2
     bad "building nbd-csi-controller"
     return 0
 fi
-agent_bin=$(cargo metadata --format-version 1 --no-deps --offline |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/nbd-csi-controller
 # Ten ports free on the agent's address, and one for its metrics.
 read -r agent_ports agent_metrics_port < <(python3 - "$agent_addr" <<'PY'
 import socket, sys

@@ -1,9 +1,10 @@
 # shellcheck shell=bash
-# Shared by tests/k8s/apiserver.sh and tests/k8s/e2e.sh (sourced after
+# Shared by the suites in tests/k8s/ (sourced after
 # tests/k8s/tools.sh, from the repository root):
 #   - ok/bad: one line per check, counted in $passed and $failed
 #   - cluster_init PREFIX: a work directory ($work) and an EXIT trap that stops
 #     every process in $pids, newest first (so kube-apiserver before etcd)
+#   - controller_binary: the nbd-csi-controller to run (built when needed)
 #   - cluster_start: etcd and kube-apiserver on 127.0.0.1 (free ports, token
 #     authentication, RBAC, service-account tokens); exports KUBECONFIG (admin)
 #     and sets $api_url, $api_ca, $admin_token, $kubectl, $helm.
@@ -11,6 +12,19 @@
 
 passed=0
 failed=0
+# The nbd-csi-controller binary the suites run, its path on stdout:
+# $NBD_CSI_CONTROLLER when set, otherwise the workspace's debug build, built
+# here (cargo's messages on stderr).
+controller_binary() {
+    if [ -n "${NBD_CSI_CONTROLLER:-}" ]; then
+        realpath "$NBD_CSI_CONTROLLER"
+        return
+    fi
+    cargo build --locked -q -p nbd-csi-controller --bin nbd-csi-controller >&2 || return 1
+    cargo metadata --format-version 1 --no-deps --offline |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"] + "/debug/nbd-csi-controller")'
+}
+
 ok() { passed=$((passed + 1)); echo "ok [${SECONDS}s]: $*"; }
 bad() { failed=$((failed + 1)); echo "FAILED [${SECONDS}s]: $*" >&2; }
 

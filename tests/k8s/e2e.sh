@@ -31,12 +31,7 @@ cd "$(dirname "$0")/../.."
 
 ensure_helm
 ensure_csi_sidecars
-controller_bin=${NBD_CSI_CONTROLLER:-}
-if [ -z "$controller_bin" ]; then
-    cargo build --locked -q -p nbd-csi-controller --bin nbd-csi-controller
-    controller_bin=target/debug/nbd-csi-controller
-fi
-controller_bin=$(realpath "$controller_bin")
+controller_bin=$(controller_binary)
 probe=(python3 tests/k8s/nbd_probe.py)
 driver=nbd.csi.dev
 

@@ -35,13 +35,7 @@ cd "$(dirname "$0")/../.."
 
 ensure_helm
 ensure_csi_sidecars
-controller_bin=${NBD_CSI_CONTROLLER:-}
-if [ -z "$controller_bin" ]; then
-    cargo build --locked -q -p nbd-csi-controller --bin nbd-csi-controller || exit 1
-    controller_bin=$(cargo metadata --format-version 1 --no-deps --offline |
-        python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/nbd-csi-controller
-fi
-controller_bin=$(realpath "$controller_bin")
+controller_bin=$(controller_binary) || exit 1
 driver=nbd.csi.dev
 ns=nbd-csi
 MIB=1048576

@@ -33,6 +33,8 @@ import tempfile
 
 import yaml
 
+from checks import bad, failed, ok
+
 OUR_BINARIES = ("nbd-csi-controller", "nbd-csi-node")
 # What the API server fills in for the downward API, for these checks.
 FIELD_VALUES = {
@@ -44,19 +46,6 @@ FIELD_VALUES = {
     "metadata.namespace": "kube-system",
 }
 VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
-
-failures = 0
-
-
-def ok(msg):
-    print(f"ok: {msg}")
-
-
-def bad(msg):
-    global failures
-    failures += 1
-    print(f"FAILED: {msg}", file=sys.stderr)
-
 
 def expand(text, env):
     """Kubernetes' $(VAR) expansion: a defined variable is replaced, $$ is
@@ -275,7 +264,7 @@ def main():
     for name in expectations:
         if name not in seen:
             bad(f"no accepted container {name} in {opts.rendered}")
-    return 1 if failures else 0
+    return 1 if failed() else 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import sys
 
 import yaml
 
+from checks import bad, failed, ok
+
 STORAGE_SA = "nbd-csi-storage"
 CONTROLLER_SA = "nbd-csi-controller"
 NAMESPACE = "kube-system"
@@ -49,19 +51,6 @@ CONTROLLER_CLUSTER_ADDS = {
     (NAMESPACE, "", "secrets", "create", ""),
     (NAMESPACE, "", "secrets", "get", KEY_SECRET),
 }
-
-failures = 0
-
-
-def ok(msg):
-    print(f"ok: {msg}")
-
-
-def bad(msg):
-    global failures
-    failures += 1
-    print(f"FAILED: {msg}", file=sys.stderr)
-
 
 def load(path):
     with open(path) as f:
@@ -194,7 +183,7 @@ def main():
         bad(f"embedded mode renders storage objects {storage} or nbd.csi.dev permissions {nbd_rules}")
     else:
         ok("embedded mode renders nothing of the storage role")
-    return 1 if failures else 0
+    return 1 if failed() else 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
@@ -17,24 +16,13 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use nbd_csi_agent::resources::{
     AccessType, ExportKey, FINALIZER, NbdStorageNode, NbdVolume, NbdVolumeSpec, PublishedTo, Reconciler, VolumePhase,
 };
-use nbd_csi_agent::testing::Client;
+use nbd_csi_agent::testing::{Client, eventually};
 use nbd_csi_agent::{Agent, Config, ConnectionCaps, LogsOnly, NewVolume};
 
 const VOL: &str = "vol-0000000000000000000000000000a001";
 const ORPHAN: &str = "vol-0000000000000000000000000000a002";
 const NODE: &str = "storage-0";
 const KEY: [u8; 32] = [3; 32];
-
-/// Polls `check` every 100 ms for at most 30 s.
-async fn eventually<T, F: Future<Output = Option<T>>>(what: &str, mut check: impl FnMut() -> F) -> T {
-    for _ in 0..300 {
-        if let Some(value) = check().await {
-            return value;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not within 30 s");
-}
 
 #[tokio::test]
 async fn the_reconciler_drives_an_agent_from_objects_on_a_real_api_server() {

@@ -12,10 +12,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use agent::resources::{ExportKey, NbdStorageNode, NbdVolume, Reconciler};
-use agent::testing::{Client, Tmpfs};
+use agent::testing::{Client, Tmpfs, eventually};
 use agent::{Agent, Config, ConnectionCaps, LogsOnly};
 use csi_proto::volume_capability::access_mode::Mode;
 use csi_proto::volume_content_source::{Type as SourceType, VolumeSource};
@@ -41,17 +40,6 @@ const AGENTS: [(&str, &str, u64, u16); 3] = [
     ("storage-2", "127.0.1.2", 128 * MIB, 30200),
     ("storage-3", "127.0.1.3", 192 * MIB, 30300),
 ];
-
-/// Polls `check` every 100 ms for at most 30 s.
-async fn eventually<T, F: Future<Output = Option<T>>>(what: &str, mut check: impl FnMut() -> F) -> T {
-    for _ in 0..300 {
-        if let Some(value) = check().await {
-            return value;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not within 30 s");
-}
 
 /// Creates `object` unless it exists.
 async fn ensure<K>(api: &Api<K>, object: &K)

@@ -1,8 +1,9 @@
 //! The [`Agent`]: the one owner of a data directory's volumes and snapshots
-//! and of their NBD servers. It loads the store, serves every volume on its
-//! recorded port, keeps them serving (a background pass retries servers
-//! that are down and notices an image put back), and changes volumes and
-//! snapshots when asked, each operation durable before it returns.
+//! and of their NBD servers. It loads the store, serves every published
+//! volume on its recorded port, keeps them serving (a background pass
+//! retries servers that are down and notices an image put back), and
+//! changes volumes and snapshots when asked, each operation durable before
+//! it returns.
 //!
 //! Its operations say what should be (a volume of this size from this
 //! source, these nodes may connect); they know nothing of CSI, gRPC or
@@ -10,7 +11,7 @@
 //! agent process can drive one from custom resources the same way.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -34,8 +35,9 @@ pub const REFRESH: Duration = Duration::from_secs(30);
 pub struct Config {
     /// Address the NBD servers bind.
     pub listen: IpAddr,
-    /// Ports new volumes' servers take (the first free one); a volume keeps
-    /// its port for life, across restarts.
+    /// Ports the servers of published volumes take (the first free one); a
+    /// volume keeps its port while it is published, across restarts, and
+    /// gives it back when it is published nowhere.
     pub ports: RangeInclusive<u16>,
     pub connection_caps: ConnectionCaps,
 }
@@ -80,8 +82,10 @@ pub(crate) fn creation_id(chosen: Option<String>, prefix: &str, valid: fn(&str) 
 
 impl Agent {
     /// Loads the store under `data_dir` (creating it if needed) and starts
-    /// every volume's server on its recorded port. A server that cannot
-    /// start is logged, reported and retried in the background;
+    /// every published volume's server on its recorded port (ports that
+    /// unpublished volumes of older versions still hold are given back). A
+    /// server that cannot start is logged, reported and retried in the
+    /// background;
     /// [`Agent::ready`] is false until it runs. A volume whose image file is
     /// missing is marked broken (reported through its condition and to
     /// `reporter`) instead of stopping start-up: the others serve normally.
@@ -108,7 +112,17 @@ impl Agent {
                 continue;
             }
             agent.reconcile_size(id).await?;
-            if let Err(e) = agent.restart_server(id).await {
+            let Some(record) = agent.state().volume_record(id) else { continue };
+            if record.published.is_empty() {
+                if record.port.is_some()
+                    && let Err(e) = agent.release_port(record).await
+                {
+                    // Still held in the record: given back at its next unpublish.
+                    tracing::warn!(volume.id = %id, error = %e, "giving back an unpublished volume's port failed");
+                }
+                continue;
+            }
+            if let Err(e) = agent.start_server(id).await {
                 tracing::error!(volume.id = %id, error = %e, "volume server did not start; will retry");
                 agent.report_server_down(id, &e);
             }
@@ -135,7 +149,7 @@ impl Agent {
         &self.exports
     }
 
-    /// Ready when every stored volume's server is listening; a broken
+    /// Ready when every published volume's server is listening; a broken
     /// volume never will, and is reported through its condition instead.
     pub fn ready(&self) -> bool {
         self.state().all_serving_or_broken()
@@ -197,12 +211,6 @@ impl Agent {
 
     pub(crate) async fn lock(&self, object: Object) -> OwnedMutexGuard<()> {
         self.locks.lock(object).await
-    }
-
-    /// Adds a volume created just now, with its running server.
-    pub(crate) fn add_served_volume(&self, record: VolumeRecord, served: Served) {
-        self.exports.insert(&record.id, Arc::clone(&served.export));
-        self.state().add_volume(record, Some(served));
     }
 
     /// Takes volume `id`'s server out of service (its metrics go with it).
@@ -288,34 +296,69 @@ impl Agent {
         Ok(())
     }
 
-    /// (Re)starts a stored volume's server on its recorded port.
-    pub(crate) async fn restart_server(&self, id: &str) -> Result<()> {
-        let Some(record) = self.state().volume_record(id) else { return Ok(()) };
-        let served =
-            volumes::serve(&self.store.volume_image(id), &record, self.config.listen, self.config.connection_caps)
-                .await
-                .map_err(|e| Error::io(format!("serving volume {id} on port {}", record.port), e))?;
+    /// (Re)starts a published volume's server: on its recorded port, or on
+    /// the first free one (saved in its record) when it has none yet.
+    pub(crate) async fn start_server(&self, id: &str) -> Result<()> {
+        let Some(mut record) = self.state().volume_record(id) else { return Ok(()) };
+        let served = match record.port {
+            Some(port) => {
+                let addr = SocketAddr::new(self.config.listen, port);
+                volumes::serve(&self.store.volume_image(id), &record, addr, self.config.connection_caps)
+                    .await
+                    .map_err(|e| Error::io(format!("serving volume {id} on port {port}"), e))?
+            }
+            None => {
+                let served = self.serve_new(&mut record).await?;
+                if let Err(e) = self.save(record).await {
+                    let _ = served.stop().await;
+                    return Err(e);
+                }
+                served
+            }
+        };
+        self.install_server(id, served).await;
+        Ok(())
+    }
+
+    /// After a failed attempt to take volume `id` out of service: serves it
+    /// again if it is published (a volume published nowhere has no server).
+    pub(crate) async fn resume_serving(&self, id: &str) {
+        let published = self.state().volume(id).is_some_and(|v| v.should_serve());
+        if published && let Err(e) = self.start_server(id).await {
+            tracing::warn!(volume.id = %id, error = %e, "volume server did not start again; will retry");
+            self.report_server_down(id, &e);
+        }
+    }
+
+    /// Makes `served` volume `id`'s server, stopping the one it replaces.
+    pub(crate) async fn install_server(&self, id: &str, served: Served) {
         self.exports.insert(id, Arc::clone(&served.export));
         let old = self.state().replace_server(id, served);
         if let Some(old) = old {
             let _ = old.stop().await;
         }
-        Ok(())
     }
 
-    /// Starts a server for a new volume on the first free port of the range.
+    /// Starts a server for a volume on the first free port of the range
+    /// and names it in `record` (not saved yet).
     pub(crate) async fn serve_new(&self, record: &mut VolumeRecord) -> Result<Served> {
         let image = self.store.volume_image(&record.id);
         let used = self.state().used_ports();
         for port in self.config.ports.clone().filter(|p| !used.contains(p)) {
-            record.port = port;
-            match volumes::serve(&image, record, self.config.listen, self.config.connection_caps).await {
+            record.port = Some(port);
+            let addr = SocketAddr::new(self.config.listen, port);
+            match volumes::serve(&image, record, addr, self.config.connection_caps).await {
                 Ok(served) => return Ok(served),
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
                 Err(e) => return Err(Error::io(format!("serving volume {} on port {port}", record.id), e)),
             }
         }
-        Err(Error::exhausted(format!("no free NBD port in {}-{}", self.config.ports.start(), self.config.ports.end())))
+        record.port = None;
+        Err(Error::exhausted(format!(
+            "no free NBD port in {}-{}: as many volumes as the range holds are published",
+            self.config.ports.start(),
+            self.config.ports.end()
+        )))
     }
 
     /// One background pass: refill the metadata reserve, restart servers
@@ -330,7 +373,8 @@ impl Agent {
         let ids: Vec<String> = self.state().volume_ids().cloned().collect();
         for id in ids {
             let _guard = self.lock(Object::Volume(id.clone())).await;
-            let Some((serving, broken)) = self.state().volume(&id).map(|v| (v.is_serving(), v.broken().is_some()))
+            let Some((serving, broken)) =
+                self.state().volume(&id).map(|v| (v.is_serving() || !v.should_serve(), v.broken().is_some()))
             else {
                 continue;
             };
@@ -344,7 +388,7 @@ impl Agent {
                     tracing::warn!(volume.id = %id, error = %e, "checking the returned image failed");
                 }
             }
-            if !serving && let Err(e) = self.restart_server(&id).await {
+            if !serving && let Err(e) = self.start_server(&id).await {
                 tracing::warn!(volume.id = %id, error = %e, "volume server still down");
                 self.report_server_down(&id, &e);
             }

@@ -1,8 +1,8 @@
 //! `nbd-csi-agent`: the storage role of nbd-csi as a library. It owns a
 //! data directory, the store (sparse image files with crash-safe JSON
-//! records), and one NBD server per volume, and changes them when told what
-//! should be: create, clone, restore, grow and delete volumes, take and
-//! delete snapshots, set which nodes may connect to a volume.
+//! records), and one NBD server per published volume, and changes them when
+//! told what should be: create, clone, restore, grow and delete volumes,
+//! take and delete snapshots, set which nodes may connect to a volume.
 //!
 //! Its core (the [`Agent`], the store, the servers) knows nothing of CSI,
 //! gRPC or Kubernetes: the controller drives one in-process [`Agent`]
@@ -35,7 +35,7 @@ mod volumes;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use access::Fence;
+pub use access::AccessChange;
 pub use agent::{Agent, Config, REFRESH};
 pub use error::{Error, Kind, Result};
 pub use exports::ExportTable;

@@ -31,7 +31,7 @@ impl Agent {
                 Ok(path)
             }
             Err(e) => {
-                let _ = self.restart_server(id).await;
+                self.resume_serving(id).await;
                 Err(e)
             }
         }

@@ -40,6 +40,11 @@ impl Volume {
         self.served.as_ref().is_some_and(Served::is_serving)
     }
 
+    /// A volume has a server (and a port) only while it is published.
+    pub fn should_serve(&self) -> bool {
+        !self.record.published.is_empty()
+    }
+
     /// Why the volume cannot be served, when it cannot.
     pub fn broken(&self) -> Option<&str> {
         self.broken.as_deref()
@@ -57,10 +62,11 @@ impl Volume {
 
     /// A copy of what callers may know of it.
     pub fn status(&self) -> VolumeStatus {
-        let condition = match (&self.broken, self.is_serving()) {
-            (Some(reason), _) => Condition::Broken(reason.clone()),
-            (None, true) => Condition::Serving,
-            (None, false) => Condition::NotServing,
+        let condition = match (&self.broken, self.should_serve(), self.is_serving()) {
+            (Some(reason), _, _) => Condition::Broken(reason.clone()),
+            (None, false, _) => Condition::Unpublished,
+            (None, true, true) => Condition::Serving,
+            (None, true, false) => Condition::NotServing,
         };
         VolumeStatus { record: self.record.clone(), condition }
     }
@@ -70,7 +76,10 @@ impl Volume {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Condition {
     Serving,
-    /// Its server is down (being retried in the background).
+    /// Published to no node, so it has no server and holds no port: both
+    /// are taken at its first publication.
+    Unpublished,
+    /// It is published but its server is down (retried in the background).
     NotServing,
     /// It cannot be served at all, for this reason (its image file is
     /// missing); it can still be deleted.
@@ -90,7 +99,7 @@ impl VolumeStatus {
     pub fn check_usable(&self) -> Result<()> {
         match &self.condition {
             Condition::Broken(reason) => Err(Error::precondition(format!("volume {}: {reason}", self.record.id))),
-            Condition::Serving | Condition::NotServing => Ok(()),
+            Condition::Serving | Condition::Unpublished | Condition::NotServing => Ok(()),
         }
     }
 }
@@ -132,13 +141,13 @@ impl State {
 
     /// The NBD ports the volumes hold.
     pub fn used_ports(&self) -> BTreeSet<u16> {
-        self.volumes.values().map(|v| v.record.port).collect()
+        self.volumes.values().filter_map(|v| v.record.port).collect()
     }
 
-    /// Every volume is serving, or broken (it never will serve, and says so
-    /// through its condition).
+    /// Every published volume is serving, or broken (it never will serve,
+    /// and says so through its condition).
     pub fn all_serving_or_broken(&self) -> bool {
-        self.volumes.values().all(|v| v.is_serving() || v.broken.is_some())
+        self.volumes.values().all(|v| !v.should_serve() || v.is_serving() || v.broken.is_some())
     }
 
     /// A volume created just now (with its server), or one being restored.
@@ -254,9 +263,13 @@ mod tests {
     }
 
     #[test]
-    fn ready_once_every_volume_serves_or_is_known_broken() {
-        let mut state = state(&[volume("vol-a")]);
-        assert!(!state.all_serving_or_broken(), "no server yet");
+    fn ready_once_every_published_volume_serves_or_is_known_broken() {
+        let publication = crate::store::Publication { read_only: false, access_mode: 1, addresses: None };
+        let published = VolumeRecord { published: [("node".to_string(), publication)].into(), ..volume("vol-a") };
+        let mut state = state(&[published, volume("vol-idle")]);
+        assert_eq!(state.volume("vol-idle").unwrap().status().condition, Condition::Unpublished);
+        assert_eq!(state.volume("vol-a").unwrap().status().condition, Condition::NotServing);
+        assert!(!state.all_serving_or_broken(), "no server yet for the published volume");
         state.mark_broken("vol-a", "image file is missing".into());
         assert!(state.all_serving_or_broken());
         let error = state.volume("vol-a").unwrap().check_usable().unwrap_err();

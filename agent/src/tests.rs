@@ -81,8 +81,17 @@ fn access(addresses: &[&str], read_only: bool) -> BTreeMap<String, Publication> 
     [("node-a".to_string(), publication)].into()
 }
 
+/// Publishes volume `id` to `published`; returns its record, which names
+/// the port its server took.
+async fn publish(agent: &Agent, id: &str, published: BTreeMap<String, Publication>) -> VolumeRecord {
+    let change = agent.set_access(id, published, FENCE).await.unwrap();
+    let record = agent.volume(id).unwrap().record;
+    assert_eq!(record.port, change.port);
+    record
+}
+
 fn address(record: &VolumeRecord) -> String {
-    SocketAddr::new(loopback(), record.port).to_string()
+    SocketAddr::new(loopback(), record.port.expect("a published volume has a port")).to_string()
 }
 
 async fn connect(record: &VolumeRecord) -> Client {
@@ -104,9 +113,10 @@ async fn a_volume_serves_the_same_data_on_the_same_port_after_a_restart() {
     let config = config();
     let (agent, _) = open(&config, dir.path()).await;
     let record = agent.create_volume(new_volume("restart", 4 * MIB, None)).await.unwrap();
-    assert!(config.ports.contains(&record.port), "port {} is from the range", record.port);
     assert_eq!(agent.find_volume_by_name("restart").as_ref(), Some(&record));
-    agent.set_access(&record.id, access(&["127.0.0.1"], false)).await.unwrap().wait(FENCE).await.unwrap();
+    let record = publish(&agent, &record.id, access(&["127.0.0.1"], false)).await;
+    let port = record.port.unwrap();
+    assert!(config.ports.contains(&port), "port {port} is from the range");
     let mut client = connect(&record).await;
     assert_eq!(client.size, 4 * MIB);
     assert_eq!(client.write(MIB, &[0x5a; 4096]).await.unwrap(), 0);
@@ -128,7 +138,7 @@ async fn a_volume_serves_the_same_data_on_the_same_port_after_a_restart() {
     // Deleting takes the access away first.
     let still = agent.delete_volume(&record.id).await.unwrap_err();
     assert_eq!(still.kind(), Kind::FailedPrecondition, "{still}");
-    drop(agent.set_access(&record.id, BTreeMap::new()).await.unwrap());
+    agent.set_access(&record.id, BTreeMap::new(), FENCE).await.unwrap();
     assert!(client.is_closed().await, "a client whose access is gone is stopped");
     agent.delete_volume(&record.id).await.unwrap();
     agent.delete_volume(&record.id).await.expect("deleting what is gone succeeds");
@@ -142,32 +152,31 @@ async fn access_admits_only_the_addresses_it_names_and_fences_the_ones_it_drops(
     let dir = tempfile::tempdir().unwrap();
     let (agent, _) = open(&config(), dir.path()).await;
     let record = agent.create_volume(new_volume("access", MIB, None)).await.unwrap();
-    assert!(refused(&record).await, "a volume published nowhere admits nobody");
+    assert_eq!(record.port, None, "a volume published nowhere has no server");
 
-    agent.set_access(&record.id, access(&["127.0.0.2"], false)).await.unwrap().wait(FENCE).await.unwrap();
+    let record = publish(&agent, &record.id, access(&["127.0.0.2"], false)).await;
     assert!(refused(&record).await, "a client from 127.0.0.1 is refused when only 127.0.0.2 may connect");
 
-    agent.set_access(&record.id, access(&["127.0.0.1"], true)).await.unwrap().wait(FENCE).await.unwrap();
+    let record = publish(&agent, &record.id, access(&["127.0.0.1"], true)).await;
     let mut reader = connect(&record).await;
     assert_eq!(reader.write(0, &[1; 512]).await.unwrap(), EPERM, "a read-only peer may not write");
     assert_eq!(reader.read(0, 512).await.unwrap(), vec![0; 512]);
 
     // The peer may now write: its read-only connection is stopped, and the
     // fence resolves once it is done with the file.
-    let fence = agent.set_access(&record.id, access(&["127.0.0.1"], false)).await.unwrap();
-    assert_eq!(fence.stopped(), 1);
-    fence.wait(FENCE).await.unwrap();
+    let change = agent.set_access(&record.id, access(&["127.0.0.1"], false), FENCE).await.unwrap();
+    assert_eq!(change, AccessChange { stopped: 1, port: record.port }, "the same server, the same port");
     assert!(reader.is_closed().await);
     let mut writer = connect(&record).await;
     assert_eq!(writer.write(0, &[2; 512]).await.unwrap(), 0);
 
-    let fence = agent.set_access(&record.id, access(&["127.0.0.2"], false)).await.unwrap();
-    assert_eq!(fence.stopped(), 1, "the dropped address's connection is stopped");
-    fence.wait(FENCE).await.unwrap();
+    let change = agent.set_access(&record.id, access(&["127.0.0.2"], false), FENCE).await.unwrap();
+    assert_eq!(change.stopped, 1, "the dropped address's connection is stopped");
     assert!(writer.is_closed().await);
     assert!(refused(&record).await);
 
-    let missing = agent.set_access("vol-00000000000000000000000000000000", BTreeMap::new()).await.unwrap_err();
+    let missing = agent.set_access("vol-00000000000000000000000000000000", BTreeMap::new(), FENCE);
+    let missing = missing.await.unwrap_err();
     assert_eq!(missing.kind(), Kind::NotFound);
     agent.shutdown().await;
 }
@@ -177,7 +186,7 @@ async fn snapshots_and_clones_are_point_in_time_copies_and_volumes_grow_online()
     let dir = tempfile::tempdir().unwrap();
     let (agent, _) = open(&config(), dir.path()).await;
     let source = agent.create_volume(new_volume("source", 2 * MIB, None)).await.unwrap();
-    agent.set_access(&source.id, access(&["127.0.0.1"], false)).await.unwrap().wait(FENCE).await.unwrap();
+    let source = publish(&agent, &source.id, access(&["127.0.0.1"], false)).await;
     let mut client = connect(&source).await;
     assert_eq!(client.write(0, &[1; 4096]).await.unwrap(), 0);
 
@@ -198,8 +207,8 @@ async fn snapshots_and_clones_are_point_in_time_copies_and_volumes_grow_online()
     assert_eq!(agent.create_volume(gone).await.unwrap_err().kind(), Kind::NotFound);
 
     for (record, byte, size) in [(&clone, 2, 2 * MIB), (&restored, 1, 3 * MIB)] {
-        agent.set_access(&record.id, access(&["127.0.0.1"], false)).await.unwrap().wait(FENCE).await.unwrap();
-        let mut copy = connect(record).await;
+        let record = publish(&agent, &record.id, access(&["127.0.0.1"], false)).await;
+        let mut copy = connect(&record).await;
         assert_eq!(copy.size, size);
         assert_eq!(copy.read(0, 4096).await.unwrap(), vec![byte; 4096], "{} holds its source's data", record.name);
     }
@@ -222,14 +231,16 @@ async fn a_missing_image_and_a_taken_port_are_reported_and_healed_by_the_refresh
     let config = config();
     let (agent, _) = open(&config, dir.path()).await;
     let lost = agent.create_volume(new_volume("lost", MIB, None)).await.unwrap();
+    let lost = publish(&agent, &lost.id, access(&["127.0.0.1"], false)).await;
     let blocked = agent.create_volume(new_volume("blocked", MIB, None)).await.unwrap();
+    let blocked = publish(&agent, &blocked.id, access(&["127.0.0.1"], false)).await;
     agent.shutdown().await;
     drop(agent);
 
     let image = dir.path().join("volumes").join(format!("{}.img", lost.id));
     let kept = dir.path().join("kept.img");
     std::fs::rename(&image, &kept).unwrap();
-    let squatter = std::net::TcpListener::bind(SocketAddr::new(loopback(), blocked.port)).unwrap();
+    let squatter = std::net::TcpListener::bind(address(&blocked)).unwrap();
 
     let (agent, recorded) = open(&config, dir.path()).await;
     let reports = recorded.take();
@@ -261,8 +272,7 @@ async fn a_missing_image_and_a_taken_port_are_reported_and_healed_by_the_refresh
     assert!(agent.ready());
     for record in [&lost, &blocked] {
         assert_eq!(agent.volume(&record.id).unwrap().condition, Condition::Serving);
-        agent.set_access(&record.id, access(&["127.0.0.1"], false)).await.unwrap().wait(FENCE).await.unwrap();
-        assert_eq!(connect(record).await.size, MIB, "{} serves on its port {}", record.name, record.port);
+        assert_eq!(connect(record).await.size, MIB, "{} serves on its port {:?}", record.name, record.port);
     }
     agent.shutdown().await;
 }
@@ -304,7 +314,7 @@ async fn a_chosen_export_name_is_served_and_kept_and_a_bad_one_refused() {
     let new = NewVolume { export_name: Some(chosen.clone()), ..new_volume("named", MIB, None) };
     let record = agent.create_volume(new).await.unwrap();
     assert_eq!(record.export_name, chosen);
-    agent.set_access(&record.id, access(&["127.0.0.1"], false)).await.unwrap().wait(FENCE).await.unwrap();
+    let record = publish(&agent, &record.id, access(&["127.0.0.1"], false)).await;
     assert_eq!(connect(&record).await.size, MIB, "served under the chosen name");
     for bad in [String::new(), "x".repeat(4097)] {
         let new = NewVolume { export_name: Some(bad), ..new_volume("bad", MIB, None) };
@@ -322,7 +332,7 @@ async fn a_quarantined_volume_stops_serving_and_its_files_move_aside_intact() {
     let (agent, _) = open(&config(), dir.path()).await;
     let record = agent.create_volume(new_volume("orphan", MIB, None)).await.unwrap();
     let kept = agent.create_volume(new_volume("kept", MIB, None)).await.unwrap();
-    agent.set_access(&record.id, access(&["127.0.0.1"], false)).await.unwrap().wait(FENCE).await.unwrap();
+    let record = publish(&agent, &record.id, access(&["127.0.0.1"], false)).await;
     let mut client = connect(&record).await;
     assert_eq!(client.write(0, &[0xab; 512]).await.unwrap(), 0);
     assert_eq!(client.flush().await.unwrap(), 0);
@@ -342,5 +352,70 @@ async fn a_quarantined_volume_stops_serving_and_its_files_move_aside_intact() {
     assert_eq!(agent.volume_ids(), std::slice::from_ref(&kept.id));
     assert!(aside.join(format!("{}.img", record.id)).exists());
     assert_eq!(agent.quarantine_volume(&record.id).await.unwrap_err().kind(), Kind::NotFound);
+    agent.shutdown().await;
+}
+
+/// The port range bounds how many volumes are published at once, not how
+/// many exist: a port is taken at the first publication, kept across a
+/// restart, and given back at the last unpublication.
+#[tokio::test]
+async fn ports_are_taken_at_publication_and_given_back_at_the_last_unpublication() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = config();
+    let config = Config { ports: *base.ports.start()..=*base.ports.start() + 1, ..base };
+    let (agent, _) = open(&config, dir.path()).await;
+    let mut created = Vec::new();
+    for name in ["a", "b", "c"] {
+        let record = agent.create_volume(new_volume(name, MIB, None)).await.expect("more volumes than ports");
+        assert_eq!(record.port, None);
+        assert_eq!(agent.volume(&record.id).unwrap().condition, Condition::Unpublished);
+        created.push(record);
+    }
+    assert!(agent.ready(), "nothing published, nothing to serve");
+    let a = publish(&agent, &created[0].id, access(&["127.0.0.1"], false)).await;
+    let b = publish(&agent, &created[1].id, access(&["127.0.0.1"], false)).await;
+    assert_eq!([a.port, b.port], [Some(*config.ports.start()), Some(*config.ports.end())]);
+
+    let full = agent.set_access(&created[2].id, access(&["127.0.0.1"], false), FENCE).await.unwrap_err();
+    assert_eq!(full.kind(), Kind::ResourceExhausted, "{full}");
+    let c = agent.volume(&created[2].id).unwrap().record;
+    assert!(c.published.is_empty() && c.port.is_none(), "a refused publication changes nothing: {c:?}");
+
+    let mut client = connect(&a).await;
+    assert_eq!(client.write(0, &[7; 512]).await.unwrap(), 0);
+    let change = agent.set_access(&a.id, BTreeMap::new(), FENCE).await.unwrap();
+    assert_eq!(change, AccessChange { stopped: 1, port: None });
+    assert!(client.is_closed().await);
+    assert_eq!(agent.volume(&a.id).unwrap().condition, Condition::Unpublished);
+    assert!(tokio::net::TcpStream::connect(address(&a)).await.is_err(), "its server is stopped");
+
+    let c = publish(&agent, &c.id, access(&["127.0.0.1"], false)).await;
+    assert_eq!(c.port, a.port, "the port given back is the first free one");
+    agent.shutdown().await;
+    drop(agent);
+
+    // An older version kept a port for every volume: give back the ones of
+    // volumes published nowhere.
+    let path = dir.path().join("volumes").join(format!("{}.json", a.id));
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert!(json.get("port").is_none(), "{json}");
+    json["port"] = serde_json::json!(*config.ports.end() + 100);
+    std::fs::write(&path, json.to_string()).unwrap();
+
+    let (agent, _) = open(&config, dir.path()).await;
+    assert!(agent.ready());
+    for record in [&b, &c] {
+        let reopened = agent.volume(&record.id).unwrap();
+        assert_eq!((reopened.condition, reopened.record.port), (Condition::Serving, record.port), "same port");
+        assert_eq!(connect(record).await.size, MIB);
+    }
+    let mut reader = connect(&c).await;
+    assert_eq!(reader.read(0, 512).await.unwrap(), vec![0; 512], "c's own data, not a's");
+    assert_eq!(agent.volume(&a.id).unwrap().record.port, None, "the legacy port is given back");
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert!(saved.get("port").is_none(), "and the record saved without it: {saved}");
+    agent.set_access(&b.id, BTreeMap::new(), FENCE).await.unwrap();
+    let a = publish(&agent, &a.id, access(&["127.0.0.1"], false)).await;
+    assert_eq!(connect(&a).await.read(0, 512).await.unwrap(), vec![7; 512], "a keeps its data unpublished");
     agent.shutdown().await;
 }

@@ -9,7 +9,7 @@ use crate::agent::{Agent, Object, blocking, creation_id};
 use crate::error::{Error, Kind, Result};
 use crate::store::{self, FORMAT, Source, VolumeRecord};
 
-/// A volume to create; the agent picks its id, port and export name.
+/// A volume to create; the agent picks its id and export name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewVolume {
     /// The id to create it under, for a caller that names volumes itself
@@ -43,10 +43,10 @@ const MAX_EXPORT_NAME: usize = nbd::consts::limits::MAX_STRING_LEN as usize;
 
 impl Agent {
     /// Creates the volume: its image (copied from the source, if any, while
-    /// no write can reach a source volume), its server on the first free
-    /// port, then its record, the commit point. NOT_FOUND for a missing
-    /// source, FAILED_PRECONDITION for a source volume without its image,
-    /// RESOURCE_EXHAUSTED without the space or a free port.
+    /// no write can reach a source volume), then its record, the commit
+    /// point. It has no server and no port until it is published. NOT_FOUND
+    /// for a missing source, FAILED_PRECONDITION for a source volume
+    /// without its image, RESOURCE_EXHAUSTED without the space.
     pub async fn create_volume(&self, new: NewVolume) -> Result<VolumeRecord> {
         let id = creation_id(new.id, "vol-", store::is_volume_id)?;
         let _creating = self.lock(Object::Creation(id.clone())).await;
@@ -90,7 +90,7 @@ impl Agent {
         }
         let store = Arc::clone(self.store());
         blocking(move || store.check_space(size)).await?;
-        let mut record = VolumeRecord {
+        let record = VolumeRecord {
             format: FORMAT,
             id: id.clone(),
             name: new.name,
@@ -101,7 +101,7 @@ impl Agent {
             fs_type: new.fs_type,
             parameters: new.parameters,
             source: new.source,
-            port: 0,
+            port: None,
             export_name,
             published: Default::default(),
         };
@@ -113,23 +113,15 @@ impl Agent {
             }
             (_, image) => blocking(move || store.create_volume_image(&new_id, size, image.as_deref())).await?,
         }
-        let served = match self.serve_new(&mut record).await {
-            Ok(served) => served,
-            Err(e) => {
-                let (store, id) = (Arc::clone(self.store()), id.clone());
-                let _ = blocking(move || store.remove_volume(&id)).await;
-                return Err(e);
-            }
-        };
         let (store, saved) = (Arc::clone(self.store()), record.clone());
         if let Err(e) = blocking(move || store.save_volume(&saved)).await {
-            let _ = served.stop().await;
             let (store, id) = (Arc::clone(self.store()), id.clone());
             let _ = blocking(move || store.remove_volume(&id)).await;
             return Err(e);
         }
-        tracing::info!(volume.id = %id, size, port = served.addr.port(), "volume created");
-        self.add_served_volume(record.clone(), served);
+        tracing::info!(volume.id = %id, size, "volume created");
+        // No server until it is published (see `set_access`).
+        self.state().add_volume(record.clone(), None);
         Ok(record)
     }
 
@@ -155,7 +147,7 @@ impl Agent {
         let (store, rid) = (Arc::clone(self.store()), id.to_owned());
         if let Err(e) = blocking(move || store.remove_volume(&rid)).await {
             // Still stored: serve it again rather than leave it dark.
-            let _ = self.restart_server(id).await;
+            self.resume_serving(id).await;
             return Err(e);
         }
         self.state().remove_volume(id);

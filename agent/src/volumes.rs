@@ -1,9 +1,9 @@
-//! One NBD server per volume: start it on the volume's port with its secret
+//! One NBD server per published volume: start it on a port with its secret
 //! export name, apply who may connect, stop it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -74,8 +74,8 @@ pub fn apply_policy(export: &Export, published: &BTreeMap<String, Publication>) 
     export.access().set_policy(allowed, read_only)
 }
 
-/// Opens the image and listens on `listen`:`record.port` (0 picks one).
-pub async fn serve(image: &Path, record: &VolumeRecord, listen: IpAddr, caps: ConnectionCaps) -> io::Result<Served> {
+/// Opens the image and listens on `addr` (port 0 picks one).
+pub async fn serve(image: &Path, record: &VolumeRecord, addr: SocketAddr, caps: ConnectionCaps) -> io::Result<Served> {
     let mut config = ExportConfig::new(record.export_name.clone());
     config.list_export = false;
     config.read_only = record.read_only;
@@ -85,7 +85,7 @@ pub async fn serve(image: &Path, record: &VolumeRecord, listen: IpAddr, caps: Co
     let export = Export::open(image, config)?;
     // A new export has no connections to fence.
     drop(apply_policy(&export, &record.published));
-    let server = Server::bind(Arc::clone(&export), SocketAddr::new(listen, record.port)).await?;
+    let server = Server::bind(Arc::clone(&export), addr).await?;
     let addr = server.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server.run(async move {
@@ -108,6 +108,8 @@ impl Served {
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::*;
 
     fn publication(read_only: bool, addresses: Option<&[&str]>) -> Publication {

@@ -37,7 +37,7 @@ pub struct Args {
     /// NbdStorageNode); in a pod on the host network, the node's IP.
     #[arg(long, env = "NBD_CSI_AGENT_ADDRESS")]
     pub listen_address: IpAddr,
-    /// Ports for this node's NBD servers, FIRST-LAST: one per volume.
+    /// Ports for this node's NBD servers, FIRST-LAST: one per attached volume.
     #[arg(long, env = "NBD_CSI_AGENT_PORT_RANGE", default_value = "10900-10999", value_parser = parse_port_range)]
     pub nbd_port_range: RangeInclusive<u16>,
     /// Connections one volume's NBD server holds at once, from all nodes;

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use agent::Agent;
 use agent::locks::Locks;
-use agent::{Agent, VolumeRecord};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::error::{Error, Kind, Result};
@@ -113,8 +113,8 @@ impl Driver {
     }
 
     /// Where nodes reach a volume's NBD server (the `nbdUri` authority).
-    pub fn nbd_address(&self, record: &VolumeRecord) -> SocketAddr {
-        SocketAddr::new(self.config.advertise, record.port)
+    pub fn nbd_address(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.config.advertise, port)
     }
 
     /// Ready when the agent serves every volume it can; in cluster mode
@@ -149,13 +149,10 @@ impl Driver {
                     Err(e) => tracing::warn!(volume.id = %id, node, error = %e, "node lookup failed"),
                 }
             }
-            if published != volume.record.published {
-                match agent.set_access(&id, published).await {
-                    // The stop is sent; a background pass has nobody to
-                    // report completion to.
-                    Ok(fence) => drop(fence),
-                    Err(e) => tracing::warn!(volume.id = %id, error = %e, "saving node addresses failed"),
-                }
+            if published != volume.record.published
+                && let Err(e) = self.set_access(agent, &id, published).await
+            {
+                tracing::warn!(volume.id = %id, error = %e, "applying node addresses failed");
             }
         }
     }

@@ -50,8 +50,9 @@ pub struct Args {
     /// Address every volume's NBD server binds.
     #[arg(long, env = "NBD_CSI_NBD_LISTEN_ADDRESS", default_value = "127.0.0.1")]
     pub nbd_listen_address: IpAddr,
-    /// Ports for the NBD servers, FIRST-LAST: one per volume, taken at
-    /// CreateVolume and kept until DeleteVolume. The chart's default too.
+    /// Ports for the NBD servers, FIRST-LAST: one per attached volume, taken
+    /// at ControllerPublishVolume and given back when it is attached nowhere.
+    /// The chart's default too.
     #[arg(long, env = "NBD_CSI_NBD_PORT_RANGE", default_value = "10900-10999", value_parser = parse_port_range)]
     pub nbd_port_range: RangeInclusive<u16>,
     /// Connections one volume's NBD server holds at once, from all nodes;

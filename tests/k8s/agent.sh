@@ -12,7 +12,9 @@
 #     address and a wrong name are refused, qemu-io writes a pattern, and the
 #     object carries no export name;
 #   - SIGTERM stops it with exit 0; restarted, it serves the same volume on the
-#     same port with the pattern intact; deleting the object deletes its data.
+#     same port with the pattern intact; published nowhere it gives its port
+#     back, published again it serves the same data; deleting the object
+#     deletes its data.
 # Uses $work, $kubectl, $helm, $api_url, ok/bad and cluster_kubeconfig from
 # tests/k8s/cluster.sh; needs nbdinfo and qemu-io.
 
@@ -207,6 +209,24 @@ if out=$(qemu_io "read -P 0xa5 0 1M" "read -P 0 1M 2M" "read -P 0x3c 3M 512k" "r
     ok "qemu-io reads both patterns back, and zeroes around them"
 else
     bad "qemu-io read after the restart: $out"
+fi
+
+# --- published nowhere: the server stops and the port is given back; published again: a port, the data intact
+idle() { # Available, no port, Ready for the reason Unpublished
+    [ "$("$kubectl" get nbdvolume "$agent_volume" -o jsonpath='{.status.phase}/{.status.port}/{.status.conditions[?(@.type=="Ready")].reason}')" = Available//Unpublished ]
+}
+listening() { python3 -c 'import socket, sys; sys.exit(socket.create_connection((sys.argv[1], int(sys.argv[2])), 2) is None)' "$agent_addr" "$1" 2>/dev/null; }
+"$kubectl" patch nbdvolume "$agent_volume" --type merge -p '{"spec":{"publishedTo":[]}}' >/dev/null
+agent_wait 60 "published nowhere, the NbdVolume is Available without a port (Ready: Unpublished)" idle
+if listening "$agent_port"; then bad "port $agent_port still accepts connections"; else ok "nothing listens on its old port $agent_port any more"; fi
+"$kubectl" patch nbdvolume "$agent_volume" --type merge \
+    -p '{"spec":{"publishedTo":[{"node":"worker-a","accessMode":"SingleNodeWriter"}]}}' >/dev/null
+agent_wait 60 "published again, the NbdVolume is Available with a port" available
+agent_port=$("$kubectl" get nbdvolume "$agent_volume" -o jsonpath='{.status.port}')
+if out=$(qemu_io "read -P 0xa5 0 1M" "read -P 0x3c 3M 512k"); then
+    ok "published again on port $agent_port: both patterns read back"
+else
+    bad "qemu-io read after publishing again: $out"
 fi
 
 # --- deleted through its finalizer, then stopped and its objects removed

@@ -115,3 +115,25 @@ cluster_kubeconfig() { # FILE USER TOKEN: a kubeconfig for the test server with 
     "$kubectl" --kubeconfig "$1" config set-context test --cluster test --user "$2" >/dev/null
     "$kubectl" --kubeconfig "$1" config use-context test >/dev/null
 }
+
+cluster_node() { # NAME IP DRIVER: a Node as its kubelet registers it, with InternalIP IP unless
+    # IP is empty, and with DRIVER unless empty a CSINode naming that driver, as
+    # node-driver-registrar makes the kubelet create it.
+    "$kubectl" create -f - >/dev/null <<EOF || return 1
+apiVersion: v1
+kind: Node
+metadata: {name: $1}
+EOF
+    if [ -n "$2" ]; then
+        "$kubectl" patch node "$1" --subresource=status --type=merge \
+            -p "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"$2\"},{\"type\":\"Hostname\",\"address\":\"$1\"}]}}" >/dev/null || return 1
+    fi
+    [ -z "$3" ] || "$kubectl" create -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: CSINode
+metadata: {name: $1}
+spec:
+  drivers:
+    - {name: $3, nodeID: $1}
+EOF
+}

@@ -15,7 +15,8 @@
 #   - refused attaches (the volume is single-node and attached elsewhere; a
 #     Node without addresses) fail with attachError and an AttachRefused
 #     Event on the PVC, and change nobody's access;
-#   - deleting the VolumeAttachment revokes 127.0.0.2; deleting the PVC
+#   - deleting the VolumeAttachment revokes 127.0.0.2 and, the volume being
+#     attached nowhere, stops its server (its port is given back); deleting the PVC
 #     deletes the volume and the PV.
 # No kubelet or kube-controller-manager runs: the test creates the Nodes and
 # CSINodes (kubelet and node-driver-registrar would), sets the
@@ -129,27 +130,9 @@ ok "csi-provisioner $EXTERNAL_PROVISIONER_VERSION and csi-attacher $EXTERNAL_ATT
 
 # --- Nodes (and the CSINodes kubelet's plugin registration would create)
 acting "kubelet: Node and CSINode objects"
-add_node() { # NAME [IP]
-    k create -f - >/dev/null <<EOF
-apiVersion: v1
-kind: Node
-metadata: {name: $1}
----
-apiVersion: storage.k8s.io/v1
-kind: CSINode
-metadata: {name: $1}
-spec:
-  drivers:
-    - {name: $driver, nodeID: $1}
-EOF
-    if [ -n "${2:-}" ]; then
-        k patch node "$1" --subresource=status --type=merge \
-            -p "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"$2\"},{\"type\":\"Hostname\",\"address\":\"$1\"}]}}" >/dev/null
-    fi
-}
-add_node e2e-node-a 127.0.0.2
-add_node e2e-node-b 127.0.0.3
-add_node e2e-node-noaddr
+cluster_node e2e-node-a 127.0.0.2 "$driver"
+cluster_node e2e-node-b 127.0.0.3 "$driver"
+cluster_node e2e-node-noaddr "" "$driver"
 check "Nodes: InternalIP of e2e-node-a, e2e-node-b, e2e-node-noaddr" "127.0.0.2,127.0.0.3,-" \
     "$(for n in e2e-node-a e2e-node-b e2e-node-noaddr; do a=$(jp node "$n" -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}'); echo "${a:--}"; done | paste -sd,)"
 
@@ -311,7 +294,8 @@ else
     logs attacher-2.log
     bad "VolumeAttachment e2e-va-a still there: $(jp volumeattachment e2e-va-a -o jsonpath='{.metadata.finalizers} {.status}')"
 fi
-probe_is "after detach, the export closes on 127.0.0.2 too" 2 127.0.0.2
+# Attached nowhere: its server is stopped and its port given back.
+probe_is "after detach, no server listens for the volume (its port given back)" 3 127.0.0.2
 
 # --- a Node without addresses: no export could admit it
 add_va e2e-va-noaddr e2e-node-noaddr

@@ -158,6 +158,10 @@ pub fn volume_status(
                 conditions.checked(true, "Serving", String::new());
                 VolumePhase::Available
             }
+            Serving::Unpublished => {
+                conditions.checked(true, "Unpublished", "published to no node: no NBD server".to_owned());
+                VolumePhase::Available
+            }
             Serving::NotServing => {
                 conditions.checked(false, "ServerDown", "its NBD server is down; it is retried".to_owned());
                 VolumePhase::Unavailable
@@ -171,10 +175,27 @@ pub fn volume_status(
     NbdVolumeStatus {
         phase,
         observed_generation: generation,
-        port: actual.map(|v| v.record.port),
+        port: actual.and_then(|v| v.record.port),
         size_bytes: actual.map(|v| v.record.capacity_bytes),
         conditions: conditions.into_list(),
     }
+}
+
+/// The merge patch that makes `status` an object's whole status. A merge
+/// patch keeps every field it leaves out, so a field the previous status
+/// had and `status` drops (the port of a volume published nowhere, a size
+/// no longer known) is sent as null, which deletes it.
+pub fn status_patch<T: serde::Serialize>(previous: Option<&T>, status: &T) -> serde_json::Value {
+    let mut fields = match serde_json::to_value(status) {
+        Ok(serde_json::Value::Object(fields)) => fields,
+        _ => serde_json::Map::new(),
+    };
+    if let Some(Ok(serde_json::Value::Object(before))) = previous.map(serde_json::to_value) {
+        for key in before.keys() {
+            fields.entry(key.clone()).or_insert(serde_json::Value::Null);
+        }
+    }
+    serde_json::json!({ "status": fields })
 }
 
 /// The status an NbdSnapshot gets (see [`volume_status`]).

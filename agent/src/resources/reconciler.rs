@@ -172,7 +172,7 @@ impl Reconciler {
             &now(),
         );
         if previous.as_ref() != Some(&status) {
-            self.patch_volume_status(&raw.id(), serde_json::json!({ "status": status })).await?;
+            self.patch_volume_status(&raw.id(), plan::status_patch(previous.as_ref(), &status)).await?;
             self.warn(raw, "InvalidSpec", "Reconcile", invalid.to_string()).await;
         }
         Ok(Action::await_change())
@@ -199,7 +199,7 @@ impl Reconciler {
             &now(),
         );
         if object.status.as_ref() != Some(&status) {
-            self.patch_volume_status(&object.name_any(), serde_json::json!({ "status": status })).await?;
+            self.patch_volume_status(&object.name_any(), plan::status_patch(object.status.as_ref(), &status)).await?;
             // Once per change of status, not on every pass over the object.
             if let Err(invalid) = &desired {
                 self.warn(object, "InvalidSpec", "Reconcile", invalid.to_string()).await;
@@ -251,7 +251,7 @@ impl Reconciler {
                     self.agent.expand_volume(&desired.id, size).await?;
                 }
                 VolumeAction::SetAccess(published) => {
-                    self.agent.set_access(&desired.id, published).await?.wait(FENCE).await?;
+                    self.agent.set_access(&desired.id, published, FENCE).await?;
                 }
                 // Only ever planned for an object being deleted.
                 VolumeAction::Delete => {}
@@ -276,7 +276,7 @@ impl Reconciler {
         }
         for action in plan::cleanup_actions(actual.as_ref()) {
             match action {
-                VolumeAction::SetAccess(none) => self.agent.set_access(&id, none).await?.wait(FENCE).await?,
+                VolumeAction::SetAccess(none) => drop(self.agent.set_access(&id, none, FENCE).await?),
                 VolumeAction::Delete => self.agent.delete_volume(&id).await?,
                 VolumeAction::Create | VolumeAction::Grow(_) => {}
             }
@@ -320,7 +320,7 @@ impl Reconciler {
         );
         if previous.as_ref() != Some(&status) {
             let api: Api<RawSnapshot> = Api::all(self.client.clone());
-            let patch = serde_json::json!({ "status": status });
+            let patch = plan::status_patch(previous.as_ref(), &status);
             api.patch_status(&raw.id(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
             self.warn(raw, "InvalidSpec", "Reconcile", invalid.to_string()).await;
         }
@@ -357,7 +357,7 @@ impl Reconciler {
         );
         if object.status.as_ref() != Some(&status) {
             let api: Api<NbdSnapshot> = Api::all(self.client.clone());
-            let patch = serde_json::json!({ "status": status });
+            let patch = plan::status_patch(object.status.as_ref(), &status);
             api.patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
             if let Err(invalid) = &desired {
                 self.warn(object, "InvalidSpec", "Reconcile", invalid.to_string()).await;

@@ -114,14 +114,14 @@ async fn a_new_volume_is_created_published_and_its_status_written_without_its_ex
     assert_eq!(record.published["worker-1"].addresses, Some(vec!["127.0.0.1".parse().unwrap()]));
     let status = &bodies[1]["status"];
     assert_eq!(status["phase"], "Available");
-    assert_eq!(status["port"], record.port);
+    assert_eq!(status["port"], record.port.expect("published: it has a port"));
     assert_eq!(status["sizeBytes"], 1 << 20);
     assert_eq!(status["observedGeneration"], 2);
     assert_eq!(status["conditions"][1]["type"], "Ready");
     assert_eq!(status["conditions"][1]["status"], "True");
     assert!(!bodies[1].to_string().contains(&export_name), "{}", bodies[1]);
     // A client that knows the derived name attaches it from the node's address.
-    let mut client = Client::connect(&format!("127.0.0.1:{}", record.port), &export_name).await.unwrap();
+    let mut client = Client::connect(&format!("127.0.0.1:{}", record.port.unwrap()), &export_name).await.unwrap();
     assert_eq!(client.size, 1 << 20);
     assert_eq!(client.write(0, &[1; 512]).await.unwrap(), 0);
     drop(client);
@@ -149,14 +149,22 @@ async fn a_volume_grows_and_its_access_follows_the_spec() {
     reconciler.reconcile_volume(Arc::new(raw(first))).await.unwrap();
     let record = agent.volume(VOL).unwrap().record;
     let export_name = ExportKey::new(&KEY).unwrap().export_name(VOL);
-    let mut client = Client::connect(&format!("127.0.0.1:{}", record.port), &export_name).await.unwrap();
-    // The second spec: twice the size, published nowhere.
+    let mut client = Client::connect(&format!("127.0.0.1:{}", record.port.unwrap()), &export_name).await.unwrap();
+    // The second spec: twice the size, published nowhere; the object
+    // carries the status the first pass wrote.
+    let mut second = second;
+    second["status"] =
+        json!({"phase": "Available", "observedGeneration": 2, "port": record.port, "sizeBytes": 1 << 20});
     reconciler.reconcile_volume(Arc::new(raw(second))).await.unwrap();
     let bodies = server.await.unwrap();
     let record = agent.volume(VOL).unwrap().record;
     assert_eq!(record.capacity_bytes, 2 << 20);
     assert!(record.published.is_empty());
+    assert_eq!(record.port, None, "published nowhere: its port is given back");
     assert_eq!(bodies[2]["status"]["sizeBytes"], 2 << 20);
+    let deleted = Some(&serde_json::Value::Null);
+    assert_eq!(bodies[2]["status"].get("port"), deleted, "the patch deletes the port: {}", bodies[2]);
+    assert_eq!(bodies[2]["status"]["conditions"][1]["reason"], "Unpublished", "{}", bodies[2]);
     assert!(client.is_closed().await, "the node's connection was stopped when its access went");
     agent.shutdown().await;
 }

@@ -327,7 +327,7 @@ async fn a_published_volume_object_carries_no_export_name() {
     assert_eq!(record.export_name, derived);
     let mut object = volume();
     object.spec.source = None;
-    object.status.as_mut().unwrap().port = Some(record.port);
+    object.status.as_mut().unwrap().port = Some(10809);
     let yaml = serde_saphyr::to_string(&object).unwrap();
     let json = serde_json::to_string(&object).unwrap();
     assert!(!object.spec.published_to.is_empty());
@@ -369,7 +369,7 @@ mod plans {
             fs_type: "ext4".into(),
             parameters: BTreeMap::new(),
             source: None,
-            port: 10809,
+            port: Some(10809),
             export_name: "secret".into(),
             read_only: false,
             published,
@@ -449,6 +449,25 @@ mod plans {
     }
 
     #[test]
+    fn a_status_patch_deletes_what_the_new_status_leaves_out() {
+        let before = NbdVolumeStatus {
+            phase: VolumePhase::Available,
+            observed_generation: Some(3),
+            port: Some(10809),
+            size_bytes: Some(1 << 20),
+            conditions: Vec::new(),
+        };
+        let after = NbdVolumeStatus { port: None, observed_generation: Some(4), ..before.clone() };
+        let patch = plan::status_patch(Some(&before), &after);
+        assert_eq!(
+            patch,
+            serde_json::json!({"status": {"phase": "Available", "observedGeneration": 4, "port": null, "sizeBytes": 1048576}})
+        );
+        let first = plan::status_patch(None, &after);
+        assert_eq!(first["status"].get("port"), None, "nothing to delete on a first status");
+    }
+
+    #[test]
     fn the_status_says_what_the_agent_made_of_the_spec() {
         let want = desired(1 << 20, &[]);
         let serving = VolumeStatus { record: record(1 << 20, BTreeMap::new()), condition: crate::Condition::Serving };
@@ -457,6 +476,15 @@ mod plans {
         assert_eq!((status.port, status.size_bytes, status.observed_generation), (Some(10809), Some(1 << 20), Some(4)));
         let ready = status.conditions.iter().find(|c| c.type_ == ConditionType::Ready).unwrap();
         assert_eq!((ready.status, ready.last_transition_time.as_deref()), (ConditionStatus::True, Some("t1")));
+
+        let idle = VolumeStatus {
+            record: VolumeRecord { port: None, ..serving.record.clone() },
+            condition: crate::Condition::Unpublished,
+        };
+        let unpublished = plan::volume_status(Ok(&want), Some(4), Some(&idle), None, Some(&status), "t1");
+        assert_eq!((unpublished.phase, unpublished.port), (VolumePhase::Available, None), "no port, still usable");
+        let ready = unpublished.conditions.iter().find(|c| c.type_ == ConditionType::Ready).unwrap();
+        assert_eq!((ready.status, ready.reason.as_str()), (ConditionStatus::True, "Unpublished"));
 
         let broken = VolumeStatus { condition: crate::Condition::Broken("image gone".into()), ..serving.clone() };
         let status = plan::volume_status(Ok(&want), Some(4), Some(&broken), None, Some(&status), "t2");

@@ -42,8 +42,13 @@ pub struct VolumeRecord {
     pub parameters: BTreeMap<String, String>,
     #[serde(default)]
     pub source: Option<Source>,
-    /// The NBD server's port; kept across restarts.
-    pub port: u16,
+    /// The NBD server's port while the volume is published (taken at its
+    /// first publication, kept across restarts, given back at its last
+    /// unpublication); `None` while it is published nowhere. Older records
+    /// kept a port for life: the agent gives back those of unpublished
+    /// volumes when it opens the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// The export name: a secret per-volume token.
     pub export_name: String,
     /// Every export of this volume refuses writes.

@@ -11,7 +11,7 @@ pub(crate) fn volume(id: &str) -> VolumeRecord {
         fs_type: String::new(),
         parameters: BTreeMap::new(),
         source: None,
-        port: 10900,
+        port: Some(10900),
         export_name: "secret".into(),
         read_only: false,
         published: BTreeMap::new(),

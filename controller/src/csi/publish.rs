@@ -1,5 +1,7 @@
 //! ControllerPublishVolume / ControllerUnpublishVolume: who may attach a
-//! volume, and the NBD URI the node plugin connects to. In cluster mode the
+//! volume, and the NBD URI the node plugin connects to. A volume's NBD
+//! server, and the port it takes, exist only while it is published: the
+//! first publish starts it, the last unpublish stops it. In cluster mode the
 //! volume's agent carries the change out and reports it in effect
 //! ([`crate::storage::Cluster::publish`]), under the same rules.
 //!
@@ -30,18 +32,30 @@ const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
 impl Driver {
     /// No connection count: the node opens several only when the server's
     /// handshake sets CAN_MULTI_CONN, whatever a context says.
-    fn publish_context(&self, record: &VolumeRecord, publication: &Publication) -> HashMap<String, String> {
-        let nbd_uri = NbdUri::new(self.nbd_address(record), record.export_name.clone());
-        PublishContext { nbd_uri, read_only: publication.read_only }.to_map()
+    fn publish_context(
+        &self,
+        record: &VolumeRecord,
+        port: Option<u16>,
+        read_only: bool,
+    ) -> Result<HashMap<String, String>> {
+        // Published and not broken (checked before): the agent serves it.
+        let port = port.ok_or_else(|| Error::internal(format!("volume {} has no NBD port", record.id)))?;
+        let nbd_uri = NbdUri::new(self.nbd_address(port), record.export_name.clone());
+        Ok(PublishContext { nbd_uri, read_only }.to_map())
     }
 
     /// Gives the agent volume `id`'s publications and waits, at most
     /// [`FENCE_TIMEOUT`], until every connection they no longer admit as it
     /// was admitted is done with the file. Also run when nothing changed, so
     /// that the retry of a call that timed out waits for the same stragglers.
-    async fn set_access(&self, agent: &Agent, id: &str, published: BTreeMap<String, Publication>) -> Result<()> {
-        let fence = agent.set_access(id, published).await?;
-        Ok(fence.wait(FENCE_TIMEOUT).await?)
+    /// Returns the port the volume is served on while it is published.
+    pub(crate) async fn set_access(
+        &self,
+        agent: &Agent,
+        id: &str,
+        published: BTreeMap<String, Publication>,
+    ) -> Result<Option<u16>> {
+        Ok(agent.set_access(id, published, FENCE_TIMEOUT).await?.port)
     }
 
     #[tracing::instrument(err, skip_all, fields(volume.id = %req.volume_id, node.id = %req.node_id))]
@@ -92,9 +106,10 @@ impl Driver {
         if let Some(existing) = record.published.get(&req.node_id) {
             if existing.read_only == publication.read_only && existing.access_mode == publication.access_mode {
                 // A retry after a fence timed out must wait for it too.
-                self.set_access(agent, &id, record.published.clone()).await?;
+                let read_only = existing.read_only;
+                let port = self.set_access(agent, &id, record.published.clone()).await?;
                 return Ok(ControllerPublishVolumeResponse {
-                    publish_context: self.publish_context(&record, existing),
+                    publish_context: self.publish_context(&record, port, read_only)?,
                 });
             }
             return Err(Error::exists(format!("volume is published to {} with other options", req.node_id)));
@@ -104,11 +119,11 @@ impl Driver {
         {
             return Err(Error::precondition(format!("volume is single-node and already published to {other}")));
         }
-        let context = self.publish_context(&record, &publication);
+        let read_only = publication.read_only;
         record.published.insert(req.node_id.clone(), publication);
-        self.set_access(agent, &id, record.published).await?;
-        tracing::info!("volume published");
-        Ok(ControllerPublishVolumeResponse { publish_context: context })
+        let port = self.set_access(agent, &id, record.published.clone()).await?;
+        tracing::info!(port, "volume published");
+        Ok(ControllerPublishVolumeResponse { publish_context: self.publish_context(&record, port, read_only)? })
     }
 
     #[tracing::instrument(err, skip_all, fields(volume.id = %req.volume_id, node.id = %req.node_id))]

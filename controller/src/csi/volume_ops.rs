@@ -47,6 +47,10 @@ fn condition(volume: &VolumeStatus) -> VolumeCondition {
     match &volume.condition {
         Condition::Broken(reason) => VolumeCondition { abnormal: true, message: reason.clone() },
         Condition::Serving => VolumeCondition { abnormal: false, message: "NBD server is serving".into() },
+        Condition::Unpublished => VolumeCondition {
+            abnormal: false,
+            message: "published to no node: its NBD server starts at ControllerPublishVolume".into(),
+        },
         Condition::NotServing => VolumeCondition { abnormal: true, message: "NBD server is not serving".into() },
     }
 }

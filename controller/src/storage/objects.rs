@@ -236,7 +236,9 @@ pub fn access_progress(object: &NbdVolume) -> Progress {
     }
     let current = status.observed_generation.unwrap_or(0) >= object.metadata.generation.unwrap_or(0);
     let ready = status.conditions.iter().find(|c| c.type_ == ConditionType::Ready);
-    if current && ready.is_some_and(|c| matches!(c.reason.as_str(), "Serving" | "ServerDown" | "ImageMissing")) {
+    if current
+        && ready.is_some_and(|c| matches!(c.reason.as_str(), "Serving" | "Unpublished" | "ServerDown" | "ImageMissing"))
+    {
         return Progress::Done;
     }
     progress(&what, object.metadata.generation, status.observed_generation, &status.conditions, false)

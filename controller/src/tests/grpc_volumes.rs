@@ -415,3 +415,50 @@ async fn restart_keeps_ports_export_names_publications_and_data() {
     assert!(list.entries.iter().all(|e| e.status.as_ref().unwrap().published_node_ids == vec![NODE_A.to_string()]));
     h.stop().await;
 }
+
+/// The port range bounds how many volumes are attached at once, not how
+/// many exist: ControllerPublishVolume takes a port, the last
+/// ControllerUnpublishVolume gives it back, and a publish with none left is
+/// RESOURCE_EXHAUSTED until one is.
+#[tokio::test]
+async fn ports_follow_publication_so_volumes_outnumber_the_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = 27040..=27041;
+    let h = Harness::start_with_ports(dir.path(), ports.clone()).await;
+    let mut c = h.controller().await;
+    let mode = Mode::SingleNodeWriter;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let v =
+            c.create_volume(create_req(&format!("many{i}"), MIB, true, mode)).await.expect("more volumes than ports");
+        ids.push(v.into_inner().volume.unwrap().volume_id);
+    }
+    let mut addresses = Vec::new();
+    for id in &ids[..2] {
+        let ctx = c.controller_publish_volume(publish_req(id, NODE_A, true, mode, false)).await.unwrap();
+        addresses.push(export_of(&ctx.into_inner().publish_context).0);
+    }
+    assert_eq!(addresses, ["127.0.0.1:27040", "127.0.0.1:27041"]);
+    let full = c.controller_publish_volume(publish_req(&ids[2], NODE_A, true, mode, false)).await;
+    assert_eq!(code(full), Code::ResourceExhausted);
+    let listed = c.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner();
+    let unpublished = listed.entries.iter().find(|e| e.volume.as_ref().unwrap().volume_id == ids[2]).unwrap();
+    assert!(unpublished.status.as_ref().unwrap().published_node_ids.is_empty(), "the refused publish left nothing");
+    assert!(!unpublished.status.as_ref().unwrap().volume_condition.as_ref().unwrap().abnormal);
+
+    let addr = addresses[0].clone();
+    c.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: ids[0].clone(),
+        node_id: NODE_A.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(tokio::net::TcpStream::connect(&addr).await.is_err(), "the unpublished volume's server is gone");
+    let ctx = c.controller_publish_volume(publish_req(&ids[2], NODE_A, true, mode, false)).await.unwrap();
+    let (addr2, export) = export_of(&ctx.into_inner().publish_context);
+    assert_eq!(addr2, addr, "the port given back serves the next volume published");
+    let client = Client::connect(&addr2, &export).await.unwrap();
+    assert_eq!(client.size, MIB as u64);
+    h.stop().await;
+}

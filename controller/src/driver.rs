@@ -97,14 +97,16 @@ impl Driver {
         &self.metrics
     }
 
-    /// ControllerPublishVolume of an existing volume failed with `error`.
-    /// In cluster mode the log says it (finding the PVC would cost a read
-    /// of the object on a call that already failed).
-    pub fn report_publish_refused(&self, id: &str, node_id: &str, error: &Error) {
-        if let Storage::Embedded(agent) = &self.storage
-            && let Some(volume) = agent.volume(id)
-        {
-            self.events.publish_refused(id, volume.record.name, node_id, error);
+    /// ControllerPublishVolume of an existing volume failed with `error`:
+    /// an Event on its PVC (in cluster mode its name is read from the
+    /// volume's object, one read on a call that failed anyway).
+    pub async fn report_publish_refused(&self, id: &str, node_id: &str, error: &Error) {
+        let pv_name = match &self.storage {
+            Storage::Embedded(agent) => agent.volume(id).map(|volume| volume.record.name),
+            Storage::Cluster(cluster) => cluster.volume(id).await.ok().map(|object| object.spec.request_name),
+        };
+        if let Some(pv_name) = pv_name {
+            self.events.publish_refused(id, pv_name, node_id, error);
         }
     }
 

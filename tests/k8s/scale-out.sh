@@ -16,7 +16,9 @@
 # agent can hold stays Pending with a ProvisioningFailed Event saying
 # ResourceExhausted while a small one binds; a clone lands on its source's
 # storage node; a VolumeAttachment to a Node at 127.0.0.1 makes the export
-# readable and writable there (nbdinfo, qemu-io) and deleting it closes it;
+# readable and writable there (nbdinfo, qemu-io), one of the same volume to
+# a second Node is refused with an AttachRefused Event on the PVC, and
+# deleting the first closes the export;
 # SIGKILL of that volume's agent during qemu-io writes, restart: the same
 # nbdUri serves again and the data is intact (qemu-img compare with a
 # reference image); SIGKILL of the controller during a storm of 20 PVCs,
@@ -102,29 +104,12 @@ pids+=("$kcm_pid")
 
 # --- Nodes: three storage nodes and a consumer at 127.0.0.1
 acting "kubelet: Node objects (and a CSINode for the consumer)"
-add_node() { # NAME IP
-    k create -f - >/dev/null <<EOF
-apiVersion: v1
-kind: Node
-metadata: {name: $1}
-EOF
-    k patch node "$1" --subresource=status --type=merge \
-        -p "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"$2\"},{\"type\":\"Hostname\",\"address\":\"$1\"}]}}" >/dev/null
-}
 agents=(storage-1 storage-2 storage-3)
 declare -A agent_addr=([storage-1]=127.0.1.1 [storage-2]=127.0.1.2 [storage-3]=127.0.1.3)
 declare -A agent_mib=([storage-1]=64 [storage-2]=128 [storage-3]=192)
 declare -A agent_pid
-for a in "${agents[@]}"; do add_node "$a" "${agent_addr[$a]}"; done
-add_node worker-a 127.0.0.1
-k create -f - >/dev/null <<EOF
-apiVersion: storage.k8s.io/v1
-kind: CSINode
-metadata: {name: worker-a}
-spec:
-  drivers:
-    - {name: $driver, nodeID: worker-a}
-EOF
+for a in "${agents[@]}"; do cluster_node "$a" "${agent_addr[$a]}" ""; done
+cluster_node worker-a 127.0.0.1 "$driver"
 
 # --- the controller (it creates the export-key Secret) and the sidecars
 socket=$work/csi.sock
@@ -297,14 +282,14 @@ fi
 
 # --- attach to worker-a (127.0.0.1): served, then closed on detach
 acting "attach/detach controller: VolumeAttachment of a PV to worker-a"
-add_va() { # NAME PVC
+add_va() { # NAME PVC [NODE, default worker-a]
     k create -f - >/dev/null <<EOF
 apiVersion: storage.k8s.io/v1
 kind: VolumeAttachment
 metadata: {name: $1}
 spec:
   attacher: $driver
-  nodeName: worker-a
+  nodeName: ${3:-worker-a}
   source: {persistentVolumeName: $(jp -n app pvc "$2" -o jsonpath='{.spec.volumeName}')}
 EOF
 }
@@ -337,6 +322,28 @@ if attach va-io "$io_pvc"; then
     else
         bad "qemu-io on $io_pvc: $out"
     fi
+    # A second node while the single-node volume is attached to worker-a:
+    # refused, and the refusal is an Event on the PVC.
+    acting "kubelet and attach/detach controller: Node worker-b, its CSINode, a VolumeAttachment of $io_pvc to it"
+    cluster_node worker-b 127.0.0.5 "$driver"
+    add_va va-refused "$io_pvc" worker-b
+    refusal() { # the AttachRefused Warning on the PVC, naming worker-b
+        k get events.events.k8s.io -n app -o json | python3 -c '
+import json, re, sys
+for e in json.load(sys.stdin)["items"]:
+    r = e.get("regarding") or {}
+    if (r.get("kind"), r.get("name")) == ("PersistentVolumeClaim", sys.argv[1]) and e.get("reason") == "AttachRefused" \
+            and e.get("type") == "Warning" and re.search("worker-b.*single-node", e.get("note", "")):
+        print(e["note"]); sys.exit(0)
+sys.exit(1)' "$io_pvc"
+    }
+    if wait_until 60 refusal; then
+        ok "a VolumeAttachment of $io_pvc to worker-b is refused: Event AttachRefused on the PVC: $(refusal | cut -c1-140)"
+    else
+        logs attacher.log controller.log
+        bad "no AttachRefused Event on $io_pvc for worker-b: $(jp volumeattachment va-refused -o jsonpath='{.status}')"
+    fi
+    k delete volumeattachment va-refused --wait=false >/dev/null
     k delete volumeattachment va-io --wait=false >/dev/null
     if wait_until 60 gone volumeattachment va-io; then ok "VolumeAttachment va-io deleted (csi-attacher unpublished)"; else bad "VolumeAttachment va-io still there"; fi
     out=$(python3 tests/k8s/nbd_probe.py 127.0.0.1 "$uri" 2>&1)

@@ -60,7 +60,7 @@ impl Controller for ControllerService {
         let publish = async {
             let result = self.0.publish_volume(req).await;
             if let Err(e) = &result {
-                self.0.report_publish_refused(&volume_id, &node_id, e);
+                self.0.report_publish_refused(&volume_id, &node_id, e).await;
             }
             result
         };

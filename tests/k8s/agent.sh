@@ -1,9 +1,11 @@
 # shellcheck shell=bash
 # `nbd-csi-controller agent` as a process against the kube-apiserver that
 # tests/k8s/crds.sh started (sourced by it once the CRDs are Established):
-#   - it runs with exactly the RBAC the chart gives storage agents (a token
-#     of the chart's storage ServiceAccount, storage.mode=cluster), its own
-#     data directory, and address 127.0.1.2;
+#   - it runs with exactly the RBAC and the storage policy the chart gives
+#     storage agents (storage.mode=cluster; a token of the storage
+#     ServiceAccount bound to a pod on its node), its own data directory and
+#     address 127.0.1.2; the policy refuses it another node's volume and
+#     Lease, and refuses a token bound to no pod;
 #   - it writes its NbdStorageNode and renews its Lease;
 #   - an NbdVolume created with kubectl for its node becomes Available with
 #     a port; published to a Node whose InternalIP is 127.0.0.1, the export,
@@ -114,14 +116,15 @@ PY
 )
 "$kubectl" create namespace "$agent_ns" >/dev/null
 if "$helm" template nbd-csi charts/nbd-csi --namespace "$agent_ns" --set storage.mode=cluster \
-    --show-only templates/serviceaccounts.yaml --show-only templates/rbac.yaml >"$agent_dir/rbac.yaml" 2>&1 &&
+    --show-only templates/serviceaccounts.yaml --show-only templates/rbac.yaml \
+    --show-only templates/storage-policy.yaml >"$agent_dir/rbac.yaml" 2>&1 &&
     "$kubectl" apply -f "$agent_dir/rbac.yaml" >"$agent_dir/apply.txt" 2>&1; then
-    ok "the chart's ServiceAccounts and RBAC for storage.mode=cluster installed in $agent_ns"
+    ok "the chart's ServiceAccounts, RBAC and storage policy for storage.mode=cluster installed in $agent_ns"
 else
     cat "$agent_dir/rbac.yaml" "$agent_dir/apply.txt" >&2
     bad "installing the chart's RBAC for storage.mode=cluster"
 fi
-agent_token=$("$kubectl" -n "$agent_ns" create token nbd-csi-storage --duration 1h)
+agent_token=$(cluster_pod_token "$agent_ns" nbd-csi-storage "$agent_node")
 cluster_kubeconfig "$agent_dir/kubeconfig" nbd-csi-storage "$agent_token"
 "$kubectl" create -f - >/dev/null <<'NODE'
 apiVersion: v1
@@ -140,6 +143,31 @@ print(hmac.new(key, b"nbd-csi export name v1\0" + sys.argv[2].encode(), hashlib.
 agent_start
 agent_wait 60 "the agent's NbdStorageNode names $agent_addr, its ports and its free space" announced
 agent_wait 30 "the agent's Lease in $agent_ns" leased
+
+# --- the chart's storage policy: the agent changes only its own node's objects
+refused_to_agent() { # DESCRIPTION PATTERN TOKEN METHOD PATH [BODY]: the API server refuses the request, saying PATTERN
+    local out type=application/json
+    [ "$4" = PATCH ] && type=application/merge-patch+json
+    out=$(curl -sS --cacert "$api_ca" -H "Authorization: Bearer $3" -X "$4" -H "Content-Type: $type" \
+        ${6:+--data "$6"} -w ' HTTP %{http_code}' "$api_url$5" 2>&1)
+    if grep -q ' HTTP 403$' <<<"$out" && grep -qE "$2" <<<"$out"; then ok "$1"; else bad "$1: $out"; fi
+}
+"$kubectl" create -f - >/dev/null <<'OTHER'
+apiVersion: nbd.csi.dev/v1alpha1
+kind: NbdVolume
+metadata: {name: vol-0000000000000000000000000000b0b0}
+spec: {storageNode: storage-b, requestName: pvc-other, sizeBytes: 1048576, accessType: Block}
+OTHER
+refused_to_agent "the agent may not write the status of another storage node's volume" \
+    "storage agent on node $agent_node may change only its own node's objects" "$agent_token" PATCH \
+    /apis/nbd.csi.dev/v1alpha1/nbdvolumes/vol-0000000000000000000000000000b0b0/status '{"status":{"phase":"Available"}}'
+refused_to_agent "the agent may not take another node's Lease" "may change only its own node's objects, not leases storage-b" \
+    "$agent_token" POST "/apis/coordination.k8s.io/v1/namespaces/$agent_ns/leases" \
+    '{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"storage-b"}}'
+"$kubectl" delete nbdvolume vol-0000000000000000000000000000b0b0 >/dev/null
+refused_to_agent "a token of the agent's ServiceAccount not bound to a pod is refused" "token names no node" \
+    "$("$kubectl" -n "$agent_ns" create token nbd-csi-storage --duration 10m)" PATCH \
+    "/apis/nbd.csi.dev/v1alpha1/nbdstoragenodes/$agent_node/status" '{"status":{"freeBytes":1}}'
 
 # --- a volume, published to worker-a (127.0.0.1)
 "$kubectl" create -f - >"$agent_dir/create.txt" 2>&1 <<VOLUME || bad "creating the NbdVolume: $(cat "$agent_dir/create.txt")"

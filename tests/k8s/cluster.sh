@@ -137,3 +137,18 @@ spec:
     - {name: $3, nodeID: $1}
 EOF
 }
+
+cluster_pod_token() { # NAMESPACE SERVICEACCOUNT NODE: a token of SERVICEACCOUNT bound to a pod on NODE, as
+    # the kubelet gives one to the storage agent's pod there (it names the node, which the
+    # chart's storage policy requires). The pod object only carries the binding: no kubelet runs it.
+    "$kubectl" -n "$1" create -f - >/dev/null <<EOF || return 1
+apiVersion: v1
+kind: Pod
+metadata: {name: $2-$3}
+spec:
+  serviceAccountName: $2
+  nodeName: $3
+  containers: [{name: agent, image: localhost/nbd-csi:test}]
+EOF
+    "$kubectl" -n "$1" create token "$2" --duration 2h --bound-object-kind Pod --bound-object-name "$2-$3"
+}

@@ -2,11 +2,11 @@
 # Cluster mode end to end (issue 12, deliverable 5) on a real kube-apiserver
 # and etcd on 127.0.0.1, everything as processes (no pods):
 #   - from `helm template --set storage.mode=cluster`: the CRDs, CSIDriver,
-#     StorageClass, ServiceAccounts and RBAC;
+#     StorageClass, ServiceAccounts, RBAC and storage policy;
 #   - three `nbd-csi-controller agent` processes, storage-1..3, listening on
 #     127.0.1.1..3, each on its own tmpfs of 64, 128 and 192 MiB (so their
 #     free space differs) with a token of the chart's storage ServiceAccount
-#     and the export key the controller put in its Secret, as a storage node
+#     bound to a pod object on its node, and the export key the controller put in its Secret, as a storage node
 #     mounts it; their Node objects carry those addresses;
 #   - the controller with --storage-mode cluster and the chart's controller
 #     ServiceAccount token, and the real csi-provisioner and csi-attacher;
@@ -80,19 +80,19 @@ k create namespace "$ns" >/dev/null
 k create namespace app >/dev/null
 "$helm" template nbd-csi charts/nbd-csi --namespace "$ns" --set storage.mode=cluster \
     --show-only templates/csidriver.yaml --show-only templates/storageclasses.yaml \
-    --show-only templates/serviceaccounts.yaml --show-only templates/rbac.yaml >"$work/chart.yaml"
+    --show-only templates/serviceaccounts.yaml --show-only templates/rbac.yaml \
+    --show-only templates/storage-policy.yaml >"$work/chart.yaml"
 if k apply --server-side -f charts/nbd-csi/crds/nbd.csi.dev.yaml >"$work/apply.txt" 2>&1 &&
     k wait --for=condition=Established --timeout=60s \
         crd/nbdvolumes.nbd.csi.dev crd/nbdsnapshots.nbd.csi.dev crd/nbdstoragenodes.nbd.csi.dev >>"$work/apply.txt" 2>&1 &&
     k apply -f "$work/chart.yaml" >>"$work/apply.txt" 2>&1; then
-    ok "the chart's CRDs, CSIDriver, StorageClass, ServiceAccounts and RBAC for storage.mode=cluster applied"
+    ok "the chart's CRDs, CSIDriver, StorageClass, ServiceAccounts, RBAC and storage policy for storage.mode=cluster applied"
 else
     cat "$work/apply.txt" >&2
     bad "applying the chart's objects"
     exit 1
 fi
 cluster_kubeconfig "$work/controller.kubeconfig" nbd-csi-controller "$(k -n "$ns" create token nbd-csi-controller --duration 2h)"
-cluster_kubeconfig "$work/storage.kubeconfig" nbd-csi-storage "$(k -n "$ns" create token nbd-csi-storage --duration 2h)"
 
 # --- kube-controller-manager: PV binding and the protection finalizers
 "$TOOLS_BIN/kube-controller-manager" --kubeconfig "$KUBECONFIG" --leader-elect=false \
@@ -160,9 +160,12 @@ port_base=$((24000 + RANDOM % 4000))
 start_agent() { # NAME
     local a=$1 i
     for i in "${!agents[@]}"; do [ "${agents[i]}" = "$a" ] && break; done
+    # Its pod's token, which names its node (the chart's storage policy wants it).
+    [ -f "$work/storage-$a.kubeconfig" ] ||
+        cluster_kubeconfig "$work/storage-$a.kubeconfig" nbd-csi-storage "$(cluster_pod_token "$ns" nbd-csi-storage "$a")"
     NO_COLOR=1 "$controller_bin" agent --node-name "$a" --data-dir "$disks/$a/data" \
         --listen-address "${agent_addr[$a]}" --nbd-port-range "$((port_base + 100 * i))-$((port_base + 100 * i + 49))" \
-        --export-key-file "$work/export.key" --namespace "$ns" --kubeconfig "$work/storage.kubeconfig" \
+        --export-key-file "$work/export.key" --namespace "$ns" --kubeconfig "$work/storage-$a.kubeconfig" \
         --metrics-address "${agent_addr[$a]}:$((port_base + 100 * i + 99))" >>"$work/agent-$a.log" 2>&1 &
     agent_pid[$a]=$!
     pids+=("${agent_pid[$a]}")

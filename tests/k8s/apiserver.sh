@@ -5,7 +5,10 @@
 #   - helm install into a dedicated namespace, checks of what was created and
 #     of the ServiceAccounts' permissions as the server's RBAC evaluates them,
 #   - helm upgrade with the other branches of the templates (hostPath, hostNetwork,
-#     two StorageClasses), helm uninstall, and a check that everything is gone.
+#     two StorageClasses), helm uninstall, and a check that everything is gone;
+#   - storage.mode=cluster: the controller Deployment (2 replicas, anti-affinity,
+#     leader-electing sidecars), its PodDisruptionBudget, the storage policy, the
+#     Lease permissions leader election needs; uninstalled without a trace.
 # No kubelet, scheduler or controller-manager: pods are never created.
 # Tools come from tests/k8s/build-tools.sh (built on first use).
 set -euo pipefail
@@ -131,6 +134,40 @@ if "$helm" install nbd-csi charts/nbd-csi --namespace "$ns" \
 else
     cat "$work/install2.txt" >&2
     bad "helm install with controller.storage.type=hostPath"
+fi
+
+# --- cluster mode: the controller as a Deployment of 2 replicas whose
+# sidecars elect leaders, a disruption budget, the storage policy
+ha=nbd-csi-ha
+if "$helm" install nbd-csi charts/nbd-csi --namespace "$ha" --create-namespace --set storage.mode=cluster \
+    --set volumeSnapshotClass.create=false >"$work/install3.txt" 2>&1; then
+    ok "helm install --set storage.mode=cluster"
+else
+    cat "$work/install3.txt" >&2
+    bad "helm install with storage.mode=cluster"
+fi
+want="2 kubernetes.io/hostname nbd-csi-controller=,csi-provisioner=--leader-election,csi-attacher=--leader-election,"
+want+="csi-resizer=--leader-election,csi-snapshotter=--leader-election,liveness-probe=,"
+expect "controller Deployment: 2 replicas spread over nodes, every acting sidecar electing" \
+    "$kubectl" -n "$ha" get deployment nbd-csi-controller -o jsonpath='{.spec.replicas} {.spec.template.spec.affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].podAffinityTerm.topologyKey} {range .spec.template.spec.containers[*]}{.name}={.args[?(@=="--leader-election")]},{end}'
+want="1"
+expect "PodDisruptionBudget keeps one controller" "$kubectl" -n "$ha" get pdb nbd-csi-controller -o jsonpath='{.spec.minAvailable}'
+want="nbd-csi-storage-own-node Deny"
+expect "storage policy and its binding" "$kubectl" get validatingadmissionpolicybinding nbd-csi-storage-own-node \
+    -o jsonpath='{.spec.policyName} {.spec.validationActions[*]}'
+sa_ha=system:serviceaccount:$ha:nbd-csi-controller
+for check in "create $ha yes" "update $ha yes" "create default no"; do
+    read -r verb where answer <<<"$check"
+    got=$("$kubectl" auth can-i "$verb" leases.coordination.k8s.io -n "$where" --as "$sa_ha" 2>/dev/null || true)
+    if [ "$got" = "$answer" ]; then ok "can-i $verb leases in $where as the cluster-mode controller (leader election): $got"; else bad "can-i $verb leases in $where: got '$got', want '$answer'"; fi
+done
+if "$helm" uninstall nbd-csi --namespace "$ha" --wait >"$work/uninstall3.txt" 2>&1 &&
+    [ -z "$("$kubectl" -n "$ha" get all,pdb,serviceaccount -l app.kubernetes.io/instance=nbd-csi -o name 2>&1)" ] &&
+    [ -z "$("$kubectl" get validatingadmissionpolicy,validatingadmissionpolicybinding -l app.kubernetes.io/instance=nbd-csi -o name 2>&1)" ]; then
+    ok "helm uninstall of the cluster-mode release leaves nothing of it"
+else
+    cat "$work/uninstall3.txt" >&2
+    bad "helm uninstall of the cluster-mode release"
 fi
 
 echo "apiserver: $passed passed, $failed failed"

@@ -223,3 +223,19 @@ readOnlyRootFilesystem: true
 capabilities:
   drop: [ALL]
 {{- end -}}
+
+{{- /*
+Leader election of a controller sidecar, in cluster mode only: there
+several controller replicas run and each sidecar kind elects one leader
+(its Lease in the pod's namespace, the sidecars' default). Embedded mode
+runs one replica.
+*/ -}}
+{{- define "nbd-csi.leaderElectionArgs" -}}
+{{- if eq .Values.storage.mode "cluster" -}}
+{{- $le := .Values.sidecars.leaderElection -}}
+- --leader-election
+- --leader-election-lease-duration={{ $le.leaseDuration }}
+- --leader-election-renew-deadline={{ $le.renewDeadline }}
+- --leader-election-retry-period={{ $le.retryPeriod }}
+{{- end -}}
+{{- end -}}

@@ -122,11 +122,12 @@ election and without group snapshots (neither is enabled here).
 {{- end -}}
 
 {{- define "nbd-csi.namespacedRules.controller-cluster" -}}
-# The agents' Leases (who is alive) and the export-name key: created when
-# missing, and only that Secret may be read.
+# The agents' Leases (who is alive), the sidecars' leader-election Leases
+# (several replicas run) and the export-name key: created when missing,
+# and only that Secret may be read.
 - apiGroups: [coordination.k8s.io]
   resources: [leases]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, create, update]
 - apiGroups: [""]
   resources: [secrets]
   verbs: [create]

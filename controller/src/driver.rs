@@ -110,6 +110,23 @@ impl Driver {
         }
     }
 
+    /// Volume `id` was just unpublished from `node_id`: when that node is
+    /// tainted out-of-service, the detach fenced it, which Events on the
+    /// claim and the Node say.
+    pub async fn report_fenced(&self, id: &str, node_id: &str) {
+        if node_id.is_empty() || !self.nodes.out_of_service(node_id).await {
+            return;
+        }
+        let pv_name = match &self.storage {
+            Storage::Embedded(agent) => agent.volume(id).map(|volume| volume.record.name),
+            Storage::Cluster(cluster) => cluster.volume(id).await.ok().map(|object| object.spec.request_name),
+        };
+        tracing::warn!(volume.id = %id, node.id = %node_id, "volume fenced off an out-of-service node");
+        if let Some(pv_name) = pv_name {
+            self.events.fenced(id, pv_name, node_id);
+        }
+    }
+
     pub async fn lock(&self, key: LockKey) -> OwnedMutexGuard<()> {
         self.locks.lock(key).await
     }

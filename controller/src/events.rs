@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use csi_events::{Recorder, WarningEvent};
-use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, PersistentVolume};
 use kube::Api;
 
 use crate::error::Error;
@@ -28,6 +28,8 @@ use crate::nodes::Nodes;
 pub const ATTACH_REFUSED: &str = "AttachRefused";
 /// A stored volume's NBD server does not run (it is retried in the background).
 pub const SERVER_DOWN: &str = "VolumeServerDown";
+/// A volume was detached from a node tainted out-of-service: fenced.
+pub const FENCED: &str = "VolumeFenced";
 /// A stored volume's image file is missing: its data is gone.
 pub const IMAGE_MISSING: &str = "VolumeImageMissing";
 
@@ -163,6 +165,48 @@ impl Events {
             reason: ATTACH_REFUSED,
             action: "ControllerPublishVolume",
             note: format!("attaching volume {volume_id} to node {node_id:?} was refused: {error}"),
+        });
+    }
+
+    /// ControllerUnpublishVolume took volume `volume_id` away from node
+    /// `node_id`, which is tainted out-of-service: recorded on the claim
+    /// (the Node related) and on the Node, so that `kubectl describe` of
+    /// either says the node was fenced off the volume.
+    pub fn fenced(&self, volume_id: &str, pv_name: String, node_id: &str) {
+        let note = format!(
+            "volume {volume_id} was detached from out-of-service node {node_id:?}: that node's NBD connections \
+             are closed and its addresses refused until the volume is attached to it again"
+        );
+        self.emit(Warning {
+            volume_id: volume_id.to_string(),
+            pv_name,
+            node: Some(node_id.to_string()),
+            reason: FENCED,
+            action: "ControllerUnpublishVolume",
+            note: note.clone(),
+        });
+        let Some(inner) = self.0.clone() else { return };
+        let node = node_id.to_string();
+        csi_events::in_background(FENCED, async move {
+            let nodes: Api<Node> = Api::all(inner.recorder.client().clone());
+            let uid = nodes.get_opt(&node).await?.and_then(|n| n.metadata.uid);
+            let regarding = ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(node),
+                uid,
+                ..Default::default()
+            };
+            // Events about Nodes live in "default", as kubelet's do.
+            let event = WarningEvent {
+                namespace: "default".into(),
+                regarding,
+                related: None,
+                reason: FENCED,
+                action: "ControllerUnpublishVolume",
+                note,
+            };
+            inner.recorder.record(event).await.map(Some)
         });
     }
 

@@ -12,6 +12,11 @@ use std::path::Path;
 
 use crate::error::{Error, Kind, Result};
 
+/// The taint of Kubernetes' non-graceful node shutdown: an admin says the
+/// node is gone, and Kubernetes removes its pods and VolumeAttachments
+/// without waiting for it. Detaching a volume from such a node fences it.
+pub const OUT_OF_SERVICE: &str = "node.kubernetes.io/out-of-service";
+
 /// Peers a node may connect from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeAddresses {
@@ -47,6 +52,24 @@ impl Nodes {
 
     pub fn uses_kubernetes(&self) -> bool {
         matches!(self, Self::Kubernetes(_))
+    }
+
+    /// Whether Node `node_id` carries the [`OUT_OF_SERVICE`] taint; false
+    /// without Kubernetes, for a Node that is gone, or when it cannot be read
+    /// (this only decides whether to report a fencing).
+    pub async fn out_of_service(&self, node_id: &str) -> bool {
+        let Self::Kubernetes(client) = self else { return false };
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+        match nodes.get_opt(node_id).await {
+            Ok(node) => node
+                .and_then(|n| n.spec)
+                .and_then(|s| s.taints)
+                .is_some_and(|taints| taints.iter().any(|t| t.key == OUT_OF_SERVICE)),
+            Err(e) => {
+                tracing::warn!(node.id = %node_id, error = %e, "reading the node's taints failed");
+                false
+            }
+        }
     }
 
     /// The addresses of `node_id`; NOT_FOUND when there is no such node.

@@ -15,6 +15,8 @@
 #   - refused attaches (the volume is single-node and attached elsewhere; a
 #     Node without addresses) fail with attachError and an AttachRefused
 #     Event on the PVC, and change nobody's access;
+#   - e2e-node-a tainted out-of-service and its VolumeAttachment deleted: a
+#     VolumeFenced Event on the PVC and on the Node;
 #   - deleting the VolumeAttachment revokes 127.0.0.2 and, the volume being
 #     attached nowhere, stops its server (its port is given back); deleting the PVC
 #     deletes the volume and the PV.
@@ -286,7 +288,9 @@ else
 fi
 probe_is "and 127.0.0.3 still refused after the restart" 2 127.0.0.3
 
-# --- detach from e2e-node-a
+# --- e2e-node-a is declared gone (non-graceful node shutdown): detached, it is fenced
+acting "an admin: taint e2e-node-a node.kubernetes.io/out-of-service; attach/detach controller: delete its VolumeAttachment"
+k taint node e2e-node-a node.kubernetes.io/out-of-service=nodeshutdown:NoExecute >/dev/null
 k delete volumeattachment e2e-va-a --wait=false >/dev/null
 if wait_until 60 gone volumeattachment e2e-va-a; then
     ok "VolumeAttachment e2e-va-a deleted (csi-attacher called ControllerUnpublishVolume)"
@@ -296,6 +300,16 @@ else
 fi
 # Attached nowhere: its server is stopped and its port given back.
 probe_is "after detach, no server listens for the volume (its port given back)" 3 127.0.0.2
+if wait_until 30 has_event VolumeFenced 'detached from out-of-service node "e2e-node-a"'; then
+    ok "Event VolumeFenced on PVC app/data: $(k get events.events.k8s.io -n app -o jsonpath='{.items[?(@.reason=="VolumeFenced")].note}' | cut -c1-160)"
+else
+    bad "no VolumeFenced Event on PVC app/data"
+fi
+node_fenced() { # a VolumeFenced Warning regarding Node e2e-node-a, with its uid
+    [ "$(k get events.events.k8s.io -n default -o jsonpath='{range .items[?(@.reason=="VolumeFenced")]}{.regarding.kind}/{.regarding.name}/{.regarding.uid}{"\n"}{end}')" = \
+        "Node/e2e-node-a/$(jp node e2e-node-a -o jsonpath='{.metadata.uid}')" ]
+}
+if wait_until 30 node_fenced; then ok "Event VolumeFenced on Node e2e-node-a"; else bad "no VolumeFenced Event on Node e2e-node-a"; fi
 
 # --- a Node without addresses: no export could admit it
 add_va e2e-va-noaddr e2e-node-noaddr

@@ -138,6 +138,7 @@ impl Driver {
             Storage::Embedded(agent) => agent,
             Storage::Cluster(cluster) => {
                 cluster.unpublish(&id, &req.node_id).await?;
+                self.report_fenced(&id, &req.node_id).await;
                 return Ok(ControllerUnpublishVolumeResponse {});
             }
         };
@@ -155,6 +156,7 @@ impl Driver {
         self.set_access(agent, &id, record.published).await?;
         if changed {
             tracing::info!("volume unpublished");
+            self.report_fenced(&id, &req.node_id).await;
         }
         Ok(ControllerUnpublishVolumeResponse {})
     }

@@ -367,6 +367,42 @@ scenario_expand() { expand_fs expand-online-df ext4 67108864 268435456; }
 # mkfs.xfs wants at least 300 MiB; the VM's /tmp holds 512 MiB.
 scenario_expand_xfs() { expand_fs expand-online-df-xfs xfs 335544320 469762048; }
 
+# Online expansion of a raw block volume: ControllerExpandVolume asks for the
+# node step, NodeExpandVolume resizes the kernel's device (netlink) while the
+# volume stays staged and published, and blockdev sees the new size; the data
+# at the old end reads back byte-exact (O_DIRECT) and the new space is written.
+scenario_expand_block() {
+    csi_start 10 30 || { result expand-online-block FAIL "could not start"; csi_stop; return; }
+    ID=$(ctl create blkgrow --block --size 64M | awk '/^volume:/ {print $2}')
+    URI=$(ctl publish --node vm-node "$ID" 2>/dev/null | grep '^nbd://')
+    STG=$CSI/staging/blkgrow TGT=$CSI/pods/blkgrow
+    out=$($CLIENT "$CSI/node.sock" stage "$ID" "$STG" "$URI" --block)
+    out2=$($CLIENT "$CSI/node.sock" publish "$ID" "$STG" "$TGT" --block)
+    dd if=/dev/urandom of=/tmp/g1 bs=1M count=8 2>/dev/null
+    dd if=/tmp/g1 of="$TGT" bs=1M seek=56 oflag=direct conv=fsync 2>/dev/null
+    before=$(blockdev --getsize64 "$TGT")
+    exp=$(ctl expand --size 128M "$ID" 2>&1)
+    out3=$($CLIENT "$CSI/node.sock" expand "$ID" "$TGT" "$STG" 134217728 --block)
+    after=$(blockdev --getsize64 "$TGT")
+    dd if=/tmp/g1 of="$TGT" bs=1M seek=120 oflag=direct conv=fsync 2>/dev/null && wrote=y || wrote=n
+    dd if="$TGT" of=/tmp/g2 bs=1M skip=56 count=8 iflag=direct 2>/dev/null
+    dd if="$TGT" of=/tmp/g3 bs=1M skip=120 count=8 iflag=direct 2>/dev/null
+    cmp -s /tmp/g1 /tmp/g2 && old=y || old=n
+    cmp -s /tmp/g1 /tmp/g3 && new=y || new=n
+    out4=$($CLIENT "$CSI/node.sock" unpublish "$ID" "$TGT")
+    out5=$($CLIENT "$CSI/node.sock" unstage "$ID" "$STG")
+    csi_stop
+    detail="blockdev --getsize64 $before -> $after while published; controller: $(echo "$exp" | head -1); old end intact=$old, new space written and read back=$wrote/$new"
+    if echo "$out $out2 $out3 $out4 $out5" | grep -q '^ok.*ok.*ok.*ok.*ok' && [ "$before" = 67108864 ] &&
+        [ "$after" = 134217728 ] && echo "$exp" | grep -q NodeExpandVolume && [ "$old$wrote$new" = yyy ] &&
+        [ "$(leftover)" = 0 ]; then
+        result expand-online-block PASS "$detail"
+    else
+        result expand-online-block FAIL "$detail; calls: $(echo "$out $out2 $out3 $out4 $out5" | tr '\n' ' ' | cut -c1-300)"
+        grep -aE 'ERROR|WARN' "$CSI/node.log" | tail -10 | sed 's/^/vm: node: /'
+    fi
+}
+
 scenario_dead_server() {
     # Request timeout 5 s, dead-connection timeout 15 s.
     csi_start 5 15 || { result unstage-dead-server FAIL "could not start"; csi_stop; return; }
@@ -657,7 +693,7 @@ scenario_fresh_container() {
     fi
 }
 
-for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl heal expand expand_xfs dead_server fio_controller_kill fio_plugin_kill fresh_container reconcile heal_after_timeout sanity_mount sanity_block}" | tr , " "); do
+for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl heal expand expand_xfs expand_block dead_server fio_controller_kill fio_plugin_kill fresh_container reconcile heal_after_timeout sanity_mount sanity_block}" | tr , " "); do
     t0=$(cut -d. -f1 /proc/uptime)
     "scenario_$s"
     echo "vm: scenario $s took $(($(cut -d. -f1 /proc/uptime) - t0)) s"

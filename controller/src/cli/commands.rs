@@ -103,7 +103,7 @@ pub async fn volume(args: VolumeArgs) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let r = rpc("ControllerExpandVolume", c.controller_expand_volume(req).await)?;
-            let node = if r.node_expansion_required { " (the node grows the filesystem)" } else { "" };
+            let node = if r.node_expansion_required { " (NodeExpandVolume finishes it on the node)" } else { "" };
             print(
                 out,
                 format!("volume {id} is {} ({} bytes){node}\n", human_size(r.capacity_bytes as u64), r.capacity_bytes),

@@ -94,6 +94,13 @@ fn parse_source(source: &Option<VolumeContentSource>) -> Result<Option<Source>> 
     }
 }
 
+/// Every expansion needs the node step, raw block volumes included: the
+/// kernel's NBD device learns the new size only from NodeExpandVolume
+/// (netlink RECONFIGURE), so without it `/dev/nbdX` keeps its old size in
+/// the pod until the volume is staged again; for a filesystem the node
+/// grows it too.
+const NODE_EXPANSION_REQUIRED: bool = true;
+
 impl Driver {
     #[tracing::instrument(err, skip_all, fields(volume.name = %req.name, volume.id = tracing::field::Empty))]
     pub async fn create_volume(&self, req: CreateVolumeRequest) -> Result<CreateVolumeResponse> {
@@ -337,12 +344,10 @@ impl Driver {
         let agent = match self.storage() {
             Storage::Embedded(agent) => agent,
             Storage::Cluster(cluster) => {
-                let object = cluster.volume(&id).await?;
-                let node_expansion_required = object.spec.access_type == agent::resources::AccessType::Mount;
                 let size = cluster.expand_volume(&id, &range).await?;
                 return Ok(ControllerExpandVolumeResponse {
                     capacity_bytes: size.min(i64::MAX as u64) as i64,
-                    node_expansion_required,
+                    node_expansion_required: NODE_EXPANSION_REQUIRED,
                 });
             }
         };
@@ -353,8 +358,10 @@ impl Driver {
         };
         // Never shrinks: the new size is at least the current one.
         let size = capacity(Some(&range), record.capacity_bytes)?;
-        let node_expansion_required = !record.block;
         let size = agent.expand_volume(&id, size).await?;
-        Ok(ControllerExpandVolumeResponse { capacity_bytes: size as i64, node_expansion_required })
+        Ok(ControllerExpandVolumeResponse {
+            capacity_bytes: size as i64,
+            node_expansion_required: NODE_EXPANSION_REQUIRED,
+        })
     }
 }

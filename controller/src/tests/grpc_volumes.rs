@@ -360,7 +360,7 @@ async fn list_get_capacity_validate_and_online_expand() {
     };
     let grown = c.controller_expand_volume(expand(3 * MIB - 5)).await.unwrap().into_inner();
     assert_eq!(grown.capacity_bytes, 3 * MIB);
-    assert!(!grown.node_expansion_required, "block volumes need no node step");
+    assert!(grown.node_expansion_required, "the kernel's device learns the size from NodeExpandVolume");
     assert_eq!(client.write(MIB as u64, b"past").await.unwrap(), 0);
     let same = c.controller_expand_volume(expand(MIB)).await.unwrap().into_inner();
     assert_eq!(same.capacity_bytes, 3 * MIB, "never shrinks");

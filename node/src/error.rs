@@ -11,6 +11,9 @@ pub enum ErrorKind {
     NotFound,
     /// Something is still in use (a mounted device, an open block device).
     Busy,
+    /// The node has no room for another volume (its volume limit, or every
+    /// NBD device the kernel offers is in use).
+    Exhausted,
     /// The NBD server cannot be reached or refused the export.
     Unavailable,
     /// The kernel refused a request (netlink, ioctl, mount).
@@ -25,6 +28,7 @@ impl fmt::Display for ErrorKind {
             Self::InvalidArgument => "invalid argument",
             Self::NotFound => "not found",
             Self::Busy => "busy",
+            Self::Exhausted => "resource exhausted",
             Self::Unavailable => "unavailable",
             Self::Kernel => "kernel",
             Self::Io => "i/o",

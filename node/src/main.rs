@@ -140,8 +140,12 @@ struct ServeArgs {
     #[allow(rustdoc::invalid_html_tags)] // `<driver-name>` is --help text, not HTML
     #[arg(long, env = "NBD_CSI_STATE_DIR")]
     state_dir: Option<std::path::PathBuf>,
-    #[arg(long, default_value_t = 64)]
-    max_volumes: i64,
+    /// Volumes staged on this node at once, reported to Kubernetes
+    /// (NodeGetInfo) so that the scheduler does not place more; lowered to
+    /// the number of /dev/nbdX when the kernel has no NBD netlink interface
+    /// (the ioctls cannot add devices).
+    #[arg(long, env = "NBD_CSI_MAX_VOLUMES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_volumes: u32,
     /// Seconds between checks that every staged volume has its device.
     #[arg(long, default_value_t = 10)]
     check_interval: u64,
@@ -317,6 +321,12 @@ fn print_serve_plan(args: &ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The volumes this node can stage at once: `asked`, or fewer when the
+/// kernel offers only `devices` (the ioctl interface).
+fn effective_max_volumes(asked: u32, devices: Option<usize>) -> usize {
+    devices.map_or(asked as usize, |devices| devices.min(asked as usize))
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let state_dir = check_serve_args(&args)?;
     let attacher =
@@ -338,9 +348,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         timeout: Duration::from_secs(args.attach.timeout),
         dead_conn_timeout: Duration::from_secs(args.attach.dead_conn_timeout),
     };
-    let volumes = volumes::Volumes::new(attacher, states, settings).with_events(events).with_health(health);
+    let max_volumes = effective_max_volumes(args.max_volumes, attacher.device_limit());
+    if max_volumes < args.max_volumes as usize {
+        tracing::warn!(
+            max_volumes,
+            asked = args.max_volumes,
+            "no NBD netlink interface: only as many volumes as /dev/nbdX"
+        );
+    }
+    let volumes = volumes::Volumes::new(attacher, states, settings)
+        .with_events(events)
+        .with_health(health)
+        .with_max_volumes(max_volumes);
     let volumes = std::sync::Arc::new(volumes);
-    let info = csi::NodeInfo { driver_name: args.driver_name, node_id: args.node_id, max_volumes: args.max_volumes };
+    let info = csi::NodeInfo { driver_name: args.driver_name, node_id: args.node_id, max_volumes: max_volumes as i64 };
     let shutdown = csi_proto::shutdown::shutdown_signal()?;
     tracing::info!(endpoint = %args.endpoint, state_dir = %state_dir.display(), "serving CSI Identity and Node");
     csi::serve(volumes, info, &args.endpoint, shutdown).await
@@ -361,4 +382,16 @@ async fn probe(uri: &str, connections: Option<usize>) -> anyhow::Result<()> {
     }
     println!("connections={count}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_volume_limit_is_what_the_kernel_can_give() {
+        assert_eq!(effective_max_volumes(64, None), 64, "netlink adds devices as needed");
+        assert_eq!(effective_max_volumes(64, Some(16)), 16, "the ioctls only have nbds_max devices");
+        assert_eq!(effective_max_volumes(8, Some(16)), 8);
+    }
 }

@@ -37,6 +37,8 @@ pub struct Volumes<A> {
     health: Arc<Health>,
     /// One volume operation at a time on this node.
     lock: tokio::sync::Mutex<()>,
+    /// How many volumes may be staged at once (what NodeGetInfo reports).
+    max_volumes: usize,
 }
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -75,7 +77,22 @@ impl<A: Attacher> Volumes<A> {
     /// [`Self::with_events`] and [`Self::with_health`].
     pub fn new(attacher: Arc<A>, states: StateDir, settings: Settings) -> Self {
         let lock = tokio::sync::Mutex::new(());
-        Self { attacher, states, settings, events: Events::default(), health: Arc::default(), lock }
+        Self {
+            attacher,
+            states,
+            settings,
+            events: Events::default(),
+            health: Arc::default(),
+            lock,
+            max_volumes: usize::MAX,
+        }
+    }
+
+    /// At most `max` volumes staged at once; staging one more is
+    /// RESOURCE_EXHAUSTED (the scheduler, told the same limit through
+    /// NodeGetInfo, should not ask).
+    pub fn with_max_volumes(self, max: usize) -> Self {
+        Self { max_volumes: max, ..self }
     }
 
     /// Failed attaches become Events here.
@@ -125,6 +142,13 @@ impl<A: Attacher> Volumes<A> {
         let index = match self.attacher.find(volume_id)? {
             Some(index) => index,
             None => {
+                let others = self.states.all()?.iter().filter(|s| s.volume_id != volume_id).count();
+                if others >= self.max_volumes {
+                    return Err(Error::new(
+                        ErrorKind::Exhausted,
+                        format!("this node has its maximum of {} volumes staged (--max-volumes)", self.max_volumes),
+                    ));
+                }
                 save(&self.states, &state).await?;
                 let spec = AttachSpec {
                     uri: context.nbd_uri.clone(),

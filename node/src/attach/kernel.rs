@@ -93,6 +93,16 @@ impl KernelAttacher {
         Self { iface: Interface::Netlink(control), sysfs, source: None }
     }
 
+    /// How many devices the kernel can give this plugin: unbounded over
+    /// netlink (CONNECT adds a device when none is free, beyond nbds_max),
+    /// the `/dev/nbdX` that exist with the ioctls (nbds_max of them).
+    pub fn device_limit(&self) -> Option<usize> {
+        match self.iface {
+            Interface::Netlink(_) => None,
+            Interface::Ioctl(_) => Some(self.sysfs.devices().len()),
+        }
+    }
+
     pub fn is_netlink(&self) -> bool {
         matches!(self.iface, Interface::Netlink(_))
     }
@@ -121,11 +131,13 @@ impl KernelAttacher {
 /// (blocking: run it on the blocking pool).
 fn ioctl_attach(sysfs: &Sysfs, devices: &IoctlDevices, params: &ConnectParams<'_>) -> Result<u32> {
     let mut map = lock(devices);
-    let index = sysfs
-        .devices()
-        .into_iter()
-        .find(|i| !map.contains_key(i) && sysfs.is_free(*i))
-        .ok_or_else(|| Error::new(ErrorKind::Busy, "no free /dev/nbdX (load nbd with a larger nbds_max)"))?;
+    let index = sysfs.devices().into_iter().find(|i| !map.contains_key(i) && sysfs.is_free(*i)).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Exhausted,
+            "every /dev/nbdX is in use: load nbd with a larger nbds_max, or use a kernel with the NBD netlink \
+                 interface, which adds devices as needed",
+        )
+    })?;
     let dev = Arc::new(IoctlDevice::open(&device_path(index))?);
     dev.configure(params.block_size, params.size_bytes, params.timeout_secs, params.server_flags, &params.sockets)?;
     let runner = Arc::clone(&dev);
@@ -252,5 +264,43 @@ impl Attacher for KernelAttacher {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ioctls cannot add devices: the plugin's limit is how many
+    /// /dev/nbdX exist, and with every one of them taken an attach is
+    /// RESOURCE_EXHAUSTED saying why, before any device is touched.
+    #[test]
+    fn with_the_ioctls_the_devices_that_exist_are_the_limit_and_running_out_is_exhausted() {
+        let dir = tempfile::tempdir().unwrap();
+        for (index, sectors) in [(0, 2048), (1, 4096)] {
+            let device = dir.path().join(format!("nbd{index}"));
+            std::fs::create_dir_all(&device).unwrap();
+            std::fs::write(device.join("size"), format!("{sectors}\n")).unwrap();
+        }
+        let attacher = KernelAttacher {
+            iface: Interface::Ioctl(IoctlDevices::default()),
+            sysfs: Sysfs::at(dir.path()),
+            source: None,
+        };
+        assert_eq!(attacher.device_limit(), Some(2));
+        let Interface::Ioctl(devices) = &attacher.iface else { unreachable!() };
+        let params = ConnectParams {
+            sockets: Vec::new(),
+            size_bytes: 1 << 20,
+            block_size: 512,
+            server_flags: 0,
+            client_flags: 0,
+            timeout_secs: 30,
+            dead_conn_timeout_secs: 120,
+            backend_id: "vol-1".into(),
+        };
+        let error = ioctl_attach(&attacher.sysfs, devices, &params).unwrap_err();
+        assert_eq!(error.kind, ErrorKind::Exhausted, "{}", error.chain());
+        assert!(error.message.contains("nbds_max"), "{}", error.message);
     }
 }

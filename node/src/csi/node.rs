@@ -240,6 +240,50 @@ mod tests {
         }
     }
 
+    /// A node at its volume limit refuses another volume with
+    /// RESOURCE_EXHAUSTED and the reason, before saving or attaching anything
+    /// (port 1 on loopback refuses connections: an attach would fail
+    /// UNAVAILABLE).
+    #[tokio::test]
+    async fn stage_beyond_the_volume_limit_is_resource_exhausted() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = service(dir.path());
+        let node = NodeService {
+            volumes: Arc::new(
+                Volumes::new(
+                    Arc::new(KernelAttacher::open(true).unwrap()),
+                    StateDir::open(dir.path().join("state")).unwrap(),
+                    Settings {
+                        connections: 1,
+                        timeout: Duration::from_secs(30),
+                        dead_conn_timeout: Duration::from_secs(120),
+                    },
+                )
+                .with_max_volumes(1),
+            ),
+            ..node
+        };
+        let staged = crate::state::VolumeState {
+            volume_id: "vol-0".into(),
+            phase: crate::state::Phase::Staged,
+            uri: "nbd://127.0.0.1:1/vol".into(),
+            connections: 1,
+            timeout_secs: 30,
+            dead_conn_timeout_secs: 120,
+            staging_path: dir.path().join("staging-0"),
+            access: Access::Block,
+            read_only: false,
+            index: Some(0),
+        };
+        StateDir::open(dir.path().join("state")).unwrap().save(&staged).unwrap();
+        let request = stage_request(dir.path(), &[(NBD_URI, "nbd://127.0.0.1:1/vol")]);
+        let err = node.node_stage_volume(Request::new(request)).await.unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("maximum of 1 volumes"), "{}", err.message());
+        let saved = std::fs::read_dir(dir.path().join("state")).unwrap().count();
+        assert_eq!(saved, 1, "nothing saved for the refused volume");
+    }
+
     /// A publish_context the controller never writes is refused with the
     /// key it is about, before anything is saved or attached (port 1 on
     /// loopback refuses connections: an attach would fail UNAVAILABLE).

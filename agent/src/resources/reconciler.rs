@@ -9,7 +9,9 @@
 //! - A spec that does not check out (see [`NbdVolume::desired`]), or an
 //!   object that does not even read as its type (it is watched raw, so that
 //!   it cannot fail the watch of the others), gets a Valid=False condition
-//!   and an Event naming the field; nothing is done.
+//!   and an Event naming the field; nothing is done. A spec the agent
+//!   cannot carry out (a size its disk cannot hold, say) gets Ready=False
+//!   with the reason and a `ReconcileFailed` Event, and is retried.
 //! - An export is served under the name derived from the cluster key
 //!   ([`ExportKey`]), which no object carries.
 //! - The decisions are [`plan`](super::plan)'s; this module carries them
@@ -201,9 +203,7 @@ impl Reconciler {
         if object.status.as_ref() != Some(&status) {
             self.patch_volume_status(&object.name_any(), serde_json::json!({ "status": status })).await?;
             // Once per change of status, not on every pass over the object.
-            if let Err(invalid) = &desired {
-                self.warn(object, "InvalidSpec", "Reconcile", invalid.to_string()).await;
-            }
+            self.report(object, desired.as_ref().err(), failure.as_ref()).await;
         }
         match failure {
             Some(e) => Err(e.into()),
@@ -359,9 +359,7 @@ impl Reconciler {
             let api: Api<NbdSnapshot> = Api::all(self.client.clone());
             let patch = serde_json::json!({ "status": status });
             api.patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
-            if let Err(invalid) = &desired {
-                self.warn(object, "InvalidSpec", "Reconcile", invalid.to_string()).await;
-            }
+            self.report(object, desired.as_ref().err(), failure.as_ref()).await;
         }
         match failure {
             Some(e) => Err(e.into()),
@@ -443,6 +441,26 @@ impl Reconciler {
     }
 
     // ------------------------------------------------------------ events
+
+    /// The Event that goes with a new status: a spec that cannot be acted
+    /// on (`InvalidSpec`), or one the agent could not carry out
+    /// (`ReconcileFailed`: a size no disk here holds, say); the status's
+    /// Ready condition says the same, the Event puts it in front of whoever
+    /// runs `kubectl get events`.
+    async fn report<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        invalid: Option<&InvalidObject>,
+        failure: Option<&Error>,
+    ) {
+        if let Some(invalid) = invalid {
+            self.warn(object, "InvalidSpec", "Reconcile", invalid.to_string()).await;
+        } else if let Some(e) = failure {
+            let kind = K::kind(&());
+            let name = object.meta().name.clone().unwrap_or_default();
+            self.warn(object, "ReconcileFailed", "Reconcile", format!("{kind} {name:?}: {e}; retried")).await;
+        }
+    }
 
     async fn warn<K: Resource<DynamicType = ()>>(
         &self,

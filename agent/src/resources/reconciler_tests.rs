@@ -259,6 +259,38 @@ async fn an_object_without_the_finalizer_gets_it_before_anything_is_done() {
     agent.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_size_no_disk_here_holds_gets_a_condition_and_an_event_and_the_volume_serves_on() {
+    let (dir, agent, reconciler, handle) = setup().await;
+    stored(&agent, VOL).await;
+    // Grown by hand far past the disk: 1 EiB.
+    let object = volume_object(1 << 60, &[], true);
+    let echoed = object.clone();
+    let server = answer(
+        handle,
+        vec![
+            (Method::PATCH, format!("{VOLUMES}/{VOL}/status"), Box::new(move |_| (StatusCode::OK, echoed))),
+            (Method::POST, "/apis/events.k8s.io/v1/namespaces/default/events".into(), Box::new(echo_event)),
+        ],
+    );
+    let e = reconciler.reconcile_volume(Arc::new(raw(object))).await.unwrap_err();
+    assert!(matches!(&e, ReconcileError::Agent(e) if e.kind() == crate::Kind::ResourceExhausted), "{e}");
+    let bodies = server.await.unwrap();
+    let status = &bodies[0]["status"];
+    assert_eq!(status["conditions"][1]["type"], "Ready");
+    assert_eq!(status["conditions"][1]["status"], "False");
+    assert_eq!(status["conditions"][1]["reason"], "ResourceExhausted");
+    assert_eq!(status["sizeBytes"], 1 << 20, "the size it serves");
+    assert_eq!(bodies[1]["reason"], "ReconcileFailed");
+    assert_eq!(bodies[1]["regarding"]["name"], VOL);
+    assert!(bodies[1]["note"].as_str().unwrap().contains("bytes requested"), "{}", bodies[1]);
+    // Nothing else changed: the same record and image, still served.
+    assert_eq!(agent.volume(VOL).unwrap().record.capacity_bytes, 1 << 20);
+    let image = dir.path().join("volumes").join(format!("{VOL}.img"));
+    assert_eq!(std::fs::metadata(image).unwrap().len(), 1 << 20);
+    agent.shutdown().await;
+}
+
 /// Creates `id` in the agent directly, as an earlier reconcile would have.
 async fn stored(agent: &Agent, id: &str) {
     let new = crate::NewVolume {

@@ -12,6 +12,10 @@
 //!   and an Event naming the field; nothing is done. A spec the agent
 //!   cannot carry out (a size its disk cannot hold, say) gets Ready=False
 //!   with the reason and a `ReconcileFailed` Event, and is retried.
+//! - An object whose status says its volume was stored and served, while
+//!   this agent stores none, is never given an empty volume in its place
+//!   ([`plan::stored_elsewhere`]): it was moved here from another storage
+//!   node, or this node lost its data. It gets Ready=False and an Event.
 //! - An export is served under the name derived from the cluster key
 //!   ([`ExportKey`]), which no object carries.
 //! - The decisions are [`plan`](super::plan)'s; this module carries them
@@ -189,7 +193,7 @@ impl Reconciler {
         let desired = object.desired();
         let failure = match &desired {
             Err(_) => None,
-            Ok(d) => self.converge_volume(d).await.err(),
+            Ok(d) => self.converge_volume(d, object.status.as_ref()).await.err(),
         };
         let actual = self.agent.volume(&object.name_any());
         let status = plan::volume_status(
@@ -218,9 +222,24 @@ impl Reconciler {
         api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(drop)
     }
 
-    /// Carries out what [`plan::volume_actions`] says for `desired`.
-    async fn converge_volume(&self, desired: &super::DesiredVolume) -> Result<(), Error> {
+    /// Carries out what [`plan::volume_actions`] says for `desired`;
+    /// `previous` is the object's status as read.
+    async fn converge_volume(
+        &self,
+        desired: &super::DesiredVolume,
+        previous: Option<&NbdVolumeStatus>,
+    ) -> Result<(), Error> {
         let actual = self.agent.volume(&desired.id).map(|v| v.record);
+        if plan::stored_elsewhere(previous, actual.as_ref()) {
+            return Err(Error::precondition(format!(
+                "its status says it was stored and served (port {}), but storage node {} stores no volume {}: the \
+                 object was moved here from another storage node, or this node lost its data; no empty volume is \
+                 made in its place (give spec.storageNode back, or delete the object)",
+                previous.and_then(|p| p.port).unwrap_or_default(),
+                self.node,
+                desired.id
+            )));
+        }
         let mut addresses = BTreeMap::new();
         for node in desired.published.keys() {
             let found = node_addresses(self.client.clone(), node)

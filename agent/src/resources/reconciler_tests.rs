@@ -291,6 +291,44 @@ async fn a_size_no_disk_here_holds_gets_a_condition_and_an_event_and_the_volume_
     agent.shutdown().await;
 }
 
+#[tokio::test]
+async fn an_object_served_elsewhere_gets_no_empty_volume_here_but_a_condition_and_an_event() {
+    let (_dir, agent, reconciler, handle) = setup().await;
+    // Served on another storage node (its agent wrote the port), then
+    // moved here by hand: this agent stores no such volume.
+    let mut object = volume_object(1 << 20, &[], true);
+    object["status"] = json!({"phase": "Available", "observedGeneration": 1, "port": 10900, "sizeBytes": 1 << 20});
+    let echoed = object.clone();
+    let server = answer(
+        handle,
+        vec![
+            (Method::PATCH, format!("{VOLUMES}/{VOL}/status"), Box::new(move |_| (StatusCode::OK, echoed))),
+            (Method::POST, "/apis/events.k8s.io/v1/namespaces/default/events".into(), Box::new(echo_event)),
+        ],
+    );
+    let parsed: RawVolume = raw(object);
+    let e = reconciler.reconcile_volume(Arc::new(parsed.clone())).await.unwrap_err();
+    assert!(matches!(&e, ReconcileError::Agent(e) if e.kind() == crate::Kind::FailedPrecondition), "{e}");
+    assert!(agent.volume_ids().is_empty(), "no empty volume made in its place");
+    let bodies = server.await.unwrap();
+    let status = &bodies[0]["status"];
+    assert_eq!((&status["phase"], &status["port"]), (&json!("Unavailable"), &json!(10900)));
+    assert_eq!(status["conditions"][1]["reason"], "FailedPrecondition");
+    assert!(status["conditions"][1]["message"].as_str().unwrap().contains("moved here"), "{status}");
+    assert_eq!(bodies[1]["reason"], "ReconcileFailed");
+    // The next pass, over the status it wrote: still nothing made, no new
+    // patch and no new Event.
+    let (client, handle) = mock_api::client();
+    let again = Reconciler::new(client, Arc::clone(&agent), NODE.into(), ExportKey::new(&KEY).unwrap());
+    let server = answer(handle, vec![]);
+    let mut seen = parsed;
+    seen.status = Some(status.clone());
+    again.reconcile_volume(Arc::new(seen)).await.unwrap_err();
+    server.await.unwrap();
+    assert!(agent.volume_ids().is_empty());
+    agent.shutdown().await;
+}
+
 /// Creates `id` in the agent directly, as an earlier reconcile would have.
 async fn stored(agent: &Agent, id: &str) {
     let new = crate::NewVolume {

@@ -442,6 +442,25 @@ mod plans {
     }
 
     #[test]
+    fn a_volume_served_before_but_not_stored_here_is_stored_elsewhere_and_keeps_its_port() {
+        let served = NbdVolumeStatus { port: Some(10809), ..Default::default() };
+        let stored = record(1 << 20, BTreeMap::new());
+        assert!(plan::stored_elsewhere(Some(&served), None));
+        assert!(!plan::stored_elsewhere(Some(&served), Some(&stored)), "stored here");
+        assert!(!plan::stored_elsewhere(None, None), "a new object");
+        assert!(!plan::stored_elsewhere(Some(&NbdVolumeStatus::default()), None), "never served: a failed create");
+
+        let refused = Error::precondition("not stored here");
+        let want = desired(1 << 20, &[]);
+        let status = plan::volume_status(Ok(&want), Some(3), None, Some(&refused), Some(&served), "t1");
+        assert_eq!(status.port, Some(10809), "kept, so that the next pass still sees it");
+        assert_eq!(status.phase, VolumePhase::Unavailable);
+        let ready = status.conditions.iter().find(|c| c.type_ == ConditionType::Ready).unwrap();
+        assert_eq!((ready.status, ready.reason.as_str()), (ConditionStatus::False, "FailedPrecondition"));
+        assert!(plan::stored_elsewhere(Some(&status), None), "and it still is on the next pass");
+    }
+
+    #[test]
     fn unclaimed_volumes_are_those_no_object_names() {
         let stored = vec!["vol-a".to_string(), "vol-b".to_string()];
         let claimed = BTreeSet::from(["vol-b".to_string(), "vol-c".to_string()]);

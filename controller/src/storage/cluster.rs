@@ -90,6 +90,33 @@ fn is_deleting<K: Resource>(object: &K) -> bool {
     object.meta().deletion_timestamp.is_some()
 }
 
+/// When an agent's Lease was last renewed (Unix milliseconds) and for how
+/// long (milliseconds, the agents' [`LEASE_DURATION`] when it does not
+/// say); no Lease: never renewed.
+fn lease_renewal(lease: Option<&Lease>) -> (Option<i64>, i64) {
+    let spec = lease.and_then(|l| l.spec.clone()).unwrap_or_default();
+    let duration =
+        spec.lease_duration_seconds.map_or(LEASE_DURATION.as_millis() as i64, |s| i64::from(s).saturating_mul(1000));
+    (spec.renew_time.map(|t| t.0.as_millisecond()), duration)
+}
+
+/// The objects whose agent is the one of their storage node.
+trait OnStorageNode {
+    fn storage_node(&self) -> &str;
+}
+
+impl OnStorageNode for NbdVolume {
+    fn storage_node(&self) -> &str {
+        &self.spec.storage_node
+    }
+}
+
+impl OnStorageNode for NbdSnapshot {
+    fn storage_node(&self) -> &str {
+        &self.spec.storage_node
+    }
+}
+
 /// PatchParams and PostParams under the controller's field manager.
 fn patch_params() -> PatchParams {
     PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..Default::default() }
@@ -141,8 +168,9 @@ impl Cluster {
 
     /// Watches object `name` until `judge` says it is done or failed, at
     /// most `--storage-timeout`; then UNAVAILABLE with the reason it gave
-    /// last. A watch, not polling: the call answers as soon as the agent
-    /// writes the status.
+    /// last, and why its storage node's agent may not be answering when
+    /// that can be told ([`Self::agent_absence`]). A watch, not polling:
+    /// the call answers as soon as the agent writes the status.
     async fn wait_for<K, T>(
         &self,
         api: &Api<K>,
@@ -151,7 +179,7 @@ impl Cluster {
         judge: impl Fn(Option<&K>) -> Result<Step<T>>,
     ) -> Result<T>
     where
-        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+        K: Resource + OnStorageNode + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     {
         let settled = |object: Option<&K>| !matches!(judge(object), Ok(Step::Waiting(_)));
         match tokio::time::timeout(self.timeout, await_condition(api.clone(), name, settled)).await {
@@ -164,13 +192,49 @@ impl Cluster {
             Err(_elapsed) => {}
         }
         // Out of time: one last look, for the reason.
-        match judge(self.get(api, name).await?.as_ref())? {
+        let last = self.get(api, name).await?;
+        match judge(last.as_ref())? {
             Step::Done(value) => Ok(value),
-            Step::Waiting(why) => Err(Error::unavailable(format!(
-                "{what}: not done within {:?} ({why}); the call can be retried",
-                self.timeout
-            ))),
+            Step::Waiting(why) => {
+                let absence = match &last {
+                    Some(object) => self.agent_absence(object.storage_node()).await,
+                    None => None,
+                };
+                let absence = absence.map(|a| format!("; {a}")).unwrap_or_default();
+                Err(Error::unavailable(format!(
+                    "{what}: not done within {:?} ({why}{absence}); the call can be retried",
+                    self.timeout
+                )))
+            }
         }
+    }
+
+    /// Why no agent may be acting on storage node `node`'s objects: it has
+    /// no NbdStorageNode (no agent ever ran there: an object naming it was
+    /// made by hand, say), or its agent's Lease expired (the agent is down
+    /// or cut off). `None` when its agent looks alive, or when that cannot
+    /// be read: this only makes a failure's message clearer.
+    async fn agent_absence(&self, node: &str) -> Option<String> {
+        let nodes = Api::<NbdStorageNode>::all(self.client.clone());
+        let leases = Api::<Lease>::namespaced(self.client.clone(), &self.namespace);
+        let (storage, lease) = tokio::join!(self.get(&nodes, node), self.get(&leases, node));
+        if storage.ok()?.is_none() {
+            return Some(format!("storage node {node} has no NbdStorageNode: no agent runs there"));
+        }
+        let (renewed, duration) = lease_renewal(lease.ok()?.as_ref());
+        let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+        if placement::is_live(renewed, duration, now) {
+            return None;
+        }
+        let last = match renewed.and_then(|ms| k8s_openapi::jiff::Timestamp::from_millisecond(ms).ok()) {
+            Some(at) => format!("last renewed at {at}"),
+            None => "never renewed".to_owned(),
+        };
+        Some(format!(
+            "the Lease of storage node {node}'s agent expired ({last}, for {} s): the agent is not running or cannot \
+             reach the API server",
+            duration / 1000
+        ))
     }
 
     /// Waits until volume `id`'s current generation is in effect.
@@ -205,7 +269,7 @@ impl Cluster {
     /// agent removes the data first, under its finalizer.
     async fn delete_and_wait<K>(&self, api: &Api<K>, what: &str, name: &str) -> Result<()>
     where
-        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+        K: Resource + OnStorageNode + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     {
         let deleting = format!("deleting {what} {name}");
         match self.answer(&deleting, api.delete(name, &DeleteParams::default())).await? {
@@ -261,24 +325,15 @@ impl Cluster {
                 .await?;
             labels = found.items.into_iter().map(|n| (n.name_any(), n.labels().clone())).collect();
         }
-        let renewed: HashMap<String, (Option<i64>, i64)> = leases
-            .items
-            .iter()
-            .map(|lease| {
-                let spec = lease.spec.clone().unwrap_or_default();
-                let duration = spec
-                    .lease_duration_seconds
-                    .map_or(LEASE_DURATION.as_millis() as i64, |s| i64::from(s).saturating_mul(1000));
-                (lease.name_any(), (spec.renew_time.map(|t| t.0.as_millisecond()), duration))
-            })
-            .collect();
+        let renewed: HashMap<String, (Option<i64>, i64)> =
+            leases.items.iter().map(|lease| (lease.name_any(), lease_renewal(Some(lease)))).collect();
         let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
         Ok(nodes
             .items
             .iter()
             .map(|node| {
                 let name = node.name_any();
-                let (renew, duration) = renewed.get(&name).copied().unwrap_or((None, 0));
+                let (renew, duration) = renewed.get(&name).copied().unwrap_or_else(|| lease_renewal(None));
                 StorageNode {
                     // A node whose address does not read cannot serve.
                     live: placement::is_live(renew, duration, now) && node.endpoint().is_ok(),
@@ -802,6 +857,69 @@ mod tests {
         drop(cluster);
         let methods = server.await.unwrap();
         assert!(methods.iter().all(|m| m == Method::GET), "nothing but reads was sent: {methods:?}");
+    }
+
+    /// A mock API server holding volume `id` on `storage-9` without a
+    /// status (no agent acted on it), with `storage` as that storage node's
+    /// NbdStorageNode and `lease` as its agent's Lease (404 when `None`).
+    async fn serve_unanswered(mut handle: mock_api::ApiHandle, id: String, storage: bool, lease: Option<Lease>) {
+        let object = NbdVolume::new(&id, objects::volume_spec(&request(), "storage-9", 1 << 20));
+        let mut object = serde_json::to_value(object).unwrap();
+        object["metadata"]["resourceVersion"] = "1".into();
+        object["metadata"]["generation"] = 1.into();
+        let mut watches = Vec::new();
+        while let Some((request, send)) = handle.next_request().await {
+            let (path, query) = (request.uri().path().to_owned(), request.uri().query().unwrap_or_default().to_owned());
+            let not_found = mock_api::status(404, "NotFound", "not found");
+            match path.as_str() {
+                _ if query.contains("watch=true") => watches.push(send),
+                "/apis/nbd.csi.dev/v1alpha1/nbdvolumes" => {
+                    let mut list = list("NbdVolumeList", vec![object.clone()]);
+                    list["metadata"]["resourceVersion"] = "1".into();
+                    reply(send, StatusCode::OK, &list);
+                }
+                p if p.ends_with(&id) => reply(send, StatusCode::OK, &object),
+                "/apis/nbd.csi.dev/v1alpha1/nbdstoragenodes/storage-9" if storage => {
+                    let node = NbdStorageNode::new(
+                        "storage-9",
+                        NbdStorageNodeSpec { address: "127.0.1.9".into(), ports: PortRange { first: 1, last: 2 } },
+                    );
+                    reply(send, StatusCode::OK, &serde_json::to_value(node).unwrap())
+                }
+                "/apis/coordination.k8s.io/v1/namespaces/default/leases/storage-9" if lease.is_some() => {
+                    reply(send, StatusCode::OK, &serde_json::to_value(lease.as_ref().unwrap()).unwrap())
+                }
+                _ => reply(send, StatusCode::NOT_FOUND, &not_found),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wait_that_runs_out_says_when_the_storage_node_has_no_agent_or_its_lease_expired() {
+        let id = objects::volume_id("pvc-1");
+        let expired = Lease {
+            metadata: ObjectMeta { name: Some("storage-9".into()), ..Default::default() },
+            spec: Some(LeaseSpec {
+                renew_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap())),
+                lease_duration_seconds: Some(40),
+                ..Default::default()
+            }),
+        };
+        let cases = [
+            (false, None, "storage node storage-9 has no NbdStorageNode: no agent runs there"),
+            (true, Some(expired), "agent expired (last renewed at 2023-11-14T22:13:20Z, for 40 s)"),
+        ];
+        for (storage, lease, want) in cases {
+            let (client, handle) = mock_api::client();
+            let server = tokio::spawn(serve_unanswered(handle, id.clone(), storage, lease));
+            let cluster = Cluster::new(client, "default".into(), key(), Duration::from_millis(300));
+            let e = cluster.unpublish(&id, "worker-1").await.unwrap_err();
+            assert_eq!(e.kind(), Kind::Unavailable, "{e}");
+            assert!(e.to_string().contains("has no status yet"), "{e}");
+            assert!(e.to_string().contains(want), "{e}");
+            drop(cluster);
+            server.await.unwrap();
+        }
     }
 
     #[tokio::test]

@@ -517,6 +517,49 @@ async fn the_agent_announces_its_storage_node_and_renews_its_lease() {
     agent.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_write_the_api_server_never_answers_does_not_stop_the_lease_renewals() {
+    let (_dir, agent, reconciler, mut handle) = setup().await;
+    let reconciler = Arc::new(reconciler);
+    let period = Duration::from_millis(100);
+    let present = tokio::spawn(Arc::clone(&reconciler).keep_present_every(
+        "10.0.0.5".parse().unwrap(),
+        "ns".into(),
+        period,
+        period,
+    ));
+    // The first request is taken and never answered, as over a network that
+    // drops packets; the others are answered. Renewals must keep coming.
+    let renewals = async {
+        let mut held = None;
+        let mut renewals = 0;
+        while let Some((request, send)) = handle.next_request().await {
+            let renewal = request.uri().path().contains("/leases/");
+            if held.is_none() {
+                held = Some(send);
+                continue;
+            }
+            let body = json_body(request).await;
+            let mut object = body.clone();
+            object["metadata"]["name"] = json!(NODE);
+            if renewal {
+                renewals += 1;
+                if renewals == 3 {
+                    return;
+                }
+            } else {
+                object["apiVersion"] = json!("nbd.csi.dev/v1alpha1");
+                object["kind"] = json!("NbdStorageNode");
+                object["spec"] = json!({"address": "10.0.0.5", "ports": {"first": 1, "last": 2}});
+            }
+            reply(send, StatusCode::OK, &object);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), renewals).await.expect("three renewals after the unanswered request");
+    present.abort();
+    agent.shutdown().await;
+}
+
 /// The whole loop: `run` lists and watches only this node's objects (by
 /// field selector) and reconciles what it finds.
 #[tokio::test]

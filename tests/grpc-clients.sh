@@ -4,13 +4,9 @@
 # grpcio is installed once into the tool cache (PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-GRPCIO_VERSION=1.85.3
-pydir=${NBD_CSI_TOOLS:-$HOME/.cache/nbd-csi/tools-v1}/python-grpcio-$GRPCIO_VERSION
-if ! PYTHONPATH=$pydir python3 -c 'import grpc' 2>/dev/null; then
-    echo "installing grpcio $GRPCIO_VERSION into $pydir"
-    python3 -m pip install --quiet --disable-pip-version-check --target "$pydir.tmp" "grpcio==$GRPCIO_VERSION"
-    rm -rf "$pydir" && mv "$pydir.tmp" "$pydir"
-fi
+. tests/k8s/tools.sh
+ensure_grpcio
+pydir=$GRPCIO_DIR
 cargo build --quiet --locked -p nbd-csi-controller -p nbd-csi-node
 bin=${CARGO_TARGET_DIR:-target}/debug
 work=$(mktemp -d)

@@ -85,6 +85,9 @@ suite e2e ./tests/k8s/e2e.sh
 suite crds ./tests/k8s/crds.sh
 # Cluster mode end to end: three agent processes, the controller, the sidecars.
 suite scale-out ./tests/k8s/scale-out.sh
+# Cluster mode's bad input and faults: the API server stopped and killed,
+# objects edited by hand, an agent whose Lease expires.
+suite faults ./tests/k8s/faults.sh
 # The chart as users run it: helm install on a one-node cluster (kubelet,
 # containerd, Kubernetes' own controllers) in the qemu VM, images built here.
 # Last, and alone: a build or another VM beside it starves the guest.

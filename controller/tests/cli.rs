@@ -141,7 +141,10 @@ fn cli_drives_a_controller_started_with_defaults() {
 
     // expand is online: the connected export grows.
     let expanded = cli_ok(cwd, &["volume", "expand", &id, "--size", "128M"]);
-    assert_eq!(expanded, format!("volume {id} is 128 MiB (134217728 bytes)\n"));
+    assert_eq!(
+        expanded,
+        format!("volume {id} is 128 MiB (134217728 bytes) (NodeExpandVolume finishes it on the node)\n")
+    );
     assert_eq!(export_size(&uri), 128 << 20);
 
     // An explicit --endpoint reaches the same server; a wrong one says so.

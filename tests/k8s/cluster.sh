@@ -7,7 +7,12 @@
 #   - controller_binary: the nbd-csi-controller to run (built when needed)
 #   - cluster_start: etcd and kube-apiserver on 127.0.0.1 (free ports, token
 #     authentication, RBAC, service-account tokens); exports KUBECONFIG (admin)
-#     and sets $api_url, $api_ca, $admin_token, $kubectl, $helm.
+#     and sets $api_url, $api_ca, $admin_token, $kubectl, $helm,
+#     $apiserver_pid; apiserver_start runs kube-apiserver again after a kill,
+#     apiserver_ready waits for it
+#   - wait_until, jp, gone, check, acting, logs: polling and checking
+#   - cluster mode as processes (the agents, the controller, their objects
+#     and disks): see the section at the end
 # No kubelet, scheduler or controller-manager runs.
 
 passed=0
@@ -58,7 +63,7 @@ cluster_start() {
     ensure_kubernetes
     helm=$TOOLS_BIN/helm
     kubectl=$TOOLS_BIN/kubectl
-    local etcd_port peer_port api_port apiserver_pid
+    local peer_port
     etcd_port=$(free_port)
     peer_port=$(free_port)
     api_port=$(free_port)
@@ -75,6 +80,24 @@ cluster_start() {
     openssl genrsa -out "$work/sa.key" 2048 2>/dev/null
     openssl rsa -in "$work/sa.key" -pubout -out "$work/sa.pub" 2>/dev/null
     mkdir -p "$work/certs"
+    api_url=https://127.0.0.1:$api_port
+    api_ca=$work/certs/apiserver.crt
+    apiserver_start
+    if ! apiserver_ready 180; then
+        tail -n 30 "$work/etcd.log" "$work/kube-apiserver.log" >&2
+        echo "kube-apiserver did not become ready" >&2
+        exit 1
+    fi
+    export KUBECONFIG=$work/kubeconfig
+    cluster_kubeconfig "$KUBECONFIG" admin "$admin_token"
+    ok "etcd $ETCD_VERSION and kube-apiserver $("$kubectl" version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])') ready on 127.0.0.1:$api_port"
+}
+
+# kube-apiserver on $api_port over the etcd cluster_start ran, with its
+# certificates, tokens and service-account keys; $apiserver_pid. Run again
+# after the server was killed (tests/k8s/faults.sh), it serves the same
+# cluster on the same address, certificate included (--cert-dir keeps it).
+apiserver_start() {
     "$TOOLS_BIN/kube-apiserver" \
         --etcd-servers "http://127.0.0.1:$etcd_port" \
         --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
@@ -89,24 +112,19 @@ cluster_start() {
         --service-account-signing-key-file "$work/sa.key" \
         --enable-priority-and-fairness=false \
         --profiling=false \
-        >"$work/kube-apiserver.log" 2>&1 &
+        >>"$work/kube-apiserver.log" 2>&1 &
     apiserver_pid=$!
     pids+=("$apiserver_pid")
+}
 
-    api_url=https://127.0.0.1:$api_port
-    api_ca=$work/certs/apiserver.crt
-    local deadline=$((SECONDS + 180))
+apiserver_ready() { # SECONDS: /readyz answers within SECONDS, while the server runs
+    local deadline=$((SECONDS + $1))
     until curl -sf --cacert "$api_ca" -H "Authorization: Bearer $admin_token" "$api_url/readyz" >/dev/null 2>&1; do
         if [ $SECONDS -ge $deadline ] || ! kill -0 "$apiserver_pid" 2>/dev/null; then
-            tail -n 30 "$work/etcd.log" "$work/kube-apiserver.log" >&2
-            echo "kube-apiserver did not become ready" >&2
-            exit 1
+            return 1
         fi
-        sleep 1
+        sleep 0.5
     done
-    export KUBECONFIG=$work/kubeconfig
-    cluster_kubeconfig "$KUBECONFIG" admin "$admin_token"
-    ok "etcd $ETCD_VERSION and kube-apiserver $("$kubectl" version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])') ready on 127.0.0.1:$api_port"
 }
 
 cluster_kubeconfig() { # FILE USER TOKEN: a kubeconfig for the test server with a bearer token
@@ -114,6 +132,133 @@ cluster_kubeconfig() { # FILE USER TOKEN: a kubeconfig for the test server with 
     "$kubectl" --kubeconfig "$1" config set-credentials "$2" --token "$3" >/dev/null
     "$kubectl" --kubeconfig "$1" config set-context test --cluster test --user "$2" >/dev/null
     "$kubectl" --kubeconfig "$1" config use-context test >/dev/null
+}
+
+# --- small helpers of the suites that drive a cluster
+wait_until() { # SECONDS COMMAND...: polls every 0.5 s; false after SECONDS
+    local deadline=$((SECONDS + $1))
+    shift
+    until "$@" >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || return 1
+        sleep 0.5
+    done
+}
+jp() { "$kubectl" get "$@" 2>/dev/null || true; } # jp KIND NAME -o jsonpath=...
+gone() { ! "$kubectl" get "$@" >/dev/null 2>&1; }
+check() { # DESCRIPTION WANT GOT
+    if [ "$2" = "$3" ]; then ok "$1"; else bad "$1: got '$3', want '$2'"; fi
+}
+acting() { echo "   (acting as $1)"; }
+logs() { # FILE...: the tail of each, from $work
+    local f
+    for f in "$@"; do echo "--- tail of $f" >&2; tail -n 25 "$work/$f" >&2 || true; done
+}
+
+# --- cluster mode as processes (tests/k8s/scale-out.sh, tests/k8s/faults.sh).
+# The suite sets: $controller_bin, $driver, $ns (the chart's namespace),
+# $socket (the controller's CSI socket), the agents' names in agents=(...),
+# their addresses in the associative array agent_addr, $disks (each agent's
+# data lives in $disks/NAME/data) and $port_base (agent i gets the ports
+# port_base+100i to +49, its metrics +99); optionally $storage_timeout
+# (the controller's --storage-timeout, default 30).
+
+# The agents' disks live outside $work, in $disks: each a tmpfs
+# (mount_agent_disk), unmounted after every process has stopped, before
+# the work directory goes. Call after cluster_init: it takes over the EXIT trap.
+agent_disks_init() { # PREFIX
+    disks=$(mktemp -d "/tmp/$1-disks.XXXXXX")
+    trap agent_disks_cleanup EXIT
+}
+agent_disks_cleanup() {
+    cluster_cleanup
+    local d
+    for d in "$disks"/*; do umount "$d" 2>/dev/null || umount -l "$d" 2>/dev/null || true; done
+    rm -rf "$disks"
+}
+mount_agent_disk() { # NAME MIB: a tmpfs of MIB for agent NAME (needs root)
+    mkdir -p "$disks/$1"
+    mount -t tmpfs -o "size=$2m,mode=0755" nbd-csi-agent "$disks/$1" || { bad "mounting a tmpfs (needs root)"; return 1; }
+}
+
+# The chart's CRDs, CSIDriver, StorageClass, ServiceAccounts, RBAC and
+# storage policy for storage.mode=cluster in $ns, and a kubeconfig with a
+# token of the controller's ServiceAccount: $work/controller.kubeconfig
+# (each agent gets its own, bound to a pod on its node: start_agent).
+cluster_mode_objects() {
+    "$kubectl" create namespace "$ns" >/dev/null
+    "$helm" template nbd-csi charts/nbd-csi --namespace "$ns" --set storage.mode=cluster \
+        --show-only templates/csidriver.yaml --show-only templates/storageclasses.yaml \
+        --show-only templates/serviceaccounts.yaml --show-only templates/rbac.yaml \
+        --show-only templates/storage-policy.yaml >"$work/chart.yaml"
+    if "$kubectl" apply --server-side -f charts/nbd-csi/crds/nbd.csi.dev.yaml >"$work/apply.txt" 2>&1 &&
+        "$kubectl" wait --for=condition=Established --timeout=60s \
+            crd/nbdvolumes.nbd.csi.dev crd/nbdsnapshots.nbd.csi.dev crd/nbdstoragenodes.nbd.csi.dev >>"$work/apply.txt" 2>&1 &&
+        "$kubectl" apply -f "$work/chart.yaml" >>"$work/apply.txt" 2>&1; then
+        ok "the chart's CRDs, CSIDriver, StorageClass, ServiceAccounts, RBAC and storage policy for storage.mode=cluster applied"
+    else
+        cat "$work/apply.txt" >&2
+        bad "applying the chart's objects"
+        return 1
+    fi
+    cluster_kubeconfig "$work/controller.kubeconfig" nbd-csi-controller "$("$kubectl" -n "$ns" create token nbd-csi-controller --duration 2h)"
+}
+
+start_controller() { # LOG: the controller in cluster mode on $socket; $controller_pid
+    rm -f "$socket"
+    NO_COLOR=1 RUST_LOG=${RUST_LOG:-info,nbd_csi_controller=debug} "$controller_bin" \
+        --endpoint "unix://$socket" --driver-name "$driver" --storage-mode cluster \
+        --export-key-secret nbd-csi-export-key --namespace "$ns" --storage-timeout "${storage_timeout:-30}" \
+        --kubeconfig "$work/controller.kubeconfig" >"$work/$1" 2>&1 &
+    controller_pid=$!
+    pids+=("$controller_pid")
+    wait_until 60 test -S "$socket" && kill -0 "$controller_pid"
+}
+
+# The export key as a storage node mounts it: from the Secret the
+# controller created, into $work/export.key.
+mount_export_key() {
+    if wait_until 30 "$kubectl" -n "$ns" get secret nbd-csi-export-key; then
+        ok "the controller created the export-key Secret $ns/nbd-csi-export-key"
+    else
+        logs controller.log
+        bad "no export-key Secret"
+        return 1
+    fi
+    acting "kubelet: the Secret's key mounted as a file on each storage node"
+    "$kubectl" -n "$ns" get secret nbd-csi-export-key -o jsonpath='{.data.key}' | base64 -d >"$work/export.key"
+    chmod 0400 "$work/export.key"
+}
+
+start_agent() { # NAME: `nbd-csi-controller agent` for storage node NAME; ${agent_pid[NAME]}
+    local a=$1 i
+    for i in "${!agents[@]}"; do [ "${agents[i]}" = "$a" ] && break; done
+    # Its pod's token, which names its node (the chart's storage policy wants it).
+    [ -f "$work/storage-$a.kubeconfig" ] ||
+        cluster_kubeconfig "$work/storage-$a.kubeconfig" nbd-csi-storage "$(cluster_pod_token "$ns" nbd-csi-storage "$a")"
+    NO_COLOR=1 "$controller_bin" agent --node-name "$a" --data-dir "$disks/$a/data" \
+        --listen-address "${agent_addr[$a]}" --nbd-port-range "$((port_base + 100 * i))-$((port_base + 100 * i + 49))" \
+        --export-key-file "$work/export.key" --namespace "$ns" --kubeconfig "$work/storage-$a.kubeconfig" \
+        --metrics-address "${agent_addr[$a]}:$((port_base + 100 * i + 99))" >>"$work/agent-$a.log" 2>&1 &
+    agent_pid[$a]=$!
+    pids+=("${agent_pid[$a]}")
+}
+
+announced() { # NAME: its NbdStorageNode reports free space
+    [ "$("$kubectl" get nbdstoragenode "$1" -o jsonpath='{.status.freeBytes}' 2>/dev/null)" -gt 0 ] 2>/dev/null
+}
+
+# Every agent's volume records against the NbdVolumes: "" when each record
+# has its object on that storage node and each object its record, else the
+# differences ("record-only ID@NODE", "object-only ID@NODE").
+records_vs_objects() {
+    local a
+    {
+        for a in "${agents[@]}"; do
+            find "$disks/$a/data/volumes" -maxdepth 1 -name 'vol-*.json' -printf "%f@$a\n" 2>/dev/null | sed 's/\.json@/@/'
+        done
+    } | sort >"$work/agent-records.txt"
+    "$kubectl" get nbdvolumes -o jsonpath='{range .items[*]}{.metadata.name}@{.spec.storageNode}{"\n"}{end}' | sort >"$work/object-nodes.txt"
+    diff "$work/agent-records.txt" "$work/object-nodes.txt" | sed -n 's/^< /record-only /p; s/^> /object-only /p' | paste -sd' '
 }
 
 cluster_node() { # NAME IP DRIVER: a Node as its kubelet registers it, with InternalIP IP unless

@@ -42,57 +42,14 @@ driver=nbd.csi.dev
 ns=nbd-csi
 MIB=1048576
 
-# The agents' disks live outside $work: they are unmounted after every
-# process has stopped, before the work directory goes.
-disks=$(mktemp -d /tmp/nbd-csi-scale-out-disks.XXXXXX)
-scale_out_cleanup() {
-    cluster_cleanup
-    local d
-    for d in "$disks"/*; do umount "$d" 2>/dev/null || umount -l "$d" 2>/dev/null || true; done
-    rm -rf "$disks"
-}
 cluster_init nbd-csi-scale-out
-trap scale_out_cleanup EXIT
+agent_disks_init nbd-csi-scale-out
 cluster_start
 k() { "$kubectl" "$@"; }
 
-wait_until() { # SECONDS COMMAND...: polls every 0.5 s; false after SECONDS
-    local deadline=$((SECONDS + $1))
-    shift
-    until "$@" >/dev/null 2>&1; do
-        [ $SECONDS -lt $deadline ] || return 1
-        sleep 0.5
-    done
-}
-jp() { "$kubectl" get "$@" 2>/dev/null || true; }
-gone() { ! "$kubectl" get "$@" >/dev/null 2>&1; }
-check() { # DESCRIPTION WANT GOT
-    if [ "$2" = "$3" ]; then ok "$1"; else bad "$1: got '$3', want '$2'"; fi
-}
-acting() { echo "   (acting as $1)"; }
-logs() {
-    local f
-    for f in "$@"; do echo "--- tail of $f" >&2; tail -n 25 "$work/$f" >&2 || true; done
-}
-
 # --- the chart's objects for storage.mode=cluster
-k create namespace "$ns" >/dev/null
+cluster_mode_objects || exit 1
 k create namespace app >/dev/null
-"$helm" template nbd-csi charts/nbd-csi --namespace "$ns" --set storage.mode=cluster \
-    --show-only templates/csidriver.yaml --show-only templates/storageclasses.yaml \
-    --show-only templates/serviceaccounts.yaml --show-only templates/rbac.yaml \
-    --show-only templates/storage-policy.yaml >"$work/chart.yaml"
-if k apply --server-side -f charts/nbd-csi/crds/nbd.csi.dev.yaml >"$work/apply.txt" 2>&1 &&
-    k wait --for=condition=Established --timeout=60s \
-        crd/nbdvolumes.nbd.csi.dev crd/nbdsnapshots.nbd.csi.dev crd/nbdstoragenodes.nbd.csi.dev >>"$work/apply.txt" 2>&1 &&
-    k apply -f "$work/chart.yaml" >>"$work/apply.txt" 2>&1; then
-    ok "the chart's CRDs, CSIDriver, StorageClass, ServiceAccounts, RBAC and storage policy for storage.mode=cluster applied"
-else
-    cat "$work/apply.txt" >&2
-    bad "applying the chart's objects"
-    exit 1
-fi
-cluster_kubeconfig "$work/controller.kubeconfig" nbd-csi-controller "$(k -n "$ns" create token nbd-csi-controller --duration 2h)"
 
 # --- kube-controller-manager: PV binding and the protection finalizers
 "$TOOLS_BIN/kube-controller-manager" --kubeconfig "$KUBECONFIG" --leader-elect=false \
@@ -110,19 +67,16 @@ declare -A agent_mib=([storage-1]=64 [storage-2]=128 [storage-3]=192)
 declare -A agent_pid
 for a in "${agents[@]}"; do cluster_node "$a" "${agent_addr[$a]}" ""; done
 cluster_node worker-a 127.0.0.1 "$driver"
+apiVersion: storage.k8s.io/v1
+kind: CSINode
+metadata: {name: worker-a}
+spec:
+  drivers:
+    - {name: $driver, nodeID: worker-a}
+EOF
 
 # --- the controller (it creates the export-key Secret) and the sidecars
 socket=$work/csi.sock
-start_controller() { # LOG
-    rm -f "$socket"
-    NO_COLOR=1 RUST_LOG=${RUST_LOG:-info,nbd_csi_controller=debug} "$controller_bin" \
-        --endpoint "unix://$socket" --driver-name "$driver" --storage-mode cluster \
-        --export-key-secret nbd-csi-export-key --namespace "$ns" --storage-timeout 30 \
-        --kubeconfig "$work/controller.kubeconfig" >"$work/$1" 2>&1 &
-    controller_pid=$!
-    pids+=("$controller_pid")
-    wait_until 60 test -S "$socket" && kill -0 "$controller_pid"
-}
 sidecar_args=(--kubeconfig "$work/controller.kubeconfig" --csi-address "$socket" --leader-election=false
     --timeout=60s --retry-interval-max=5s --v=4)
 start_sidecars() { # LOG-SUFFIX
@@ -144,38 +98,12 @@ else
 fi
 start_sidecars "" || { logs provisioner.log attacher.log; bad "a sidecar exited at start"; exit 1; }
 ok "csi-provisioner $EXTERNAL_PROVISIONER_VERSION and csi-attacher $EXTERNAL_ATTACHER_VERSION running"
-if wait_until 30 k -n "$ns" get secret nbd-csi-export-key; then
-    ok "the controller created the export-key Secret $ns/nbd-csi-export-key"
-else
-    logs controller.log
-    bad "no export-key Secret"
-    exit 1
-fi
-acting "kubelet: the Secret's key mounted as a file on each storage node"
-k -n "$ns" get secret nbd-csi-export-key -o jsonpath='{.data.key}' | base64 -d >"$work/export.key"
-chmod 0400 "$work/export.key"
+mount_export_key || exit 1
 
 # --- the agents, each on its own tmpfs
 port_base=$((24000 + RANDOM % 4000))
-start_agent() { # NAME
-    local a=$1 i
-    for i in "${!agents[@]}"; do [ "${agents[i]}" = "$a" ] && break; done
-    # Its pod's token, which names its node (the chart's storage policy wants it).
-    [ -f "$work/storage-$a.kubeconfig" ] ||
-        cluster_kubeconfig "$work/storage-$a.kubeconfig" nbd-csi-storage "$(cluster_pod_token "$ns" nbd-csi-storage "$a")"
-    NO_COLOR=1 "$controller_bin" agent --node-name "$a" --data-dir "$disks/$a/data" \
-        --listen-address "${agent_addr[$a]}" --nbd-port-range "$((port_base + 100 * i))-$((port_base + 100 * i + 49))" \
-        --export-key-file "$work/export.key" --namespace "$ns" --kubeconfig "$work/storage-$a.kubeconfig" \
-        --metrics-address "${agent_addr[$a]}:$((port_base + 100 * i + 99))" >>"$work/agent-$a.log" 2>&1 &
-    agent_pid[$a]=$!
-    pids+=("${agent_pid[$a]}")
-}
-announced() { # NAME: the NbdStorageNode reports free space
-    [ "$(k get nbdstoragenode "$1" -o jsonpath='{.status.freeBytes}' 2>/dev/null)" -gt 0 ] 2>/dev/null
-}
 for a in "${agents[@]}"; do
-    mkdir -p "$disks/$a"
-    mount -t tmpfs -o "size=${agent_mib[$a]}m,mode=0755" nbd-csi-scale-out "$disks/$a" || { bad "mounting a tmpfs (needs root)"; exit 1; }
+    mount_agent_disk "$a" "${agent_mib[$a]}" || exit 1
     start_agent "$a"
 done
 for a in "${agents[@]}"; do
@@ -458,18 +386,14 @@ fi
 # no NbdVolume without a PV, no agent record without an NbdVolume.
 k get pv -o jsonpath='{range .items[*]}{.metadata.name} {.spec.csi.volumeHandle}{"\n"}{end}' | sort >"$work/pvs.txt"
 k get nbdvolumes -o jsonpath='{range .items[*]}{.spec.requestName} {.metadata.name}{"\n"}{end}' | sort >"$work/objects.txt"
-for a in "${agents[@]}"; do
-    find "$disks/$a/data/volumes" -maxdepth 1 -name 'vol-*.json' -printf '%f\n' | sed 's/\.json$//' | sed "s/$/ $a/"
-done | sort >"$work/records.txt"
-echo "   $(wc -l <"$work/pvs.txt") PVs, $(wc -l <"$work/objects.txt") NbdVolumes, agent records: $(for a in "${agents[@]}"; do printf '%s=%s ' "$a" "$(grep -c " $a$" "$work/records.txt")"; done)"
+mismatch=$(records_vs_objects)
+echo "   $(wc -l <"$work/pvs.txt") PVs, $(wc -l <"$work/objects.txt") NbdVolumes, agent records: $(for a in "${agents[@]}"; do printf '%s=%s ' "$a" "$(grep -c "@$a$" "$work/agent-records.txt")"; done)"
 dups=$(cut -d' ' -f1 "$work/objects.txt" | uniq -d | paste -sd' ')
 check "no duplicate: one NbdVolume per request name" "" "$dups"
 check "every PV has its NbdVolume and every NbdVolume its PV (same names and handles)" "" \
     "$(diff "$work/pvs.txt" "$work/objects.txt" | grep '^[<>]' | paste -sd' ')"
-check "every agent record has an NbdVolume and every NbdVolume a record (each agent's data dir listed)" "" \
-    "$(diff <(cut -d' ' -f1 "$work/records.txt" | sort) <(cut -d' ' -f2 "$work/objects.txt" | sort) | grep '^[<>]' | paste -sd' ')"
-misplaced=$(while read -r id a; do [ "$(jp nbdvolume "$id" -o jsonpath='{.spec.storageNode}')" = "$a" ] || echo "$id@$a"; done <"$work/records.txt" | paste -sd' ')
-check "each record is on the storage node its NbdVolume names" "" "$misplaced"
+check "every agent record has its NbdVolume on that storage node and every NbdVolume its record (each agent's data dir listed)" "" \
+    "$mismatch"
 check "every NbdVolume Available" "" "$(k get nbdvolumes -o jsonpath='{range .items[*]}{.metadata.name}={.status.phase}{"\n"}{end}' | grep -v '=Available$' | paste -sd' ')"
 quarantined=$(find "$disks" -path '*quarantine*' -type f 2>/dev/null | wc -l)
 check "nothing quarantined by the agents" 0 "$quarantined"

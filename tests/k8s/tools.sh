@@ -45,6 +45,18 @@ tools_go_install() { # NAME PACKAGE VERSION
     tools_built "$1" "$3" "$start"
 }
 
+# Python grpcio (gRPC C-core) from PyPI, for the suites that call CSI
+# endpoints through another gRPC implementation than ours; import it with
+# PYTHONPATH=$GRPCIO_DIR.
+GRPCIO_VERSION=1.85.3
+GRPCIO_DIR=$NBD_CSI_TOOLS/python-grpcio-$GRPCIO_VERSION
+ensure_grpcio() {
+    PYTHONPATH=$GRPCIO_DIR python3 -c 'import grpc' 2>/dev/null && return 0
+    echo "installing grpcio $GRPCIO_VERSION into $GRPCIO_DIR"
+    python3 -m pip install --quiet --disable-pip-version-check --target "$GRPCIO_DIR.tmp" "grpcio==$GRPCIO_VERSION" &&
+        rm -rf "$GRPCIO_DIR" && mv "$GRPCIO_DIR.tmp" "$GRPCIO_DIR"
+}
+
 ensure_helm() { tools_go_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"; }
 ensure_kubeconform() { tools_go_install kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$KUBECONFORM_VERSION"; }
 

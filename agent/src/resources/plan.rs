@@ -80,6 +80,15 @@ pub fn cleanup_actions(actual: Option<&VolumeRecord>) -> Vec<VolumeAction> {
     }
 }
 
+/// Whether an object's status says a volume was stored for it (an agent
+/// wrote its size) while this agent stores none: the object was
+/// moved here from another storage node past the schema's rule, or this
+/// node lost its data. An empty volume made in its place would hand its
+/// users a blank disk under their old data's name; none is made.
+pub fn stored_elsewhere(previous: Option<&NbdVolumeStatus>, actual: Option<&VolumeRecord>) -> bool {
+    actual.is_none() && previous.is_some_and(|s| s.size_bytes.is_some())
+}
+
 /// Volumes the agent stores that no object names: to be quarantined,
 /// never deleted.
 pub fn unclaimed<'a>(stored: &'a [String], claimed: &std::collections::BTreeSet<String>) -> Vec<&'a String> {
@@ -140,14 +149,22 @@ pub fn volume_status(
     now: &str,
 ) -> NbdVolumeStatus {
     let mut conditions = Conditions::new(previous.map(|p| p.conditions.as_slice()), generation, now);
+    // A size written before stays while nothing is stored here: it is what
+    // marks the object as stored before ([`stored_elsewhere`]), so that a
+    // later pass does not make an empty volume in its place. (Not the port:
+    // a volume published nowhere has none.)
+    let size_bytes = match actual {
+        Some(volume) => Some(volume.record.capacity_bytes),
+        None => previous.and_then(|p| p.size_bytes),
+    };
     let phase = match (desired, actual, failure) {
         (Err(invalid), _, _) => {
             conditions.invalid(invalid);
             VolumePhase::Invalid
         }
-        (Ok(_), actual, Some(error)) => {
+        (Ok(_), _, Some(error)) => {
             conditions.checked(false, &reason(error), error.to_string());
-            if actual.is_some() { VolumePhase::Unavailable } else { VolumePhase::Pending }
+            if size_bytes.is_some() { VolumePhase::Unavailable } else { VolumePhase::Pending }
         }
         (Ok(_), None, None) => {
             conditions.checked(false, "NotCreated", String::new());
@@ -176,7 +193,7 @@ pub fn volume_status(
         phase,
         observed_generation: generation,
         port: actual.and_then(|v| v.record.port),
-        size_bytes: actual.map(|v| v.record.capacity_bytes),
+        size_bytes,
         conditions: conditions.into_list(),
     }
 }

@@ -79,18 +79,38 @@ impl Reconciler {
     /// its Lease (every [`LEASE_RENEWAL`]) until dropped; failures are
     /// logged and retried on the next tick.
     pub async fn keep_present(self: Arc<Self>, address: IpAddr, namespace: String) {
-        let mut renewal = tokio::time::interval(LEASE_RENEWAL);
-        let mut announcement = tokio::time::interval(crate::REFRESH);
+        self.keep_present_every(address, namespace, LEASE_RENEWAL, crate::REFRESH).await;
+    }
+
+    /// [`Self::keep_present`] with its periods. Each write gets at most one
+    /// `renewal` period: the client has no read timeout, so a request the
+    /// API server never answers (a network that drops packets rather than
+    /// refusing them) would otherwise hold the loop until TCP gives up,
+    /// many minutes, and the agent would look dead long after the network
+    /// is back.
+    pub(crate) async fn keep_present_every(
+        self: Arc<Self>,
+        address: IpAddr,
+        namespace: String,
+        renewal: Duration,
+        announcement: Duration,
+    ) {
+        let mut renewals = tokio::time::interval(renewal);
+        let mut announcements = tokio::time::interval(announcement);
         loop {
             tokio::select! {
-                _ = renewal.tick() => {
-                    if let Err(e) = self.renew_lease(&namespace).await {
-                        tracing::warn!(error = %e, "renewing the agent's Lease failed");
+                _ = renewals.tick() => {
+                    match tokio::time::timeout(renewal, self.renew_lease(&namespace)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "renewing the agent's Lease failed"),
+                        Err(_) => tracing::warn!(within = ?renewal, "renewing the agent's Lease got no answer"),
                     }
                 }
-                _ = announcement.tick() => {
-                    if let Err(e) = self.announce(address).await {
-                        tracing::warn!(error = %e, "writing the NbdStorageNode failed");
+                _ = announcements.tick() => {
+                    match tokio::time::timeout(renewal, self.announce(address)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "writing the NbdStorageNode failed"),
+                        Err(_) => tracing::warn!(within = ?renewal, "writing the NbdStorageNode got no answer"),
                     }
                 }
             }

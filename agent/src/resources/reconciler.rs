@@ -9,7 +9,13 @@
 //! - A spec that does not check out (see [`NbdVolume::desired`]), or an
 //!   object that does not even read as its type (it is watched raw, so that
 //!   it cannot fail the watch of the others), gets a Valid=False condition
-//!   and an Event naming the field; nothing is done.
+//!   and an Event naming the field; nothing is done. A spec the agent
+//!   cannot carry out (a size its disk cannot hold, say) gets Ready=False
+//!   with the reason and a `ReconcileFailed` Event, and is retried.
+//! - An object whose status says its volume was stored, while
+//!   this agent stores none, is never given an empty volume in its place
+//!   ([`plan::stored_elsewhere`]): it was moved here from another storage
+//!   node, or this node lost its data. It gets Ready=False and an Event.
 //! - An export is served under the name derived from the cluster key
 //!   ([`ExportKey`]), which no object carries.
 //! - The decisions are [`plan`](super::plan)'s; this module carries them
@@ -187,7 +193,7 @@ impl Reconciler {
         let desired = object.desired();
         let failure = match &desired {
             Err(_) => None,
-            Ok(d) => self.converge_volume(d).await.err(),
+            Ok(d) => self.converge_volume(d, object.status.as_ref()).await.err(),
         };
         let actual = self.agent.volume(&object.name_any());
         let status = plan::volume_status(
@@ -201,9 +207,7 @@ impl Reconciler {
         if object.status.as_ref() != Some(&status) {
             self.patch_volume_status(&object.name_any(), plan::status_patch(object.status.as_ref(), &status)).await?;
             // Once per change of status, not on every pass over the object.
-            if let Err(invalid) = &desired {
-                self.warn(object, "InvalidSpec", "Reconcile", invalid.to_string()).await;
-            }
+            self.report(object, desired.as_ref().err(), failure.as_ref()).await;
         }
         match failure {
             Some(e) => Err(e.into()),
@@ -218,9 +222,24 @@ impl Reconciler {
         api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(drop)
     }
 
-    /// Carries out what [`plan::volume_actions`] says for `desired`.
-    async fn converge_volume(&self, desired: &super::DesiredVolume) -> Result<(), Error> {
+    /// Carries out what [`plan::volume_actions`] says for `desired`;
+    /// `previous` is the object's status as read.
+    async fn converge_volume(
+        &self,
+        desired: &super::DesiredVolume,
+        previous: Option<&NbdVolumeStatus>,
+    ) -> Result<(), Error> {
         let actual = self.agent.volume(&desired.id).map(|v| v.record);
+        if plan::stored_elsewhere(previous, actual.as_ref()) {
+            return Err(Error::precondition(format!(
+                "its status says it was stored ({} bytes), but storage node {} stores no volume {}: the object was \
+                 moved here from another storage node, or this node lost its data; no empty volume is made in its \
+                 place (give spec.storageNode back, or delete the object)",
+                previous.and_then(|p| p.size_bytes).unwrap_or_default(),
+                self.node,
+                desired.id
+            )));
+        }
         let mut addresses = BTreeMap::new();
         for node in desired.published.keys() {
             let found = node_addresses(self.client.clone(), node)
@@ -359,9 +378,7 @@ impl Reconciler {
             let api: Api<NbdSnapshot> = Api::all(self.client.clone());
             let patch = plan::status_patch(object.status.as_ref(), &status);
             api.patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
-            if let Err(invalid) = &desired {
-                self.warn(object, "InvalidSpec", "Reconcile", invalid.to_string()).await;
-            }
+            self.report(object, desired.as_ref().err(), failure.as_ref()).await;
         }
         match failure {
             Some(e) => Err(e.into()),
@@ -443,6 +460,26 @@ impl Reconciler {
     }
 
     // ------------------------------------------------------------ events
+
+    /// The Event that goes with a new status: a spec that cannot be acted
+    /// on (`InvalidSpec`), or one the agent could not carry out
+    /// (`ReconcileFailed`: a size no disk here holds, say); the status's
+    /// Ready condition says the same, the Event puts it in front of whoever
+    /// runs `kubectl get events`.
+    async fn report<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        invalid: Option<&InvalidObject>,
+        failure: Option<&Error>,
+    ) {
+        if let Some(invalid) = invalid {
+            self.warn(object, "InvalidSpec", "Reconcile", invalid.to_string()).await;
+        } else if let Some(e) = failure {
+            let kind = K::kind(&());
+            let name = object.meta().name.clone().unwrap_or_default();
+            self.warn(object, "ReconcileFailed", "Reconcile", format!("{kind} {name:?}: {e}; retried")).await;
+        }
+    }
 
     async fn warn<K: Resource<DynamicType = ()>>(
         &self,

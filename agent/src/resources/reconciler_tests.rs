@@ -267,6 +267,77 @@ async fn an_object_without_the_finalizer_gets_it_before_anything_is_done() {
     agent.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_size_no_disk_here_holds_gets_a_condition_and_an_event_and_the_volume_serves_on() {
+    let (dir, agent, reconciler, handle) = setup().await;
+    stored(&agent, VOL).await;
+    // Grown by hand far past the disk: 1 EiB.
+    let object = volume_object(1 << 60, &[], true);
+    let echoed = object.clone();
+    let server = answer(
+        handle,
+        vec![
+            (Method::PATCH, format!("{VOLUMES}/{VOL}/status"), Box::new(move |_| (StatusCode::OK, echoed))),
+            (Method::POST, "/apis/events.k8s.io/v1/namespaces/default/events".into(), Box::new(echo_event)),
+        ],
+    );
+    let e = reconciler.reconcile_volume(Arc::new(raw(object))).await.unwrap_err();
+    assert!(matches!(&e, ReconcileError::Agent(e) if e.kind() == crate::Kind::ResourceExhausted), "{e}");
+    let bodies = server.await.unwrap();
+    let status = &bodies[0]["status"];
+    assert_eq!(status["conditions"][1]["type"], "Ready");
+    assert_eq!(status["conditions"][1]["status"], "False");
+    assert_eq!(status["conditions"][1]["reason"], "ResourceExhausted");
+    assert_eq!(status["sizeBytes"], 1 << 20, "the size it serves");
+    assert_eq!(bodies[1]["reason"], "ReconcileFailed");
+    assert_eq!(bodies[1]["regarding"]["name"], VOL);
+    assert!(bodies[1]["note"].as_str().unwrap().contains("bytes requested"), "{}", bodies[1]);
+    // Nothing else changed: the same record and image, still served.
+    assert_eq!(agent.volume(VOL).unwrap().record.capacity_bytes, 1 << 20);
+    let image = dir.path().join("volumes").join(format!("{VOL}.img"));
+    assert_eq!(std::fs::metadata(image).unwrap().len(), 1 << 20);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_object_served_elsewhere_gets_no_empty_volume_here_but_a_condition_and_an_event() {
+    let (_dir, agent, reconciler, handle) = setup().await;
+    // Stored on another storage node (its agent wrote the size), then
+    // moved here by hand: this agent stores no such volume.
+    let mut object = volume_object(1 << 20, &[], true);
+    object["status"] = json!({"phase": "Available", "observedGeneration": 1, "port": 10900, "sizeBytes": 1 << 20});
+    let echoed = object.clone();
+    let server = answer(
+        handle,
+        vec![
+            (Method::PATCH, format!("{VOLUMES}/{VOL}/status"), Box::new(move |_| (StatusCode::OK, echoed))),
+            (Method::POST, "/apis/events.k8s.io/v1/namespaces/default/events".into(), Box::new(echo_event)),
+        ],
+    );
+    let parsed: RawVolume = raw(object);
+    let e = reconciler.reconcile_volume(Arc::new(parsed.clone())).await.unwrap_err();
+    assert!(matches!(&e, ReconcileError::Agent(e) if e.kind() == crate::Kind::FailedPrecondition), "{e}");
+    assert!(agent.volume_ids().is_empty(), "no empty volume made in its place");
+    let bodies = server.await.unwrap();
+    let status = &bodies[0]["status"];
+    assert_eq!((&status["phase"], &status["sizeBytes"]), (&json!("Unavailable"), &json!(1 << 20)), "the size marks it");
+    assert_eq!(status.get("port"), Some(&Value::Null), "no port: nothing serves it here");
+    assert_eq!(status["conditions"][1]["reason"], "FailedPrecondition");
+    assert!(status["conditions"][1]["message"].as_str().unwrap().contains("moved here"), "{status}");
+    assert_eq!(bodies[1]["reason"], "ReconcileFailed");
+    // The next pass, over the status it wrote: still nothing made, no new
+    // patch and no new Event.
+    let (client, handle) = mock_api::client();
+    let again = Reconciler::new(client, Arc::clone(&agent), NODE.into(), ExportKey::new(&KEY).unwrap());
+    let server = answer(handle, vec![]);
+    let mut seen = parsed;
+    seen.status = Some(status.clone());
+    again.reconcile_volume(Arc::new(seen)).await.unwrap_err();
+    server.await.unwrap();
+    assert!(agent.volume_ids().is_empty());
+    agent.shutdown().await;
+}
+
 /// Creates `id` in the agent directly, as an earlier reconcile would have.
 async fn stored(agent: &Agent, id: &str) {
     let new = crate::NewVolume {
@@ -452,6 +523,49 @@ async fn the_agent_announces_its_storage_node_and_renews_its_lease() {
     assert_eq!(bodies[3]["spec"]["leaseDurationSeconds"], LEASE_DURATION.as_secs());
     assert!(bodies[3]["spec"]["acquireTime"].is_string());
     assert!(bodies[4]["spec"]["renewTime"].is_string());
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_write_the_api_server_never_answers_does_not_stop_the_lease_renewals() {
+    let (_dir, agent, reconciler, mut handle) = setup().await;
+    let reconciler = Arc::new(reconciler);
+    let period = Duration::from_millis(100);
+    let present = tokio::spawn(Arc::clone(&reconciler).keep_present_every(
+        "10.0.0.5".parse().unwrap(),
+        "ns".into(),
+        period,
+        period,
+    ));
+    // The first request is taken and never answered, as over a network that
+    // drops packets; the others are answered. Renewals must keep coming.
+    let renewals = async {
+        let mut held = None;
+        let mut renewals = 0;
+        while let Some((request, send)) = handle.next_request().await {
+            let renewal = request.uri().path().contains("/leases/");
+            if held.is_none() {
+                held = Some(send);
+                continue;
+            }
+            let body = json_body(request).await;
+            let mut object = body.clone();
+            object["metadata"]["name"] = json!(NODE);
+            if renewal {
+                renewals += 1;
+                if renewals == 3 {
+                    return;
+                }
+            } else {
+                object["apiVersion"] = json!("nbd.csi.dev/v1alpha1");
+                object["kind"] = json!("NbdStorageNode");
+                object["spec"] = json!({"address": "10.0.0.5", "ports": {"first": 1, "last": 2}});
+            }
+            reply(send, StatusCode::OK, &object);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), renewals).await.expect("three renewals after the unanswered request");
+    present.abort();
     agent.shutdown().await;
 }
 

@@ -442,6 +442,27 @@ mod plans {
     }
 
     #[test]
+    fn a_volume_stored_before_but_not_here_is_stored_elsewhere_and_keeps_its_mark() {
+        let served = NbdVolumeStatus { size_bytes: Some(1 << 20), ..Default::default() };
+        let stored = record(1 << 20, BTreeMap::new());
+        assert!(plan::stored_elsewhere(Some(&served), None));
+        assert!(!plan::stored_elsewhere(Some(&served), Some(&stored)), "stored here");
+        assert!(!plan::stored_elsewhere(None, None), "a new object");
+        assert!(!plan::stored_elsewhere(Some(&NbdVolumeStatus::default()), None), "never stored: a failed create");
+        let unpublished = NbdVolumeStatus { port: None, ..served.clone() };
+        assert!(plan::stored_elsewhere(Some(&unpublished), None), "a volume published nowhere has no port");
+
+        let refused = Error::precondition("not stored here");
+        let want = desired(1 << 20, &[]);
+        let status = plan::volume_status(Ok(&want), Some(3), None, Some(&refused), Some(&served), "t1");
+        assert_eq!(status.size_bytes, Some(1 << 20), "kept, so that the next pass still sees it");
+        assert_eq!(status.phase, VolumePhase::Unavailable);
+        let ready = status.conditions.iter().find(|c| c.type_ == ConditionType::Ready).unwrap();
+        assert_eq!((ready.status, ready.reason.as_str()), (ConditionStatus::False, "FailedPrecondition"));
+        assert!(plan::stored_elsewhere(Some(&status), None), "and it still is on the next pass");
+    }
+
+    #[test]
     fn unclaimed_volumes_are_those_no_object_names() {
         let stored = vec!["vol-a".to_string(), "vol-b".to_string()];
         let claimed = BTreeSet::from(["vol-b".to_string(), "vol-c".to_string()]);

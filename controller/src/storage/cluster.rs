@@ -18,7 +18,11 @@
 //!   the free space it reports is a little stale) stores nothing; its
 //!   object is then deleted so that the retry places the volume afresh.
 //! - An API server that cannot be reached is UNAVAILABLE before anything is
-//!   written, and a write either happens whole or not at all.
+//!   written, and a write either happens whole or not at all. Each request
+//!   is bounded by `--storage-timeout` too (`Cluster::answer`): a server
+//!   that accepts connections but does not answer (stopped, overloaded, a
+//!   network that drops packets) is as unreachable as one that refuses
+//!   them, instead of holding the call until TCP gives up.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -86,6 +90,33 @@ fn is_deleting<K: Resource>(object: &K) -> bool {
     object.meta().deletion_timestamp.is_some()
 }
 
+/// When an agent's Lease was last renewed (Unix milliseconds) and for how
+/// long (milliseconds, the agents' [`LEASE_DURATION`] when it does not
+/// say); no Lease: never renewed.
+fn lease_renewal(lease: Option<&Lease>) -> (Option<i64>, i64) {
+    let spec = lease.and_then(|l| l.spec.clone()).unwrap_or_default();
+    let duration =
+        spec.lease_duration_seconds.map_or(LEASE_DURATION.as_millis() as i64, |s| i64::from(s).saturating_mul(1000));
+    (spec.renew_time.map(|t| t.0.as_millisecond()), duration)
+}
+
+/// The objects whose agent is the one of their storage node.
+trait OnStorageNode {
+    fn storage_node(&self) -> &str;
+}
+
+impl OnStorageNode for NbdVolume {
+    fn storage_node(&self) -> &str {
+        &self.spec.storage_node
+    }
+}
+
+impl OnStorageNode for NbdSnapshot {
+    fn storage_node(&self) -> &str {
+        &self.spec.storage_node
+    }
+}
+
 /// PatchParams and PostParams under the controller's field manager.
 fn patch_params() -> PatchParams {
     PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..Default::default() }
@@ -108,17 +139,38 @@ impl Cluster {
         Api::all(self.client.clone())
     }
 
+    /// The API server's answer to one request (not a watch), or
+    /// UNAVAILABLE when none came within `--storage-timeout`. The client
+    /// itself has no read timeout (its watches stay open for minutes), so
+    /// without this bound a server that stopped answering would hold the
+    /// call, and the placement lock with it, until TCP gives up.
+    async fn answer<T>(&self, what: &str, request: impl Future<Output = kube::Result<T>>) -> Result<kube::Result<T>> {
+        tokio::time::timeout(self.timeout, request).await.map_err(|_elapsed| {
+            Error::unavailable(format!(
+                "{what}: the API server did not answer within {:?}; the call can be retried",
+                self.timeout
+            ))
+        })
+    }
+
+    /// One request, its failure as the CSI error it stands for
+    /// ([`Error::kube`]); bounded as [`Self::answer`] is.
+    async fn request<T>(&self, what: &str, request: impl Future<Output = kube::Result<T>>) -> Result<T> {
+        self.answer(what, request).await?.map_err(|e| Error::kube(what, e))
+    }
+
     async fn get<K>(&self, api: &Api<K>, name: &str) -> Result<Option<K>>
     where
         K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
     {
-        api.get_opt(name).await.map_err(|e| Error::kube(&format!("reading {name}"), e))
+        self.request(&format!("reading {name}"), api.get_opt(name)).await
     }
 
     /// Watches object `name` until `judge` says it is done or failed, at
     /// most `--storage-timeout`; then UNAVAILABLE with the reason it gave
-    /// last. A watch, not polling: the call answers as soon as the agent
-    /// writes the status.
+    /// last, and why its storage node's agent may not be answering when
+    /// that can be told ([`Self::agent_absence`]). A watch, not polling:
+    /// the call answers as soon as the agent writes the status.
     async fn wait_for<K, T>(
         &self,
         api: &Api<K>,
@@ -127,7 +179,7 @@ impl Cluster {
         judge: impl Fn(Option<&K>) -> Result<Step<T>>,
     ) -> Result<T>
     where
-        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+        K: Resource + OnStorageNode + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     {
         let settled = |object: Option<&K>| !matches!(judge(object), Ok(Step::Waiting(_)));
         match tokio::time::timeout(self.timeout, await_condition(api.clone(), name, settled)).await {
@@ -140,13 +192,49 @@ impl Cluster {
             Err(_elapsed) => {}
         }
         // Out of time: one last look, for the reason.
-        match judge(self.get(api, name).await?.as_ref())? {
+        let last = self.get(api, name).await?;
+        match judge(last.as_ref())? {
             Step::Done(value) => Ok(value),
-            Step::Waiting(why) => Err(Error::unavailable(format!(
-                "{what}: not done within {:?} ({why}); the call can be retried",
-                self.timeout
-            ))),
+            Step::Waiting(why) => {
+                let absence = match &last {
+                    Some(object) => self.agent_absence(object.storage_node()).await,
+                    None => None,
+                };
+                let absence = absence.map(|a| format!("; {a}")).unwrap_or_default();
+                Err(Error::unavailable(format!(
+                    "{what}: not done within {:?} ({why}{absence}); the call can be retried",
+                    self.timeout
+                )))
+            }
         }
+    }
+
+    /// Why no agent may be acting on storage node `node`'s objects: it has
+    /// no NbdStorageNode (no agent ever ran there: an object naming it was
+    /// made by hand, say), or its agent's Lease expired (the agent is down
+    /// or cut off). `None` when its agent looks alive, or when that cannot
+    /// be read: this only makes a failure's message clearer.
+    async fn agent_absence(&self, node: &str) -> Option<String> {
+        let nodes = Api::<NbdStorageNode>::all(self.client.clone());
+        let leases = Api::<Lease>::namespaced(self.client.clone(), &self.namespace);
+        let (storage, lease) = tokio::join!(self.get(&nodes, node), self.get(&leases, node));
+        if storage.ok()?.is_none() {
+            return Some(format!("storage node {node} has no NbdStorageNode: no agent runs there"));
+        }
+        let (renewed, duration) = lease_renewal(lease.ok()?.as_ref());
+        let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+        if placement::is_live(renewed, duration, now) {
+            return None;
+        }
+        let last = match renewed.and_then(|ms| k8s_openapi::jiff::Timestamp::from_millisecond(ms).ok()) {
+            Some(at) => format!("last renewed at {at}"),
+            None => "never renewed".to_owned(),
+        };
+        Some(format!(
+            "the Lease of storage node {node}'s agent expired ({last}, for {} s): the agent is not running or cannot \
+             reach the API server",
+            duration / 1000
+        ))
     }
 
     /// Waits until volume `id`'s current generation is in effect.
@@ -181,12 +269,13 @@ impl Cluster {
     /// agent removes the data first, under its finalizer.
     async fn delete_and_wait<K>(&self, api: &Api<K>, what: &str, name: &str) -> Result<()>
     where
-        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+        K: Resource + OnStorageNode + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     {
-        match api.delete(name, &DeleteParams::default()).await {
+        let deleting = format!("deleting {what} {name}");
+        match self.answer(&deleting, api.delete(name, &DeleteParams::default())).await? {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
-            Err(e) => return Err(Error::kube(&format!("deleting {what} {name}"), e)),
+            Err(e) => return Err(Error::kube(&deleting, e)),
         }
         let waiting = format!("waiting for {what} {name} to be deleted by its agent");
         self.wait_for(api, name, &waiting, |object| {
@@ -210,9 +299,8 @@ impl Cluster {
             Error::internal(format!("{name} was read without a resourceVersion; it cannot be changed safely"))
         })?;
         let patch = serde_json::json!({ "metadata": { "resourceVersion": version }, "spec": spec });
-        api.patch(&name, &patch_params(), &Patch::Merge(&patch))
+        self.request(&format!("changing the spec of {name}"), api.patch(&name, &patch_params(), &Patch::Merge(&patch)))
             .await
-            .map_err(|e| Error::kube(&format!("changing the spec of {name}"), e))
     }
 
     /// Every storage node as placement sees it: liveness from its Lease,
@@ -220,15 +308,11 @@ impl Cluster {
     /// `selector` needs them, its Node's labels.
     async fn storage_nodes(&self, selector: &Selector) -> Result<Vec<StorageNode>> {
         let list = ListParams::default();
-        let nodes = Api::<NbdStorageNode>::all(self.client.clone())
-            .list(&list)
-            .await
-            .map_err(|e| Error::kube("listing storage nodes", e))?;
-        let leases = Api::<Lease>::namespaced(self.client.clone(), &self.namespace)
-            .list(&list)
-            .await
-            .map_err(|e| Error::kube("listing the agents' Leases", e))?;
-        let volumes = self.volumes().list(&list).await.map_err(|e| Error::kube("listing volumes", e))?;
+        let nodes =
+            self.request("listing storage nodes", Api::<NbdStorageNode>::all(self.client.clone()).list(&list)).await?;
+        let leases = Api::<Lease>::namespaced(self.client.clone(), &self.namespace);
+        let leases = self.request("listing the agents' Leases", leases.list(&list)).await?;
+        let volumes = self.request("listing volumes", self.volumes().list(&list)).await?;
         let mut placed: HashMap<String, u64> = HashMap::new();
         for v in &volumes.items {
             let sum = placed.entry(v.spec.storage_node.clone()).or_default();
@@ -236,30 +320,20 @@ impl Cluster {
         }
         let mut labels: HashMap<String, BTreeMap<String, String>> = HashMap::new();
         if !selector.is_empty() {
-            let found = Api::<Node>::all(self.client.clone())
-                .list(&list)
-                .await
-                .map_err(|e| Error::kube("listing Nodes for storageNodeSelector", e))?;
+            let found = self
+                .request("listing Nodes for storageNodeSelector", Api::<Node>::all(self.client.clone()).list(&list))
+                .await?;
             labels = found.items.into_iter().map(|n| (n.name_any(), n.labels().clone())).collect();
         }
-        let renewed: HashMap<String, (Option<i64>, i64)> = leases
-            .items
-            .iter()
-            .map(|lease| {
-                let spec = lease.spec.clone().unwrap_or_default();
-                let duration = spec
-                    .lease_duration_seconds
-                    .map_or(LEASE_DURATION.as_millis() as i64, |s| i64::from(s).saturating_mul(1000));
-                (lease.name_any(), (spec.renew_time.map(|t| t.0.as_millisecond()), duration))
-            })
-            .collect();
+        let renewed: HashMap<String, (Option<i64>, i64)> =
+            leases.items.iter().map(|lease| (lease.name_any(), lease_renewal(Some(lease)))).collect();
         let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
         Ok(nodes
             .items
             .iter()
             .map(|node| {
                 let name = node.name_any();
-                let (renew, duration) = renewed.get(&name).copied().unwrap_or((None, 0));
+                let (renew, duration) = renewed.get(&name).copied().unwrap_or_else(|| lease_renewal(None));
                 StorageNode {
                     // A node whose address does not read cannot serve.
                     live: placement::is_live(renew, duration, now) && node.endpoint().is_ok(),
@@ -294,9 +368,9 @@ impl Cluster {
             None => placement::place(&nodes, size, selector)?.name.clone(),
         };
         let object = NbdVolume::new(&id, objects::volume_spec(request, &node, size));
-        let created = api.create(&post_params(), &object).await;
+        let created = self.answer(&format!("creating volume {id}"), api.create(&post_params(), &object)).await;
         drop(placing);
-        match created {
+        match created? {
             Ok(_) => tracing::info!(volume.id = %id, storage_node = %node, size, "volume object created"),
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 // Another replica, or an earlier try, was first.
@@ -337,7 +411,10 @@ impl Cluster {
             .ok()
             .flatten()
             .is_some_and(|o| o.status.is_some_and(|s| s.phase == VolumePhase::Pending));
-        if pending && let Err(e) = api.delete(id, &DeleteParams::default()).await {
+        if pending
+            && let Err(e) =
+                self.request(&format!("deleting volume {id}"), api.delete(id, &DeleteParams::default())).await
+        {
             tracing::warn!(volume.id = %id, error = %e, "deleting a volume object its agent refused failed");
         }
         Err(error)
@@ -395,8 +472,7 @@ impl Cluster {
 
     /// Every volume object, in id order.
     pub async fn list_volumes(&self) -> Result<Vec<NbdVolume>> {
-        let mut items =
-            self.volumes().list(&ListParams::default()).await.map_err(|e| Error::kube("listing volumes", e))?.items;
+        let mut items = self.request("listing volumes", self.volumes().list(&ListParams::default())).await?.items;
         items.sort_by_key(|o| o.name_any());
         Ok(items)
     }
@@ -482,10 +558,9 @@ impl Cluster {
             .and_then(|s| s.port)
             .ok_or_else(|| Error::unavailable(format!("volume {id} has no port in its status yet")))?;
         let storage_node = &object.spec.storage_node;
-        let storage = Api::<NbdStorageNode>::all(self.client.clone())
-            .get_opt(storage_node)
-            .await
-            .map_err(|e| Error::kube(&format!("reading storage node {storage_node}"), e))?
+        let storage = self
+            .get(&Api::<NbdStorageNode>::all(self.client.clone()), storage_node)
+            .await?
             .ok_or_else(|| Error::unavailable(format!("storage node {storage_node} has no NbdStorageNode")))?;
         let (address, _) = storage.endpoint().map_err(|e| Error::unavailable(e.to_string()))?;
         let nbd_uri = NbdUri::new(SocketAddr::new(address, port), self.export_key.export_name(id));
@@ -545,7 +620,8 @@ impl Cluster {
             source_volume: source_volume.to_owned(),
             parameters,
         };
-        match api.create(&post_params(), &NbdSnapshot::new(&id, spec)).await {
+        let creating = format!("creating snapshot {id}");
+        match self.answer(&creating, api.create(&post_params(), &NbdSnapshot::new(&id, spec))).await? {
             Ok(_) => tracing::info!(snapshot.id = %id, "snapshot object created"),
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 let existing = self.get(&api, &id).await?.ok_or_else(|| {
@@ -553,7 +629,7 @@ impl Cluster {
                 })?;
                 return self.existing_snapshot(existing, name, source_volume).await;
             }
-            Err(e) => return Err(Error::kube(&format!("creating snapshot {id}"), e)),
+            Err(e) => return Err(Error::kube(&creating, e)),
         }
         self.finish_snapshot(&id).await
     }
@@ -581,7 +657,10 @@ impl Cluster {
         let uncut = self.get(&api, id).await.ok().flatten().is_some_and(|o| {
             o.status.is_some_and(|s| matches!(s.phase, SnapshotPhase::Failed | SnapshotPhase::Pending))
         });
-        if uncut && let Err(e) = api.delete(id, &DeleteParams::default()).await {
+        if uncut
+            && let Err(e) =
+                self.request(&format!("deleting snapshot {id}"), api.delete(id, &DeleteParams::default())).await
+        {
             tracing::warn!(snapshot.id = %id, error = %e, "deleting a snapshot object its agent could not cut failed");
         }
         Err(error)
@@ -602,8 +681,7 @@ impl Cluster {
 
     /// Every snapshot object, in id order.
     pub async fn list_snapshots(&self) -> Result<Vec<NbdSnapshot>> {
-        let mut items =
-            self.snapshots().list(&ListParams::default()).await.map_err(|e| Error::kube("listing snapshots", e))?.items;
+        let mut items = self.request("listing snapshots", self.snapshots().list(&ListParams::default())).await?.items;
         items.sort_by_key(|o| o.name_any());
         Ok(items)
     }
@@ -744,6 +822,104 @@ mod tests {
         drop(cluster);
         let methods = server.await.unwrap();
         assert_eq!(methods.last(), Some(&Method::DELETE), "so that the retry places it afresh: {methods:?}");
+    }
+
+    #[tokio::test]
+    async fn an_api_server_that_does_not_answer_is_unavailable_within_the_timeout_and_nothing_is_written() {
+        // Every request is taken and held unanswered, as by a stopped
+        // kube-apiserver whose socket still accepts connections.
+        let (client, mut handle) = mock_api::client();
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some((request, send)) = handle.next_request().await {
+                held.push((request.method().clone(), send));
+            }
+            held.into_iter().map(|(method, _)| method).collect::<Vec<_>>()
+        });
+        let cluster = Cluster::new(client, "default".into(), key(), Duration::from_millis(300));
+        let id = objects::volume_id("pvc-1");
+        let bound = Duration::from_secs(5);
+        let calls = async {
+            let created = cluster.create_volume(&request(), &Selector::default()).await;
+            let deleted = cluster.delete_volume(&id).await;
+            let published = cluster.publish(&id, "worker-1", true, 1, false).await;
+            let unpublished = cluster.unpublish(&id, "worker-1").await;
+            let capacity = cluster.capacity(&Selector::default()).await;
+            let listed = cluster.list_volumes().await;
+            [created.err(), deleted.err(), published.err(), unpublished.err(), capacity.err(), listed.err()]
+        };
+        let errors = tokio::time::timeout(bound, calls).await.expect("every call answers within the bound, none hangs");
+        for e in errors {
+            let e = e.expect("a call that got no answer fails");
+            assert_eq!(e.kind(), Kind::Unavailable, "{e}");
+            assert!(e.to_string().contains("did not answer within 300ms"), "{e}");
+        }
+        drop(cluster);
+        let methods = server.await.unwrap();
+        assert!(methods.iter().all(|m| m == Method::GET), "nothing but reads was sent: {methods:?}");
+    }
+
+    /// A mock API server holding volume `id` on `storage-9` without a
+    /// status (no agent acted on it), with `storage` as that storage node's
+    /// NbdStorageNode and `lease` as its agent's Lease (404 when `None`).
+    async fn serve_unanswered(mut handle: mock_api::ApiHandle, id: String, storage: bool, lease: Option<Lease>) {
+        let object = NbdVolume::new(&id, objects::volume_spec(&request(), "storage-9", 1 << 20));
+        let mut object = serde_json::to_value(object).unwrap();
+        object["metadata"]["resourceVersion"] = "1".into();
+        object["metadata"]["generation"] = 1.into();
+        let mut watches = Vec::new();
+        while let Some((request, send)) = handle.next_request().await {
+            let (path, query) = (request.uri().path().to_owned(), request.uri().query().unwrap_or_default().to_owned());
+            let not_found = mock_api::status(404, "NotFound", "not found");
+            match path.as_str() {
+                _ if query.contains("watch=true") => watches.push(send),
+                "/apis/nbd.csi.dev/v1alpha1/nbdvolumes" => {
+                    let mut list = list("NbdVolumeList", vec![object.clone()]);
+                    list["metadata"]["resourceVersion"] = "1".into();
+                    reply(send, StatusCode::OK, &list);
+                }
+                p if p.ends_with(&id) => reply(send, StatusCode::OK, &object),
+                "/apis/nbd.csi.dev/v1alpha1/nbdstoragenodes/storage-9" if storage => {
+                    let node = NbdStorageNode::new(
+                        "storage-9",
+                        NbdStorageNodeSpec { address: "127.0.1.9".into(), ports: PortRange { first: 1, last: 2 } },
+                    );
+                    reply(send, StatusCode::OK, &serde_json::to_value(node).unwrap())
+                }
+                "/apis/coordination.k8s.io/v1/namespaces/default/leases/storage-9" if lease.is_some() => {
+                    reply(send, StatusCode::OK, &serde_json::to_value(lease.as_ref().unwrap()).unwrap())
+                }
+                _ => reply(send, StatusCode::NOT_FOUND, &not_found),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wait_that_runs_out_says_when_the_storage_node_has_no_agent_or_its_lease_expired() {
+        let id = objects::volume_id("pvc-1");
+        let expired = Lease {
+            metadata: ObjectMeta { name: Some("storage-9".into()), ..Default::default() },
+            spec: Some(LeaseSpec {
+                renew_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap())),
+                lease_duration_seconds: Some(40),
+                ..Default::default()
+            }),
+        };
+        let cases = [
+            (false, None, "storage node storage-9 has no NbdStorageNode: no agent runs there"),
+            (true, Some(expired), "agent expired (last renewed at 2023-11-14T22:13:20Z, for 40 s)"),
+        ];
+        for (storage, lease, want) in cases {
+            let (client, handle) = mock_api::client();
+            let server = tokio::spawn(serve_unanswered(handle, id.clone(), storage, lease));
+            let cluster = Cluster::new(client, "default".into(), key(), Duration::from_millis(300));
+            let e = cluster.unpublish(&id, "worker-1").await.unwrap_err();
+            assert_eq!(e.kind(), Kind::Unavailable, "{e}");
+            assert!(e.to_string().contains("has no status yet"), "{e}");
+            assert!(e.to_string().contains(want), "{e}");
+            drop(cluster);
+            server.await.unwrap();
+        }
     }
 
     #[tokio::test]

@@ -306,14 +306,14 @@ def main():
     out.extend(fio_md)
     out.append("")
 
-    # Keep the section bench/controller.sh writes between its markers.
+    # Keep the sections other scripts write between their markers
+    # (bench/controller.sh, bench/control-plane.sh), in their order.
     kept = ""
     try:
         with open(args.output) as f:
             existing = f.read()
-        begin, end = "<!-- controller-bench:begin -->", "<!-- controller-bench:end -->"
-        if begin in existing and end in existing:
-            kept = existing[existing.index(begin):existing.index(end) + len(end)]
+        sections = re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", existing, re.DOTALL)
+        kept = "\n\n".join(m.group(0) for m in sections)
     except FileNotFoundError:
         pass
     with open(args.output, "w") as f:

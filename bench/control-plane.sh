@@ -240,6 +240,7 @@ python3 bench/control_plane_report.py \
     --apiserver-before "$work/apiserver-metrics.before" --apiserver-after "$work/apiserver-metrics.after" \
     --binary "$BIN" --load-before "$LOAD_BEFORE" --load-after "$LOAD_AFTER" \
     --etcd-fs "$(df -PT "$work" | awk 'NR == 2 { print $2 }')" --quick "$QUICK" \
+    $(for a in "${AGENTS[@]}"; do echo --agent "$a=${AGENT_ADDR[$a]}"; done) \
     --begin "$BEGIN" --end "$END" >"$section"
 
 # Replace the previous section, or append one; the rest stays as it is.

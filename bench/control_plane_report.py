@@ -89,6 +89,8 @@ def main():
     ap.add_argument("--load-before", required=True)
     ap.add_argument("--load-after", required=True)
     ap.add_argument("--etcd-fs", required=True)
+    ap.add_argument("--agent", action="append", default=[], metavar="NAME=ADDRESS",
+                    help="an agent's name and the address its nbdUris carry")
     ap.add_argument("--quick", default="0")
     ap.add_argument("--begin", required=True)
     ap.add_argument("--end", required=True)
@@ -101,10 +103,15 @@ def main():
     size_mib = cluster["size_bytes"] >> 20
     concurrency = cluster["phases"][1]["concurrency"]
     agents = sorted(k for k in cluster["memory"]["baseline"] if k != "controller")
+    # Volumes each agent held in the sequential phase (the memory figures'),
+    # from the addresses in their nbdUris.
+    address = dict(a.split("=", 1) for a in args.agent)
+    held = {a: cluster["phases"][0]["spread"].get(address.get(a, ""), 0) for a in agents}
 
     def rss_sum(report, names, point, field="vm_rss_kib"):
         return sum(report["memory"][point][name][field] for name in names)
 
+    # The target's figure: published idle volumes.
     idle = {
         "embedded": per_volume(rss_sum(embedded, ["controller"], "baseline"),
                                rss_sum(embedded, ["controller"], "published"), n),
@@ -151,42 +158,52 @@ def main():
     out.append("Spread over the agents (storage node address in the nbdUri): %s one at a time; %s in flight."
                % (spread(cluster["phases"][0]), spread(cluster["phases"][1])))
     out.append("ControllerUnpublishVolume p50 / p99: embedded %.2f / %.2f ms, cluster %.2f / %.2f ms; "
-               "DeleteVolume: embedded %.2f / %.2f ms, cluster %.2f / %.2f ms (one at a time)." % (
+               "DeleteVolume: embedded %.2f / %.2f ms, cluster %.2f / %.2f ms (one at a time). "
+               "CreateVolume alone, never published (the created-only phase): embedded %.2f / %.2f ms, "
+               "cluster %.2f / %.2f ms." % (
                    embedded["unpublish"]["p50_ms"], embedded["unpublish"]["p99_ms"],
                    cluster["unpublish"]["p50_ms"], cluster["unpublish"]["p99_ms"],
                    embedded["delete"]["p50_ms"], embedded["delete"]["p99_ms"],
-                   cluster["delete"]["p50_ms"], cluster["delete"]["p99_ms"]))
+                   cluster["delete"]["p50_ms"], cluster["delete"]["p99_ms"],
+                   embedded["create_only"]["p50_ms"], embedded["create_only"]["p99_ms"],
+                   cluster["create_only"]["p50_ms"], cluster["create_only"]["p99_ms"]))
     out.append("")
 
     out += [
         "### Resident memory per idle volume",
         "",
-        "VmRSS from /proc/PID/status, KiB, %d s after each step: with no volume (after %d warm-up volumes were "
-        "created, published, unpublished and deleted), with the %d volumes of the sequential phase created and "
-        "published (idle: no connection, no I/O), and with the same volumes unpublished (created only). Per "
-        "volume = the difference divided by %d. Whether a volume's NBD server and port exist while it is only "
-        "created depends on the build: the open descriptors (fd) show what was measured."
-        % (cluster["settle_seconds"], cluster["warmup"], n, n),
+        "VmRSS from /proc/PID/status, KiB, %d s after each step. Published: with no volume (after %d warm-up "
+        "volumes were created, published, unpublished and deleted), then with the %d volumes of the sequential "
+        "phase created and published (idle: no connection, no I/O). Created only: at the end of the run, once "
+        "every volume was deleted, with no volume again, then with %d new volumes created and never published. "
+        "Per volume = the difference divided by the volumes the process holds (%d for a controller and for the "
+        "agents together; for one agent its share of the published volumes, from the addresses in their "
+        "nbdUris; the client cannot see where an unpublished volume lives). Whether a created-only volume has "
+        "its NBD server and port depends on the build: the open descriptors (fd; a served volume holds its "
+        "image and its listening socket) show what was measured."
+        % (cluster["settle_seconds"], cluster["warmup"], n, n, n),
         "",
-        "| process | 0 volumes | %d published | per published volume | %d created, unpublished | per created volume "
-        "| fd: 0 / published / unpublished | target |" % (n, n),
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| process | volumes held | 0 volumes | published | per published volume | 0 volumes, at the end "
+        "| created only | per created volume | fd: 0 / published / 0 at the end / created only | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    points = ("baseline", "published", "rebased", "created")
 
-    def memory_row(label, report, names, target):
-        b, p, u = (rss_sum(report, names, point) for point in ("baseline", "published", "unpublished"))
-        fds = "/".join(str(sum(report["memory"][point][name]["fds"] for name in names))
-                       for point in ("baseline", "published", "unpublished"))
-        per = per_volume(b, p, n)
-        t = verdict(per < IDLE_TARGET_BYTES, "< 64 KiB") if target else ""
-        out.append("| %s | %d | %d | %s | %d | %s | %s | %s |" % (
-            label, b, p, fmt_bytes(per), u, fmt_bytes(per_volume(b, u, n)), fds, t))
+    def memory_row(label, report, names, volumes, created_volumes, target):
+        b, p, r, c = (rss_sum(report, names, point) for point in points)
+        fds = " / ".join(str(sum(report["memory"][point][name]["fds"] for name in names)) for point in points)
+        per = per_volume(b, p, volumes) if volumes else None
+        per_created = per_volume(r, c, created_volumes) if created_volumes else None
+        t = verdict(per < IDLE_TARGET_BYTES, "< 64 KiB") if target and per is not None else ""
+        out.append("| %s | %d | %d | %d | %s | %d | %d | %s | %s | %s |" % (
+            label, volumes, b, p, fmt_bytes(per) if per is not None else "", r, c,
+            fmt_bytes(per_created) if per_created is not None else "", fds, t))
 
-    memory_row("embedded: controller (volumes served in-process)", embedded, ["controller"], False)
-    memory_row("cluster: the 3 agents together", cluster, agents, True)
+    memory_row("embedded: controller (volumes served in-process)", embedded, ["controller"], n, n, False)
+    memory_row("cluster: the 3 agents together", cluster, agents, n, n, True)
     for a in agents:
-        memory_row("cluster: agent %s" % a, cluster, [a], False)
-    memory_row("cluster: controller (stateless)", cluster, ["controller"], False)
+        memory_row("cluster: agent %s" % a, cluster, [a], held[a], 0, False)
+    memory_row("cluster: controller (stateless)", cluster, ["controller"], n, n, False)
     out.append("")
 
     pairs_total = sum(p["pairs"] for p in cluster["phases"]) + cluster["warmup"]
@@ -197,7 +214,9 @@ def main():
         "",
         "From the API server's `apiserver_request_duration_seconds` (its own handling time, etcd included), "
         "the increase over the whole cluster run: %d pairs (warm-up included), each later unpublished and "
-        "deleted. Watches are left out (they stay open)." % pairs_total,
+        "deleted, so a row's per-pair count covers a volume's whole life. Watches are left out (they stay "
+        "open). The client sees more than this: its requests also wait for the CPU, for TLS and for watch "
+        "events to arrive." % pairs_total,
         "",
         "| verb | resource | requests | per pair | mean ms | total s |",
         "|---|---|---:|---:|---:|---:|",

@@ -14,7 +14,10 @@
 //! 4. every volume unpublished (timed); `memory.unpublished`;
 //! 5. every volume deleted (timed);
 //! 6. concurrent: N more pairs, `--concurrency` in flight; then those are
-//!    unpublished and deleted too, so the controller is left empty.
+//!    unpublished and deleted too;
+//! 7. created only: with no volume left, `memory.rebased`; N volumes
+//!    created (timed) and never published; `memory.created`; then deleted,
+//!    so the controller is left empty.
 //!
 //! Usage: bench_control_plane --socket PATH --node NODE [--volumes 300]
 //! [--concurrency 8] [--watch NAME=PID]...
@@ -160,12 +163,8 @@ struct Pair {
     host: String,
 }
 
-async fn create_and_publish(
-    mut c: ControllerClient<Channel>,
-    name: String,
-    size: u64,
-    node: String,
-) -> anyhow::Result<Pair> {
+/// One CreateVolume; the volume's id and the call's latency.
+async fn create(c: &mut ControllerClient<Channel>, name: String, size: u64) -> anyhow::Result<(String, Duration)> {
     let start = Instant::now();
     let req = CreateVolumeRequest {
         name: name.clone(),
@@ -181,7 +180,16 @@ async fn create_and_publish(
         .volume
         .context("CreateVolume answered no volume")?
         .volume_id;
-    let create = start.elapsed();
+    Ok((id, start.elapsed()))
+}
+
+async fn create_and_publish(
+    mut c: ControllerClient<Channel>,
+    name: String,
+    size: u64,
+    node: String,
+) -> anyhow::Result<Pair> {
+    let (id, create) = create(&mut c, name, size).await?;
     let start = Instant::now();
     let req = ControllerPublishVolumeRequest {
         volume_id: id.clone(),
@@ -341,6 +349,19 @@ async fn main() -> anyhow::Result<()> {
     let ids: Vec<String> = done.iter().map(|p| p.id.clone()).collect();
     undo(&c, &args.node, &ids, args.concurrency, false).await?;
     undo(&c, &args.node, &ids, args.concurrency, true).await?;
+
+    // Created and never published: whether that costs a server and a port
+    // is the build's choice; this measures it apart from publishing.
+    let rebased = checkpoint(&args).await?;
+    let mut ids = Vec::with_capacity(args.volumes);
+    let mut creates = Vec::with_capacity(args.volumes);
+    for i in 0..args.volumes {
+        let (id, took) = create(&mut c, format!("new-{i:05}"), args.size).await.context("created-only phase")?;
+        ids.push(id);
+        creates.push(took);
+    }
+    let created = checkpoint(&args).await?;
+    undo(&c, &args.node, &ids, 1, true).await?;
     let left = all_volumes(&mut c, 0).await?.len();
     if left != 0 {
         bail!("{left} volumes left after deleting every one");
@@ -355,7 +376,14 @@ async fn main() -> anyhow::Result<()> {
         "phases": [sequential, concurrent],
         "unpublish": unpublish,
         "delete": delete,
-        "memory": { "baseline": baseline, "published": published, "unpublished": unpublished },
+        "create_only": summary(creates),
+        "memory": {
+            "baseline": baseline,
+            "published": published,
+            "unpublished": unpublished,
+            "rebased": rebased,
+            "created": created,
+        },
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

@@ -147,6 +147,15 @@ def readable(cmd, work, port_re, any_server=False):
     return re.sub(port_re, r"\g<1>$PORT", cmd)
 
 
+def marked_sections(text):
+    """The sections other scripts (bench/controller.sh,
+    bench/control-plane.sh) or people write between `<!-- NAME:begin -->`
+    and `<!-- NAME:end -->` markers, in their order, markers included:
+    this report rewrites the rest of the file and keeps them."""
+    sections = re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", text, re.DOTALL)
+    return "\n\n".join(m.group(0) for m in sections)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", required=True)
@@ -306,14 +315,10 @@ def main():
     out.extend(fio_md)
     out.append("")
 
-    # Keep the sections other scripts write between their markers
-    # (bench/controller.sh, bench/control-plane.sh), in their order.
     kept = ""
     try:
         with open(args.output) as f:
-            existing = f.read()
-        sections = re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", existing, re.DOTALL)
-        kept = "\n\n".join(m.group(0) for m in sections)
+            kept = marked_sections(f.read())
     except FileNotFoundError:
         pass
     with open(args.output, "w") as f:

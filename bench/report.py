@@ -147,6 +147,15 @@ def readable(cmd, work, port_re, any_server=False):
     return re.sub(port_re, r"\g<1>$PORT", cmd)
 
 
+def marked_sections(text):
+    """The sections other scripts (bench/controller.sh,
+    bench/control-plane.sh) or people write between `<!-- NAME:begin -->`
+    and `<!-- NAME:end -->` markers, in their order, markers included:
+    this report rewrites the rest of the file and keeps them."""
+    sections = re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", text, re.DOTALL)
+    return "\n\n".join(m.group(0) for m in sections)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", required=True)
@@ -306,14 +315,10 @@ def main():
     out.extend(fio_md)
     out.append("")
 
-    # Keep the section bench/controller.sh writes between its markers.
     kept = ""
     try:
         with open(args.output) as f:
-            existing = f.read()
-        begin, end = "<!-- controller-bench:begin -->", "<!-- controller-bench:end -->"
-        if begin in existing and end in existing:
-            kept = existing[existing.index(begin):existing.index(end) + len(end)]
+            kept = marked_sections(f.read())
     except FileNotFoundError:
         pass
     with open(args.output, "w") as f:

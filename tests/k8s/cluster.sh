@@ -159,8 +159,9 @@ logs() { # FILE...: the tail of each, from $work
 # $socket (the controller's CSI socket), the agents' names in agents=(...),
 # their addresses in the associative array agent_addr, $disks (each agent's
 # data lives in $disks/NAME/data) and $port_base (agent i gets the ports
-# port_base+100i to +49, its metrics +99); optionally $storage_timeout
-# (the controller's --storage-timeout, default 30).
+# port_base+100i to +49, its metrics +99; $agent_port_block instead of 100
+# for more); optionally $storage_timeout (the controller's
+# --storage-timeout, default 30).
 
 # The agents' disks live outside $work, in $disks: each a tmpfs
 # (mount_agent_disk), unmounted after every process has stopped, before
@@ -235,10 +236,12 @@ start_agent() { # NAME: `nbd-csi-controller agent` for storage node NAME; ${agen
     # Its pod's token, which names its node (the chart's storage policy wants it).
     [ -f "$work/storage-$a.kubeconfig" ] ||
         cluster_kubeconfig "$work/storage-$a.kubeconfig" nbd-csi-storage "$(cluster_pod_token "$ns" nbd-csi-storage "$a")"
+    local block=${agent_port_block:-100} first
+    first=$((port_base + block * i))
     NO_COLOR=1 "$controller_bin" agent --node-name "$a" --data-dir "$disks/$a/data" \
-        --listen-address "${agent_addr[$a]}" --nbd-port-range "$((port_base + 100 * i))-$((port_base + 100 * i + 49))" \
+        --listen-address "${agent_addr[$a]}" --nbd-port-range "$first-$((first + block / 2 - 1))" \
         --export-key-file "$work/export.key" --namespace "$ns" --kubeconfig "$work/storage-$a.kubeconfig" \
-        --metrics-address "${agent_addr[$a]}:$((port_base + 100 * i + 99))" >>"$work/agent-$a.log" 2>&1 &
+        --metrics-address "${agent_addr[$a]}:$((first + block - 1))" >>"$work/agent-$a.log" 2>&1 &
     agent_pid[$a]=$!
     pids+=("${agent_pid[$a]}")
 }

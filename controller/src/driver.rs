@@ -99,10 +99,13 @@ impl Driver {
 
     /// ControllerPublishVolume of an existing volume failed with `error`:
     /// an Event on its PVC (in cluster mode its name is read from the
-    /// volume's object, one read on a call that failed anyway).
+    /// volume's object, one read on a call that failed anyway, and not when
+    /// the API server is what is unavailable: the read would wait for it
+    /// too, and the Event could not be written).
     pub async fn report_publish_refused(&self, id: &str, node_id: &str, error: &Error) {
         let pv_name = match &self.storage {
             Storage::Embedded(agent) => agent.volume(id).map(|volume| volume.record.name),
+            Storage::Cluster(_) if error.kind() == Kind::Unavailable => None,
             Storage::Cluster(cluster) => cluster.volume(id).await.ok().map(|object| object.spec.request_name),
         };
         if let Some(pv_name) = pv_name {

@@ -9,6 +9,9 @@
 //!   a retry, or a second controller replica serving the same call, meets
 //!   the object the first one created (409) and compares specs: the same
 //!   request is answered from it, a different one is ALREADY_EXISTS.
+//! - Waits look at one watch of every NbdVolume for the whole process
+//!   ([`Watched`]), and placement reads storage nodes, Leases and volumes
+//!   from such watches, not from three LISTs per CreateVolume.
 //! - Waits are bounded by `--storage-timeout`. Running out is UNAVAILABLE,
 //!   not DEADLINE_EXCEEDED: that code is the caller's own deadline, while
 //!   this one says the storage node has not answered yet and a retry (which
@@ -45,8 +48,13 @@ use serde::de::DeserializeOwned;
 use super::FIELD_MANAGER;
 use super::objects::{self, Progress, VolumeRequest, snapshot_progress, volume_progress};
 use super::placement::{self, Selector, StorageNode};
+use super::watched::{Seen, Watched};
 use crate::csi::{capacity, check_source_access, is_reader_only, is_single_node};
 use crate::error::{Error, Kind, Result};
+
+/// How long a placement waits for the watch to bring the volume it just
+/// created before the next placement may look.
+const PLACED_SEEN: Duration = Duration::from_secs(2);
 
 /// Spec writes that lost a race (409) are tried again this many times.
 const CONFLICT_RETRIES: usize = 5;
@@ -59,6 +67,14 @@ pub struct Cluster {
     export_key: ExportKey,
     /// How long a call waits for an agent's status.
     timeout: Duration,
+    /// Every NbdVolume, watched once for the whole process (started at the
+    /// first wait): what CreateVolume, ControllerPublishVolume and the
+    /// others wait on ([`Watched`]).
+    volumes_seen: tokio::sync::OnceCell<Watched<NbdVolume>>,
+    /// The storage nodes and their agents' Leases, watched the same way for
+    /// placement.
+    storage_nodes_seen: tokio::sync::OnceCell<Watched<NbdStorageNode>>,
+    leases_seen: tokio::sync::OnceCell<Watched<Lease>>,
     /// Held from reading the storage nodes' room to creating the object:
     /// placements in this process see each other's volumes. Without it, a
     /// burst of CreateVolume calls (the provisioner sends them in
@@ -128,7 +144,16 @@ fn post_params() -> PostParams {
 
 impl Cluster {
     pub fn new(client: kube::Client, namespace: String, export_key: ExportKey, timeout: Duration) -> Self {
-        Self { client, namespace, export_key, timeout, placing: tokio::sync::Mutex::new(()) }
+        Self {
+            client,
+            namespace,
+            export_key,
+            timeout,
+            volumes_seen: tokio::sync::OnceCell::new(),
+            storage_nodes_seen: tokio::sync::OnceCell::new(),
+            leases_seen: tokio::sync::OnceCell::new(),
+            placing: tokio::sync::Mutex::new(()),
+        }
     }
 
     fn volumes(&self) -> Api<NbdVolume> {
@@ -170,7 +195,9 @@ impl Cluster {
     /// most `--storage-timeout`; then UNAVAILABLE with the reason it gave
     /// last, and why its storage node's agent may not be answering when
     /// that can be told ([`Self::agent_absence`]). A watch, not polling:
-    /// the call answers as soon as the agent writes the status.
+    /// the call answers as soon as the agent writes the status. For the
+    /// rarer waits (snapshots, deletions); volumes, on every CreateVolume
+    /// and publish, wait on the process's one watch ([`Self::wait_volume_seen`]).
     async fn wait_for<K, T>(
         &self,
         api: &Api<K>,
@@ -191,7 +218,22 @@ impl Cluster {
             Ok(Err(e)) => return Err(Error::unavailable(format!("{what}: watching {name} failed: {e}"))),
             Err(_elapsed) => {}
         }
-        // Out of time: one last look, for the reason.
+        self.out_of_time(api, name, what, judge).await
+    }
+
+    /// A wait ran out of time: one last look at object `name`, for the
+    /// answer or for the reason (and why its storage node's agent may not
+    /// be answering, when that can be told).
+    async fn out_of_time<K, T>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        what: &str,
+        judge: impl Fn(Option<&K>) -> Result<Step<T>>,
+    ) -> Result<T>
+    where
+        K: Resource + OnStorageNode + Clone + DeserializeOwned + std::fmt::Debug,
+    {
         let last = self.get(api, name).await?;
         match judge(last.as_ref())? {
             Step::Done(value) => Ok(value),
@@ -237,20 +279,67 @@ impl Cluster {
         ))
     }
 
-    /// Waits until volume `id`'s current generation is in effect.
-    async fn wait_volume(&self, id: &str) -> Result<NbdVolume> {
-        self.wait_for(&self.volumes(), id, &format!("waiting for volume {id}"), |object| match object {
+    /// Like [`Self::wait_for`], on the process's one watch of every volume
+    /// ([`Watched`]) instead of a watch of its own: at or past
+    /// `generation` (the one the caller wrote or read), volume `id` as
+    /// `judge` wants it. A volume the store does not have (yet) is waited
+    /// for; when the time is up, one read says whether it is gone.
+    async fn wait_volume_seen<T>(
+        &self,
+        id: &str,
+        generation: Option<i64>,
+        what: &str,
+        judge: impl Fn(Option<&NbdVolume>) -> Result<Step<T>>,
+    ) -> Result<T> {
+        let watched = self.watched_volumes().await;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let seen = watched
+            .until(id, generation, deadline, |seen| match seen {
+                Seen::Object(object) => !matches!(judge(Some(object)), Ok(Step::Waiting(_))),
+                Seen::Absent => false,
+            })
+            .await;
+        if let Seen::Object(object) = &seen
+            && let Step::Done(value) = judge(Some(object))?
+        {
+            return Ok(value);
+        }
+        self.out_of_time(&self.volumes(), id, what, judge).await
+    }
+
+    async fn watched_volumes(&self) -> &Watched<NbdVolume> {
+        self.volumes_seen.get_or_init(|| async { Watched::spawn(self.volumes()) }).await
+    }
+
+    /// Every object `watched` has, or UNAVAILABLE when its first list did
+    /// not come within `--storage-timeout` (the API server is away).
+    async fn all_of<K>(&self, watched: &Watched<K>, what: &str) -> Result<Vec<std::sync::Arc<K>>>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        watched.all(deadline).await.ok_or_else(|| {
+            Error::unavailable(format!(
+                "{what}: the API server did not answer within {:?}; the call can be retried",
+                self.timeout
+            ))
+        })
+    }
+
+    /// Waits until volume `id`'s generation `generation` is in effect.
+    async fn wait_volume(&self, id: &str, generation: Option<i64>) -> Result<NbdVolume> {
+        self.wait_volume_seen(id, generation, &format!("waiting for volume {id}"), |object| match object {
             None => Err(Error::not_found(format!("volume {id} is gone"))),
             Some(object) => step(object.clone(), volume_progress(object)),
         })
         .await
     }
 
-    /// Waits until volume `id`'s access, as its current generation says,
-    /// is in effect, whether or not it serves.
-    async fn wait_access(&self, id: &str) -> Result<Option<NbdVolume>> {
+    /// Waits until volume `id`'s access, as its generation `generation`
+    /// says, is in effect, whether or not it serves.
+    async fn wait_access(&self, id: &str, generation: Option<i64>) -> Result<Option<NbdVolume>> {
         let what = format!("waiting for the access to volume {id}");
-        self.wait_for(&self.volumes(), id, &what, |object| match object {
+        self.wait_volume_seen(id, generation, &what, |object| match object {
             None => Ok(Step::Done(None)),
             Some(object) => step(Some(object.clone()), objects::access_progress(object)),
         })
@@ -308,13 +397,16 @@ impl Cluster {
     /// `selector` needs them, its Node's labels.
     async fn storage_nodes(&self, selector: &Selector) -> Result<Vec<StorageNode>> {
         let list = ListParams::default();
-        let nodes =
-            self.request("listing storage nodes", Api::<NbdStorageNode>::all(self.client.clone()).list(&list)).await?;
-        let leases = Api::<Lease>::namespaced(self.client.clone(), &self.namespace);
-        let leases = self.request("listing the agents' Leases", leases.list(&list)).await?;
-        let volumes = self.request("listing volumes", self.volumes().list(&list)).await?;
+        let (client, namespace) = (self.client.clone(), self.namespace.clone());
+        let nodes = self.storage_nodes_seen.get_or_init(|| async { Watched::spawn(Api::all(client)) }).await;
+        let nodes = self.all_of(nodes, "listing storage nodes").await?;
+        let client = self.client.clone();
+        let leases =
+            self.leases_seen.get_or_init(|| async { Watched::spawn(Api::namespaced(client, &namespace)) }).await;
+        let leases = self.all_of(leases, "listing the agents' Leases").await?;
+        let volumes = self.all_of(self.watched_volumes().await, "listing volumes").await?;
         let mut placed: HashMap<String, u64> = HashMap::new();
-        for v in &volumes.items {
+        for v in &volumes {
             let sum = placed.entry(v.spec.storage_node.clone()).or_default();
             *sum = sum.saturating_add(v.spec.size_bytes);
         }
@@ -326,10 +418,9 @@ impl Cluster {
             labels = found.items.into_iter().map(|n| (n.name_any(), n.labels().clone())).collect();
         }
         let renewed: HashMap<String, (Option<i64>, i64)> =
-            leases.items.iter().map(|lease| (lease.name_any(), lease_renewal(Some(lease)))).collect();
+            leases.iter().map(|lease| (lease.name_any(), lease_renewal(Some(lease)))).collect();
         let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
         Ok(nodes
-            .items
             .iter()
             .map(|node| {
                 let name = node.name_any();
@@ -369,9 +460,20 @@ impl Cluster {
         };
         let object = NbdVolume::new(&id, objects::volume_spec(request, &node, size));
         let created = self.answer(&format!("creating volume {id}"), api.create(&post_params(), &object)).await;
+        if let Ok(Ok(created)) = &created {
+            // The next placement counts this volume only once the watch
+            // has brought it: hold the lock until then (a few
+            // milliseconds; bounded, as a lag only skews the spread).
+            let deadline = tokio::time::Instant::now() + self.timeout.min(PLACED_SEEN);
+            let seen = self.watched_volumes().await;
+            seen.until(&id, created.metadata.generation, deadline, |seen| matches!(seen, Seen::Object(_))).await;
+        }
         drop(placing);
-        match created? {
-            Ok(_) => tracing::info!(volume.id = %id, storage_node = %node, size, "volume object created"),
+        let generation = match created? {
+            Ok(created) => {
+                tracing::info!(volume.id = %id, storage_node = %node, size, "volume object created");
+                created.metadata.generation
+            }
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 // Another replica, or an earlier try, was first.
                 let existing = self.get(&api, &id).await?.ok_or_else(|| {
@@ -380,8 +482,8 @@ impl Cluster {
                 return self.existing_volume(existing, request).await;
             }
             Err(e) => return Err(Error::kube(&format!("creating volume {id}"), e)),
-        }
-        self.finish_create(&id).await
+        };
+        self.finish_create(&id, generation).await
     }
 
     async fn existing_volume(&self, existing: NbdVolume, request: &VolumeRequest) -> Result<Volume> {
@@ -392,14 +494,14 @@ impl Cluster {
         if !objects::satisfies(&existing.spec, request) {
             return Err(Error::exists(format!("volume {:?} exists as {id} with other properties", request.name)));
         }
-        self.finish_create(&id).await
+        self.finish_create(&id, existing.metadata.generation).await
     }
 
     /// Waits for a new volume to be served. When its agent refused it
     /// outright (still Pending: nothing stored), the object is deleted so
     /// that the retry places it afresh.
-    async fn finish_create(&self, id: &str) -> Result<Volume> {
-        let error = match self.wait_volume(id).await {
+    async fn finish_create(&self, id: &str, generation: Option<i64>) -> Result<Volume> {
+        let error = match self.wait_volume(id, generation).await {
             Ok(object) => return Ok(objects::volume_message(&object)),
             Err(e) if matches!(e.kind(), Kind::Unavailable | Kind::NotFound) => return Err(e),
             Err(e) => e,
@@ -481,19 +583,24 @@ impl Cluster {
     /// (never lowered) and in effect; the size served.
     pub async fn expand_volume(&self, id: &str, range: &CapacityRange) -> Result<u64> {
         let api = self.volumes();
+        let mut generation = None;
         for attempt in 0.. {
             let object = self.volume(id).await?;
+            generation = object.metadata.generation;
             let size = capacity(Some(range), object.spec.size_bytes)?;
             if size <= object.spec.size_bytes {
                 break;
             }
             match self.patch_spec(&api, &object, serde_json::json!({ "sizeBytes": size })).await {
-                Ok(_) => break,
+                Ok(patched) => {
+                    generation = patched.metadata.generation;
+                    break;
+                }
                 Err(e) if e.kind() == Kind::Aborted && attempt < CONFLICT_RETRIES => continue,
                 Err(e) => return Err(e),
             }
         }
-        let object = self.wait_volume(id).await?;
+        let object = self.wait_volume(id, generation).await?;
         Ok(object.status.and_then(|s| s.size_bytes).unwrap_or(object.spec.size_bytes))
     }
 
@@ -510,8 +617,10 @@ impl Cluster {
         readonly: bool,
     ) -> Result<HashMap<String, String>> {
         let api = self.volumes();
+        let mut generation = None;
         for attempt in 0.. {
             let object = self.volume(id).await?;
+            generation = object.metadata.generation;
             if is_deleting(&object) {
                 return Err(Error::not_found(format!("volume {id} is being deleted")));
             }
@@ -543,12 +652,15 @@ impl Cluster {
             let mut published = spec.published_to.clone();
             published.push(wanted);
             match self.patch_spec(&api, &object, serde_json::json!({ "publishedTo": published })).await {
-                Ok(_) => break,
+                Ok(patched) => {
+                    generation = patched.metadata.generation;
+                    break;
+                }
                 Err(e) if e.kind() == Kind::Aborted && attempt < CONFLICT_RETRIES => continue,
                 Err(e) => return Err(e),
             }
         }
-        let object = self.wait_volume(id).await?;
+        let object = self.wait_volume(id, generation).await?;
         let publication = object.spec.published_to.iter().find(|p| p.node == node).ok_or_else(|| {
             Error::new(Kind::Aborted, format!("volume {id} was unpublished from {node} meanwhile; retry"))
         })?;
@@ -574,8 +686,10 @@ impl Cluster {
         if !agent::is_volume_id(id) {
             return Ok(());
         }
+        let mut generation = None;
         for attempt in 0.. {
             let Some(object) = self.get(&api, id).await? else { return Ok(()) };
+            generation = object.metadata.generation;
             let published = &object.spec.published_to;
             let remaining: Vec<&PublishedTo> =
                 published.iter().filter(|p| !node.is_empty() && p.node != node).collect();
@@ -584,12 +698,15 @@ impl Cluster {
                 break;
             }
             match self.patch_spec(&api, &object, serde_json::json!({ "publishedTo": remaining })).await {
-                Ok(_) => break,
+                Ok(patched) => {
+                    generation = patched.metadata.generation;
+                    break;
+                }
                 Err(e) if e.kind() == Kind::Aborted && attempt < CONFLICT_RETRIES => continue,
                 Err(e) => return Err(e),
             }
         }
-        self.wait_access(id).await.map(drop)
+        self.wait_access(id, generation).await.map(drop)
     }
 
     /// GetCapacity: the free bytes of the live storage nodes `selector`
@@ -717,7 +834,8 @@ mod tests {
     }
 
     fn list(kind: &str, items: Vec<serde_json::Value>) -> serde_json::Value {
-        serde_json::json!({ "apiVersion": "v1", "kind": kind, "metadata": {}, "items": items })
+        // A list carries the resourceVersion a watch starts from.
+        serde_json::json!({ "apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items })
     }
 
     /// A mock API server with one live storage node and no volume; once

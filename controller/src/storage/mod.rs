@@ -21,6 +21,7 @@ mod cluster;
 mod export_key;
 pub mod objects;
 pub mod placement;
+mod watched;
 
 use std::sync::Arc;
 

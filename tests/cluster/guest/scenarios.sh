@@ -336,6 +336,15 @@ scenario_cluster_install() {
     case $mode in *--storage-mode=cluster*) ;; *) fail "controller not in cluster mode: $mode"; return 1 ;; esac
     k -n "$ns" get pods -o wide
     k get nbdstoragenodes
+    # Seen twice: the controller pod with one container restarted once
+    # (Error) by the time the agent is Ready; the log says which and why.
+    local pod c
+    for pod in $(k -n "$ns" get pods -o name); do
+        for c in $(k -n "$ns" get "$pod" -o jsonpath='{range .status.containerStatuses[?(@.restartCount>0)]}{.name}{" "}{end}'); do
+            note "$pod $c restarted; its previous log:"
+            k -n "$ns" logs "$pod" -c "$c" --previous --tail 15 2>&1 | sed 's/\x1b\[[0-9;]*m//g'
+        done
+    done
 }
 
 # The node plugin's log, colours removed (tracing writes ANSI escapes when

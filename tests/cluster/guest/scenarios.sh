@@ -2,9 +2,12 @@
 # Inside the cluster VM, after cluster.sh: `helm install nbd-csi` as a user
 # runs it (only the image repositories pointed at the locally built images
 # and the controller's storage on a hostPath, the VM having no other
-# provisioner), then what a user would check. Nothing here performs a step
+# provisioner), then what a user would check; after its uninstall, the
+# chart again in cluster mode with this one node as its storage node
+# (scenario_cluster_*). Nothing here performs a step
 # of a Kubernetes controller or of the kubelet: every object the test makes
-# is one a user makes (PVCs, pods, VolumeSnapshots, helm releases).
+# is one a user makes (PVCs, pods, VolumeSnapshots, helm releases, a node
+# label).
 # One RESULT line per scenario, one SUMMARY line. $SCENARIOS (run.env)
 # selects scenarios by name, in order.
 set -u
@@ -92,15 +95,20 @@ YAML
 delete_pod() { k delete pod "$1" --wait=false >/dev/null; wait_for 180 "pod $1 gone" gone pod "$1"; }
 in_pod() { local pod=$1; shift; k exec "$pod" -- "$@"; }
 
-scenario_install() {
+# The snapshot CRDs and snapshot-controller, as a cluster admin installs
+# them before a CSI driver that takes snapshots (applying them again
+# changes nothing).
+snapshot_prerequisites() {
     local crds=/payload/crds
-    # The snapshot CRDs and snapshot-controller, as a cluster admin installs
-    # them before a CSI driver that takes snapshots.
     k apply -f "$crds/" >/dev/null || return 1
     # helm looks its kinds up in discovery once; the chart's
     # VolumeSnapshotClass needs those CRDs served before it starts.
     k wait --for=condition=Established --timeout=120s -f "$crds/" >/dev/null || return 1
-    k apply -f /payload/guest/snapshot-controller.yaml >/dev/null || return 1
+    k apply -f /payload/guest/snapshot-controller.yaml >/dev/null
+}
+
+scenario_install() {
+    snapshot_prerequisites || return 1
     helm_install || return 1
     wait_for 120 "driver in CSINode" sh -c "kubectl get csinode nbd-node -o jsonpath='{.spec.drivers[*].name}' | grep -qw $driver" \
         || return 1
@@ -300,7 +308,160 @@ scenario_upgrade() {
     io_check ctl-user 240
 }
 
-all="install filesystem block expand snapshot plugin_restart host_network controller_restart upgrade uninstall"
+# --- Cluster mode (storage.mode=cluster) with one storage node, as the
+# README's commands install it: volumes live on the storage agent the
+# storage DaemonSet runs on the labelled node, not in the controller. Runs
+# after `uninstall`; selected alone, cluster_install first removes the
+# embedded release the way scenario_uninstall does (switching modes does
+# not move volumes).
+storage_label=nbd.csi.dev/storage
+scenario_cluster_install() {
+    if helm -n "$ns" status nbd-csi >/dev/null 2>&1; then
+        note "an embedded release is installed: uninstalling it first"
+        scenario_uninstall || return 1
+    fi
+    snapshot_prerequisites || return 1
+    k label node nbd-node "$storage_label=true" --overwrite >/dev/null || return 1
+    helm install nbd-csi /payload/chart/nbd-csi --namespace "$ns" --create-namespace \
+        "${chart_images[@]}" --set storage.mode=cluster --wait --timeout 10m || return 1
+    # helm's --wait counts a DaemonSet ready with maxUnavailable pods not
+    # ready, which for one node is none: wait for the agent itself.
+    wait_for 180 "storage agent pod Ready" component_ready storage "" || return 1
+    wait_for 120 "NbdStorageNode nbd-node" k get nbdstoragenode nbd-node || return 1
+    wait_for 120 "driver in CSINode" sh -c "kubectl get csinode nbd-node -o jsonpath='{.spec.drivers[*].name}' | grep -qw $driver" \
+        || return 1
+    local mode
+    mode=$(k -n "$ns" get pod "$(component_pod controller)" \
+        -o jsonpath='{.spec.containers[?(@.name=="nbd-csi-controller")].args}')
+    case $mode in *--storage-mode=cluster*) ;; *) fail "controller not in cluster mode: $mode"; return 1 ;; esac
+    k -n "$ns" get pods -o wide
+    k get nbdstoragenodes
+    # Seen twice: the controller pod with one container restarted once
+    # (Error) by the time the agent is Ready; the log says which and why.
+    local pod c
+    for pod in $(k -n "$ns" get pods -o name); do
+        for c in $(k -n "$ns" get "$pod" -o jsonpath='{range .status.containerStatuses[?(@.restartCount>0)]}{.name}{" "}{end}'); do
+            note "$pod $c restarted; its previous log:"
+            k -n "$ns" logs "$pod" -c "$c" --previous --tail 15 2>&1 | sed 's/\x1b\[[0-9;]*m//g'
+        done
+    done
+}
+
+# The node plugin's log, colours removed (tracing writes ANSI escapes when
+# it thinks it writes to a terminal).
+node_log() { k -n "$ns" logs "$1" -c nbd-csi-node "${@:2}" 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g'; }
+# Restarts of POD's node plugin container (its liveness probe restarts it
+# on a starved node): two logs read are one container's while it holds.
+node_restarts() { k -n "$ns" get pod "$1" -o jsonpath='{.status.containerStatuses[?(@.name=="nbd-csi-node")].restartCount}'; }
+# How many times LOG says MESSAGE for VOLUME (`staged`, `reconnected`).
+log_count() { grep -c ": $2 volume=$3 " <<<"$1"; }
+# Connections the storage agent serves for VOLUME now (its metrics port on
+# the node's address; 0 when it does not list the volume).
+agent_connections() {
+    curl -sf -m 5 "http://10.0.2.15:9812/metrics" |
+        awk -v v="nbd_csi_volume_connections{volume_id=\"$1\"}" '$1 == v { n = $2 } END { print n + 0 }'
+}
+agent_serves() { [ "$(agent_connections "$1")" -ge 1 ]; }
+# The device mounted at POD's volume of PV on this node.
+pod_volume_device() { # POD_UID PV
+    awk -v t="/var/lib/kubelet/pods/$1/volumes/kubernetes.io~csi/$2/mount" '$2 == t { print $1 }' /proc/mounts
+}
+
+scenario_cluster_agent_restart() {
+    claim agent-claim 64Mi fs || return 1
+    workload agent-user agent-claim fs || return 1
+    local pv vol placed pod_uid dev node_pod restarts log staged reconnected
+    pv=$(k get pvc agent-claim -o jsonpath='{.spec.volumeName}')
+    vol=$(k get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle}')
+    placed=$(k get nbdvolume "$vol" -o jsonpath='{.spec.storageNode}')
+    [ "$placed" = nbd-node ] || fail "NbdVolume $vol placed on '$placed', want nbd-node" || return 1
+    # 32 MiB of random data, synced, and its checksum, before the restart.
+    in_pod agent-user sh -c 'dd if=/dev/urandom of=/data/blob bs=1M count=32 conv=fsync 2>/dev/null &&
+        sha256sum /data/blob >/data/blob.sha256 && sync' || return 1
+    note "written before: $(in_pod agent-user cat /data/blob.sha256)"
+    pod_uid=$(k get pod agent-user -o jsonpath='{.metadata.uid}')
+    dev=$(pod_volume_device "$pod_uid" "$pv")
+    case $dev in /dev/nbd*) ;; *) fail "the pod's volume is on '$dev', not an nbd device"; return 1 ;; esac
+    [ "$(cat "/sys/block/${dev#/dev/}/backend" 2>/dev/null)" = "$vol" ] \
+        || fail "$dev's backend is not $vol" || return 1
+    node_pod=$(component_pod node)
+    restarts=$(node_restarts "$node_pod")
+    log=$(node_log "$node_pod")
+    staged=$(log_count "$log" staged "$vol")
+    reconnected=$(log_count "$log" reconnected "$vol")
+    # The line counted below is there (in the previous container's log if
+    # the probe restarted the plugin since): the count means something.
+    [ "$((staged + $(log_count "$(node_log "$node_pod" --previous)" staged "$vol")))" -ge 1 ] \
+        || fail "no 'staged' for $vol in the node plugin's log" || return 1
+    wait_for 60 "the agent counts the node's connections" agent_serves "$vol" || return 1
+    note "$vol on $dev, $(agent_connections "$vol") connections to the agent"
+
+    # The agent pod deleted while the workload writes; the DaemonSet makes
+    # a new one, which serves the volume on the same address and port.
+    io_start agent-user 60
+    sleep 5
+    local old uid deleted
+    old=$(component_pod storage)
+    uid=$(k -n "$ns" get pod "$old" -o jsonpath='{.metadata.uid}')
+    deleted=$SECONDS
+    k -n "$ns" delete pod "$old" --wait=false >/dev/null || return 1
+    wait_for 240 "a new storage agent pod Ready" component_ready storage "$uid" || return 1
+    note "new agent pod Ready $((SECONDS - deleted)) s after the deletion"
+    wait_for 180 "the node reconnected to the new agent" agent_serves "$vol" || return 1
+    note "the new agent serves $(agent_connections "$vol") connections, $((SECONDS - deleted)) s after the deletion"
+    io_check agent-user 240 || return 1
+
+    # The same pod, never restarted, on the same device: nothing re-staged.
+    [ "$(k get pod agent-user -o jsonpath='{.metadata.uid} {.status.containerStatuses[0].restartCount}')" = "$pod_uid 0" ] \
+        || fail "the workload pod was recreated or restarted" || return 1
+    [ "$(pod_volume_device "$pod_uid" "$pv")" = "$dev" ] || fail "the pod's volume is no longer on $dev" || return 1
+    [ -e "/sys/block/${dev#/dev/}/pid" ] || fail "$dev is no longer connected" || return 1
+    [ "$(component_pod node)" = "$node_pod" ] || fail "the node plugin pod changed: its log cannot tell" || return 1
+    log=$(node_log "$node_pod")
+    if [ "$(node_restarts "$node_pod")" = "$restarts" ]; then
+        [ "$(log_count "$log" staged "$vol")" = "$staged" ] || fail "the node plugin staged $vol again" || return 1
+        [ "$(log_count "$log" reconnected "$vol")" -gt "$reconnected" ] \
+            || fail "no new 'reconnected' for $vol in the node plugin's log" || return 1
+    else
+        # Restarted meanwhile: its healing may be in a log that is gone,
+        # but a staging in this container's would be one after the restart.
+        note "the node plugin's container restarted during the agent's restart"
+        [ "$(log_count "$log" staged "$vol")" = 0 ] || fail "the node plugin staged $vol again" || return 1
+    fi
+    note "node plugin: $(grep -E ": (kernel reports a dead link|reconnected) .*volume=$vol" <<<"$log" | tail -n 3 | cut -c1-200)"
+
+    # Read back from the volume, not the page cache (O_DIRECT), then new
+    # writes, synced and read back the same way.
+    local sum
+    sum=$(in_pod agent-user sh -c 'dd if=/data/blob bs=1M iflag=direct 2>/dev/null | sha256sum' | awk '{print $1}')
+    [ "$sum" = "$(in_pod agent-user cat /data/blob.sha256 | awk '{print $1}')" ] \
+        || fail "32 MiB read back with O_DIRECT: sha256 $sum differs" || return 1
+    in_pod agent-user sh -c 'dd if=/dev/urandom of=/tmp/after bs=1M count=4 2>/dev/null &&
+        dd if=/tmp/after of=/data/after bs=1M conv=fsync 2>/dev/null && sync &&
+        dd if=/data/after of=/tmp/back bs=1M iflag=direct 2>/dev/null && cmp /tmp/after /tmp/back' \
+        || fail "writing after the restart failed or reads back differently" || return 1
+    note "32 MiB read back with O_DIRECT ($sum), 4 MiB written and read back after the restart"
+}
+
+# Workloads, then the release, then what the agent made outside it (its
+# NbdStorageNode; the export-key Secret and the agent's Lease go with the
+# namespace) and the node's label: nothing of cluster mode stays.
+scenario_cluster_uninstall() {
+    delete_workloads || return 1
+    # Each volume's object goes once its agent has removed its data.
+    wait_for 120 "NbdVolumes gone" sh -c '[ -z "$(kubectl get nbdvolumes,nbdsnapshots -o name)" ]' || return 1
+    scenario_uninstall || return 1
+    k delete nbdstoragenode nbd-node --ignore-not-found >/dev/null || return 1
+    k delete namespace "$ns" --wait=false >/dev/null || return 1
+    wait_for 180 "namespace $ns gone" gone namespace "$ns" || return 1
+    k label node nbd-node "$storage_label-" >/dev/null || return 1
+    local left
+    left=$(k get nbdvolumes,nbdsnapshots,nbdstoragenodes -o name 2>&1)
+    [ -z "$left" ] || fail "cluster-mode objects left: $left"
+}
+
+all="install filesystem block expand snapshot plugin_restart host_network controller_restart upgrade uninstall
+    cluster_install cluster_agent_restart cluster_uninstall"
 for name in ${SCENARIOS:-$all}; do
     started=$(uptime_s)
     note "=== $name"

@@ -241,12 +241,14 @@ def main():
             "- embedded: `nbd-csi-controller --data-dir $DISK/embedded/data --endpoint unix://$WORK/embedded.sock "
             "--nbd-listen-address 127.0.0.1 --nbd-port-range $PORTS`",
             "- cluster: etcd and kube-apiserver as tests/k8s/cluster.sh starts them; the chart's CRDs and "
-            "(`helm template --set storage.mode=cluster`) ServiceAccounts and RBAC; Nodes storage-1..3 at "
+            "(`helm template --set storage.mode=cluster`) CSIDriver, StorageClass, ServiceAccounts, RBAC and storage "
+            "policy; Nodes storage-1..3 at "
             "127.0.1.1..3 and bench-worker at 127.0.0.1; `nbd-csi-controller --endpoint unix://$WORK/cluster.sock "
             "--storage-mode cluster --export-key-secret nbd-csi-export-key --namespace nbd-csi --storage-timeout 30 "
             "--kubeconfig $WORK/controller.kubeconfig` and, for N in 1..3, `nbd-csi-controller agent --node-name "
             "storage-N --data-dir $DISK/storage-N/data --listen-address 127.0.1.N --nbd-port-range $PORTS_N "
-            "--export-key-file $WORK/export.key --namespace nbd-csi --kubeconfig $WORK/storage.kubeconfig "
+            "--export-key-file $WORK/export.key --namespace nbd-csi --kubeconfig $WORK/storage-storage-N.kubeconfig "
+            "(a token bound to a pod object on its node) "
             "--metrics-address 127.0.1.N:$METRICS_N`",
             "- client, against each: `bench_control_plane --socket $SOCKET --node bench-worker --volumes %d "
             "--concurrency %d --size %d --warmup %d --settle %d --watch NAME=PID...` "

@@ -42,26 +42,8 @@ cluster_init nbd-csi-e2e
 cluster_start
 k() { "$kubectl" "$@"; }
 
-# wait_until SECONDS COMMAND...: polls every 0.5 s; false after SECONDS.
-wait_until() {
-    local deadline=$((SECONDS + $1))
-    shift
-    until "$@" >/dev/null 2>&1; do
-        [ $SECONDS -lt $deadline ] || return 1
-        sleep 0.5
-    done
-}
-jp() { "$kubectl" get "$@" 2>/dev/null || true; }  # jp KIND NAME -o jsonpath=...
 is() { [ "$("$kubectl" get "${@:2}" 2>/dev/null)" = "$1" ]; } # is WANT KIND NAME -o jsonpath=...
-gone() { ! "$kubectl" get "$@" >/dev/null 2>&1; }
-check() { # DESCRIPTION WANT GOT
-    if [ "$2" = "$3" ]; then ok "$1"; else bad "$1: got '$3', want '$2'"; fi
-}
-acting() { echo "   (acting as $1)"; }
-logs() {
-    local f
-    for f in "$@"; do echo "--- tail of $f" >&2; tail -n 25 "$work/$f" >&2 || true; done
-}
+# wait_until, jp, gone, check, acting and logs come from tests/k8s/cluster.sh.
 
 # --- the chart's cluster-scoped objects and the controller identity
 ns=nbd-csi

@@ -250,6 +250,23 @@ announced() { # NAME: its NbdStorageNode reports free space
     [ "$("$kubectl" get nbdstoragenode "$1" -o jsonpath='{.status.freeBytes}' 2>/dev/null)" -gt 0 ] 2>/dev/null
 }
 
+start_agents() { # each agent of $agents on a tmpfs of ${agent_mib[NAME]} MiB; false unless all announce
+    local a
+    for a in "${agents[@]}"; do
+        mount_agent_disk "$a" "${agent_mib[$a]}" || return 1
+        start_agent "$a"
+    done
+    for a in "${agents[@]}"; do
+        if wait_until 60 announced "$a"; then
+            ok "agent $a on ${agent_addr[$a]} (${agent_mib[$a]} MiB tmpfs): NbdStorageNode reports $(jp nbdstoragenode "$a" -o jsonpath='{.status.freeBytes}') bytes free"
+        else
+            logs "agent-$a.log"
+            bad "agent $a did not announce itself"
+            return 1
+        fi
+    done
+}
+
 # Every agent's volume records against the NbdVolumes: "" when each record
 # has its object on that storage node and each object its record, else the
 # differences ("record-only ID@NODE", "object-only ID@NODE").

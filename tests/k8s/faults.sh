@@ -70,19 +70,7 @@ else
 fi
 mount_export_key || exit 1
 port_base=$((28000 + RANDOM % 2000))
-for a in "${agents[@]}"; do
-    mount_agent_disk "$a" "${agent_mib[$a]}" || exit 1
-    start_agent "$a"
-done
-for a in "${agents[@]}"; do
-    if wait_until 60 announced "$a"; then
-        ok "agent $a on ${agent_addr[$a]} (${agent_mib[$a]} MiB tmpfs) announced"
-    else
-        logs "agent-$a.log"
-        bad "agent $a did not announce itself"
-        exit 1
-    fi
-done
+start_agents || exit 1
 
 # --- CSI calls, as the sidecars make them
 csi() { # ARGS...: the controller's CLI on its socket

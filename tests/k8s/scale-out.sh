@@ -102,19 +102,7 @@ mount_export_key || exit 1
 
 # --- the agents, each on its own tmpfs
 port_base=$((24000 + RANDOM % 4000))
-for a in "${agents[@]}"; do
-    mount_agent_disk "$a" "${agent_mib[$a]}" || exit 1
-    start_agent "$a"
-done
-for a in "${agents[@]}"; do
-    if wait_until 60 announced "$a"; then
-        ok "agent $a on ${agent_addr[$a]} (${agent_mib[$a]} MiB tmpfs): NbdStorageNode reports $(jp nbdstoragenode "$a" -o jsonpath='{.status.freeBytes}') bytes free"
-    else
-        logs "agent-$a.log"
-        bad "agent $a did not announce itself"
-        exit 1
-    fi
-done
+start_agents || exit 1
 
 # --- PVCs and their volumes
 pvc() { # NAME SIZE [DATASOURCE-PVC]

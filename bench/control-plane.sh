@@ -43,6 +43,8 @@ cd "$ROOT"
 . tests/k8s/tools.sh
 # shellcheck source=../tests/k8s/cluster.sh
 . tests/k8s/cluster.sh
+# shellcheck source=section.sh
+. bench/section.sh
 
 QUICK=0
 case "${1:-}" in
@@ -200,16 +202,6 @@ python3 bench/control_plane_report.py \
     $(for a in "${AGENTS[@]}"; do echo --agent "$a=${AGENT_ADDR[$a]}"; done) \
     --begin "$BEGIN" --end "$END" >"$section"
 
-# Replace the previous section, or append one; the rest stays as it is.
-if [[ -f "$OUTPUT" ]] && grep -qF "$BEGIN" "$OUTPUT"; then
-    awk -v begin="$BEGIN" -v end="$END" -v file="$section" '
-        $0 == begin { while ((getline line < file) > 0) print line; skip = 1; next }
-        $0 == end { skip = 0; next }
-        !skip { print }
-    ' "$OUTPUT" >"$OUTPUT.tmp"
-else
-    { if [[ -s "$OUTPUT" ]]; then cat "$OUTPUT"; echo; fi; cat "$section"; } >"$OUTPUT.tmp"
-fi
-mv "$OUTPUT.tmp" "$OUTPUT"
+replace_section "$OUTPUT" "$section" "$BEGIN" "$END"
 cat "$section"
 log "wrote the section into $OUTPUT"

@@ -19,6 +19,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=section.sh
+. "$ROOT/bench/section.sh"
 VOLUMES="${BENCH_VOLUMES:-1000}"
 PORTS="${BENCH_PORTS:-12000-13099}"
 OUTPUT="${BENCH_OUTPUT:-$ROOT/BENCHMARKS.md}"
@@ -96,17 +98,6 @@ fs="$(df -PT "$DATA" | awk 'NR == 2 { print $2 }')"
     echo "$END"
 } >"$section"
 
-# Replace the previous section, or append one; the rest stays as it is.
-if [[ -f "$OUTPUT" ]] && grep -qF "$BEGIN" "$OUTPUT"; then
-    awk -v begin="$BEGIN" -v end="$END" -v file="$section" '
-        $0 == begin { while ((getline line < file) > 0) print line; skip = 1; next }
-        $0 == end { skip = 0; next }
-        !skip { print }
-    ' "$OUTPUT" >"$OUTPUT.tmp"
-    mv "$OUTPUT.tmp" "$OUTPUT"
-else
-    { [[ -s "$OUTPUT" ]] && { cat "$OUTPUT"; echo; }; cat "$section"; } >"$OUTPUT.tmp"
-    mv "$OUTPUT.tmp" "$OUTPUT"
-fi
+replace_section "$OUTPUT" "$section" "$BEGIN" "$END"
 cat "$section"
 log "wrote the section into $OUTPUT"

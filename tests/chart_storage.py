@@ -42,7 +42,7 @@ STORAGE_NEEDS = {
     ("cluster", "nbd.csi.dev", "nbdsnapshots/status", "patch", ""),
     *(("cluster", "nbd.csi.dev", "nbdstoragenodes", v, "") for v in ("get", "create", "patch")),
     ("cluster", "nbd.csi.dev", "nbdstoragenodes/status", "patch", ""),
-    ("cluster", "", "nodes", "get", ""),
+    *(("cluster", "", "nodes", v, "") for v in ("get", "list", "watch")),
     ("cluster", "events.k8s.io", "events", "create", ""),
     ("cluster", "events.k8s.io", "events", "patch", ""),
     *((NAMESPACE, "coordination.k8s.io", "leases", v, "") for v in ("get", "create", "patch")),

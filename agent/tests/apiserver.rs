@@ -14,7 +14,8 @@ use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use nbd_csi_agent::resources::{
-    AccessType, ExportKey, FINALIZER, NbdStorageNode, NbdVolume, NbdVolumeSpec, PublishedTo, Reconciler, VolumePhase,
+    AccessType, ExportKey, FINALIZER, NbdStorageNode, NbdVolume, NbdVolumeSpec, NodeDirectory, PublishedTo, Reconciler,
+    VolumePhase,
 };
 use nbd_csi_agent::testing::{Client, eventually};
 use nbd_csi_agent::{Agent, Config, ConnectionCaps, LogsOnly, NewVolume};
@@ -38,8 +39,14 @@ async fn the_reconciler_drives_an_agent_from_objects_on_a_real_api_server() {
         connection_caps: ConnectionCaps::default(),
     };
     let agent = Agent::open(config, dir.path(), Arc::new(LogsOnly)).await.unwrap();
-    let reconciler =
-        Arc::new(Reconciler::new(client.clone(), Arc::clone(&agent), NODE.into(), ExportKey::new(&KEY).unwrap()));
+    let nodes = NodeDirectory::watched(client.clone());
+    let reconciler = Arc::new(Reconciler::new(
+        client.clone(),
+        Arc::clone(&agent),
+        NODE.into(),
+        ExportKey::new(&KEY).unwrap(),
+        nodes,
+    ));
     let running = tokio::spawn(Arc::clone(&reconciler).run());
     let volumes: Api<NbdVolume> = Api::all(client.clone());
 

@@ -15,7 +15,7 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use agent::resources::{ExportKey, Reconciler, is_node_name};
+use agent::resources::{ExportKey, NodeDirectory, Reconciler, is_node_name};
 use agent::{Agent, ConnectionCaps};
 use anyhow::{Context, anyhow, bail};
 
@@ -144,7 +144,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let local = crate::metrics::spawn(addr, metrics).await.with_context(|| format!("metrics on {addr}"))?;
         tracing::info!(address = %local, "metrics listening");
     }
-    let reconciler = Arc::new(Reconciler::new(client, Arc::clone(&agent), args.node_name.clone(), export_key));
+    let nodes = NodeDirectory::watched(client.clone());
+    let reconciler = Arc::new(Reconciler::new(client, Arc::clone(&agent), args.node_name.clone(), export_key, nodes));
     let mut watching = tokio::spawn(Arc::clone(&reconciler).run());
     let presence = tokio::spawn(Arc::clone(&reconciler).keep_present(args.listen_address, namespace.clone()));
     tracing::info!(

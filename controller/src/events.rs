@@ -74,7 +74,7 @@ impl Events {
     /// Events through the same Kubernetes client as node lookups, if any.
     pub fn new(nodes: &Nodes, driver_name: &str) -> Self {
         match nodes {
-            Nodes::Kubernetes(client) => Self::with_client(client.clone(), driver_name, &hostname()),
+            Nodes::Kubernetes(client, _) => Self::with_client(client.clone(), driver_name, &hostname()),
             Nodes::Static(_) => Self(None),
         }
     }
@@ -424,7 +424,7 @@ mod tests {
                 connection_caps: Default::default(),
             },
         };
-        let nodes = Nodes::Kubernetes(client);
+        let nodes = Nodes::unwatched(client);
         let driver = Driver::start(config, dir.path().join("data"), nodes).await.unwrap();
         let created =
             driver.create_volume(create_req("pvc-1234", 1 << 20, true, Mode::SingleNodeWriter)).await.unwrap();
@@ -501,7 +501,7 @@ mod tests {
             assert!(note.contains(&volume_id) && note.contains("missing"), "{note}");
             reply(send, StatusCode::CREATED, &json!({"metadata": {"name": "data.1", "namespace": "app"}}));
         });
-        let driver = Driver::start(config, data, Nodes::Kubernetes(client)).await.expect("starts without the image");
+        let driver = Driver::start(config, data, Nodes::unwatched(client)).await.expect("starts without the image");
         assert!(driver.ready());
         tokio::time::timeout(Duration::from_secs(10), server).await.expect("event recorded in time").unwrap();
         driver.shutdown().await;

@@ -9,6 +9,9 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
+
+use agent::resources::{NodeDirectory, addresses_of, has_taint};
 
 use crate::error::{Error, Kind, Result};
 
@@ -26,7 +29,8 @@ pub enum NodeAddresses {
 
 #[derive(Clone)]
 pub enum Nodes {
-    Kubernetes(kube::Client),
+    /// The API server's client, and the Nodes as read through it.
+    Kubernetes(kube::Client, Arc<NodeDirectory>),
     /// Node ids that exist; empty means any id is accepted.
     Static(BTreeSet<String>),
 }
@@ -34,7 +38,7 @@ pub enum Nodes {
 impl std::fmt::Debug for Nodes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Kubernetes(_) => f.write_str("Nodes::Kubernetes"),
+            Self::Kubernetes(..) => f.write_str("Nodes::Kubernetes"),
             Self::Static(ids) => f.debug_tuple("Nodes::Static").field(ids).finish(),
         }
     }
@@ -45,26 +49,29 @@ impl Nodes {
     /// else the static list.
     pub async fn connect(kubeconfig: Option<&Path>, known_nodes: BTreeSet<String>) -> Result<Self> {
         match csi_events::client(kubeconfig).await.map_err(Error::invalid)? {
-            Some(client) => Ok(Self::Kubernetes(client)),
+            Some(client) => Ok(Self::Kubernetes(client.clone(), Arc::new(NodeDirectory::watched(client)))),
             None => Ok(Self::Static(known_nodes)),
         }
     }
 
+    /// Kubernetes through `client`, every Node read when asked for (no
+    /// watch): for tests that answer each request.
+    #[cfg(test)]
+    pub fn unwatched(client: kube::Client) -> Self {
+        Self::Kubernetes(client.clone(), Arc::new(NodeDirectory::unwatched(client)))
+    }
+
     pub fn uses_kubernetes(&self) -> bool {
-        matches!(self, Self::Kubernetes(_))
+        matches!(self, Self::Kubernetes(..))
     }
 
     /// Whether Node `node_id` carries the [`OUT_OF_SERVICE`] taint; false
     /// without Kubernetes, for a Node that is gone, or when it cannot be read
     /// (this only decides whether to report a fencing).
     pub async fn out_of_service(&self, node_id: &str) -> bool {
-        let Self::Kubernetes(client) = self else { return false };
-        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
-        match nodes.get_opt(node_id).await {
-            Ok(node) => node
-                .and_then(|n| n.spec)
-                .and_then(|s| s.taints)
-                .is_some_and(|taints| taints.iter().any(|t| t.key == OUT_OF_SERVICE)),
+        let Self::Kubernetes(_, nodes) = self else { return false };
+        match nodes.node(node_id).await {
+            Ok(node) => node.is_some_and(|n| has_taint(&n, OUT_OF_SERVICE)),
             Err(e) => {
                 tracing::warn!(node.id = %node_id, error = %e, "reading the node's taints failed");
                 false
@@ -77,18 +84,14 @@ impl Nodes {
         match self {
             Self::Static(ids) if ids.is_empty() || ids.contains(node_id) => Ok(NodeAddresses::Any),
             Self::Static(_) => Err(Error::not_found(format!("node {node_id:?} is not a known node"))),
-            Self::Kubernetes(client) => node_addresses(client.clone(), node_id).await.map(NodeAddresses::Only),
+            Self::Kubernetes(_, nodes) => match nodes.node(node_id).await {
+                Ok(Some(node)) => Ok(NodeAddresses::Only(addresses_of(&node))),
+                Ok(None) => Err(Error::not_found(format!("node {node_id:?} does not exist"))),
+                Err(e) => {
+                    Err(Error::new(Kind::Unavailable, format!("looking up node {node_id:?}: {e}")).with_source(e))
+                }
+            },
         }
-    }
-}
-
-/// The IP addresses in a Node's `status.addresses` (host names are
-/// skipped); NOT_FOUND when there is no such Node.
-pub async fn node_addresses(client: kube::Client, name: &str) -> Result<BTreeSet<IpAddr>> {
-    match agent::resources::node_addresses(client, name).await {
-        Ok(Some(addresses)) => Ok(addresses),
-        Ok(None) => Err(Error::not_found(format!("node {name:?} does not exist"))),
-        Err(e) => Err(Error::new(Kind::Unavailable, format!("looking up node {name:?}: {e}")).with_source(e)),
     }
 }
 
@@ -120,9 +123,9 @@ mod tests {
             });
             reply(send, StatusCode::OK, &node);
         });
-        let got = node_addresses(client, "worker-1").await.unwrap();
+        let got = Nodes::unwatched(client).addresses("worker-1").await.unwrap();
         let want: BTreeSet<IpAddr> = ["10.0.0.7".parse().unwrap(), "fd00::7".parse().unwrap()].into();
-        assert_eq!(got, want);
+        assert_eq!(got, NodeAddresses::Only(want));
         server.await.unwrap();
     }
 
@@ -133,7 +136,7 @@ mod tests {
             let (_, send) = handle.next_request().await.expect("one request");
             reply(send, StatusCode::NOT_FOUND, &mock_api::status(404, "NotFound", "nodes \"ghost\" not found"));
         });
-        let err = Nodes::Kubernetes(client).addresses("ghost").await.unwrap_err();
+        let err = Nodes::unwatched(client).addresses("ghost").await.unwrap_err();
         assert_eq!(err.kind(), Kind::NotFound);
         server.await.unwrap();
     }

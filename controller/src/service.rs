@@ -260,7 +260,7 @@ pub(crate) async fn build(args: &Args) -> anyhow::Result<Arc<Driver>> {
     let nodes = Nodes::connect(args.kubeconfig.as_deref(), known).await.context("Kubernetes access")?;
     tracing::info!(kubernetes = nodes.uses_kubernetes(), "node lookups configured");
     if args.storage_mode == StorageMode::Cluster {
-        let Nodes::Kubernetes(client) = &nodes else {
+        let Nodes::Kubernetes(client, _) = &nodes else {
             bail!("--storage-mode cluster needs Kubernetes: run in a pod or give --kubeconfig");
         };
         let namespace = args.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());

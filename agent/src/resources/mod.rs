@@ -48,7 +48,7 @@ pub use condition::{Condition, ConditionStatus, ConditionType};
 pub use crds::{CRD_FILE, crds, crds_yaml};
 pub use export_name::{ExportKey, KeyError};
 pub use invalid::{InvalidObject, is_node_name, parse};
-pub use nodes::node_addresses;
+pub use nodes::{LookupError, NodeDirectory, addresses_of, has_taint};
 pub use presence::{FIELD_MANAGER, LEASE_DURATION, LEASE_RENEWAL};
 pub use raw::{RawSnapshot, RawVolume};
 pub use reconciler::{FINALIZER, ReconcileError, Reconciler};

@@ -2,7 +2,9 @@
 //! NbdSnapshot objects of its storage node, makes its disk and servers
 //! match each one's spec, and writes what it made of it into the status.
 //!
-//! - Every object it acts on carries its finalizer ([`FINALIZER`]); data is
+//! - Every object it acts on carries its finalizer ([`FINALIZER`]: the
+//!   controller creates objects with it, and the agent adds it to one
+//!   made without it before acting); data is
 //!   deleted only when such an object is being deleted, never because an
 //!   object is missing. A stored volume or snapshot no object names is
 //!   quarantined ([`Agent::quarantine_volume`]) and reported with an Event.
@@ -34,7 +36,7 @@ use kube::{Api, Resource, ResourceExt};
 use tokio_stream::StreamExt;
 
 use super::export_name::ExportKey;
-use super::nodes::node_addresses;
+use super::nodes::NodeDirectory;
 use super::plan::{self, VolumeAction};
 use super::raw::{RawSnapshot, RawVolume};
 use super::{InvalidObject, NbdSnapshot, NbdSnapshotStatus, NbdVolume, NbdVolumeStatus};
@@ -72,6 +74,7 @@ pub struct Reconciler {
     node: String,
     export_key: ExportKey,
     events: csi_events::Recorder,
+    nodes: NodeDirectory,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -95,10 +98,18 @@ fn object_reference<K: Resource<DynamicType = ()>>(object: &K) -> ObjectReferenc
 }
 
 impl Reconciler {
-    /// `node` is this storage node's name (its Node's and NbdStorageNode's).
-    pub fn new(client: kube::Client, agent: Arc<Agent>, node: String, export_key: ExportKey) -> Self {
+    /// `node` is this storage node's name (its Node's and NbdStorageNode's);
+    /// `nodes` answers which addresses the nodes a volume is published to
+    /// connect from.
+    pub fn new(
+        client: kube::Client,
+        agent: Arc<Agent>,
+        node: String,
+        export_key: ExportKey,
+        nodes: NodeDirectory,
+    ) -> Self {
         let events = csi_events::Recorder::new(client.clone(), REPORTING_CONTROLLER.to_owned(), &node);
-        Self { client, agent, node, export_key, events }
+        Self { client, agent, node, export_key, events, nodes }
     }
 
     /// Watches this node's objects and reconciles them until the watches
@@ -242,7 +253,9 @@ impl Reconciler {
         }
         let mut addresses = BTreeMap::new();
         for node in desired.published.keys() {
-            let found = node_addresses(self.client.clone(), node)
+            let found = self
+                .nodes
+                .addresses(node)
                 .await
                 .map_err(|e| Error::new(Kind::Unavailable, format!("looking up node {node:?}: {e}")))?;
             // A Node that is gone admits nothing.

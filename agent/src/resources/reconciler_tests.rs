@@ -83,7 +83,8 @@ async fn setup() -> (tempfile::TempDir, Arc<Agent>, Reconciler, ApiHandle) {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::open(crate::tests::config(), dir.path(), Arc::new(LogsOnly)).await.unwrap();
     let (client, handle) = mock_api::client();
-    let reconciler = Reconciler::new(client, Arc::clone(&agent), NODE.into(), ExportKey::new(&KEY).unwrap());
+    let nodes = NodeDirectory::unwatched(client.clone());
+    let reconciler = Reconciler::new(client, Arc::clone(&agent), NODE.into(), ExportKey::new(&KEY).unwrap(), nodes);
     (dir, agent, reconciler, handle)
 }
 
@@ -197,7 +198,8 @@ async fn an_invalid_volume_gets_a_condition_and_an_event_and_nothing_is_created(
     assert!(agent.volume_ids().is_empty());
     // Reconciled again with the status it wrote: no new patch, no new Event.
     let (client, handle) = mock_api::client();
-    let again = Reconciler::new(client, Arc::clone(&agent), NODE.into(), ExportKey::new(&KEY).unwrap());
+    let nodes = NodeDirectory::unwatched(client.clone());
+    let again = Reconciler::new(client, Arc::clone(&agent), NODE.into(), ExportKey::new(&KEY).unwrap(), nodes);
     let server = answer(handle, vec![]);
     let mut seen = parsed;
     seen.status = Some(bodies[0]["status"].clone());
@@ -328,7 +330,8 @@ async fn an_object_served_elsewhere_gets_no_empty_volume_here_but_a_condition_an
     // The next pass, over the status it wrote: still nothing made, no new
     // patch and no new Event.
     let (client, handle) = mock_api::client();
-    let again = Reconciler::new(client, Arc::clone(&agent), NODE.into(), ExportKey::new(&KEY).unwrap());
+    let nodes = NodeDirectory::unwatched(client.clone());
+    let again = Reconciler::new(client, Arc::clone(&agent), NODE.into(), ExportKey::new(&KEY).unwrap(), nodes);
     let server = answer(handle, vec![]);
     let mut seen = parsed;
     seen.status = Some(status.clone());

@@ -99,11 +99,12 @@ election and without group snapshots (neither is enabled here).
 {{- end -}}
 
 {{- define "nbd-csi.rules.controller" -}}
-# nbd-csi-controller: a Node's addresses for the export allowlist; a
-# volume's PersistentVolume (its claim) to put Events on.
+# nbd-csi-controller: a Node's addresses for the export allowlist (one
+# watch of every Node); a volume's PersistentVolume (its claim) to put
+# Events on.
 - apiGroups: [""]
   resources: [nodes]
-  verbs: [get, list]
+  verbs: [get, list, watch]
 - apiGroups: [""]
   resources: [persistentvolumes]
   verbs: [get]
@@ -141,7 +142,7 @@ election and without group snapshots (neither is enabled here).
 # nbd-csi-controller agent: the volume and snapshot objects of its node
 # (watched with a field selector, which RBAC cannot narrow), their
 # finalizer and status; its own NbdStorageNode; the addresses of the Nodes
-# it serves; Events on the objects.
+# it serves (one watch of every Node); Events on the objects.
 - apiGroups: [nbd.csi.dev]
   resources: [nbdvolumes, nbdsnapshots]
   verbs: [get, list, watch, patch]
@@ -156,7 +157,7 @@ election and without group snapshots (neither is enabled here).
   verbs: [patch]
 - apiGroups: [""]
   resources: [nodes]
-  verbs: [get]
+  verbs: [get, list, watch]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]

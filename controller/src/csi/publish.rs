@@ -67,7 +67,8 @@ impl Driver {
         let id = req.volume_id.clone();
         let exists = match self.storage() {
             Storage::Embedded(agent) => agent.volume(&id).is_some(),
-            Storage::Cluster(cluster) => cluster.volume(&id).await.map(|_| true)?,
+            // Its publish reads the object and answers NOT_FOUND itself.
+            Storage::Cluster(_) => true,
         };
         if !exists {
             return Err(Error::not_found(format!("volume {id} not found")));
@@ -77,9 +78,12 @@ impl Driver {
             // The export would admit nobody: an attach that cannot work.
             return Err(Error::precondition(format!("node {:?} has no IP address in status.addresses", req.node_id)));
         }
-        let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
         let agent = match self.storage() {
             Storage::Embedded(agent) => agent,
+            // No lock in cluster mode: another replica may serve the same
+            // volume at the same time anyway, so the change is made safe by
+            // the API server (resourceVersion), and a call waiting on a lock
+            // here would only queue behind one stuck on the API server.
             Storage::Cluster(cluster) => {
                 // Its agent looks the node's addresses up itself.
                 let publish_context = cluster.publish(&id, &req.node_id, block, mode, req.readonly).await?;
@@ -87,6 +91,7 @@ impl Driver {
                 return Ok(ControllerPublishVolumeResponse { publish_context });
             }
         };
+        let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
         let mut record = match agent.volume(&id) {
             // A volume without its image has no server: an attach would hang.
             Some(volume) => volume.check_usable().map(|()| volume.record)?,
@@ -133,15 +138,16 @@ impl Driver {
     ) -> Result<ControllerUnpublishVolumeResponse> {
         require(&req.volume_id, "volume_id")?;
         let id = req.volume_id;
-        let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
         let agent = match self.storage() {
             Storage::Embedded(agent) => agent,
+            // No lock in cluster mode, as in ControllerPublishVolume.
             Storage::Cluster(cluster) => {
                 cluster.unpublish(&id, &req.node_id).await?;
                 self.report_fenced(&id, &req.node_id).await;
                 return Ok(ControllerUnpublishVolumeResponse {});
             }
         };
+        let _guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
         let Some(mut record) = agent.volume(&id).map(|v| v.record) else {
             return Ok(ControllerUnpublishVolumeResponse {});
         };

@@ -443,7 +443,12 @@ impl Cluster {
     pub async fn create_volume(&self, request: &VolumeRequest, selector: &Selector) -> Result<Volume> {
         let id = objects::volume_id(&request.name);
         let api = self.volumes();
-        if let Some(existing) = self.get(&api, &id).await? {
+        // A retry, or the same call on another replica: the watch has it,
+        // then the API server says how it is now. Otherwise straight to
+        // the create, whose conflict tells an object the watch lacked.
+        if self.watched_volumes().await.get(&id).is_some()
+            && let Some(existing) = self.get(&api, &id).await?
+        {
             return self.existing_volume(existing, request).await;
         }
         let (source_node, minimum) = self.source(request).await?;
@@ -458,7 +463,7 @@ impl Cluster {
             }
             None => placement::place(&nodes, size, selector)?.name.clone(),
         };
-        let object = NbdVolume::new(&id, objects::volume_spec(request, &node, size));
+        let object = objects::new_volume(&id, objects::volume_spec(request, &node, size));
         let created = self.answer(&format!("creating volume {id}"), api.create(&post_params(), &object)).await;
         if let Ok(Ok(created)) = &created {
             // The next placement counts this volume only once the watch
@@ -619,7 +624,13 @@ impl Cluster {
         let api = self.volumes();
         let mut generation = None;
         for attempt in 0.. {
-            let object = self.volume(id).await?;
+            // First as the watch has it: a stale copy only makes the
+            // patch conflict, and the next attempt reads the API server.
+            let watched = if attempt == 0 { self.watched_volumes().await.get(id) } else { None };
+            let object = match watched {
+                Some(object) => NbdVolume::clone(&object),
+                None => self.volume(id).await?,
+            };
             generation = object.metadata.generation;
             if is_deleting(&object) {
                 return Err(Error::not_found(format!("volume {id} is being deleted")));
@@ -738,7 +749,7 @@ impl Cluster {
             parameters,
         };
         let creating = format!("creating snapshot {id}");
-        match self.answer(&creating, api.create(&post_params(), &NbdSnapshot::new(&id, spec))).await? {
+        match self.answer(&creating, api.create(&post_params(), &objects::new_snapshot(&id, spec))).await? {
             Ok(_) => tracing::info!(snapshot.id = %id, "snapshot object created"),
             Err(kube::Error::Api(status)) if status.code == 409 => {
                 let existing = self.get(&api, &id).await?.ok_or_else(|| {

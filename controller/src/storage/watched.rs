@@ -81,6 +81,13 @@ where
         Some(self.store.state())
     }
 
+    /// Object `name` as the store has it now, if it has it: possibly older
+    /// than the API server's, so only a hint (a write made from it carries
+    /// its resourceVersion, and a stale copy makes that write conflict).
+    pub fn get(&self, name: &str) -> Option<Arc<K>> {
+        self.store.get(&ObjectRef::new(name))
+    }
+
     /// Looks at object `name` now and at every change, until `settled`
     /// says the look is final or `deadline` passes: then the last look.
     /// A copy older than `generation` (the one the caller wrote) counts as

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use agent::resources::{ExportKey, NbdStorageNode, NbdVolume, Reconciler};
+use agent::resources::{ExportKey, NbdStorageNode, NbdVolume, NodeDirectory, Reconciler};
 use agent::testing::{Client, Tmpfs, eventually};
 use agent::{Agent, Config, ConnectionCaps, LogsOnly};
 use csi_proto::volume_capability::access_mode::Mode;
@@ -113,7 +113,8 @@ async fn storage_agent(
     };
     let agent = Agent::open(config, disk.path(), Arc::new(LogsOnly)).await.unwrap();
     let key = ExportKey::from_file(key_file).unwrap();
-    let reconciler = Arc::new(Reconciler::new(client.clone(), Arc::clone(&agent), name.into(), key));
+    let nodes = NodeDirectory::watched(client.clone());
+    let reconciler = Arc::new(Reconciler::new(client.clone(), Arc::clone(&agent), name.into(), key, nodes));
     let tasks = vec![
         tokio::spawn(Arc::clone(&reconciler).run()),
         tokio::spawn(Arc::clone(&reconciler).keep_present(address.parse().unwrap(), NAMESPACE.into())),

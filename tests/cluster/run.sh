@@ -32,6 +32,12 @@ echo "cluster: images ready after $(($(date +%s) - start)) s"
 
 cp tests/cluster/guest/*.sh tests/cluster/guest/*.yaml "$payload/guest/"
 cp -r charts/nbd-csi "$payload/chart/"
+# The chart as it was before its cluster-mode controller became a
+# Deployment (commit 7151fb6): scenario_cluster_install installs it and
+# upgrades to this one, the upgrade path of an installed release.
+mkdir -p "$payload/previous-chart"
+git archive 7151fb6^ charts/nbd-csi | tar -x -C "$payload/previous-chart" --strip-components=1 ||
+    { echo "cluster: the previous chart (7151fb6^) is not in this clone's history"; echo "cluster: 0 passed, 1 failed"; exit 1; }
 crds=$(snapshot_crds_dir)
 cp "$crds"/snapshot.storage.k8s.io_*.yaml "$payload/crds/"
 openssl genrsa -out "$payload/secrets/sa.key" 2048 2>/dev/null

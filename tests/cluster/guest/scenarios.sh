@@ -314,6 +314,12 @@ scenario_upgrade() {
 # after `uninstall`; selected alone, cluster_install first removes the
 # embedded release the way scenario_uninstall does (switching modes does
 # not move volumes).
+#
+# Installed from the previous chart (its controller a one-replica
+# StatefulSet), a volume in use, then upgraded to this chart as the README
+# says (CRDs applied, helm upgrade with the same values): the controller
+# becomes a Deployment of 2 replicas while the workload's synced writes go
+# on, and the later scenarios run on the upgraded release.
 storage_label=nbd.csi.dev/storage
 scenario_cluster_install() {
     if helm -n "$ns" status nbd-csi >/dev/null 2>&1; then
@@ -322,8 +328,26 @@ scenario_cluster_install() {
     fi
     snapshot_prerequisites || return 1
     k label node nbd-node "$storage_label=true" --overwrite >/dev/null || return 1
-    helm install nbd-csi /payload/chart/nbd-csi --namespace "$ns" --create-namespace \
+    helm install nbd-csi /payload/previous-chart/nbd-csi --namespace "$ns" --create-namespace \
         "${chart_images[@]}" --set storage.mode=cluster --wait --timeout 10m || return 1
+    [ "$(k -n "$ns" get statefulset -l app.kubernetes.io/component=controller -o name | wc -l)" = 1 ] \
+        || fail "the previous chart's controller is not a StatefulSet" || return 1
+    wait_for 180 "storage agent pod Ready" component_ready storage "" || return 1
+    claim upgrade-claim 64Mi fs || return 1
+    workload upgrade-user upgrade-claim fs || return 1
+    io_start upgrade-user 120
+    sleep 3
+    local upgraded=$SECONDS
+    k apply --server-side -f /payload/chart/nbd-csi/crds/ >/dev/null || return 1
+    helm upgrade nbd-csi /payload/chart/nbd-csi --namespace "$ns" \
+        "${chart_images[@]}" --set storage.mode=cluster --wait --timeout 10m || return 1
+    [ -z "$(k -n "$ns" get statefulset -l app.kubernetes.io/component=controller -o name)" ] \
+        || fail "the StatefulSet is still there after the upgrade" || return 1
+    wait_for 240 "the controller Deployment's 2 replicas ready" sh -c \
+        "[ \"\$(kubectl -n $ns get deployment -l app.kubernetes.io/component=controller -o jsonpath='{.items[0].status.readyReplicas}')\" = 2 ]" \
+        || return 1
+    note "upgraded from the StatefulSet to 2 replicas in $((SECONDS - upgraded)) s"
+    io_check upgrade-user 240 || return 1
     # helm's --wait counts a DaemonSet ready with maxUnavailable pods not
     # ready, which for one node is none: wait for the agent itself.
     wait_for 180 "storage agent pod Ready" component_ready storage "" || return 1

@@ -186,8 +186,12 @@ mod tests {
     }
 
     fn volumes(dir: &Path, events: Events) -> Volumes<Refused> {
-        let settings =
-            Settings { connections: 1, timeout: Duration::from_secs(30), dead_conn_timeout: Duration::from_secs(120) };
+        let settings = Settings {
+            node_id: "node-a".into(),
+            connections: 1,
+            timeout: Duration::from_secs(30),
+            dead_conn_timeout: Duration::from_secs(120),
+        };
         Volumes::new(Arc::new(Refused), StateDir::open(dir.join("state")).unwrap(), settings).with_events(events)
     }
 

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::attach::Attacher;
-use crate::attach::devices::{device_path, is_driver_volume_id};
+use crate::attach::devices::device_path;
+use crate::attach::{Attacher, backend};
 use crate::error::Result;
 use crate::events::{self, Events};
 use crate::health::Health;
@@ -27,6 +27,9 @@ pub struct Healer<A> {
     events: Events,
     /// Per-volume connection health, read by NodeGetVolumeStats.
     health: Arc<Health>,
+    /// This plugin's node id: which devices without a state are its own
+    /// ([`backend::is_own`]); `None` owns only those of older versions.
+    node_id: Option<String>,
 }
 
 /// Pause between reconnect attempts.
@@ -37,7 +40,13 @@ impl<A: Attacher + 'static> Healer<A> {
     /// [`Self::with_events`] and [`Self::with_health`].
     pub fn new(attacher: Arc<A>, states: StateDir) -> Self {
         let in_flight = Mutex::new(HashSet::new());
-        Self { attacher, states, in_flight, events: Events::default(), health: Arc::default() }
+        Self { attacher, states, in_flight, events: Events::default(), health: Arc::default(), node_id: None }
+    }
+
+    /// The plugin of `node_id`: its devices are named after it, and another
+    /// node's devices on the same kernel are left alone.
+    pub fn with_node_id(self, node_id: impl Into<String>) -> Self {
+        Self { node_id: Some(node_id.into()), ..self }
     }
 
     /// Links healing gives up on become Events here.
@@ -85,7 +94,7 @@ impl<A: Attacher + 'static> Healer<A> {
                 tracing::info!(volume = %state.volume_id, "no longer staged; not healing");
                 return Ok(());
             }
-            let Some(index) = self.attacher.find(&state.volume_id)? else {
+            let Some(index) = self.attacher.find(state.backend_id())? else {
                 tracing::warn!(volume = %state.volume_id, "device vanished; attaching again");
                 let attached = self.attacher.attach(&spec).await?;
                 let mut updated = state.clone();
@@ -131,7 +140,7 @@ impl<A: Attacher + 'static> Healer<A> {
                         tracing::info!(volume = %state.volume_id, target = %m.target.display(), "rolling back mount");
                         volumes::unmount(&state.staging_path).await?;
                     }
-                    if let Some(index) = self.attacher.find(&state.volume_id)? {
+                    if let Some(index) = self.attacher.find(state.backend_id())? {
                         tracing::info!(volume = %state.volume_id, index, "rolling back interrupted attach/detach");
                         self.attacher.detach(index).await?;
                     }
@@ -142,14 +151,15 @@ impl<A: Attacher + 'static> Healer<A> {
         self.disconnect_unclaimed().await
     }
 
-    /// Disconnects devices whose backend identifier is one of this driver's
-    /// volume ids but has no state file (lost state, or a plugin killed
-    /// between CONNECT and saving). A device in use is left alone: tearing
-    /// it down would break its user; it is reported instead.
+    /// Disconnects devices of this plugin (a backend identifier of this
+    /// driver and node, or of an older version) that no state file claims
+    /// (lost state, or a plugin killed between CONNECT and saving). A device
+    /// in use is left alone: tearing it down would break its user; it is
+    /// reported instead. Another node's devices on this kernel are not ours.
     async fn disconnect_unclaimed(&self) -> Result<()> {
-        let claimed: HashSet<String> = self.states.all()?.into_iter().map(|s| s.volume_id).collect();
+        let claimed: HashSet<String> = self.states.all()?.iter().map(|s| s.backend_id().to_owned()).collect();
         for (index, backend) in self.attacher.list()? {
-            if !is_driver_volume_id(&backend) || claimed.contains(&backend) {
+            if !backend::is_own(&backend, self.node_id.as_deref()) || claimed.contains(&backend) {
                 continue;
             }
             match self.attacher.in_use(index).await {
@@ -177,8 +187,12 @@ impl<A: Attacher + 'static> Healer<A> {
                 Some(index) = dead.recv() => {
                     let backend = self.attacher.list().ok().and_then(|l| l.into_iter().find(|(i, _)| *i == index));
                     let Some((_, backend)) = backend else { continue };
-                    tracing::warn!(index, volume = %backend, "kernel reports a dead link");
-                    self.states.load(&backend).ok().flatten().into_iter().collect()
+                    let ours: Vec<VolumeState> =
+                        self.states.all().unwrap_or_default().into_iter().filter(|s| s.backend_id() == backend).collect();
+                    if !ours.is_empty() {
+                        tracing::warn!(index, volume = %backend, "kernel reports a dead link");
+                    }
+                    ours
                 }
                 _ = tick.tick() => {
                     // Devices that vanished, and links healing gave up on:
@@ -187,7 +201,7 @@ impl<A: Attacher + 'static> Healer<A> {
                     let lost = self.health.lost_volumes();
                     let staged = self.states.all().unwrap_or_default().into_iter().filter(|s| s.phase == Phase::Staged);
                     staged
-                        .filter(|s| lost.contains(&s.volume_id) || !matches!(self.attacher.find(&s.volume_id), Ok(Some(_))))
+                        .filter(|s| lost.contains(&s.volume_id) || !matches!(self.attacher.find(s.backend_id()), Ok(Some(_))))
                         .collect()
                 }
             };
@@ -254,6 +268,8 @@ pub fn spawn_link_dead_thread(listener: crate::sys::nbd::LinkDeadListener) -> mp
 mod tests {
     use std::path::PathBuf;
 
+    use csi_proto::contract::PublishContext;
+
     use super::*;
     use crate::attach::{AttachSpec, Attached};
 
@@ -312,11 +328,7 @@ mod tests {
     async fn a_volume_without_state_is_abnormal_even_when_its_device_is_connected() {
         let tmp = tempfile::tempdir().unwrap();
         let kernel = Arc::new(FakeKernel::with(&[(0, &id('a'), true)]));
-        let settings = crate::volumes::Settings {
-            connections: 1,
-            timeout: std::time::Duration::from_secs(30),
-            dead_conn_timeout: std::time::Duration::from_secs(120),
-        };
+        let settings = settings("node-a");
         let volumes = crate::volumes::Volumes::new(kernel, StateDir::open(tmp.path()).unwrap(), settings);
         let (device, (abnormal, message)) = volumes.condition(&id('a')).await.unwrap();
         assert_eq!(device, Some(0));
@@ -339,6 +351,7 @@ mod tests {
             access: Access::Block,
             read_only: false,
             index: None,
+            backend_id: None,
         }
     }
 
@@ -364,6 +377,78 @@ mod tests {
         assert_eq!(kernel.backends(), [staged.clone(), busy, "vol-mc".to_owned()]);
         let left: Vec<String> = states.all().unwrap().into_iter().map(|s| s.volume_id).collect();
         assert_eq!(left, [staged]);
+    }
+
+    fn settings(node_id: &str) -> crate::volumes::Settings {
+        crate::volumes::Settings {
+            node_id: node_id.into(),
+            connections: 1,
+            timeout: Duration::from_secs(30),
+            dead_conn_timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// Two plugins on one kernel (node ids a and b, as in the VM's shared
+    /// raw block scenario) stage the same volume: each attaches a device of
+    /// its own and finds only that one; a restart of either leaves the
+    /// other's device alone. Devices an older version named by the volume id
+    /// alone are still its own: healed in place when a state (format 1)
+    /// claims them, disconnected when none does.
+    #[tokio::test]
+    async fn plugins_sharing_a_kernel_keep_to_their_own_devices_and_older_ones() {
+        use crate::volumes::Volumes;
+        let tmp = tempfile::tempdir().unwrap();
+        let kernel = Arc::new(FakeKernel::default());
+        let (dir_a, dir_b) =
+            (StateDir::open(tmp.path().join("a")).unwrap(), StateDir::open(tmp.path().join("b")).unwrap());
+        let a = Volumes::new(Arc::clone(&kernel), dir_a.clone(), settings("node-a"));
+        let b = Volumes::new(Arc::clone(&kernel), dir_b.clone(), settings("node-b"));
+        let shared = id('5');
+        let context = PublishContext {
+            nbd_uri: csi_proto::contract::NbdUri::parse("nbd://127.0.0.1:1/x").unwrap(),
+            read_only: false,
+        };
+        let on_a = a.stage(&shared, &context, &tmp.path().join("stg-a"), &Access::Block).await.unwrap();
+        let on_b = b.stage(&shared, &context, &tmp.path().join("stg-b"), &Access::Block).await.unwrap();
+        assert_ne!(on_a, on_b, "node b attaches a device of its own");
+        assert_eq!(kernel.backends(), [format!("{shared}@node-a"), format!("{shared}@node-b")]);
+        assert_eq!(a.condition(&shared).await.unwrap().0, Some(on_a));
+        assert_eq!(b.condition(&shared).await.unwrap().0, Some(on_b));
+        // Staging again (kubelet's retry) finds the same device.
+        assert_eq!(b.stage(&shared, &context, &tmp.path().join("stg-b"), &Access::Block).await.unwrap(), on_b);
+
+        let add = |backend: String| {
+            let mut devices = kernel.devices.lock().unwrap();
+            let index = (0..).find(|i| !devices.iter().any(|d| d.0 == *i)).unwrap();
+            devices.push((index, backend, false));
+        };
+        let (shared_a, shared_b) = (format!("{shared}@node-a"), format!("{shared}@node-b"));
+
+        // Each plugin restarts: its own unclaimed device goes, the other
+        // node's devices stay, claimed or not.
+        let (lost_a, lost_b) = (format!("{}@node-a", id('1')), format!("{}@node-b", id('2')));
+        add(lost_a.clone());
+        add(lost_b.clone());
+        let healer_a = Arc::new(Healer::new(Arc::clone(&kernel), dir_a.clone()).with_node_id("node-a"));
+        healer_a.reconcile().await.unwrap();
+        assert_eq!(kernel.backends(), [shared_a.clone(), shared_b.clone(), lost_b]);
+        let healer_b = Arc::new(Healer::new(Arc::clone(&kernel), dir_b.clone()).with_node_id("node-b"));
+        healer_b.reconcile().await.unwrap();
+        assert_eq!(kernel.backends(), [shared_a.clone(), shared_b.clone()]);
+
+        // Upgraded in place: a device an older version attached under the
+        // volume id alone, claimed by its state (no identifier recorded), is
+        // healed in place, not attached again; an unclaimed one goes.
+        let (older, older_lost) = (id('3'), id('4'));
+        let older_state = state(&older, Phase::Staged, PathBuf::new());
+        assert_eq!(older_state.backend_id, None);
+        dir_a.save(&older_state).unwrap();
+        add(older.clone());
+        add(older_lost);
+        healer_a.reconcile().await.unwrap();
+        healer_a.heal(&older_state).await.unwrap();
+        assert_eq!(kernel.backends(), [shared_a, shared_b, older.clone()]);
+        assert_eq!(dir_a.load(&older).unwrap().unwrap().backend_id(), older);
     }
 
     #[tokio::test]
@@ -397,11 +482,7 @@ mod tests {
         let file = std::fs::read_dir(tmp.path().join("state")).unwrap().next().unwrap().unwrap().path();
         std::fs::write(&file, b"{\"format\":1,").unwrap();
         assert!(states.load(&vol).is_err());
-        let settings = crate::volumes::Settings {
-            connections: 1,
-            timeout: Duration::from_secs(30),
-            dead_conn_timeout: Duration::from_secs(120),
-        };
+        let settings = settings("node-a");
         let volumes = crate::volumes::Volumes::new(Arc::new(FakeKernel::default()), states.clone(), settings);
         volumes.unstage(&vol, &tmp.path().join("staging")).await.unwrap();
         assert!(!file.exists());
@@ -420,11 +501,7 @@ mod tests {
         let kernel = Arc::new(FakeKernel::with(&[(0, &vol, true)]));
         let health = Arc::new(Health::default());
         let healer = Healer::new(Arc::clone(&kernel), states.clone()).with_health(Arc::clone(&health));
-        let settings = crate::volumes::Settings {
-            connections: 1,
-            timeout: Duration::from_secs(30),
-            dead_conn_timeout: Duration::from_secs(120),
-        };
+        let settings = settings("node-a");
         let volumes = crate::volumes::Volumes::new(kernel, states, settings).with_health(health);
         assert!(!volumes.condition(&vol).await.unwrap().1.0, "healthy before healing fails");
         assert!(healer.heal(&broken).await.is_err());

@@ -219,6 +219,7 @@ async fn attach_cmd(
             access: state::Access::Block,
             read_only: false,
             index: Some(attached.index),
+            backend_id: Some(spec.backend_id.clone()),
         };
         volumes::save(&states, &state).await?;
     }
@@ -335,6 +336,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let events = events::Events::connect(args.kubeconfig.as_deref(), &args.driver_name, &args.node_id).await;
     let health = std::sync::Arc::new(health::Health::default());
     let healer = heal::Healer::new(std::sync::Arc::clone(&attacher), states.clone())
+        .with_node_id(&args.node_id)
         .with_events(events.clone())
         .with_health(std::sync::Arc::clone(&health));
     let healer = std::sync::Arc::new(healer);
@@ -344,6 +346,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(std::sync::Arc::clone(&healer).run(dead, Duration::from_secs(args.check_interval)));
     }
     let settings = volumes::Settings {
+        node_id: args.node_id.clone(),
         connections: args.attach.connections.unwrap_or_else(default_connections),
         timeout: Duration::from_secs(args.attach.timeout),
         dead_conn_timeout: Duration::from_secs(args.attach.dead_conn_timeout),

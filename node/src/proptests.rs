@@ -26,22 +26,25 @@ fn state() -> impl Strategy<Value = VolumeState> {
     let phase = prop_oneof![Just(Phase::Attaching), Just(Phase::Staged), Just(Phase::Unstaging)];
     (
         ("[^\n\r=]{1,40}", phase, no_newline(), 1usize..9, any::<u32>(), any::<u32>()),
-        (no_newline(), access(), any::<bool>(), any::<Option<u32>>()),
+        (no_newline(), access(), any::<bool>(), any::<Option<u32>>(), proptest::option::of(no_newline())),
     )
-        .prop_map(|((volume_id, phase, uri, connections, timeout, dead), (path, access, read_only, index))| {
-            VolumeState {
-                volume_id,
-                phase,
-                uri,
-                connections,
-                timeout_secs: timeout.into(),
-                dead_conn_timeout_secs: dead.into(),
-                staging_path: path.into(),
-                access,
-                read_only,
-                index,
-            }
-        })
+        .prop_map(
+            |((volume_id, phase, uri, connections, timeout, dead), (path, access, read_only, index, backend_id))| {
+                VolumeState {
+                    volume_id,
+                    phase,
+                    uri,
+                    connections,
+                    timeout_secs: timeout.into(),
+                    dead_conn_timeout_secs: dead.into(),
+                    staging_path: path.into(),
+                    access,
+                    read_only,
+                    index,
+                    backend_id,
+                }
+            },
+        )
 }
 
 proptest! {
@@ -105,9 +108,11 @@ proptest! {
     }
 
     /// What older versions wrote still reads back (their flags could not
-    /// hold a comma, and a block volume had none).
+    /// hold a comma, a block volume had none, and no backend identifier was
+    /// recorded).
     #[test]
     fn key_value_states_still_decode(state in state()) {
+        let state = VolumeState { backend_id: None, ..state };
         let state = match state.access {
             Access::Mount { fs_type, flags } if !fs_type.contains('=') && fs_type != "block" => {
                 let flags = flags.into_iter().filter(|f| !f.contains(',')).collect();

@@ -9,7 +9,8 @@
 //!
 //! Older versions wrote `key=value` lines; such a file still loads (a node
 //! upgraded in place keeps its staged volumes) and is written as JSON at
-//! its next save.
+//! its next save. Files of format 1 and `key=value` ones name no backend
+//! identifier: their devices were attached under the volume id, and keep it.
 
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -23,7 +24,9 @@ use crate::error::{Context, Error, ErrorKind, Result};
 use crate::uri::NbdUri;
 
 /// Bumped when the file's meaning changes; an older plugin refuses newer files.
-const FORMAT: u32 = 1;
+/// 2: the device's backend identifier is `backend_id`, no longer the volume
+/// id (a format 1 file has none: its device is named by the volume id).
+const FORMAT: u32 = 2;
 
 /// A state file is a few hundred bytes; anything past this is not one.
 pub const MAX_STATE_FILE: u64 = 64 * 1024;
@@ -66,6 +69,10 @@ pub struct VolumeState {
     pub read_only: bool,
     #[serde(default)]
     pub index: Option<u32>,
+    /// The BACKEND_IDENTIFIER the device was attached with; `None` in the
+    /// files of older versions, which named it by the volume id.
+    #[serde(default)]
+    pub backend_id: Option<String>,
 }
 
 /// The file as written: the state and the format it is in.
@@ -84,10 +91,16 @@ struct Read {
 }
 
 impl VolumeState {
+    /// The device's backend identifier: the one recorded, or the volume id
+    /// for a file an older version wrote (its device is named so).
+    pub fn backend_id(&self) -> &str {
+        self.backend_id.as_deref().unwrap_or(&self.volume_id)
+    }
+
     pub fn spec(&self) -> Result<AttachSpec> {
         Ok(AttachSpec {
             uri: NbdUri::parse(&self.uri).ctx(ErrorKind::InvalidArgument, || "stored nbdUri")?,
-            backend_id: self.volume_id.clone(),
+            backend_id: self.backend_id().to_owned(),
             connections: self.connections,
             timeout: Duration::from_secs(self.timeout_secs),
             dead_conn_timeout: Duration::from_secs(self.dead_conn_timeout_secs),
@@ -150,6 +163,7 @@ impl VolumeState {
             access,
             read_only: get("read_only")? == "true",
             index: get("index").and_then(|v| v.parse().ok()),
+            backend_id: None,
         })
     }
 
@@ -323,6 +337,7 @@ mod tests {
             access: Access::Mount { fs_type: "ext4".into(), flags: vec!["noatime".into(), "discard".into()] },
             read_only: false,
             index: Some(3),
+            backend_id: None,
         }
     }
 
@@ -447,6 +462,7 @@ mod tests {
             access: Access::Block,
             read_only: true,
             index: None,
+            backend_id: None,
         };
         assert_eq!(dir.load("b").unwrap(), Some(block.clone()));
         assert_eq!(dir.all().unwrap(), [block, sample("v")]);
@@ -456,6 +472,31 @@ mod tests {
         let text = std::fs::read_to_string(dir.path("v")).unwrap();
         assert!(text.trim_start().starts_with('{'), "{text}");
         assert_eq!(dir.load("v").unwrap(), Some(sample("v")));
+    }
+
+    /// A plugin upgraded in place finds the devices an older version
+    /// attached: its files (format 1 JSON, `key=value`) name no backend
+    /// identifier, so the device's is the volume id; newer files keep the
+    /// one the device was attached with.
+    #[test]
+    fn files_of_older_versions_name_the_device_by_the_volume_id() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(tmp.path()).unwrap();
+        let mut json: serde_json::Value = serde_json::from_slice(&sample("v").encode().unwrap()).unwrap();
+        json["format"] = 1.into();
+        json.as_object_mut().unwrap().remove("backend_id");
+        std::fs::write(dir.path("v"), serde_json::to_vec(&json).unwrap()).unwrap();
+        let loaded = dir.load("v").unwrap().unwrap();
+        assert_eq!((loaded.backend_id(), loaded.spec().unwrap().backend_id.as_str()), ("v", "v"));
+        let key_value = VolumeState::decode_key_value(&sample("k").encode_key_value()).unwrap();
+        assert_eq!(key_value.backend_id(), "k");
+
+        let named = VolumeState { backend_id: Some("v@node-a".into()), ..loaded };
+        dir.save(&named).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path("v")).unwrap()).unwrap();
+        assert_eq!((json["format"].as_u64(), json["backend_id"].as_str()), (Some(2), Some("v@node-a")));
+        let loaded = dir.load("v").unwrap().unwrap();
+        assert_eq!((loaded.backend_id(), loaded.spec().unwrap().backend_id.as_str()), ("v@node-a", "v@node-a"));
     }
 
     #[test]

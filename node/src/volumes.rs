@@ -10,7 +10,7 @@ use std::time::Duration;
 use csi_proto::contract::PublishContext;
 
 use crate::attach::devices::{device_path, mounts_using};
-use crate::attach::{AttachSpec, Attacher};
+use crate::attach::{AttachSpec, Attacher, backend};
 use crate::blocking::blocking;
 use crate::error::{Context, Error, ErrorKind, Result};
 use crate::events::Events;
@@ -21,6 +21,9 @@ use crate::sys::mount::{self, MountEntry};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// This plugin's node id: part of every device's backend identifier
+    /// ([`backend`]).
+    pub node_id: String,
     pub connections: usize,
     pub timeout: Duration,
     pub dead_conn_timeout: Duration,
@@ -110,6 +113,19 @@ impl<A: Attacher> Volumes<A> {
         &self.attacher
     }
 
+    /// The volume's device on this node: by the identifier its state
+    /// records; without a state (lost, or unreadable), by the one this
+    /// plugin would give it, or else the volume id older versions used.
+    fn device(&self, volume_id: &str, state: Option<&VolumeState>) -> Result<Option<u32>> {
+        if let Some(state) = state {
+            return self.attacher.find(state.backend_id());
+        }
+        match self.attacher.find(&backend::backend_id(volume_id, &self.settings.node_id))? {
+            Some(index) => Ok(Some(index)),
+            None => self.attacher.find(volume_id),
+        }
+    }
+
     pub async fn stage(
         &self,
         volume_id: &str,
@@ -132,14 +148,22 @@ impl<A: Attacher> Volumes<A> {
             access: access.clone(),
             read_only: context.read_only,
             index: None,
+            backend_id: Some(backend::backend_id(volume_id, &self.settings.node_id)),
         };
-        if let Some(old) = self.states.load(volume_id)?
+        let old = self.states.load(volume_id)?;
+        if let Some(old) = &old
             && old.phase == Phase::Staged
             && old.staging_path != staging
         {
             return Err(Error::new(ErrorKind::Busy, format!("volume {volume_id} is staged at another path")));
         }
-        let index = match self.attacher.find(volume_id)? {
+        // A device attached before (a retry, or an older version's, named
+        // by the volume id alone) keeps the identifier it has.
+        if let Some(old) = &old {
+            state.backend_id = Some(old.backend_id().to_owned());
+        }
+        let backend_id = state.backend_id().to_owned();
+        let index = match self.attacher.find(&backend_id)? {
             Some(index) => index,
             None => {
                 let others = self.states.all()?.iter().filter(|s| s.volume_id != volume_id).count();
@@ -152,7 +176,7 @@ impl<A: Attacher> Volumes<A> {
                 save(&self.states, &state).await?;
                 let spec = AttachSpec {
                     uri: context.nbd_uri.clone(),
-                    backend_id: volume_id.to_owned(),
+                    backend_id,
                     connections: self.settings.connections,
                     timeout: self.settings.timeout,
                     dead_conn_timeout: self.settings.dead_conn_timeout,
@@ -182,7 +206,7 @@ impl<A: Attacher> Volumes<A> {
             tracing::warn!(volume = %volume_id, error = %e.chain(), "unstaging without its state");
             None
         });
-        let index = self.attacher.find(volume_id)?;
+        let index = self.device(volume_id, state.as_ref())?;
         if let Some(index) = index {
             let users: Vec<PathBuf> = users_of(index).await?.into_iter().filter(|t| t != staging).collect();
             if !users.is_empty() {
@@ -247,7 +271,7 @@ impl<A: Attacher> Volumes<A> {
         if mount_at(target).await?.is_some() {
             return Ok(());
         }
-        let index = self.attacher.find(volume_id)?.or(state.index);
+        let index = self.attacher.find(state.backend_id())?.or(state.index);
         if single_writer && let Some(index) = index {
             let mounts = blocking(mount::mounts).await?;
             let others = other_publications(&mounts, index, staging, target);
@@ -308,11 +332,12 @@ impl<A: Attacher> Volumes<A> {
     /// The volume's device index, if any, and its VolumeCondition
     /// (abnormal, message).
     pub async fn condition(&self, volume_id: &str) -> Result<(Option<u32>, (bool, String))> {
-        let device = match self.attacher.find(volume_id)? {
+        let state = self.states.load(volume_id)?;
+        let device = match self.device(volume_id, state.as_ref())? {
             Some(index) => Some((index, self.attacher.connected(index).await?)),
             None => None,
         };
-        if self.states.load(volume_id)?.is_none() {
+        if state.is_none() {
             // The kernel may still call the device connected, but nothing
             // here heals it or flushes it at unstage.
             let message = "this node plugin has no staging state for the volume (not staged by it, or its state \
@@ -333,7 +358,7 @@ impl<A: Attacher> Volumes<A> {
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("volume {volume_id} is not staged")))?;
         let index = self
             .attacher
-            .find(volume_id)?
+            .find(state.backend_id())?
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("volume {volume_id} has no device")))?;
         let size = self.attacher.resize(index, &state.spec()?).await?;
         if let Access::Mount { fs_type, .. } = &state.access {

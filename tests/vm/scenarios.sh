@@ -237,7 +237,7 @@ now_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
 
 start_controller() {
     RUST_LOG=${RUST_LOG:-info} $CTRL --endpoint "unix://$CSI/ctrl.sock" --data-dir "$CSI/data" \
-        --nbd-listen-address 127.0.0.1 --nbd-port-range 11000-11199 --known-nodes vm-node \
+        --nbd-listen-address 127.0.0.1 --nbd-port-range 11000-11199 --known-nodes vm-node,vm-node-b \
         2>>"$CSI/ctrl.log" &
     CP=$!
 }
@@ -308,6 +308,13 @@ sanity() { # access type
 scenario_sanity_mount() { sanity mount; }
 scenario_sanity_block() { sanity block; }
 
+# The device node NODE's plugin attached for volume ID: the backend
+# identifier names both.
+device_of() { # id [node]
+    idx=$($NODE status | sed -n "s/^nbd\([0-9]*\) backend=$1@${2:-vm-node} .*/\1/p")
+    [ -n "$idx" ] && echo "/dev/nbd$idx"
+}
+
 # Create, publish and stage a mount volume through the CSI calls; sets ID
 # URI STG DEV.
 csi_stage_mount() { # name size [fstype]
@@ -315,8 +322,7 @@ csi_stage_mount() { # name size [fstype]
     URI=$(ctl publish --node vm-node "$ID" 2>/dev/null | grep '^nbd://')
     STG=$CSI/staging/$1
     $CLIENT "$CSI/node.sock" stage "$ID" "$STG" "$URI" --fs-type "${3:-ext4}" >"$CSI/stage.out" 2>&1
-    idx=$($NODE status | sed -n "s/^nbd\([0-9]*\) backend=$ID .*/\1/p")
-    DEV=/dev/nbd$idx
+    DEV=$(device_of "$ID")
 }
 
 df_kib() { df -P -k "$1" | awk 'NR == 2 { print $2 }'; }
@@ -400,6 +406,95 @@ scenario_expand_block() {
     else
         result expand-online-block FAIL "$detail; calls: $(echo "$out $out2 $out3 $out4 $out5" | tr '\n' ' ' | cut -c1-300)"
         grep -aE 'ERROR|WARN' "$CSI/node.log" | tail -10 | sed 's/^/vm: node: /'
+    fi
+}
+
+# Shared raw block between two nodes (KubeVirt live migration): a
+# MULTI_NODE_MULTI_WRITER block volume published to two node ids, each with
+# a node plugin of its own (node id, state directory, CSI socket), so two
+# kernel NBD clients, two /dev/nbdX, attach one export. A 1 MiB random
+# pattern written with O_DIRECT + fsync through one node's device reads back
+# byte-exact with O_DIRECT through the other's, in both directions (each
+# region read through the page cache first, so a stale cached copy would
+# show), while both stay attached; then the source node lets go
+# (NodeUnpublish, NodeUnstage, ControllerUnpublish: the handover) and the
+# destination still reads both patterns and writes, its write reaching the
+# server's image. Without Kubernetes both nodes dial from 127.0.0.1 (the
+# export name alone guards the volume), so no network namespace is needed.
+# Filesystem volumes stay single-writer: MULTI_NODE_MULTI_WRITER is refused
+# for them and a second node's publication too.
+scenario_shared_block() {
+    name=shared-block-two-nodes
+    csi_start 10 30 || { result $name FAIL "could not start"; csi_stop; return; }
+    RUST_LOG=${RUST_LOG:-info} $NODE serve --endpoint "unix://$CSI/node-b.sock" --node-id vm-node-b \
+        --state-dir "$CSI/state-b" --connections 2 --timeout 10 --dead-conn-timeout 30 --check-interval 2 \
+        2>>"$CSI/node-b.log" &
+    NPB=$!
+    i=0
+    while ! [ -S "$CSI/node-b.sock" ] && [ $i -lt 300 ]; do usleep 100000; i=$((i + 1)); done
+    mmw=multi-node-multi-writer
+    ID=$(ctl create shared --block --size 64M --access-mode $mmw | awk '/^volume:/ {print $2}')
+    URIA=$(ctl publish --node vm-node --access-mode $mmw "$ID" 2>/dev/null | grep '^nbd://')
+    URIB=$(ctl publish --node vm-node-b --access-mode $mmw "$ID" 2>/dev/null | grep '^nbd://')
+    port=$(echo "$URIA" | sed 's|nbd://127.0.0.1:\([0-9]*\)/.*|\1|')
+    STGA=$CSI/staging/a/shared TGTA=$CSI/pods/a/shared STGB=$CSI/staging/b/shared TGTB=$CSI/pods/b/shared
+    A="$CSI/node.sock" B="$CSI/node-b.sock"
+    calls="$($CLIENT "$A" stage "$ID" "$STGA" "$URIA" --block) $($CLIENT "$A" publish "$ID" "$STGA" "$TGTA" --block)"
+    calls="$calls $($CLIENT "$B" stage "$ID" "$STGB" "$URIB" --block) $($CLIENT "$B" publish "$ID" "$STGB" "$TGTB" --block)"
+    deva=$(device_of "$ID" vm-node) devb=$(device_of "$ID" vm-node-b)
+    tcp_both=$(established_to "$port")
+    # Both caches hold the regions as they were (zeros) before the writes.
+    for t in "$TGTA" "$TGTB"; do dd if="$t" of=/dev/null bs=1M count=48 2>/dev/null; done
+    dd if=/dev/urandom of=/tmp/sa bs=1M count=1 2>/dev/null
+    dd if=/dev/urandom of=/tmp/sb bs=1M count=1 2>/dev/null
+    dd if=/dev/urandom of=/tmp/sc bs=1M count=1 2>/dev/null
+    digest() { sha256sum < "$1" | cut -c1-16; }
+    read_direct() { dd if="$1" of=/tmp/sr bs=1M skip="$2" count=1 iflag=direct 2>/dev/null && digest /tmp/sr; }
+    ms0=$(now_ms)
+    dd if=/tmp/sa of="$TGTA" bs=1M seek=5 oflag=direct conv=fsync 2>/dev/null && wa=y || wa=n
+    a_to_b=$(read_direct "$TGTB" 5)
+    dd if=/tmp/sb of="$TGTB" bs=1M seek=21 oflag=direct conv=fsync 2>/dev/null && wb=y || wb=n
+    b_to_a=$(read_direct "$TGTA" 21)
+    both_ms=$(($(now_ms) - ms0))
+    # The handover: the source node lets go of the volume.
+    ms0=$(now_ms)
+    handover="$($CLIENT "$A" unpublish "$ID" "$TGTA") $($CLIENT "$A" unstage "$ID" "$STGA")"
+    ctl unpublish --node vm-node "$ID" >/dev/null 2>&1 && handover="$handover ok" || handover="$handover controller-unpublish-failed"
+    handover_ms=$(($(now_ms) - ms0))
+    a_left=$(device_of "$ID" vm-node)
+    b_connected=$($NODE status | grep -c "^${devb#/dev/} backend=$ID@vm-node-b connected=true")
+    tcp_after=$(established_to "$port")
+    after_a=$(read_direct "$TGTB" 5) after_b=$(read_direct "$TGTB" 21)
+    dd if=/tmp/sc of="$TGTB" bs=1M seek=40 oflag=direct conv=fsync 2>/dev/null && wc=y || wc=n
+    after_c=$(read_direct "$TGTB" 40)
+    image=$(dd if="$CSI/data/volumes/$ID.img" bs=1M skip=40 count=1 2>/dev/null | sha256sum | cut -c1-16)
+    cond=$($CLIENT "$B" stats "$ID" "$TGTB" | grep -o 'abnormal: [a-z]*')
+    fin="$($CLIENT "$B" unpublish "$ID" "$TGTB") $($CLIENT "$B" unstage "$ID" "$STGB")"
+    ctl unpublish --node vm-node-b "$ID" >/dev/null 2>&1
+    # Filesystem volumes stay single-writer.
+    fs_mmw=$(ctl create sharedfs --size 64M --access-mode $mmw 2>&1)
+    fsid=$(ctl create singlefs --size 64M | awk '/^volume:/ {print $2}')
+    ctl publish --node vm-node "$fsid" >/dev/null 2>&1
+    fs_second=$(ctl publish --node vm-node-b "$fsid" 2>&1)
+    ctl unpublish --node vm-node "$fsid" >/dev/null 2>&1
+    kill "$NPB"; wait "$NPB" 2>/dev/null
+    csi_stop
+    sa=$(digest /tmp/sa) sb=$(digest /tmp/sb) sc=$(digest /tmp/sc)
+    same() { [ "$1" = "$2" ] && echo y || echo n; }
+    detail="$deva (vm-node) and $devb (vm-node-b) on one export, tcp=$tcp_both; A->B $(same "$a_to_b" "$sa"), B->A $(same "$b_to_a" "$sb") (O_DIRECT, 1 MiB each way, ${both_ms} ms); handover in ${handover_ms} ms: A's device left='${a_left}', B connected=$b_connected tcp=$tcp_after; B after: A's $(same "$after_a" "$sa") B's $(same "$after_b" "$sb") new write $wc/$(same "$after_c" "$sc") in the image $(same "$image" "$sc"), $cond; filesystem MULTI_NODE_MULTI_WRITER: $(echo "$fs_mmw" | tail -1 | cut -c1-90); filesystem on a second node: $(echo "$fs_second" | tail -1 | cut -c1-90)"
+    if echo "$calls" | grep -q '^ok.*ok.*ok.*ok' && [ -n "$deva" ] && [ -n "$devb" ] && [ "$deva" != "$devb" ] &&
+        [ "$tcp_both" = 4 ] && [ "$wa$wb" = yy ] && [ "$a_to_b" = "$sa" ] && [ "$b_to_a" = "$sb" ] &&
+        echo "$handover" | grep -q '^ok.*ok.*ok' && [ -z "$a_left" ] && [ "$b_connected" = 1 ] && [ "$tcp_after" = 2 ] &&
+        [ "$after_a" = "$sa" ] && [ "$after_b" = "$sb" ] && [ "$wc" = y ] && [ "$after_c" = "$sc" ] && [ "$image" = "$sc" ] &&
+        [ "$cond" = "abnormal: false" ] && echo "$fin" | grep -q '^ok.*ok' &&
+        echo "$fs_mmw" | grep -q 'MULTI_NODE_MULTI_WRITER is supported for block volumes only' &&
+        echo "$fs_second" | grep -q 'single-node and already published' && [ "$(leftover)" = 0 ]; then
+        result $name PASS "$detail"
+    else
+        result $name FAIL "$detail; calls: $(echo "$calls" | tr '\n' ' ' | cut -c1-200); handover: $(echo "$handover" | tr '\n' ' ' | cut -c1-200); end: $(echo "$fin" | tr '\n' ' ' | cut -c1-100); leftover=$(leftover)"
+        grep -aE 'ERROR|WARN' "$CSI/node.log" | tail -6 | sed 's/^/vm: node-a: /'
+        grep -aE 'ERROR|WARN' "$CSI/node-b.log" | tail -6 | sed 's/^/vm: node-b: /'
+        grep -aE 'ERROR|WARN' "$CSI/ctrl.log" | tail -4 | sed 's/^/vm: ctrl: /'
     fi
 }
 
@@ -514,7 +609,8 @@ scenario_fio_controller_kill() { fio_under fio-verify-controller-kill kill_contr
 scenario_fio_plugin_kill() { fio_under fio-verify-plugin-kill kill_plugin_twice 1 3; }
 
 # The plugin starts after losing track of things: a device of ours no state
-# claims (disconnected), another that is mounted (left alone), and a staged
+# claims (disconnected; named by the volume id alone, as older versions
+# named theirs), another that is mounted (left alone), and a staged
 # filesystem whose device and mount vanished as in a reboot (attached and
 # mounted again).
 scenario_reconcile() {
@@ -530,8 +626,8 @@ scenario_reconcile() {
     bdev=$($NODE attach "$(ctl publish --node vm-node "$busy" 2>/dev/null | grep '^nbd://')" --backend-id "$busy" 2>/dev/null | field device)
     mkfs.ext4 -q -F "$bdev"; mkdir -p /mnt/busy; mount -t ext4 "$bdev" /mnt/busy
     kill -9 "$NP"; wait "$NP" 2>/dev/null
-    umount "$STG"; $NODE detach --backend-id "$ID" >/dev/null 2>&1
-    gone=$($NODE status | grep -c "backend=$ID ")
+    umount "$STG"; $NODE detach --backend-id "$ID@vm-node" >/dev/null 2>&1
+    gone=$($NODE status | grep -c "backend=$ID@vm-node ")
     start_node
     i=0
     while ! grep -q " $STG " /proc/mounts && [ $i -lt 200 ]; do usleep 100000; i=$((i + 1)); done
@@ -539,7 +635,7 @@ scenario_reconcile() {
     src=$(grep " $STG " /proc/mounts | cut -d' ' -f1)
     has_lost=$($NODE status | grep -c "backend=$lost ")
     has_busy=$($NODE status | grep -c "backend=$busy ")
-    has_id=$($NODE status | grep "backend=$ID " | cut -d' ' -f1)
+    has_id=$($NODE status | grep "backend=$ID@vm-node " | cut -d' ' -f1)
     left_alone=$(grep -c 'in use; left alone' "$CSI/node.log")
     umount /mnt/busy; $NODE detach --backend-id "$busy" >/dev/null 2>&1
     out=$($CLIENT "$CSI/node.sock" unstage "$ID" "$STG")
@@ -693,7 +789,7 @@ scenario_fresh_container() {
     fi
 }
 
-for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl heal expand expand_xfs expand_block dead_server fio_controller_kill fio_plugin_kill fresh_container reconcile heal_after_timeout sanity_mount sanity_block}" | tr , " "); do
+for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl heal expand expand_xfs expand_block shared_block dead_server fio_controller_kill fio_plugin_kill fresh_container reconcile heal_after_timeout sanity_mount sanity_block}" | tr , " "); do
     t0=$(cut -d. -f1 /proc/uptime)
     "scenario_$s"
     echo "vm: scenario $s took $(($(cut -d. -f1 /proc/uptime) - t0)) s"

@@ -3,6 +3,7 @@
 //! only where netlink is missing). Whatever can block in the kernel is
 //! async here.
 
+pub mod backend;
 mod control;
 pub mod devices;
 mod kernel;
@@ -22,7 +23,8 @@ use crate::uri::NbdUri;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachSpec {
     pub uri: NbdUri,
-    /// BACKEND_IDENTIFIER: the volume id; how the device is found again.
+    /// BACKEND_IDENTIFIER ([`backend`]: the volume and the node); how the
+    /// device is found again.
     pub backend_id: String,
     /// Connections wanted when the server allows several.
     pub connections: usize,

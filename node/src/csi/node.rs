@@ -219,8 +219,12 @@ mod tests {
     use crate::volumes::Settings;
 
     fn service(dir: &Path) -> NodeService {
-        let settings =
-            Settings { connections: 1, timeout: Duration::from_secs(30), dead_conn_timeout: Duration::from_secs(120) };
+        let settings = Settings {
+            node_id: "node-a".into(),
+            connections: 1,
+            timeout: Duration::from_secs(30),
+            dead_conn_timeout: Duration::from_secs(120),
+        };
         let attacher = Arc::new(KernelAttacher::open(true).unwrap());
         let volumes = Volumes::new(attacher, StateDir::open(dir.join("state")).unwrap(), settings);
         let info = NodeInfo { driver_name: "nbd.csi.dev".into(), node_id: "worker-1".into(), max_volumes: 1 };
@@ -254,6 +258,7 @@ mod tests {
                     Arc::new(KernelAttacher::open(true).unwrap()),
                     StateDir::open(dir.path().join("state")).unwrap(),
                     Settings {
+                        node_id: "node-a".into(),
                         connections: 1,
                         timeout: Duration::from_secs(30),
                         dead_conn_timeout: Duration::from_secs(120),
@@ -274,6 +279,7 @@ mod tests {
             access: Access::Block,
             read_only: false,
             index: Some(0),
+            backend_id: None,
         };
         StateDir::open(dir.path().join("state")).unwrap().save(&staged).unwrap();
         let request = stage_request(dir.path(), &[(NBD_URI, "nbd://127.0.0.1:1/vol")]);

@@ -119,8 +119,12 @@ impl Harness {
         let control = StuckConnect { entered: Mutex::new(entered_tx), release: Mutex::new(release_rx) };
         std::fs::create_dir(tmp.path().join("sys")).unwrap();
         let attacher = KernelAttacher::with_control(Arc::new(control), Sysfs::at(tmp.path().join("sys")));
-        let settings =
-            Settings { connections: 1, timeout: Duration::from_secs(30), dead_conn_timeout: Duration::from_secs(120) };
+        let settings = Settings {
+            node_id: "node-a".into(),
+            connections: 1,
+            timeout: Duration::from_secs(30),
+            dead_conn_timeout: Duration::from_secs(120),
+        };
         let volumes = Volumes::new(Arc::new(attacher), StateDir::open(tmp.path().join("state")).unwrap(), settings);
         let info = NodeInfo { driver_name: "nbd.csi.dev".into(), node_id: "worker-1".into(), max_volumes: 4 };
 

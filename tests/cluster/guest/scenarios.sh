@@ -406,8 +406,9 @@ scenario_cluster_agent_restart() {
     pod_uid=$(k get pod agent-user -o jsonpath='{.metadata.uid}')
     dev=$(pod_volume_device "$pod_uid" "$pv")
     case $dev in /dev/nbd*) ;; *) fail "the pod's volume is on '$dev', not an nbd device"; return 1 ;; esac
-    [ "$(cat "/sys/block/${dev#/dev/}/backend" 2>/dev/null)" = "$vol" ] \
-        || fail "$dev's backend is not $vol" || return 1
+    # The backend identifier names the volume and the node plugin's node.
+    [ "$(cat "/sys/block/${dev#/dev/}/backend" 2>/dev/null)" = "$vol@nbd-node" ] \
+        || fail "$dev's backend is not $vol@nbd-node" || return 1
     node_pod=$(component_pod node)
     restarts=$(node_restarts "$node_pod")
     log=$(node_log "$node_pod")

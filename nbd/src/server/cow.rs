@@ -36,6 +36,11 @@ pub const MIN_CHUNK: u64 = 1 << 20;
 pub const MAX_CHUNKS: u64 = 1 << 16;
 /// What one read of a copy holds in memory.
 const COPY_BUFFER: usize = 1 << 20;
+/// The background pass writes the target back after about this many bytes
+/// of chunks: a copy of a large volume must not fill the page cache with
+/// dirty pages, or the kernel throttles every writer of the filesystem,
+/// the volume's clients included.
+const WRITE_BACK_EVERY: u64 = 64 << 20;
 
 /// A copy of a file at one instant, filled in while the file changes.
 #[derive(Debug)]
@@ -160,6 +165,7 @@ impl CopyBeforeWrite {
     /// makes the target durable. Returns the first failure, a writer's too.
     pub fn copy_rest(&self, source: &File) -> io::Result<()> {
         let mut buf = vec![0u8; COPY_BUFFER];
+        let mut unsynced = 0;
         for index in 0..self.chunks() {
             if self.failed.load(Ordering::Acquire) {
                 break;
@@ -167,8 +173,16 @@ impl CopyBeforeWrite {
             if self.is_copied(index) {
                 continue;
             }
-            if let Err(e) = self.copy_chunk(source, index, &mut buf) {
-                self.fail(e);
+            match self.copy_chunk(source, index, &mut buf) {
+                Ok(_) => unsynced += self.chunk,
+                Err(e) => self.fail(e),
+            }
+            if unsynced >= WRITE_BACK_EVERY {
+                unsynced = 0;
+                // Outside any chunk's lock: writes never wait for it.
+                if let Err(e) = self.target.sync_data() {
+                    self.fail(e);
+                }
             }
         }
         if let Some(e) = self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {

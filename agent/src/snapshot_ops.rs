@@ -67,8 +67,8 @@ impl Agent {
         Ok((copied?, lock))
     }
 
-    /// Copies the source volume as it is at this call (see
-    /// [`Agent::copy_at_instant`]: its writes go on), then writes the
+    /// Copies the source volume as it is at this call (its writes go on:
+    /// a reflink, or copy-before-write), then writes the
     /// record: a snapshot exists, and is listed, only once it is complete.
     /// NOT_FOUND for a missing source, FAILED_PRECONDITION for one without
     /// its image, RESOURCE_EXHAUSTED when the copy cannot fit.

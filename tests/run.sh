@@ -58,6 +58,10 @@ read -r p f s < <(awk '/^test result:/ { p += $4; f += $6; s += $8 } END { print
 [ "$cargo_status" -ne 0 ] && [ "$f" -eq 0 ] && f=1
 record cargo-test "$p" "$f" "$s"
 
+# Snapshots under writes with the data directory on ext4 (copy-before-write)
+# and on XFS with reflink (FICLONE), loop devices (root).
+suite snapshot-fs ./tests/snapshot-fs.sh
+
 # Unix-socket CSI endpoints called by gRPC C-core (Python grpcio).
 suite grpc-clients ./tests/grpc-clients.sh
 

@@ -42,8 +42,8 @@ pub struct NewVolume {
 const MAX_EXPORT_NAME: usize = nbd::consts::limits::MAX_STRING_LEN as usize;
 
 impl Agent {
-    /// Creates the volume: its image (copied from the source, if any, while
-    /// no write can reach a source volume), then its record, the commit
+    /// Creates the volume: its image (copied from the source, if any: a
+    /// source volume as it is at this call, its writes going on), then its record, the commit
     /// point. It has no server and no port until it is published. NOT_FOUND
     /// for a missing source, FAILED_PRECONDITION for a source volume
     /// without its image, RESOURCE_EXHAUSTED without the space.
@@ -54,7 +54,7 @@ impl Agent {
             return Ok(existing);
         }
         // Hold the source still while it is copied.
-        let (_source_guard, source_image, source_size) = match &new.source {
+        let (source_guard, source_image, source_size) = match &new.source {
             None => (None, None, 0),
             Some(Source::Snapshot(id)) => {
                 let guard = self.lock(Object::Snapshot(id.clone())).await;
@@ -106,13 +106,21 @@ impl Agent {
             published: Default::default(),
         };
         let (store, new_id) = (Arc::clone(self.store()), id.clone());
-        match (&record.source, source_image) {
-            (Some(Source::Volume(src)), Some(image)) => {
-                // A clone of a live volume is point-in-time, like a snapshot.
-                self.with_writes_paused(src, move || store.create_volume_image(&new_id, size, Some(&image))).await?;
+        // Held until the record is saved.
+        let _source_guard = match (&record.source, source_image, source_guard) {
+            (Some(Source::Volume(src)), Some(_), Some(lock)) => {
+                // A clone of a live volume is point-in-time, like a
+                // snapshot, and its writes go on meanwhile.
+                let target = blocking(move || store.begin_volume_image(&new_id)).await?;
+                let (target, lock) = self.copy_at_instant(src, target, lock).await?;
+                blocking(move || target.commit(size)).await?;
+                Some(lock)
             }
-            (_, image) => blocking(move || store.create_volume_image(&new_id, size, image.as_deref())).await?,
-        }
+            (_, image, lock) => {
+                blocking(move || store.create_volume_image(&new_id, size, image.as_deref())).await?;
+                lock
+            }
+        };
         let (store, saved) = (Arc::clone(self.store()), record.clone());
         if let Err(e) = blocking(move || store.save_volume(&saved)).await {
             let (store, id) = (Arc::clone(self.store()), id.clone());

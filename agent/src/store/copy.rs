@@ -4,12 +4,11 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 
-use nix::errno::Errno;
-use nix::unistd::{Whence, lseek};
+use nbd::server::cow::copy_sparse;
 
-const CHUNK: usize = 1 << 20;
+/// What one read of a copy holds in memory.
+const BUFFER: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -19,9 +18,19 @@ pub enum Method {
 
 /// Copies all of `from` into the empty file `to`.
 pub fn copy_file(from: &File, to: &File) -> io::Result<Method> {
+    if reflink(from, to)? {
+        return Ok(Method::Reflink);
+    }
+    sparse_copy(from, to)?;
+    Ok(Method::SparseCopy)
+}
+
+/// Makes `to` share all of `from`'s extents (FICLONE), at once and
+/// atomically: true when done, false where the filesystem cannot.
+pub fn reflink(from: &File, to: &File) -> io::Result<bool> {
     match rustix::fs::ioctl_ficlone(to, from) {
-        Ok(()) => return Ok(Method::Reflink),
-        // Not supported here (ext4, tmpfs, across filesystems): copy instead.
+        Ok(()) => Ok(true),
+        // Not supported here (ext4, tmpfs, across filesystems).
         Err(e)
             if [
                 rustix::io::Errno::OPNOTSUPP,
@@ -31,58 +40,26 @@ pub fn copy_file(from: &File, to: &File) -> io::Result<Method> {
                 rustix::io::Errno::NOSYS,
                 rustix::io::Errno::PERM,
             ]
-            .contains(&e) => {}
-        Err(e) => return Err(e.into()),
+            .contains(&e) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
     }
-    sparse_copy(from, to)?;
-    Ok(Method::SparseCopy)
 }
 
-/// The copy fallback: only data extents are read, and all-zero chunks
+/// The copy fallback: only data extents are read, and all-zero pieces
 /// inside them are skipped, so the copy is never less sparse than the source.
 pub fn sparse_copy(from: &File, to: &File) -> io::Result<()> {
     let len = from.metadata()?.len();
     to.set_len(len)?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut pos = 0u64;
-    while pos < len {
-        let data = match lseek(from, pos as i64, Whence::SeekData) {
-            Ok(d) => d as u64,
-            Err(Errno::ENXIO) => break,
-            // No SEEK_DATA: treat the rest as data.
-            Err(Errno::EINVAL | Errno::EOPNOTSUPP) => pos,
-            Err(e) => return Err(e.into()),
-        };
-        let hole = match lseek(from, data as i64, Whence::SeekHole) {
-            Ok(h) => (h as u64).min(len),
-            Err(Errno::ENXIO) => len,
-            Err(Errno::EINVAL | Errno::EOPNOTSUPP) => len,
-            Err(e) => return Err(e.into()),
-        };
-        copy_range(from, to, data, hole, &mut buf)?;
-        pos = hole.max(data + 1);
-    }
-    Ok(())
-}
-
-fn copy_range(from: &File, to: &File, start: u64, end: u64, buf: &mut [u8]) -> io::Result<()> {
-    let mut pos = start;
-    while pos < end {
-        let n = ((end - pos) as usize).min(buf.len());
-        let chunk = &mut buf[..n];
-        from.read_exact_at(chunk, pos)?;
-        if chunk.iter().any(|&b| b != 0) {
-            to.write_all_at(chunk, pos)?;
-        }
-        pos += n as u64;
-    }
-    Ok(())
+    copy_sparse(from, to, 0, len, &mut vec![0u8; BUFFER])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{FileExt, MetadataExt};
 
     #[test]
     fn sparse_copy_keeps_content_and_holes() {

@@ -220,33 +220,41 @@ impl Store {
     /// Creates `<id>.img` of `size` bytes, empty or copied from `source`
     /// (grown to `size`), fully durable before it appears under its name.
     fn create_image(&self, kind: Kind, id: &str, size: u64, source: Option<&Path>) -> Result<()> {
+        let pending = self.begin_image(kind, id)?;
+        if let Some(source) = source {
+            let copied = File::open(source).and_then(|from| copy::copy_file(&from, pending.file()));
+            let method = copied.map_err(io_err(format!("copying {}", source.display())))?;
+            tracing::debug!(?method, from = %source.display(), "copied image");
+        }
+        pending.commit(size)
+    }
+
+    fn begin_image(&self, kind: Kind, id: &str) -> Result<PendingImage> {
         let dir = self.dir(kind);
         let name = format!("{id}{IMG}");
         let tmp_name = format!("{name}{}", atomic::TMP_SUFFIX);
-        let tmp = dir.join(&tmp_name);
-        let prepare = || -> io::Result<()> {
-            let file = atomic::create_private(&tmp, true)?;
-            if let Some(source) = source {
-                let from = File::open(source)?;
-                let method = copy::copy_file(&from, &file)?;
-                tracing::debug!(?method, from = %source.display(), "copied image");
-            }
-            if file.metadata()?.len() < size {
-                file.set_len(size)?;
-            }
-            file.sync_all()
-        };
-        if let Err(e) = prepare() {
-            let _ = fs::remove_file(&tmp);
-            return Err(Error::io(format!("creating {}", dir.join(&name).display()), e));
-        }
-        atomic::commit(&dir, &tmp_name, &name).map_err(io_err(format!("committing {name}")))
+        let file = atomic::create_private(&dir.join(&tmp_name), true)
+            .map_err(io_err(format!("creating {}", dir.join(&name).display())))?;
+        Ok(PendingImage { dir, tmp_name, name, file, committed: false })
+    }
+
+    /// An empty `volumes/<id>.img.tmp`, to fill and then commit.
+    pub fn begin_volume_image(&self, id: &str) -> Result<PendingImage> {
+        self.begin_image(Kind::Volume, id)
+    }
+
+    /// An empty `snapshots/<id>.img.tmp`, to fill and then commit.
+    pub fn begin_snapshot_image(&self, id: &str) -> Result<PendingImage> {
+        self.begin_image(Kind::Snapshot, id)
     }
 
     pub fn create_volume_image(&self, id: &str, size: u64, source: Option<&Path>) -> Result<()> {
         self.create_image(Kind::Volume, id, size, source)
     }
 
+    /// A snapshot image copied from a file nothing writes to (the agent
+    /// copies live volumes with `Agent::copy_at_instant`).
+    #[cfg(test)]
     pub fn create_snapshot_image(&self, id: &str, source: &Path) -> Result<()> {
         self.create_image(Kind::Snapshot, id, 0, Some(source))
     }
@@ -337,6 +345,49 @@ impl Store {
         }
         atomic::sync_dir(&aside).map_err(io_err(format!("syncing {}", aside.display())))?;
         Ok(target)
+    }
+}
+
+/// An image being made under its temporary name: filled through
+/// [`PendingImage::file`], then [`PendingImage::commit`]ted under its own
+/// name. Dropped uncommitted, it removes itself; a crash leaves the
+/// temporary file, which the next open removes. So an image that is not
+/// complete never appears under its name, let alone with a record.
+#[derive(Debug)]
+pub struct PendingImage {
+    dir: PathBuf,
+    tmp_name: String,
+    name: String,
+    file: File,
+    committed: bool,
+}
+
+impl PendingImage {
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Grows the image to `size` if it is smaller, makes it durable and
+    /// renames it into place.
+    pub fn commit(mut self, size: u64) -> Result<()> {
+        let finish = || -> io::Result<()> {
+            if self.file.metadata()?.len() < size {
+                self.file.set_len(size)?;
+            }
+            self.file.sync_all()
+        };
+        finish().map_err(io_err(format!("creating {}", self.dir.join(&self.name).display())))?;
+        atomic::commit(&self.dir, &self.tmp_name, &self.name).map_err(io_err(format!("committing {}", self.name)))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for PendingImage {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(self.dir.join(&self.tmp_name));
+        }
     }
 }
 

@@ -17,6 +17,9 @@ pub struct Client {
 impl Client {
     pub async fn connect(addr: &str, export_name: &str) -> nbd::Result<Self> {
         let mut stream = TcpStream::connect(addr).await?;
+        // A request's header and payload go out in two writes: without
+        // this, Nagle holds the payload for the server's delayed ACK.
+        stream.set_nodelay(true)?;
         let opts = HandshakeOptions { export_name: export_name.into(), structured_replies: false };
         let export = handshake(&mut stream, &opts).await?;
         Ok(Self { stream, size: export.size, transmission_flags: export.transmission_flags, cookie: 0 })

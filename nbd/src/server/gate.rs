@@ -1,8 +1,9 @@
-//! The write gate: writes hold it shared, a snapshot holds it exclusively.
+//! The write gate: writes hold it shared, a copy's instant exclusively.
 //!
-//! tokio's RwLock is fair, so once a snapshot waits for the gate new writes
-//! queue behind it: in-flight writes drain, the snapshot flushes and copies
-//! the file, and the queued writes go on when it lets go.
+//! tokio's RwLock is fair, so once a copy waits for the gate new writes
+//! queue behind it: in-flight writes drain, the copy takes its instant (a
+//! reflink, or a copy-before-write guard put in place, see `cow`), and the
+//! queued writes go on when it lets go, a moment later.
 
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use tokio::sync::{OwnedRwLockWriteGuard, RwLock, RwLockReadGuard};
 #[derive(Debug, Default)]
 pub struct WriteGate(Arc<RwLock<()>>);
 
-/// Held by a snapshot: no write can reach the file until it is dropped.
+/// Held for a copy's instant: no write can reach the file until it is dropped.
 pub type WritesPaused = OwnedRwLockWriteGuard<()>;
 
 impl WriteGate {

@@ -9,6 +9,7 @@
 mod access;
 mod admission;
 mod backend;
+pub mod cow;
 mod gate;
 mod handshake;
 mod pool;
@@ -19,8 +20,8 @@ use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -34,6 +35,7 @@ use access::Ticket;
 pub use access::{Access, Allowed, Fence, ReadOnlyPeers, Stop};
 use admission::{AcceptBackoff, ConnectionLimits, RefusalLog, Refused, Slot};
 pub use backend::Backend;
+pub use cow::CopyBeforeWrite;
 pub use gate::{WriteGate, WritesPaused};
 pub use sink::ReplySink;
 
@@ -130,6 +132,8 @@ pub struct Export {
     stats: ExportStats,
     access: Access,
     write_gate: WriteGate,
+    /// Copies in progress: each saves a chunk's old data before a change.
+    copies: RwLock<Vec<Arc<CopyBeforeWrite>>>,
 }
 
 impl Export {
@@ -153,6 +157,7 @@ impl Export {
             stats: ExportStats::default(),
             access: Access::default(),
             write_gate: WriteGate::default(),
+            copies: RwLock::default(),
         }))
     }
 
@@ -176,6 +181,32 @@ impl Export {
 
     pub fn size(&self) -> u64 {
         self.backend.size()
+    }
+
+    /// From now on, every change to the file first saves the old data of
+    /// the chunks it touches into `copy`. Call it while the write gate is
+    /// paused: that is the copy's instant.
+    pub fn start_copy(&self, copy: Arc<CopyBeforeWrite>) {
+        self.copies.write().unwrap_or_else(|p| p.into_inner()).push(copy);
+    }
+
+    /// Stops guarding writes for `copy` (complete, or abandoned).
+    pub fn end_copy(&self, copy: &Arc<CopyBeforeWrite>) {
+        self.copies.write().unwrap_or_else(|p| p.into_inner()).retain(|c| !Arc::ptr_eq(c, copy));
+    }
+
+    /// Copies still guarding writes.
+    pub fn copies_in_progress(&self) -> usize {
+        self.copies.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Called with the write gate held, before `len` bytes at `offset`
+    /// change: every copy in progress saves what they hold now.
+    fn before_change(&self, offset: u64, len: u64) {
+        let copies = self.copies.read().unwrap_or_else(|p| p.into_inner());
+        for copy in copies.iter() {
+            copy.preserve(self.backend.file(), offset, len);
+        }
     }
 
     /// Grows (or shrinks) the backing file; connected clients see the new

@@ -18,6 +18,10 @@
 //! The reader lets go of its [`Stop`] as it ends, which tells a fence
 //! waiting on it that this connection can no longer change the file.
 //!
+//! A change to the file (WRITE, TRIM, WRITE_ZEROES) runs under the write
+//! gate and first lets every copy in progress save the data it replaces
+//! (copy-before-write, see `cow`): once per chunk, then nothing.
+//!
 //! Every request is counted in `in_flight` by an [`InFlight`] guard that
 //! travels with its reply and counts it down when the reply is sent or
 //! dropped unsent, so the count returns to zero however the connection ends.
@@ -274,6 +278,7 @@ impl Conn {
             errno::ENOSPC
         } else {
             let _gate = self.export.write_gate().enter().await;
+            self.export.before_change(request.offset, len as u64);
             match self.export.backend.write(&buf, request.offset) {
                 Ok(()) => 0,
                 Err(e) => nbd_errno(&e),
@@ -336,7 +341,10 @@ impl Conn {
             cmd::TRIM if !self.flags_valid(&request, CommandFlags::empty()) => Err(errno::EINVAL),
             cmd::TRIM if read_only => Err(errno::EPERM),
             cmd::TRIM if out_of_range(offset, request.length, size) => Err(errno::EINVAL),
-            cmd::TRIM => backend.trim(offset, len).map_err(|e| nbd_errno(&e)),
+            cmd::TRIM => {
+                self.export.before_change(offset, len);
+                backend.trim(offset, len).map_err(|e| nbd_errno(&e))
+            }
             cmd::WRITE_ZEROES if !self.flags_valid(&request, CommandFlags::NO_HOLE | CommandFlags::FAST_ZERO) => {
                 Err(errno::EINVAL)
             }
@@ -345,6 +353,7 @@ impl Conn {
             cmd::WRITE_ZEROES => {
                 let may_punch = !request.flags.contains(CommandFlags::NO_HOLE);
                 let fast_only = request.flags.contains(CommandFlags::FAST_ZERO);
+                self.export.before_change(offset, len);
                 backend.write_zeroes(offset, len, may_punch, fast_only).map_err(|e| nbd_errno(&e))
             }
             cmd::CACHE if !self.flags_valid(&request, CommandFlags::empty()) => Err(errno::EINVAL),

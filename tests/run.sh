@@ -60,6 +60,9 @@ record cargo-test "$p" "$f" "$s"
 
 # Unix-socket CSI endpoints called by gRPC C-core (Python grpcio).
 suite grpc-clients ./tests/grpc-clients.sh
+# Both metrics endpoints (the storage role, the node plugin) as processes,
+# parsed with Prometheus' text parser.
+suite metrics ./tests/metrics.sh
 
 ./tests/csi-sanity.sh
 sanity_status=$?

@@ -33,11 +33,13 @@ trap 'rm -rf "$work"' EXIT
 
 # name|helm arguments|expectations (CONTAINER.KEY=VALUE, space-separated)
 variants=(
-    "default||nbd-csi-controller.driver_name=nbd.csi.dev nbd-csi-node.driver_name=nbd.csi.dev nbd-csi-controller.nbd_port_range=10900-10999 nbd-csi-controller.advertise_address=10.244.1.7 nbd-csi-controller.metrics_address=0.0.0.0:9810 nbd-csi-node.node_id=node-1 nbd-csi-node.connections=4 nbd-csi-node.state_dir=/var/lib/kubelet/plugins/nbd.csi.dev/state"
+    "default||nbd-csi-controller.driver_name=nbd.csi.dev nbd-csi-node.driver_name=nbd.csi.dev nbd-csi-controller.nbd_port_range=10900-10999 nbd-csi-controller.advertise_address=10.244.1.7 nbd-csi-controller.metrics_address=0.0.0.0:9810 nbd-csi-node.node_id=node-1 nbd-csi-node.connections=4 nbd-csi-node.state_dir=/var/lib/kubelet/plugins/nbd.csi.dev/state nbd-csi-node.metrics_address=0.0.0.0:9813"
     "controller-host-network|--set controller.hostNetwork=true|nbd-csi-controller.advertise_address=192.0.2.10"
     "advertise-address|--set controller.advertiseAddress=10.1.2.3|nbd-csi-controller.advertise_address=10.1.2.3"
     "metrics-off|--set controller.metrics.enabled=false|nbd-csi-controller.metrics_address="
     "metrics-port|--set controller.metrics.port=9900|nbd-csi-controller.metrics_address=0.0.0.0:9900"
+    "node-metrics-off|--set node.metrics.enabled=false|nbd-csi-node.metrics_address="
+    "node-metrics-port|--set node.metrics.port=9900|nbd-csi-node.metrics_address=0.0.0.0:9900"
     "storage-host-path|--set controller.storage.type=hostPath --set controller.storage.hostPath.path=/srv/nbd|nbd-csi-controller.data_dir=/var/lib/nbd-csi"
     "storage-pvc|--set controller.storage.type=persistentVolumeClaim --set controller.storage.persistentVolumeClaim.storageClassName=local|nbd-csi-controller.data_dir=/var/lib/nbd-csi"
     "one-connection|--set node.connections=1|nbd-csi-node.connections=1"

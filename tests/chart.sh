@@ -8,6 +8,7 @@
 #     converted from the OpenAPI document of the pinned Kubernetes release
 #   - storage.mode=cluster: the storage agents' DaemonSet and RBAC, and what the
 #     controller gains, are what they need and no more (tests/chart_storage.py)
+#   - the ServiceMonitors scrape every pod that serves metrics (tests/chart_metrics.py)
 #   - the Dockerfile: pinned bases, runtime packages exist in Debian bookworm,
 #     the workspace members it copies and the binaries it copies out
 # Tools (helm, kubeconform) are built with `go` into ~/.cache/nbd-csi/tools-v1.
@@ -140,6 +141,18 @@ else
     bad "storage.mode=cluster checks (tests/chart_storage.py)"
 fi
 
+# The ServiceMonitors reach every pod that serves metrics, in both modes.
+for mode in embedded:controller,node cluster:controller,node,storage; do
+    if render --set serviceMonitor.enabled=true --set storage.mode="${mode%%:*}" >"$work/monitored.yaml" &&
+        python3 tests/chart_metrics.py "$work/monitored.yaml" "${mode#*:}" >"$work/metrics.txt" 2>&1; then
+        sed "s/^ok: /ok: storage.mode=${mode%%:*}: /" "$work/metrics.txt"
+        passed=$((passed + $(grep -c '^ok:' "$work/metrics.txt")))
+    else
+        cat "$work/metrics.txt" >&2
+        bad "storage.mode=${mode%%:*}: ServiceMonitors (tests/chart_metrics.py)"
+    fi
+done
+
 # --- bad values fail with a clear message: "helm arguments|expected text"
 rejects=(
     "--set controller.storage.type=nfs|value must be one of 'persistentVolumeClaim', 'hostPath'"
@@ -165,6 +178,10 @@ rejects=(
     "--set storage.mode=cluster --set storage.nbd.portRange.first=11000|storage.nbd.portRange: first (11000) must not be greater than last (10999)"
     "--set storage.mode=cluster --set storage.metrics.port=9809|storage.metrics.port (9809) is node.healthPort too"
     "--set storage.mode=cluster --set storage.metrics.port=10950|storage.metrics.port (10950) lies inside storage.nbd.portRange 10900-10999"
+    "--set node.metrics.port=9811|node.metrics.port (9811) is node.registrarHealthPort too"
+    "--set node.metrics.port=10950|node.metrics.port (10950) lies inside controller.nbd.portRange 10900-10999"
+    "--set node.metrics.port=80|at '/node/metrics/port': minimum: got 80"
+    "--set storage.mode=cluster --set storage.metrics.port=9813|storage.metrics.port (9813) is node.metrics.port too"
     "--set storage.hostPath=srv|/storage/hostPath"
     "--set storage.exportKeySecret=Key_Secret|/storage/exportKeySecret"
 )

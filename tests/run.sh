@@ -64,6 +64,9 @@ suite snapshot-fs ./tests/snapshot-fs.sh
 
 # Unix-socket CSI endpoints called by gRPC C-core (Python grpcio).
 suite grpc-clients ./tests/grpc-clients.sh
+# Both metrics endpoints (the storage role, the node plugin) as processes,
+# parsed with Prometheus' text parser.
+suite metrics ./tests/metrics.sh
 
 ./tests/csi-sanity.sh
 sanity_status=$?

@@ -13,8 +13,8 @@
 //! process drives the same core from those objects.
 //!
 //! Public: the [`Agent`] with its configuration and operations, the records
-//! it keeps (their on-disk format is the store's), and the export table
-//! metrics read. The store, the state and the volume servers stay private:
+//! it keeps (their on-disk format is the store's), and what metrics read:
+//! the export table and the store's [`Usage`]. The store, the state and the volume servers stay private:
 //! every change goes through the agent, which keeps them in step.
 
 mod access;
@@ -29,6 +29,7 @@ pub mod resources;
 mod snapshot_ops;
 mod state;
 mod store;
+mod usage;
 mod volume_ops;
 mod volumes;
 
@@ -46,6 +47,7 @@ pub use store::reserve::{NAME as RESERVE_FILE, SIZE as RESERVE_SIZE};
 pub use store::{
     FORMAT, Publication, QUARANTINE, SnapshotRecord, Source, Space, VolumeRecord, is_snapshot_id, is_volume_id,
 };
+pub use usage::{Usage, VolumeUsage};
 pub use volume_ops::NewVolume;
 pub use volumes::ConnectionCaps;
 

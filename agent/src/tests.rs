@@ -419,3 +419,38 @@ async fn ports_are_taken_at_publication_and_given_back_at_the_last_unpublication
     assert_eq!(connect(&a).await.read(0, 512).await.unwrap(), vec![7; 512], "a keeps its data unpublished");
     agent.shutdown().await;
 }
+
+#[tokio::test]
+async fn usage_counts_the_blocks_each_image_allocated_and_the_free_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, _) = open(&config(), dir.path()).await;
+    let written = agent.create_volume(new_volume("written", 8 * MIB, None)).await.unwrap();
+    let empty = agent.create_volume(new_volume("empty", 8 * MIB, None)).await.unwrap();
+    let before = agent.usage().unwrap();
+    assert_eq!(before.data_dir, dir.path());
+    let allocated = |usage: &Usage, id: &str| usage.volumes.iter().find(|v| v.id == id).unwrap().allocated_bytes;
+    assert!(allocated(&before, &written.id) < MIB, "a new image is sparse");
+    let record = publish(&agent, &written.id, access(&["127.0.0.1"], false)).await;
+    let mut client = connect(&record).await;
+    for offset in (0..2 * MIB).step_by(64 * 1024) {
+        assert_eq!(client.write(offset, &[0xa5; 64 * 1024]).await.unwrap(), 0);
+    }
+    assert_eq!(client.flush().await.unwrap(), 0);
+    let after = agent.usage().unwrap();
+    assert_eq!(after.volumes.len(), 2);
+    assert!(after.volumes.iter().all(|v| v.capacity_bytes == 8 * MIB), "{:?}", after.volumes);
+    let used = allocated(&after, &written.id);
+    assert!((2 * MIB..8 * MIB).contains(&used), "2 MiB written, {used} bytes allocated");
+    assert!(allocated(&after, &empty.id) < MIB, "nothing written, {} allocated", allocated(&after, &empty.id));
+    // The free space is the data directory's filesystem's, as statvfs says.
+    let st = nix::sys::statvfs::statvfs(dir.path()).unwrap();
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    assert!(after.space.available.abs_diff(free) < 64 * MIB, "{} vs {free}", after.space.available);
+    assert!(after.space.available <= after.space.total);
+    // A deleted volume is no longer counted.
+    drop(client);
+    agent.set_access(&empty.id, BTreeMap::new(), FENCE).await.unwrap();
+    agent.delete_volume(&empty.id).await.unwrap();
+    assert_eq!(agent.usage().unwrap().volumes.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(), [written.id]);
+    agent.shutdown().await;
+}

@@ -62,7 +62,8 @@ pub struct Args {
     /// config is used without it.
     #[arg(long, env = "NBD_CSI_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Serve Prometheus metrics of the volumes over HTTP here (e.g.
+    /// Serve Prometheus metrics of the volumes (their NBD counters and
+    /// allocated bytes) and of the store's free space over HTTP here (e.g.
     /// 0.0.0.0:9812); off when unset.
     #[arg(long, env = "NBD_CSI_AGENT_METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,
@@ -140,7 +141,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("loading the store in {}", args.data_dir.display()))?;
     if let Some(addr) = args.metrics_address {
-        let metrics = Arc::new(Metrics::new(agent.exports().clone()));
+        let metrics = Arc::new(Metrics::for_agent(&agent));
         let local = crate::metrics::spawn(addr, metrics).await.with_context(|| format!("metrics on {addr}"))?;
         tracing::info!(address = %local, "metrics listening");
     }

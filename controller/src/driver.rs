@@ -49,7 +49,7 @@ impl Driver {
         let events = Events::new(&nodes, &config.driver_name);
         let agent = Agent::open(config.agent.clone(), &data_dir, Arc::new(events.clone())).await?;
         let driver = Arc::new(Self {
-            metrics: Arc::new(Metrics::new(agent.exports().clone())),
+            metrics: Arc::new(Metrics::for_agent(&agent)),
             config,
             storage: Storage::Embedded(agent),
             nodes,

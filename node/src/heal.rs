@@ -72,7 +72,12 @@ impl<A: Attacher + 'static> Healer<A> {
         self.health.reconnecting(&state.volume_id);
         let result = self.heal_inner(state).await;
         match &result {
-            Ok(()) => self.health.healed(&state.volume_id),
+            Ok(reconnected) => {
+                if *reconnected {
+                    self.health.reconnected(&state.volume_id);
+                }
+                self.health.healed(&state.volume_id);
+            }
             Err(e) => {
                 let export = state.spec().map(|s| s.uri.export).unwrap_or_default();
                 if self.health.lost(&state.volume_id, events::describe(e, &export)) {
@@ -81,10 +86,12 @@ impl<A: Attacher + 'static> Healer<A> {
             }
         }
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&state.volume_id);
-        result
+        result.map(drop)
     }
 
-    async fn heal_inner(&self, state: &VolumeState) -> Result<()> {
+    /// True when the device got fresh sockets or was attached again; false
+    /// when the volume is no longer staged.
+    async fn heal_inner(&self, state: &VolumeState) -> Result<bool> {
         let spec = state.spec()?;
         let deadline = Instant::now() + spec.dead_conn_timeout.max(Duration::from_secs(5));
         loop {
@@ -92,7 +99,7 @@ impl<A: Attacher + 'static> Healer<A> {
             // sockets to a volume that is no longer staged.
             if !self.states.load(&state.volume_id)?.is_some_and(|s| s.phase == Phase::Staged) {
                 tracing::info!(volume = %state.volume_id, "no longer staged; not healing");
-                return Ok(());
+                return Ok(false);
             }
             let Some(index) = self.attacher.find(state.backend_id())? else {
                 tracing::warn!(volume = %state.volume_id, "device vanished; attaching again");
@@ -100,12 +107,12 @@ impl<A: Attacher + 'static> Healer<A> {
                 let mut updated = state.clone();
                 updated.index = Some(attached.index);
                 volumes::save(&self.states, &updated).await?;
-                return remount_staging(&updated).await;
+                return remount_staging(&updated).await.map(|()| true);
             };
             match self.attacher.reconnect(index, &spec).await {
                 Ok(n) => {
                     tracing::info!(volume = %state.volume_id, index, sockets = n, "reconnected");
-                    return Ok(());
+                    return Ok(true);
                 }
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!(volume = %state.volume_id, error = %e.chain(), "reconnect failed; retrying");
@@ -469,6 +476,28 @@ mod tests {
         kernel.detach(1).await.unwrap();
         healer.heal(&s).await.unwrap();
         assert_eq!(kernel.find(&vol).unwrap(), None);
+    }
+
+    /// Only a heal that handed the device sockets (or attached it again)
+    /// counts as a reconnect: not one that failed, nor one of a volume no
+    /// longer staged.
+    #[tokio::test]
+    async fn reconnects_are_counted_when_healing_succeeds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let states = StateDir::open(tmp.path().join("state")).unwrap();
+        let (vol, broken, gone) = (id('h'), id('i'), id('j'));
+        let staged = state(&vol, Phase::Staged, PathBuf::new());
+        let bad_uri = VolumeState { uri: "nbd://".into(), ..state(&broken, Phase::Staged, PathBuf::new()) };
+        states.save(&staged).unwrap();
+        states.save(&bad_uri).unwrap();
+        let kernel = Arc::new(FakeKernel::with(&[(0, &vol, true), (1, &broken, true)]));
+        let health = Arc::new(Health::default());
+        let healer = Healer::new(kernel, states.clone()).with_health(Arc::clone(&health));
+        healer.heal(&staged).await.unwrap();
+        healer.heal(&staged).await.unwrap();
+        assert!(healer.heal(&bad_uri).await.is_err());
+        healer.heal(&state(&gone, Phase::Staged, PathBuf::new())).await.unwrap();
+        assert_eq!((health.reconnects(&vol), health.reconnects(&broken), health.reconnects(&gone)), (2, 0, 0));
     }
 
     /// Unstaging works from the device and the staging path: a state file

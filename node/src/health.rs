@@ -1,6 +1,8 @@
 //! What healing knows of each volume's connection, shared with
-//! NodeGetVolumeStats so that VolumeCondition tells the truth: the kernel's
-//! STATUS only says a device is configured, not that its sockets are alive.
+//! NodeGetVolumeStats so that VolumeCondition tells the truth (the kernel's
+//! STATUS only says a device is configured, not that its sockets are alive)
+//! and with the metrics, which also report how often each volume was
+//! reconnected.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -15,13 +17,37 @@ pub enum Link {
     Lost { since: Instant, error: String },
 }
 
-/// Volumes whose connection is not known to be healthy.
+/// Volumes whose connection is not known to be healthy, and how many times
+/// each staged volume was reconnected.
 #[derive(Debug, Default)]
-pub struct Health(Mutex<HashMap<String, Link>>);
+pub struct Health {
+    links: Mutex<HashMap<String, Link>>,
+    reconnects: Mutex<HashMap<String, u64>>,
+}
 
 impl Health {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Link>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reconnect_counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.reconnects.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Healing gave the volume's device fresh sockets, or attached it again.
+    pub fn reconnected(&self, volume_id: &str) {
+        *self.reconnect_counts().entry(volume_id.to_owned()).or_insert(0) += 1;
+    }
+
+    /// Times the volume was reconnected since this plugin started.
+    pub fn reconnects(&self, volume_id: &str) -> u64 {
+        self.reconnect_counts().get(volume_id).copied().unwrap_or(0)
+    }
+
+    /// The volume was unstaged: nothing about it is kept.
+    pub fn forget(&self, volume_id: &str) {
+        self.map().remove(volume_id);
+        self.reconnect_counts().remove(volume_id);
     }
 
     /// Healing starts; a volume already lost stays lost until it succeeds.
@@ -101,6 +127,21 @@ mod tests {
         health.healed("v");
         assert_eq!(health.get("v"), None);
         assert!(health.lost_volumes().is_empty());
+    }
+
+    #[test]
+    fn reconnects_are_counted_per_volume_until_forgotten() {
+        let health = Health::default();
+        health.reconnected("v");
+        health.reconnected("v");
+        health.reconnected("w");
+        health.reconnecting("v");
+        assert_eq!((health.reconnects("v"), health.reconnects("w"), health.reconnects("x")), (2, 1, 0));
+        health.healed("v");
+        assert_eq!(health.reconnects("v"), 2, "healing keeps the count");
+        health.forget("v");
+        assert_eq!((health.reconnects("v"), health.get("v")), (0, None));
+        assert_eq!(health.reconnects("w"), 1);
     }
 
     #[test]

@@ -13,6 +13,8 @@ mod events;
 mod fsutil;
 mod heal;
 mod health;
+mod io_stat;
+mod metrics;
 #[cfg(test)]
 mod proptests;
 mod state;
@@ -21,6 +23,7 @@ mod uri;
 mod volumes;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -152,6 +155,10 @@ struct ServeArgs {
     /// Kubeconfig for recording Events (default: in-cluster config when in a pod).
     #[arg(long, env = "NBD_CSI_KUBECONFIG")]
     kubeconfig: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics of the staged volumes over HTTP here (e.g.
+    /// 0.0.0.0:9813); off when unset.
+    #[arg(long, env = "NBD_CSI_NODE_METRICS_ADDRESS")]
+    metrics_address: Option<std::net::SocketAddr>,
     #[command(flatten)]
     attach: AttachArgs,
 }
@@ -319,6 +326,7 @@ fn print_serve_plan(args: &ServeArgs) -> anyhow::Result<()> {
     println!("source_address={source}");
     println!("max_volumes={}", args.max_volumes);
     println!("check_interval={}", args.check_interval);
+    println!("metrics_address={}", args.metrics_address.map(|a| a.to_string()).unwrap_or_default());
     Ok(())
 }
 
@@ -358,6 +366,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             asked = args.max_volumes,
             "no NBD netlink interface: only as many volumes as /dev/nbdX"
         );
+    }
+    if let Some(addr) = args.metrics_address {
+        let collector =
+            metrics::VolumeCollector::new(states.clone(), attacher.sysfs().clone(), Arc::clone(&health), max_volumes);
+        let metrics = Arc::new(metrics::Metrics::new(collector));
+        let local = metrics::spawn(addr, metrics).await.with_context(|| format!("metrics on {addr}"))?;
+        tracing::info!(address = %local, "metrics listening");
     }
     let volumes = volumes::Volumes::new(attacher, states, settings)
         .with_events(events)

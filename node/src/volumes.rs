@@ -235,7 +235,7 @@ impl<A: Attacher> Volumes<A> {
             self.attacher.detach(index).await?;
         }
         self.states.remove(volume_id)?;
-        self.health.healed(volume_id);
+        self.health.forget(volume_id);
         flushed.map_err(|e| {
             Error::new(
                 ErrorKind::Unavailable,

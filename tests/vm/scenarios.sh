@@ -235,17 +235,18 @@ CLIENT=csi-node-client
 ctl() { $CTRL volume --endpoint "unix://$CSI/ctrl.sock" "$@"; }
 now_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
 
-start_controller() {
+start_controller() { # $CTRL_EXTRA: more flags (a scenario's own)
+    # shellcheck disable=SC2086
     RUST_LOG=${RUST_LOG:-info} $CTRL --endpoint "unix://$CSI/ctrl.sock" --data-dir "$CSI/data" \
-        --nbd-listen-address 127.0.0.1 --nbd-port-range 11000-11199 --known-nodes vm-node,vm-node-b \
+        --nbd-listen-address 127.0.0.1 --nbd-port-range 11000-11199 --known-nodes vm-node,vm-node-b ${CTRL_EXTRA:-} \
         2>>"$CSI/ctrl.log" &
     CP=$!
 }
 
-start_node() { # the node plugin, with the timeouts csi_start was given
+start_node() { # the node plugin, with the timeouts csi_start was given; $NODE_EXTRA: more flags
     # shellcheck disable=SC2086
     RUST_LOG=${RUST_LOG:-info} $NODE serve --endpoint "unix://$CSI/node.sock" --node-id vm-node \
-        --state-dir "$CSI/state" --connections 2 $NODE_TIMEOUTS --check-interval 2 2>>"$CSI/node.log" &
+        --state-dir "$CSI/state" --connections 2 $NODE_TIMEOUTS --check-interval 2 ${NODE_EXTRA:-} 2>>"$CSI/node.log" &
     NP=$!
 }
 
@@ -789,7 +790,71 @@ scenario_fresh_container() {
     fi
 }
 
-for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl heal expand expand_xfs expand_block shared_block dead_server fio_controller_kill fio_plugin_kill fresh_container reconcile heal_after_timeout sanity_mount sanity_block}" | tr , " "); do
+# The node plugin's metrics of a staged raw block volume on a real kernel,
+# scraped over HTTP (busybox wget): the volume's connections (its device's
+# blk-mq queues, one per socket, and the TCP connections to its server),
+# health ok, no reconnect, and the kernel's counters from
+# /sys/block/nbdX/stat after direct I/O, within the values the stat file
+# had just before and just after the scrape; the storage role's allocated
+# bytes of the written volume. Unstaged, the volume is gone from the node's
+# metrics. (The host's tests/metrics.sh parses both endpoints with
+# Prometheus' parser; busybox has no Python.)
+scenario_metrics() {
+    NODE_EXTRA="--metrics-address 127.0.0.1:9813" CTRL_EXTRA="--metrics-address 127.0.0.1:9810"
+    csi_start 10 30 || { result node-metrics FAIL "could not start"; csi_stop; NODE_EXTRA= CTRL_EXTRA=; return; }
+    NODE_EXTRA= CTRL_EXTRA=
+    wait_port 9813 && wait_port 9810 || { result node-metrics FAIL "no metrics endpoint"; csi_stop; return; }
+    ID=$(ctl create metered --block --size 64M | awk '/^volume:/ {print $2}')
+    URI=$(ctl publish --node vm-node "$ID" 2>/dev/null | grep '^nbd://')
+    port=$(echo "$URI" | sed 's|nbd://127.0.0.1:\([0-9]*\)/.*|\1|')
+    STG=$CSI/staging/metered TGT=$CSI/pods/metered
+    out=$($CLIENT "$CSI/node.sock" stage "$ID" "$STG" "$URI" --block)
+    out2=$($CLIENT "$CSI/node.sock" publish "$ID" "$STG" "$TGT" --block)
+    idx=$($NODE status | sed -n "s/^nbd\([0-9]*\) backend=$ID@vm-node .*/\1/p")
+    dd if=/dev/urandom of="$TGT" bs=1M count=8 oflag=direct conv=fsync 2>/dev/null
+    dd if="$TGT" of=/dev/null bs=1M count=4 iflag=direct 2>/dev/null
+    before=$(cat "/sys/block/nbd$idx/stat")
+    wget -q -O /tmp/node-metrics.txt http://127.0.0.1:9813/metrics
+    after=$(cat "/sys/block/nbd$idx/stat")
+    wget -q -O /tmp/ctrl-metrics.txt http://127.0.0.1:9810/metrics
+    sample() { # file name [extra labels]: the value of name{volume_id,device[,extra]}
+        labels="volume_id=\"$ID\",device=\"nbd$idx\"${3:+,$3}"
+        grep -F "$2{$labels} " "$1" | awk '{ print $2 }'
+    }
+    within() { # value field: the stat file's field before <= value <= after
+        lo=$(echo "$before" | awk -v f="$2" '{ print $f }') hi=$(echo "$after" | awk -v f="$2" '{ print $f }')
+        [ -n "$1" ] && [ "$1" -gt 0 ] && [ "$lo" -le "$1" ] && [ "$1" -le "$hi" ]
+    }
+    n=/tmp/node-metrics.txt
+    conns=$(sample $n nbd_csi_node_volume_connections) queues=$(ls "/sys/block/nbd$idx/mq" | wc -l)
+    tcp=$(established_to "$port")
+    ok=$(sample $n nbd_csi_node_volume_health 'state="ok"') lost=$(sample $n nbd_csi_node_volume_health 'state="lost"')
+    reconnects=$(sample $n nbd_csi_node_volume_reconnects_total)
+    reads=$(sample $n nbd_csi_node_volume_reads_completed_total)
+    writes=$(sample $n nbd_csi_node_volume_writes_completed_total)
+    wbytes=$(sample $n nbd_csi_node_volume_written_bytes_total) rbytes=$(sample $n nbd_csi_node_volume_read_bytes_total)
+    wsec=$(sample $n nbd_csi_node_volume_write_time_seconds_total)
+    allocated=$(grep -F "nbd_csi_volume_allocated_bytes{volume_id=\"$ID\"} " /tmp/ctrl-metrics.txt | awk '{ print $2 }')
+    out3=$($CLIENT "$CSI/node.sock" unpublish "$ID" "$TGT")
+    out4=$($CLIENT "$CSI/node.sock" unstage "$ID" "$STG")
+    wget -q -O /tmp/node-metrics-after.txt http://127.0.0.1:9813/metrics
+    gone=$(grep -c "$ID" /tmp/node-metrics-after.txt) staged=$(awk '$1 == "nbd_csi_node_volumes" { print $2 }' /tmp/node-metrics-after.txt)
+    csi_stop
+    detail="nbd$idx: connections=$conns (hw_queues=$queues tcp=$tcp) health ok=$ok lost=$lost reconnects=$reconnects reads=$reads writes=$writes read_bytes=$rbytes written_bytes=$wbytes write_seconds=$wsec; stat before scrape: $(echo $before); storage allocated_bytes=$allocated; after unstage: samples of the volume=$gone, volumes=$staged"
+    if echo "$out $out2 $out3 $out4" | grep -q '^ok.*ok.*ok.*ok' && [ -n "$conns" ] && [ "$conns" -ge 1 ] &&
+        [ "$conns" = "$queues" ] && [ "$conns" = "$tcp" ] && [ "$ok" = 1 ] && [ "$lost" = 0 ] && [ "$reconnects" = 0 ] &&
+        within "$reads" 1 && within "$writes" 5 && [ "${wbytes:-0}" -ge 8388608 ] && [ "${rbytes:-0}" -ge 4194304 ] &&
+        [ -n "$wsec" ] && [ "${allocated:-0}" -ge 8388608 ] && [ "$gone" = 0 ] && [ "$staged" = 0 ] &&
+        [ "$(leftover)" = 0 ]; then
+        result node-metrics PASS "$detail"
+    else
+        result node-metrics FAIL "$detail; calls: $(echo "$out $out2 $out3 $out4" | tr '\n' ' ' | cut -c1-300)"
+        grep "nbd_csi_node_volume" /tmp/node-metrics.txt | head -30 | sed 's/^/vm: metrics: /'
+        grep -aE 'ERROR|WARN' "$CSI/node.log" | tail -8 | sed 's/^/vm: node: /'
+    fi
+}
+
+for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl heal expand expand_xfs expand_block metrics shared_block dead_server fio_controller_kill fio_plugin_kill fresh_container reconcile heal_after_timeout sanity_mount sanity_block}" | tr , " "); do
     t0=$(cut -d. -f1 /proc/uptime)
     "scenario_$s"
     echo "vm: scenario $s took $(($(cut -d. -f1 /proc/uptime) - t0)) s"

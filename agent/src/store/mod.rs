@@ -190,6 +190,11 @@ impl Store {
         Ok(records)
     }
 
+    /// The data directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn volume_image(&self, id: &str) -> PathBuf {
         self.dir(Kind::Volume).join(format!("{id}{IMG}"))
     }

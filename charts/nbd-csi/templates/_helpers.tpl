@@ -159,6 +159,9 @@ Checks the schema cannot express; included once by the controller's template.
 {{- if .Values.controller.metrics.enabled -}}
 {{- $_ := set $ports "controller.metrics.port" .Values.controller.metrics.port -}}
 {{- end -}}
+{{- if .Values.node.metrics.enabled -}}
+{{- $_ := set $ports "node.metrics.port" .Values.node.metrics.port -}}
+{{- end -}}
 {{- range $name, $port := $ports -}}
 {{- if and (ge (int $port) (int $r.first)) (le (int $port) (int $r.last)) -}}
 {{- fail (printf "%s (%d) lies inside controller.nbd.portRange %d-%d" $name (int $port) (int $r.first) (int $r.last)) -}}
@@ -170,10 +173,19 @@ Checks the schema cannot express; included once by the controller's template.
 {{- if eq (int .Values.node.healthPort) (int .Values.node.registrarHealthPort) -}}
 {{- fail "node.healthPort and node.registrarHealthPort must differ (the node pod shares the host's ports)" -}}
 {{- end -}}
+{{- /* The node plugin's ports are the host's. */ -}}
+{{- $hostPorts := dict "node.healthPort" .Values.node.healthPort "node.registrarHealthPort" .Values.node.registrarHealthPort -}}
+{{- if .Values.node.metrics.enabled -}}
+{{- range $name, $port := $hostPorts -}}
+{{- if eq (int $port) (int $.Values.node.metrics.port) -}}
+{{- fail (printf "node.metrics.port (%d) is %s too (the node pod shares the host's ports)" (int $.Values.node.metrics.port) $name) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $hostPorts "node.metrics.port" .Values.node.metrics.port -}}
+{{- end -}}
 {{- if and (eq .Values.storage.mode "cluster") .Values.storage.metrics.enabled -}}
 {{- /* The agent and the node plugin both use the host's ports. */ -}}
 {{- $s := .Values.storage -}}
-{{- $hostPorts := dict "node.healthPort" .Values.node.healthPort "node.registrarHealthPort" .Values.node.registrarHealthPort -}}
 {{- range $name, $port := $hostPorts -}}
 {{- if eq (int $port) (int $s.metrics.port) -}}
 {{- fail (printf "storage.metrics.port (%d) is %s too: the storage agent and the node plugin share the host's ports" (int $s.metrics.port) $name) -}}

@@ -96,6 +96,11 @@ impl Sysfs {
         std::fs::read_dir(self.dir(index).join("mq")).map(|rd| rd.count()).unwrap_or(0)
     }
 
+    /// The kernel's I/O counters of the device (a blocking sysfs read).
+    pub fn io_stat(&self, index: u32) -> std::io::Result<crate::io_stat::IoStat> {
+        crate::io_stat::read(&self.dir(index).join("stat"))
+    }
+
     /// A device nobody configured: size 0, no backend, no owning task.
     pub fn is_free(&self, index: u32) -> bool {
         self.size_bytes(index) == Some(0) && self.backend(index).is_none() && !self.dir(index).join("pid").exists()
@@ -134,6 +139,9 @@ mod tests {
         assert_eq!(s.backends(), [(3, "vol-a".to_owned()), (12, "vol-ab".to_owned())]);
         assert_eq!(s.size_bytes(3), Some(64 << 20));
         assert_eq!(s.hw_queues(3), 4);
+        std::fs::write(tmp.path().join("nbd3/stat"), "4 0 64 1 2 0 16 3 1 5 6\n").unwrap();
+        assert_eq!(s.io_stat(3).unwrap().read_bytes(), 64 * 512);
+        assert!(s.io_stat(0).is_err(), "no stat file");
         assert!(s.is_free(0));
         assert!(!s.is_free(3));
     }

@@ -95,6 +95,10 @@ suite scale-out ./tests/k8s/scale-out.sh
 # Cluster mode's bad input and faults: the API server stopped and killed,
 # objects edited by hand, an agent whose Lease expires.
 suite faults ./tests/k8s/faults.sh
+# Cluster mode driven by Kubernetes' own controllers (kube-controller-manager,
+# kube-scheduler) with two controller replicas: attach, an agent restart,
+# fencing of an out-of-service node, the leader killed, a drain.
+suite controllers ./tests/k8s/controllers.sh
 # The chart as users run it: helm install on a one-node cluster (kubelet,
 # containerd, Kubernetes' own controllers) in the qemu VM, images built here.
 # Last, and alone: a build or another VM beside it starves the guest.

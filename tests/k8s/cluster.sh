@@ -12,8 +12,11 @@
 #     apiserver_ready waits for it
 #   - wait_until, jp, gone, check, acting, logs: polling and checking
 #   - cluster mode as processes (the agents, the controller, their objects
-#     and disks): see the section at the end
-# No kubelet, scheduler or controller-manager runs.
+#     and disks): see the section near the end
+#   - Nodes kept as kubelets keep them (status, heartbeat Leases), for the
+#     suites that run Kubernetes' own controllers: the last section
+# No kubelet runs; the suites that need kube-controller-manager or
+# kube-scheduler start them.
 
 passed=0
 failed=0
@@ -316,4 +319,59 @@ spec:
   containers: [{name: agent, image: localhost/nbd-csi:test}]
 EOF
     "$kubectl" -n "$1" create token "$2" --duration 2h --bound-object-kind Pod --bound-object-name "$2-$3"
+}
+
+# --- Nodes kept as kubelets keep them, for Kubernetes' own controllers
+# (tests/k8s/controllers.sh). No kubelet runs: the Node objects, their
+# status and their heartbeat Leases are written here, so that
+# kube-controller-manager's node lifecycle controller sees live nodes, the
+# attach/detach controller manages their attachments and kube-scheduler
+# places pods on them (the pods themselves never run).
+
+kubelet_node() { # NAME IP DRIVER [LABEL=VALUE...]: a Node as its kubelet registers it with
+    # controller-managed attach/detach (the kubelet default): that
+    # annotation, InternalIP IP, Ready, room for pods; its CSINode naming
+    # DRIVER unless empty, as node-driver-registrar makes the kubelet create
+    # it. Its heartbeat: node_heartbeats_start.
+    local name=$1 ip=$2 csi=$3 labels="kubernetes.io/hostname: $1, kubernetes.io/os: linux" l now
+    shift 3
+    for l in "$@"; do labels="$labels, ${l%%=*}: \"${l#*=}\""; done
+    "$kubectl" create -f - >/dev/null <<EON || return 1
+apiVersion: v1
+kind: Node
+metadata:
+  name: $name
+  labels: {$labels}
+  annotations: {volumes.kubernetes.io/controller-managed-attach-detach: "true"}
+EON
+    now=$(date -u +%FT%TZ)
+    "$kubectl" patch node "$name" --subresource=status --type=merge -p "{\"status\":{
+        \"addresses\":[{\"type\":\"InternalIP\",\"address\":\"$ip\"},{\"type\":\"Hostname\",\"address\":\"$name\"}],
+        \"capacity\":{\"cpu\":\"2\",\"memory\":\"4Gi\",\"pods\":\"110\"},
+        \"allocatable\":{\"cpu\":\"2\",\"memory\":\"4Gi\",\"pods\":\"110\"},
+        \"conditions\":[{\"type\":\"Ready\",\"status\":\"True\",\"reason\":\"KubeletReady\",\"message\":\"kubelet is posting ready status\",
+            \"lastHeartbeatTime\":\"$now\",\"lastTransitionTime\":\"$now\"}]}}" >/dev/null || return 1
+    [ -z "$csi" ] || "$kubectl" create -f - >/dev/null <<EOC
+apiVersion: storage.k8s.io/v1
+kind: CSINode
+metadata: {name: $name}
+spec:
+  drivers:
+    - {name: $csi, nodeID: $name}
+EOC
+}
+
+# The heartbeat Leases of the Nodes named in $work/heartbeats (one a line),
+# renewed every 2 s by tests/k8s/node_heartbeats.py as the admin; a name
+# taken out (node_heartbeat_stop) stops beating, as a powered-off node's
+# kubelet does.
+node_heartbeats_start() { # NAME...
+    printf '%s\n' "$@" >"$work/heartbeats"
+    KUBE_TOKEN=$admin_token python3 tests/k8s/node_heartbeats.py "$api_url" "$api_ca" "$work/heartbeats" 2 \
+        >"$work/heartbeats.log" 2>&1 &
+    pids+=($!)
+}
+node_heartbeat_stop() { # NAME
+    grep -vx "$1" "$work/heartbeats" >"$work/heartbeats.new"
+    mv "$work/heartbeats.new" "$work/heartbeats"
 }

@@ -1,25 +1,35 @@
 #!/usr/bin/env python3
 """A minimal NBD client (stdlib only) that connects from a chosen source address.
 
-    nbd_probe.py SOURCE_IP nbd://HOST:PORT/EXPORT [--io]
+    nbd_probe.py SOURCE_IP nbd://HOST:PORT/EXPORT [--io] [--read BYTE] [--write BYTE] [--hold SECONDS]
 
 Binds SOURCE_IP, connects, reads the fixed-newstyle greeting and asks for
-EXPORT with NBD_OPT_GO. With --io it then writes a 4 KiB pattern at offset 0,
-flushes, reads it back and compares, then disconnects.
+EXPORT with NBD_OPT_GO. Then, in this order and each only when asked:
+  --io          writes a random 4 KiB at offset 0, flushes, reads it back
+                and compares;
+  --read BYTE   reads 64 KiB at offset 64 KiB and compares with BYTE;
+  --write BYTE  writes 64 KiB of BYTE (e.g. 0x5e) at offset 64 KiB and
+                flushes;
+  --hold SECS   keeps the session, reading 4 KiB every 0.1 s, for SECS
+                (a line "holding ..." says when it begins);
+and disconnects.
 
 Exit status and last line:
-  0 "accepted ..."  the server answered GO with NBD_REP_ACK (and --io passed)
+  0 "accepted ..."  the server answered GO with NBD_REP_ACK (and the I/O passed)
   2 "refused ..."   the connection was closed before the greeting was complete
                     (what the export does to peers it does not admit)
   3 "no server ..." nothing listens there (connection refused)
+  4 "closed ..."    the server closed a held session (with the Unix time it did)
   1 anything else (an NBD error reply, a protocol violation, a timeout, an I/O
     mismatch)
 """
 
+import argparse
 import os
 import socket
 import struct
 import sys
+import time
 from urllib.parse import urlparse
 
 NBDMAGIC = 0x4E42444D41474943
@@ -42,6 +52,14 @@ class Refused(Exception):
 
 class NoServer(Exception):
     pass
+
+
+class Closed(Exception):
+    pass
+
+
+PATTERN_OFFSET = 64 * 1024
+PATTERN_LENGTH = 64 * 1024
 
 
 def read_exact(sock, n, stage):
@@ -72,7 +90,25 @@ def simple_reply(sock, handle, data_len=0):
     return read_exact(sock, data_len, "read data") if data_len else b""
 
 
-def probe(source, uri, do_io):
+def hold(sock, seconds):
+    """Reads 4 KiB every 0.1 s for SECONDS; Closed when the server ends the session."""
+    print(f"holding the session from {sock.getsockname()[0]}", flush=True)
+    started = time.monotonic()
+    handle = 100
+    while time.monotonic() - started < seconds:
+        handle += 1
+        try:
+            request(sock, CMD_READ, handle, 0, 4096)
+            simple_reply(sock, handle, 4096)
+        except (RuntimeError, OSError) as e:
+            raise Closed(
+                f"session closed by the server at {time.time():.3f} after {time.monotonic() - started:.1f} s held: {e}"
+            ) from e
+        time.sleep(0.1)
+    return f"held {seconds:g} s"
+
+
+def probe(source, uri, args):
     u = urlparse(uri)
     if u.scheme != "nbd" or not u.hostname or not u.port:
         raise RuntimeError(f"not an nbd://HOST:PORT/EXPORT URI: {uri}")
@@ -103,7 +139,7 @@ def probe(source, uri, do_io):
         elif rtype == REP_ACK:
             break
     detail = f"export size {size}"
-    if do_io:
+    if args.io:
         pattern = os.urandom(4096)
         request(sock, CMD_WRITE, 1, 0, len(pattern), pattern)
         simple_reply(sock, 1)
@@ -113,27 +149,63 @@ def probe(source, uri, do_io):
         if simple_reply(sock, 3, len(pattern)) != pattern:
             raise RuntimeError("read back different data than was written")
         detail += ", wrote, flushed and read back 4096 bytes"
+    if args.read is not None:
+        request(sock, CMD_READ, 7, PATTERN_OFFSET, PATTERN_LENGTH)
+        data = simple_reply(sock, 7, PATTERN_LENGTH)
+        if data != bytes([args.read]) * PATTERN_LENGTH:
+            raise RuntimeError(f"read {PATTERN_LENGTH} bytes that are not all {args.read:#04x}")
+        detail += f", read back {PATTERN_LENGTH} bytes of {args.read:#04x}"
+    if args.write is not None:
+        request(sock, CMD_WRITE, 5, PATTERN_OFFSET, PATTERN_LENGTH, bytes([args.write]) * PATTERN_LENGTH)
+        simple_reply(sock, 5)
+        request(sock, CMD_FLUSH, 6, 0, 0)
+        simple_reply(sock, 6)
+        detail += f", wrote and flushed {PATTERN_LENGTH} bytes of {args.write:#04x}"
+    if args.hold is not None:
+        detail += ", " + hold(sock, args.hold)
     request(sock, CMD_DISC, 4, 0, 0)
     sock.close()
     return detail
 
 
+def byte(text):
+    value = int(text, 0)
+    if not 0 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"{text} is not a byte")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # Not argparse's status 2, which means "refused" here.
+        print(f"{message}\n{__doc__}", file=sys.stderr)
+        sys.exit(1)
+
+
 def main():
-    args = [a for a in sys.argv[1:] if a != "--io"]
-    if len(args) != 2:
-        print(__doc__, file=sys.stderr)
-        return 1
+    parser = Parser(add_help=False)
+    parser.add_argument("source")
+    parser.add_argument("uri")
+    parser.add_argument("--io", action="store_true")
+    parser.add_argument("--write", type=byte)
+    parser.add_argument("--read", type=byte)
+    parser.add_argument("--hold", type=float)
+    args = parser.parse_args()
     try:
-        print(f"accepted from {args[0]}: {probe(args[0], args[1], '--io' in sys.argv)}")
+        detail = probe(args.source, args.uri, args)
+        print(f"accepted from {args.source}: {detail}")
         return 0
     except Refused as e:
-        print(f"refused from {args[0]}: {e}")
+        print(f"refused from {args.source}: {e}")
         return 2
     except NoServer as e:
-        print(f"no server for {args[0]}: {e}")
+        print(f"no server for {args.source}: {e}")
         return 3
+    except Closed as e:
+        print(f"closed from {args.source}: {e}")
+        return 4
     except Exception as e:  # noqa: BLE001 - reported as the probe's result
-        print(f"error from {args[0]}: {type(e).__name__}: {e}")
+        print(f"error from {args.source}: {type(e).__name__}: {e}")
         return 1
 
 

@@ -13,6 +13,13 @@
 //! such stores too, instead of three LISTs per CreateVolume under the
 //! placement lock.
 //!
+//! Whether the first LIST has come is tracked here, not with the store's
+//! own `wait_until_ready`: that one (kube-runtime 5's `DelayedInit` over a
+//! futures oneshot) keeps the waker of only the last task that polled it,
+//! so of several calls waiting at once for a fresh store (a replica's
+//! first CreateVolume retries after the leader died) all but one slept
+//! until their deadline, the full `--storage-timeout`.
+//!
 //! The store lags the API server a little: an object a call has just
 //! written may still be absent, or older, in it. [`Watched::until`]
 //! therefore takes the generation the call wrote and treats an older copy
@@ -42,6 +49,8 @@ pub enum Seen<K> {
 pub struct Watched<K: Resource<DynamicType = ()> + 'static> {
     store: Store<K>,
     changed: watch::Receiver<u64>,
+    /// True once the store holds the first LIST.
+    listed: watch::Receiver<bool>,
     task: JoinHandle<()>,
 }
 
@@ -60,25 +69,39 @@ where
     pub fn spawn(api: Api<K>) -> Self {
         let (store, writer) = reflector::store();
         let (notify, changed) = watch::channel(0u64);
+        let (listed_tx, listed) = watch::channel(false);
         let kind = K::kind(&()).into_owned();
         let events = watcher(api, watcher::Config::default()).default_backoff().reflect(writer);
         let task = tokio::spawn(async move {
             tokio::pin!(events);
             while let Some(event) = events.next().await {
                 match event {
-                    Ok(_) => notify.send_modify(|n| *n = n.wrapping_add(1)),
+                    Ok(event) => {
+                        // The reflector has put the list in the store
+                        // before passing its end on.
+                        if matches!(event, watcher::Event::InitDone) {
+                            listed_tx.send_replace(true);
+                        }
+                        notify.send_modify(|n| *n = n.wrapping_add(1));
+                    }
                     Err(e) => tracing::warn!(kind, error = %e, "watch failed; it is retried"),
                 }
             }
         });
-        Self { store, changed, task }
+        Self { store, changed, listed, task }
+    }
+
+    /// Whether the store holds the first LIST, waiting for it at most
+    /// until `deadline`. Any number of calls may wait at once.
+    async fn listed(&self, deadline: Instant) -> bool {
+        let mut listed = self.listed.clone();
+        matches!(tokio::time::timeout_at(deadline, listed.wait_for(|listed| *listed)).await, Ok(Ok(_)))
     }
 
     /// Every object as the store has it now, once it has listed them, at
     /// most until `deadline`; `None` when the first list has not come.
     pub async fn all(&self, deadline: Instant) -> Option<Vec<Arc<K>>> {
-        tokio::time::timeout_at(deadline, self.store.wait_until_ready()).await.ok()?.ok()?;
-        Some(self.store.state())
+        self.listed(deadline).await.then(|| self.store.state())
     }
 
     /// Object `name` as the store has it now, if it has it: possibly older
@@ -101,10 +124,10 @@ where
     ) -> Seen<K> {
         let mut changed = self.changed.clone();
         // Not ready before the first LIST: nothing seen yet, keep waiting.
-        let ready = tokio::time::timeout_at(deadline, self.store.wait_until_ready()).await;
+        let ready = self.listed(deadline).await;
         loop {
             changed.borrow_and_update();
-            let seen = match (ready.is_ok(), self.store.get(&ObjectRef::new(name))) {
+            let seen = match (ready, self.store.get(&ObjectRef::new(name))) {
                 (true, Some(object)) if object.meta().generation.unwrap_or(0) >= generation.unwrap_or(0) => {
                     Seen::Object(object)
                 }
@@ -121,6 +144,54 @@ where
                 // A last look follows: a change may have come just before.
                 Err(_elapsed) => {}
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use csi_events::mock_api::{self, reply};
+    use http::StatusCode;
+    use k8s_openapi::api::core::v1::Node;
+
+    use super::*;
+
+    /// Calls that wait on a store which has not listed yet (a replica's
+    /// first CreateVolume retries after another replica died, a burst of
+    /// them) all see the object once the first LIST comes: not only the
+    /// last one to start waiting, the others sleeping to their deadline.
+    #[tokio::test]
+    async fn every_waiter_sees_the_first_list() {
+        let (client, mut api) = mock_api::client();
+        let watched = Arc::new(Watched::spawn(kube::Api::<Node>::all(client)));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let watched = watched.clone();
+                tokio::spawn(async move {
+                    let seen = watched.until("node-a", Some(1), deadline, |seen| matches!(seen, Seen::Object(_))).await;
+                    (matches!(seen, Seen::Object(_)), Instant::now())
+                })
+            })
+            .collect();
+        let (list, send) = api.next_request().await.expect("the watch lists first");
+        assert!(!list.uri().to_string().contains("watch=true"), "{}", list.uri());
+        // One thread: every waiter runs, and waits, before the answer.
+        tokio::task::yield_now().await;
+        let replied = Instant::now();
+        let node = serde_json::json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "generation": 1, "resourceVersion": "7"}});
+        let nodes = serde_json::json!({"apiVersion": "v1", "kind": "NodeList",
+            "metadata": {"resourceVersion": "7"}, "items": [node]});
+        reply(send, StatusCode::OK, &nodes);
+        // The watch after the list stays open, unanswered, to the end.
+        let (_watch, _open) = api.next_request().await.expect("then it watches");
+        for (i, waiter) in waiters.into_iter().enumerate() {
+            let (saw, at) = waiter.await.expect("waiter");
+            let waited = at.duration_since(replied);
+            assert!(saw && waited < Duration::from_secs(5), "waiter {i}: saw the object {saw}, after {waited:?}");
         }
     }
 }

@@ -44,7 +44,9 @@
 #     sidecars, as the kubelet stops a pod) while a PVC is created every
 #     second: every PVC Bound, and the longest gap between two PVs made
 #     (each made right after a successful CreateVolume) is printed and must
-#     stay within the lease duration, twice the retry period and 10 s.
+#     stay within 2.2 retry periods and 5 s when the chart's sidecars
+#     give their Lease back on exit (sidecars.leaderElection.releaseOnExit),
+#     else within the lease duration, twice the retry period and 10 s.
 # Needs root (tmpfs mounts, UTS namespaces).
 # NBD_CSI_CONTROLLER=path uses that controller binary instead of building one.
 set -uo pipefail
@@ -510,11 +512,19 @@ PY
 read -r longest longest_at made <<<"$gap"
 echo "   drain: longest gap between two PVs made ${longest} s (it began ${longest_at} s after the SIGTERM), ${made} of 24 PVs seen"
 lease_arg() { sed -n "s/^--leader-election-$1=\([0-9]*\)s$/\1/p" "$work/csi-provisioner.args"; }
-# A standby tries the expired Lease every retry period, jittered up to 2.2
-# times it: twice it, and 10 s for the rest.
-lease_limit=$(($(lease_arg lease-duration) + 2 * $(lease_arg retry-period) + 10))
+if grep -qx -- --feature-gates=ReleaseLeaderElectionOnExit=true "$work/csi-provisioner.args"; then
+    # The stopped leader gives its Lease back: a standby takes it at its
+    # next try (the retry period jittered up to 2.2 times it), plus 5 s.
+    # Without the Lease given back the gaps were 21.6 to 26.0 s.
+    lease_limit=$(($(lease_arg retry-period) * 22 / 10 + 5)) lease_why="2.2 retry periods + 5 s, the Lease given back"
+else
+    # A standby tries the expired Lease every retry period, jittered up to
+    # 2.2 times it: twice it, and 10 s for the rest.
+    lease_limit=$(($(lease_arg lease-duration) + 2 * $(lease_arg retry-period) + 10))
+    lease_why="the lease duration + twice the retry period + 10 s"
+fi
 if awk -v g="$longest" -v l="$lease_limit" 'BEGIN { exit !(g <= l) }'; then
-    ok "provisioning went on through the drain: longest gap ${longest} s (at most the lease duration + twice the retry period + 10 s = $lease_limit s)"
+    ok "provisioning went on through the drain: longest gap ${longest} s (at most $lease_why = $lease_limit s)"
 else
     bad "the drain stalled provisioning: longest gap ${longest} s, more than $lease_limit s"
 fi

@@ -249,5 +249,8 @@ runs one replica.
 - --leader-election-lease-duration={{ $le.leaseDuration }}
 - --leader-election-renew-deadline={{ $le.renewDeadline }}
 - --leader-election-retry-period={{ $le.retryPeriod }}
+{{- if $le.releaseOnExit }}
+- --feature-gates=ReleaseLeaderElectionOnExit=true
+{{- end }}
 {{- end -}}
 {{- end -}}

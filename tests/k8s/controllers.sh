@@ -312,13 +312,18 @@ check "NbdVolume $volume still published to $node alone" "$published_before" "$(
 
 # --- (b) the pod's node fails and is declared out of service
 # Timestamps of the VolumeAttachments' and the pod's events, as they come.
+# Each watch is kubectl itself in the background, its output stamped by a
+# process substitution: $! is then kubectl's pid, which the cleanup stops
+# (the stamping ends at its EOF). Piped into a function instead, $! is the
+# pipeline's last process, and bash's wait for it waits for the whole
+# pipeline, whose kubectl never ends: the suite hung after its summary.
 stamp() { while IFS= read -r line; do echo "$EPOCHREALTIME $line"; done; }
-k get volumeattachments --watch-only --output-watch-events -o jsonpath='{.type} {.object.metadata.name} node={.object.spec.nodeName} attached={.object.status.attached} deleting={.object.metadata.deletionTimestamp}{"\n"}' 2>&1 |
-    stamp >"$work/va-events.txt" &
+"$kubectl" get volumeattachments --watch-only --output-watch-events -o jsonpath='{.type} {.object.metadata.name} node={.object.spec.nodeName} attached={.object.status.attached} deleting={.object.metadata.deletionTimestamp}{"\n"}' \
+    > >(stamp >"$work/va-events.txt") 2>&1 &
 pids+=($!)
-k -n app get pods --watch-only --output-watch-events \
-    -o jsonpath='{.type} {.object.metadata.name} uid={.object.metadata.uid} node={.object.spec.nodeName} deleting={.object.metadata.deletionTimestamp}{"\n"}' 2>&1 |
-    stamp >"$work/pod-events.txt" &
+"$kubectl" -n app get pods --watch-only --output-watch-events \
+    -o jsonpath='{.type} {.object.metadata.name} uid={.object.metadata.uid} node={.object.spec.nodeName} deleting={.object.metadata.deletionTimestamp}{"\n"}' \
+    > >(stamp >"$work/pod-events.txt") 2>&1 &
 pids+=($!)
 "${probe[@]}" "${node_addr[$node]}" "$uri" --read 0x6f --hold 150 >"$work/held-b.txt" 2>&1 &
 holder_pid=$!
@@ -472,7 +477,7 @@ leader=$(holder "$provisioner_lease")
 [ -n "${replica_pids[$leader]:-}" ] || { bad "the provisioner's leader '$leader' is none of the replicas ${replicas[*]}"; exit 1; }
 remaining=${replicas[0]}
 [ "$leader" = "$remaining" ] && remaining=${replicas[1]}
-k get pv --watch-only -o name 2>&1 | stamp >"$work/pv-events.txt" &
+"$kubectl" get pv --watch-only -o name > >(stamp >"$work/pv-events.txt") 2>&1 &
 pids+=($!)
 drain=()
 for i in $(seq -w 1 24); do drain+=("drain-$i"); done

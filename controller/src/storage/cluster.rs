@@ -11,7 +11,10 @@
 //!   request is answered from it, a different one is ALREADY_EXISTS.
 //! - Waits look at one watch of every NbdVolume for the whole process
 //!   ([`Watched`]), and placement reads storage nodes, Leases and volumes
-//!   from such watches, not from three LISTs per CreateVolume.
+//!   from such watches, not from three LISTs per CreateVolume. Placements
+//!   take turns only to choose a node; each then records its choice
+//!   ([`InFlight`]) for the others to count, and its POST and wait run
+//!   beside theirs.
 //! - Waits are bounded by `--storage-timeout`. Running out is UNAVAILABLE,
 //!   not DEADLINE_EXCEEDED: that code is the caller's own deadline, while
 //!   this one says the storage node has not answered yet and a retry (which
@@ -27,7 +30,7 @@
 //!   network that drops packets) is as unreachable as one that refuses
 //!   them, instead of holding the call until TCP gives up.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -46,14 +49,15 @@ use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use super::FIELD_MANAGER;
+use super::in_flight::InFlight;
 use super::objects::{self, Progress, VolumeRequest, snapshot_progress, volume_progress};
 use super::placement::{self, Selector, StorageNode};
 use super::watched::{Seen, Watched};
 use crate::csi::{capacity, check_source_access, is_reader_only, is_single_node};
 use crate::error::{Error, Kind, Result};
 
-/// How long a placement waits for the watch to bring the volume it just
-/// created before the next placement may look.
+/// How long a placement keeps its reservation ([`InFlight`]) waiting for
+/// the watch to bring the volume it just created.
 const PLACED_SEEN: Duration = Duration::from_secs(2);
 
 /// Spec writes that lost a race (409) are tried again this many times.
@@ -75,11 +79,15 @@ pub struct Cluster {
     /// placement.
     storage_nodes_seen: tokio::sync::OnceCell<Watched<NbdStorageNode>>,
     leases_seen: tokio::sync::OnceCell<Watched<Lease>>,
-    /// Held from reading the storage nodes' room to creating the object:
-    /// placements in this process see each other's volumes. Without it, a
-    /// burst of CreateVolume calls (the provisioner sends them in
-    /// parallel) all read the same room and all pick the same node.
+    /// Held from reading the storage nodes' room to recording the choice
+    /// in `in_flight`: placements in this process see each other's
+    /// volumes. Without it, a burst of CreateVolume calls (the provisioner
+    /// sends them in parallel) all read the same room and all pick the
+    /// same node.
     placing: tokio::sync::Mutex<()>,
+    /// Volumes placed and not yet in the watch, counted by placement until
+    /// they are, so that the lock above is not held across a POST.
+    in_flight: InFlight,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -153,6 +161,7 @@ impl Cluster {
             storage_nodes_seen: tokio::sync::OnceCell::new(),
             leases_seen: tokio::sync::OnceCell::new(),
             placing: tokio::sync::Mutex::new(()),
+            in_flight: InFlight::default(),
         }
     }
 
@@ -410,6 +419,8 @@ impl Cluster {
             let sum = placed.entry(v.spec.storage_node.clone()).or_default();
             *sum = sum.saturating_add(v.spec.size_bytes);
         }
+        let known: HashSet<&str> = volumes.iter().filter_map(|v| v.metadata.name.as_deref()).collect();
+        self.in_flight.add_unseen(&mut placed, |id| known.contains(id));
         let mut labels: HashMap<String, BTreeMap<String, String>> = HashMap::new();
         if !selector.is_empty() {
             let found = self
@@ -454,26 +465,30 @@ impl Cluster {
         let (source_node, minimum) = self.source(request).await?;
         let size =
             capacity(Some(&CapacityRange { required_bytes: request.required, limit_bytes: request.limit }), minimum)?;
-        let placing = self.placing.lock().await;
-        let nodes = self.storage_nodes(selector).await?;
-        let node = match source_node {
-            Some(node) => {
-                placement::check_source_node(&nodes, &node, size)?;
-                node
-            }
-            None => placement::place(&nodes, size, selector)?.name.clone(),
+        let (node, reservation) = {
+            let _placing = self.placing.lock().await;
+            let nodes = self.storage_nodes(selector).await?;
+            let node = match source_node {
+                Some(node) => {
+                    placement::check_source_node(&nodes, &node, size)?;
+                    node
+                }
+                None => placement::place(&nodes, size, selector)?.name.clone(),
+            };
+            let reservation = self.in_flight.reserve(&id, &node, size);
+            (node, reservation)
         };
         let object = objects::new_volume(&id, objects::volume_spec(request, &node, size));
         let created = self.answer(&format!("creating volume {id}"), api.create(&post_params(), &object)).await;
         if let Ok(Ok(created)) = &created {
-            // The next placement counts this volume only once the watch
-            // has brought it: hold the lock until then (a few
+            // Placements count this volume from the reservation until the
+            // watch has brought it: keep it until then (a few
             // milliseconds; bounded, as a lag only skews the spread).
             let deadline = tokio::time::Instant::now() + self.timeout.min(PLACED_SEEN);
             let seen = self.watched_volumes().await;
             seen.until(&id, created.metadata.generation, deadline, |seen| matches!(seen, Seen::Object(_))).await;
         }
-        drop(placing);
+        drop(reservation);
         let generation = match created? {
             Ok(created) => {
                 tracing::info!(volume.id = %id, storage_node = %node, size, "volume object created");

@@ -19,6 +19,7 @@
 
 mod cluster;
 mod export_key;
+mod in_flight;
 pub mod objects;
 pub mod placement;
 mod watched;

@@ -269,6 +269,36 @@ async fn cluster_mode_places_serves_and_fences_volumes_on_storage_nodes() {
     assert_eq!(volumes.list(&ListParams::default()).await.unwrap().items.len(), 31);
     ids.push(first.volume_id);
 
+    // 9 CreateVolume at once, as the provisioner sends a burst: the
+    // placements overlap (none waits for another's POST), yet each counts
+    // the others' choices, so the burst spreads as one after another would
+    // (the 31 above left the nodes' room within a volume of each other)
+    // instead of all landing where the room was largest when it began.
+    let before = volumes.list(&ListParams::default()).await.unwrap().items;
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..9 {
+        let mut c = c.clone();
+        let request = create_req(&format!("pvc-burst-{i}"), VOLUME, false, Mode::SingleNodeWriter);
+        burst.spawn(async move { c.create_volume(request).await });
+    }
+    while let Some(created) = burst.join_next().await {
+        ids.push(created.unwrap().unwrap().into_inner().volume.unwrap().volume_id);
+    }
+    let mut burst_spread: BTreeMap<String, usize> = BTreeMap::new();
+    for object in volumes.list(&ListParams::default()).await.unwrap().items {
+        if !before.iter().any(|b| b.metadata.name == object.metadata.name) {
+            *burst_spread.entry(object.spec.storage_node).or_default() += 1;
+        }
+    }
+    println!("spread of a burst of 9: {burst_spread:?}");
+    assert_eq!(burst_spread.values().sum::<usize>(), 9);
+    for (name, ..) in AGENTS.iter().filter(|a| a.0 != STALE) {
+        assert!(
+            burst_spread.get(*name).copied().unwrap_or(0) >= 2,
+            "{name} got too few of the burst: {burst_spread:?}"
+        );
+    }
+
     // Too large for every live agent: RESOURCE_EXHAUSTED, nothing left
     // behind; smaller volumes are still accepted.
     let huge = c.create_volume(create_req("pvc-huge", 1 << 30, false, Mode::SingleNodeWriter)).await;

@@ -24,8 +24,16 @@ for component in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
 done
 
-# record SUITE PASSED FAILED SKIPPED
-record() { echo "$1 $2 $3 $4" >>"$results"; echo "== $1: $2 passed, $3 failed, $4 skipped"; }
+# record SUITE PASSED FAILED SKIPPED: with the seconds since the previous
+# record (each suite's wall time, its builds included), so that a run's
+# output says where its time went (CI has a time limit).
+last_record=$SECONDS
+record() {
+    local took=$((SECONDS - last_record))
+    last_record=$SECONDS
+    echo "$1 $2 $3 $4 $took" >>"$results"
+    echo "== $1: $2 passed, $3 failed, $4 skipped ($took s)"
+}
 # check SUITE COMMAND...: a suite that is one pass/fail check.
 check() {
     local name=$1; shift
@@ -104,4 +112,5 @@ suite controllers ./tests/k8s/controllers.sh
 # Last, and alone: a build or another VM beside it starves the guest.
 suite cluster ./tests/cluster/run.sh
 
+awk '{ printf "%s%s %d s", (NR > 1 ? ", " : "wall time by suite: "), $1, $5 } END { printf " (%d min in all)\n", '"$SECONDS"' / 60 }' "$results"
 awk '{ p += $2; f += $3; s += $4 } END { printf "%d passed, %d failed, %d skipped\n", p, f, s; exit (f > 0) }' "$results"

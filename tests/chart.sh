@@ -141,6 +141,20 @@ else
     bad "storage.mode=cluster checks (tests/chart_storage.py)"
 fi
 
+# Cluster mode on the host's network: two replicas may never share a node
+# (the same host ports; the sidecars' leader identity is the hostname).
+hostnet_anti=$(render --set storage.mode=cluster --set controller.hostNetwork=true | python3 -c '
+import sys, yaml
+(d,) = [d for d in yaml.safe_load_all(sys.stdin) if d and d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-controller")]
+spec = d["spec"]["template"]["spec"]
+anti = spec.get("affinity", {}).get("podAntiAffinity", {})
+print(spec.get("hostNetwork"), d["spec"]["replicas"], [t["topologyKey"] for t in anti.get("requiredDuringSchedulingIgnoredDuringExecution", [])])')
+if [ "$hostnet_anti" = "True 2 ['kubernetes.io/hostname']" ]; then
+    ok "storage.mode=cluster with controller.hostNetwork: the 2 replicas are required on different nodes"
+else
+    bad "storage.mode=cluster with controller.hostNetwork: hostNetwork, replicas, required anti-affinity = $hostnet_anti"
+fi
+
 # The ServiceMonitors reach every pod that serves metrics, in both modes.
 for mode in embedded:controller,node cluster:controller,node,storage; do
     if render --set serviceMonitor.enabled=true --set storage.mode="${mode%%:*}" >"$work/monitored.yaml" &&

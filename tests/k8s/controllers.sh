@@ -647,11 +647,13 @@ for line in open(events):
 times = sorted(first.values())
 gaps = [(b - a, a) for a, b in zip(times, times[1:])]
 longest, at = max(gaps)
-print(f"{longest:.1f} {at - drain:.1f} {len(times)}")
+# The gaps that end after the drain began: the drain's own.
+during = max(g for g, a in gaps if a + g >= drain)
+print(f"{longest:.1f} {at - drain:.1f} {len(times)} {during:.1f}")
 PY
 )
-read -r longest longest_at made <<<"$gap"
-echo "   drain: longest gap between two PVs made ${longest} s (it began ${longest_at} s after kubectl drain began), ${made} of 24 PVs seen"
+read -r longest longest_at made during <<<"$gap"
+echo "   drain: longest gap between two PVs made ${longest} s (it began ${longest_at} s after kubectl drain began), longest ending after the drain began ${during} s; ${made} of 24 PVs seen"
 lease_arg() { sed -n "s/^--leader-election-$1=\([0-9]*\)s$/\1/p" "$work/csi-provisioner.args"; }
 if grep -qx -- --feature-gates=ReleaseLeaderElectionOnExit=true "$work/csi-provisioner.args"; then
     # The stopped leader gives its Lease back: a standby takes it at its

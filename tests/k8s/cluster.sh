@@ -207,9 +207,12 @@ cluster_mode_objects() {
     cluster_kubeconfig "$work/controller.kubeconfig" nbd-csi-controller "$("$kubectl" -n "$ns" create token nbd-csi-controller --duration 2h)"
 }
 
-start_controller() { # LOG: the controller in cluster mode on $socket; $controller_pid
+start_controller() { # LOG [HOSTNAME]: the controller in cluster mode on $socket; $controller_pid
+    # With HOSTNAME, in a UTS namespace whose hostname it is (a pod's name).
+    local uts=()
+    [ -z "${2:-}" ] || uts=(unshare --uts sh -c 'hostname "$0" && exec "$@"' "$2")
     rm -f "$socket"
-    NO_COLOR=1 RUST_LOG=${RUST_LOG:-info,nbd_csi_controller=debug} "$controller_bin" \
+    NO_COLOR=1 RUST_LOG=${RUST_LOG:-info,nbd_csi_controller=debug} "${uts[@]}" "$controller_bin" \
         --endpoint "unix://$socket" --driver-name "$driver" --storage-mode cluster \
         --export-key-secret nbd-csi-export-key --namespace "$ns" --storage-timeout "${storage_timeout:-30}" \
         --kubeconfig "$work/controller.kubeconfig" >"$work/$1" 2>&1 &

@@ -1,27 +1,58 @@
 #!/usr/bin/env bash
 # Kubernetes' own controllers drive cluster mode (issue 13, deliverables 3
 # and 4) on a real kube-apiserver and etcd on 127.0.0.1, everything as
-# processes (no pods run):
-#   - kube-controller-manager with the controllers a pod's volume goes
-#     through: the PV binder, attach/detach, PV/PVC protection, node
-#     lifecycle (heartbeat grace 16 s), taint eviction, pod GC, StatefulSet
-#     and ServiceAccount (every controller with the admin's credentials,
-#     --use-service-account-credentials=false), and kube-scheduler;
+# processes:
+#   - kube-controller-manager with the controllers that a pod's volume and
+#     the controller's own pods go through: the PV binder, attach/detach,
+#     PV/PVC protection, node lifecycle (heartbeat grace 16 s), taint
+#     eviction, pod GC, StatefulSet, Deployment, ReplicaSet, disruption (the
+#     PodDisruptionBudget) and ServiceAccount (every controller with the
+#     admin's credentials, --use-service-account-credentials=false), and
+#     kube-scheduler;
 #   - Nodes as kubelets keep them (tests/k8s/cluster.sh kubelet_node): the
 #     attach/detach annotation, Ready, heartbeat Leases renewed every 2 s;
 #     storage-1..3 on 127.0.1.1..3 run the three `nbd-csi-controller agent`s,
-#     worker-1 and worker-2 on 127.0.2.1..2 take the pods;
-#   - two controller replicas as the chart's Deployment runs them
-#     (storage.mode=cluster): each nbd-csi-controller on its own socket with
-#     its csi-provisioner and csi-attacher, started with the arguments
-#     `helm template` renders (--leader-election and the chart's lease
-#     timing), in a UTS namespace whose hostname is the replica's pod name
-#     (the sidecars' leader identity is their hostname).
-# The test performs no step of Kubernetes' controllers: a StatefulSet's
-# claim is made by the StatefulSet controller, provisioned by csi-provisioner
-# through our controller and bound by the PV controller; its pod is placed
-# by kube-scheduler; its VolumeAttachment is made by the attach/detach
-# controller and attached by csi-attacher through our controller. Checks:
+#     worker-1 and worker-2 on 127.0.2.1..2 take the app's pod, system-1..3
+#     on 127.0.3.1..3 the controller's pods: the storage nodes and the
+#     workers are tainted nbd-csi.test/dedicated=storage|worker:NoSchedule,
+#     which the app's pod tolerates and the controller's pods, as the chart
+#     renders them, do not (no toleration; nodeSelector kubernetes.io/os);
+#   - the chart's controller Deployment and PodDisruptionBudget
+#     (storage.mode=cluster) applied exactly as `helm template` renders them:
+#     the Deployment and ReplicaSet controllers make its two pods,
+#     kube-scheduler places them on two system nodes (the chart's preferred
+#     anti-affinity), the disruption controller keeps the budget's status;
+#   - the kubelet's part for those pods, and only that, is a stand-in
+#     (tests/k8s/controller_pods.sh), on live nodes only: a pod bound to a
+#     node gets its processes, nbd-csi-controller on its own socket and
+#     csi-provisioner and csi-attacher with the arguments the chart renders
+#     (--leader-election and the chart's lease timing), each in a UTS
+#     namespace whose hostname is the pod's name (the sidecars' leader
+#     identity), and is reported Running and Ready once they are up; a pod
+#     marked for deletion has its processes stopped with SIGTERM (SIGKILL
+#     after its grace period) and is then deleted with grace 0.
+# Every other step is Kubernetes': the test performs none of its
+# controllers' steps. A StatefulSet's claim is made by the StatefulSet
+# controller, provisioned by csi-provisioner through our controller and
+# bound by the PV controller; its pod is placed by kube-scheduler; its
+# VolumeAttachment is made by the attach/detach controller and attached by
+# csi-attacher through our controller; the controller's pods are made,
+# placed, evicted and replaced by Kubernetes. The test acts only as an admin
+# (taints, kubectl drain and uncordon), as the power of a node (its
+# heartbeats stop) and as the users (claims).
+#
+# The stand-in restarts no process. Were a replica's processes killed on a
+# live node, a kubelet would restart them in the same pod (restartPolicy
+# Always), and the restarted sidecars, under the same identity, would take
+# their Leases straight back (client-go renews a Lease its own identity
+# holds): scenario (a) would test a restart, not a failover. So in (a) the
+# replica dies with its node: the node's heartbeats stop with its
+# processes, nothing restarts them, the other replica takes the Leases when
+# they expire, and Kubernetes replaces the pod once an admin declares the
+# node out of service. A process that died on a live node would not be
+# restarted either: the last checks report it instead of hiding a crash.
+#
+# Checks:
 #   - that attach: the export admits the pod's node, from its address (an
 #     NBD client bound to it, tests/k8s/nbd_probe.py), and refuses the other
 #     worker;
@@ -36,23 +67,34 @@
 #     the StatefulSet controller make the pod again, kube-scheduler puts it on
 #     the other worker, where it is attached and reads the data; the fenced
 #     node's address is refused by the export; the timeline is printed;
-#   - (a) SIGKILL of the leading replica (the controller and its sidecars)
-#     during a storm of 20 PVCs: every PVC Bound through the other replica,
-#     one NbdVolume per request name, no NbdVolume without its PV, no agent
-#     record without its NbdVolume; the time to all Bound is printed;
-#   - a drain of the leading replica (SIGTERM of the controller and its
-#     sidecars, as the kubelet stops a pod) while a PVC is created every
-#     second: every PVC Bound, and the longest gap between two PVs made
-#     (each made right after a successful CreateVolume) is printed and must
-#     stay within 2.2 retry periods and 5 s when the chart's sidecars
-#     give their Lease back on exit (sidecars.leaderElection.releaseOnExit),
-#     else within the lease duration, twice the retry period and 10 s.
+#   - (a) the node of the leading replica fails (its heartbeats stop, the
+#     replica's controller and sidecars get SIGKILL) during a storm of 20
+#     PVCs: every PVC Bound through the other replica, one NbdVolume per
+#     request name, no NbdVolume without its PV, no agent record without its
+#     NbdVolume; the time to all Bound is printed. The node goes NotReady and
+#     so does its pod: the PodDisruptionBudget then refuses to evict the
+#     last Ready replica (HTTP 429); an admin taints the node out-of-service
+#     and the taint eviction, ReplicaSet and scheduler put a new pod on the
+#     spare system node;
+#   - `kubectl drain NODE --ignore-daemonsets --delete-emptydir-data` of the
+#     node of the leading replica while a PVC is created every second: the
+#     drain succeeds, evicting that one pod within the budget, whose
+#     processes the stand-in stops; the ReplicaSet makes a replacement,
+#     which kube-scheduler cannot put on the cordoned node (where it goes, or
+#     that it stays Pending, is printed); every PVC Bound; the drain's
+#     duration, its timeline and the longest gap between two PVs made (each
+#     made right after a successful CreateVolume) are printed, the gap
+#     within 2.2 retry periods and 5 s when the chart's sidecars give their
+#     Lease back on exit (sidecars.leaderElection.releaseOnExit), else
+#     within the lease duration, twice the retry period and 10 s; then
+#     `kubectl uncordon`.
 # Needs root (tmpfs mounts, UTS namespaces).
 # NBD_CSI_CONTROLLER=path uses that controller binary instead of building one.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . tests/k8s/tools.sh
 . tests/k8s/cluster.sh
+. tests/k8s/controller_pods.sh
 
 ensure_helm
 ensure_csi_sidecars
@@ -63,6 +105,9 @@ probe=(python3 tests/k8s/nbd_probe.py)
 
 cluster_init nbd-csi-controllers
 agent_disks_init nbd-csi-controllers
+# The controller pods' processes stop first, while the API server still
+# serves the Leases their sidecars give back.
+trap 'controller_pods_cleanup; agent_disks_cleanup' EXIT
 cluster_start
 k() { "$kubectl" "$@"; }
 since() { python3 -c 'import sys, time; print(f"{time.time() - float(sys.argv[1]):.1f}")' "$1"; } # EPOCHREALTIME: seconds since
@@ -73,7 +118,8 @@ k create namespace app >/dev/null
 kcm_controllers=persistentvolume-binder-controller,persistentvolume-attach-detach-controller
 kcm_controllers+=,persistentvolume-protection-controller,persistentvolumeclaim-protection-controller
 kcm_controllers+=,node-lifecycle-controller,taint-eviction-controller,pod-garbage-collector-controller
-kcm_controllers+=,statefulset-controller,serviceaccount-controller
+kcm_controllers+=,statefulset-controller,deployment-controller,replicaset-controller,disruption-controller
+kcm_controllers+=,serviceaccount-controller
 "$TOOLS_BIN/kube-controller-manager" --kubeconfig "$KUBECONFIG" --leader-elect=false \
     --use-service-account-credentials=false --controllers="$kcm_controllers" \
     --node-monitor-period=2s --node-monitor-grace-period=16s --pvclaimbinder-sync-period=5s \
@@ -86,7 +132,7 @@ pids+=($!)
 pids+=($!)
 scheduler_pid=$!
 
-# --- Nodes: three storage nodes and two workers, alive by their heartbeats
+# --- Nodes: three storage nodes, two workers, three system nodes, alive by their heartbeats
 acting "kubelet: Node objects with the attach/detach annotation, Ready, their CSINodes and heartbeat Leases"
 agents=(storage-1 storage-2 storage-3)
 declare -A agent_addr=([storage-1]=127.0.1.1 [storage-2]=127.0.1.2 [storage-3]=127.0.1.3)
@@ -94,90 +140,93 @@ declare -A agent_mib=([storage-1]=256 [storage-2]=256 [storage-3]=256)
 declare -A agent_pid
 workers=(worker-1 worker-2)
 declare -A node_addr=([worker-1]=127.0.2.1 [worker-2]=127.0.2.2)
+systems=(system-1 system-2 system-3)
+declare -A system_addr=([system-1]=127.0.3.1 [system-2]=127.0.3.2 [system-3]=127.0.3.3)
 for a in "${agents[@]}"; do kubelet_node "$a" "${agent_addr[$a]}" "" || bad "Node $a"; done
 for w in "${workers[@]}"; do kubelet_node "$w" "${node_addr[$w]}" "$driver" nbd-csi.test/role=worker || bad "Node $w"; done
-node_heartbeats_start "${agents[@]}" "${workers[@]}"
+for n in "${systems[@]}"; do kubelet_node "$n" "${system_addr[$n]}" "" nbd-csi.test/role=system || bad "Node $n"; done
+acting "an admin: dedicate the storage nodes and the workers (NoSchedule taints)"
+for a in "${agents[@]}"; do k taint node "$a" nbd-csi.test/dedicated=storage:NoSchedule >/dev/null || bad "tainting $a"; done
+for w in "${workers[@]}"; do k taint node "$w" nbd-csi.test/dedicated=worker:NoSchedule >/dev/null || bad "tainting $w"; done
+node_heartbeats_start "${agents[@]}" "${workers[@]}" "${systems[@]}"
 ready() { [ "$(jp node "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = "$2" ]; } # NODE STATUS
 beating() { [ -n "$(jp lease -n kube-node-lease "$1" -o jsonpath='{.spec.renewTime}')" ]; }
-for n in "${agents[@]}" "${workers[@]}"; do
+for n in "${agents[@]}" "${workers[@]}" "${systems[@]}"; do
     wait_until 30 beating "$n" || bad "no heartbeat Lease for $n: $(tail -n 3 "$work/heartbeats.log")"
 done
-ok "5 Nodes Ready with heartbeat Leases: ${agents[*]} (storage), ${workers[*]} (label nbd-csi.test/role=worker, CSINode for $driver)"
+ok "8 Nodes Ready with heartbeat Leases: ${agents[*]} (storage, tainted), ${workers[*]} (label nbd-csi.test/role=worker, tainted, CSINode for $driver), ${systems[*]}"
 
-# --- two controller replicas as the chart's Deployment runs them
+# --- the chart's controller Deployment and PodDisruptionBudget, their pods run by the kubelet stand-in
 "$helm" template nbd-csi charts/nbd-csi --namespace "$ns" --set storage.mode=cluster \
-    --show-only templates/controller.yaml >"$work/deployment.yaml"
-chart_replicas=$(python3 - "$work/deployment.yaml" "$work" <<'PY'
+    --show-only templates/controller.yaml --show-only templates/controller-pdb.yaml >"$work/controller.yaml"
+chart_replicas=$(python3 - "$work/controller.yaml" "$work" <<'PY'
 import sys
 
 import yaml
 
-deployment = yaml.safe_load(open(sys.argv[1]))
-assert deployment["kind"] == "Deployment", deployment["kind"]
+kinds = {d["kind"]: d for d in yaml.safe_load_all(open(sys.argv[1])) if d}
+assert sorted(kinds) == ["Deployment", "PodDisruptionBudget"], sorted(kinds)
+deployment = kinds["Deployment"]
 for container in deployment["spec"]["template"]["spec"]["containers"]:
     if container["name"] in ("csi-provisioner", "csi-attacher"):
         with open(f"{sys.argv[2]}/{container['name']}.args", "w") as f:
             f.write("".join(arg + "\n" for arg in container["args"]))
-print(deployment["spec"]["replicas"])
+print(deployment["spec"]["replicas"], kinds["PodDisruptionBudget"]["spec"]["minAvailable"])
 PY
 )
-check "the chart's controller Deployment (storage.mode=cluster) has 2 replicas" 2 "$chart_replicas"
+check "the chart's controller Deployment (storage.mode=cluster) has 2 replicas, its PodDisruptionBudget minAvailable 1" "2 1" "$chart_replicas"
 check "its csi-provisioner and csi-attacher elect a leader" "2" \
     "$(cat "$work/csi-provisioner.args" "$work/csi-attacher.args" | grep -cx -- --leader-election)"
 echo "   csi-provisioner: $(paste -sd' ' "$work/csi-provisioner.args")"
 echo "   csi-attacher: $(paste -sd' ' "$work/csi-attacher.args")"
 
-declare -A replica_pids
-# start_replica POD: one pod of the Deployment: nbd-csi-controller on its
-# own socket, csi-provisioner and csi-attacher with the chart's arguments
-# ($(ADDRESS) that socket), the controller ServiceAccount's token and
-# POD_NAMESPACE (the namespace of their Leases), each in a UTS namespace
-# whose hostname is POD, as in the pod. ${replica_pids[POD]}: their pids.
-start_replica() {
-    local pod=$1 sidecar args pod_pids
-    mkdir -p "$work/$pod"
-    socket=$work/$pod/csi.sock
-    start_controller "$pod-controller.log" || { logs "$pod-controller.log"; return 1; }
-    pod_pids=("$controller_pid")
-    for sidecar in csi-provisioner csi-attacher; do
-        mapfile -t args < <(sed "s|\$(ADDRESS)|$socket|" "$work/$sidecar.args")
-        POD_NAMESPACE=$ns unshare --uts sh -c 'hostname "$0" && exec "$@"' "$pod" \
-            "$TOOLS_BIN/$sidecar" --kubeconfig "$work/controller.kubeconfig" "${args[@]}" \
-            >"$work/$pod-$sidecar.log" 2>&1 &
-        pod_pids+=($!)
-        pids+=($!)
-    done
-    replica_pids[$pod]="${pod_pids[*]}"
-    for sidecar in csi-provisioner csi-attacher; do
-        wait_until 30 grep -qi "attempting to acquire leader lease" "$work/$pod-$sidecar.log" ||
-            { logs "$pod-$sidecar.log"; return 1; }
-    done
+# The Deployment's pods, one a line: NAME|NODE|READY|DELETING|UID.
+controller_pods() {
+    jp -n "$ns" pods -l "$controller_pod_selector" \
+        -o jsonpath='{range .items[*]}{.metadata.name}|{.spec.nodeName}|{.status.conditions[?(@.type=="Ready")].status}|{.metadata.deletionTimestamp}|{.metadata.uid}{"\n"}{end}'
 }
-# stop_replica POD SIGNAL: SIGNAL to the pod's three processes at once, as
-# the kubelet stops a pod's containers; waits for them, SIGKILL after the
-# chart's 30 s grace period.
-stop_replica() {
-    local pid
-    for pid in ${replica_pids[$1]}; do kill -"$2" "$pid" 2>/dev/null; done
-    for pid in ${replica_pids[$1]}; do
-        for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
-    done
-}
-provisioner_lease=nbd-csi-dev
-attacher_lease=external-attacher-leader-nbd-csi-dev
-holder() { jp lease -n "$ns" "$1" -o jsonpath='{.spec.holderIdentity}'; }
-held_by() { [ "$(holder "$1")" = "$2" ]; } # LEASE POD
+ready_pods() { controller_pods | awk -F'|' '$3 == "True" && $4 == "" { print $1 }'; } # Ready, not being deleted
+pod_node() { jp -n "$ns" pod "$1" -o jsonpath='{.spec.nodeName}'; }
+pdb_status() { jp -n "$ns" pdb nbd-csi-controller -o jsonpath='{.status.currentHealthy} {.status.disruptionsAllowed}'; }
+pdb_is() { [ "$(pdb_status)" = "$1" ]; } # "HEALTHY ALLOWED"
+two_ready() { [ "$(ready_pods | wc -l)" = 2 ]; }
 
-replicas=(nbd-csi-controller-a nbd-csi-controller-b)
-for r in "${replicas[@]}"; do
-    if start_replica "$r"; then ok "replica $r: nbd-csi-controller, csi-provisioner and csi-attacher running, the sidecars electing"; else bad "replica $r did not start"; exit 1; fi
-done
+controller_pods_start
+if k apply -f "$work/controller.yaml" >"$work/apply-controller.txt" 2>&1; then
+    ok "the chart's Deployment and PodDisruptionBudget applied as rendered: $(paste -sd' ' "$work/apply-controller.txt")"
+else
+    bad "applying the chart's Deployment and PodDisruptionBudget: $(cat "$work/apply-controller.txt")"
+    exit 1
+fi
+if wait_until 120 two_ready; then
+    mapfile -t replicas < <(ready_pods)
+    placed="${replicas[0]} on $(pod_node "${replicas[0]}"), ${replicas[1]} on $(pod_node "${replicas[1]}")"
+    ok "the ReplicaSet controller made 2 pods, kube-scheduler placed them, the stand-in runs them and reports them Ready: $placed"
+    nodes_of_replicas=$(for r in "${replicas[@]}"; do pod_node "$r"; echo; done | sort -u | paste -sd' ')
+    check "the two replicas on two distinct system nodes (anti-affinity, the other nodes tainted)" "2 system system" \
+        "$(wc -w <<<"$nodes_of_replicas") $(for n in $nodes_of_replicas; do jp node "$n" -o jsonpath='{.metadata.labels.nbd-csi\.test/role}'; echo -n ' '; done | xargs)"
+    for r in "${replicas[@]}"; do
+        check "pod $r: its nbd-csi-controller, csi-provisioner and csi-attacher running, in UTS namespaces named after it" "3 $r $r $r" \
+            "$(controller_pod_running "$r") $(for pid in $(controller_pod_pids "$r"); do nsenter --target "$pid" --uts hostname 2>/dev/null || echo '?'; done | paste -sd' ')"
+    done
+else
+    logs kubelet.log kcm.log scheduler.log
+    bad "no 2 Ready controller pods within 120 s: $(controller_pods | paste -sd' ')"
+    exit 1
+fi
+if wait_until 60 pdb_is "2 1"; then
+    ok "PodDisruptionBudget nbd-csi-controller: 2 healthy, 1 disruption allowed (the disruption controller)"
+else
+    bad "PodDisruptionBudget status '$(pdb_status)', want 2 healthy and 1 disruption allowed"
+fi
 mount_export_key || exit 1
 port_base=$((30000 + RANDOM % 2000))
 start_agents || exit 1
-if wait_until 60 test -n "$(holder "$provisioner_lease")" && wait_until 60 test -n "$(holder "$attacher_lease")"; then
+provisioner_lease=nbd-csi-dev
+attacher_lease=external-attacher-leader-nbd-csi-dev
+holder() { jp lease -n "$ns" "$1" -o jsonpath='{.spec.holderIdentity}'; }
+held() { [ -n "$(holder "$1")" ]; }
+if wait_until 60 held "$provisioner_lease" && wait_until 60 held "$attacher_lease"; then
     ok "leaders elected in $ns: csi-provisioner $(holder "$provisioner_lease"), csi-attacher $(holder "$attacher_lease")"
 else
     logs "${replicas[0]}-csi-provisioner.log"
@@ -210,6 +259,7 @@ spec:
     metadata: {labels: {app: app}}
     spec:
       nodeSelector: {nbd-csi.test/role: worker}
+      tolerations: [{key: nbd-csi.test/dedicated, value: worker, effect: NoSchedule}]
       automountServiceAccountToken: false
       containers:
         - name: app
@@ -431,13 +481,14 @@ for t, what in sorted(marks):
         print(f"   {t - float(taint):7.2f}  {what}")
 PY
 
-# --- (a) SIGKILL of the leading replica during a storm of 20 PVCs
+# --- (a) the leading replica's node fails during a storm of 20 PVCs
 phases() { local p; for p in "$@"; do jp -n app pvc "$p" -o jsonpath='{.status.phase}'; echo; done; }
 all_bound() { [ -z "$(phases "$@" | grep -vx Bound)" ]; }
+other_replica() { ready_pods | grep -vx "$1" | head -n 1; } # POD: the other Ready replica
 leader=$(holder "$provisioner_lease")
-[ -n "${replica_pids[$leader]:-}" ] || { bad "the provisioner's leader '$leader' is none of the replicas ${replicas[*]}"; exit 1; }
-survivor=${replicas[0]}
-[ "$leader" = "$survivor" ] && survivor=${replicas[1]}
+[ -n "$(controller_pod_pids "$leader")" ] || { bad "the provisioner's leader '$leader' is none of the pods run: $(ready_pods | paste -sd' ')"; exit 1; }
+leader_node=$(pod_node "$leader")
+survivor=$(other_replica "$leader")
 storm=()
 for i in $(seq -w 1 20); do storm+=("storm-$i"); done
 # Counted with curl, cheaper than kubectl, to kill as soon as the first is made.
@@ -452,9 +503,12 @@ for _ in $(seq 1200); do
     [ "$(volume_count)" -gt "$before" ] && break
     sleep 0.05
 done
-stop_replica "$leader" KILL
+acting "the power of $leader_node: it fails, its kubelet (no more heartbeats) and the containers of pod $leader (SIGKILL) with it"
+node_heartbeat_stop "$leader_node"
+killed_at=$EPOCHREALTIME
+controller_pod_signal "$leader" KILL 0
 made=$(($(volume_count) - before))
-ok "SIGKILL of the leading replica $leader (controller, csi-provisioner, csi-attacher) with $made of 20 storm volumes made, $(phases "${storm[@]}" | grep -cx Bound) PVCs Bound"
+ok "$leader_node failed with the leading replica $leader (controller, csi-provisioner, csi-attacher killed) with $made of 20 storm volumes made, $(phases "${storm[@]}" | grep -cx Bound) PVCs Bound"
 if wait_until 180 all_bound "${storm[@]}"; then
     ok "all 20 storm PVCs Bound $(since "$storm_start") s after they were created, through $survivor (provisioner leader now $(holder "$provisioner_lease"))"
 else
@@ -468,15 +522,44 @@ check "no duplicate volume: one NbdVolume per request name ($(wc -l <"$work/obje
 check "no orphan: every NbdVolume has its PV and every PV its NbdVolume ($(wc -l <"$work/pvs.txt") PVs)" "" \
     "$(diff "$work/pvs.txt" "$work/objects.txt" | grep '^[<>]' | paste -sd' ')"
 check "no orphan: every agent record has its NbdVolume on that storage node and every NbdVolume its record" "" "$(records_vs_objects)"
-acting "Deployment controller, kube-scheduler and kubelet: a new pod for the killed replica"
-replicas=("$survivor" nbd-csi-controller-c)
-if start_replica nbd-csi-controller-c; then ok "replica nbd-csi-controller-c started in place of $leader"; else bad "replica nbd-csi-controller-c did not start"; fi
+pod_ready() { [ "$(jp -n "$ns" pod "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = "$2" ]; } # POD STATUS
+if wait_until 60 ready "$leader_node" Unknown && wait_until 30 pod_ready "$leader" False; then
+    ok "the node lifecycle controller marked $leader_node NotReady and its pod $leader not Ready, $(since "$killed_at") s after it failed"
+else
+    bad "$leader_node or its pod $leader still Ready: $(jp node "$leader_node" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}') $(jp -n "$ns" pod "$leader" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')"
+fi
+# The budget keeps the last Ready replica: an eviction of it is refused.
+evict() { # POD: the HTTP status of its eviction
+    curl -s -o "$work/eviction.json" -w '%{http_code}' --cacert "$api_ca" -H "Authorization: Bearer $admin_token" \
+        -H 'Content-Type: application/json' -X POST "$api_url/api/v1/namespaces/$ns/pods/$1/eviction" \
+        --data "{\"apiVersion\":\"policy/v1\",\"kind\":\"Eviction\",\"metadata\":{\"name\":\"$1\",\"namespace\":\"$ns\"}}"
+}
+if wait_until 60 pdb_is "1 0"; then
+    check "PodDisruptionBudget at 1 healthy, 0 allowed: the eviction of the last Ready replica $survivor refused (HTTP status)" 429 "$(evict "$survivor")"
+else
+    bad "PodDisruptionBudget status '$(pdb_status)' with $leader not Ready, want 1 healthy and 0 allowed"
+fi
+acting "an admin: taint $leader_node node.kubernetes.io/out-of-service=nodeshutdown:NoExecute"
+k taint node "$leader_node" node.kubernetes.io/out-of-service=nodeshutdown:NoExecute >/dev/null
+taint_at=$EPOCHREALTIME
+if wait_until 120 two_ready; then
+    replacement=$(other_replica "$survivor")
+    ok "pod $leader evicted (taint eviction), the ReplicaSet made $replacement, kube-scheduler placed it on $(pod_node "$replacement"), the stand-in runs it: Ready $(since "$taint_at") s after the taint"
+    check "$replacement on the spare system node, neither $leader_node nor $survivor's" "yes" \
+        "$([ "$(pod_node "$replacement")" != "$leader_node" ] && [ "$(pod_node "$replacement")" != "$(pod_node "$survivor")" ] && echo yes)"
+else
+    logs kubelet.log kcm.log scheduler.log
+    bad "no second Ready controller pod within 120 s of the taint: $(controller_pods | paste -sd' ')"
+fi
+if wait_until 60 pdb_is "2 1"; then ok "PodDisruptionBudget back at 2 healthy, 1 allowed"; else bad "PodDisruptionBudget status '$(pdb_status)', want 2 healthy and 1 allowed"; fi
 
-# --- a drain of the leading replica while a PVC is created every second
+# --- kubectl drain of the leading replica's node while a PVC is created every second
 leader=$(holder "$provisioner_lease")
-[ -n "${replica_pids[$leader]:-}" ] || { bad "the provisioner's leader '$leader' is none of the replicas ${replicas[*]}"; exit 1; }
-remaining=${replicas[0]}
-[ "$leader" = "$remaining" ] && remaining=${replicas[1]}
+[ -n "$(controller_pod_pids "$leader")" ] || { bad "the provisioner's leader '$leader' is none of the pods run: $(ready_pods | paste -sd' ')"; exit 1; }
+drained=$(pod_node "$leader")
+remaining=$(other_replica "$leader")
+remaining_uid=$(jp -n "$ns" pod "$remaining" -o jsonpath='{.metadata.uid}')
+pods_before=$(controller_pods | cut -d'|' -f1 | sort)
 "$kubectl" get pv --watch-only -o name > >(stamp >"$work/pv-events.txt") 2>&1 &
 pids+=($!)
 drain=()
@@ -485,13 +568,66 @@ for p in "${drain[@]}"; do
     pvc_yaml "$p" 8Mi | k create -f - >/dev/null
     if [ "$p" = drain-06 ]; then
         drain_at=$EPOCHREALTIME
-        stop_replica "$leader" TERM &
-        stopper=$!
+        (
+            "$kubectl" drain "$drained" --ignore-daemonsets --delete-emptydir-data --timeout=120s >"$work/drain.txt" 2>&1
+            echo "$? $EPOCHREALTIME" >"$work/drain-exit.txt"
+        ) &
+        drainer=$!
     fi
     sleep 1
 done
-wait "$stopper"
-ok "the leading replica $leader stopped by SIGTERM (controller, csi-provisioner, csi-attacher) after 6 of 24 PVCs created one a second"
+wait "$drainer"
+read -r drain_status drain_end <"$work/drain-exit.txt"
+drain_secs=$(python3 -c 'import sys; print(f"{float(sys.argv[2]) - float(sys.argv[1]):.1f}")' "$drain_at" "$drain_end")
+sed 's/^/   kubectl drain: /' "$work/drain.txt"
+if [ "$drain_status" = 0 ]; then
+    ok "kubectl drain $drained succeeded in $drain_secs s, started after 6 of 24 PVCs created one a second"
+else
+    logs kubelet.log
+    bad "kubectl drain $drained exited $drain_status after $drain_secs s"
+fi
+check "the drain evicted the leading replica's pod alone" "$leader" \
+    "$(sed -n 's|^evicting pod '"$ns"'/||p' "$work/drain.txt" | sort -u | paste -sd' ')"
+check "the stand-in stopped its processes and deleted it" "0 gone" \
+    "$(controller_pod_running "$leader") $(gone -n "$ns" pod "$leader" && echo gone)"
+check "the other replica $remaining untouched (same uid, not being deleted, Ready)" "$remaining_uid||True" \
+    "$(jp -n "$ns" pod "$remaining" -o jsonpath='{.metadata.uid}|{.metadata.deletionTimestamp}|{.status.conditions[?(@.type=="Ready")].status}')"
+check "$drained cordoned" true "$(jp node "$drained" -o jsonpath='{.spec.unschedulable}')"
+new_pod() { comm -13 <(echo "$pods_before") <(controller_pods | cut -d'|' -f1 | sort) | head -n 1; }
+replacement=$(new_pod)
+scheduled_pod() { [ -n "$(pod_node "$1")" ]; }
+if [ -n "$replacement" ] && wait_until 60 scheduled_pod "$replacement"; then
+    where=$(pod_node "$replacement")
+    check "the ReplicaSet's replacement $replacement placed off the cordoned $drained" yes "$([ "$where" != "$drained" ] && echo yes)"
+    if wait_until 60 pod_ready "$replacement" True; then
+        if [ "$where" = "$(pod_node "$remaining")" ]; then
+            placement="on $where with the other replica $remaining: the anti-affinity is preferred only and no other system node takes pods (cordoned or out of service)"
+        else
+            placement="on $where, apart from the other replica $remaining (on $(pod_node "$remaining"))"
+        fi
+        ok "the replacement $replacement placed by kube-scheduler $placement; run and Ready"
+    else
+        bad "replacement $replacement on $where not Ready within 60 s"
+    fi
+else
+    echo "   replacement ${replacement:-(none)} stays Pending: $(jp -n "$ns" pod "$replacement" -o jsonpath='{.status.conditions[?(@.type=="PodScheduled")].message}')"
+    check "the ReplicaSet made a replacement pod" yes "$([ -n "$replacement" ] && echo yes)"
+fi
+# The drain as the kubelet stand-in and the watches saw it, in seconds after it began.
+python3 - "$drain_at" "$work/kubelet.log" "$leader" "${replacement:-none}" <<'PY'
+import sys
+start, log, leader, replacement = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+print("   drain timeline, seconds after kubectl drain began:")
+for line in open(log):
+    t, _, what = line.partition(" ")
+    try:
+        t = float(t)
+    except ValueError:
+        continue
+    if t >= start and (what.startswith(leader) or what.startswith(replacement)):
+        print(f"   {t - start:7.2f}  {what.rstrip()}")
+PY
+echo "   drain: $drain_secs s"
 if wait_until 120 all_bound "${drain[@]}"; then
     ok "all 24 PVCs of the drain Bound (provisioner leader now $(holder "$provisioner_lease"))"
 else
@@ -511,11 +647,13 @@ for line in open(events):
 times = sorted(first.values())
 gaps = [(b - a, a) for a, b in zip(times, times[1:])]
 longest, at = max(gaps)
-print(f"{longest:.1f} {at - drain:.1f} {len(times)}")
+# The gaps that end after the drain began: the drain's own.
+during = max(g for g, a in gaps if a + g >= drain)
+print(f"{longest:.1f} {at - drain:.1f} {len(times)} {during:.1f}")
 PY
 )
-read -r longest longest_at made <<<"$gap"
-echo "   drain: longest gap between two PVs made ${longest} s (it began ${longest_at} s after the SIGTERM), ${made} of 24 PVs seen"
+read -r longest longest_at made during <<<"$gap"
+echo "   drain: longest gap between two PVs made ${longest} s (it began ${longest_at} s after kubectl drain began), longest ending after the drain began ${during} s; ${made} of 24 PVs seen"
 lease_arg() { sed -n "s/^--leader-election-$1=\([0-9]*\)s$/\1/p" "$work/csi-provisioner.args"; }
 if grep -qx -- --feature-gates=ReleaseLeaderElectionOnExit=true "$work/csi-provisioner.args"; then
     # The stopped leader gives its Lease back: a standby takes it at its
@@ -536,14 +674,18 @@ fi
 k get nbdvolumes -o jsonpath='{range .items[*]}{.spec.requestName}{"\n"}{end}' | sort | uniq -d >"$work/dups.txt"
 check "no duplicate volume after the drain" "" "$(paste -sd' ' "$work/dups.txt")"
 check "every agent record has its NbdVolume and every NbdVolume its record after the drain" "" "$(records_vs_objects)"
+acting "an admin: kubectl uncordon $drained"
+k uncordon "$drained" >/dev/null
+check "$drained schedulable again" "" "$(jp node "$drained" -o jsonpath='{.spec.unschedulable}')"
 
 # --- every process that should run still does
 for a in "${agents[@]}"; do
     if kill -0 "${agent_pid[$a]}" 2>/dev/null; then ok "agent $a still running"; else bad "agent $a exited: $(tail -n 5 "$work/agent-$a.log")"; fi
 done
-running=0
-for pid in ${replica_pids[$remaining]}; do kill -0 "$pid" 2>/dev/null && running=$((running + 1)); done
-check "replica $remaining's controller, csi-provisioner and csi-attacher still running" 3 "$running"
+for r in $(ready_pods); do
+    check "replica $r's controller, csi-provisioner and csi-attacher still running" 3 "$(controller_pod_running "$r")"
+done
+check "the Deployment: 2 replicas ready" 2 "$(jp -n "$ns" deployment nbd-csi-controller -o jsonpath='{.status.readyReplicas}')"
 if grep -q 'panicked at' "$work"/agent-*.log "$work"/*-controller.log; then
     bad "a panic in a log: $(grep -h 'panicked at' "$work"/agent-*.log "$work"/*-controller.log | head -3)"
 else

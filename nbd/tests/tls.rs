@@ -477,3 +477,33 @@ async fn a_client_stalling_after_starttls_is_dropped_at_the_handshake_timeout() 
     assert!(closed_without_reply(&mut stream).await, "dropped without a TLS byte");
     server.stop().await;
 }
+
+/// After NBD_OPT_GO over TLS the client's session is at rest and its
+/// secrets come out; the kernel takes them if it has TLS. This host has no
+/// tls module: the error names it. Where the kernel has one, a READ then
+/// goes through the kernel's TLS on the bare socket.
+#[tokio::test]
+async fn the_session_goes_to_the_kernel_as_far_as_the_kernel_allows() {
+    let pki = Pki::new("a");
+    let server = TcpServer::start_with(tls_config(TlsMode::Required, pki.server())).await;
+    std::os::unix::fs::FileExt::write_all_at(&server.file, b"kernel TLS", 4096).unwrap();
+    let opts = HandshakeOptions { export_name: NAME.into(), structured_replies: false };
+    let stream = within(TcpStream::connect(server.addr)).await.unwrap();
+    let (tls, _) = within(handshake_tls(stream, &opts, &pki.client("node-a", &pki.ca_path()))).await.unwrap();
+    match nbd::ktls::into_kernel(tls) {
+        Err(nbd::ktls::KtlsError::Unavailable) => {
+            let message = nbd::ktls::KtlsError::Unavailable.to_string();
+            assert!(message.contains("tls.ko"), "{message}");
+        }
+        Ok(mut socket) => {
+            let read =
+                Request { flags: CommandFlags::empty(), command: cmd::READ, cookie: 7, offset: 4096, length: 10 };
+            within(socket.write_all(&read.encode())).await.unwrap();
+            let mut reply = [0u8; SimpleReply::SIZE + 10];
+            within(socket.read_exact(&mut reply)).await.unwrap();
+            assert_eq!(&reply[SimpleReply::SIZE..], b"kernel TLS");
+        }
+        Err(other) => panic!("the session should reach the kernel: {other}"),
+    }
+    server.stop().await;
+}

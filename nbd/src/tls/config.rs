@@ -148,6 +148,8 @@ impl ClientTls {
         // Nothing to resume: every connection is a full handshake, and a
         // session handed to the kernel keeps no ticket anyway.
         config.resumption = rustls::client::Resumption::disabled();
+        // The node plugin hands the session to the kernel (`crate::ktls`).
+        config.enable_secret_extraction = true;
         Ok(Self { config: Arc::new(config), server_name })
     }
 
@@ -214,6 +216,7 @@ mod tests {
         let tls = ClientTls::new(vec![ca_cert.clone()], vec![cert.clone()], key.clone_key(), "127.0.0.1").unwrap();
         assert_eq!(tls.server_name().to_str(), "127.0.0.1");
         assert!(!tls.config().enable_early_data);
+        assert!(tls.config().enable_secret_extraction, "kTLS needs the secrets");
         let bad = ClientTls::new(vec![ca_cert], vec![cert], key, "not a name").unwrap_err();
         assert!(matches!(bad, TlsConfigError::ServerName(_)), "{bad}");
     }

@@ -131,13 +131,13 @@ mod tests {
         published.insert("b".to_string(), publication(true, Some(&["10.0.0.2", "fd00::2"])));
         let (allowed, read_only) = policy(&published);
         assert_eq!(allowed, Allowed::Only(ips(&["10.0.0.1", "10.0.0.2", "fd00::2"])));
-        assert_eq!(read_only, ReadOnlyPeers { all: false, peers: ips(&["10.0.0.2", "fd00::2"]) });
+        assert_eq!(read_only, ReadOnlyPeers { peers: ips(&["10.0.0.2", "fd00::2"]), ..Default::default() });
 
         // Unknown addresses: anyone may connect; read-only for all only
         // when nobody may write.
         let mut unknown = BTreeMap::new();
         unknown.insert("a".to_string(), publication(true, None));
-        assert_eq!(policy(&unknown), (Allowed::Any, ReadOnlyPeers { all: true, peers: BTreeSet::new() }));
+        assert_eq!(policy(&unknown), (Allowed::Any, ReadOnlyPeers { all: true, ..Default::default() }));
         unknown.insert("b".to_string(), publication(false, None));
         assert_eq!(policy(&unknown), (Allowed::Any, ReadOnlyPeers::default()));
     }

@@ -1,14 +1,19 @@
 //! Client side of the fixed-newstyle handshake, generic over any async
 //! stream. After [`handshake`] the stream is positioned at the start of the
-//! transmission phase, ready to be handed to the kernel.
+//! transmission phase, ready to be handed to the kernel. [`handshake_tls`]
+//! starts TLS first (NBD_OPT_STARTTLS, then a rustls handshake with this
+//! node's certificate) and negotiates the export over it.
 
 use std::io;
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::client::TlsStream;
 
 use crate::consts::{info, limits, opt, rep};
 use crate::error::Error;
 use crate::flags::{ClientFlags, HandshakeFlags, TransmissionFlags};
+use crate::tls::ClientTls;
 use crate::wire::{ExportNameReply, Greeting, InfoReply, InfoRequest, OptionHeader, OptionReplyHeader};
 
 /// What the client asks for.
@@ -49,6 +54,49 @@ pub async fn handshake<S>(stream: &mut S, opts: &HandshakeOptions) -> Result<Exp
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let no_zeroes = greet(stream).await?;
+    negotiate_export(stream, opts, no_zeroes).await
+}
+
+/// The handshake over TLS: NBD_OPT_STARTTLS as the first option (so no
+/// option crosses in plaintext), the TLS handshake with `tls`'s client
+/// certificate, then the export negotiated as [`handshake`] does. A server
+/// that refuses STARTTLS ends it with [`Error::Refused`]: this client never
+/// falls back to plaintext. Returns the TLS stream, at the start of the
+/// transmission phase.
+pub async fn handshake_tls<S>(
+    mut stream: S,
+    opts: &HandshakeOptions,
+    tls: &ClientTls,
+) -> Result<(TlsStream<S>, Export), Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let no_zeroes = greet(&mut stream).await?;
+    send_option(&mut stream, opt::STARTTLS, &[]).await?;
+    let (header, payload) = read_reply(&mut stream, opt::STARTTLS).await?;
+    match header.reply {
+        rep::ACK if payload.is_empty() => {}
+        reply if reply & rep::ERR_BIT != 0 => {
+            let message = String::from_utf8_lossy(&payload).into_owned();
+            return Err(Error::Refused { option: opt::STARTTLS, reply, message });
+        }
+        reply => return Err(Error::UnexpectedReply { option: opt::STARTTLS, reply }),
+    }
+    // Nothing past the ACK was read: the server's first TLS bytes are
+    // still in the stream for rustls.
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(tls.config()));
+    let mut stream = connector.connect(tls.server_name().clone(), stream).await.map_err(Error::TlsHandshake)?;
+    let export = negotiate_export(&mut stream, opts, no_zeroes).await?;
+    Ok((stream, export))
+}
+
+/// Reads the greeting and sends the client flags; returns whether the
+/// 124 zero bytes are left out of an NBD_OPT_EXPORT_NAME reply.
+async fn greet<S>(stream: &mut S) -> Result<bool, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut greeting = [0u8; Greeting::SIZE];
     stream.read_exact(&mut greeting).await?;
     let greeting = Greeting::decode(&greeting)?;
@@ -60,7 +108,15 @@ where
     let mut flags = ClientFlags::C_FIXED_NEWSTYLE;
     flags.set(ClientFlags::C_NO_ZEROES, no_zeroes);
     stream.write_all(&flags.bits().to_be_bytes()).await?;
+    Ok(no_zeroes)
+}
 
+/// From the first option after the greeting (or after TLS) to the
+/// transmission phase.
+async fn negotiate_export<S>(stream: &mut S, opts: &HandshakeOptions, no_zeroes: bool) -> Result<Export, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut structured = false;
     if opts.structured_replies {
         send_option(stream, opt::STRUCTURED_REPLY, &[]).await?;

@@ -176,6 +176,20 @@ mod tests {
         assert_eq!([info::EXPORT, info::NAME, info::DESCRIPTION, info::BLOCK_SIZE], [0, 1, 2, 3]);
     }
 
+    /// The numbers NBD_OPT_STARTTLS haggling uses, as the spec's TLS
+    /// section and its option and reply lists give them: STARTTLS is
+    /// option 5; NOTLS answers it with ERR_POLICY (2^31 + 2), a second one
+    /// gets ERR_INVALID (2^31 + 3), and FORCEDTLS answers other options
+    /// before TLS with ERR_TLS_REQD (2^31 + 5).
+    #[test]
+    fn tls_numbers_match_spec() {
+        assert_eq!(opt::STARTTLS, 5);
+        assert_eq!(rep::ERR_POLICY, (1 << 31) + 2);
+        assert_eq!(rep::ERR_INVALID, (1 << 31) + 3);
+        assert_eq!(rep::ERR_TLS_REQD, (1 << 31) + 5);
+        assert_eq!(rep::ERR_TLS_REQD, 0x8000_0005);
+    }
+
     #[test]
     fn commands_and_reply_types_match_spec() {
         let cmds = [

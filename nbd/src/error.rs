@@ -35,6 +35,10 @@ pub enum Error {
     NotFixedNewstyle,
     #[error("handshake not finished within {0:?}")]
     HandshakeTimeout(std::time::Duration),
+    /// The TLS handshake after NBD_OPT_STARTTLS failed: a certificate
+    /// refused by either side, or a protocol error.
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(io::Error),
 }
 
 fn suffix(message: &str) -> String {
@@ -47,7 +51,7 @@ impl Error {
             Self::Io(_) => ErrorKind::Io,
             Self::Wire(_) | Self::Protocol(_) | Self::UnexpectedReply { .. } => ErrorKind::Protocol,
             Self::MissingExportInfo | Self::NotFixedNewstyle => ErrorKind::Protocol,
-            Self::Refused { .. } => ErrorKind::Refused,
+            Self::Refused { .. } | Self::TlsHandshake(_) => ErrorKind::Refused,
             Self::HandshakeTimeout(_) => ErrorKind::Timeout,
         }
     }

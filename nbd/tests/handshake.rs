@@ -140,12 +140,23 @@ async fn malformed_go_data_is_invalid() {
 async fn unknown_options_are_unsupported() {
     let mut h = start(config());
     h.client.begin_fixed().await;
-    for option in [42, opt::STARTTLS, opt::EXTENDED_HEADERS, opt::PEEK_EXPORT, 0, u32::MAX] {
+    for option in [42, opt::EXTENDED_HEADERS, opt::PEEK_EXPORT, 0, u32::MAX] {
         h.client.option(option, b"some data").await;
         h.client.expect_reply(option, rep::ERR_UNSUP).await;
     }
-    h.client.option(opt::STARTTLS, &[]).await;
-    h.client.expect_reply(opt::STARTTLS, rep::ERR_UNSUP).await;
+    assert_eq!(h.client.go().await, DEFAULT_FLAGS);
+}
+
+/// TLS off (the spec's NOTLS mode, the default): STARTTLS is a known
+/// option the export's policy refuses, and nothing else changes.
+#[tokio::test]
+async fn starttls_is_refused_by_policy_when_tls_is_off() {
+    let mut h = start(config());
+    h.client.begin_fixed().await;
+    for data in [&b""[..], b"some data"] {
+        h.client.option(opt::STARTTLS, data).await;
+        h.client.expect_reply(opt::STARTTLS, rep::ERR_POLICY).await;
+    }
     assert_eq!(h.client.go().await, DEFAULT_FLAGS);
 }
 

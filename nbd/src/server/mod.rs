@@ -5,6 +5,14 @@
 //! acknowledged: that is what makes advertising CAN_MULTI_CONN truthful.
 //! Connections over the export's or a peer's cap are closed right after
 //! accept (see `admission`).
+//!
+//! An export may speak TLS ([`ExportConfig::tls`]): NBD_OPT_STARTTLS
+//! upgrades the connection in the middle of option haggling, and its
+//! transmission then runs over rustls in this process. READ data cannot
+//! go out with sendfile(2) there; it is read into memory and encrypted (the
+//! copy path), and [`ExportStats::tls_userspace_connections`] counts such
+//! connections. A TLS connection is closed once it has carried its record
+//! limit, before its keys would need renewing (see `crate::tls::records`).
 
 mod access;
 mod admission;
@@ -24,19 +32,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
+use crate::error::Error;
 use crate::flags::TransmissionFlags;
+use crate::tls::records::{RecordCounting, RecordLimit};
+use crate::tls::{TlsMode, node_name};
 
 use access::Ticket;
-pub use access::{Access, Allowed, Fence, ReadOnlyPeers, Stop};
+pub use access::{Access, Allowed, Client, Decision, Fence, Gate, ReadOnlyPeers, Stop};
 use admission::{AcceptBackoff, ConnectionLimits, RefusalLog, Refused, Slot};
 pub use backend::Backend;
 pub use cow::CopyBeforeWrite;
 pub use gate::{WriteGate, WritesPaused};
+use handshake::{Negotiation, Outcome};
 pub use sink::ReplySink;
 
 /// How long a stopping server waits for connections to send owed replies.
@@ -92,6 +105,8 @@ pub struct ExportConfig {
     pub max_connections: usize,
     /// Connections one source address holds at once, likewise. At least 1.
     pub max_connections_per_peer: usize,
+    /// Off, allowed or required (see [`TlsMode`]).
+    pub tls: TlsMode,
 }
 
 impl ExportConfig {
@@ -106,6 +121,7 @@ impl ExportConfig {
             connection_buffer_budget: 64 << 20,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            tls: TlsMode::Off,
         }
     }
 }
@@ -121,6 +137,18 @@ pub struct ExportStats {
     pub in_flight: AtomicU64,
     pub connections: AtomicU64,
     pub errors: AtomicU64,
+    /// Open connections in transmission over TLS in this process (rustls):
+    /// their READ data is copied through userspace instead of sent with
+    /// sendfile(2). There is no kernel TLS on the server's side yet, so
+    /// this is every TLS connection; plaintext ones are the rest of
+    /// `connections`.
+    pub tls_userspace_connections: AtomicU64,
+    /// TLS handshakes that failed (no client certificate, another CA, a
+    /// protocol error).
+    pub tls_handshake_failures: AtomicU64,
+    /// TLS connections closed at their record limit; their clients
+    /// reconnect with fresh keys.
+    pub tls_record_limit_closes: AtomicU64,
 }
 
 /// One export: its configuration, backing file and counters, shared by every
@@ -241,42 +269,121 @@ impl Export {
 }
 
 /// Serves one client on an already-accepted stream until it disconnects,
-/// breaks the protocol, or `shutdown` turns true.
+/// breaks the protocol, or `shutdown` turns true. The export's access
+/// policy is not consulted (no registry, no peer address).
 pub async fn serve_stream<S>(export: Arc<Export>, stream: S, shutdown: watch::Receiver<bool>) -> crate::Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (rd, wr) = tokio::io::split(stream);
-    serve_halves(export, rd, wr, false, Stop::new(shutdown)).await
+    // Boxed and pinned: the TLS upgrade needs an `Unpin` stream.
+    let stream = Box::pin(stream);
+    let split = |stream| tokio::io::split(stream);
+    let join = |rd: tokio::io::ReadHalf<_>, wr| Ok(rd.unsplit(wr));
+    serve(Negotiation::new(export, None), stream, split, join, Stop::new(shutdown)).await
 }
 
-/// `peer_read_only`: the peer may only read, even if the export is writable.
-/// `shutdown` is dropped once this session can no longer touch the file.
-async fn serve_halves<R, W>(
-    export: Arc<Export>,
-    mut rd: R,
-    mut wr: W,
-    peer_read_only: bool,
+/// One connection from greeting to close: the handshake, a TLS upgrade
+/// if the client starts one, the transmission. `split` cuts the stream
+/// into what the handshake and transmission read from and reply to;
+/// `join` puts it back together for the upgrade. `shutdown` is dropped
+/// once this session can no longer touch the file.
+async fn serve<S, R, W>(
+    mut negotiation: Negotiation,
+    stream: S,
+    split: impl FnOnce(S) -> (R, W),
+    join: impl FnOnce(R, W) -> io::Result<S>,
     mut shutdown: Stop,
 ) -> crate::Result<()>
 where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     R: AsyncRead + Unpin + Send + 'static,
     W: ReplySink,
 {
-    let negotiated = tokio::select! {
-        negotiated = handshake::negotiate_with_timeout(&export, &mut rd, &mut wr, peer_read_only) => negotiated?,
+    let export = Arc::clone(negotiation.export());
+    let limit = export.config().handshake_timeout;
+    // One deadline for the whole handshake, TLS included.
+    let deadline = Instant::now() + limit;
+    let (mut rd, mut wr) = split(stream);
+    let haggled = async {
+        negotiation.greet(&mut rd, &mut wr).await?;
+        negotiation.haggle(&mut rd, &mut wr).await
+    };
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout_at(deadline, haggled) => outcome.map_err(|_| Error::HandshakeTimeout(limit))??,
         () = shutdown.requested() => return Ok(()),
     };
-    let Some(session) = negotiated else {
-        return Ok(());
-    };
-    transmission::run(export, session, rd, wr, shutdown).await
+    match outcome {
+        Outcome::Close => Ok(()),
+        Outcome::Transmission(session) => transmission::run(export, session, rd, wr, shutdown).await,
+        Outcome::StartTls => serve_tls(negotiation, join(rd, wr)?, deadline, shutdown).await,
+    }
 }
 
-async fn serve_tcp(export: Arc<Export>, stream: TcpStream, read_only: bool, shutdown: Stop) -> crate::Result<()> {
+/// The rest of a connection after NBD_OPT_STARTTLS was acknowledged: the
+/// TLS handshake (the client's certificate must chain to the export's CA),
+/// haggling on over TLS, and a transmission that ends at the record limit.
+async fn serve_tls<S>(
+    mut negotiation: Negotiation,
+    stream: S,
+    deadline: Instant,
+    mut shutdown: Stop,
+) -> crate::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let export = Arc::clone(negotiation.export());
+    let limit = export.config().handshake_timeout;
+    let tls = export.config().tls.server().cloned().ok_or_else(|| Error::Protocol("STARTTLS without TLS".into()))?;
+    let records = RecordLimit::new(tls.record_limit());
+    let accepting =
+        tokio_rustls::TlsAcceptor::from(Arc::clone(tls.config())).accept(RecordCounting::new(stream, records.clone()));
+    let accepted = tokio::select! {
+        accepted = tokio::time::timeout_at(deadline, accepting) => accepted.map_err(|_| Error::HandshakeTimeout(limit))?,
+        () = shutdown.requested() => return Ok(()),
+    };
+    let stream = accepted.map_err(|e| {
+        export.stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+        Error::TlsHandshake(e)
+    })?;
+    negotiation.tls_established(node_name(stream.get_ref().1.peer_certificates()));
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout_at(deadline, negotiation.haggle(&mut rd, &mut wr)) => {
+            outcome.map_err(|_| Error::HandshakeTimeout(limit))??
+        }
+        () = shutdown.requested() => return Ok(()),
+    };
+    match outcome {
+        Outcome::Close => {
+            // close_notify, as the spec asks of whoever ends a TLS session.
+            let _ = wr.shutdown().await;
+            Ok(())
+        }
+        // The handshake answers a second STARTTLS with an error.
+        Outcome::StartTls => Err(Error::Protocol("NBD_OPT_STARTTLS under TLS".into())),
+        Outcome::Transmission(session) => {
+            let _counted = CountedTls::new(&export);
+            let stop = shutdown.drain_when(records.reached());
+            let result = transmission::run(Arc::clone(&export), session, rd, wr, stop).await;
+            if records.is_reached() {
+                export.stats.tls_record_limit_closes.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    sent = records.sent(),
+                    received = records.received(),
+                    limit = records.soft(),
+                    "TLS connection closed at its record limit; the client reconnects with fresh keys"
+                );
+            }
+            result
+        }
+    }
+}
+
+async fn serve_tcp(export: Arc<Export>, stream: TcpStream, gate: Gate, shutdown: Stop) -> crate::Result<()> {
     tune_socket(&stream)?;
-    let (rd, wr) = stream.into_split();
-    serve_halves(export, rd, wr, read_only, shutdown).await
+    let split = TcpStream::into_split;
+    let join = |rd: tokio::net::tcp::OwnedReadHalf, wr| rd.reunite(wr).map_err(io::Error::other);
+    serve(Negotiation::new(export, Some(gate)), stream, split, join, shutdown).await
 }
 
 /// Socket options for an accepted client: no Nagle (replies are batched by
@@ -309,6 +416,23 @@ impl Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         self.0.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts one connection in [`ExportStats::tls_userspace_connections`]
+/// for as long as its transmission runs.
+struct CountedTls(Arc<Export>);
+
+impl CountedTls {
+    fn new(export: &Arc<Export>) -> Self {
+        export.stats.tls_userspace_connections.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(export))
+    }
+}
+
+impl Drop for CountedTls {
+    fn drop(&mut self) {
+        self.0.stats.tls_userspace_connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -403,8 +527,8 @@ async fn serve_admitted(
     stop: watch::Receiver<bool>,
 ) {
     let counted = Counted::new(&export);
-    let read_only = ticket.read_only();
-    let result = ticket.run(stop, |stop| serve_tcp(export, stream, read_only, stop)).await;
+    let gate = ticket.gate();
+    let result = ticket.run(stop, |stop| serve_tcp(export, stream, gate, stop)).await;
     drop(counted);
     drop(slot);
     match result {

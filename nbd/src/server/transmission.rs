@@ -16,7 +16,9 @@
 //! dropped unanswered (it was never acknowledged, so the client cannot rely
 //! on it), the replies already queued are sent, and the connection closes.
 //! The reader lets go of its [`Stop`] as it ends, which tells a fence
-//! waiting on it that this connection can no longer change the file.
+//! waiting on it that this connection can no longer change the file. A
+//! drain (a TLS connection at its record limit) ends the reader the same
+//! way, but only between requests: the one it has begun is answered.
 //!
 //! A change to the file (WRITE, TRIM, WRITE_ZEROES) runs under the write
 //! gate and first lets every copy in progress save the data it replaces
@@ -171,7 +173,7 @@ impl Conn {
             tokio::select! {
                 // Shutdown first: a busy client always has a header buffered.
                 biased;
-                () = shutdown.requested() => return Ok(()),
+                () = shutdown.requested_or_draining() => return Ok(()),
                 read = rd.read_exact(&mut header) => match read {
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),

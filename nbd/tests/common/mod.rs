@@ -8,6 +8,8 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -372,8 +374,12 @@ pub struct TcpServer {
 
 impl TcpServer {
     pub async fn start() -> Self {
+        Self::start_with(config()).await
+    }
+
+    pub async fn start_with(config: ExportConfig) -> Self {
         let file = backing_file();
-        let export = Export::from_file(file.try_clone().expect("dup"), config()).expect("export");
+        let export = Export::from_file(file.try_clone().expect("dup"), config).expect("export");
         let server = nbd::server::Server::bind(Arc::clone(&export), "127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = server.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -171,6 +171,57 @@ scenario_ioctl() {
     fi
 }
 
+# The ioctls cannot add devices: with every /dev/nbdX (nbds_max=16 here)
+# attached, one more attach (its handshake done) fails at once saying why (the plugin maps it
+# to RESOURCE_EXHAUSTED), never waits for a device; one given back is
+# taken by the next attach.
+scenario_ioctl_exhausted() {
+    truncate -s 16M /tmp/full.img
+    serve 10841 $CTRL serve-file /tmp/full.img --listen 127.0.0.1:10841 --export-name vol-full
+    total=$(ls -d /sys/block/nbd* | wc -l)
+    pids=""
+    n=0
+    while [ $n -lt "$total" ]; do
+        $NODE attach nbd://127.0.0.1:10841/vol-full --backend-id "vol-full-$n" --ioctl >"/tmp/full-$n.out" 2>/dev/null &
+        pids="$pids $!"
+        i=0
+        while ! grep -q '^device=' "/tmp/full-$n.out" && [ $i -lt 100 ]; do usleep 100000; i=$((i + 1)); done
+        n=$((n + 1))
+    done
+    attached=$(cat /tmp/full-*.out | grep -c '^device=')
+    # From a second server: the first admits 16 connections from one peer.
+    truncate -s 16M /tmp/extra.img
+    first_server=$p
+    serve 10842 $CTRL serve-file /tmp/extra.img --listen 127.0.0.1:10842 --export-name vol-extra
+    start_ms=$(now_ms)
+    timeout 30 $NODE attach nbd://127.0.0.1:10842/vol-extra --backend-id vol-full-extra --ioctl >/tmp/full-extra.out 2>/tmp/full-extra.err
+    rc=$?
+    took=$(($(now_ms) - start_ms))
+    kill $p; wait $p 2>/dev/null
+    p=$first_server
+    # One given back, the next attach gets it.
+    first=$(echo $pids | cut -d' ' -f1)
+    freed=$(field device < /tmp/full-0.out)
+    kill -TERM "$first"; wait "$first"
+    $NODE attach nbd://127.0.0.1:10841/vol-full --backend-id vol-full-again --ioctl >/tmp/full-again.out 2>/dev/null &
+    again=$!
+    i=0
+    while ! grep -q '^device=' /tmp/full-again.out && [ $i -lt 100 ]; do usleep 100000; i=$((i + 1)); done
+    reused=$(field device < /tmp/full-again.out)
+    for pid in $pids $again; do kill -TERM "$pid" 2>/dev/null; done
+    for pid in $pids $again; do wait "$pid" 2>/dev/null; done
+    left=0
+    for size in /sys/block/nbd*/size; do [ "$(cat "$size")" = 0 ] || left=$((left + 1)); done
+    kill $p; wait $p 2>/dev/null
+    detail="$attached of $total devices attached; one more: rc=$rc after $took ms: $(tail -1 /tmp/full-extra.err | cut -c1-200); freed $freed, reused $reused; $left left attached"
+    if [ "$attached" = "$total" ] && [ "$rc" != 0 ] && [ "$rc" != 124 ] && grep -q 'every /dev/nbdX is in use' /tmp/full-extra.err \
+        && [ "$reused" = "$freed" ] && [ "$left" = 0 ]; then
+        result ioctl-exhausted PASS "$detail"
+    else
+        result ioctl-exhausted FAIL "$detail"
+    fi
+}
+
 # Write+verify on the raw device (several passes of a random pattern) while
 # something is killed; any I/O error or mismatch fails.
 io_loop() { # dev seconds -> writes /tmp/io.result
@@ -854,7 +905,7 @@ scenario_metrics() {
     fi
 }
 
-for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl heal expand expand_xfs expand_block metrics shared_block dead_server fio_controller_kill fio_plugin_kill fresh_container reconcile heal_after_timeout sanity_mount sanity_block}" | tr , " "); do
+for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl ioctl_exhausted heal expand expand_xfs expand_block metrics shared_block dead_server fio_controller_kill fio_plugin_kill fresh_container reconcile heal_after_timeout sanity_mount sanity_block}" | tr , " "); do
     t0=$(cut -d. -f1 /proc/uptime)
     "scenario_$s"
     echo "vm: scenario $s took $(($(cut -d. -f1 /proc/uptime) - t0)) s"

@@ -23,7 +23,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -176,73 +175,27 @@ impl Metrics {
     }
 }
 
-/// The Prometheus text exposition format's content type.
-const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// Answers `GET /metrics` on `listener` with the metrics, until dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = Arc::clone(&metrics);
-            async move {
-                match tokio::task::spawn_blocking(move || metrics.render()).await {
-                    Ok(text) => Ok(([(http::header::CONTENT_TYPE, TEXT_FORMAT)], text)),
-                    Err(e) => {
-                        tracing::error!(error = %e, "rendering the metrics failed");
-                        Err(http::StatusCode::INTERNAL_SERVER_ERROR)
-                    }
-                }
-            }
-        }),
-    );
-    axum::serve(listener, app).await
-}
-
-/// Binds the metrics listener and serves it in the background.
+/// Binds the metrics listener and serves it in the background
+/// ([`csi_proto::metrics_endpoint`]).
 pub async fn spawn(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = serve(listener, metrics).await {
-            tracing::error!(error = %e, "metrics endpoint stopped");
-        }
-    });
-    Ok(local)
+    csi_proto::metrics_endpoint::spawn(addr, Arc::new(move || metrics.render())).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn http(addr: SocketAddr, request: &str) -> String {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply).await.unwrap();
-        reply
-    }
-
-    #[tokio::test]
-    async fn scrapes_get_the_text_format_and_nothing_else_is_served() {
-        let metrics = Arc::new(Metrics::new(ExportTable::default()));
+    #[test]
+    fn the_rpc_counters_are_rendered() {
+        let metrics = Metrics::new(ExportTable::default());
         metrics.observe("Probe", tonic::Code::Ok, Duration::from_millis(2));
-        let addr = spawn("127.0.0.1:0".parse().unwrap(), metrics).await.unwrap();
-        let close = "Connection: close\r\n\r\n";
-        let reply = http(addr, &format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{close}")).await;
-        assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
-        assert!(reply.to_ascii_lowercase().contains(&format!("content-type: {TEXT_FORMAT}")), "{reply}");
-        assert!(reply.contains("nbd_csi_rpc_requests_total{method=\"Probe\",code=\"Ok\"} 1"), "{reply}");
-        let other = http(addr, &format!("GET /other HTTP/1.1\r\nHost: x\r\n{close}")).await;
-        assert!(other.starts_with("HTTP/1.1 404"), "{other}");
-        let post = http(addr, &format!("POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n{close}")).await;
-        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        let text = metrics.render();
+        assert!(text.contains("nbd_csi_rpc_requests_total{method=\"Probe\",code=\"Ok\"} 1"), "{text}");
     }
 
     /// The store's usage as an agent process serves it: the written
     /// volume's allocated bytes, the empty one's near zero, the free bytes
-    /// of a 64 MiB tmpfs as statvfs says; over the real endpoint.
+    /// of a 64 MiB tmpfs as statvfs says.
     #[tokio::test]
     async fn an_agents_metrics_show_each_volumes_allocation_and_the_free_space() {
         use agent::testing::{Client, Tmpfs};
@@ -274,8 +227,7 @@ mod tests {
         assert_eq!(client.write(0, &[7; 1 << 20]).await.unwrap(), 0);
         assert_eq!(client.flush().await.unwrap(), 0);
 
-        let addr = spawn("127.0.0.1:0".parse().unwrap(), Arc::new(Metrics::for_agent(&agent))).await.unwrap();
-        let reply = http(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        let reply = Metrics::for_agent(&agent).render();
         let value = |name: &str, labels: &str| -> u64 {
             let prefix = format!("{name}{{{labels}}} ");
             let line = reply.lines().find_map(|l| l.strip_prefix(&prefix));

@@ -5,7 +5,8 @@
 //! lives in [`v1`] and is re-exported at the crate root. [`plugin`] holds
 //! what both nbd-csi binaries report about the plugin as a whole, and
 //! [`contract`] what the controller tells the node plugin (publish and
-//! volume context, the `nbd://` URI) and the parameters it accepts.
+//! volume context, the `nbd://` URI) and the parameters it accepts;
+//! [`metrics_endpoint`] the `GET /metrics` endpoint both serve.
 
 /// Generated code for the `csi.v1` protobuf package.
 #[allow(
@@ -24,6 +25,7 @@ pub mod v1 {
 pub use v1::*;
 
 pub mod contract;
+pub mod metrics_endpoint;
 pub mod plugin;
 pub mod shutdown;
 pub mod uds;

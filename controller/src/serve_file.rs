@@ -1,10 +1,13 @@
-//! `serve-file`: one file, one export, exactly the server volumes use.
+//! `serve-file`: one file, one export, exactly the server volumes use;
+//! with `--tls-dir` and `--tls`, NBD over TLS (the real-kernel test bed's
+//! server for kTLS on the node).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use nbd::server::{Export, ExportConfig, Server};
+use nbd::tls::{ServerTls, TlsMode};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -30,6 +33,31 @@ pub struct Args {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..),
         default_value_t = nbd::server::DEFAULT_MAX_CONNECTIONS_PER_PEER as u32)]
     max_connections_per_peer: u32,
+    /// NBD over TLS: `required` (nothing before STARTTLS but STARTTLS) or
+    /// `allowed` (the client chooses); needs --tls-dir. Default: no TLS.
+    #[arg(long, value_enum, requires = "tls_dir")]
+    tls: Option<TlsArg>,
+    /// The server's certificates: tls.crt and tls.key (its certificate,
+    /// naming the address clients dial, and key) and ca.crt (the CA client
+    /// certificates must chain to).
+    #[arg(long, requires = "tls")]
+    tls_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TlsArg {
+    Required,
+    Allowed,
+}
+
+fn tls_mode(mode: Option<TlsArg>, dir: Option<&std::path::Path>) -> anyhow::Result<TlsMode> {
+    let (Some(mode), Some(dir)) = (mode, dir) else { return Ok(TlsMode::Off) };
+    let tls = ServerTls::from_pem_files(&dir.join("tls.crt"), &dir.join("tls.key"), &dir.join("ca.crt"))
+        .with_context(|| format!("--tls-dir {}", dir.display()))?;
+    Ok(match mode {
+        TlsArg::Required => TlsMode::Required(tls),
+        TlsArg::Allowed => TlsMode::Allowed(tls),
+    })
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -39,6 +67,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.max_connections = args.max_connections as usize;
     config.max_connections_per_peer = args.max_connections_per_peer as usize;
     config.description = format!("nbd-csi serve-file {}", args.path.display());
+    config.tls = tls_mode(args.tls, args.tls_dir.as_deref())?;
+    let tls = match args.tls {
+        None => "off",
+        Some(TlsArg::Required) => "required",
+        Some(TlsArg::Allowed) => "allowed",
+    };
     let export = Export::open(&args.path, config).with_context(|| format!("opening {}", args.path.display()))?;
     let server = Server::bind(export, args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let shutdown = csi_proto::shutdown::shutdown_signal()?;
@@ -46,6 +80,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         path = %args.path.display(),
         listen = %server.local_addr()?,
         size = server.export().size(),
+        tls,
         "serving"
     );
     server.run(shutdown).await?;

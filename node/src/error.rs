@@ -16,6 +16,9 @@ pub enum ErrorKind {
     Exhausted,
     /// The NBD server cannot be reached or refused the export.
     Unavailable,
+    /// The node lacks something the volume requires and retrying will not
+    /// bring (kernel TLS without the `tls` module): FAILED_PRECONDITION.
+    Unsupported,
     /// The kernel refused a request (netlink, ioctl, mount).
     Kernel,
     /// Any other I/O failure.
@@ -30,6 +33,7 @@ impl fmt::Display for ErrorKind {
             Self::Busy => "busy",
             Self::Exhausted => "resource exhausted",
             Self::Unavailable => "unavailable",
+            Self::Unsupported => "unsupported",
             Self::Kernel => "kernel",
             Self::Io => "i/o",
         };
@@ -87,6 +91,22 @@ impl Error {
     }
 }
 
+/// Handing a TLS session to the kernel, mapped once: a kernel without the
+/// `tls` module is a precondition the node does not meet (the message names
+/// `tls.ko`), never a reason to fall back to plaintext; a session that was
+/// not at rest is the server's doing and worth a new connection.
+impl From<nbd::ktls::KtlsError> for Error {
+    fn from(e: nbd::ktls::KtlsError) -> Self {
+        use nbd::ktls::KtlsError as K;
+        let kind = match &e {
+            K::Unavailable | K::UnsupportedCipher => ErrorKind::Unsupported,
+            K::NotAtRest(_) => ErrorKind::Unavailable,
+            K::Sockopt { .. } | K::Secrets(_) => ErrorKind::Kernel,
+        };
+        Self::with_source(kind, "handing the TLS session to the kernel (kTLS)", e)
+    }
+}
+
 /// Adds context to fallible calls: `.ctx(ErrorKind::Io, || format!(...))`.
 pub trait Context<T> {
     fn ctx<M: Into<String>>(self, kind: ErrorKind, message: impl FnOnce() -> M) -> Result<T>;
@@ -110,5 +130,15 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::Busy);
         assert!(err.chain().starts_with("unmounting /x: "));
         assert_eq!(err.errno(), Some(nix::errno::Errno::EBUSY));
+    }
+
+    #[test]
+    fn a_kernel_without_tls_is_unsupported_and_names_the_module() {
+        let err = Error::from(nbd::ktls::KtlsError::Unavailable);
+        assert_eq!(err.kind, ErrorKind::Unsupported);
+        assert!(err.chain().contains("tls.ko"), "{}", err.chain());
+        let sockopt = nbd::ktls::KtlsError::Sockopt { what: "SOL_TLS TLS_TX", errno: nix::errno::Errno::EINVAL };
+        assert_eq!(Error::from(sockopt).kind, ErrorKind::Kernel);
+        assert_eq!(Error::from(nbd::ktls::KtlsError::NotAtRest("x")).kind, ErrorKind::Unavailable);
     }
 }

@@ -30,6 +30,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use crate::attach::tls::TlsDir;
 use crate::attach::{AttachSpec, Attacher, KernelAttacher};
 use crate::connections::{connection_count, default_connections};
 use crate::uri::NbdUri;
@@ -60,6 +61,29 @@ struct AttachArgs {
     /// which on a route into a pod network is the bridge's or tunnel's address.
     #[arg(long, env = "NBD_CSI_SOURCE_ADDRESS")]
     source_address: Option<IpAddr>,
+    /// The node's certificates for exports that require TLS (nbds://): a
+    /// directory with ca.crt (the CA the servers' certificates chain to),
+    /// tls.crt and tls.key (this node's certificate, its node name as the
+    /// DNS name, and key), as a kubernetes.io/tls Secret plus the CA mount
+    /// them. Read again at every attach and reconnect. Without it an nbds://
+    /// volume is refused.
+    #[arg(long, env = "NBD_CSI_TLS_DIR")]
+    tls_dir: Option<std::path::PathBuf>,
+}
+
+impl AttachArgs {
+    /// The certificates directory, checked (every file readable) when given.
+    fn tls_dir(&self) -> anyhow::Result<Option<TlsDir>> {
+        let Some(dir) = &self.tls_dir else { return Ok(None) };
+        let dir = TlsDir::new(dir);
+        dir.check().map_err(|e| anyhow::anyhow!(e.chain()))?;
+        Ok(Some(dir))
+    }
+
+    /// The kernel attacher these arguments describe.
+    fn attacher(&self) -> anyhow::Result<KernelAttacher> {
+        Ok(KernelAttacher::open(self.ioctl)?.with_source_address(self.source_address).with_tls_dir(self.tls_dir()?))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -112,6 +136,9 @@ enum Command {
         /// Seconds between checks that every staged volume has its device.
         #[arg(long, default_value_t = 10)]
         check_interval: u64,
+        /// The node's certificates for nbds:// volumes (as for `attach`).
+        #[arg(long, env = "NBD_CSI_TLS_DIR")]
+        tls_dir: Option<std::path::PathBuf>,
     },
 }
 
@@ -184,7 +211,9 @@ fn main() -> anyhow::Result<()> {
         Command::Detach { backend_id } => runtime.block_on(detach_cmd(&backend_id)),
         Command::Serve(args) if validate => print_serve_plan(&args),
         Command::Serve(args) => runtime.block_on(serve(args)),
-        Command::Watch { state_dir, check_interval } => runtime.block_on(watch(state_dir, check_interval)),
+        Command::Watch { state_dir, check_interval, tls_dir } => {
+            runtime.block_on(watch(state_dir, check_interval, tls_dir))
+        }
         Command::Status => runtime.block_on(status_cmd()),
     }
 }
@@ -206,7 +235,7 @@ async fn attach_cmd(
     args: &AttachArgs,
 ) -> anyhow::Result<()> {
     let spec = spec(uri, backend_id, args)?;
-    let attacher = KernelAttacher::open(args.ioctl)?.with_source_address(args.source_address);
+    let attacher = args.attacher()?;
     let attached = attacher.attach(&spec).await.map_err(|e| anyhow::anyhow!(e.chain()))?;
     println!("device={}", attached.device().display());
     println!("size={}", attached.size);
@@ -261,15 +290,23 @@ async fn status_cmd() -> anyhow::Result<()> {
 
 async fn reconnect_cmd(uri: &str, backend_id: String, args: &AttachArgs) -> anyhow::Result<()> {
     let spec = spec(uri, backend_id, args)?;
-    let attacher = KernelAttacher::open(false)?;
+    let attacher = args.attacher()?;
     let index = attacher.find(&spec.backend_id)?.context("no device with that backend identifier")?;
     let n = attacher.reconnect(index, &spec).await.map_err(|e| anyhow::anyhow!(e.chain()))?;
     println!("offered={n}");
     Ok(())
 }
 
-async fn watch(state_dir: std::path::PathBuf, check_interval: u64) -> anyhow::Result<()> {
-    let attacher = std::sync::Arc::new(KernelAttacher::open(false)?);
+async fn watch(
+    state_dir: std::path::PathBuf,
+    check_interval: u64,
+    tls_dir: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let tls_dir = tls_dir.map(TlsDir::new);
+    if let Some(dir) = &tls_dir {
+        dir.check().map_err(|e| anyhow::anyhow!(e.chain()))?;
+    }
+    let attacher = std::sync::Arc::new(KernelAttacher::open(false)?.with_tls_dir(tls_dir));
     let listener = attacher.link_dead_listener()?.context("healing needs the netlink interface")?;
     let dead = heal::spawn_link_dead_thread(listener);
     let healer = std::sync::Arc::new(heal::Healer::new(attacher, state::StateDir::open(state_dir)?));
@@ -324,6 +361,7 @@ fn print_serve_plan(args: &ServeArgs) -> anyhow::Result<()> {
     println!("dead_conn_timeout={}", args.attach.dead_conn_timeout);
     let source = args.attach.source_address.map_or_else(|| "by route".to_owned(), |a| a.to_string());
     println!("source_address={source}");
+    println!("tls_dir={}", args.attach.tls_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default());
     println!("max_volumes={}", args.max_volumes);
     println!("check_interval={}", args.check_interval);
     println!("metrics_address={}", args.metrics_address.map(|a| a.to_string()).unwrap_or_default());
@@ -338,8 +376,7 @@ fn effective_max_volumes(asked: u32, devices: Option<usize>) -> usize {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let state_dir = check_serve_args(&args)?;
-    let attacher =
-        std::sync::Arc::new(KernelAttacher::open(args.attach.ioctl)?.with_source_address(args.attach.source_address));
+    let attacher = std::sync::Arc::new(args.attach.attacher()?);
     let states = state::StateDir::open(&state_dir)?;
     let events = events::Events::connect(args.kubeconfig.as_deref(), &args.driver_name, &args.node_id).await;
     let health = std::sync::Arc::new(health::Health::default());
@@ -387,6 +424,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn probe(uri: &str, connections: Option<usize>) -> anyhow::Result<()> {
     let uri = NbdUri::parse(uri)?;
+    anyhow::ensure!(!uri.tls, "probe speaks plaintext only; attach an nbds:// export with --tls-dir");
     let mut stream = attach::sockets::connect(&uri, None).await?;
     let opts = nbd::client::HandshakeOptions { export_name: uri.export.clone(), structured_replies: false };
     let export = nbd::client::handshake(&mut stream, &opts).await.with_context(|| format!("handshake with {uri}"))?;

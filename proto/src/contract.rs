@@ -4,6 +4,16 @@
 //! the StorageClass parameters the controller accepts
 //! ([`StorageClassParameters`]).
 //!
+//! Whether a volume requires TLS is the URI's scheme: `nbds://` (TLS:
+//! NBD_OPT_STARTTLS, then the TLS handshake with the node's certificate,
+//! then the export) or `nbd://` (plaintext, the default), as libnbd and
+//! qemu spell it. The scheme rather than a separate publish_context key:
+//! the URI is what the node records in its state file and reconnects from
+//! when healing, so the requirement travels with it and can never disagree
+//! with it; the string works as is with `nbdinfo` for debugging; and a node
+//! plugin older than TLS refuses an `nbds://` URI (unknown scheme) instead
+//! of attaching in plaintext.
+//!
 //! The key names and value spellings are a wire format: PersistentVolumes
 //! and VolumeAttachments already in a cluster carry them, so they never
 //! change. Keys a reader does not know are ignored (contexts written by
@@ -37,18 +47,20 @@ pub mod volume_key {
     pub const FS_TYPE: &str = "fsType";
 }
 
-/// The scheme of every URI in `nbdUri`.
+/// The scheme of a plaintext export's `nbdUri`.
 pub const NBD_SCHEME: &str = "nbd://";
+/// The scheme of an export that requires TLS (libnbd's spelling).
+pub const NBDS_SCHEME: &str = "nbds://";
 /// Longest `nbdUri` accepted: a whole export name (the NBD protocol caps it
 /// at 4096 bytes), every byte percent-encoded, plus the authority. Longer
 /// input is refused before anything is allocated for it.
-pub const MAX_URI_LEN: usize = NBD_SCHEME.len() + 300 + 3 * MAX_STRING_LEN as usize;
+pub const MAX_URI_LEN: usize = NBDS_SCHEME.len() + 300 + 3 * MAX_STRING_LEN as usize;
 
-/// Why a string is not an `nbd://` URI. No variant carries the export name:
+/// Why a string is not an `nbd://` (or `nbds://`) URI. No variant carries the export name:
 /// it is the volume's secret token, and these errors reach logs and events.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UriError {
-    #[error("not an nbd:// URI (it starts with {0:?})")]
+    #[error("not an nbd:// or nbds:// URI (it starts with {0:?})")]
     Scheme(String),
     #[error("URI is {0} bytes long, more than {MAX_URI_LEN}")]
     TooLong(usize),
@@ -70,24 +82,38 @@ pub struct NbdUri {
     pub port: u16,
     /// The export name, decoded (the volume's secret token).
     pub export: String,
+    /// The export requires TLS (`nbds://`): every connection starts TLS
+    /// before anything else, and never falls back to plaintext.
+    pub tls: bool,
 }
 
 impl NbdUri {
-    /// The URI of `export` served at `addr`.
+    /// The URI of `export` served at `addr`, in plaintext.
     pub fn new(addr: SocketAddr, export: impl Into<String>) -> Self {
-        Self { host: addr.ip().to_string(), port: addr.port(), export: export.into() }
+        Self { host: addr.ip().to_string(), port: addr.port(), export: export.into(), tls: false }
     }
 
-    /// Parses the plain-TCP form of the NBD URI standard (`nbd://`), with
-    /// IPv6 hosts in brackets and a percent-encoded export name. A query or
-    /// fragment is ignored; a missing port is the NBD default, 10809.
+    /// The same export, requiring TLS or not.
+    pub fn with_tls(self, tls: bool) -> Self {
+        Self { tls, ..self }
+    }
+
+    /// Parses the TCP forms of the NBD URI standard, `nbd://` and `nbds://`
+    /// (TLS), with IPv6 hosts in brackets and a percent-encoded export name.
+    /// A query or fragment is ignored (libnbd's `tls-certificates` and the
+    /// like: the node's certificates come from its own flags); a missing
+    /// port is the NBD default, 10809.
     pub fn parse(uri: &str) -> Result<Self, UriError> {
         if uri.len() > MAX_URI_LEN {
             return Err(UriError::TooLong(uri.len()));
         }
-        let Some(rest) = uri.strip_prefix(NBD_SCHEME) else {
-            let start: String = uri.chars().take(NBD_SCHEME.len()).collect();
-            return Err(UriError::Scheme(start));
+        let (rest, tls) = match (uri.strip_prefix(NBD_SCHEME), uri.strip_prefix(NBDS_SCHEME)) {
+            (Some(rest), _) => (rest, false),
+            (None, Some(rest)) => (rest, true),
+            (None, None) => {
+                let start: String = uri.chars().take(NBDS_SCHEME.len()).collect();
+                return Err(UriError::Scheme(start));
+            }
         };
         let rest = rest.split(['?', '#']).next().unwrap_or_default();
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -114,7 +140,7 @@ impl NbdUri {
         if export.len() > MAX_STRING_LEN as usize {
             return Err(UriError::ExportTooLong);
         }
-        Ok(Self { host: host.to_owned(), port, export })
+        Ok(Self { host: host.to_owned(), port, export, tls })
     }
 
     /// `host:port` for connecting, brackets kept for IPv6.
@@ -129,14 +155,19 @@ impl NbdUri {
     /// The whole URI, export name included, as [`parse`](Self::parse) reads
     /// it back. Only for the publish_context: use `Display` for logs.
     pub fn to_uri_string(&self) -> String {
-        format!("{NBD_SCHEME}{}/{}", self.authority(), percent_encode(&self.export))
+        format!("{}{}/{}", self.scheme(), self.authority(), percent_encode(&self.export))
+    }
+
+    /// `nbds://` when the export requires TLS, else `nbd://`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls { NBDS_SCHEME } else { NBD_SCHEME }
     }
 }
 
 impl fmt::Display for NbdUri {
     /// Shows the URI without the export name, which is a secret token.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{NBD_SCHEME}{}/<export>", self.authority())
+        write!(f, "{}{}/<export>", self.scheme(), self.authority())
     }
 }
 

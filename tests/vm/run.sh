@@ -17,7 +17,7 @@ start=$(date +%s)
 # Host tools. Both qemu packages come from the same suite (the candidate of
 # qemu-system-x86), or installing one would replace the other's version.
 need=()
-for pkg in qemu-system-x86 qemu-utils busybox-static cpio nbdkit e2fsprogs xfsprogs fio; do
+for pkg in qemu-system-x86 qemu-utils busybox-static cpio nbdkit e2fsprogs xfsprogs fio openssl; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -25,11 +25,18 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     qemu_version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
     apt-get install -y -qq --no-install-recommends \
-        "qemu-system-x86=$qemu_version" "qemu-utils=$qemu_version" busybox-static cpio nbdkit e2fsprogs xfsprogs fio
+        "qemu-system-x86=$qemu_version" "qemu-utils=$qemu_version" busybox-static cpio nbdkit e2fsprogs xfsprogs fio openssl
 fi
 
 # The kernel: vmlinuz, its package (kept) and the modules listed here.
+# Kernel TLS (the tls scenario): tls.ko has no dependencies of its own but
+# needs the AEADs of the ciphers rustls negotiates, loaded before it is
+# used: AES-GCM (gcm, ctr, ghash-generic and its gf128mul; aes and aead
+# are built in) and ChaCha20-Poly1305 (its generic parts and their libs).
 modules="lib/crc16.ko fs/mbcache.ko fs/jbd2/jbd2.ko crypto/crc32c_generic.ko fs/ext4/ext4.ko lib/libcrc32c.ko fs/xfs/xfs.ko drivers/block/nbd.ko"
+modules="$modules crypto/gf128mul.ko crypto/ghash-generic.ko crypto/ctr.ko crypto/gcm.ko"
+modules="$modules lib/crypto/libchacha.ko lib/crypto/libpoly1305.ko crypto/chacha_generic.ko crypto/poly1305_generic.ko"
+modules="$modules crypto/chacha20poly1305.ko net/tls/tls.ko"
 . tests/vm/kernel.sh
 ensure_vm_kernel "$cache" "$modules"
 
@@ -75,6 +82,28 @@ mkdir -p "$root/modules"
 for m in $modules; do cp "$cache/modules/$(basename "$m")" "$root/modules/"; done
 echo "$modules" | tr ' ' '\n' | xargs -n1 basename > "$root/modules/order"
 cp "$repo/tests/vm/init.sh" "$root/init"
+# Certificates for the tls scenario, made here (openssl) and valid 2 days:
+# a CA; the server's for 127.0.0.1 in serve-file's layout (/tls/server) and
+# nbdkit's (/tls/nbdkit); the node's, named vm-node, in --tls-dir's layout.
+tls=$root/tls
+mkdir -p "$tls/server" "$tls/nbdkit" "$tls/node"
+ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+openssl req -x509 "${ec[@]}" -keyout "$tls/ca.key" -out "$tls/ca.crt" -days 2 -subj /CN=nbd-csi-vm-ca \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+leaf() { # dir subjectAltName extendedKeyUsage
+    openssl req "${ec[@]}" -keyout "$1/tls.key" -out "$1/tls.csr" -subj "/CN=${2#*:}" 2>/dev/null
+    printf 'subjectAltName=%s\nextendedKeyUsage=%s\nbasicConstraints=CA:FALSE\n' "$2" "$3" > "$1/ext"
+    openssl x509 -req -in "$1/tls.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" -CAcreateserial -days 2 \
+        -extfile "$1/ext" -out "$1/tls.crt" 2>/dev/null
+    cp "$tls/ca.crt" "$1/ca.crt"
+    rm "$1/tls.csr" "$1/ext"
+}
+leaf "$tls/server" IP:127.0.0.1 serverAuth
+leaf "$tls/node" DNS:vm-node clientAuth
+cp "$tls/ca.crt" "$tls/nbdkit/ca-cert.pem"
+cp "$tls/server/tls.crt" "$tls/nbdkit/server-cert.pem"
+cp "$tls/server/tls.key" "$tls/nbdkit/server-key.pem"
+rm -f "$tls/ca.key" "$tls/ca.srl"
 cp "$repo/tests/vm/scenarios.sh" "$root/tests/scenarios.sh"
 chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$cache/initrd.gz"

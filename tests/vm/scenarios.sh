@@ -905,7 +905,123 @@ scenario_metrics() {
     fi
 }
 
-for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl ioctl_exhausted heal expand expand_xfs expand_block metrics shared_block dead_server fio_controller_kill fio_plugin_kill fresh_container reconcile heal_after_timeout sanity_mount sanity_block}" | tr , " "); do
+# --- NBD over TLS with kernel TLS on the node (certificates under /tls,
+# made by run.sh). The node's attach runs STARTTLS, the TLS handshake and
+# GO in userspace per connection, then hands each session to the kernel:
+# /proc/net/tls_stat counts the kernel's TLS sockets (our server and nbdkit
+# terminate TLS in userspace, so every counted socket is the client's).
+
+tls_stat() { awk -v k="$1" '$1 == k { print $2 }' /proc/net/tls_stat; }
+tls_socks() { # kernel TLS sockets each way: "tx rx" (software or offloaded)
+    echo "$(($(tls_stat TlsCurrTxSw) + $(tls_stat TlsCurrTxDevice))) $(($(tls_stat TlsCurrRxSw) + $(tls_stat TlsCurrRxDevice)))"
+}
+
+# tls_data name dev image: 4 MiB of random data written with O_DIRECT
+# through the device, then read back from the server's file and, O_DIRECT,
+# from the device; sets $data_ok
+tls_data() {
+    dd if=/dev/urandom of=/tmp/tls-p bs=1M count=4 2>/dev/null
+    dd if=/tmp/tls-p of="$2" bs=1M oflag=direct conv=fsync 2>/tmp/dd.err || echo "vm: $1: write: $(cat /tmp/dd.err)"
+    dd if="$3" of=/tmp/tls-file bs=1M count=4 2>/dev/null
+    dd if="$2" of=/tmp/tls-dev bs=1M count=4 iflag=direct 2>/dev/null
+    data_ok=no
+    cmp -s /tmp/tls-p /tmp/tls-file && cmp -s /tmp/tls-p /tmp/tls-dev && data_ok=yes
+}
+
+scenario_tls() {
+    if [ ! -r /proc/net/tls_stat ]; then result tls-ktls FAIL "no /proc/net/tls_stat: tls.ko not loaded"; return; fi
+    rm -rf /tmp/state; truncate -s 64M /tmp/tls.img
+    serve 10870 $CTRL serve-file /tmp/tls.img --listen 127.0.0.1:10870 --export-name vol-t \
+        --tls required --tls-dir /tls/server
+    # Plaintext against the required export: refused, nothing attached.
+    if $NODE attach nbd://127.0.0.1:10870/vol-t --backend-id vol-tp --connections 2 >/tmp/out 2>/tmp/err; then
+        result tls-plaintext-refused FAIL "a plaintext attach of a TLS-required export succeeded"
+        $NODE detach --backend-id vol-tp >/dev/null 2>&1
+    elif grep -q 'TLS' /tmp/err && [ "$($NODE status | grep -c backend=vol-tp)" = 0 ]; then
+        result tls-plaintext-refused PASS "$(tail -1 /tmp/err | cut -c1-200)"
+    else
+        result tls-plaintext-refused FAIL "$(tail -1 /tmp/err | cut -c1-200)"
+    fi
+    # nbds:// without certificates: a clear error.
+    $NODE attach nbds://127.0.0.1:10870/vol-t --backend-id vol-tn --connections 2 >/dev/null 2>/tmp/err
+    nocert=$(grep -c -- '--tls-dir' /tmp/err)
+
+    before=$(tls_socks); dec0=$(tls_stat TlsDecryptError)
+    out=$($NODE attach nbds://127.0.0.1:10870/vol-t --backend-id vol-t --connections 2 --tls-dir /tls/node \
+        --timeout 10 --dead-conn-timeout 60 --state-dir /tmp/state 2>/tmp/tls-attach.log)
+    dev=$(echo "$out" | field device); conns=$(echo "$out" | field connections)
+    if [ -z "$dev" ]; then
+        result tls-ktls FAIL "attach: $(tail -1 /tmp/tls-attach.log | cut -c1-300)"
+        kill $p; wait $p 2>/dev/null; return
+    fi
+    socks=$(tls_socks)
+    tls_data tls-ktls "$dev" /tmp/tls.img
+    dec=$(($(tls_stat TlsDecryptError) - dec0))
+    handed=$(grep -c 'handed to the kernel' /tmp/tls-attach.log)
+    detail="dev=$dev connections=$conns kernel_tls_sockets(tx rx)=$before->$socks decrypt_errors=$dec handoffs=$handed data=$data_ok no_tls_dir_error=$nocert"
+    if [ "$conns" = 2 ] && [ "$socks" = "$(( ${before% *} + 2 )) $(( ${before#* } + 2 ))" ] && [ "$dec" = 0 ] &&
+        [ "$data_ok" = yes ] && [ "$handed" = 2 ] && [ "$nocert" -ge 1 ]; then
+        result tls-ktls PASS "$detail; $(grep -E 'TlsCurr(Tx|Rx)Sw' /proc/net/tls_stat | tr -s ' \n' '= ')"
+    else
+        result tls-ktls FAIL "$detail; $(tail -1 /tmp/tls-attach.log | cut -c1-200)"
+    fi
+
+    # Healing over TLS: the server dies (SIGKILL) mid-I/O and comes back;
+    # the watcher's reconnect redoes the TLS handshake on each connection.
+    RUST_LOG=info $NODE watch --state-dir /tmp/state --check-interval 2 --tls-dir /tls/node 2>/tmp/tls-watch.log &
+    w=$!
+    rm -f /tmp/io.result
+    dmesg -c >/dev/null
+    io_loop "$dev" 25 &
+    io=$!
+    sleep 5
+    kill -9 $p; wait $p 2>/dev/null
+    sleep 3
+    $CTRL serve-file /tmp/tls.img --listen 127.0.0.1:10870 --export-name vol-t --tls required \
+        --tls-dir /tls/server 2>/tmp/serve.log &
+    p=$!
+    wait $io
+    r=$(cat /tmp/io.result)
+    reconnects=$(grep -c 'reconnected' /tmp/tls-watch.log)
+    rehandshakes=$(grep -c 'handed to the kernel' /tmp/tls-watch.log)
+    ioerr=$(dmesg | grep -c 'I/O error')
+    after=$(tls_socks); dec=$(($(tls_stat TlsDecryptError) - dec0))
+    kill $w; wait $w 2>/dev/null
+    $NODE detach --backend-id vol-t >/dev/null 2>&1
+    kill $p; wait $p 2>/dev/null
+    detail="$r kernel_io_errors=$ioerr reconnects=$reconnects tls_handshakes_in_watch=$rehandshakes kernel_tls_sockets=$after decrypt_errors=$dec"
+    if echo "$r" | grep -q 'errors=0' && [ "$ioerr" = 0 ] && [ "$reconnects" -ge 1 ] && [ "$rehandshakes" -ge 2 ] &&
+        [ "$after" = "$(( ${before% *} + 2 )) $(( ${before#* } + 2 ))" ] && [ "$dec" = 0 ]; then
+        result tls-heal-kill-server PASS "$detail"
+    else
+        result tls-heal-kill-server FAIL "$detail $(grep -aE 'ERROR|WARN' /tmp/tls-watch.log | tail -2 | tr '\n' ' ' | cut -c1-300)"
+        dmesg | tail -5 | sed 's/^/vm: dmesg: /'
+    fi
+
+    # The same client against nbdkit --tls=require (GnuTLS).
+    truncate -s 64M /tmp/tls-kit.img
+    serve 10871 nbdkit --exit-with-parent -f -i 127.0.0.1 -p 10871 --tls=require --tls-certificates /tls/nbdkit \
+        --filter=multi-conn file /tmp/tls-kit.img multi-conn-mode=plugin
+    before=$(tls_socks); dec0=$(tls_stat TlsDecryptError)
+    out=$($NODE attach nbds://127.0.0.1:10871/ --backend-id vol-tk --connections 2 --tls-dir /tls/node 2>/tmp/err)
+    dev=$(echo "$out" | field device); conns=$(echo "$out" | field connections)
+    if [ -n "$dev" ]; then
+        socks=$(tls_socks)
+        tls_data tls-ktls-nbdkit "$dev" /tmp/tls-kit.img
+        dec=$(($(tls_stat TlsDecryptError) - dec0))
+        $NODE detach --backend-id vol-tk >/dev/null 2>&1
+    fi
+    kill $p; wait $p 2>/dev/null
+    detail="dev=$dev connections=$conns kernel_tls_sockets(tx rx)=$before->$socks decrypt_errors=$dec data=$data_ok"
+    if [ -n "$dev" ] && [ "$socks" = "$(( ${before% *} + conns )) $(( ${before#* } + conns ))" ] && [ "$dec" = 0 ] &&
+        [ "$data_ok" = yes ]; then
+        result tls-ktls-nbdkit PASS "$detail"
+    else
+        result tls-ktls-nbdkit FAIL "$detail $(tail -1 /tmp/err | cut -c1-200) $(tail -2 /tmp/serve.log | tr '\n' ' ')"
+    fi
+}
+
+for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl ioctl_exhausted heal tls expand expand_xfs expand_block metrics shared_block dead_server fio_controller_kill fio_plugin_kill fresh_container reconcile heal_after_timeout sanity_mount sanity_block}" | tr , " "); do
     t0=$(cut -d. -f1 /proc/uptime)
     "scenario_$s"
     echo "vm: scenario $s took $(($(cut -d. -f1 /proc/uptime) - t0)) s"

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use super::control::NbdControl;
 use super::devices::{Sysfs, device_path, mounts_using};
+use super::tls::TlsDir;
 use super::{AttachSpec, Attached, Attacher, sockets};
 use crate::blocking::blocking;
 use crate::error::{Error, ErrorKind, Result};
@@ -35,6 +36,8 @@ pub struct KernelAttacher {
     sysfs: Sysfs,
     /// Address every connection to a server is made from (the node's).
     source: Option<IpAddr>,
+    /// The node's certificates, for exports that require TLS (`nbds://`).
+    tls: Option<TlsDir>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -78,7 +81,7 @@ impl KernelAttacher {
                 Interface::Ioctl(IoctlDevices::default())
             }
         };
-        Ok(Self { iface, sysfs: Sysfs::default(), source: None })
+        Ok(Self { iface, sysfs: Sysfs::default(), source: None, tls: None })
     }
 
     /// Connections to servers from `source` (see [`sockets::connect`]).
@@ -86,11 +89,17 @@ impl KernelAttacher {
         Self { source, ..self }
     }
 
+    /// The node's certificates for exports that require TLS; without them
+    /// such an export is refused (see [`sockets::open`]).
+    pub fn with_tls_dir(self, tls: Option<TlsDir>) -> Self {
+        Self { tls, ..self }
+    }
+
     /// An attacher driving `control` instead of the kernel's netlink
     /// family, with devices listed under `sysfs`.
     #[cfg(test)]
     pub fn with_control(control: Arc<dyn NbdControl>, sysfs: Sysfs) -> Self {
-        Self { iface: Interface::Netlink(control), sysfs, source: None }
+        Self { iface: Interface::Netlink(control), sysfs, source: None, tls: None }
     }
 
     /// How many devices the kernel can give this plugin: unbounded over
@@ -155,7 +164,7 @@ fn ioctl_attach(sysfs: &Sysfs, devices: &IoctlDevices, params: &ConnectParams<'_
 
 impl Attacher for KernelAttacher {
     async fn attach(&self, spec: &AttachSpec) -> Result<Attached> {
-        let (export, socks) = sockets::open(&spec.uri, spec.connections, self.source).await?;
+        let (export, socks) = sockets::open(&spec.uri, spec.connections, self.source, self.tls.as_ref()).await?;
         let connect = Connect {
             size_bytes: export.size,
             block_size: sockets::block_size(&export)?,
@@ -183,20 +192,21 @@ impl Attacher for KernelAttacher {
 
     async fn reconnect(&self, index: u32, spec: &AttachSpec) -> Result<usize> {
         let control = self.netlink("reconnecting")?;
-        let (export, socks) = sockets::open(&spec.uri, spec.connections, self.source).await?;
+        let (export, socks) = sockets::open(&spec.uri, spec.connections, self.source, self.tls.as_ref()).await?;
         let backend_id = spec.backend_id.clone();
         let n = blocking(move || {
             let fds: Vec<BorrowedFd<'_>> = socks.iter().map(|s| s.as_fd()).collect();
             control.reconfigure(index, &backend_id, &fds, None).map(|()| fds.len())
         })
         .await?;
-        tracing::info!(index, sockets = n, flags = export.transmission_flags.bits(), "handed fresh sockets");
+        let tls = spec.uri.tls;
+        tracing::info!(index, sockets = n, flags = export.transmission_flags.bits(), tls, "handed fresh sockets");
         Ok(n)
     }
 
     async fn resize(&self, index: u32, spec: &AttachSpec) -> Result<u64> {
         let control = self.netlink("online resize")?;
-        let (export, socks) = sockets::open(&spec.uri, 1, self.source).await?;
+        let (export, socks) = sockets::open(&spec.uri, 1, self.source, self.tls.as_ref()).await?;
         let backend_id = spec.backend_id.clone();
         blocking(move || {
             let _socks = socks;
@@ -286,6 +296,7 @@ mod tests {
             iface: Interface::Ioctl(IoctlDevices::default()),
             sysfs: Sysfs::at(dir.path()),
             source: None,
+            tls: None,
         };
         assert_eq!(attacher.device_limit(), Some(2));
         let Interface::Ioctl(devices) = &attacher.iface else { unreachable!() };

@@ -1,13 +1,15 @@
 //! Attaching exports as /dev/nbdX: the [`Attacher`] trait and its kernel
 //! implementation (generic netlink behind [`control::NbdControl`]; ioctls
 //! only where netlink is missing). Whatever can block in the kernel is
-//! async here.
+//! async here. An `nbds://` export's sockets reach the kernel with kernel
+//! TLS on them ([`tls`], [`sockets`]).
 
 pub mod backend;
 mod control;
 pub mod devices;
 mod kernel;
 pub mod sockets;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -34,7 +34,7 @@ pub fn status(e: Error) -> Status {
     match e.kind {
         ErrorKind::InvalidArgument => Status::invalid_argument(message),
         ErrorKind::NotFound => Status::not_found(message),
-        ErrorKind::Busy => Status::failed_precondition(message),
+        ErrorKind::Busy | ErrorKind::Unsupported => Status::failed_precondition(message),
         ErrorKind::Exhausted => Status::resource_exhausted(message),
         ErrorKind::Unavailable => Status::unavailable(message),
         ErrorKind::Kernel | ErrorKind::Io => Status::internal(message),

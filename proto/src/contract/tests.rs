@@ -13,8 +13,29 @@ const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 #[test]
 fn parses_host_port_export() {
     let u = NbdUri::parse("nbd://10.0.0.5:10900/vol-abc").unwrap();
-    assert_eq!(u, NbdUri { host: "10.0.0.5".into(), port: 10900, export: "vol-abc".into() });
+    assert_eq!(u, NbdUri { host: "10.0.0.5".into(), port: 10900, export: "vol-abc".into(), tls: false });
     assert_eq!(u.authority(), "10.0.0.5:10900");
+}
+
+/// `nbds://` is the same URI with TLS required; it round-trips, and the
+/// default stays plaintext (`nbd://`, and `NbdUri::new`).
+#[test]
+fn nbds_requires_tls_and_round_trips() {
+    let u = NbdUri::parse("nbds://10.0.0.5:10900/vol-abc").unwrap();
+    assert_eq!(u, NbdUri { host: "10.0.0.5".into(), port: 10900, export: "vol-abc".into(), tls: true });
+    assert_eq!(u.to_uri_string(), "nbds://10.0.0.5:10900/vol-abc");
+    assert_eq!(u.to_string(), "nbds://10.0.0.5:10900/<export>");
+    assert_eq!(NbdUri::parse(&u.to_uri_string()), Ok(u.clone()));
+    let v6 = NbdUri::parse("nbds://[fd00::1]/x?tls-certificates=/etc/pki").unwrap();
+    assert_eq!((v6.host.as_str(), v6.port, v6.export.as_str(), v6.tls), ("fd00::1", 10809, "x", true));
+    assert!(!NbdUri::parse("nbd://10.0.0.5:10900/vol-abc").unwrap().tls);
+    let plain = NbdUri::new("127.0.0.1:1".parse().unwrap(), "e");
+    assert!(!plain.tls);
+    assert_eq!(plain.to_uri_string(), "nbd://127.0.0.1:1/e");
+    assert_eq!(plain.with_tls(true).to_uri_string(), "nbds://127.0.0.1:1/e");
+    // Through the publish context both binaries parse.
+    let context = PublishContext { nbd_uri: u, read_only: false };
+    assert_eq!(PublishContext::try_from(&context.to_map()), Ok(context));
 }
 
 #[test]
@@ -40,7 +61,12 @@ fn query_and_fragment_are_ignored() {
 
 #[test]
 fn rejects_bad_uris() {
-    assert!(matches!(NbdUri::parse("nbds://h/x"), Err(UriError::Scheme(_))));
+    assert!(matches!(NbdUri::parse("nbdx://h/x"), Err(UriError::Scheme(_))));
+    assert!(matches!(NbdUri::parse("nbd+unix:///x"), Err(UriError::Scheme(_))));
+    assert!(matches!(NbdUri::parse("NBDS://h/x"), Err(UriError::Scheme(_))));
+    assert!(matches!(NbdUri::parse("nbds:/h/x"), Err(UriError::Scheme(_))));
+    assert!(matches!(NbdUri::parse("nbds:///x"), Err(UriError::Host(_))));
+    assert!(matches!(NbdUri::parse("nbds://h:0/x"), Err(UriError::Port(_))));
     assert!(matches!(NbdUri::parse(""), Err(UriError::Scheme(_))));
     assert!(matches!(NbdUri::parse("nbd:///x"), Err(UriError::Host(_))));
     assert!(matches!(NbdUri::parse("nbd://[::1/x"), Err(UriError::Host(_))));
@@ -62,7 +88,7 @@ fn length_is_capped() {
     let huge = format!("nbd://h/{}", "a".repeat(MAX_URI_LEN));
     assert_eq!(NbdUri::parse(&huge), Err(UriError::TooLong(huge.len())));
     // The longest export name, fully escaped, still fits.
-    let widest = NbdUri { host: "h".into(), port: 1, export: "/".repeat(MAX_STRING_LEN as usize) };
+    let widest = NbdUri { host: "h".into(), port: 1, export: "/".repeat(MAX_STRING_LEN as usize), tls: true };
     assert_eq!(NbdUri::parse(&widest.to_uri_string()), Ok(widest));
 }
 
@@ -184,7 +210,12 @@ fn host() -> impl Strategy<Value = String> {
 }
 
 fn nbd_uri() -> impl Strategy<Value = NbdUri> {
-    (host(), 1u16.., "\\PC{0,60}").prop_map(|(host, port, export)| NbdUri { host, port, export })
+    (host(), 1u16.., "\\PC{0,60}", any::<bool>()).prop_map(|(host, port, export, tls)| NbdUri {
+        host,
+        port,
+        export,
+        tls,
+    })
 }
 
 proptest! {
@@ -193,6 +224,7 @@ proptest! {
         let _ = NbdUri::parse(&text);
         // Shown, a URI never carries its export name (a secret token).
         if let Ok(uri) = NbdUri::parse(&format!("nbd://{suffix}")) {
+            prop_assert!(!uri.tls);
             prop_assert!(uri.to_string().ends_with("/<export>"), "{}", uri);
             // What parses builds back into something that parses the same.
             prop_assert_eq!(NbdUri::parse(&uri.to_uri_string()), Ok(uri));

@@ -1,0 +1,53 @@
+//! The node's side of NBD over TLS: its certificates, from the directory
+//! `--tls-dir` names, laid out as a `kubernetes.io/tls` Secret mounts them
+//! ([`CERT_FILE`], [`KEY_FILE`]) next to the cluster CA ([`CA_FILE`]).
+//!
+//! The files are read again for every attach and reconnect: a mounted
+//! Secret is updated in place when its certificate is renewed, and the next
+//! connection then uses the new one without a plugin restart. A connection
+//! to an `nbds://` export runs the whole NBD handshake in userspace
+//! (NBD_OPT_STARTTLS, the rustls handshake with this node's certificate,
+//! NBD_OPT_GO) and then hands the session to the kernel (`nbd::ktls`),
+//! whose socket the NBD driver gets: see `sockets`.
+
+use std::path::PathBuf;
+
+use nbd::tls::ClientTls;
+use nbd::tls::config::{certificates_from_pem_file, private_key_from_pem_file};
+
+use crate::error::{Context, ErrorKind, Result};
+
+/// The CA the servers' certificates chain to (PEM).
+pub const CA_FILE: &str = "ca.crt";
+/// This node's certificate chain (PEM), its node name as the one DNS name.
+pub const CERT_FILE: &str = "tls.crt";
+/// This node's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+pub const KEY_FILE: &str = "tls.key";
+
+/// The directory holding [`CA_FILE`], [`CERT_FILE`] and [`KEY_FILE`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsDir(PathBuf);
+
+impl TlsDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self(dir.into())
+    }
+
+    /// Reads every file once: a start-up check that says which file is
+    /// missing or unreadable before any volume needs it.
+    pub fn check(&self) -> Result<()> {
+        let invalid = || format!("--tls-dir {}", self.0.display());
+        certificates_from_pem_file(&self.0.join(CA_FILE)).ctx(ErrorKind::InvalidArgument, invalid)?;
+        certificates_from_pem_file(&self.0.join(CERT_FILE)).ctx(ErrorKind::InvalidArgument, invalid)?;
+        private_key_from_pem_file(&self.0.join(KEY_FILE)).ctx(ErrorKind::InvalidArgument, invalid)?;
+        Ok(())
+    }
+
+    /// The client configuration for a server that must present a
+    /// certificate for `server_name` (the nbdUri's host: a DNS name or an
+    /// IP address), from the files as they are now.
+    pub fn client(&self, server_name: &str) -> Result<ClientTls> {
+        ClientTls::from_pem_files(&self.0.join(CA_FILE), &self.0.join(CERT_FILE), &self.0.join(KEY_FILE), server_name)
+            .ctx(ErrorKind::InvalidArgument, || format!("TLS certificates from {}", self.0.display()))
+    }
+}

@@ -21,7 +21,7 @@
 //! data of the instant, and a reader that lost the race drops what it
 //! read. A chunk whose bit is still clear has not changed since the
 //! instant, which is why copying it at any later time is still a copy of
-//! the instant. Writes hold [`CopyBeforeWrite::copying`] shared between
+//! the instant. Writes hold `copying` (a lock) shared between
 //! their read and their write into the target; the pass takes it once, at
 //! its end, to wait for the last of them before the target is made
 //! durable.

@@ -38,7 +38,7 @@ async fn writes_trims_and_zeroes_save_the_old_data_first() {
     // Each request copies the chunks it touches, no more: one chunk each
     // but the 1 MiB trim, which covers 1 MiB of chunks.
     let chunk = SIZE / copy.chunks() as u64;
-    assert!(chunk < MIB && MIB % chunk == 0, "chunks of {chunk} bytes");
+    assert!(chunk < MIB && MIB.is_multiple_of(chunk), "chunks of {chunk} bytes");
     let at = |offset: u64| (offset / chunk) as usize;
     let trimmed: Vec<usize> = (at(2 * MIB)..at(3 * MIB)).collect();
     let mut want = vec![at(0)];

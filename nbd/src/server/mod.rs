@@ -362,7 +362,7 @@ where
         // The handshake answers a second STARTTLS with an error.
         Outcome::StartTls => Err(Error::Protocol("NBD_OPT_STARTTLS under TLS".into())),
         Outcome::Transmission(session) => {
-            let _counted = CountedTls::new(&export);
+            let _counted = Counted::tls_userspace(&export);
             let stop = shutdown.drain_when(records.reached());
             let result = transmission::run(Arc::clone(&export), session, rd, wr, stop).await;
             if records.is_reached() {
@@ -401,38 +401,34 @@ fn tune_socket(stream: &TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-/// Counts one connection in [`ExportStats::connections`] for as long as it
+/// Counts one connection in a gauge of [`ExportStats`] for as long as it
 /// lives, however its task ends: a stopping server aborts the ones that do
 /// not drain, and those must leave the count too.
-struct Counted(Arc<Export>);
+struct Counted {
+    export: Arc<Export>,
+    gauge: fn(&ExportStats) -> &AtomicU64,
+}
 
 impl Counted {
-    fn new(export: &Arc<Export>) -> Self {
-        export.stats.connections.fetch_add(1, Ordering::Relaxed);
-        Self(Arc::clone(export))
+    /// In [`ExportStats::connections`].
+    fn connection(export: &Arc<Export>) -> Self {
+        Self::new(export, |stats| &stats.connections)
+    }
+
+    /// In [`ExportStats::tls_userspace_connections`].
+    fn tls_userspace(export: &Arc<Export>) -> Self {
+        Self::new(export, |stats| &stats.tls_userspace_connections)
+    }
+
+    fn new(export: &Arc<Export>, gauge: fn(&ExportStats) -> &AtomicU64) -> Self {
+        gauge(&export.stats).fetch_add(1, Ordering::Relaxed);
+        Self { export: Arc::clone(export), gauge }
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.stats.connections.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Counts one connection in [`ExportStats::tls_userspace_connections`]
-/// for as long as its transmission runs.
-struct CountedTls(Arc<Export>);
-
-impl CountedTls {
-    fn new(export: &Arc<Export>) -> Self {
-        export.stats.tls_userspace_connections.fetch_add(1, Ordering::Relaxed);
-        Self(Arc::clone(export))
-    }
-}
-
-impl Drop for CountedTls {
-    fn drop(&mut self) {
-        self.0.stats.tls_userspace_connections.fetch_sub(1, Ordering::Relaxed);
+        (self.gauge)(&self.export.stats).fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -526,7 +522,7 @@ async fn serve_admitted(
     (slot, ticket): (Slot, Ticket),
     stop: watch::Receiver<bool>,
 ) {
-    let counted = Counted::new(&export);
+    let counted = Counted::connection(&export);
     let gate = ticket.gate();
     let result = ticket.run(stop, |stop| serve_tcp(export, stream, gate, stop)).await;
     drop(counted);

@@ -62,6 +62,12 @@ pub struct Args {
     /// config is used without it.
     #[arg(long, env = "NBD_CSI_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// The NBD servers' TLS certificates: ca.crt (the CA node
+    /// certificates chain to), tls.crt (naming --listen-address) and
+    /// tls.key, read again when they change. Without it (or while they do
+    /// not load) no volume that speaks TLS is placed here.
+    #[arg(long, env = "NBD_CSI_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// Serve Prometheus metrics of the volumes (their NBD counters and
     /// allocated bytes) and of the store's free space over HTTP here (e.g.
     /// 0.0.0.0:9812); off when unset.
@@ -98,6 +104,7 @@ fn agent_config(args: &Args) -> agent::Config {
             per_volume: args.nbd_max_connections as usize,
             per_peer: args.nbd_max_connections_per_peer as usize,
         },
+        tls_dir: args.tls_dir.clone(),
     }
 }
 
@@ -117,6 +124,7 @@ pub fn validate(args: Args) -> anyhow::Result<()> {
     println!("nbd_max_connections={}", config.connection_caps.per_volume);
     println!("nbd_max_connections_per_peer={}", config.connection_caps.per_peer);
     println!("export_key_file={}", args.export_key_file.display());
+    println!("tls_dir={}", optional(config.tls_dir.as_ref().map(|p| p.display().to_string())));
     println!("namespace={}", optional(args.namespace));
     println!("kubeconfig={}", optional(args.kubeconfig.map(|p| p.display().to_string())));
     println!("metrics_address={}", optional(args.metrics_address.map(|a| a.to_string())));

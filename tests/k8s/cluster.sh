@@ -38,6 +38,8 @@ bad() { failed=$((failed + 1)); echo "FAILED [${SECONDS}s]: $*" >&2; }
 
 pids=()
 work=
+# Storage node name -> its agent's --tls-dir, for the agents that serve TLS.
+declare -A agent_tls_dir=()
 
 cluster_cleanup() {
     # Newest first; each gets 15 s to stop on SIGTERM.
@@ -244,10 +246,13 @@ start_agent() { # NAME: `nbd-csi-controller agent` for storage node NAME; ${agen
         cluster_kubeconfig "$work/storage-$a.kubeconfig" nbd-csi-storage "$(cluster_pod_token "$ns" nbd-csi-storage "$a")"
     local block=${agent_port_block:-100} first
     first=$((port_base + block * i))
+    # With ${agent_tls_dir[NAME]}, its server certificates (--tls-dir).
+    local tls=()
+    [ -z "${agent_tls_dir[$a]:-}" ] || tls=(--tls-dir "${agent_tls_dir[$a]}")
     NO_COLOR=1 "$controller_bin" agent --node-name "$a" --data-dir "$disks/$a/data" \
         --listen-address "${agent_addr[$a]}" --nbd-port-range "$first-$((first + block / 2 - 1))" \
         --export-key-file "$work/export.key" --namespace "$ns" --kubeconfig "$work/storage-$a.kubeconfig" \
-        --metrics-address "${agent_addr[$a]}:$((first + block - 1))" >>"$work/agent-$a.log" 2>&1 &
+        --metrics-address "${agent_addr[$a]}:$((first + block - 1))" "${tls[@]}" >>"$work/agent-$a.log" 2>&1 &
     agent_pid[$a]=$!
     pids+=("${agent_pid[$a]}")
 }

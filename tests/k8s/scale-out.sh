@@ -24,16 +24,23 @@
 # reference image); SIGKILL of the controller during a storm of 20 PVCs,
 # restart: every PVC Bound, one NbdVolume per PV, no object without a PV
 # and no agent record without an object.
+# TLS: only storage-1 has a server certificate (--tls-dir, made with
+# openssl) and says so in its NbdStorageNode; a PVC of a StorageClass with
+# tls: required lands there though it has the least room, its
+# VolumeAttachment's nbdUri is nbds://, libnbd's nbdinfo and nbdsh read and
+# write it with worker-a's certificate (tls-certificates=DIR) while a
+# plaintext nbdinfo is refused and worker-b's certificate is not admitted.
 # No kubelet or attach/detach controller runs: the test creates the Nodes
 # and CSINodes and the VolumeAttachment, and restarts the sidecars after the
 # controller's SIGKILL (kubelet would restart the pod's containers); each
 # such step is printed as "(acting as ...)". Needs root (tmpfs mounts),
-# nbdinfo, qemu-io and qemu-img.
+# nbdinfo, nbdsh, qemu-io, qemu-img and openssl.
 # NBD_CSI_CONTROLLER=path uses that controller binary instead of building one.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . tests/k8s/tools.sh
 . tests/k8s/cluster.sh
+. tests/k8s/pki.sh
 
 ensure_helm
 ensure_csi_sidecars
@@ -100,12 +107,26 @@ start_sidecars "" || { logs provisioner.log attacher.log; bad "a sidecar exited 
 ok "csi-provisioner $EXTERNAL_PROVISIONER_VERSION and csi-attacher $EXTERNAL_ATTACHER_VERSION running"
 mount_export_key || exit 1
 
+# --- certificates: a cluster CA; storage-1 alone gets a server certificate
+# (for its address), so volumes that require TLS can only go there; client
+# certificates for worker-a and worker-b, each its node name
+pki=$work/pki
+if pki_ca "$pki/ca" && pki_issue "$pki/ca" "$pki/storage-1" storage-1 "IP:${agent_addr[storage-1]}" serverAuth &&
+    pki_issue "$pki/ca" "$pki/worker-a" worker-a DNS:worker-a clientAuth &&
+    pki_issue "$pki/ca" "$pki/worker-b" worker-b DNS:worker-b clientAuth; then
+    agent_tls_dir[storage-1]=$pki/storage-1
+    ok "openssl made a CA, storage-1's server certificate (IP:${agent_addr[storage-1]}) and worker-a's and worker-b's"
+else
+    bad "openssl could not make the test certificates"
+    exit 1
+fi
+
 # --- the agents, each on its own tmpfs
 port_base=$((24000 + RANDOM % 4000))
 start_agents || exit 1
 
 # --- PVCs and their volumes
-pvc() { # NAME SIZE [DATASOURCE-PVC]
+pvc() { # NAME SIZE [DATASOURCE-PVC [STORAGECLASS]]
     local source=""
     [ -n "${3:-}" ] && source="  dataSource: {kind: PersistentVolumeClaim, name: $3}"
     cat <<EOF
@@ -114,7 +135,7 @@ apiVersion: v1
 kind: PersistentVolumeClaim
 metadata: {name: $1, namespace: app}
 spec:
-  storageClassName: nbd
+  storageClassName: ${4:-nbd}
   accessModes: [ReadWriteOnce]
   resources: {requests: {storage: $2}}
 $source
@@ -197,6 +218,69 @@ if wait_until 60 all_bound clone-1; then
 else
     logs provisioner.log controller.log
     bad "clone-1 of $source_pvc: $(phases clone-1)"
+fi
+
+# --- TLS: a StorageClass with tls: required; only storage-1 can serve it
+check "only storage-1 reports it serves TLS (NbdStorageNode status.servesTls)" "true false false" \
+    "$(for a in "${agents[@]}"; do jp nbdstoragenode "$a" -o jsonpath='{.status.servesTls}'; echo; done | paste -sd' ')"
+k apply -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: nbd-tls}
+provisioner: $driver
+parameters: {tls: required}
+EOF
+k create -f - >/dev/null < <(pvc tls-1 8Mi "" nbd-tls)
+if wait_until 60 all_bound tls-1; then
+    check "the tls: required PVC lands on storage-1, the one agent with certificates (least room)" storage-1 "$(node_of tls-1)"
+    check "its NbdVolume records the mode" required "$(jp nbdvolume "$(volume_of tls-1)" -o jsonpath='{.spec.tls}')"
+    acting "attach/detach controller: VolumeAttachment of tls-1 to worker-a"
+    add_va va-tls tls-1
+    if wait_until 60 attached va-tls; then
+        uri=$(uri_of va-tls)
+        if [[ $uri =~ ^nbds://${agent_addr[storage-1]//./\\.}:[0-9]+/[0-9a-f]{64}$ ]]; then
+            ok "VolumeAttachment va-tls attached: nbdUri nbds://${agent_addr[storage-1]}:<port>/<64 hex>"
+        else
+            bad "VolumeAttachment va-tls: nbdUri '$uri', want nbds:// on storage-1"
+        fi
+        refused_client() { # WHO URI: nbdinfo with URI must learn nothing, not even the size
+            local out
+            if out=$(nbdinfo --size "$2" 2>&1); then
+                bad "$1 read the size of a TLS-required export: $out"
+            else
+                ok "$1 is refused: $(tr '\n' ' ' <<<"$out" | cut -c1-160)"
+            fi
+        }
+        # Plaintext (the same export as nbd://): refused, nothing learnt.
+        refused_client "a plaintext nbdinfo" "${uri/#nbds:/nbd:}"
+        with_a="$uri?tls-certificates=$pki/worker-a"
+        check "nbdinfo over TLS with worker-a's certificate reads the size" $((8 * MIB)) "$(nbdinfo --size "$with_a" 2>&1)"
+        # libnbd wants a URI naming local files (tls-certificates) allowed
+        # through its API; Debian's python3 has the nbd module, and the
+        # repository's nbd/ directory must not shadow it (hence $work).
+        if out=$(cd "$work" && URI=$with_a PATH=/usr/bin:$PATH nbdsh -c '
+import os
+h.set_uri_allow_local_file(True)
+h.connect_uri(os.environ["URI"])
+data = bytes([0x6b]) * 65536
+h.pwrite(data, 1 << 20)
+h.flush()
+assert h.pread(65536, 1 << 20) == data
+print("wrote and read back 64 KiB")' 2>&1); then
+            ok "nbdsh over TLS with worker-a's certificate: $out"
+        else
+            bad "nbdsh over TLS with worker-a's certificate: $out"
+        fi
+        refused_client "nbdinfo with worker-b's certificate (same CA, another node)" "$uri?tls-certificates=$pki/worker-b"
+    else
+        logs attacher.log controller.log agent-storage-1.log
+        bad "VolumeAttachment va-tls not attached within 60s: $(jp volumeattachment va-tls -o jsonpath='{.status}')"
+    fi
+    k delete volumeattachment va-tls --wait=false >/dev/null
+    wait_until 60 gone volumeattachment va-tls || bad "VolumeAttachment va-tls still there"
+else
+    logs provisioner.log controller.log
+    bad "PVC tls-1: $(phases tls-1): $(k get events -n app --field-selector involvedObject.name=tls-1 -o jsonpath='{.items[*].message}' | cut -c1-300)"
 fi
 
 # --- attach to worker-a (127.0.0.1): served, then closed on detach

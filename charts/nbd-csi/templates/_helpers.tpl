@@ -254,3 +254,43 @@ runs one replica.
 {{- end }}
 {{- end -}}
 {{- end -}}
+
+{{/*
+TLS of the volumes' NBD exports (tls.mode). "true" unless it is off: the
+node plugin, the embedded controller and the storage agents then get
+--tls-dir, and the nodes' init container requires tls.ko.
+*/}}
+{{- define "nbd-csi.tlsEnabled" -}}
+{{- if ne (toString .Values.tls.mode) "off" -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+Where every binary reads its certificates (--tls-dir): ca.crt, tls.crt and
+tls.key, as a kubernetes.io/tls Secret plus the CA. The directory is the
+emptyDir volume "nbd-csi.tlsVolume" mounted there, which the certificate
+sync fills and keeps renewed; the binaries read the files again when they
+change.
+*/}}
+{{- define "nbd-csi.tlsDir" -}}
+/run/nbd-csi/tls
+{{- end -}}
+
+{{- define "nbd-csi.tlsVolume" -}}
+tls-certs
+{{- end -}}
+
+{{/*
+The container's mount of that directory (under volumeMounts), and the
+pod's volume for it (under volumes); both only when tls.mode is not off.
+*/}}
+{{- define "nbd-csi.tlsVolumeMount" -}}
+- name: {{ include "nbd-csi.tlsVolume" . }}
+  mountPath: {{ include "nbd-csi.tlsDir" . }}
+  readOnly: true
+{{- end -}}
+
+{{- define "nbd-csi.tlsPodVolume" -}}
+- name: {{ include "nbd-csi.tlsVolume" . }}
+  emptyDir:
+    medium: Memory
+{{- end -}}

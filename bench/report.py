@@ -166,7 +166,7 @@ def tls_tables(results, passes):
     """The TLS comparison table and the TLS cost table, as markdown lines."""
     peers_table = ["| row | " + " | ".join([TLS_OURS] + TLS_PEERS) +
                    " | best TLS peer | ratio (nbd-csi-tls / best) | target | result |",
-                   "|---|" + "---:|" * (len(TLS_PEERS) + 6)]
+                   "|---|" + "---:|" * (len(TLS_PEERS) + 5)]
     cost_table = ["| row | nbd-csi (plaintext) | nbd-csi-tls | TLS / plaintext | floor | result |",
                   "|---|---:|---:|---:|---:|---:|"]
     for row, label, direction, metric, _ in ROWS:
@@ -367,7 +367,7 @@ def main():
         out.append("The same rows with TLS required by every server (TLS 1.3, client certificates "
                    "verified against the CA): nbd-csi (`serve-file --tls required`) against qemu-nbd "
                    "(`--tls-creds`, tls-creds-x509) and nbdkit (`--tls=require`), the same fio client "
-                   "(libnbd over `nbds://`, its certificates under `$HOME/.pki/libnbd`), the same file, "
+                   "(libnbd over `nbds://…?tls-certificates=DIR`, allowed by a preloaded shim), the same file, "
                    "in the same run and rotation as the rows above.\n")
         use = kernel_tls_use(results)
         if use is not None:

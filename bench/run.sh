@@ -36,12 +36,13 @@ WORK="${BENCH_WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/nbd-csi-bench.XXXXXX")}"
 mkdir -p "$WORK"
 IMAGE="$WORK/disk.img"
 RESULTS="$WORK/results"
-# Certificates for the TLS servers (made with openssl, valid 2 days), and
-# the HOME fio's libnbd finds its client certificates under
-# ($HOME/.pki/libnbd): fio's nbd engine passes only the URI, and libnbd
-# refuses a tls-certificates= URI parameter unless the program allows it.
+# Certificates for the TLS servers and the client (made with openssl,
+# valid 2 days). fio's nbd engine passes libnbd only the URI, and libnbd
+# refuses its tls-certificates= parameter unless the program allows local
+# files: a preloaded shim (bench/libnbd_uri_certificates.c, built here)
+# allows them before each nbd_connect_uri.
 PKI="$WORK/pki"
-CLIENT_HOME="$WORK/client-home"
+URI_SHIM="$WORK/libnbd_uri_certificates.so"
 if [[ "$SKIP_OURS" == 1 ]]; then
   OUTPUT="${BENCH_OUTPUT:-$WORK/BENCHMARKS.md}"
 else
@@ -50,7 +51,7 @@ fi
 
 SERVER_PID=""      # pid of the running server (or of its `timeout` wrapper)
 SCHEME=nbd         # the URI scheme of the running server: nbd, or nbds (TLS)
-CLIENT_ENV=(env)   # libnbd's environment (fio, nbdinfo): HOME for TLS
+CLIENT_ENV=(env)   # libnbd's environment (fio, nbdinfo): the shim for TLS
 SERVER_PIDFILE=""  # set for daemonising servers (nbd-server)
 PASS=0             # current pass, 1..PASSES
 FIO_PID=""         # pid of the running fio's `timeout` wrapper
@@ -118,7 +119,7 @@ install_deps() {
   local -a missing=()
   local pair cmd pkg
   for pair in fio:fio qemu-nbd:qemu-utils nbdkit:nbdkit nbd-server:nbd-server \
-    nbdinfo:libnbd-bin python3:python3 timeout:coreutils openssl:openssl; do
+    nbdinfo:libnbd-bin python3:python3 timeout:coreutils openssl:openssl cc:gcc; do
     cmd="${pair%%:*}" pkg="${pair#*:}"
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
   done
@@ -162,7 +163,7 @@ make_image() {
 # the one qemu-nbd and nbdkit share, and a client certificate for libnbd.
 make_pki() {
   local ca="$PKI/ca"
-  mkdir -p "$ca" "$PKI/nbd-csi" "$PKI/x509" "$CLIENT_HOME/.pki/libnbd"
+  mkdir -p "$ca" "$PKI/nbd-csi" "$PKI/x509" "$PKI/client"
   local -a ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
   openssl req -x509 "${ec[@]}" -keyout "$ca/ca.key" -out "$ca/ca.crt" -days 2 -subj /CN=nbd-csi-bench-ca \
     -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
@@ -182,13 +183,20 @@ make_pki() {
   cp "$ca/ca.crt" "$PKI/x509/ca-cert.pem"
   cp "$ca/server.crt" "$PKI/x509/server-cert.pem"
   cp "$ca/server.key" "$PKI/x509/server-key.pem"
-  cp "$ca/ca.crt" "$CLIENT_HOME/.pki/libnbd/ca-cert.pem"
-  cp "$ca/client.crt" "$CLIENT_HOME/.pki/libnbd/client-cert.pem"
-  cp "$ca/client.key" "$CLIENT_HOME/.pki/libnbd/client-key.pem"
+  cp "$ca/ca.crt" "$PKI/client/ca-cert.pem"
+  cp "$ca/client.crt" "$PKI/client/client-cert.pem"
+  cp "$ca/client.key" "$PKI/client/client-key.pem"
+  cc -shared -fPIC -O2 -o "$URI_SHIM" "$BENCH_DIR/libnbd_uri_certificates.c" -ldl
 }
 
-# The running server's URI.
-uri() { echo "$SCHEME://127.0.0.1:$1/$EXPORT"; }
+# The running server's URI (with the client's certificates under TLS).
+uri() {
+  if [[ "$SCHEME" == nbds ]]; then
+    echo "nbds://127.0.0.1:$1/$EXPORT?tls-certificates=$PKI/client"
+  else
+    echo "nbd://127.0.0.1:$1/$EXPORT"
+  fi
+}
 
 # Same page-cache state for every server: image clean and fully cached.
 warm_cache() {
@@ -326,7 +334,7 @@ run_fio() {
     --time_based --runtime="$RUNTIME" --ramp_time="$RAMP"
     "$@" --output-format=json --output="$base.json")
   local env=""
-  [[ "$SCHEME" == nbds ]] && env="HOME=\$WORK/client-home "
+  [[ "$SCHEME" == nbds ]] && env="LD_PRELOAD=\$WORK/libnbd_uri_certificates.so "
   { printf '%s' "$env"; printf '%q ' "${cmd[@]}" | sed 's/ $//'; } >"$RESULTS/$server/$row.cmd"
   log "$server: $row (pass $PASS/$PASSES)"
   local root ticks_before started
@@ -387,7 +395,7 @@ bench_server() {
   local server="$1" port
   port="$(free_port)"
   SCHEME=nbd CLIENT_ENV=(env)
-  [[ "$server" == *-tls ]] && SCHEME=nbds CLIENT_ENV=(env HOME="$CLIENT_HOME")
+  [[ "$server" == *-tls ]] && SCHEME=nbds CLIENT_ENV=(env LD_PRELOAD="$URI_SHIM")
   warm_cache
   log "starting $server on 127.0.0.1:$port"
   "start_${server//-/_}" "$port"

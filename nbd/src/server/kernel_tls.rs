@@ -21,8 +21,8 @@
 //! installed with rustls' exact sequence numbers. A failure after that
 //! point closes the connection: the session is gone from userspace.
 //!
-//! The kernel then makes the records: [`KernelTlsWriter`] and
-//! [`KernelTlsReader`] keep the connection's record limit
+//! The kernel then makes the records: `KernelTlsWriter` and
+//! `KernelTlsReader` keep the connection's record limit
 //! (`tls::kernel_records`).
 
 use std::io::{self, IoSlice};
@@ -106,8 +106,13 @@ impl<T: ?Sized> TcpBacked for Pin<Box<T>> {
 
 /// What a connection's transmission runs over after the hand-over.
 pub(super) enum Handover<S> {
-    Kernel { reader: KernelTlsReader, writer: KernelTlsWriter },
-    Userspace(TlsStream<RecordCounting<S>>, Fallback),
+    Kernel {
+        reader: KernelTlsReader,
+        writer: KernelTlsWriter,
+    },
+    /// Boxed: a rustls session is large, and it is the rarer outcome where
+    /// the kernel has TLS.
+    Userspace(Box<TlsStream<RecordCounting<S>>>, Fallback),
 }
 
 /// Whether the session on `stream` may go to the kernel, checked before
@@ -141,8 +146,8 @@ pub(super) fn hand_over<S: TcpBacked>(
     mut stream: TlsStream<RecordCounting<S>>,
     limit: &RecordLimit,
 ) -> Result<Handover<S>, KtlsError> {
-    if let Err(fallback) = decide(&mut stream, |tcp| ktls::enable(tcp)) {
-        return Ok(Handover::Userspace(stream, fallback));
+    if let Err(fallback) = decide(&mut stream, ktls::enable) {
+        return Ok(Handover::Userspace(Box::new(stream), fallback));
     }
     let (counting, session) = stream.into_inner();
     let secrets = session.dangerous_extract_secrets()?;

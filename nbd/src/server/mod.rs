@@ -404,7 +404,7 @@ where
                     export.stats.tls_kernel_fallbacks[fallback.index()].fetch_add(1, Ordering::Relaxed);
                     tracing::info!("TLS connection stays in userspace (rustls): {}", fallback.label());
                     let _counted = Counted::tls_userspace(&export);
-                    let (rd, wr) = tokio::io::split(stream);
+                    let (rd, wr) = tokio::io::split(*stream);
                     transmission::run(Arc::clone(&export), session, rd, wr, stop).await
                 }
             };

@@ -165,7 +165,7 @@ mod tests {
             seed ^= seed << 17;
             let given = [16, 4096 + 16, 16384, 16385, 65536 + 24, 1 << 20, 32 << 20][(seed % 7) as usize];
             let given = bound.admit(given).unwrap();
-            let accepted = if seed % 5 == 0 { (seed as usize >> 8) % given + 1 } else { given };
+            let accepted = if seed.is_multiple_of(5) { (seed as usize >> 8) % given + 1 } else { given };
             kernel.send(given, accepted);
             bound.sent(accepted);
             assert!(kernel.records <= bound.records(), "{} records made, bound {}", kernel.records, bound.records());

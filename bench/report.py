@@ -31,6 +31,15 @@ ROWS = [
 ]
 UNIT = {"iops": "IOPS", "mbps": "MB/s"}
 
+# The same rows over TLS (bench/run.sh's *-tls servers): nbd-csi against the
+# best TLS peer, target on the 4k row with 4 connections; and TLS's cost
+# against nbd-csi's own plaintext rows, as the TLS figure's share of the
+# plaintext one, with a floor on the 1 MiB rows (at most 25% below).
+TLS_OURS = "nbd-csi-tls"
+TLS_PEERS = ["qemu-nbd-tls", "nbdkit-tls"]
+TLS_TARGETS = {"randread-4k-qd64-j4": 1.3}
+TLS_COST_FLOORS = {"seqread-1m-qd8-j1": 0.75, "seqwrite-1m-qd8-j1": 0.75}
+
 
 def run(cmd):
     try:
@@ -139,6 +148,59 @@ def fmt(value, metric):
     return "{:,.0f}".format(value) if metric == "iops" else "{:,.1f}".format(value)
 
 
+def kernel_tls_use(results):
+    """What our TLS server's log says of its connections: handed to the
+    kernel (kTLS), or kept in userspace (rustls) and why."""
+    try:
+        with open(os.path.join(results, TLS_OURS, "server.log"), errors="replace") as f:
+            log = f.read()
+    except OSError:
+        return None
+    kernel = log.count("TLS connection handed to the kernel")
+    reasons = re.findall(r"TLS connection stays in userspace \(rustls\): (\w+)", log)
+    counts = {r: reasons.count(r) for r in sorted(set(reasons))}
+    return kernel, counts
+
+
+def tls_tables(results, passes):
+    """The TLS comparison table and the TLS cost table, as markdown lines."""
+    peers_table = ["| row | " + " | ".join([TLS_OURS] + TLS_PEERS) +
+                   " | best TLS peer | ratio (nbd-csi-tls / best) | target | result |",
+                   "|---|" + "---:|" * (len(TLS_PEERS) + 5)]
+    cost_table = ["| row | nbd-csi (plaintext) | nbd-csi-tls | TLS / plaintext | floor | result |",
+                  "|---|---:|---:|---:|---:|---:|"]
+    for row, label, direction, metric, _ in ROWS:
+        cells = {s: measure(results, s, row, direction, metric, passes) for s in [TLS_OURS] + TLS_PEERS}
+        peer_vals = {p: cells[p][0] for p in TLS_PEERS if cells[p][0] is not None}
+        best_name = max(peer_vals, key=peer_vals.get) if peer_vals else None
+        ours = cells[TLS_OURS][0]
+        target = TLS_TARGETS.get(row)
+        ratio_s, result = "n/a", "n/a"
+        if ours is not None and best_name:
+            ratio = ours / peer_vals[best_name]
+            ratio_s = "%.2f" % ratio
+            if target:
+                result = "pass" if ratio >= target else "miss"
+        line = ["%s (%s)" % (label, UNIT[metric])]
+        line += [fmt(cells[s][0], metric) if cells[s][0] is not None else cells[s][2] for s in [TLS_OURS] + TLS_PEERS]
+        line.append("%s (%s)" % (fmt(peer_vals[best_name], metric), best_name) if best_name else "n/a")
+        line += [ratio_s, "≥ %.1f" % target if target else "-", result]
+        peers_table.append("| " + " | ".join(line) + " |")
+
+        plain = measure(results, OURS, row, direction, metric, passes)[0]
+        floor = TLS_COST_FLOORS.get(row)
+        share_s, result = "n/a", "n/a"
+        if plain and ours is not None:
+            share = ours / plain
+            share_s = "%.2f (%+.0f%%)" % (share, (share - 1) * 100)
+            if floor:
+                result = "pass" if share >= floor else "miss"
+        cost_table.append("| %s (%s) | %s | %s | %s | %s | %s |" % (
+            label, UNIT[metric], fmt(plain, metric), fmt(ours, metric), share_s,
+            "≥ %.2f" % floor if floor else "-", result))
+    return peers_table, cost_table
+
+
 def readable(cmd, work, port_re, any_server=False):
     cmd = cmd.replace(work, "$WORK")
     if any_server:
@@ -242,7 +304,7 @@ def main():
     ]
 
     servers_md = []
-    for server in [OURS] + PEERS:
+    for server in [OURS] + PEERS + [TLS_OURS] + TLS_PEERS:
         path = os.path.join(results, server, "server.cmd")
         if os.path.exists(path):
             with open(path) as f:
@@ -257,14 +319,17 @@ def main():
                           "\n".join("  " + l if l else "" for l in conf_text.splitlines()) + "\n  ```")
 
     fio_md = []
-    for server in [OURS] + PEERS:
-        if os.path.isdir(os.path.join(results, server)):
-            for row, label, *_ in ROWS:
-                path = os.path.join(results, server, row + ".cmd")
-                if os.path.exists(path):
-                    with open(path) as f:
-                        fio_md.append("- %s:\n  `%s`" % (label, readable(f.read().strip(), work, port_re, True)))
-            break
+    for group in ([OURS] + PEERS, [TLS_OURS] + TLS_PEERS):
+        for server in group:
+            if os.path.isdir(os.path.join(results, server)):
+                tls = " (TLS)" if server in [TLS_OURS] + TLS_PEERS else ""
+                for row, label, *_ in ROWS:
+                    path = os.path.join(results, server, row + ".cmd")
+                    if os.path.exists(path):
+                        with open(path) as f:
+                            fio_md.append("- %s%s:\n  `%s`" % (
+                                label, tls, readable(f.read().strip(), work, port_re, True)))
+                break
 
     out = []
     out.append("# Benchmarks\n")
@@ -294,6 +359,32 @@ def main():
         out.append("| row | " + " | ".join([OURS] + PEERS) + " |")
         out.append("|---|" + "---:|" * (1 + len(PEERS)))
         out.extend("| " + " | ".join(l) + " |" for l in spread)
+        out.append("")
+    if os.path.isdir(os.path.join(results, TLS_OURS)) or any(
+            os.path.isdir(os.path.join(results, p)) for p in TLS_PEERS):
+        peers_table, cost_table = tls_tables(results, args.passes)
+        out.append("## Over TLS\n")
+        out.append("The same rows with TLS required by every server (TLS 1.3, client certificates "
+                   "verified against the CA): nbd-csi (`serve-file --tls required`) against qemu-nbd "
+                   "(`--tls-creds`, tls-creds-x509) and nbdkit (`--tls=require`), the same fio client "
+                   "(libnbd over `nbds://…?tls-certificates=DIR`, allowed by a preloaded shim), the same file, "
+                   "in the same run and rotation as the rows above.\n")
+        use = kernel_tls_use(results)
+        if use is not None:
+            kernel, fallbacks = use
+            said = ", ".join("%d for %s" % (n, r) for r, n in fallbacks.items()) or "none"
+            out.append("Where the kernel has kernel TLS (`tls.ko`), nbd-csi hands each TLS connection to "
+                       "it after the handshake and keeps sending READ data with sendfile; elsewhere it "
+                       "stays on rustls in userspace and READ data is copied and encrypted there. In "
+                       "this run its log says: %d connection(s) on kernel TLS, userspace TLS: %s. %s\n" % (
+                           kernel, said,
+                           "This machine's kernel has no kTLS, so these rows measure the userspace-TLS "
+                           "server." if kernel == 0 else ""))
+        out.extend(peers_table)
+        out.append("")
+        out.append("TLS's cost to nbd-csi: its TLS figure against its own plaintext row above; the floor "
+                   "on the 1 MiB rows is at most 25% below plaintext.\n")
+        out.extend(cost_table)
         out.append("")
     out.append("## Machine\n")
     out.extend("- %s: %s" % kv for kv in machine)

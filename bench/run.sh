@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark nbd-csi-controller's NBD server against qemu-nbd, nbdkit and
-# nbd-server with fio's nbd engine. See bench/README.md.
+# nbd-server with fio's nbd engine, and over TLS against qemu-nbd and
+# nbdkit with TLS. See bench/README.md.
 #
 # Environment:
 #   BENCH_RUNTIME    seconds per fio run, after the ramp (default 15)
@@ -12,6 +13,7 @@
 #   BENCH_WORKDIR    scratch dir for the image and raw results (default: mktemp -d)
 #   BENCH_SKIP_OURS  =1 skips our server (development only; the report then
 #                    goes to the work dir unless BENCH_OUTPUT is set)
+#   BENCH_TLS        =0 skips the TLS servers (default 1)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +23,7 @@ RUNTIME="${BENCH_RUNTIME:-15}"
 RAMP="${BENCH_RAMP:-3}"
 PASSES="${BENCH_PASSES:-1}"
 SKIP_OURS="${BENCH_SKIP_OURS:-0}"
+TLS="${BENCH_TLS:-1}"
 EXPORT=bench
 IMAGE_SIZE=1G
 # Upper bound for one fio run: ramp + runtime + connect/teardown slack.
@@ -33,6 +36,13 @@ WORK="${BENCH_WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/nbd-csi-bench.XXXXXX")}"
 mkdir -p "$WORK"
 IMAGE="$WORK/disk.img"
 RESULTS="$WORK/results"
+# Certificates for the TLS servers and the client (made with openssl,
+# valid 2 days). fio's nbd engine passes libnbd only the URI, and libnbd
+# refuses its tls-certificates= parameter unless the program allows local
+# files: a preloaded shim (bench/libnbd_uri_certificates.c, built here)
+# allows them before each nbd_connect_uri.
+PKI="$WORK/pki"
+URI_SHIM="$WORK/libnbd_uri_certificates.so"
 if [[ "$SKIP_OURS" == 1 ]]; then
   OUTPUT="${BENCH_OUTPUT:-$WORK/BENCHMARKS.md}"
 else
@@ -40,6 +50,8 @@ else
 fi
 
 SERVER_PID=""      # pid of the running server (or of its `timeout` wrapper)
+SCHEME=nbd         # the URI scheme of the running server: nbd, or nbds (TLS)
+CLIENT_ENV=(env)   # libnbd's environment (fio, nbdinfo): the shim for TLS
 SERVER_PIDFILE=""  # set for daemonising servers (nbd-server)
 PASS=0             # current pass, 1..PASSES
 FIO_PID=""         # pid of the running fio's `timeout` wrapper
@@ -107,7 +119,7 @@ install_deps() {
   local -a missing=()
   local pair cmd pkg
   for pair in fio:fio qemu-nbd:qemu-utils nbdkit:nbdkit nbd-server:nbd-server \
-    nbdinfo:libnbd-bin python3:python3 timeout:coreutils; do
+    nbdinfo:libnbd-bin python3:python3 timeout:coreutils openssl:openssl cc:gcc; do
     cmd="${pair%%:*}" pkg="${pair#*:}"
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
   done
@@ -147,6 +159,45 @@ make_image() {
   sync "$IMAGE"
 }
 
+# A CA, a server certificate for 127.0.0.1 in our server's layout and in
+# the one qemu-nbd and nbdkit share, and a client certificate for libnbd.
+make_pki() {
+  local ca="$PKI/ca"
+  mkdir -p "$ca" "$PKI/nbd-csi" "$PKI/x509" "$PKI/client"
+  local -a ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+  openssl req -x509 "${ec[@]}" -keyout "$ca/ca.key" -out "$ca/ca.crt" -days 2 -subj /CN=nbd-csi-bench-ca \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+  local name usage
+  for name in server client; do
+    usage=serverAuth
+    [[ "$name" == client ]] && usage=clientAuth
+    openssl req "${ec[@]}" -keyout "$ca/$name.key" -out "$ca/$name.csr" -subj "/CN=bench-$name" 2>/dev/null
+    printf 'subjectAltName=%s\nextendedKeyUsage=%s\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n' \
+      "$([[ "$name" == server ]] && echo IP:127.0.0.1 || echo DNS:bench-client)" "$usage" >"$ca/$name.ext"
+    openssl x509 -req -in "$ca/$name.csr" -CA "$ca/ca.crt" -CAkey "$ca/ca.key" -CAcreateserial -days 2 \
+      -extfile "$ca/$name.ext" -out "$ca/$name.crt" 2>/dev/null
+  done
+  cp "$ca/ca.crt" "$PKI/nbd-csi/ca.crt"
+  cp "$ca/server.crt" "$PKI/nbd-csi/tls.crt"
+  cp "$ca/server.key" "$PKI/nbd-csi/tls.key"
+  cp "$ca/ca.crt" "$PKI/x509/ca-cert.pem"
+  cp "$ca/server.crt" "$PKI/x509/server-cert.pem"
+  cp "$ca/server.key" "$PKI/x509/server-key.pem"
+  cp "$ca/ca.crt" "$PKI/client/ca-cert.pem"
+  cp "$ca/client.crt" "$PKI/client/client-cert.pem"
+  cp "$ca/client.key" "$PKI/client/client-key.pem"
+  cc -shared -fPIC -O2 -o "$URI_SHIM" "$BENCH_DIR/libnbd_uri_certificates.c" -ldl
+}
+
+# The running server's URI (with the client's certificates under TLS).
+uri() {
+  if [[ "$SCHEME" == nbds ]]; then
+    echo "nbds://127.0.0.1:$1/$EXPORT?tls-certificates=$PKI/client"
+  else
+    echo "nbd://127.0.0.1:$1/$EXPORT"
+  fi
+}
+
 # Same page-cache state for every server: image clean and fully cached.
 warm_cache() {
   sync "$IMAGE"
@@ -177,7 +228,7 @@ wait_ready() {
     if ! pid_alive "$(server_pid)"; then
       die "server exited during start-up (see $SERVER_LOG)"
     fi
-    size="$(timeout 5 nbdinfo --size "nbd://127.0.0.1:$port/$EXPORT" 2>/dev/null || true)"
+    size="$("${CLIENT_ENV[@]}" timeout 5 nbdinfo --size "$(uri "$port")" 2>/dev/null || true)"
     if [[ "$size" == "$(stat -c %s "$IMAGE")" ]]; then
       return 0
     fi
@@ -220,6 +271,26 @@ start_nbdkit() {
     -i 127.0.0.1 -p "$1" -e "$EXPORT" file "$IMAGE"
 }
 
+# The TLS servers: each as above, TLS required (TLS 1.3 where the client
+# offers it; every server verifies the client's certificate against the CA).
+start_nbd_csi_tls() {
+  launch nbd-csi-tls "$OURS_BIN" serve-file "$IMAGE" \
+    --listen "127.0.0.1:$1" --export-name "$EXPORT" --tls required --tls-dir "$PKI/nbd-csi"
+}
+
+start_qemu_nbd_tls() {
+  launch qemu-nbd-tls qemu-nbd --persistent --shared=8 --cache=writeback \
+    --aio=threads -f raw \
+    --object "tls-creds-x509,id=tls0,dir=$PKI/x509,endpoint=server,verify-peer=on" --tls-creds tls0 \
+    --bind 127.0.0.1 --port "$1" --export-name "$EXPORT" "$IMAGE"
+}
+
+start_nbdkit_tls() {
+  launch nbdkit-tls nbdkit --foreground --exit-with-parent --threads 16 \
+    --tls=require --tls-certificates "$PKI/x509" --tls-verify-peer \
+    -i 127.0.0.1 -p "$1" -e "$EXPORT" file "$IMAGE"
+}
+
 # The reference server. Its -d (no fork) mode serves one connection and
 # exits, so it runs as the usual daemon (one process per connection) with a
 # pid file, and the TERM we send makes it kill its per-client children.
@@ -259,17 +330,19 @@ run_fio() {
   shift 3
   local base="$RESULTS/$server/$row.$PASS"
   local -a cmd=(fio --name="$row" --ioengine=nbd
-    --uri="nbd://127.0.0.1:$port/$EXPORT" --size="$IMAGE_SIZE"
+    --uri="$(uri "$port")" --size="$IMAGE_SIZE"
     --time_based --runtime="$RUNTIME" --ramp_time="$RAMP"
     "$@" --output-format=json --output="$base.json")
-  printf '%q ' "${cmd[@]}" | sed 's/ $//' >"$RESULTS/$server/$row.cmd"
+  local env=""
+  [[ "$SCHEME" == nbds ]] && env="LD_PRELOAD=\$WORK/libnbd_uri_certificates.so "
+  { printf '%s' "$env"; printf '%q ' "${cmd[@]}" | sed 's/ $//'; } >"$RESULTS/$server/$row.cmd"
   log "$server: $row (pass $PASS/$PASSES)"
   local root ticks_before started
   root="$(server_pid)"
   ticks_before="$(tree_ticks "$root")"
   started="$(date +%s.%N)"
   # In the background so that a signal to this script is handled at once.
-  timeout --kill-after=10 "$FIO_TIMEOUT" "${cmd[@]}" 2>"$base.err" &
+  "${CLIENT_ENV[@]}" timeout --kill-after=10 "$FIO_TIMEOUT" "${cmd[@]}" 2>"$base.err" &
   FIO_PID=$!
   if ! wait "$FIO_PID"; then
     log "$server: $row FAILED (see $base.err)"
@@ -321,6 +394,8 @@ row_seqwrite_1m_qd8_j1() {
 bench_server() {
   local server="$1" port
   port="$(free_port)"
+  SCHEME=nbd CLIENT_ENV=(env)
+  [[ "$server" == *-tls ]] && SCHEME=nbds CLIENT_ENV=(env LD_PRELOAD="$URI_SHIM")
   warm_cache
   log "starting $server on 127.0.0.1:$port"
   "start_${server//-/_}" "$port"
@@ -341,9 +416,14 @@ main() {
   check_quiet
   log "work dir: $WORK (runtime ${RUNTIME}s, ramp ${RAMP}s, $PASSES pass(es))"
   make_image
+  [[ "$TLS" == 1 ]] && make_pki
 
   local -a servers=(qemu-nbd nbdkit nbd-server)
   [[ "$SKIP_OURS" == 1 ]] || servers=(nbd-csi "${servers[@]}")
+  if [[ "$TLS" == 1 ]]; then
+    servers+=(qemu-nbd-tls nbdkit-tls)
+    [[ "$SKIP_OURS" == 1 ]] || servers+=(nbd-csi-tls)
+  fi
   local n=${#servers[@]} i
   # Each pass runs every server once; the order rotates between passes so
   # that drifting background load is spread over all servers.

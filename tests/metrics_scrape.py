@@ -121,6 +121,34 @@ def check_storage(addr, data_dir, written, uri, empty):
         ok("storage: the server counted the 4 MiB written")
     else:
         bad(f"storage: nbd_csi_volume_written_bytes_total {written_bytes}, 4 MiB written")
+    check_tls(families, written)
+
+
+def check_tls(families, volume):
+    """The TLS families of a volume served in plaintext: every kind and
+    reason declared, typed, and zero but for plaintext connections (its
+    client may not have been reaped yet)."""
+    expected = {
+        ("nbd_csi_volume_tls_connections", "gauge", "tls"): ["kernel", "userspace", "none"],
+        ("nbd_csi_volume_tls_handshake_failures_total", "counter", "reason"):
+            ["certificate", "protocol", "io", "timeout"],
+        ("nbd_csi_volume_tls_kernel_fallbacks_total", "counter", "reason"):
+            ["no_kernel_tls", "kernel_refused", "cipher", "not_at_rest", "not_tcp"],
+    }
+    for (name, kind, label), values in expected.items():
+        family = families.get(name.removesuffix("_total"))
+        found = {s.labels.get(label): s.value for s in samples(families, name, volume_id=volume)}
+        if family is None or family.type != kind:
+            bad(f"storage: {name} is not a declared {kind}")
+        elif sorted(found) != sorted(values) or any(v != 0 for k, v in found.items() if k != "none"):
+            bad(f"storage: {name} by {label}: {found}, {values} all 0 expected")
+        else:
+            ok(f"storage: {name} by {label}: {found} for a plaintext volume")
+    closes = value(families, "nbd_csi_volume_tls_record_limit_closes_total", volume_id=volume)
+    if closes == 0:
+        ok("storage: no TLS connection closed at its record limit")
+    else:
+        bad(f"storage: nbd_csi_volume_tls_record_limit_closes_total {closes}")
 
 
 def check_node(addr):

@@ -1,6 +1,8 @@
 //! Prometheus metrics (text format): per-volume NBD counters read from each
 //! export's `ExportStats` at scrape time (through the agent's
-//! [`ExportTable`]), CSI RPC counts and latencies, and where an agent keeps
+//! [`ExportTable`]), TLS among them (open connections by kind: kernel TLS,
+//! userspace TLS, none; handshake failures and userspace fallbacks by
+//! reason, closes at the record limit: a fixed 13 series per volume), CSI RPC counts and latencies, and where an agent keeps
 //! volumes (the embedded controller, `nbd-csi-controller agent`) the
 //! store's usage: each volume's allocated bytes beside its capacity and the
 //! data directory's free and total bytes, so that over-commit shows before
@@ -9,12 +11,14 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use agent::{Agent, ExportTable};
-use nbd::server::ExportStats;
+use nbd::server::kernel_tls::Fallback;
+use nbd::server::{Export, ExportStats};
+use nbd::tls::HandshakeFailure;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -32,12 +36,30 @@ struct RpcLabels {
 
 type Stat = fn(&ExportStats) -> u64;
 
-const COUNTERS: [(&str, &str, Stat); 5] = [
+const COUNTERS: [(&str, &str, Stat); 6] = [
     ("nbd_csi_volume_read_bytes", "Bytes read by NBD clients", |s| s.bytes_read.load(Ordering::Relaxed)),
     ("nbd_csi_volume_written_bytes", "Bytes written by NBD clients", |s| s.bytes_written.load(Ordering::Relaxed)),
     ("nbd_csi_volume_read_ops", "NBD READ commands served", |s| s.reads.load(Ordering::Relaxed)),
     ("nbd_csi_volume_write_ops", "NBD WRITE commands served", |s| s.writes.load(Ordering::Relaxed)),
     ("nbd_csi_volume_errors", "NBD commands answered with an error", |s| s.errors.load(Ordering::Relaxed)),
+    (
+        "nbd_csi_volume_tls_record_limit_closes",
+        "TLS connections closed at their record limit (the client reconnects with fresh keys)",
+        |s| s.tls_record_limit_closes.load(Ordering::Relaxed),
+    ),
+];
+
+/// Open connections by TLS kind: in the kernel (kTLS, READs with
+/// sendfile), in this process (rustls, READs copied), none (plaintext, or
+/// still in the handshake).
+const TLS_KINDS: [(&str, Stat); 3] = [
+    ("kernel", |s| s.tls_kernel_connections.load(Ordering::Relaxed)),
+    ("userspace", |s| s.tls_userspace_connections.load(Ordering::Relaxed)),
+    ("none", |s| {
+        let tls =
+            s.tls_kernel_connections.load(Ordering::Relaxed) + s.tls_userspace_connections.load(Ordering::Relaxed);
+        s.connections.load(Ordering::Relaxed).saturating_sub(tls)
+    }),
 ];
 
 const GAUGES: [(&str, &str, Stat); 2] = [
@@ -67,8 +89,57 @@ impl Collector for VolumeCollector {
                 ConstGauge::new(stat(export.stats()) as i64).encode(metric.encode_family(&labels)?)?;
             }
         }
+        let mut metric = encoder.encode_descriptor(
+            "nbd_csi_volume_tls_connections",
+            "Open NBD connections by TLS kind: kernel (kTLS), userspace (rustls), none",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (id, export) in &exports {
+            for (kind, stat) in TLS_KINDS {
+                let labels = [("volume_id", id.as_str()), ("tls", kind)];
+                ConstGauge::new(stat(export.stats()) as i64).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        let failures = HandshakeFailure::ALL.map(HandshakeFailure::label);
+        encode_by_reason(
+            &mut encoder,
+            ("nbd_csi_volume_tls_handshake_failures", "TLS handshakes that failed, by reason"),
+            &exports,
+            &failures,
+            |s| &s.tls_handshake_failures,
+        )?;
+        encode_by_reason(
+            &mut encoder,
+            (
+                "nbd_csi_volume_tls_kernel_fallbacks",
+                "TLS connections served by userspace TLS (READs copied) instead of kernel TLS, by reason",
+            ),
+            &exports,
+            &Fallback::ALL.map(Fallback::label),
+            |s| &s.tls_kernel_fallbacks,
+        )?;
         Ok(())
     }
+}
+
+/// A counter family of each volume's counts by reason: `counts` holds
+/// them in the order of `reasons`.
+fn encode_by_reason(
+    encoder: &mut DescriptorEncoder<'_>,
+    (name, help): (&str, &str),
+    exports: &[(String, Arc<Export>)],
+    reasons: &[&str],
+    counts: fn(&ExportStats) -> &[AtomicU64],
+) -> Result<(), fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (id, export) in exports {
+        for (reason, count) in reasons.iter().zip(counts(export.stats())) {
+            let labels = [("volume_id", id.as_str()), ("reason", *reason)];
+            ConstCounter::new(count.load(Ordering::Relaxed)).encode(metric.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// The store's usage, read from the agent at scrape time. Weak: the
@@ -245,6 +316,17 @@ mod tests {
         assert_eq!(value("nbd_csi_store_free_bytes", &store), free, "nothing written meanwhile");
         assert_eq!(value("nbd_csi_store_size_bytes", &store), 64 << 20);
         assert_eq!(value("nbd_csi_store_provisioned_bytes", &store), 64 << 20, "two volumes of 32 MiB");
+        // The one plaintext client, by TLS kind; every TLS figure zero.
+        let tls = |kind: &str| {
+            value("nbd_csi_volume_tls_connections", &format!("volume_id=\"{}\",tls=\"{kind}\"", written.id))
+        };
+        assert_eq!((tls("none"), tls("userspace"), tls("kernel")), (1, 0, 0));
+        for reason in ["certificate", "protocol", "io", "timeout"] {
+            let labels = format!("volume_id=\"{}\",reason=\"{reason}\"", written.id);
+            assert_eq!(value("nbd_csi_volume_tls_handshake_failures_total", &labels), 0);
+        }
+        let labels = format!("volume_id=\"{}\",reason=\"no_kernel_tls\"", written.id);
+        assert_eq!(value("nbd_csi_volume_tls_kernel_fallbacks_total", &labels), 0);
         drop(client);
         agent.shutdown().await;
     }

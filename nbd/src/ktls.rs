@@ -12,10 +12,18 @@
 //! `TLS_RX` with a `linux/tls.h` crypto-info struct per direction. This
 //! server sends no ticket and no KeyUpdate (see `tls::config`).
 //!
-//! Everything here is a safe call: nix wraps the three setsockopts with the
-//! libc structs of `linux/tls.h`, and the unread-bytes check is a
-//! non-blocking `MSG_PEEK`. A kernel without the `tls` module refuses
-//! `TCP_ULP` with ENOENT: [`KtlsError::Unavailable`] names the module.
+//! The same hand-over serves the server's side (`server::kernel_tls`),
+//! where READ data then goes out with sendfile(2) and the kernel encrypts
+//! it: [`kernel_supports`] says beforehand whether the negotiated cipher
+//! can be handed over, and [`record_sequence`] reads the kernel's record
+//! counts back (the record limit, `tls::kernel_records`).
+//!
+//! nix wraps the three setsockopts with the libc structs of `linux/tls.h`,
+//! and the unread-bytes check is a non-blocking `MSG_PEEK`. Reading the
+//! counts back is `getsockopt(SOL_TLS, …)`, which nix does not wrap: the
+//! one unsafe call of this crate, on plain-data structs of the exact size
+//! the kernel checks. A kernel without the `tls` module refuses `TCP_ULP`
+//! with ENOENT: [`KtlsError::Unavailable`] names the module.
 
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -85,6 +93,94 @@ pub fn crypto_info(seq: u64, secrets: &ConnectionTrafficSecrets) -> Result<TlsCr
     })
 }
 
+/// Whether the kernel takes a session of this TLS 1.3 cipher suite (the
+/// ones [`crypto_info`] converts).
+pub fn kernel_supports(suite: rustls::CipherSuite) -> bool {
+    use rustls::CipherSuite as s;
+    matches!(suite, s::TLS13_AES_128_GCM_SHA256 | s::TLS13_AES_256_GCM_SHA384 | s::TLS13_CHACHA20_POLY1305_SHA256)
+}
+
+/// The kernel's cipher number of an installed direction.
+pub fn cipher_type(info: &TlsCryptoInfo) -> u16 {
+    match info {
+        TlsCryptoInfo::Aes128Gcm(i) => i.info.cipher_type,
+        TlsCryptoInfo::Aes256Gcm(i) => i.info.cipher_type,
+        TlsCryptoInfo::Chacha20Poly1305(i) => i.info.cipher_type,
+    }
+}
+
+/// One direction of a kernel TLS socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Transmit,
+    Receive,
+}
+
+/// The `linux/tls.h` structs `getsockopt(SOL_TLS)` fills: plain data
+/// (integers and byte arrays), valid whatever bytes they hold.
+trait CryptoInfoStruct: Copy {
+    fn rec_seq(&self) -> [u8; 8];
+}
+
+impl CryptoInfoStruct for libc::tls12_crypto_info_aes_gcm_128 {
+    fn rec_seq(&self) -> [u8; 8] {
+        self.rec_seq
+    }
+}
+
+impl CryptoInfoStruct for libc::tls12_crypto_info_aes_gcm_256 {
+    fn rec_seq(&self) -> [u8; 8] {
+        self.rec_seq
+    }
+}
+
+impl CryptoInfoStruct for libc::tls12_crypto_info_chacha20_poly1305 {
+    fn rec_seq(&self) -> [u8; 8] {
+        self.rec_seq
+    }
+}
+
+/// The sequence number of the next record in `direction` of a kernel TLS
+/// socket whose keys are of `cipher` ([`cipher_type`]): the records sent
+/// or received under those keys so far, rustls' ones before the hand-over
+/// included.
+pub fn record_sequence(socket: &impl AsFd, direction: Direction, cipher: u16) -> Result<u64, KtlsError> {
+    let optname = match direction {
+        Direction::Transmit => libc::TLS_TX,
+        Direction::Receive => libc::TLS_RX,
+    };
+    let seq = match cipher {
+        libc::TLS_CIPHER_AES_GCM_128 => get::<libc::tls12_crypto_info_aes_gcm_128>(socket, optname)?.rec_seq(),
+        libc::TLS_CIPHER_AES_GCM_256 => get::<libc::tls12_crypto_info_aes_gcm_256>(socket, optname)?.rec_seq(),
+        libc::TLS_CIPHER_CHACHA20_POLY1305 => {
+            get::<libc::tls12_crypto_info_chacha20_poly1305>(socket, optname)?.rec_seq()
+        }
+        _ => return Err(KtlsError::UnsupportedCipher),
+    };
+    Ok(u64::from_be_bytes(seq))
+}
+
+/// `getsockopt(SOL_TLS, optname)` into a `T`, with `T`'s exact size as
+/// optlen (a 6.1 kernel refuses any other with EINVAL).
+#[allow(unsafe_code)]
+fn get<T: CryptoInfoStruct>(socket: &impl AsFd, optname: libc::c_int) -> Result<T, KtlsError> {
+    let mut value = std::mem::MaybeUninit::<T>::zeroed();
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` is a writable buffer of `len` bytes that lives across
+    // the call, and `len` a valid socklen_t; the kernel writes at most
+    // `len` bytes to it and the new length to `len`.
+    let rc = unsafe {
+        libc::getsockopt(socket.as_fd().as_raw_fd(), libc::SOL_TLS, optname, value.as_mut_ptr().cast(), &mut len)
+    };
+    Errno::result(rc).map_err(|errno| KtlsError::Sockopt { what: "getsockopt SOL_TLS", errno })?;
+    if len as usize != std::mem::size_of::<T>() {
+        return Err(KtlsError::Sockopt { what: "getsockopt SOL_TLS (short struct)", errno: Errno::EINVAL });
+    }
+    // SAFETY: `T` is plain data (CryptoInfoStruct), so the zeroed bytes the
+    // kernel overwrote, wholly as `len` says, are a valid `T`.
+    Ok(unsafe { value.assume_init() })
+}
+
 fn info(cipher_type: u16) -> libc::tls_crypto_info {
     libc::tls_crypto_info { version: libc::TLS_1_3_VERSION, cipher_type }
 }
@@ -123,13 +219,15 @@ pub fn enable(socket: &impl AsFd) -> Result<(), KtlsError> {
     }
 }
 
-/// Installs both directions of `secrets` on `socket`, after [`enable`].
-pub fn install(socket: &impl AsFd, secrets: &ExtractedSecrets) -> Result<(), KtlsError> {
+/// Installs both directions of `secrets` on `socket`, after [`enable`];
+/// returns the kernel's cipher number ([`cipher_type`]).
+pub fn install(socket: &impl AsFd, secrets: &ExtractedSecrets) -> Result<u16, KtlsError> {
     let (tx_seq, tx) = &secrets.tx;
     let (rx_seq, rx) = &secrets.rx;
     let (tx, rx) = (crypto_info(*tx_seq, tx)?, crypto_info(*rx_seq, rx)?);
     setsockopt(socket, TcpTlsTx, &tx).map_err(|errno| KtlsError::Sockopt { what: "SOL_TLS TLS_TX", errno })?;
-    setsockopt(socket, TcpTlsRx, &rx).map_err(|errno| KtlsError::Sockopt { what: "SOL_TLS TLS_RX", errno })
+    setsockopt(socket, TcpTlsRx, &rx).map_err(|errno| KtlsError::Sockopt { what: "SOL_TLS TLS_RX", errno })?;
+    Ok(cipher_type(&tx))
 }
 
 /// Hands the client's TLS session on `stream` to the kernel, once the NBD

@@ -13,7 +13,7 @@ use common::pki::Pki;
 use common::*;
 use nbd::client::{HandshakeOptions, handshake, handshake_tls};
 use nbd::server::{Allowed, ExportConfig, ReadOnlyPeers};
-use nbd::tls::{ClientTls, ServerTls, TlsMode};
+use nbd::tls::{ClientTls, HandshakeFailure, ServerTls, TlsMode};
 use nbd::wire::{InfoReply, InfoRequest, OptionHeader, OptionReplyHeader, Request, SimpleReply};
 use nbd::{ClientFlags, CommandFlags, ErrorKind, TransmissionFlags, cmd, info, opt, rep};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -193,7 +193,7 @@ async fn required_starttls_then_everything_over_tls_and_a_second_starttls_is_inv
     assert_eq!(reply(&mut tls, opt::STRUCTURED_REPLY).await.0, rep::ACK);
     let flags = go(&mut tls).await.expect("GO over TLS");
     assert!(flags.contains(TransmissionFlags::SEND_DF), "structured replies negotiated over TLS count");
-    eventually("the connection counts as TLS", || stat(&server, |s| &s.tls_userspace_connections) == 1).await;
+    eventually("the connection counts as TLS", || stat(&server, tls_gauge()) == 1).await;
     server.stop().await;
 }
 
@@ -220,7 +220,7 @@ async fn starttls_with_data_is_invalid_and_haggling_goes_on_in_plaintext() {
     // Allowed: plaintext clients are served as without TLS.
     go(&mut stream).await.expect("plaintext GO on an export that allows TLS");
     assert_eq!(write_then_read(&mut stream, 4096, b"plain").await, b"plain");
-    assert_eq!(stat(&server, |s| &s.tls_userspace_connections), 0);
+    assert_eq!(stat(&server, tls_gauge()), 0);
     server.stop().await;
 }
 
@@ -240,7 +240,10 @@ async fn a_client_certificate_from_another_ca_is_refused() {
         tls.read_exact(&mut byte).await.map(|_| ())
     };
     within(outcome).await.expect_err("a certificate of another CA is refused");
-    eventually("the failure is counted", || stat(&server, |s| &s.tls_handshake_failures) == 1).await;
+    eventually("the failure is counted", || {
+        stat(&server, |s| &s.tls_handshake_failures[HandshakeFailure::Certificate.index()]) == 1
+    })
+    .await;
     // And a client that does not trust our server's CA gives up itself.
     let stream = begin(&server).await;
     let err = start_tls(stream, &pki.client("node-a", &other.ca_path())).await.expect_err("server not trusted");
@@ -275,7 +278,10 @@ async fn a_client_without_a_certificate_is_refused() {
         tls.read_exact(&mut byte).await.map(|_| ())
     };
     within(outcome).await.expect_err("no client certificate, no session");
-    eventually("the failure is counted", || stat(&server, |s| &s.tls_handshake_failures) == 1).await;
+    eventually("the failure is counted", || {
+        stat(&server, |s| &s.tls_handshake_failures[HandshakeFailure::Certificate.index()]) == 1
+    })
+    .await;
     server.stop().await;
 }
 
@@ -432,7 +438,7 @@ async fn reads_over_tls_take_the_copy_path_intact() {
         }
         within(tls.write_all(&batch)).await.unwrap();
         within(tls.flush()).await.unwrap();
-        eventually("the connection counts as TLS", || stat(&server, |s| &s.tls_userspace_connections) == 1).await;
+        eventually("the connection counts as TLS", || stat(&server, tls_gauge()) == 1).await;
         for (cookie, (offset, length)) in reads.into_iter().enumerate() {
             let want = &data[offset as usize..offset as usize + length as usize];
             let got = if structured {
@@ -455,8 +461,7 @@ async fn reads_over_tls_take_the_copy_path_intact() {
             assert!(got == want, "READ {cookie} at {offset} ({length} bytes) differs");
         }
         drop(tls);
-        eventually("the TLS connection is no longer counted", || stat(&server, |s| &s.tls_userspace_connections) == 0)
-            .await;
+        eventually("the TLS connection is no longer counted", || stat(&server, tls_gauge()) == 0).await;
     }
     server.stop().await;
 }
@@ -475,6 +480,10 @@ async fn a_client_stalling_after_starttls_is_dropped_at_the_handshake_timeout() 
     send_option(&mut stream, opt::STARTTLS, &[]).await;
     assert_eq!(reply(&mut stream, opt::STARTTLS).await.0, rep::ACK);
     assert!(closed_without_reply(&mut stream).await, "dropped without a TLS byte");
+    eventually("the timeout is counted", || {
+        stat(&server, |s| &s.tls_handshake_failures[HandshakeFailure::Timeout.index()]) == 1
+    })
+    .await;
     server.stop().await;
 }
 

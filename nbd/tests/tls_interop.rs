@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::pki::Pki;
 use nbd::server::{Allowed, Export, ExportConfig, Server};
-use nbd::tls::TlsMode;
+use nbd::tls::{HandshakeFailure, TlsMode};
 
 const NAME: &str = "vol";
 const SIZE: u64 = 16 << 20;
@@ -250,6 +250,42 @@ fn nbdinfo_and_nbdsh_read_and_write_over_tls() {
     eventually("no TLS connection is left", || stats.tls_userspace_connections.load(Ordering::Relaxed) == 0);
 }
 
+/// Where the kernel has no TLS (this build host: no tls.ko) a TLS
+/// connection stays on rustls and says why; where it has, the connection is
+/// handed to the kernel and READ data goes out with sendfile(2). Either way
+/// libnbd and qemu read exactly what the file holds, in reads below and
+/// above the zero-copy threshold, and the counts tell which path served.
+#[test]
+fn tls_connections_are_served_by_the_kernel_or_fall_back_to_rustls_and_say_so() {
+    use nbd::server::kernel_tls::Fallback;
+    let pki = Pki::new("cluster");
+    let served = Served::start(TlsMode::Required(pki.server()));
+    let data: Vec<u8> = (0..8usize << 20).map(|i| ((i * 13 + 5) % 253) as u8).collect();
+    served.file.write_all_at(&data, 0).unwrap();
+    let dir = pki.client_dir("node-a");
+    let uri = served.nbds_uri(&dir);
+    let script = "want = bytes((i * 13 + 5) % 253 for i in range(8 << 20))\n\
+        for offset, length in [(0, 4096), (12345, 65535), (1 << 20, 65536), (3 << 20, 1 << 20), (0, 4 << 20), (7, 33)]:\n\
+        \x20   assert h.pread(length, offset) == want[offset:offset + length], (offset, length)\n";
+    for _ in 0..2 {
+        run_ok(&mut nbdsh_on(pki.dir.path(), &uri, script));
+    }
+    qemu_io(&served, &dir, &["read -P 0x05 0 1", "read -v 4194304 16"]);
+    let stats = served.export.stats();
+    eventually("every TLS connection is closed", || {
+        stats.tls_userspace_connections.load(Ordering::Relaxed) == 0
+            && stats.tls_kernel_connections.load(Ordering::Relaxed) == 0
+    });
+    let fallbacks: Vec<u64> = stats.tls_kernel_fallbacks.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    let mut want = vec![0; Fallback::ALL.len()];
+    if !common::kernel_has_tls() {
+        // Three clients, three connections, each refused TCP_ULP "tls".
+        want[Fallback::NoKernelTls.index()] = 3;
+    }
+    assert_eq!(fallbacks, want, "fallbacks by reason ({:?})", Fallback::ALL.map(Fallback::label));
+    assert_eq!(stats.tls_handshake_failures_total(), 0);
+}
+
 #[test]
 fn qemu_io_and_qemu_img_read_and_write_over_tls() {
     let pki = Pki::new("cluster");
@@ -301,7 +337,9 @@ fn a_certificate_from_another_ca_is_refused() {
     std::fs::copy(pki.ca_path(), dir.join("ca-cert.pem")).unwrap();
     run_refused(Command::new("nbdinfo").arg(served.nbds_uri(&dir)), "TLS fatal alert");
     let stats = served.export.stats();
-    eventually("the server's refusal is counted", || stats.tls_handshake_failures.load(Ordering::Relaxed) == 1);
+    let certificate = &stats.tls_handshake_failures[HandshakeFailure::Certificate.index()];
+    eventually("the server's refusal is counted", || certificate.load(Ordering::Relaxed) == 1);
+    assert_eq!(stats.tls_handshake_failures_total(), 1, "as a certificate refusal");
     // qemu checks its own credentials first and will not even present a
     // certificate its CA did not sign: refused before our server sees it.
     run_refused(

@@ -925,11 +925,14 @@ scenario_metrics() {
     fi
 }
 
-# --- NBD over TLS with kernel TLS on the node (certificates under /tls,
+# --- NBD over TLS with kernel TLS on both ends (certificates under /tls,
 # made by run.sh). The node's attach runs STARTTLS, the TLS handshake and
-# GO in userspace per connection, then hands each session to the kernel:
-# /proc/net/tls_stat counts the kernel's TLS sockets (our server and nbdkit
-# terminate TLS in userspace, so every counted socket is the client's).
+# GO in userspace per connection, then hands each session to the kernel;
+# our server does the same with its end of each connection, after GO's
+# reply, and serves READs with sendfile on the kernel TLS socket.
+# /proc/net/tls_stat counts the kernel's TLS sockets: two per connection to
+# our server (the node's and the server's), one per connection to nbdkit
+# (GnuTLS in userspace).
 
 tls_stat() { awk -v k="$1" '$1 == k { print $2 }' /proc/net/tls_stat; }
 tls_socks() { # kernel TLS sockets each way: "tx rx" (software or offloaded)
@@ -976,11 +979,18 @@ scenario_tls() {
     fi
     socks=$(tls_socks)
     tls_data tls-ktls "$dev" /tmp/tls.img
+    # 64 MiB read back through the device (READs of up to 512 KiB: the
+    # server's sendfile path on kernel TLS), against the file.
+    sum_dev=$(dd if="$dev" bs=1M iflag=direct 2>/dev/null | md5sum | cut -c1-32)
+    sum_file=$(md5sum < /tmp/tls.img | cut -c1-32)
+    [ "$sum_dev" = "$sum_file" ] || data_ok="no(64MiB:$sum_dev!=$sum_file)"
     dec=$(($(tls_stat TlsDecryptError) - dec0))
     handed=$(grep -c 'handed to the kernel' /tmp/tls-attach.log)
-    detail="dev=$dev connections=$conns kernel_tls_sockets(tx rx)=$before->$socks decrypt_errors=$dec handoffs=$handed data=$data_ok no_tls_dir_error=$nocert"
-    if [ "$conns" = 2 ] && [ "$socks" = "$(( ${before% *} + 2 )) $(( ${before#* } + 2 ))" ] && [ "$dec" = 0 ] &&
-        [ "$data_ok" = yes ] && [ "$handed" = 2 ] && [ "$nocert" -ge 1 ]; then
+    served_k=$(grep -c 'TLS connection handed to the kernel' /tmp/serve.log)
+    served_u=$(grep -c 'TLS connection stays in userspace' /tmp/serve.log)
+    detail="dev=$dev connections=$conns kernel_tls_sockets(tx rx)=$before->$socks decrypt_errors=$dec node_handoffs=$handed server_handoffs=$served_k server_userspace=$served_u data=$data_ok no_tls_dir_error=$nocert"
+    if [ "$conns" = 2 ] && [ "$socks" = "$(( ${before% *} + 4 )) $(( ${before#* } + 4 ))" ] && [ "$dec" = 0 ] &&
+        [ "$data_ok" = yes ] && [ "$handed" = 2 ] && [ "$served_k" = 2 ] && [ "$served_u" = 0 ] && [ "$nocert" -ge 1 ]; then
         result tls-ktls PASS "$detail; $(grep -E 'TlsCurr(Tx|Rx)Sw' /proc/net/tls_stat | tr -s ' \n' '= ')"
     else
         result tls-ktls FAIL "$detail; $(tail -1 /tmp/tls-attach.log | cut -c1-200)"
@@ -1006,12 +1016,20 @@ scenario_tls() {
     rehandshakes=$(grep -c 'handed to the kernel' /tmp/tls-watch.log)
     ioerr=$(dmesg | grep -c 'I/O error')
     after=$(tls_socks); dec=$(($(tls_stat TlsDecryptError) - dec0))
+    served_k=$(grep -c 'TLS connection handed to the kernel' /tmp/serve.log)
     kill $w; wait $w 2>/dev/null
     $NODE detach --backend-id vol-t >/dev/null 2>&1
+    # The server logs each kernel TLS connection's records as it closes:
+    # the kernel's count, and the bound the record limit was kept with.
+    for _ in $(seq 50); do [ "$(grep -c 'records sent' /tmp/serve.log)" -ge 2 ] && break; sleep 0.1; done
+    bounds=$(sed -n 's/.*records sent \([0-9]*\) (bound \([0-9]*\)).*/\1<=\2/p' /tmp/serve.log | tr '\n' ' ')
+    bounds_ok=$(sed -n 's/.*records sent \([0-9]*\) (bound \([0-9]*\)).*/\1 \2/p' /tmp/serve.log |
+        awk 'BEGIN { n = 0; ok = 1 } { n++; if ($1 > $2 || $1 == 0) ok = 0 } END { print (n >= 2 && ok) ? "yes" : "no" }')
     kill $p; wait $p 2>/dev/null
-    detail="$r kernel_io_errors=$ioerr reconnects=$reconnects tls_handshakes_in_watch=$rehandshakes kernel_tls_sockets=$after decrypt_errors=$dec"
+    detail="$r kernel_io_errors=$ioerr reconnects=$reconnects tls_handshakes_in_watch=$rehandshakes server_handoffs=$served_k kernel_tls_sockets=$after decrypt_errors=$dec records_sent(kernel<=bound)=$bounds"
     if echo "$r" | grep -q 'errors=0' && [ "$ioerr" = 0 ] && [ "$reconnects" -ge 1 ] && [ "$rehandshakes" -ge 2 ] &&
-        [ "$after" = "$(( ${before% *} + 2 )) $(( ${before#* } + 2 ))" ] && [ "$dec" = 0 ]; then
+        [ "$served_k" -ge 2 ] && [ "$bounds_ok" = yes ] &&
+        [ "$after" = "$(( ${before% *} + 4 )) $(( ${before#* } + 4 ))" ] && [ "$dec" = 0 ]; then
         result tls-heal-kill-server PASS "$detail"
     else
         result tls-heal-kill-server FAIL "$detail $(grep -aE 'ERROR|WARN' /tmp/tls-watch.log | tail -2 | tr '\n' ' ' | cut -c1-300)"

@@ -7,12 +7,16 @@
 //! accept (see `admission`).
 //!
 //! An export may speak TLS ([`ExportConfig::tls`]): NBD_OPT_STARTTLS
-//! upgrades the connection in the middle of option haggling, and its
-//! transmission then runs over rustls in this process. READ data cannot
-//! go out with sendfile(2) there; it is read into memory and encrypted (the
-//! copy path), and [`ExportStats::tls_userspace_connections`] counts such
-//! connections. A TLS connection is closed once it has carried its record
-//! limit, before its keys would need renewing (see `crate::tls::records`).
+//! upgrades the connection in the middle of option haggling, which runs on
+//! over rustls. Its transmission then runs on a kernel TLS socket where the
+//! kernel has kTLS (`kernel_tls`): READ data still goes out with
+//! sendfile(2), encrypted by the kernel
+//! ([`ExportStats::tls_kernel_connections`]). Elsewhere it stays on rustls
+//! in this process, where READ data is read into memory and encrypted (the
+//! copy path; [`ExportStats::tls_userspace_connections`], and the reason
+//! in [`ExportStats::tls_kernel_fallbacks`]). A TLS connection is closed
+//! once it has carried its record limit, before its keys would need
+//! renewing (see `crate::tls::records`, `crate::tls::kernel_records`).
 
 mod access;
 mod admission;
@@ -20,6 +24,7 @@ mod backend;
 pub mod cow;
 mod gate;
 mod handshake;
+pub mod kernel_tls;
 mod pool;
 mod sink;
 mod transmission;
@@ -41,7 +46,7 @@ use tokio::time::Instant;
 use crate::error::Error;
 use crate::flags::TransmissionFlags;
 use crate::tls::records::{RecordCounting, RecordLimit};
-use crate::tls::{TlsMode, node_name};
+use crate::tls::{HandshakeFailure, TlsMode, node_name};
 
 use access::Ticket;
 pub use access::{Access, Allowed, Client, Decision, Fence, Gate, ReadOnlyPeers, Stop};
@@ -50,6 +55,7 @@ pub use backend::Backend;
 pub use cow::CopyBeforeWrite;
 pub use gate::{WriteGate, WritesPaused};
 use handshake::{Negotiation, Outcome};
+use kernel_tls::{Fallback, Handover, TcpBacked};
 pub use sink::ReplySink;
 
 /// How long a stopping server waits for connections to send owed replies.
@@ -137,18 +143,35 @@ pub struct ExportStats {
     pub in_flight: AtomicU64,
     pub connections: AtomicU64,
     pub errors: AtomicU64,
+    /// Open connections in transmission over kernel TLS (kTLS): the kernel
+    /// encrypts, READ data goes out with sendfile(2).
+    pub tls_kernel_connections: AtomicU64,
     /// Open connections in transmission over TLS in this process (rustls):
     /// their READ data is copied through userspace instead of sent with
-    /// sendfile(2). There is no kernel TLS on the server's side yet, so
-    /// this is every TLS connection; plaintext ones are the rest of
-    /// `connections`.
+    /// sendfile(2). Plaintext connections (and those still in their
+    /// handshake) are the rest of `connections`.
     pub tls_userspace_connections: AtomicU64,
-    /// TLS handshakes that failed (no client certificate, another CA, a
-    /// protocol error).
-    pub tls_handshake_failures: AtomicU64,
+    /// TLS connections that stayed in userspace, by reason
+    /// (indexed as [`Fallback::ALL`]).
+    pub tls_kernel_fallbacks: [AtomicU64; Fallback::ALL.len()],
+    /// TLS handshakes that failed, by class (indexed as
+    /// [`HandshakeFailure::ALL`]): no client certificate or another CA, a
+    /// protocol error, the connection lost, the deadline passed.
+    pub tls_handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
     /// TLS connections closed at their record limit; their clients
     /// reconnect with fresh keys.
     pub tls_record_limit_closes: AtomicU64,
+}
+
+impl ExportStats {
+    /// TLS handshakes that failed, whatever the class.
+    pub fn tls_handshake_failures_total(&self) -> u64 {
+        self.tls_handshake_failures.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    fn tls_handshake_failed(&self, class: HandshakeFailure) {
+        self.tls_handshake_failures[class.index()].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// One export: its configuration, backing file and counters, shared by every
@@ -295,7 +318,7 @@ async fn serve<S, R, W>(
     mut shutdown: Stop,
 ) -> crate::Result<()>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + TcpBacked + Unpin + Send + 'static,
     R: AsyncRead + Unpin + Send + 'static,
     W: ReplySink,
 {
@@ -321,7 +344,8 @@ where
 
 /// The rest of a connection after NBD_OPT_STARTTLS was acknowledged: the
 /// TLS handshake (the client's certificate must chain to the export's CA),
-/// haggling on over TLS, and a transmission that ends at the record limit.
+/// haggling on over TLS, and a transmission (on kernel TLS where it can
+/// be) that ends at the record limit.
 async fn serve_tls<S>(
     mut negotiation: Negotiation,
     stream: S,
@@ -329,7 +353,7 @@ async fn serve_tls<S>(
     mut shutdown: Stop,
 ) -> crate::Result<()>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + TcpBacked + Unpin + Send + 'static,
 {
     let export = Arc::clone(negotiation.export());
     let limit = export.config().handshake_timeout;
@@ -340,11 +364,14 @@ where
     let config = tokio::task::spawn_blocking(move || tls.config()).await.map_err(io::Error::other)?;
     let accepting = tokio_rustls::TlsAcceptor::from(config).accept(RecordCounting::new(stream, records.clone()));
     let accepted = tokio::select! {
-        accepted = tokio::time::timeout_at(deadline, accepting) => accepted.map_err(|_| Error::HandshakeTimeout(limit))?,
+        accepted = tokio::time::timeout_at(deadline, accepting) => accepted.map_err(|_| {
+            export.stats.tls_handshake_failed(HandshakeFailure::Timeout);
+            Error::HandshakeTimeout(limit)
+        })?,
         () = shutdown.requested() => return Ok(()),
     };
     let stream = accepted.map_err(|e| {
-        export.stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+        export.stats.tls_handshake_failed(HandshakeFailure::of(&e));
         Error::TlsHandshake(e)
     })?;
     negotiation.tls_established(node_name(stream.get_ref().1.peer_certificates()));
@@ -364,9 +391,25 @@ where
         // The handshake answers a second STARTTLS with an error.
         Outcome::StartTls => Err(Error::Protocol("NBD_OPT_STARTTLS under TLS".into())),
         Outcome::Transmission(session) => {
-            let _counted = Counted::tls_userspace(&export);
+            // GO's reply on the wire: rustls holds nothing unsent.
+            wr.flush().await?;
+            let stream = rd.unsplit(wr);
             let stop = shutdown.drain_when(records.reached());
-            let result = transmission::run(Arc::clone(&export), session, rd, wr, stop).await;
+            let handover = kernel_tls::hand_over(stream, &records).map_err(io::Error::other)?;
+            let result = match handover {
+                Handover::Kernel { reader, writer } => {
+                    let _counted = Counted::tls_kernel(&export);
+                    tracing::info!("TLS connection handed to the kernel (kTLS)");
+                    transmission::run(Arc::clone(&export), session, reader, writer, stop).await
+                }
+                Handover::Userspace(stream, fallback) => {
+                    export.stats.tls_kernel_fallbacks[fallback.index()].fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("TLS connection stays in userspace (rustls): {}", fallback.label());
+                    let _counted = Counted::tls_userspace(&export);
+                    let (rd, wr) = tokio::io::split(*stream);
+                    transmission::run(Arc::clone(&export), session, rd, wr, stop).await
+                }
+            };
             if records.is_reached() {
                 export.stats.tls_record_limit_closes.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
@@ -415,6 +458,11 @@ impl Counted {
     /// In [`ExportStats::connections`].
     fn connection(export: &Arc<Export>) -> Self {
         Self::new(export, |stats| &stats.connections)
+    }
+
+    /// In [`ExportStats::tls_kernel_connections`].
+    fn tls_kernel(export: &Arc<Export>) -> Self {
+        Self::new(export, |stats| &stats.tls_kernel_connections)
     }
 
     /// In [`ExportStats::tls_userspace_connections`].

@@ -9,7 +9,8 @@
 //! Memory is bounded by a per-connection byte budget that the reader must
 //! acquire before it allocates a payload. On a TCP socket, large READ data
 //! is not read by us at all: the writer hands it from the page cache to the
-//! socket with sendfile(2).
+//! socket with sendfile(2). So on a kernel TLS socket (`kernel_tls`),
+//! where the kernel encrypts it.
 //!
 //! A stop (server shutdown, or the peer's access revoked) ends the reader at
 //! once, even in the middle of a request or its payload: that request is
@@ -464,8 +465,8 @@ async fn send_file_data<W: ReplySink>(
     offset: u64,
     len: usize,
 ) -> io::Result<()> {
-    if let Some(socket) = wr.socket() {
-        return send_file(socket, export.backend.file(), offset, len).await;
+    if wr.socket().is_some() {
+        return send_file(wr, export.backend.file(), offset, len).await;
     }
     let mut buf = pool.take(len);
     let read = export.backend.read(&mut buf, offset);

@@ -87,6 +87,9 @@ pub(crate) fn build_server_config(
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.max_early_data_size = 0;
+    // A connection's session goes to the kernel where it has kTLS
+    // (`server::kernel_tls`).
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -234,6 +237,7 @@ mod tests {
         assert!(!config.ticketer.enabled(), "no ticketer");
         assert!(!config.session_storage.can_cache(), "no session cache");
         assert_eq!(config.max_early_data_size, 0);
+        assert!(config.enable_secret_extraction, "kTLS on the server needs the secrets");
         assert_eq!(tls.record_limit(), DEFAULT_RECORD_LIMIT);
         assert_eq!(tls.with_record_limit(0).record_limit(), 1);
     }

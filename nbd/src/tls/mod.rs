@@ -3,23 +3,29 @@
 //! - [`config`]: the server's and the client's rustls configurations, from
 //!   PEM files: TLS 1.3 only, client certificates required and verified
 //!   against the cluster CA, no session tickets.
+//! - [`failure`]: why a handshake failed, as a metric's label.
 //! - [`identity`]: the node name a verified client certificate carries,
 //!   which the export's access check can admit instead of an address.
 //! - [`reload`]: a server configuration built again when its PEM files
 //!   change, so renewed certificates apply without a restart.
 //! - [`records`]: TLS records counted per connection, which is closed
 //!   before its keys have protected too many (no KeyUpdate is ever sent).
+//! - [`kernel_records`]: the same limit once the kernel runs the
+//!   connection's TLS (kTLS), where the records are not seen.
 //!
 //! Where an export requires or allows TLS is [`TlsMode`]; the option
 //! haggling that upgrades a connection is in `server::handshake`, the
 //! client's side in [`crate::client::handshake_tls`].
 
 pub mod config;
+pub mod failure;
 pub mod identity;
+pub mod kernel_records;
 pub mod records;
 pub mod reload;
 
 pub use config::{ClientTls, ServerTls, TlsConfigError};
+pub use failure::HandshakeFailure;
 pub use identity::{IdentityError, node_name};
 pub use records::{DEFAULT_RECORD_LIMIT, RecordLimit};
 

@@ -155,6 +155,16 @@ impl RecordLimit {
         *self.0.reached.borrow()
     }
 
+    /// `records` sent so far, counted by whoever sees them.
+    pub fn note_sent(&self, records: u64) {
+        self.note(&self.0.sent, records);
+    }
+
+    /// `records` received so far, likewise.
+    pub fn note_received(&self, records: u64) {
+        self.note(&self.0.received, records);
+    }
+
     fn note(&self, count: &AtomicU64, records: u64) {
         count.store(records, Ordering::Relaxed);
         if records >= self.0.soft && !self.is_reached() {
@@ -181,6 +191,16 @@ impl<S> RecordCounting<S> {
         &self.inner
     }
 
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The bytes received so far end with a whole record: whoever read
+    /// them (rustls) holds no part of a record still to come.
+    pub fn received_whole_records(&self) -> bool {
+        self.received.at_boundary()
+    }
+
     /// How much of `buf` may be written now; an error once the hard limit
     /// leaves nothing.
     fn admit(&self, buf: &[u8]) -> io::Result<usize> {
@@ -193,7 +213,7 @@ impl<S> RecordCounting<S> {
 
     fn wrote(&mut self, bytes: &[u8]) {
         self.sent.feed(bytes);
-        self.limit.note(&self.limit.0.sent, self.sent.records());
+        self.limit.note_sent(self.sent.records());
     }
 }
 
@@ -204,7 +224,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for RecordCounting<S> {
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
             this.received.feed(&buf.filled()[before..]);
-            this.limit.note(&this.limit.0.received, this.received.records());
+            this.limit.note_received(this.received.records());
         }
         polled
     }

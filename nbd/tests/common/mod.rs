@@ -431,3 +431,24 @@ pub async fn closed_without_reply(stream: &mut tokio::net::TcpStream) -> bool {
     let mut byte = [0u8; 1];
     matches!(tokio::time::timeout(IO_TIMEOUT, stream.read(&mut byte)).await, Ok(Ok(0) | Err(_)))
 }
+
+/// Whether this kernel runs TLS on sockets (kTLS: the `tls` module is
+/// loaded or loadable), probed on a loopback connection as the server
+/// would. The server then hands TLS connections to the kernel; elsewhere
+/// (this project's build host has no tls.ko) they stay on rustls.
+pub fn kernel_has_tls() -> bool {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let _accepted = listener.accept().unwrap();
+    match nbd::ktls::enable(&client) {
+        Ok(()) => true,
+        Err(nbd::ktls::KtlsError::Unavailable) => false,
+        Err(e) => panic!("probing kernel TLS: {e}"),
+    }
+}
+
+/// The gauge a TLS connection in transmission counts in on this kernel:
+/// kernel TLS where it has it, userspace TLS elsewhere.
+pub fn tls_gauge() -> fn(&nbd::server::ExportStats) -> &std::sync::atomic::AtomicU64 {
+    if kernel_has_tls() { |s| &s.tls_kernel_connections } else { |s| &s.tls_userspace_connections }
+}

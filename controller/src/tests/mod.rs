@@ -67,6 +67,7 @@ impl Harness {
             export_key_secret: None,
             namespace: None,
             storage_timeout: 30,
+            tls: Default::default(),
         };
         Self::start_with_args(args).await
     }

@@ -175,9 +175,11 @@ impl TlsFiles {
         let version = format!("{VERSION_PREFIX}{nanos}");
         let version_dir = dir.join(&version);
         std::fs::DirBuilder::new().mode(0o700).create(&version_dir)?;
-        for (name, bytes, mode) in [(CA_FILE, &self.ca, 0o644), (CERT_FILE, &self.cert, 0o644), (KEY_FILE, &self.key, 0o600)]
+        for (name, bytes, mode) in
+            [(CA_FILE, &self.ca, 0o644), (CERT_FILE, &self.cert, 0o644), (KEY_FILE, &self.key, 0o600)]
         {
-            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(version_dir.join(name))?;
+            let mut file =
+                std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(version_dir.join(name))?;
             file.write_all(bytes)?;
             file.sync_all()?;
         }

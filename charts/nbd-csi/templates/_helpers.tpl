@@ -75,6 +75,58 @@ The Secret holding the cluster's export-name key (cluster mode).
 {{- default (printf "%s-export-key" (include "nbd-csi.fullname" .)) .Values.storage.exportKeySecret -}}
 {{- end -}}
 
+{{/*
+The prefix of the certificate Secrets: <prefix>-ca, <prefix>-node-<node>,
+<prefix>-storage-<node>, <prefix>-controller.
+*/}}
+{{- define "nbd-csi.tlsSecretPrefix" -}}
+{{- include "nbd-csi.fullname" . -}}
+{{- end -}}
+
+{{/*
+Where the node plugin, the storage agent and the controller keep their TLS
+files (ca.crt, tls.crt, tls.key), written from their certificate Secret: a
+memory-backed emptyDir, so no key reaches a disk.
+*/}}
+{{- define "nbd-csi.tlsDir" -}}
+/run/nbd-csi/tls
+{{- end -}}
+
+{{/*
+The arguments and the volume mount that keep a component's TLS files from
+its Secret (the node plugin and the storage agent).
+*/}}
+{{- define "nbd-csi.tlsSyncArgs" -}}
+- --tls-dir={{ include "nbd-csi.tlsDir" . }}
+- --tls-secret-prefix={{ include "nbd-csi.tlsSecretPrefix" . }}
+{{- end -}}
+
+{{- define "nbd-csi.tlsMount" -}}
+- name: tls
+  mountPath: {{ include "nbd-csi.tlsDir" . }}
+{{- end -}}
+
+{{- define "nbd-csi.tlsVolume" -}}
+- name: tls
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
+{{- end -}}
+
+{{/*
+The controller's issuer arguments.
+*/}}
+{{- define "nbd-csi.tlsIssuerArgs" -}}
+{{- $t := .Values.tls -}}
+- --tls-issuer={{ $t.issuer }}
+- --tls-secret-prefix={{ include "nbd-csi.tlsSecretPrefix" . }}
+- --tls-cert-lifetime={{ $t.certLifetime }}
+- --tls-ca-lifetime={{ $t.caLifetime }}
+{{- if eq $t.issuer "cert-manager" }}
+- --tls-cert-manager-issuer={{ include "nbd-csi.tlsSecretPrefix" . }}-ca
+{{- end }}
+{{- end -}}
+
 {{- define "nbd-csi.controller.serviceAccountName" -}}
 {{- if .Values.serviceAccount.controller.create -}}
 {{- default (include "nbd-csi.controller.fullname" .) .Values.serviceAccount.controller.name -}}

@@ -136,9 +136,9 @@ impl Authority {
         // The stored certificate must be this key's: a certificate issued
         // now has to chain to it.
         let probe = authority.issue(&Subject::Node("ca-check".into()), SystemTime::now(), Duration::from_secs(600))?;
-        authority.check(&probe.cert_pem, &probe.key_pem, &Subject::Node("ca-check".into()), SystemTime::now()).map_err(
-            |e| Error::precondition(format!("the CA certificate and key do not belong together: {e}")),
-        )?;
+        authority
+            .check(&probe.cert_pem, &probe.key_pem, &Subject::Node("ca-check".into()), SystemTime::now())
+            .map_err(|e| Error::precondition(format!("the CA certificate and key do not belong together: {e}")))?;
         Ok(authority)
     }
 

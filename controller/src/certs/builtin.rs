@@ -138,8 +138,15 @@ pub async fn ensure(
             (ANNOTATION_NOT_AFTER.to_owned(), timestamp(issued.not_after)),
         ]);
         let ca = authority.cert_pem().as_bytes();
-        let mut secret =
-            tls_secret(name, holder, ca, issued.cert_pem.as_bytes(), issued.key_pem.as_bytes(), owner.clone(), annotations);
+        let mut secret = tls_secret(
+            name,
+            holder,
+            ca,
+            issued.cert_pem.as_bytes(),
+            issued.key_pem.as_bytes(),
+            owner.clone(),
+            annotations,
+        );
         let written = match existing {
             None => api.create(&post(), &secret).await,
             Some(old) => {
@@ -214,5 +221,75 @@ mod tests {
         let mut bare = secret;
         bare.metadata.annotations = None;
         assert_eq!(renewal_due(&bare, &ca, &agent, now), None);
+    }
+
+    mod api {
+        use csi_events::mock_api::{self, json_body, reply, status};
+        use http::{Method, StatusCode};
+
+        use super::*;
+
+        const DAY: Duration = Duration::from_secs(86_400);
+
+        fn with_version(mut secret: Secret, version: &str) -> serde_json::Value {
+            secret.metadata.resource_version = Some(version.to_owned());
+            serde_json::to_value(secret).unwrap()
+        }
+
+        #[tokio::test]
+        async fn a_replica_that_loses_the_race_to_create_the_ca_uses_the_winners() {
+            let (client, mut handle) = mock_api::client();
+            let api: Api<Secret> = Api::namespaced(client, "ns");
+            let (winner, winner_key) = Authority::generate(SystemTime::now(), DAY).unwrap();
+            let cert = winner.cert_pem().as_bytes();
+            let winners = tls_secret("p-ca", "ca", cert, cert, winner_key.as_bytes(), None, BTreeMap::new());
+            let server = tokio::spawn(async move {
+                let (request, send) = handle.next_request().await.unwrap();
+                assert_eq!(
+                    (request.method(), request.uri().path()),
+                    (&Method::GET, "/api/v1/namespaces/ns/secrets/p-ca")
+                );
+                reply(send, StatusCode::NOT_FOUND, &status(404, "NotFound", "secrets \"p-ca\" not found"));
+                let (request, send) = handle.next_request().await.unwrap();
+                assert_eq!(request.method(), Method::POST);
+                let body = json_body(request).await;
+                assert_eq!(body["type"], "kubernetes.io/tls");
+                reply(send, StatusCode::CONFLICT, &status(409, "AlreadyExists", "secrets \"p-ca\" already exists"));
+                let (request, send) = handle.next_request().await.unwrap();
+                assert_eq!(request.method(), Method::GET);
+                reply(send, StatusCode::OK, &with_version(winners, "7"));
+            });
+            let ca = load_or_create_ca(&api, "p-ca", DAY).await.unwrap();
+            assert_eq!(ca.cert_pem(), winner.cert_pem());
+            server.await.unwrap();
+        }
+
+        #[tokio::test]
+        async fn a_renewal_replaces_at_the_version_read_and_one_that_loses_keeps_the_winners() {
+            let (client, mut handle) = mock_api::client();
+            let api: Api<Secret> = Api::namespaced(client, "ns");
+            let now = SystemTime::now();
+            let (ca, _) = Authority::generate(now, 100 * DAY).unwrap();
+            let node = Subject::Node("w1".into());
+            let mut stale = secret_for(&ca, &node, now, DAY);
+            stale.metadata.annotations.as_mut().unwrap().insert(ANNOTATION_RENEW_AFTER.into(), timestamp(now));
+            let winners = secret_for(&ca, &node, now, DAY);
+            let winners_due = winners.metadata.annotations.as_ref().unwrap()[ANNOTATION_RENEW_AFTER].clone();
+            let server = tokio::spawn(async move {
+                let (_, send) = handle.next_request().await.unwrap();
+                reply(send, StatusCode::OK, &with_version(stale, "5"));
+                let (request, send) = handle.next_request().await.unwrap();
+                assert_eq!((request.method(), request.uri().path()), (&Method::PUT, "/api/v1/namespaces/ns/secrets/s"));
+                let body = json_body(request).await;
+                assert_eq!(body["metadata"]["resourceVersion"], "5", "replaced at the version read");
+                assert_eq!(body["metadata"]["labels"][LABEL_HOLDER], "node");
+                reply(send, StatusCode::CONFLICT, &status(409, "Conflict", "the object has been modified"));
+                let (_, send) = handle.next_request().await.unwrap();
+                reply(send, StatusCode::OK, &with_version(winners, "6"));
+            });
+            let due = ensure(&api, "s", "node", &node, None, &ca, DAY).await.unwrap();
+            assert_eq!(timestamp(due), winners_due, "the winner's certificate is kept, not replaced again");
+            server.await.unwrap();
+        }
     }
 }

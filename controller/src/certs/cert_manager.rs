@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Api;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, ValidationDirective};
 use serde_json::{Value, json};
 
 use super::authority::Subject;
@@ -67,9 +67,10 @@ pub fn certificate(
     json!({ "apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": metadata, "spec": spec })
 }
 
-/// Applies the Certificate (created, or its spec made this one).
+/// Applies the Certificate (created, or its spec made this one). Strict:
+/// a field cert-manager's CRD does not know is an error, not dropped.
 pub async fn apply(api: &Api<DynamicObject>, name: &str, certificate: &Value) -> Result<()> {
-    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let params = PatchParams::apply(FIELD_MANAGER).force().validation(ValidationDirective::Strict);
     api.patch(name, &params, &Patch::Apply(certificate))
         .await
         .map_err(|e| Error::kube(&format!("applying cert-manager Certificate {name}"), e))?;
@@ -82,13 +83,17 @@ mod tests {
 
     #[test]
     fn a_node_gets_a_client_certificate_naming_it_and_an_agent_a_server_one() {
-        let node = certificate("p-node-w1", "node", &Subject::Node("w1".into()), None, "p-ca", Duration::from_secs(7200));
+        let node =
+            certificate("p-node-w1", "node", &Subject::Node("w1".into()), None, "p-ca", Duration::from_secs(7200));
         assert_eq!(node["spec"]["secretName"], "p-node-w1");
         assert_eq!(node["spec"]["dnsNames"], json!(["w1"]));
         assert!(node["spec"].get("ipAddresses").is_none());
         assert_eq!(node["spec"]["usages"], json!(["digital signature", "client auth"]));
         assert_eq!(node["spec"]["issuerRef"]["name"], "p-ca");
-        assert_eq!((node["spec"]["duration"].as_str(), node["spec"]["renewBefore"].as_str()), (Some("7200s"), Some("2400s")));
+        assert_eq!(
+            (node["spec"]["duration"].as_str(), node["spec"]["renewBefore"].as_str()),
+            (Some("7200s"), Some("2400s"))
+        );
         let agent = Subject::Server { addresses: vec!["10.1.2.3".parse().unwrap()], node: Some("s1".into()) };
         let agent = certificate("p-storage-s1", "storage", &agent, None, "p-ca", Duration::from_secs(7200));
         assert_eq!(agent["spec"]["ipAddresses"], json!(["10.1.2.3"]));

@@ -177,7 +177,7 @@ pub fn managed_labels(holder: &str) -> BTreeMap<String, String> {
 
 /// Who signs.
 enum Signer {
-    Builtin(Authority),
+    Builtin(Box<Authority>),
     CertManager { issuer: String },
 }
 
@@ -218,11 +218,11 @@ impl Issuer {
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &scope.namespace);
         let signer = match args.tls_issuer {
             IssuerKind::None => return Ok(None),
-            IssuerKind::Builtin => Signer::Builtin(
+            IssuerKind::Builtin => Signer::Builtin(Box::new(
                 builtin::load_or_create_ca(&secrets, &names.ca(), args.tls_ca_lifetime)
                     .await
                     .with_context(|| format!("the CA in Secret {}/{}", scope.namespace, names.ca()))?,
-            ),
+            )),
             IssuerKind::CertManager => {
                 Signer::CertManager { issuer: args.tls_cert_manager_issuer.clone().unwrap_or_default() }
             }
@@ -354,9 +354,10 @@ impl Issuer {
     }
 }
 
-/// The Secret's owner: the object it was issued for.
+/// The Secret's owner: the object it was issued for. It blocks nothing
+/// (no `blockOwnerDeletion`, which would need rights on the owner).
 fn owner<K: Resource<DynamicType = ()>>(object: &K) -> Option<OwnerReference> {
-    object.controller_owner_ref(&())
+    object.controller_owner_ref(&()).map(|o| OwnerReference { block_owner_deletion: None, ..o })
 }
 
 /// How long until `due`, at least a second and at most [`RESYNC`].

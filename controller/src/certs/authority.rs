@@ -6,7 +6,7 @@
 //! into memory and writes it nowhere else; the holders' Secrets carry the
 //! CA certificate alone. rcgen cannot read a certificate back without its
 //! X.509 parser (a dependency tree of its own), so the CA is rebuilt from
-//! its key and the same fixed parameters it was made with ([`ca_params`]):
+//! its key and the same fixed parameters it was made with (`ca_params`):
 //! the name and the key identifier derive from those, and every issued
 //! certificate is verified against the stored CA certificate before it is
 //! handed out, so a mismatch could never go unnoticed.
@@ -61,7 +61,7 @@ impl Subject {
 pub struct Issued {
     pub cert_pem: String,
     pub key_pem: String,
-    /// When it was made (its notBefore is [`BACKDATE`] earlier).
+    /// When it was made (its notBefore is `BACKDATE` earlier).
     pub issued_at: SystemTime,
     pub not_after: SystemTime,
 }

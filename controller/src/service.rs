@@ -100,7 +100,7 @@ pub struct Args {
     pub storage_timeout: u64,
     /// Who issues the nodes' and servers' TLS certificates (certs).
     #[command(flatten)]
-    pub tls: crate::certs::Args,
+    pub tls: crate::certs::IssuerArgs,
 }
 
 /// A Kubernetes object name (a DNS subdomain), for the Secret's.

@@ -375,4 +375,52 @@ mod tests {
         files(3).write(root.path()).unwrap();
         assert_eq!(TlsFiles::read(root.path()), Some(files(3)));
     }
+
+    fn secret(version: &str, n: u8) -> serde_json::Value {
+        let f = files(n);
+        let data = [(CA_FILE, f.ca), (CERT_FILE, f.cert), (KEY_FILE, f.key)];
+        let mut secret = Secret {
+            data: Some(data.into_iter().map(|(k, v)| (k.to_owned(), ByteString(v))).collect()),
+            type_: Some("kubernetes.io/tls".into()),
+            ..Default::default()
+        };
+        secret.metadata.name = Some("p-node-w1".into());
+        secret.metadata.namespace = Some("ns".into());
+        secret.metadata.resource_version = Some(version.into());
+        serde_json::to_value(secret).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_sync_writes_the_secret_and_then_each_change_of_it() {
+        use http::StatusCode;
+
+        use crate::mock_api::{self, reply};
+        let (client, mut handle) = mock_api::client();
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("tls");
+        let sync = TlsSecretSync::spawn(client, "ns", "p-node-w1".into(), dir.clone());
+        // The watcher lists that one name, then watches from the list's version.
+        let (request, send) = handle.next_request().await.unwrap();
+        assert_eq!(request.uri().path(), "/api/v1/namespaces/ns/secrets");
+        let query = request.uri().query().unwrap_or_default().to_owned();
+        assert!(query.contains("fieldSelector=metadata.name%3Dp-node-w1"), "{query}");
+        let list = serde_json::json!({
+            "apiVersion": "v1", "kind": "SecretList", "metadata": {"resourceVersion": "10"},
+            "items": [secret("10", 1)]
+        });
+        reply(send, StatusCode::OK, &list);
+        assert_eq!(sync.written_after(0).await, 1);
+        assert_eq!(TlsFiles::read(&dir), Some(files(1)));
+        let (request, send) = handle.next_request().await.unwrap();
+        assert!(request.uri().query().unwrap_or_default().contains("watch=true"));
+        // A renewal: the watch reports the Secret modified.
+        let event = serde_json::json!({"type": "MODIFIED", "object": secret("11", 2)});
+        let mut body = serde_json::to_vec(&event).unwrap();
+        body.push(b'\n');
+        let mut response = http::Response::new(kube::client::Body::from(body));
+        *response.status_mut() = StatusCode::OK;
+        send.send_response(response);
+        assert_eq!(sync.written_after(1).await, 2);
+        assert_eq!(TlsFiles::read(&dir), Some(files(2)));
+    }
 }

@@ -100,7 +100,7 @@ fn parse_lifetime(s: &str) -> Result<Duration, String> {
 }
 
 #[derive(Debug, Clone, clap::Args)]
-pub struct Args {
+pub struct IssuerArgs {
     /// Who issues the TLS certificates of the nodes and servers: none,
     /// builtin (this controller keeps a CA in a Secret) or cert-manager.
     #[arg(long, env = "NBD_CSI_TLS_ISSUER", value_enum, default_value_t = IssuerKind::None)]
@@ -121,7 +121,7 @@ pub struct Args {
     pub tls_cert_manager_issuer: Option<String>,
 }
 
-impl Default for Args {
+impl Default for IssuerArgs {
     /// As without any of the flags: nothing is issued.
     fn default() -> Self {
         Self {
@@ -134,7 +134,7 @@ impl Default for Args {
     }
 }
 
-impl Args {
+impl IssuerArgs {
     /// The flags checked; `None` when nothing is issued.
     pub fn checked(&self) -> anyhow::Result<Option<SecretNames>> {
         if self.tls_issuer == IssuerKind::None {
@@ -213,7 +213,7 @@ pub struct Scope {
 impl Issuer {
     /// The issuer `args` ask for, its CA loaded or made; `None` without
     /// `--tls-issuer`.
-    pub async fn start(client: kube::Client, args: &Args, scope: &Scope) -> anyhow::Result<Option<Arc<Self>>> {
+    pub async fn start(client: kube::Client, args: &IssuerArgs, scope: &Scope) -> anyhow::Result<Option<Arc<Self>>> {
         let Some(names) = args.checked()? else { return Ok(None) };
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &scope.namespace);
         let signer = match args.tls_issuer {
@@ -383,10 +383,10 @@ mod tests {
     #[derive(Debug, Parser)]
     struct Cli {
         #[command(flatten)]
-        args: Args,
+        args: IssuerArgs,
     }
 
-    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+    fn parse(argv: &[&str]) -> Result<IssuerArgs, clap::Error> {
         Cli::try_parse_from(std::iter::once("x").chain(argv.iter().copied())).map(|c| c.args)
     }
 

@@ -101,13 +101,21 @@ its Secret (the node plugin and the storage agent).
 - --tls-secret-prefix={{ include "nbd-csi.tlsSecretPrefix" . }}
 {{- end -}}
 
-{{- define "nbd-csi.tlsMount" -}}
-- name: tls
+{{- define "nbd-csi.tlsVolume" -}}
+tls-certs
+{{- end -}}
+
+{{/*
+The container's mount of that directory (under volumeMounts; writable: the
+sync writes there), and the pod's volume for it (under volumes).
+*/}}
+{{- define "nbd-csi.tlsVolumeMount" -}}
+- name: {{ include "nbd-csi.tlsVolume" . }}
   mountPath: {{ include "nbd-csi.tlsDir" . }}
 {{- end -}}
 
-{{- define "nbd-csi.tlsVolume" -}}
-- name: tls
+{{- define "nbd-csi.tlsPodVolume" -}}
+- name: {{ include "nbd-csi.tlsVolume" . }}
   emptyDir:
     medium: Memory
     sizeLimit: 1Mi

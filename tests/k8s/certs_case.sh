@@ -40,7 +40,7 @@ tls_session() { # LABEL: nbdinfo reads the size of an 8 MiB export over TLS, ser
     kill "$srv" 2>/dev/null
     wait "$srv" 2>/dev/null
     check "nbdinfo with worker-a's certificate (libnbd verifies the server's for ${agent_addr[storage-1]}) reads the export served with storage-1's, $1" \
-        "8388608" "$size $(cat "$work/nbdinfo-$1.err")"
+        "8388608" "$size$(sed 's/^/ /' "$work/nbdinfo-$1.err")"
 }
 
 certs_issued_and_renewed() {
@@ -53,7 +53,7 @@ certs_issued_and_renewed() {
     secret_data "$tls_prefix-ca" ca.crt >"$work/ca.crt"
     secret_data "$tls_prefix-ca" tls.key >"$work/ca.key"
     for a in "${agents[@]}"; do
-        holder_files "agent $a (Secret $tls_prefix-storage-$a)" "$work/tls/storage-$a" \
+        holder_files "agent $a (Secret $tls_prefix-storage-$a)" "$work/tls/$a" \
             "IPAddress:${agent_addr[$a]},DNS:$a" sslserver "agent-$a.log"
     done
     check "no client certificate for a node whose CSINode does not list the driver (storage-1)" "" \

@@ -169,7 +169,7 @@ logs() { # FILE...: the tail of each, from $work
 # for more); optionally $storage_timeout (the controller's
 # --storage-timeout, default 30), controller_tls_args=(...) (its issuer
 # flags) and $tls_prefix (each agent then follows its certificate Secret
-# <prefix>-storage-NAME into $work/tls/storage-NAME).
+# <prefix>-storage-NAME into $work/tls/NAME).
 controller_tls_args=()
 tls_prefix=""
 
@@ -252,7 +252,7 @@ start_agent() { # NAME: `nbd-csi-controller agent` for storage node NAME; ${agen
         cluster_kubeconfig "$work/storage-$a.kubeconfig" nbd-csi-storage "$(cluster_pod_token "$ns" nbd-csi-storage "$a")"
     local block=${agent_port_block:-100} first tls=()
     first=$((port_base + block * i))
-    [ -z "$tls_prefix" ] || tls=(--tls-dir "$work/tls/storage-$a" --tls-secret-prefix "$tls_prefix")
+    [ -z "$tls_prefix" ] || tls=(--tls-dir "$work/tls/$a" --tls-secret-prefix "$tls_prefix")
     NO_COLOR=1 "$controller_bin" agent --node-name "$a" --data-dir "$disks/$a/data" \
         --listen-address "${agent_addr[$a]}" --nbd-port-range "$first-$((first + block / 2 - 1))" \
         --export-key-file "$work/export.key" --namespace "$ns" --kubeconfig "$work/storage-$a.kubeconfig" \

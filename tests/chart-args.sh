@@ -9,7 +9,8 @@
 # flag or subcommand renamed in the code fails here at once. Also checks the
 # printed settings: driver name, port range, the node's state directory on
 # a hostPath, the CSI socket shared with the sidecars, the storage agent's
-# data on a hostPath and its export key from a Secret (tests/chart_args.py).
+# data on a hostPath and its export key from a Secret, every --tls-dir a
+# read-only emptyDir mount (tests/chart_args.py).
 # Needs helm (built into ~/.cache/nbd-csi/tools-v1 like tests/chart.sh),
 # python3 with PyYAML, and a debug build of the two binaries.
 set -euo pipefail
@@ -33,8 +34,10 @@ trap 'rm -rf "$work"' EXIT
 
 # name|helm arguments|expectations (CONTAINER.KEY=VALUE, space-separated)
 variants=(
-    "default||nbd-csi-controller.driver_name=nbd.csi.dev nbd-csi-node.driver_name=nbd.csi.dev nbd-csi-controller.nbd_port_range=10900-10999 nbd-csi-controller.advertise_address=10.244.1.7 nbd-csi-controller.metrics_address=0.0.0.0:9810 nbd-csi-node.node_id=node-1 nbd-csi-node.connections=4 nbd-csi-node.state_dir=/var/lib/kubelet/plugins/nbd.csi.dev/state nbd-csi-node.metrics_address=0.0.0.0:9813 nbd-csi-controller.tls_issuer=builtin nbd-csi-controller.tls_secret_prefix=nbd-csi nbd-csi-controller.tls_cert_lifetime=7776000s nbd-csi-controller.namespace=kube-system nbd-csi-node.tls_dir=/run/nbd-csi/tls nbd-csi-node.tls_secret=nbd-csi-node-node-1"
+    "default||nbd-csi-controller.driver_name=nbd.csi.dev nbd-csi-node.driver_name=nbd.csi.dev nbd-csi-controller.nbd_port_range=10900-10999 nbd-csi-controller.advertise_address=10.244.1.7 nbd-csi-controller.metrics_address=0.0.0.0:9810 nbd-csi-node.node_id=node-1 nbd-csi-node.connections=4 nbd-csi-node.state_dir=/var/lib/kubelet/plugins/nbd.csi.dev/state nbd-csi-node.metrics_address=0.0.0.0:9813 nbd-csi-controller.tls_issuer=builtin nbd-csi-controller.tls_secret_prefix=nbd-csi nbd-csi-controller.tls_cert_lifetime=7776000s nbd-csi-controller.namespace=kube-system nbd-csi-node.tls_dir=/run/nbd-csi/tls nbd-csi-node.tls_secret=nbd-csi-node-node-1 nbd-csi-controller.default_tls=off nbd-csi-controller.tls_dir=/run/nbd-csi/tls"
     "tls-cert-manager|--set tls.issuer=cert-manager --set tls.certLifetime=720h|nbd-csi-controller.tls_issuer=cert-manager nbd-csi-controller.tls_cert_manager_issuer=nbd-csi-ca nbd-csi-controller.tls_cert_lifetime=2592000s"
+    "tls-required|--set tls.mode=required|nbd-csi-controller.default_tls=required nbd-csi-controller.tls_dir=/run/nbd-csi/tls nbd-csi-node.tls_dir=/run/nbd-csi/tls"
+    "tls-allowed-cluster|--set tls.mode=allowed --set storage.mode=cluster|nbd-csi-controller.default_tls=allowed nbd-csi-controller.tls_dir= nbd-csi-node.tls_dir=/run/nbd-csi/tls nbd-csi-agent.tls_dir=/run/nbd-csi/tls"
     "controller-host-network|--set controller.hostNetwork=true|nbd-csi-controller.advertise_address=192.0.2.10"
     "advertise-address|--set controller.advertiseAddress=10.1.2.3|nbd-csi-controller.advertise_address=10.1.2.3"
     "metrics-off|--set controller.metrics.enabled=false|nbd-csi-controller.metrics_address="

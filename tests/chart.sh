@@ -60,7 +60,7 @@ storageClasses:
   - {name: nbd-xfs, fsType: xfs, reclaimPolicy: Retain, allowVolumeExpansion: false, volumeBindingMode: WaitForFirstConsumer, mountOptions: [noatime], parameters: {example.dev/tier: fast}}
 volumeSnapshotClass: {create: true, default: true}
 serviceMonitor: {enabled: true, labels: {release: prometheus}}
-tls: {issuer: cert-manager, certLifetime: 720h, caLifetime: 43800h}
+tls: {issuer: cert-manager, certLifetime: 720h, caLifetime: 43800h, mode: required}
 VALUES
 # Cluster mode with every option of the storage agents set.
 cat >"$work/cluster.yaml" <<'VALUES'
@@ -84,6 +84,7 @@ storage:
   extraEnv: [{name: EXTRA, value: x}]
 serviceAccount:
   storage: {create: true, name: storage-agent, annotations: {example.dev/e: f}}
+tls: {mode: allowed}
 VALUES
 
 # --- helm lint
@@ -192,6 +193,8 @@ rejects=(
     "--set volumeSnapshotClass.create=true --set sidecars.snapshotter.enabled=false|volumeSnapshotClass.create needs sidecars.snapshotter.enabled"
     "--set controller.storage.persistentVolumeClaim.storageClassName=nbd|must not use a StorageClass of this driver"
     "--set storage.mode=distributed|value must be one of 'embedded', 'cluster'"
+    "--set tls.mode=on|value must be one of 'off', 'allowed', 'required'"
+    "--set-json tls.mode=false|got boolean, want string"
     "--set storage.mode=cluster --set storage.nbd.portRange.first=11000|storage.nbd.portRange: first (11000) must not be greater than last (10999)"
     "--set storage.mode=cluster --set storage.metrics.port=9809|storage.metrics.port (9809) is node.healthPort too"
     "--set storage.mode=cluster --set storage.metrics.port=10950|storage.metrics.port (10950) lies inside storage.nbd.portRange 10900-10999"

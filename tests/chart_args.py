@@ -216,6 +216,21 @@ def check_controller(spec, claims, container, settings, where):
         ok(f"{where}: data directory {data_dir} on volume {found[0]['name']}")
 
 
+def check_tls_dir(spec, container, settings, where):
+    """A --tls-dir is a read-only mount of a volume the certificate sync can
+    fill (an emptyDir), not the container's own root."""
+    tls_dir = settings.get("tls_dir", "")
+    if not tls_dir:
+        return
+    found = mount_of(container, tls_dir)
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    volume = volumes.get(found[0]["name"]) if found else None
+    if volume is None or "emptyDir" not in volume or not found[0].get("readOnly"):
+        bad(f"{where}: --tls-dir {tls_dir} is not a read-only mount of an emptyDir volume")
+    else:
+        ok(f"{where}: --tls-dir {tls_dir} is emptyDir volume {found[0]['name']}, read-only")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("rendered")
@@ -253,6 +268,7 @@ def main():
                     ok(f"{where}: {key}={got}")
                 else:
                     bad(f"{where}: {key}={got!r}, expected {want!r}")
+            check_tls_dir(spec, container, settings, where)
             if settings["would_run"] == "agent":
                 check_agent(spec, container, settings, where)
                 continue

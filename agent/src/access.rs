@@ -68,7 +68,7 @@ impl Agent {
         let fence = {
             let state = self.state();
             match state.volume(id).and_then(|v| v.export().map(|e| (e, v))) {
-                Some((export, volume)) => volumes::apply_policy(&export, &volume.record().published),
+                Some((export, volume)) => volumes::apply_policy(&export, volume.record()),
                 None => nbd::server::Fence::default(),
             }
         };

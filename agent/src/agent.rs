@@ -13,18 +13,20 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use nbd::tls::TlsMode;
 use tokio::sync::OwnedMutexGuard;
 
+use crate::certificates::Certificates;
 use crate::error::{Error, Kind, Result};
 use crate::exports::ExportTable;
 use crate::locks::Locks;
 use crate::report::Reporter;
 use crate::state::{State, VolumeStatus};
-use crate::store::{SnapshotRecord, Space, Store, VolumeRecord};
+use crate::store::{ExportTls, SnapshotRecord, Space, Store, VolumeRecord};
 use crate::volumes::{self, ConnectionCaps, Served};
 
 /// How often servers that failed to start are retried, missing images
@@ -40,6 +42,9 @@ pub struct Config {
     /// gives it back when it is published nowhere.
     pub ports: RangeInclusive<u16>,
     pub connection_caps: ConnectionCaps,
+    /// The directory holding the server's TLS certificates (see
+    /// `certificates`); `None`: volumes that need TLS are refused.
+    pub tls_dir: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -51,6 +56,8 @@ pub struct Agent {
     exports: ExportTable,
     reporter: Arc<dyn Reporter>,
     locks: Locks<Object>,
+    /// For the exports that speak TLS.
+    certificates: Arc<Certificates>,
 }
 
 /// What one agent operation locks: changes to one volume or snapshot run
@@ -92,7 +99,15 @@ impl Agent {
     pub async fn open(config: Config, data_dir: &Path, reporter: Arc<dyn Reporter>) -> Result<Arc<Self>> {
         let data_dir = data_dir.to_path_buf();
         let (store, loaded) = blocking(move || Store::open(&data_dir)).await?;
+        let certificates = Arc::new(Certificates::new(config.tls_dir.clone()));
+        if config.tls_dir.is_some() {
+            let loading = Arc::clone(&certificates);
+            if let Err(e) = blocking(move || loading.server_tls()).await {
+                tracing::warn!(error = %e, "TLS certificates not loaded yet; volumes that need TLS wait for them");
+            }
+        }
         let agent = Arc::new(Self {
+            certificates,
             config,
             store: Arc::new(store),
             state: Mutex::new(State::loaded(loaded)),
@@ -147,6 +162,23 @@ impl Agent {
     /// The exports being served, for metrics.
     pub fn exports(&self) -> &ExportTable {
         &self.exports
+    }
+
+    /// Whether volumes whose export speaks TLS can be served now: the
+    /// certificates load.
+    pub async fn can_serve_tls(&self) -> bool {
+        let certificates = Arc::clone(&self.certificates);
+        blocking(move || Ok(certificates.usable())).await.unwrap_or(false)
+    }
+
+    /// What an export of TLS mode `tls` does, with its certificates:
+    /// FAILED_PRECONDITION when it needs them and they do not load.
+    pub(crate) async fn export_mode(&self, tls: ExportTls) -> Result<TlsMode> {
+        if tls.is_off() {
+            return Ok(TlsMode::Off);
+        }
+        let certificates = Arc::clone(&self.certificates);
+        blocking(move || certificates.export_mode(tls)).await
     }
 
     /// Ready when every published volume's server is listening; a broken
@@ -303,7 +335,8 @@ impl Agent {
         let served = match record.port {
             Some(port) => {
                 let addr = SocketAddr::new(self.config.listen, port);
-                volumes::serve(&self.store.volume_image(id), &record, addr, self.config.connection_caps)
+                let tls = self.export_mode(record.tls).await?;
+                volumes::serve(&self.store.volume_image(id), &record, addr, self.config.connection_caps, tls)
                     .await
                     .map_err(|e| Error::io(format!("serving volume {id} on port {port}"), e))?
             }
@@ -343,11 +376,12 @@ impl Agent {
     /// and names it in `record` (not saved yet).
     pub(crate) async fn serve_new(&self, record: &mut VolumeRecord) -> Result<Served> {
         let image = self.store.volume_image(&record.id);
+        let tls = self.export_mode(record.tls).await?;
         let used = self.state().used_ports();
         for port in self.config.ports.clone().filter(|p| !used.contains(p)) {
             record.port = Some(port);
             let addr = SocketAddr::new(self.config.listen, port);
-            match volumes::serve(&image, record, addr, self.config.connection_caps).await {
+            match volumes::serve(&image, record, addr, self.config.connection_caps, tls.clone()).await {
                 Ok(served) => return Ok(served),
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
                 Err(e) => return Err(Error::io(format!("serving volume {} on port {port}", record.id), e)),

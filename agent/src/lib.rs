@@ -19,6 +19,7 @@
 
 mod access;
 mod agent;
+mod certificates;
 mod error;
 mod exports;
 pub mod locks;
@@ -38,6 +39,7 @@ pub mod testing;
 
 pub use access::AccessChange;
 pub use agent::{Agent, Config, REFRESH};
+pub use certificates::{CA_FILE, CERT_FILE, KEY_FILE};
 pub use error::{Error, Kind, Result};
 pub use exports::ExportTable;
 pub use report::{LogsOnly, Reporter};
@@ -45,7 +47,8 @@ pub use snapshot_ops::NewSnapshot;
 pub use state::{Condition, VolumeStatus};
 pub use store::reserve::{NAME as RESERVE_FILE, SIZE as RESERVE_SIZE};
 pub use store::{
-    FORMAT, Publication, QUARANTINE, SnapshotRecord, Source, Space, VolumeRecord, is_snapshot_id, is_volume_id,
+    ExportTls, FORMAT, Publication, QUARANTINE, SnapshotRecord, Source, Space, VolumeRecord, is_snapshot_id,
+    is_volume_id,
 };
 pub use usage::{Usage, VolumeUsage};
 pub use volume_ops::NewVolume;

@@ -101,11 +101,11 @@ impl Agent {
                 return Ok(earlier);
             }
         }
-        let (size, source_block) = match self.state().volume(&volume_id) {
+        let (size, source_block, source_tls) = match self.state().volume(&volume_id) {
             None => return Err(Error::not_found(format!("source volume {volume_id} not found"))),
             Some(v) => {
                 v.check_usable()?;
-                (v.record().capacity_bytes, v.record().block)
+                (v.record().capacity_bytes, v.record().block, v.record().tls)
             }
         };
         let (store, source, snap_id) = (Arc::clone(self.store()), self.store().volume_image(&volume_id), id.clone());
@@ -131,6 +131,7 @@ impl Agent {
             created_nanos: now.subsec_nanos() as i32,
             parameters: new.parameters,
             source_block: Some(source_block),
+            source_tls,
         };
         let (store, saved) = (Arc::clone(self.store()), record.clone());
         if let Err(e) = blocking(move || store.save_snapshot(&saved)).await {

@@ -294,6 +294,7 @@ mod tests {
             created_nanos: 0,
             parameters: BTreeMap::new(),
             source_block: Some(true),
+            source_tls: Default::default(),
         };
         state.insert_snapshot(snapshot);
         assert_eq!(state.find_snapshot_by_name("nightly").map(|s| s.id.as_str()), Some("snap-1"));

@@ -25,7 +25,7 @@ static NEXT_PORT: AtomicU16 = AtomicU16::new(29200);
 
 pub(crate) fn config() -> Config {
     let first = NEXT_PORT.fetch_add(16, Ordering::Relaxed);
-    Config { listen: loopback(), ports: first..=first + 15, connection_caps: ConnectionCaps::default() }
+    Config { listen: loopback(), ports: first..=first + 15, connection_caps: ConnectionCaps::default(), tls_dir: None }
 }
 
 fn loopback() -> IpAddr {
@@ -71,6 +71,7 @@ fn new_volume(name: &str, size: u64, source: Option<Source>) -> NewVolume {
         source,
         read_only: false,
         export_name: None,
+        tls: Default::default(),
     }
 }
 

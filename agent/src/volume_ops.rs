@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::agent::{Agent, Object, blocking, creation_id};
 use crate::error::{Error, Kind, Result};
-use crate::store::{self, FORMAT, Source, VolumeRecord};
+use crate::store::{self, ExportTls, FORMAT, Source, VolumeRecord};
 
 /// A volume to create; the agent picks its id and export name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +36,9 @@ pub struct NewVolume {
     /// itself (in a cluster, from a key both roles hold, so that no object
     /// carries it); `None` picks a random one, kept in the record.
     pub export_name: Option<String>,
+    /// Whether its export speaks TLS: anything but off needs the storage
+    /// role's certificates (FAILED_PRECONDITION without them).
+    pub tls: ExportTls,
 }
 
 /// The longest export name the NBD protocol allows.
@@ -45,7 +48,8 @@ impl Agent {
     /// Creates the volume: its image (copied from the source, if any: a
     /// source volume as it is at this call, its writes going on), then its record, the commit
     /// point. It has no server and no port until it is published. NOT_FOUND
-    /// for a missing source, FAILED_PRECONDITION for a source volume
+    /// for a missing source, FAILED_PRECONDITION for a volume that needs TLS
+    /// without certificates that load, or for a source volume
     /// without its image, RESOURCE_EXHAUSTED without the space.
     pub async fn create_volume(&self, new: NewVolume) -> Result<VolumeRecord> {
         let id = creation_id(new.id, "vol-", store::is_volume_id)?;
@@ -81,6 +85,9 @@ impl Agent {
                 ));
             }
         };
+        // Checked before any data is written: a volume that needs TLS is
+        // never made where it could only be served in plaintext.
+        self.export_mode(new.tls).await?;
         let size = new.capacity_bytes;
         if size < source_size {
             return Err(Error::new(
@@ -104,6 +111,7 @@ impl Agent {
             port: None,
             export_name,
             published: Default::default(),
+            tls: new.tls,
         };
         let (store, new_id) = (Arc::clone(self.store()), id.clone());
         // Held until the record is saved.

@@ -8,10 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use nbd::server::{Allowed, Export, ExportConfig, Fence, ReadOnlyPeers, Server};
+use nbd::tls::TlsMode;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::store::{Publication, VolumeRecord};
+use crate::store::{ExportTls, Publication, VolumeRecord};
 
 /// Connection caps for every volume's NBD server (see [`ExportConfig`]):
 /// one volume's clients cannot use up the descriptors every other volume
@@ -40,12 +41,20 @@ pub struct Served {
     task: JoinHandle<io::Result<()>>,
 }
 
-/// Who may connect, from a volume's publications: nobody while it is not
-/// published, anyone when a publication has no known addresses (no
-/// Kubernetes), else the union of the nodes' addresses. Nodes published
-/// read-only may only read; with unknown addresses that is enforced only
-/// when every publication is read-only.
-pub fn policy(published: &BTreeMap<String, Publication>) -> (Allowed, ReadOnlyPeers) {
+/// Who may connect, from a volume's publications and TLS mode: nobody
+/// while it is not published. An export that requires TLS admits the
+/// published nodes by the node name in their verified client certificate
+/// (the node id is the Node's name, which the certificate carries), from
+/// any address. Otherwise by address: anyone when a publication has no
+/// known addresses (no Kubernetes), else the union of the nodes'
+/// addresses. Nodes published read-only may only read; with unknown
+/// addresses that is enforced only when every publication is read-only.
+pub fn policy(published: &BTreeMap<String, Publication>, tls: ExportTls) -> (Allowed, ReadOnlyPeers) {
+    if tls == ExportTls::Required {
+        let nodes = published.keys().cloned().collect();
+        let readers = published.iter().filter(|(_, p)| p.read_only).map(|(node, _)| node.clone()).collect();
+        return (Allowed::Nodes(nodes), ReadOnlyPeers { nodes: readers, ..Default::default() });
+    }
     let mut set = BTreeSet::new();
     let mut read_only = ReadOnlyPeers::default();
     let mut unknown = false;
@@ -67,24 +76,33 @@ pub fn policy(published: &BTreeMap<String, Publication>) -> (Allowed, ReadOnlyPe
     (Allowed::Only(set), read_only)
 }
 
-/// Applies [`policy`] to an export; the fence covers the connections it
-/// stopped (and any stopped before that are still open).
-pub fn apply_policy(export: &Export, published: &BTreeMap<String, Publication>) -> Fence {
-    let (allowed, read_only) = policy(published);
+/// Applies [`policy`] to an export of volume `record`; the fence covers
+/// the connections it stopped (and any stopped before that are still
+/// open).
+pub fn apply_policy(export: &Export, record: &VolumeRecord) -> Fence {
+    let (allowed, read_only) = policy(&record.published, record.tls);
     export.access().set_policy(allowed, read_only)
 }
 
 /// Opens the image and listens on `addr` (port 0 picks one).
-pub async fn serve(image: &Path, record: &VolumeRecord, addr: SocketAddr, caps: ConnectionCaps) -> io::Result<Served> {
+/// `tls` is the record's mode with its certificates.
+pub async fn serve(
+    image: &Path,
+    record: &VolumeRecord,
+    addr: SocketAddr,
+    caps: ConnectionCaps,
+    tls: TlsMode,
+) -> io::Result<Served> {
     let mut config = ExportConfig::new(record.export_name.clone());
     config.list_export = false;
     config.read_only = record.read_only;
     config.description = format!("nbd-csi volume {}", record.id);
     config.max_connections = caps.per_volume;
     config.max_connections_per_peer = caps.per_peer;
+    config.tls = tls;
     let export = Export::open(image, config)?;
     // A new export has no connections to fence.
-    drop(apply_policy(&export, &record.published));
+    drop(apply_policy(&export, record));
     let server = Server::bind(Arc::clone(&export), addr).await?;
     let addr = server.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
@@ -124,12 +142,12 @@ mod tests {
     #[test]
     fn policy_admits_published_nodes_and_marks_readers() {
         let none = BTreeMap::new();
-        assert_eq!(policy(&none), (Allowed::Only(BTreeSet::new()), ReadOnlyPeers::default()));
+        assert_eq!(policy(&none, ExportTls::Off), (Allowed::Only(BTreeSet::new()), ReadOnlyPeers::default()));
 
         let mut published = BTreeMap::new();
         published.insert("a".to_string(), publication(false, Some(&["10.0.0.1"])));
         published.insert("b".to_string(), publication(true, Some(&["10.0.0.2", "fd00::2"])));
-        let (allowed, read_only) = policy(&published);
+        let (allowed, read_only) = policy(&published, ExportTls::Off);
         assert_eq!(allowed, Allowed::Only(ips(&["10.0.0.1", "10.0.0.2", "fd00::2"])));
         assert_eq!(read_only, ReadOnlyPeers { peers: ips(&["10.0.0.2", "fd00::2"]), ..Default::default() });
 
@@ -137,8 +155,24 @@ mod tests {
         // when nobody may write.
         let mut unknown = BTreeMap::new();
         unknown.insert("a".to_string(), publication(true, None));
-        assert_eq!(policy(&unknown), (Allowed::Any, ReadOnlyPeers { all: true, ..Default::default() }));
+        assert_eq!(
+            policy(&unknown, ExportTls::Allowed),
+            (Allowed::Any, ReadOnlyPeers { all: true, ..Default::default() })
+        );
         unknown.insert("b".to_string(), publication(false, None));
-        assert_eq!(policy(&unknown), (Allowed::Any, ReadOnlyPeers::default()));
+        assert_eq!(policy(&unknown, ExportTls::Off), (Allowed::Any, ReadOnlyPeers::default()));
+    }
+
+    /// With TLS required the certificate's node name decides, from any
+    /// address, whether or not addresses are known; read-only nodes by name.
+    #[test]
+    fn a_volume_that_requires_tls_admits_its_nodes_by_name() {
+        let mut published = BTreeMap::new();
+        published.insert("worker-1".to_string(), publication(false, Some(&["10.0.0.1"])));
+        published.insert("worker-2".to_string(), publication(true, None));
+        let (allowed, read_only) = policy(&published, ExportTls::Required);
+        assert_eq!(allowed, Allowed::Nodes(["worker-1".to_string(), "worker-2".to_string()].into()));
+        assert_eq!(read_only, ReadOnlyPeers { nodes: ["worker-2".to_string()].into(), ..Default::default() });
+        assert_eq!(policy(&BTreeMap::new(), ExportTls::Required).0, Allowed::Nodes(BTreeSet::new()), "nobody");
     }
 }

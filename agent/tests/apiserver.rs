@@ -37,6 +37,7 @@ async fn the_reconciler_drives_an_agent_from_objects_on_a_real_api_server() {
         listen: "127.0.0.1".parse().unwrap(),
         ports: 29860..=29869,
         connection_caps: ConnectionCaps::default(),
+        tls_dir: None,
     };
     let agent = Agent::open(config, dir.path(), Arc::new(LogsOnly)).await.unwrap();
     let nodes = NodeDirectory::watched(client.clone());
@@ -62,6 +63,7 @@ async fn the_reconciler_drives_an_agent_from_objects_on_a_real_api_server() {
         parameters: BTreeMap::new(),
         source: None,
         published_to: vec![PublishedTo { node: "worker-1".into(), read_only: false, access_mode: None }],
+        tls: Default::default(),
     };
     volumes.create(&PostParams::default(), &NbdVolume::new(VOL, spec)).await.unwrap();
     let object = eventually("status Available", || async {
@@ -104,6 +106,7 @@ async fn the_reconciler_drives_an_agent_from_objects_on_a_real_api_server() {
         source: None,
         read_only: false,
         export_name: None,
+        tls: Default::default(),
     };
     agent.create_volume(orphan).await.unwrap();
     assert_eq!(reconciler.quarantine_unclaimed().await.unwrap(), [ORPHAN]);

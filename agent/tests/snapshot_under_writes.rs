@@ -167,6 +167,7 @@ async fn a_snapshot_under_writes_is_the_volume_at_the_instant_of_the_call() {
         listen: "127.0.0.1".parse().unwrap(),
         ports: 29700..=29715,
         connection_caps: ConnectionCaps::default(),
+        tls_dir: None,
     };
     let agent = Agent::open(config, dir.path(), Arc::new(LogsOnly)).await.unwrap();
     let volume = agent
@@ -181,6 +182,7 @@ async fn a_snapshot_under_writes_is_the_volume_at_the_instant_of_the_call() {
             source: None,
             read_only: false,
             export_name: None,
+            tls: Default::default(),
         })
         .await
         .unwrap();

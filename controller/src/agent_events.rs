@@ -115,6 +115,7 @@ mod tests {
             listen: "127.0.0.1".parse().unwrap(),
             ports: 26980..=26989,
             connection_caps: Default::default(),
+            tls_dir: None,
         };
         let opened = agent::Agent::open(config.clone(), dir.path(), Arc::new(agent::LogsOnly)).await.unwrap();
         let volume = agent::NewVolume {
@@ -128,6 +129,7 @@ mod tests {
             source: None,
             read_only: false,
             export_name: None,
+            tls: Default::default(),
         };
         opened.create_volume(volume).await.unwrap();
         opened.shutdown().await;

@@ -63,14 +63,17 @@ pub struct Args {
     /// config is used without it.
     #[arg(long, env = "NBD_CSI_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// The NBD servers' TLS certificates: ca.crt (the CA node
+    /// certificates chain to), tls.crt (naming --listen-address) and
+    /// tls.key, read again when they change. Without it (or while they do
+    /// not load) no volume that speaks TLS is placed here.
+    #[arg(long, env = "NBD_CSI_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// Serve Prometheus metrics of the volumes (their NBD counters and
     /// allocated bytes) and of the store's free space over HTTP here (e.g.
     /// 0.0.0.0:9812); off when unset.
     #[arg(long, env = "NBD_CSI_AGENT_METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,
-    /// Directory of this agent's TLS files: ca.crt, tls.crt, tls.key.
-    #[arg(long, env = "NBD_CSI_TLS_DIR")]
-    pub tls_dir: Option<PathBuf>,
     /// Keep --tls-dir filled from this storage node's certificate Secret,
     /// <prefix>-storage-<node-name> in --namespace, which the controller
     /// (or cert-manager) issues for its address and renews.
@@ -116,6 +119,7 @@ fn agent_config(args: &Args) -> agent::Config {
             per_volume: args.nbd_max_connections as usize,
             per_peer: args.nbd_max_connections_per_peer as usize,
         },
+        tls_dir: args.tls_dir.clone(),
     }
 }
 
@@ -138,7 +142,6 @@ pub fn validate(args: Args) -> anyhow::Result<()> {
     println!("namespace={}", optional(args.namespace.clone()));
     println!("kubeconfig={}", optional(args.kubeconfig.as_ref().map(|p| p.display().to_string())));
     println!("metrics_address={}", optional(args.metrics_address.map(|a| a.to_string())));
-    println!("tls_dir={}", optional(args.tls_dir.as_ref().map(|d| d.display().to_string())));
     println!("tls_secret={}", optional(tls_secret_name(&args)?));
     Ok(())
 }

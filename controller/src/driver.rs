@@ -26,6 +26,8 @@ pub struct Config {
     pub driver_name: String,
     /// Host put in `nbdUri`.
     pub advertise: IpAddr,
+    /// TLS for new volumes whose StorageClass does not say.
+    pub default_tls: csi_proto::contract::VolumeTls,
     /// The agent's: the address its NBD servers bind, their ports and caps.
     pub agent: agent::Config,
 }

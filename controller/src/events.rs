@@ -418,10 +418,12 @@ mod tests {
         let config = Config {
             driver_name: "nbd.csi.dev".into(),
             advertise: "127.0.0.1".parse().unwrap(),
+            default_tls: Default::default(),
             agent: agent::Config {
                 listen: "127.0.0.1".parse().unwrap(),
                 ports: 26900..=26931,
                 connection_caps: Default::default(),
+                tls_dir: None,
             },
         };
         let nodes = Nodes::unwatched(client);
@@ -473,10 +475,12 @@ mod tests {
         let config = Config {
             driver_name: "nbd.csi.dev".into(),
             advertise: "127.0.0.1".parse().unwrap(),
+            default_tls: Default::default(),
             agent: agent::Config {
                 listen: "127.0.0.1".parse().unwrap(),
                 ports: 26940..=26971,
                 connection_caps: Default::default(),
+                tls_dir: None,
             },
         };
         let data = dir.path().join("data");

@@ -204,6 +204,7 @@ mod tests {
             listen: "127.0.0.1".parse().unwrap(),
             ports: 27940..=27949,
             connection_caps: agent::ConnectionCaps::default(),
+            tls_dir: None,
         };
         let agent = agent::Agent::open(config, fs.path(), Arc::new(agent::LogsOnly)).await.unwrap();
         let new = |name: &str| agent::NewVolume {
@@ -217,6 +218,7 @@ mod tests {
             source: None,
             read_only: false,
             export_name: None,
+            tls: Default::default(),
         };
         let written = agent.create_volume(new("written")).await.unwrap();
         let empty = agent.create_volume(new("empty")).await.unwrap();

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use csi_events::tls_secret::{Holder, SecretNames, TlsSecretSync};
+use csi_proto::contract::VolumeTls;
 use csi_proto::controller_server::ControllerServer;
 use csi_proto::identity_server::IdentityServer;
 
@@ -66,6 +68,16 @@ pub struct Args {
     #[arg(long, env = "NBD_CSI_NBD_MAX_CONNECTIONS_PER_PEER", value_parser = clap::value_parser!(u32).range(1..),
         default_value_t = nbd::server::DEFAULT_MAX_CONNECTIONS_PER_PEER as u32)]
     pub nbd_max_connections_per_peer: u32,
+    /// Whether the exports of new volumes speak TLS when their
+    /// StorageClass has no `tls` parameter: off, allowed or required.
+    #[arg(long, env = "NBD_CSI_DEFAULT_TLS", default_value = "off", value_parser = parse_tls)]
+    pub default_tls: VolumeTls,
+    /// Embedded mode: the NBD servers' TLS certificates, ca.crt (the CA
+    /// node certificates chain to), tls.crt (naming --advertise-address)
+    /// and tls.key, read again when they change; volumes that speak TLS
+    /// need them.
+    #[arg(long, env = "NBD_CSI_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// Serve Prometheus metrics over HTTP here (e.g. 0.0.0.0:9810); off when unset.
     #[arg(long, env = "NBD_CSI_METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,
@@ -132,6 +144,12 @@ fn check_storage_mode(args: &Args) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A `--default-tls` value: the StorageClass parameter's spellings.
+pub(crate) fn parse_tls(s: &str) -> Result<VolumeTls, String> {
+    VolumeTls::parse(s)
+        .ok_or_else(|| format!("{s:?} is not a TLS mode: one of {}", VolumeTls::ALL.map(VolumeTls::as_str).join(", ")))
 }
 
 pub(crate) fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
@@ -244,6 +262,7 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     Ok(Config {
         driver_name: args.driver_name.clone(),
         advertise,
+        default_tls: args.default_tls,
         agent: agent::Config {
             listen: args.nbd_listen_address,
             ports: args.nbd_port_range.clone(),
@@ -251,6 +270,7 @@ fn config(args: &Args) -> anyhow::Result<Config> {
                 per_volume: args.nbd_max_connections as usize,
                 per_peer: args.nbd_max_connections_per_peer as usize,
             },
+            tls_dir: args.tls_dir.clone(),
         },
     })
 }
@@ -299,8 +319,23 @@ async fn start_issuer(args: &Args, nodes: &Nodes, advertise: IpAddr) -> anyhow::
         storage_nodes: cluster,
         controller_address: (!cluster).then_some(advertise),
     };
+    // Embedded, this process serves the volumes itself: its own server
+    // certificate (<prefix>-controller, issued above) is kept in --tls-dir
+    // the way an agent keeps its one.
+    let own_files = match (&args.tls_dir, args.tls.tls_secret_prefix.as_deref(), cluster) {
+        (Some(dir), Some(prefix), false) => {
+            let names = SecretNames::new(prefix).map_err(|e| anyhow::anyhow!("--tls-secret-prefix: {e}"))?;
+            let name = names.of(Holder::Controller).map_err(|e| anyhow::anyhow!("{e}"))?;
+            tracing::info!(secret = %format!("{}/{name}", scope.namespace), dir = %dir.display(), "following the controller's TLS Secret");
+            Some(TlsSecretSync::spawn(client.clone(), &scope.namespace, name, dir.clone()))
+        }
+        _ => None,
+    };
     if let Some(issuer) = crate::certs::Issuer::start(client.clone(), &args.tls, &scope).await? {
-        tokio::spawn(issuer.run(scope));
+        tokio::spawn(async move {
+            let _own_files = own_files;
+            issuer.run(scope).await
+        });
     }
     Ok(())
 }
@@ -363,6 +398,8 @@ pub fn validate(args: Args) -> anyhow::Result<()> {
     println!("advertise_address={}", config.advertise);
     println!("nbd_listen_address={}", config.agent.listen);
     println!("nbd_port_range={}-{}", config.agent.ports.start(), config.agent.ports.end());
+    println!("default_tls={}", config.default_tls);
+    println!("tls_dir={}", optional(config.agent.tls_dir.as_ref().map(|p| p.display().to_string())));
     println!("metrics_address={}", optional(args.metrics_address.map(|a| a.to_string())));
     println!("kubeconfig={}", optional(args.kubeconfig.map(|p| p.display().to_string())));
     println!("known_nodes={}", args.known_nodes.join(","));

@@ -17,7 +17,8 @@ pub enum ErrorKind {
     /// The NBD server cannot be reached or refused the export.
     Unavailable,
     /// The node lacks something the volume requires and retrying will not
-    /// bring (kernel TLS without the `tls` module): FAILED_PRECONDITION.
+    /// bring (kernel TLS without the `tls` module, an `nbds://` volume on a
+    /// plugin started without `--tls-dir`): FAILED_PRECONDITION.
     Unsupported,
     /// The kernel refused a request (netlink, ioctl, mount).
     Kernel,

@@ -357,37 +357,95 @@ pub mod parameter_key {
     /// nodes whose Node carries every `key=value` label of this
     /// comma-separated list.
     pub const STORAGE_NODE_SELECTOR: &str = "storageNodeSelector";
+    /// Whether the volume's export speaks TLS: a [`VolumeTls`](super::VolumeTls).
+    pub const TLS: &str = "tls";
+}
+
+/// The StorageClass parameter `tls`: whether a volume's NBD export speaks
+/// TLS (NBD_OPT_STARTTLS), fixed when the volume is created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum VolumeTls {
+    /// Plaintext only: the `nbdUri` is `nbd://` and STARTTLS is refused.
+    #[default]
+    Off,
+    /// Either: the `nbdUri` stays `nbd://` (the node attaches in
+    /// plaintext), while a client may start TLS.
+    Allowed,
+    /// TLS only: the `nbdUri` is `nbds://`, the node attaches over kernel
+    /// TLS, and the export admits nodes by the name in their certificate.
+    Required,
+}
+
+impl VolumeTls {
+    /// Every value, in the order the error message names them.
+    pub const ALL: [Self; 3] = [Self::Off, Self::Allowed, Self::Required];
+
+    /// The parameter's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Allowed => "allowed",
+            Self::Required => "required",
+        }
+    }
+
+    /// The spelling of `value`, if it is one.
+    pub fn parse(value: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == value)
+    }
+}
+
+impl fmt::Display for VolumeTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// StorageClass (and VolumeSnapshotClass) parameters. The driver defines
-/// one, [`parameter_key::STORAGE_NODE_SELECTOR`]; any other key outside
-/// [`RESERVED_PARAMETER_PREFIX`] is refused rather than silently ignored.
-/// Values are kept as written: the controller, which places volumes,
-/// parses the selector.
+/// [`parameter_key::STORAGE_NODE_SELECTOR`] and [`parameter_key::TLS`];
+/// any other key outside [`RESERVED_PARAMETER_PREFIX`] is refused rather
+/// than silently ignored. The selector is kept as written (the controller,
+/// which places volumes, parses it); `tls` is parsed here, once.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StorageClassParameters {
     pub storage_node_selector: Option<String>,
+    /// `None` when the class does not say: the controller's default applies.
+    pub tls: Option<VolumeTls>,
 }
 
-/// Parameters the driver does not define, sorted.
+/// Why parameters are not what the driver accepts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown parameters: {}", .0.join(", "))]
-pub struct UnknownParameters(pub Vec<String>);
+pub enum ParameterError {
+    /// Parameters the driver does not define, sorted.
+    #[error("unknown parameters: {}", .0.join(", "))]
+    Unknown(Vec<String>),
+    #[error("parameter {key} is {value:?}, expected one of {expected}")]
+    Bad { key: &'static str, value: String, expected: String },
+}
 
 impl TryFrom<&HashMap<String, String>> for StorageClassParameters {
-    type Error = UnknownParameters;
+    type Error = ParameterError;
 
-    fn try_from(map: &HashMap<String, String>) -> Result<Self, UnknownParameters> {
+    fn try_from(map: &HashMap<String, String>) -> Result<Self, ParameterError> {
+        let known = [parameter_key::STORAGE_NODE_SELECTOR, parameter_key::TLS];
         let mut unknown: Vec<String> = map
             .keys()
-            .filter(|k| !k.starts_with(RESERVED_PARAMETER_PREFIX) && *k != parameter_key::STORAGE_NODE_SELECTOR)
+            .filter(|k| !k.starts_with(RESERVED_PARAMETER_PREFIX) && !known.contains(&k.as_str()))
             .cloned()
             .collect();
-        if unknown.is_empty() {
-            return Ok(Self { storage_node_selector: map.get(parameter_key::STORAGE_NODE_SELECTOR).cloned() });
+        if !unknown.is_empty() {
+            unknown.sort_unstable();
+            return Err(ParameterError::Unknown(unknown));
         }
-        unknown.sort_unstable();
-        Err(UnknownParameters(unknown))
+        let tls = match map.get(parameter_key::TLS) {
+            None => None,
+            Some(value) => Some(VolumeTls::parse(value).ok_or_else(|| ParameterError::Bad {
+                key: parameter_key::TLS,
+                value: value.clone(),
+                expected: VolumeTls::ALL.map(VolumeTls::as_str).join(", "),
+            })?),
+        };
+        Ok(Self { storage_node_selector: map.get(parameter_key::STORAGE_NODE_SELECTOR).cloned(), tls })
     }
 }
 

@@ -41,6 +41,9 @@ bad() { failed=$((failed + 1)); echo "FAILED [${SECONDS}s]: $*" >&2; }
 
 pids=()
 work=
+# Storage node name -> anything non-empty, for the agents that serve TLS:
+# with $tls_prefix set, each follows its certificate Secret (below).
+declare -A agent_tls_sync=()
 
 cluster_cleanup() {
     # Newest first; each gets 15 s to stop on SIGTERM.
@@ -168,8 +171,8 @@ logs() { # FILE...: the tail of each, from $work
 # port_base+100i to +49, its metrics +99; $agent_port_block instead of 100
 # for more); optionally $storage_timeout (the controller's
 # --storage-timeout, default 30), controller_tls_args=(...) (its issuer
-# flags) and $tls_prefix (each agent then follows its certificate Secret
-# <prefix>-storage-NAME into $work/tls/NAME).
+# flags) and $tls_prefix (each agent of agent_tls_sync then follows its
+# certificate Secret <prefix>-storage-NAME into $work/tls/NAME).
 controller_tls_args=()
 tls_prefix=""
 
@@ -252,7 +255,8 @@ start_agent() { # NAME: `nbd-csi-controller agent` for storage node NAME; ${agen
         cluster_kubeconfig "$work/storage-$a.kubeconfig" nbd-csi-storage "$(cluster_pod_token "$ns" nbd-csi-storage "$a")"
     local block=${agent_port_block:-100} first tls=()
     first=$((port_base + block * i))
-    [ -z "$tls_prefix" ] || tls=(--tls-dir "$work/tls/$a" --tls-secret-prefix "$tls_prefix")
+    [ -z "$tls_prefix" ] || [ -z "${agent_tls_sync[$a]:-}" ] ||
+        tls=(--tls-dir "$work/tls/$a" --tls-secret-prefix "$tls_prefix")
     NO_COLOR=1 "$controller_bin" agent --node-name "$a" --data-dir "$disks/$a/data" \
         --listen-address "${agent_addr[$a]}" --nbd-port-range "$first-$((first + block / 2 - 1))" \
         --export-key-file "$work/export.key" --namespace "$ns" --kubeconfig "$work/storage-$a.kubeconfig" \

@@ -68,6 +68,8 @@ accepted "growing" "$k" patch nbdvolume $V --type merge -p '{"spec":{"sizeBytes"
 refused "moving to another storage node" "a volume stays on its storage node" "$k" patch nbdvolume $V --type merge -p '{"spec":{"storageNode":"storage-1"}}'
 refused "changing the source" "a volume's source never changes" "$k" patch nbdvolume $V --type merge -p \
     '{"spec":{"source":{"snapshot":"snap-ffffffffffffffffffffffffffffffff"}}}'
+refused "turning TLS on" "a volume's TLS mode never changes" "$k" patch nbdvolume $V --type merge -p '{"spec":{"tls":"required"}}'
+refused "an unknown TLS mode" 'Unsupported value: "on"' create "$(volume vol-00000000000000000000000000000006 1 storage-0 ', tls: "on"')"
 accepted "status through its subresource" "$k" patch nbdvolume $V --subresource status --type merge -p \
     '{"status":{"phase":"Available","port":10900,"sizeBytes":2097152,"conditions":[{"type":"Ready","status":"True","reason":"Serving","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}'
 refused "an unknown phase" 'Unsupported value: "Happy"' "$k" patch nbdvolume $V --subresource status --type merge -p '{"status":{"phase":"Happy"}}'

@@ -27,7 +27,7 @@
 # Certificates (issue 16): the controller runs the built-in issuer with a
 # 45 s lifetime: it creates the CA Secret and a server certificate Secret
 # per NbdStorageNode and a client certificate Secret per CSINode listing the
-# driver; each agent and a node plugin (`nbd-csi-node serve` for worker-a,
+# driver; storage-1's agent and a node plugin (`nbd-csi-node serve` for worker-a,
 # the node's ServiceAccount) write theirs into their --tls-dir; nbdinfo
 # with the node's files reads an export `serve-file --tls required` serves
 # with an agent's files; within the lifetime the certificates are renewed
@@ -36,17 +36,24 @@
 # module; cert-manager itself is not run): the chart's Issuers and CA
 # Certificate apply strictly, and the controller's Certificates carry the
 # names, usages and issuer each holder needs.
+# TLS: only storage-1 follows its server certificate Secret (the others
+# are issued one but are not given --tls-dir) and says so in its NbdStorageNode; a PVC of a StorageClass with
+# tls: required lands there though it has the least room, its
+# VolumeAttachment's nbdUri is nbds://, libnbd's nbdinfo and nbdsh read and
+# write it with worker-a's certificate (tls-certificates=DIR) while a
+# plaintext nbdinfo is refused and worker-b's certificate is not admitted.
 # No kubelet or attach/detach controller runs: the test creates the Nodes
 # and CSINodes and the VolumeAttachment, and restarts the sidecars after the
 # controller's SIGKILL (kubelet would restart the pod's containers); each
 # such step is printed as "(acting as ...)". Needs root (tmpfs mounts),
-# nbdinfo, qemu-io and qemu-img.
+# nbdinfo, nbdsh, qemu-io, qemu-img and openssl.
 # NBD_CSI_CONTROLLER=path uses that controller binary instead of building one.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . tests/k8s/tools.sh
 . tests/k8s/cluster.sh
 . tests/k8s/certs_case.sh
+. tests/k8s/pki.sh
 
 ensure_helm
 ensure_csi_sidecars
@@ -117,14 +124,30 @@ start_sidecars "" || { logs provisioner.log attacher.log; bad "a sidecar exited 
 ok "csi-provisioner $EXTERNAL_PROVISIONER_VERSION and csi-attacher $EXTERNAL_ATTACHER_VERSION running"
 mount_export_key || exit 1
 
+# --- certificates: the controller's issuer makes the CA and every agent's
+# server certificate; storage-1 alone follows its Secret into --tls-dir, so
+# volumes that require TLS can only go there
+agent_tls_sync[storage-1]=1
+
 # --- the agents, each on its own tmpfs
 port_base=$((24000 + RANDOM % 4000))
 start_agents || exit 1
 
 certs_issued_and_renewed
+# Client certificates for worker-a and worker-b (each its node name), signed
+# with the issuer's CA (its key read from the CA Secret), in --tls-dir's and
+# libnbd's layouts.
+pki=$work/pki
+mkdir -p "$pki/ca" && cp "$work/ca.crt" "$work/ca.key" "$pki/ca/"
+if pki_issue "$pki/ca" "$pki/worker-a" worker-a DNS:worker-a clientAuth &&
+    pki_issue "$pki/ca" "$pki/worker-b" worker-b DNS:worker-b clientAuth; then
+    ok "openssl signed worker-a's and worker-b's client certificates with the issuer's CA"
+else
+    bad "openssl could not make the client certificates"
+fi
 
 # --- PVCs and their volumes
-pvc() { # NAME SIZE [DATASOURCE-PVC]
+pvc() { # NAME SIZE [DATASOURCE-PVC [STORAGECLASS]]
     local source=""
     [ -n "${3:-}" ] && source="  dataSource: {kind: PersistentVolumeClaim, name: $3}"
     cat <<EOF
@@ -133,7 +156,7 @@ apiVersion: v1
 kind: PersistentVolumeClaim
 metadata: {name: $1, namespace: app}
 spec:
-  storageClassName: nbd
+  storageClassName: ${4:-nbd}
   accessModes: [ReadWriteOnce]
   resources: {requests: {storage: $2}}
 $source
@@ -216,6 +239,69 @@ if wait_until 60 all_bound clone-1; then
 else
     logs provisioner.log controller.log
     bad "clone-1 of $source_pvc: $(phases clone-1)"
+fi
+
+# --- TLS: a StorageClass with tls: required; only storage-1 can serve it
+check "only storage-1 reports it serves TLS (NbdStorageNode status.servesTls)" "true false false" \
+    "$(for a in "${agents[@]}"; do jp nbdstoragenode "$a" -o jsonpath='{.status.servesTls}'; echo; done | paste -sd' ')"
+k apply -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: nbd-tls}
+provisioner: $driver
+parameters: {tls: required}
+EOF
+k create -f - >/dev/null < <(pvc tls-1 8Mi "" nbd-tls)
+if wait_until 60 all_bound tls-1; then
+    check "the tls: required PVC lands on storage-1, the one agent with certificates (least room)" storage-1 "$(node_of tls-1)"
+    check "its NbdVolume records the mode" required "$(jp nbdvolume "$(volume_of tls-1)" -o jsonpath='{.spec.tls}')"
+    acting "attach/detach controller: VolumeAttachment of tls-1 to worker-a"
+    add_va va-tls tls-1
+    if wait_until 60 attached va-tls; then
+        uri=$(uri_of va-tls)
+        if [[ $uri =~ ^nbds://${agent_addr[storage-1]//./\\.}:[0-9]+/[0-9a-f]{64}$ ]]; then
+            ok "VolumeAttachment va-tls attached: nbdUri nbds://${agent_addr[storage-1]}:<port>/<64 hex>"
+        else
+            bad "VolumeAttachment va-tls: nbdUri '$uri', want nbds:// on storage-1"
+        fi
+        refused_client() { # WHO URI: nbdinfo with URI must learn nothing, not even the size
+            local out
+            if out=$(nbdinfo --size "$2" 2>&1); then
+                bad "$1 read the size of a TLS-required export: $out"
+            else
+                ok "$1 is refused: $(tr '\n' ' ' <<<"$out" | cut -c1-160)"
+            fi
+        }
+        # Plaintext (the same export as nbd://): refused, nothing learnt.
+        refused_client "a plaintext nbdinfo" "${uri/#nbds:/nbd:}"
+        with_a="$uri?tls-certificates=$pki/worker-a"
+        check "nbdinfo over TLS with worker-a's certificate reads the size" $((8 * MIB)) "$(nbdinfo --size "$with_a" 2>&1)"
+        # libnbd wants a URI naming local files (tls-certificates) allowed
+        # through its API; Debian's python3 has the nbd module, and the
+        # repository's nbd/ directory must not shadow it (hence $work).
+        if out=$(cd "$work" && URI=$with_a PATH=/usr/bin:$PATH nbdsh -c '
+import os
+h.set_uri_allow_local_file(True)
+h.connect_uri(os.environ["URI"])
+data = bytes([0x6b]) * 65536
+h.pwrite(data, 1 << 20)
+h.flush()
+assert h.pread(65536, 1 << 20) == data
+print("wrote and read back 64 KiB")' 2>&1); then
+            ok "nbdsh over TLS with worker-a's certificate: $out"
+        else
+            bad "nbdsh over TLS with worker-a's certificate: $out"
+        fi
+        refused_client "nbdinfo with worker-b's certificate (same CA, another node)" "$uri?tls-certificates=$pki/worker-b"
+    else
+        logs attacher.log controller.log agent-storage-1.log
+        bad "VolumeAttachment va-tls not attached within 60s: $(jp volumeattachment va-tls -o jsonpath='{.status}')"
+    fi
+    k delete volumeattachment va-tls --wait=false >/dev/null
+    wait_until 60 gone volumeattachment va-tls || bad "VolumeAttachment va-tls still there"
+else
+    logs provisioner.log controller.log
+    bad "PVC tls-1: $(phases tls-1): $(k get events -n app --field-selector involvedObject.name=tls-1 -o jsonpath='{.items[*].message}' | cut -c1-300)"
 fi
 
 # --- attach to worker-a (127.0.0.1): served, then closed on detach

@@ -17,7 +17,7 @@ start=$(date +%s)
 # Host tools. Both qemu packages come from the same suite (the candidate of
 # qemu-system-x86), or installing one would replace the other's version.
 need=()
-for pkg in qemu-system-x86 qemu-utils busybox-static cpio nbdkit e2fsprogs xfsprogs fio openssl; do
+for pkg in qemu-system-x86 qemu-utils busybox-static cpio nbdkit e2fsprogs xfsprogs fio openssl tcpdump; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -25,7 +25,7 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     qemu_version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
     apt-get install -y -qq --no-install-recommends \
-        "qemu-system-x86=$qemu_version" "qemu-utils=$qemu_version" busybox-static cpio nbdkit e2fsprogs xfsprogs fio openssl
+        "qemu-system-x86=$qemu_version" "qemu-utils=$qemu_version" busybox-static cpio nbdkit e2fsprogs xfsprogs fio openssl tcpdump
 fi
 
 # The kernel: vmlinuz, its package (kept) and the modules listed here.
@@ -64,7 +64,7 @@ tools=(
     "$repo/target/release/examples/flag-server" "$repo/target/release/examples/csi-node-client"
     "$sanity_dir/bin/csi-sanity"
     "$(command -v mke2fs)" "$(command -v e2fsck)" "$(command -v resize2fs)" "$(command -v nbdkit)" "$(command -v fio)"
-    "$(command -v mkfs.xfs)" "$(command -v xfs_growfs)" "$(command -v xfs_repair)"
+    "$(command -v mkfs.xfs)" "$(command -v xfs_growfs)" "$(command -v xfs_repair)" "$(command -v tcpdump)"
 )
 nbdkit_lib=/usr/lib/x86_64-linux-gnu/nbdkit
 extra=("$nbdkit_lib/plugins/nbdkit-memory-plugin.so" "$nbdkit_lib/plugins/nbdkit-file-plugin.so"

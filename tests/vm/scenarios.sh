@@ -371,7 +371,7 @@ device_of() { # id [node]
 # URI STG DEV.
 csi_stage_mount() { # name size [fstype]
     ID=$(ctl create "$1" --size "$2" | awk '/^volume:/ {print $2}')
-    URI=$(ctl publish --node vm-node "$ID" 2>/dev/null | grep '^nbd://')
+    URI=$(ctl publish --node vm-node "$ID" 2>/dev/null | grep -E '^nbds?://')
     STG=$CSI/staging/$1
     $CLIENT "$CSI/node.sock" stage "$ID" "$STG" "$URI" --fs-type "${3:-ext4}" >"$CSI/stage.out" 2>&1
     DEV=$(device_of "$ID")
@@ -607,7 +607,7 @@ fio_under() {
     csi_start 10 60 || { result "$name" FAIL "could not start"; csi_stop; return; }
     csi_stage_mount fio 128M
     grep -q '^ok' "$CSI/stage.out" || { result "$name" FAIL "stage: $(cat "$CSI/stage.out")"; csi_stop; return; }
-    port=$(echo "$URI" | sed 's|nbd://127.0.0.1:\([0-9]*\)/.*|\1|')
+    port=$(echo "$URI" | sed -E 's|nbds?://127.0.0.1:([0-9]*)/.*|\1|')
     dmesg -c >/dev/null
     rm -f /tmp/fio.result
     fio_loop "$STG" 45 &
@@ -659,6 +659,26 @@ kill_plugin_twice() {
 
 scenario_fio_controller_kill() { fio_under fio-verify-controller-kill kill_controller_twice 2 1; }
 scenario_fio_plugin_kill() { fio_under fio-verify-plugin-kill kill_plugin_twice 1 3; }
+
+# The same through CSI with a TLS-required volume (the controller's storage
+# role serves it with STARTTLS; the plugin stages nbds:// and hands kTLS
+# sockets to the kernel): the plugin SIGKILLed mid-I/O twice, the server once;
+# every reconnect redoes the TLS handshake.
+scenario_fio_plugin_kill_tls() {
+    CTRL_EXTRA="--default-tls required --tls-dir /tls/server"; NODE_EXTRA="--tls-dir /tls/node"
+    before=$(tls_socks); dec0=$(tls_stat TlsDecryptError)
+    fio_under fio-verify-plugin-kill-tls kill_plugin_twice 1 3
+    CTRL_EXTRA=""; NODE_EXTRA=""
+    handshakes=$(grep -c 'handed to the kernel' "$CSI/node.log")
+    dec=$(($(tls_stat TlsDecryptError) - dec0))
+    detail="uri=$(echo "$URI" | cut -d/ -f1-3) kernel_tls_handoffs=$handshakes decrypt_errors=$dec kernel_tls_sockets=$before->$(tls_socks)"
+    # 2 connections at staging, 2 more for each reconnect (at least one).
+    if echo "$URI" | grep -q '^nbds://' && [ "$handshakes" -ge 4 ] && [ "$dec" = 0 ]; then
+        result tls-csi-stage PASS "$detail"
+    else
+        result tls-csi-stage FAIL "$detail"
+    fi
+}
 
 # The plugin starts after losing track of things: a device of ours no state
 # claims (disconnected; named by the volume id alone, as older versions
@@ -1021,7 +1041,63 @@ scenario_tls() {
     fi
 }
 
-for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl ioctl_exhausted heal tls expand expand_xfs expand_block metrics shared_block dead_server fio_controller_kill fio_plugin_kill fresh_container reconcile heal_after_timeout sanity_mount sanity_block}" | tr , " "); do
+# --- What crosses the wire: tcpdump on the VM's loopback while a canary
+# (a known text, repeated) is written through two devices, one attached over
+# TLS and one in plaintext. The plaintext capture must show the canary (so
+# the capture does see payloads); the TLS capture must not, nor the export
+# name (the volume's secret token), though the same bytes reached the file.
+wire_attach() { # name port uri tls_flag...: attach, write the canary, read it back; sets $wire_ok
+    rm -f "/tmp/$1.pcap"
+    tcpdump -Z root -i lo -s 0 -U -w "/tmp/$1.pcap" "tcp port $2" 2>/tmp/tcpdump.log &
+    td=$!
+    i=0
+    while ! grep -q 'listening on' /tmp/tcpdump.log && [ $i -lt 100 ]; do usleep 100000; i=$((i + 1)); done
+    out=$($NODE attach "$3" --backend-id "$1" --connections 2 ${4:+--tls-dir "$4"} 2>/tmp/err)
+    dev=$(echo "$out" | field device)
+    wire_ok=no
+    if [ -n "$dev" ]; then
+        dd if=/tmp/canary of="$dev" bs=1M oflag=direct conv=fsync 2>/dev/null
+        dd if="$dev" of=/tmp/canary-back bs=1M count=1 iflag=direct 2>/dev/null
+        cmp -s /tmp/canary /tmp/canary-back && wire_ok=yes
+        $NODE detach --backend-id "$1" >/dev/null 2>&1
+    else
+        echo "vm: $1: attach: $(tail -1 /tmp/err | cut -c1-200)"
+    fi
+    usleep 300000
+    kill -INT $td; wait $td 2>/dev/null
+}
+
+scenario_tls_wire() {
+    if ! command -v tcpdump >/dev/null; then result tls-wire FAIL "no tcpdump in the VM"; return; fi
+    yes NBD-CSI-CANARY-3f9c1e | head -c 1048576 > /tmp/canary
+    truncate -s 64M /tmp/wire-tls.img /tmp/wire-plain.img
+    serve 10872 $CTRL serve-file /tmp/wire-tls.img --listen 127.0.0.1:10872 --export-name vol-secret-token-tls \
+        --tls required --tls-dir /tls/server
+    tp=$p
+    serve 10873 $CTRL serve-file /tmp/wire-plain.img --listen 127.0.0.1:10873 --export-name vol-secret-token-plain
+    wire_attach wire-plain 10873 nbd://127.0.0.1:10873/vol-secret-token-plain
+    plain_ok=$wire_ok
+    wire_attach wire-tls 10872 nbds://127.0.0.1:10872/vol-secret-token-tls /tls/node
+    tls_ok=$wire_ok
+    kill $p $tp; wait $p $tp 2>/dev/null
+    plain_hits=$(grep -ac NBD-CSI-CANARY /tmp/wire-plain.pcap)
+    tls_hits=$(grep -ac NBD-CSI-CANARY /tmp/wire-tls.pcap)
+    plain_name=$(grep -ac vol-secret-token /tmp/wire-plain.pcap)
+    tls_name=$(grep -ac vol-secret-token /tmp/wire-tls.pcap)
+    tls_bytes=$(wc -c < /tmp/wire-tls.pcap)
+    in_file=no
+    dd if=/tmp/wire-tls.img of=/tmp/canary-back bs=1M count=1 2>/dev/null
+    cmp -s /tmp/canary /tmp/canary-back && in_file=yes
+    detail="plaintext: canary_lines=$plain_hits export_name=$plain_name data=$plain_ok; tls: canary_lines=$tls_hits export_name=$tls_name captured_bytes=$tls_bytes data=$tls_ok in_file=$in_file"
+    if [ "$plain_hits" -gt 0 ] && [ "$plain_name" -gt 0 ] && [ "$plain_ok" = yes ] && [ "$tls_hits" = 0 ] &&
+        [ "$tls_name" = 0 ] && [ "$tls_bytes" -gt 1048576 ] && [ "$tls_ok" = yes ] && [ "$in_file" = yes ]; then
+        result tls-wire PASS "$detail"
+    else
+        result tls-wire FAIL "$detail $(tail -1 /tmp/tcpdump.log)"
+    fi
+}
+
+for s in $(echo "${SCENARIOS:-multi_conn flush ext4 ioctl ioctl_exhausted heal tls tls_wire expand expand_xfs expand_block metrics shared_block dead_server fio_controller_kill fio_plugin_kill fio_plugin_kill_tls fresh_container reconcile heal_after_timeout sanity_mount sanity_block}" | tr , " "); do
     t0=$(cut -d. -f1 /proc/uptime)
     "scenario_$s"
     echo "vm: scenario $s took $(($(cut -d. -f1 /proc/uptime) - t0)) s"

@@ -249,6 +249,7 @@ pub fn snapshot_status(
         size_bytes: actual.map(|s| s.size_bytes),
         created_at: actual.and_then(|s| created_at(s.created_seconds, s.created_nanos)),
         source_block: actual.and_then(|s| s.source_block),
+        source_tls: actual.map(|s| s.source_tls).unwrap_or_default(),
         conditions: conditions.into_list(),
     }
 }

@@ -25,7 +25,8 @@ pub const LEASE_RENEWAL: Duration = Duration::from_secs(10);
 
 impl Reconciler {
     /// Writes this node's NbdStorageNode: `address` and the agent's port
-    /// range as spec (server-side apply), its space and version as status.
+    /// range as spec (server-side apply), its space, version and whether it
+    /// can serve TLS as status.
     pub async fn announce(&self, address: IpAddr) -> Result<(), ReconcileError> {
         let ports = self.agent().config().ports.clone();
         let object = NbdStorageNode::new(
@@ -42,6 +43,7 @@ impl Reconciler {
             total_bytes: Some(space.total),
             free_bytes: Some(space.available),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            serves_tls: self.agent().can_serve_tls().await,
             conditions: Vec::new(),
         };
         let patch = serde_json::json!({ "status": status });

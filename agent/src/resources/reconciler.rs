@@ -276,6 +276,7 @@ impl Reconciler {
                             source: desired.source.clone(),
                             read_only: desired.read_only,
                             export_name: Some(self.export_key.export_name(&desired.id)),
+                            tls: desired.tls,
                         })
                         .await?;
                 }

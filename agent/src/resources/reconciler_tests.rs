@@ -354,6 +354,7 @@ async fn stored(agent: &Agent, id: &str) {
         source: None,
         read_only: false,
         export_name: None,
+        tls: Default::default(),
     };
     agent.create_volume(new).await.unwrap();
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::condition::Condition;
 use super::invalid::{InvalidObject, MAX_NODE_NAME, NODE_NAME_PATTERN, check_node_name};
 use crate::store;
+use crate::store::ExportTls;
 
 #[derive(CustomResource, KubeSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[kube(
@@ -63,6 +64,9 @@ pub struct NbdSnapshotStatus {
     /// restored as a filesystem volume).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_block: Option<bool>,
+    /// The source volume's TLS mode, which a restore keeps at least.
+    #[serde(default, skip_serializing_if = "ExportTls::is_off")]
+    pub source_tls: ExportTls,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

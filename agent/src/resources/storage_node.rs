@@ -27,6 +27,7 @@ use super::invalid::{InvalidObject, check_node_name};
     printcolumn(name = "Address", type_ = "string", json_path = ".spec.address"),
     printcolumn(name = "Free", type_ = "integer", json_path = ".status.freeBytes"),
     printcolumn(name = "Total", type_ = "integer", json_path = ".status.totalBytes"),
+    printcolumn(name = "TLS", type_ = "boolean", json_path = ".status.servesTls"),
     printcolumn(name = "Version", type_ = "string", json_path = ".status.agentVersion", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -61,6 +62,10 @@ pub struct NbdStorageNodeStatus {
     /// The agent's version.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub agent_version: String,
+    /// Whether its TLS certificates load, so that it can serve volumes
+    /// whose export speaks TLS; placement gives those only to such nodes.
+    #[serde(default)]
+    pub serves_tls: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

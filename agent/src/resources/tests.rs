@@ -4,7 +4,7 @@ use kube::CustomResourceExt;
 use serde_json::json;
 
 use super::*;
-use crate::Source;
+use crate::{ExportTls, Source};
 
 const VOL: &str = "vol-0123456789abcdef0123456789abcdef";
 const SNAP: &str = "snap-0123456789abcdef0123456789abcdef";
@@ -30,6 +30,7 @@ fn volume() -> NbdVolume {
                 },
                 PublishedTo { node: "worker-2".into(), read_only: true, access_mode: None },
             ],
+            tls: ExportTls::Required,
         },
     );
     volume.metadata.generation = Some(3);
@@ -55,6 +56,13 @@ fn a_volume_round_trips_through_json_and_yaml_with_camel_case_fields() {
     assert_eq!(value["spec"]["accessModes"], json!(["SingleNodeWriter"]));
     assert_eq!(value["spec"]["source"], json!({"snapshot": SNAP}));
     assert_eq!(value["spec"]["publishedTo"][1], json!({"node": "worker-2", "readOnly": true}));
+    assert_eq!(value["spec"]["tls"], "required");
+    assert_eq!(volume.desired().unwrap().tls, ExportTls::Required);
+    let mut plain = volume.clone();
+    plain.spec.tls = ExportTls::Off;
+    let plain = serde_json::to_value(&plain).unwrap();
+    assert!(plain["spec"].get("tls").is_none(), "off is left out, as in objects made before TLS");
+    assert_eq!(parse::<NbdVolume>(plain).unwrap().spec.tls, ExportTls::Off);
     assert_eq!(value["status"]["observedGeneration"], 3);
     assert_eq!(value["status"]["conditions"][0]["type"], "Ready");
     assert_eq!(parse::<NbdVolume>(value).unwrap(), volume);
@@ -97,10 +105,12 @@ fn a_snapshot_and_a_storage_node_round_trip() {
         total_bytes: Some(100),
         free_bytes: Some(40),
         agent_version: "0.1.0".into(),
+        serves_tls: true,
         conditions: vec![],
     });
     let value = serde_json::to_value(&node).unwrap();
     assert_eq!(value["status"]["freeBytes"], 40);
+    assert_eq!(value["status"]["servesTls"], true);
     assert_eq!(value["spec"]["ports"], json!({"first": 10809, "last": 10909}));
     assert_eq!(parse::<NbdStorageNode>(value).unwrap(), node);
     assert_eq!(node.endpoint().unwrap(), ("10.0.0.5".parse().unwrap(), 10809..=10909));
@@ -322,6 +332,7 @@ async fn a_published_volume_object_carries_no_export_name() {
         source: None,
         read_only: false,
         export_name: Some(derived.clone()),
+        tls: Default::default(),
     };
     let record = agent.create_volume(new).await.unwrap();
     assert_eq!(record.export_name, derived);
@@ -373,6 +384,7 @@ mod plans {
             export_name: "secret".into(),
             read_only: false,
             published,
+            tls: Default::default(),
         }
     }
 

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::access_mode::AccessMode;
 use super::condition::Condition;
 use super::invalid::{InvalidObject, MAX_NODE_NAME, NODE_NAME_PATTERN, check_node_name};
-use crate::store::{self, Source};
+use crate::store::{self, ExportTls, Source};
 
 /// What the volume should be.
 #[derive(CustomResource, KubeSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +33,12 @@ use crate::store::{self, Source};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("self.sizeBytes >= oldSelf.sizeBytes").message("a volume never shrinks"))]
+// On the spec, not the field: an absent `tls` is off, and a rule on the
+// field would not run when it is added or removed.
+#[x_kube(
+    validation = Rule::new("(has(self.tls) ? self.tls : 'off') == (has(oldSelf.tls) ? oldSelf.tls : 'off')")
+        .message("a volume's TLS mode never changes")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct NbdVolumeSpec {
     /// The storage node (its NbdStorageNode and Node name) whose agent
@@ -65,6 +71,11 @@ pub struct NbdVolumeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self == oldSelf").message("a volume's source never changes"))]
     pub source: Option<VolumeSource>,
+    /// Whether its export speaks TLS (`off`, `allowed`, `required`; absent:
+    /// off); never changes. With `required` the agent admits the published nodes by the
+    /// node name in their client certificate instead of their addresses.
+    #[serde(default, skip_serializing_if = "ExportTls::is_off")]
+    pub tls: ExportTls,
     /// The nodes that may attach it, one entry per node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
@@ -158,6 +169,7 @@ pub struct DesiredVolume {
     pub source: Option<Source>,
     /// Node name to (read-only, CSI access mode value).
     pub published: BTreeMap<String, (bool, i32)>,
+    pub tls: ExportTls,
 }
 
 impl NbdVolume {
@@ -205,6 +217,7 @@ impl NbdVolume {
             parameters: spec.parameters.clone(),
             source,
             published,
+            tls: spec.tls,
         })
     }
 }

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::statvfs::statvfs;
 
-pub use records::{FORMAT, Publication, SnapshotRecord, Source, VolumeRecord};
+pub use records::{ExportTls, FORMAT, Publication, SnapshotRecord, Source, VolumeRecord};
 
 use crate::error::{Error, Result};
 

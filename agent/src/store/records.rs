@@ -7,6 +7,29 @@ use serde::{Deserialize, Serialize};
 /// Bumped when a record's meaning changes; older versions refuse newer records.
 pub const FORMAT: u32 = 1;
 
+/// Whether a volume's NBD export speaks TLS, fixed at its creation and
+/// kept in its record (and, in a cluster, its NbdVolume's spec). Ordered:
+/// a clone or restore is never served with less than its source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "kubernetes", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum ExportTls {
+    /// Plaintext: NBD_OPT_STARTTLS is refused; peers are admitted by address.
+    #[default]
+    Off,
+    /// Plaintext, or TLS when the client starts it; peers by address.
+    Allowed,
+    /// TLS before anything; peers by the node name in their verified
+    /// client certificate, from any address.
+    Required,
+}
+
+impl ExportTls {
+    pub fn is_off(&self) -> bool {
+        *self == Self::Off
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
@@ -55,6 +78,10 @@ pub struct VolumeRecord {
     pub read_only: bool,
     #[serde(default)]
     pub published: BTreeMap<String, Publication>,
+    /// Whether its export speaks TLS. Absent in records of volumes made
+    /// before TLS (and of plaintext ones): off.
+    #[serde(default, skip_serializing_if = "ExportTls::is_off")]
+    pub tls: ExportTls,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,4 +102,8 @@ pub struct SnapshotRecord {
     /// while that still exists; callers treat it as block otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_block: Option<bool>,
+    /// The source volume's TLS mode, which a restore keeps at least.
+    /// Absent in records of snapshots of plaintext volumes: off.
+    #[serde(default, skip_serializing_if = "ExportTls::is_off")]
+    pub source_tls: ExportTls,
 }

@@ -15,6 +15,7 @@ pub(crate) fn volume(id: &str) -> VolumeRecord {
         export_name: "secret".into(),
         read_only: false,
         published: BTreeMap::new(),
+        tls: ExportTls::Off,
     }
 }
 
@@ -103,6 +104,32 @@ fn partially_written_record_is_a_clear_error_and_data_is_untouched() {
     assert!(Store::open(dir.path()).unwrap_err().to_string().contains("format"));
 }
 
+/// The TLS mode survives a save and a reload; records of plaintext volumes
+/// (and of versions before TLS) carry no `tls` key and load as off.
+#[test]
+fn a_volumes_tls_mode_is_kept_in_its_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    let (required, plain) = (vid(6), vid(7));
+    for id in [&required, &plain] {
+        store.create_volume_image(id, 1 << 20, None).unwrap();
+    }
+    store.save_volume(&VolumeRecord { tls: ExportTls::Required, ..volume(&required) }).unwrap();
+    store.save_volume(&volume(&plain)).unwrap();
+    let on_disk = fs::read_to_string(dir.path().join(VOLUMES).join(format!("{required}.json"))).unwrap();
+    assert!(on_disk.contains(r#""tls": "required""#), "{on_disk}");
+    let plain_json = fs::read_to_string(dir.path().join(VOLUMES).join(format!("{plain}.json"))).unwrap();
+    assert!(!plain_json.contains("tls"), "a plaintext record is as before TLS: {plain_json}");
+    let (_, loaded) = Store::open(dir.path()).unwrap();
+    assert_eq!(loaded.volumes[&required].tls, ExportTls::Required);
+    assert_eq!(loaded.volumes[&plain].tls, ExportTls::Off);
+    let allowed = serde_json::to_string(&volume(&plain)).unwrap().replacen('{', r#"{"tls":"allowed","#, 1);
+    assert_eq!(serde_json::from_str::<VolumeRecord>(&allowed).unwrap().tls, ExportTls::Allowed);
+    let bad = serde_json::to_string(&volume(&plain)).unwrap().replacen('{', r#"{"tls":"on","#, 1);
+    assert!(serde_json::from_str::<VolumeRecord>(&bad).is_err(), "an unknown mode is refused, not read as off");
+    assert!(ExportTls::Off < ExportTls::Allowed && ExportTls::Allowed < ExportTls::Required);
+}
+
 #[test]
 fn capacity_check_refuses_more_than_free_space() {
     let dir = tempfile::tempdir().unwrap();
@@ -163,6 +190,7 @@ fn snapshot(id: &str, source: &str) -> SnapshotRecord {
         created_nanos: 2,
         parameters: BTreeMap::new(),
         source_block: Some(true),
+        source_tls: Default::default(),
     }
 }
 

@@ -1,20 +1,37 @@
-//! A minimal NBD client for tests: handshake, then simple-reply READ/WRITE.
+//! A minimal NBD client for tests: handshake (in plaintext, or through
+//! NBD_OPT_STARTTLS with a node's certificate), then simple-reply
+//! READ/WRITE.
 
-use nbd::client::{HandshakeOptions, handshake};
+use nbd::client::{HandshakeOptions, handshake, handshake_tls};
 use nbd::consts::cmd;
+use nbd::tls::ClientTls;
 use nbd::wire::{Request, SimpleReply};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[derive(Debug)]
-pub struct Client {
-    stream: TcpStream,
+pub struct Client<S = TcpStream> {
+    stream: S,
     pub size: u64,
     pub transmission_flags: nbd::TransmissionFlags,
     cookie: u64,
 }
 
 impl Client {
+    /// STARTTLS first, the TLS handshake with `tls`'s certificate, then the
+    /// export over TLS (never plaintext).
+    pub async fn connect_tls(
+        addr: &str,
+        export_name: &str,
+        tls: &ClientTls,
+    ) -> nbd::Result<Client<impl AsyncRead + AsyncWrite + Unpin + use<>>> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let opts = HandshakeOptions { export_name: export_name.into(), structured_replies: false };
+        let (stream, export) = handshake_tls(stream, &opts, tls).await?;
+        Ok(Client { stream, size: export.size, transmission_flags: export.transmission_flags, cookie: 0 })
+    }
+
     pub async fn connect(addr: &str, export_name: &str) -> nbd::Result<Self> {
         let mut stream = TcpStream::connect(addr).await?;
         // A request's header and payload go out in two writes: without
@@ -24,7 +41,9 @@ impl Client {
         let export = handshake(&mut stream, &opts).await?;
         Ok(Self { stream, size: export.size, transmission_flags: export.transmission_flags, cookie: 0 })
     }
+}
 
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     async fn request(&mut self, command: u16, offset: u64, length: u32, payload: &[u8]) -> std::io::Result<u32> {
         self.cookie += 1;
         let request = Request { flags: nbd::CommandFlags::empty(), command, cookie: self.cookie, offset, length };

@@ -314,3 +314,12 @@ runs one replica.
 {{- end }}
 {{- end -}}
 {{- end -}}
+
+{{/*
+TLS of the volumes' NBD exports by default (tls.mode). "true" unless it is
+off: the nodes' init container then requires tls.ko. (The TLS directory and
+its sync are there whatever the mode: a StorageClass may require TLS.)
+*/}}
+{{- define "nbd-csi.tlsEnabled" -}}
+{{- if ne (toString .Values.tls.mode) "off" -}}true{{- end -}}
+{{- end -}}

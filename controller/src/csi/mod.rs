@@ -13,7 +13,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use csi_proto::contract::{StorageClassParameters, parameter_key};
+use agent::ExportTls;
+use csi_proto::contract::{StorageClassParameters, VolumeTls, parameter_key};
 use csi_proto::volume_capability::AccessType;
 use csi_proto::volume_capability::access_mode::Mode;
 use csi_proto::{CapacityRange, VolumeCapability};
@@ -133,13 +134,23 @@ pub fn check_capabilities(caps: &[VolumeCapability]) -> Result<Caps> {
     Ok(out)
 }
 
+/// Checked plugin parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parameters {
+    /// What the record or object keeps: the driver's own keys but `tls`,
+    /// which is kept as a field of its own.
+    pub kept: BTreeMap<String, String>,
+    /// The class's `tls`; `None` when it says nothing.
+    pub tls: Option<VolumeTls>,
+}
+
 /// Plugin parameters ([`StorageClassParameters`]): this driver defines
-/// one, `storageNodeSelector` (checked here, used for placement in cluster
-/// mode; with one embedded agent there is nothing to choose from), so any
-/// other key outside the sidecars' reserved prefix is INVALID_ARGUMENT.
-/// The result is what the record or object keeps: the driver's own keys.
-pub fn check_parameters(parameters: &HashMap<String, String>) -> Result<BTreeMap<String, String>> {
-    let StorageClassParameters { storage_node_selector } =
+/// `storageNodeSelector` (checked here, used for placement in cluster
+/// mode; with one embedded agent there is nothing to choose from) and
+/// `tls` (off, allowed or required), so any other key outside the
+/// sidecars' reserved prefix, or another `tls` value, is INVALID_ARGUMENT.
+pub fn check_parameters(parameters: &HashMap<String, String>) -> Result<Parameters> {
+    let StorageClassParameters { storage_node_selector, tls } =
         StorageClassParameters::try_from(parameters).map_err(|e| Error::invalid(e.to_string()))?;
     let mut kept = BTreeMap::new();
     if let Some(text) = storage_node_selector.filter(|s| !s.trim().is_empty()) {
@@ -147,7 +158,16 @@ pub fn check_parameters(parameters: &HashMap<String, String>) -> Result<BTreeMap
         Selector::parse(&text)?;
         kept.insert(parameter_key::STORAGE_NODE_SELECTOR.to_owned(), text);
     }
-    Ok(kept)
+    Ok(Parameters { kept, tls })
+}
+
+/// The storage role's spelling of a TLS mode.
+pub fn export_tls(tls: VolumeTls) -> ExportTls {
+    match tls {
+        VolumeTls::Off => ExportTls::Off,
+        VolumeTls::Allowed => ExportTls::Allowed,
+        VolumeTls::Required => ExportTls::Required,
+    }
 }
 
 /// The storage-node selector in checked parameters; empty without one.

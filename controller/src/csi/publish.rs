@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use agent::{Agent, Publication, VolumeRecord};
+use agent::{Agent, ExportTls, Publication, VolumeRecord};
 use csi_proto::contract::{NbdUri, PublishContext};
 use csi_proto::*;
 
@@ -40,7 +40,10 @@ impl Driver {
     ) -> Result<HashMap<String, String>> {
         // Published and not broken (checked before): the agent serves it.
         let port = port.ok_or_else(|| Error::internal(format!("volume {} has no NBD port", record.id)))?;
-        let nbd_uri = NbdUri::new(self.nbd_address(port), record.export_name.clone());
+        // Only `required` is nbds://: with `allowed` the node attaches in
+        // plaintext, as the export lets it.
+        let nbd_uri =
+            NbdUri::new(self.nbd_address(port), record.export_name.clone()).with_tls(record.tls == ExportTls::Required);
         Ok(PublishContext { nbd_uri, read_only }.to_map())
     }
 

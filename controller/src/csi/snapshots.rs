@@ -28,7 +28,13 @@ impl Driver {
     pub async fn create_snapshot(&self, req: CreateSnapshotRequest) -> Result<CreateSnapshotResponse> {
         require(&req.name, "name")?;
         require(&req.source_volume_id, "source_volume_id")?;
-        let parameters = check_parameters(&req.parameters)?;
+        let checked = check_parameters(&req.parameters)?;
+        if checked.tls.is_some() {
+            // A restore speaks at least its source volume's TLS; a
+            // snapshot has no export of its own to say it for.
+            return Err(Error::invalid("tls is a StorageClass parameter: a VolumeSnapshotClass cannot set it"));
+        }
+        let parameters = checked.kept;
         let _name_guard = self.lock(LockKey::SnapshotName(req.name.to_owned())).await;
         let agent = match self.storage() {
             Storage::Embedded(agent) => agent,

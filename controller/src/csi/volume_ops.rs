@@ -5,13 +5,15 @@
 
 use std::collections::HashMap;
 
-use agent::{Condition, NewVolume, Source, VolumeRecord, VolumeStatus};
+use agent::{Condition, ExportTls, NewVolume, Source, VolumeRecord, VolumeStatus};
 use csi_proto::contract::{VolumeAccess, VolumeContext};
 use csi_proto::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use csi_proto::*;
 use tracing::Span;
 
-use super::{Caps, MIB, capacity, check_capabilities, check_parameters, is_reader_only, page, require, selector};
+use super::{
+    Caps, MIB, capacity, check_capabilities, check_parameters, export_tls, is_reader_only, page, require, selector,
+};
 use crate::driver::{Driver, LockKey};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
@@ -55,8 +57,15 @@ fn condition(volume: &VolumeStatus) -> VolumeCondition {
     }
 }
 
-/// Same name asked again: the same volume if it satisfies the request.
-fn compatible(record: &VolumeRecord, req: &CreateVolumeRequest, caps: &Caps, source: &Option<Source>) -> bool {
+/// Same name asked again: the same volume if it satisfies the request
+/// (with at least the TLS asked for: a clone's may be its source's, more).
+fn compatible(
+    record: &VolumeRecord,
+    req: &CreateVolumeRequest,
+    caps: &Caps,
+    source: &Option<Source>,
+    tls: ExportTls,
+) -> bool {
     let (required, limit) = req.capacity_range.as_ref().map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
     let size = record.capacity_bytes as i64;
     size >= required
@@ -65,6 +74,7 @@ fn compatible(record: &VolumeRecord, req: &CreateVolumeRequest, caps: &Caps, sou
         && caps.modes.iter().all(|m| record.access_modes.contains(m))
         && (caps.fs_type.is_empty() || caps.fs_type == record.fs_type)
         && &record.source == source
+        && record.tls >= tls
 }
 
 /// Content that came from a block volume never becomes a filesystem volume:
@@ -106,10 +116,14 @@ impl Driver {
     pub async fn create_volume(&self, req: CreateVolumeRequest) -> Result<CreateVolumeResponse> {
         require(&req.name, "name")?;
         let caps = check_capabilities(&req.volume_capabilities)?;
-        let parameters = check_parameters(&req.parameters)?;
+        let checked = check_parameters(&req.parameters)?;
         if !req.mutable_parameters.is_empty() {
             return Err(Error::invalid("mutable_parameters are not supported (no MODIFY_VOLUME)"));
         }
+        // The class's mode, else the controller's default; a clone or
+        // restore gets its source's when that is more (below).
+        let tls = export_tls(checked.tls.unwrap_or(self.config().default_tls));
+        let parameters = checked.kept;
         let source = parse_source(&req.volume_content_source)?;
         let _name_guard = self.lock(LockKey::VolumeName(req.name.to_owned())).await;
         let agent = match self.storage() {
@@ -121,7 +135,7 @@ impl Driver {
                 Span::current().record("volume.id", objects::volume_id(&req.name).as_str());
                 let (required, limit) =
                     req.capacity_range.as_ref().map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
-                let request = VolumeRequest { name: req.name, required, limit, caps, source, parameters };
+                let request = VolumeRequest { name: req.name, required, limit, caps, source, parameters, tls };
                 let volume = cluster.create_volume(&request, &selector).await?;
                 return Ok(CreateVolumeResponse { volume: Some(volume) });
             }
@@ -129,34 +143,34 @@ impl Driver {
         let existing = agent.find_volume_by_name(&req.name);
         if let Some(record) = existing {
             Span::current().record("volume.id", record.id.as_str());
-            if compatible(&record, &req, &caps, &source) {
+            if compatible(&record, &req, &caps, &source, tls) {
                 return Ok(CreateVolumeResponse { volume: Some(volume_message(&record)) });
             }
             return Err(Error::exists(format!("volume {:?} exists as {} with other properties", req.name, record.id)));
         }
         // Hold the source still until the agent has copied it.
-        let (_source_guard, source_size) = match &source {
-            None => (None, 0),
+        let (_source_guard, source_size, source_tls) = match &source {
+            None => (None, 0, ExportTls::Off),
             Some(Source::Snapshot(id)) => {
                 let guard = self.lock(LockKey::SnapshotId(id.to_owned())).await;
-                let snapshot = agent.snapshot(id).map(|s| (s.size_bytes, s.source_block));
-                let (size, source_block) =
+                let snapshot = agent.snapshot(id).map(|s| (s.size_bytes, s.source_block, s.source_tls));
+                let (size, source_block, source_tls) =
                     snapshot.ok_or_else(|| Error::not_found(format!("source snapshot {id} not found")))?;
                 // Unknown (an old record whose source is gone): assume block.
                 check_source_access(&format!("snapshot {id}"), source_block.unwrap_or(true), caps.block)?;
-                (Some(guard), size)
+                (Some(guard), size, source_tls)
             }
             Some(Source::Volume(id)) => {
                 let guard = self.lock(LockKey::VolumeId(id.to_owned())).await;
-                let size = match agent.volume(id) {
+                let (size, source_tls) = match agent.volume(id) {
                     None => return Err(Error::not_found(format!("source volume {id} not found"))),
                     Some(v) => {
                         v.check_usable()?;
                         check_source_access(&format!("volume {id}"), v.record.block, caps.block)?;
-                        v.record.capacity_bytes
+                        (v.record.capacity_bytes, v.record.tls)
                     }
                 };
-                (Some(guard), size)
+                (Some(guard), size, source_tls)
             }
         };
         let size = capacity(req.capacity_range.as_ref(), source_size)?;
@@ -171,6 +185,7 @@ impl Driver {
             parameters,
             source,
             export_name: None,
+            tls: tls.max(source_tls),
         };
         let record = agent.create_volume(new).await?;
         Span::current().record("volume.id", record.id.as_str());
@@ -311,7 +326,7 @@ impl Driver {
 
     #[tracing::instrument(err, skip_all, fields(volume.id = tracing::field::Empty))]
     pub async fn get_capacity(&self, req: GetCapacityRequest) -> Result<GetCapacityResponse> {
-        let parameters = check_parameters(&req.parameters)?;
+        let parameters = check_parameters(&req.parameters)?.kept;
         if !req.volume_capabilities.is_empty() && check_capabilities(&req.volume_capabilities).is_err() {
             // No volume with these capabilities can be created at all.
             return Ok(GetCapacityResponse { available_capacity: 0, ..Default::default() });

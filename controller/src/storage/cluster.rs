@@ -34,11 +34,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use agent::Source;
 use agent::resources::{
     AccessMode, AccessType, ExportKey, LEASE_DURATION, NbdSnapshot, NbdSnapshotSpec, NbdStorageNode, NbdVolume,
     PublishedTo, SnapshotPhase, VolumePhase,
 };
+use agent::{ExportTls, Source};
 use csi_proto::contract::{NbdUri, PublishContext};
 use csi_proto::{CapacityRange, Snapshot, Volume};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -442,6 +442,7 @@ impl Cluster {
                     free_bytes: node.status.as_ref().and_then(|s| s.free_bytes),
                     placed_bytes: placed.get(&name).copied().unwrap_or(0),
                     labels: labels.get(&name).cloned().unwrap_or_default(),
+                    serves_tls: node.status.as_ref().is_some_and(|s| s.serves_tls),
                     name,
                 }
             })
@@ -462,23 +463,26 @@ impl Cluster {
         {
             return self.existing_volume(existing, request).await;
         }
-        let (source_node, minimum) = self.source(request).await?;
+        let (source_node, minimum, source_tls) = self.source(request).await?;
         let size =
             capacity(Some(&CapacityRange { required_bytes: request.required, limit_bytes: request.limit }), minimum)?;
+        // A clone or restore never speaks less TLS than its source.
+        let tls = request.tls.max(source_tls);
+        let needs_tls = !tls.is_off();
         let (node, reservation) = {
             let _placing = self.placing.lock().await;
             let nodes = self.storage_nodes(selector).await?;
             let node = match source_node {
                 Some(node) => {
-                    placement::check_source_node(&nodes, &node, size)?;
+                    placement::check_source_node(&nodes, &node, size, needs_tls)?;
                     node
                 }
-                None => placement::place(&nodes, size, selector)?.name.clone(),
+                None => placement::place(&nodes, size, selector, needs_tls)?.name.clone(),
             };
             let reservation = self.in_flight.reserve(&id, &node, size);
             (node, reservation)
         };
-        let object = objects::new_volume(&id, objects::volume_spec(request, &node, size));
+        let object = objects::new_volume(&id, objects::volume_spec(request, &node, size, tls));
         let created = self.answer(&format!("creating volume {id}"), api.create(&post_params(), &object)).await;
         if let Ok(Ok(created)) = &created {
             // Placements count this volume from the reservation until the
@@ -542,17 +546,17 @@ impl Cluster {
         Err(error)
     }
 
-    /// The storage node of a clone's or restore's source, and the size the
-    /// new volume needs at least.
-    async fn source(&self, request: &VolumeRequest) -> Result<(Option<String>, u64)> {
+    /// The storage node of a clone's or restore's source, the size the new
+    /// volume needs at least, and the TLS its source speaks.
+    async fn source(&self, request: &VolumeRequest) -> Result<(Option<String>, u64, ExportTls)> {
         match &request.source {
-            None => Ok((None, 0)),
+            None => Ok((None, 0, ExportTls::Off)),
             Some(Source::Volume(id)) => {
                 let found = if agent::is_volume_id(id) { self.get(&self.volumes(), id).await? } else { None };
                 let source = found.ok_or_else(|| Error::not_found(format!("source volume {id} not found")))?;
                 let block = source.spec.access_type == AccessType::Block;
                 check_source_access(&format!("volume {id}"), block, request.caps.block)?;
-                Ok((Some(source.spec.storage_node.clone()), source.spec.size_bytes))
+                Ok((Some(source.spec.storage_node.clone()), source.spec.size_bytes, source.spec.tls))
             }
             Some(Source::Snapshot(id)) => {
                 let found = if agent::is_snapshot_id(id) { self.get(&self.snapshots(), id).await? } else { None };
@@ -567,7 +571,7 @@ impl Cluster {
                     status.source_block.unwrap_or(true),
                     request.caps.block,
                 )?;
-                Ok((Some(source.spec.storage_node.clone()), status.size_bytes.unwrap_or(0)))
+                Ok((Some(source.spec.storage_node.clone()), status.size_bytes.unwrap_or(0), status.source_tls))
             }
         }
     }
@@ -701,7 +705,9 @@ impl Cluster {
             .await?
             .ok_or_else(|| Error::unavailable(format!("storage node {storage_node} has no NbdStorageNode")))?;
         let (address, _) = storage.endpoint().map_err(|e| Error::unavailable(e.to_string()))?;
-        let nbd_uri = NbdUri::new(SocketAddr::new(address, port), self.export_key.export_name(id));
+        // `allowed` stays nbd://: the node attaches in plaintext, as it may.
+        let nbd_uri = NbdUri::new(SocketAddr::new(address, port), self.export_key.export_name(id))
+            .with_tls(object.spec.tls == ExportTls::Required);
         Ok(PublishContext { nbd_uri, read_only: publication.read_only }.to_map())
     }
 
@@ -852,6 +858,7 @@ mod tests {
             caps: Caps { block: true, modes: vec![Mode::SingleNodeWriter as i32], fs_type: String::new() },
             source: None,
             parameters: BTreeMap::new(),
+            tls: ExportTls::Off,
         }
     }
 
@@ -1007,7 +1014,7 @@ mod tests {
     /// status (no agent acted on it), with `storage` as that storage node's
     /// NbdStorageNode and `lease` as its agent's Lease (404 when `None`).
     async fn serve_unanswered(mut handle: mock_api::ApiHandle, id: String, storage: bool, lease: Option<Lease>) {
-        let object = NbdVolume::new(&id, objects::volume_spec(&request(), "storage-9", 1 << 20));
+        let object = NbdVolume::new(&id, objects::volume_spec(&request(), "storage-9", 1 << 20, ExportTls::Off));
         let mut object = serde_json::to_value(object).unwrap();
         object["metadata"]["resourceVersion"] = "1".into();
         object["metadata"]["generation"] = 1.into();

@@ -5,11 +5,11 @@
 
 use std::collections::BTreeMap;
 
-use agent::Source;
 use agent::resources::{
     AccessMode, AccessType, ConditionStatus, ConditionType, FINALIZER, NbdSnapshot, NbdSnapshotSpec, NbdVolume,
     NbdVolumeSpec, SnapshotPhase, VolumePhase, VolumeSource,
 };
+use agent::{ExportTls, Source};
 use csi_proto::contract::{VolumeAccess, VolumeContext};
 use csi_proto::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource as CsiVolumeSource};
 use csi_proto::{Snapshot, Volume, VolumeCondition, VolumeContentSource};
@@ -48,6 +48,9 @@ pub struct VolumeRequest {
     pub caps: Caps,
     pub source: Option<Source>,
     pub parameters: BTreeMap<String, String>,
+    /// The TLS mode asked for (the class's, else the controller's
+    /// default); a clone or restore gets its source's when that is more.
+    pub tls: ExportTls,
 }
 
 /// A new NbdVolume `id`. It carries its agent's finalizer from the start:
@@ -66,8 +69,9 @@ pub fn new_snapshot(id: &str, spec: NbdSnapshotSpec) -> NbdSnapshot {
     object
 }
 
-/// The spec of a new volume for `request`, `size` bytes on `storage_node`.
-pub fn volume_spec(request: &VolumeRequest, storage_node: &str, size: u64) -> NbdVolumeSpec {
+/// The spec of a new volume for `request`, `size` bytes on `storage_node`,
+/// its export speaking TLS as `tls` says (the request's, or its source's).
+pub fn volume_spec(request: &VolumeRequest, storage_node: &str, size: u64, tls: ExportTls) -> NbdVolumeSpec {
     NbdVolumeSpec {
         storage_node: storage_node.to_owned(),
         request_name: request.name.clone(),
@@ -82,6 +86,7 @@ pub fn volume_spec(request: &VolumeRequest, storage_node: &str, size: u64) -> Nb
             Source::Volume(id) => VolumeSource::Volume(id.clone()),
         }),
         published_to: Vec::new(),
+        tls,
     }
 }
 
@@ -95,7 +100,8 @@ fn source_of(spec: &NbdVolumeSpec) -> Option<Source> {
 /// Whether an existing volume answers `request` (the same name asked
 /// again): its size within the range, the same access type, source and
 /// parameters, every asked mode among its modes, the same filesystem if
-/// one is named. Where it was placed does not matter.
+/// one is named, at least the TLS asked for (a clone's may be its
+/// source's, more). Where it was placed does not matter.
 pub fn satisfies(spec: &NbdVolumeSpec, request: &VolumeRequest) -> bool {
     let size = spec.size_bytes.min(i64::MAX as u64) as i64;
     let modes: Vec<i32> = spec.access_modes.iter().map(|m| m.csi_value()).collect();
@@ -106,6 +112,7 @@ pub fn satisfies(spec: &NbdVolumeSpec, request: &VolumeRequest) -> bool {
         && (request.caps.fs_type.is_empty() || request.caps.fs_type == spec.fs_type)
         && source_of(spec) == request.source
         && spec.parameters == request.parameters
+        && spec.tls >= request.tls
 }
 
 /// The CSI Volume an object stands for; its size is the one served once
@@ -275,6 +282,7 @@ mod tests {
             caps: Caps { block: false, modes: vec![Mode::SingleNodeWriter as i32], fs_type: "xfs".into() },
             source: None,
             parameters: BTreeMap::new(),
+            tls: ExportTls::Off,
         }
     }
 
@@ -285,7 +293,8 @@ mod tests {
     }
 
     fn volume_with(generation: i64, status: Option<NbdVolumeStatus>) -> NbdVolume {
-        let mut object = NbdVolume::new(&volume_id("pvc-1"), volume_spec(&request("pvc-1"), "storage-1", 1 << 20));
+        let mut object =
+            NbdVolume::new(&volume_id("pvc-1"), volume_spec(&request("pvc-1"), "storage-1", 1 << 20, ExportTls::Off));
         object.metadata.generation = Some(generation);
         object.status = status;
         object
@@ -303,7 +312,8 @@ mod tests {
 
     #[test]
     fn new_objects_carry_the_agents_finalizer() {
-        let volume = new_volume(&volume_id("pvc-1"), volume_spec(&request("pvc-1"), "storage-1", 1 << 20));
+        let volume =
+            new_volume(&volume_id("pvc-1"), volume_spec(&request("pvc-1"), "storage-1", 1 << 20, ExportTls::Off));
         assert_eq!(volume.metadata.finalizers, Some(vec![FINALIZER.to_owned()]));
         let spec = NbdSnapshotSpec {
             storage_node: "storage-1".into(),
@@ -329,7 +339,7 @@ mod tests {
     #[test]
     fn a_request_becomes_a_spec_that_satisfies_it_and_only_compatible_requests() {
         let asked = request("pvc-1");
-        let spec = volume_spec(&asked, "storage-2", 4 << 20);
+        let spec = volume_spec(&asked, "storage-2", 4 << 20, ExportTls::Off);
         assert_eq!(spec.storage_node, "storage-2");
         assert_eq!(spec.access_type, AccessType::Mount);
         assert_eq!(spec.access_modes, vec![AccessMode::SingleNodeWriter]);
@@ -344,7 +354,12 @@ mod tests {
         assert!(!satisfies(&spec, &VolumeRequest { parameters: selector, ..asked.clone() }), "other parameters");
         let clone = VolumeRequest { source: Some(Source::Volume(volume_id("x"))), ..asked.clone() };
         assert!(!satisfies(&spec, &clone), "other source");
-        let spec = volume_spec(&clone, "storage-2", 4 << 20);
+        let tls = VolumeRequest { tls: ExportTls::Required, ..asked.clone() };
+        assert!(!satisfies(&spec, &tls), "less TLS than asked");
+        let required = volume_spec(&tls, "storage-2", 4 << 20, ExportTls::Required);
+        assert_eq!(required.tls, ExportTls::Required);
+        assert!(satisfies(&required, &tls) && satisfies(&required, &asked), "at least the TLS asked for");
+        let spec = volume_spec(&clone, "storage-2", 4 << 20, ExportTls::Off);
         assert_eq!(spec.source, Some(VolumeSource::Volume(volume_id("x"))));
         assert!(satisfies(&spec, &clone));
     }
@@ -429,6 +444,7 @@ mod tests {
             size_bytes: Some(3 << 20),
             created_at: Some("2026-01-02T03:04:05.5Z".into()),
             source_block: Some(false),
+            source_tls: ExportTls::Off,
             conditions: vec![ready(ConditionStatus::True, "Cut", "", 1)],
         });
         assert!(matches!(snapshot_progress(&object), Progress::Done));

@@ -4,8 +4,10 @@
 //!
 //! - A candidate is live (its agent's Lease was renewed within the Lease's
 //!   duration), matches the StorageClass's `storageNodeSelector` (labels of
-//!   its Node) and reports at least the volume's size free: volumes are
-//!   thin, so this is the same check its agent makes.
+//!   its Node), can serve TLS when the volume's export speaks it (its
+//!   certificates load, as its NbdStorageNode reports) and reports at least
+//!   the volume's size free: volumes are thin, so this is the same check
+//!   its agent makes.
 //! - Among candidates, the one with the most room wins, room being the free
 //!   bytes it reports minus the bytes of the volumes already placed on it.
 //!   Free bytes alone would not spread anything: a thin volume takes no
@@ -72,6 +74,9 @@ pub struct StorageNode {
     pub placed_bytes: u64,
     /// Its Node's labels.
     pub labels: BTreeMap<String, String>,
+    /// Its agent reports certificates that load: it can serve volumes whose
+    /// export speaks TLS.
+    pub serves_tls: bool,
 }
 
 impl StorageNode {
@@ -92,9 +97,11 @@ pub fn is_live(renewed_ms: Option<i64>, duration_ms: i64, now_ms: i64) -> bool {
     renewed_ms.is_some_and(|renewed| renewed.saturating_add(duration_ms) > now_ms)
 }
 
-/// The storage node a new volume of `size` bytes goes to.
-pub fn place<'a>(nodes: &'a [StorageNode], size: u64, selector: &Selector) -> Result<&'a StorageNode> {
-    let selected: Vec<&StorageNode> = nodes.iter().filter(|n| selector.matches(&n.labels)).collect();
+/// The storage node a new volume of `size` bytes goes to; `needs_tls`:
+/// its export speaks TLS, so only nodes that can serve it qualify.
+pub fn place<'a>(nodes: &'a [StorageNode], size: u64, selector: &Selector, needs_tls: bool) -> Result<&'a StorageNode> {
+    let selected: Vec<&StorageNode> =
+        nodes.iter().filter(|n| selector.matches(&n.labels) && (n.serves_tls || !needs_tls)).collect();
     selected
         .iter()
         .copied()
@@ -108,22 +115,28 @@ pub fn place<'a>(nodes: &'a [StorageNode], size: u64, selector: &Selector) -> Re
         .ok_or_else(|| {
             let live = selected.iter().filter(|n| n.live).count();
             let largest = selected.iter().filter(|n| n.live).filter_map(|n| n.free_bytes).max().unwrap_or(0);
+            let tls = if needs_tls { " and can serve TLS" } else { "" };
             Error::exhausted(format!(
-                "no live storage node can hold {size} bytes: {} storage nodes match the selector, {live} of them \
-                 live, the most free space on one is {largest} bytes",
+                "no live storage node can hold {size} bytes: {} storage nodes match the selector{tls}, {live} of \
+                 them live, the most free space on one is {largest} bytes",
                 selected.len()
             ))
         })
 }
 
 /// A volume cloned or restored goes where its source is: that node must
-/// be live and hold the size.
-pub fn check_source_node(nodes: &[StorageNode], name: &str, size: u64) -> Result<()> {
+/// be live, hold the size, and serve TLS if the new volume needs it.
+pub fn check_source_node(nodes: &[StorageNode], name: &str, size: u64, needs_tls: bool) -> Result<()> {
     let Some(node) = nodes.iter().find(|n| n.name == name) else {
         return Err(Error::unavailable(format!("storage node {name:?} of the source has no NbdStorageNode")));
     };
     if !node.live {
         return Err(Error::unavailable(format!("storage node {name:?} of the source is not live (its Lease expired)")));
+    }
+    if needs_tls && !node.serves_tls {
+        return Err(Error::precondition(format!(
+            "storage node {name:?} of the source cannot serve TLS (its agent reports no certificates that load)"
+        )));
     }
     if !node.can_hold(size) {
         return Err(Error::exhausted(format!(
@@ -157,16 +170,17 @@ mod tests {
             free_bytes: free,
             placed_bytes: placed,
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            serves_tls: false,
         }
     }
 
     #[test]
     fn the_node_with_the_most_room_wins() {
         let nodes = [node("a", true, Some(10 * GIB), 0, &[]), node("b", true, Some(20 * GIB), 0, &[])];
-        assert_eq!(place(&nodes, GIB, &Selector::default()).unwrap().name, "b");
+        assert_eq!(place(&nodes, GIB, &Selector::default(), false).unwrap().name, "b");
         // What is already placed counts against a node's free bytes.
         let nodes = [node("a", true, Some(10 * GIB), 0, &[]), node("b", true, Some(20 * GIB), 15 * GIB, &[])];
-        assert_eq!(place(&nodes, GIB, &Selector::default()).unwrap().name, "a");
+        assert_eq!(place(&nodes, GIB, &Selector::default(), false).unwrap().name, "a");
     }
 
     #[test]
@@ -178,7 +192,7 @@ mod tests {
         ];
         let mut counts = BTreeMap::new();
         for _ in 0..30 {
-            let name = place(&nodes, 128 << 20, &Selector::default()).unwrap().name.clone();
+            let name = place(&nodes, 128 << 20, &Selector::default(), false).unwrap().name.clone();
             *counts.entry(name.clone()).or_insert(0) += 1;
             nodes.iter_mut().find(|n| n.name == name).unwrap().placed_bytes += 128 << 20;
         }
@@ -197,22 +211,22 @@ mod tests {
             node("fits", true, Some(2 * GIB), 0, &[("zone", "a"), ("disk", "ssd")]),
         ];
         let zone_a = Selector::parse("zone=a").unwrap();
-        assert_eq!(place(&nodes, GIB, &zone_a).unwrap().name, "fits");
-        assert_eq!(place(&nodes, GIB, &Selector::default()).unwrap().name, "elsewhere");
-        let e = place(&nodes, 3 * GIB, &zone_a).unwrap_err();
+        assert_eq!(place(&nodes, GIB, &zone_a, false).unwrap().name, "fits");
+        assert_eq!(place(&nodes, GIB, &Selector::default(), false).unwrap().name, "elsewhere");
+        let e = place(&nodes, 3 * GIB, &zone_a, false).unwrap_err();
         assert_eq!(e.kind(), crate::error::Kind::ResourceExhausted);
         assert!(e.to_string().contains("4 storage nodes match the selector, 3 of them live"), "{e}");
         let none = Selector::parse("zone=c").unwrap();
-        assert_eq!(place(&nodes, 1, &none).unwrap_err().kind(), crate::error::Kind::ResourceExhausted);
+        assert_eq!(place(&nodes, 1, &none, false).unwrap_err().kind(), crate::error::Kind::ResourceExhausted);
         // Over-committed nodes still take volumes that fit their free bytes.
         let full = [node("x", true, Some(GIB), 10 * GIB, &[])];
-        assert_eq!(place(&full, GIB, &Selector::default()).unwrap().name, "x");
+        assert_eq!(place(&full, GIB, &Selector::default(), false).unwrap().name, "x");
     }
 
     #[test]
     fn ties_go_to_the_first_name() {
         let nodes = [node("b", true, Some(GIB), 0, &[]), node("a", true, Some(GIB), 0, &[])];
-        assert_eq!(place(&nodes, 1, &Selector::default()).unwrap().name, "a");
+        assert_eq!(place(&nodes, 1, &Selector::default(), false).unwrap().name, "a");
     }
 
     #[test]
@@ -251,9 +265,30 @@ mod tests {
     #[test]
     fn a_source_node_must_be_live_and_hold_the_size() {
         let nodes = [node("a", true, Some(GIB), 0, &[]), node("b", false, Some(GIB), 0, &[])];
-        assert!(check_source_node(&nodes, "a", GIB).is_ok());
-        assert_eq!(check_source_node(&nodes, "a", 2 * GIB).unwrap_err().kind(), crate::error::Kind::ResourceExhausted);
-        assert_eq!(check_source_node(&nodes, "b", 1).unwrap_err().kind(), crate::error::Kind::Unavailable);
-        assert_eq!(check_source_node(&nodes, "z", 1).unwrap_err().kind(), crate::error::Kind::Unavailable);
+        assert!(check_source_node(&nodes, "a", GIB, false).is_ok());
+        assert_eq!(
+            check_source_node(&nodes, "a", 2 * GIB, false).unwrap_err().kind(),
+            crate::error::Kind::ResourceExhausted
+        );
+        assert_eq!(check_source_node(&nodes, "b", 1, false).unwrap_err().kind(), crate::error::Kind::Unavailable);
+        assert_eq!(check_source_node(&nodes, "z", 1, false).unwrap_err().kind(), crate::error::Kind::Unavailable);
+    }
+
+    /// A volume whose export speaks TLS goes only to a node that can serve
+    /// it, even with less room; none: RESOURCE_EXHAUSTED saying so. Its
+    /// clone's source node must serve TLS too.
+    #[test]
+    fn a_volume_that_speaks_tls_goes_to_a_node_that_serves_it() {
+        let mut tls = node("tls", true, Some(2 * GIB), 0, &[]);
+        tls.serves_tls = true;
+        let nodes = [node("plain", true, Some(20 * GIB), 0, &[]), tls];
+        assert_eq!(place(&nodes, GIB, &Selector::default(), false).unwrap().name, "plain");
+        assert_eq!(place(&nodes, GIB, &Selector::default(), true).unwrap().name, "tls");
+        let e = place(&nodes, 4 * GIB, &Selector::default(), true).unwrap_err();
+        assert_eq!(e.kind(), crate::error::Kind::ResourceExhausted);
+        assert!(e.to_string().contains("1 storage nodes match the selector and can serve TLS"), "{e}");
+        let e = check_source_node(&nodes, "plain", GIB, true).unwrap_err();
+        assert_eq!(e.kind(), crate::error::Kind::FailedPrecondition);
+        assert!(check_source_node(&nodes, "tls", GIB, true).is_ok());
     }
 }

@@ -110,6 +110,7 @@ async fn storage_agent(
         listen: address.parse().unwrap(),
         ports: first_port..=first_port + 63,
         connection_caps: ConnectionCaps::default(),
+        tls_dir: None,
     };
     let agent = Agent::open(config, disk.path(), Arc::new(LogsOnly)).await.unwrap();
     let key = ExportKey::from_file(key_file).unwrap();
@@ -162,6 +163,8 @@ async fn cluster_mode_places_serves_and_fences_volumes_on_storage_nodes() {
         nbd_port_range: 10900..=10999,
         nbd_max_connections: 128,
         nbd_max_connections_per_peer: 32,
+        default_tls: Default::default(),
+        tls_dir: None,
         metrics_address: None,
         kubeconfig: Some(kubeconfig.into()),
         known_nodes: Vec::new(),

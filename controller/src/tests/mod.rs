@@ -7,6 +7,8 @@ mod full_disk;
 mod grpc_snapshots;
 mod grpc_volumes;
 mod missing_image;
+mod pki;
+mod tls;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -45,21 +47,28 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start(dir: &Path) -> Self {
-        let first = NEXT_PORT.fetch_add(32, Ordering::Relaxed);
-        Self::start_with_ports(dir, first..=first + 31).await
+        Self::start_with_ports(dir, Self::ports()).await
     }
 
     pub async fn start_with_ports(dir: &Path, ports: std::ops::RangeInclusive<u16>) -> Self {
-        let args = service::Args {
+        Self::start_with_args(Self::args(dir, ports)).await
+    }
+
+    /// The flags of a controller with its socket and data in `dir` and
+    /// its NBD servers on `ports`, for a test to change.
+    pub fn args(dir: &Path, ports: std::ops::RangeInclusive<u16>) -> service::Args {
+        service::Args {
             endpoint: Some(Endpoint::Unix(dir.join("csi.sock"))),
             allow_insecure_tcp_endpoint: false,
             data_dir: dir.join("data"),
             driver_name: service::DEFAULT_DRIVER_NAME.into(),
             advertise_address: None,
             nbd_listen_address: "127.0.0.1".parse().unwrap(),
-            nbd_port_range: ports.clone(),
+            nbd_port_range: ports,
             nbd_max_connections: nbd::server::DEFAULT_MAX_CONNECTIONS as u32,
             nbd_max_connections_per_peer: nbd::server::DEFAULT_MAX_CONNECTIONS_PER_PEER as u32,
+            default_tls: Default::default(),
+            tls_dir: None,
             metrics_address: None,
             kubeconfig: None,
             known_nodes: vec![NODE_A.into(), NODE_B.into()],
@@ -68,8 +77,13 @@ impl Harness {
             namespace: None,
             storage_timeout: 30,
             tls: Default::default(),
-        };
-        Self::start_with_args(args).await
+        }
+    }
+
+    /// Fresh ports for one more harness.
+    pub fn ports() -> std::ops::RangeInclusive<u16> {
+        let first = NEXT_PORT.fetch_add(32, Ordering::Relaxed);
+        first..=first + 31
     }
 
     /// The controller as `args` say, serving CSI on their Unix endpoint.

@@ -335,8 +335,10 @@ where
     let limit = export.config().handshake_timeout;
     let tls = export.config().tls.server().cloned().ok_or_else(|| Error::Protocol("STARTTLS without TLS".into()))?;
     let records = RecordLimit::new(tls.record_limit());
-    let accepting =
-        tokio_rustls::TlsAcceptor::from(Arc::clone(tls.config())).accept(RecordCounting::new(stream, records.clone()));
+    // From files, this looks whether they changed: a renewed certificate
+    // serves from the next connection on.
+    let config = tokio::task::spawn_blocking(move || tls.config()).await.map_err(io::Error::other)?;
+    let accepting = tokio_rustls::TlsAcceptor::from(config).accept(RecordCounting::new(stream, records.clone()));
     let accepted = tokio::select! {
         accepted = tokio::time::timeout_at(deadline, accepting) => accepted.map_err(|_| Error::HandshakeTimeout(limit))?,
         () = shutdown.requested() => return Ok(()),

@@ -18,6 +18,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use super::records::DEFAULT_RECORD_LIMIT;
+use super::reload::PemFiles;
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -68,12 +69,44 @@ fn roots(cas: Vec<CertificateDer<'static>>) -> Result<Arc<RootCertStore>, TlsCon
     Ok(Arc::new(roots))
 }
 
+/// The server's rustls configuration: TLS 1.3 only, a client certificate
+/// chained to `client_ca` required, no session tickets, no session cache,
+/// no early data.
+pub(crate) fn build_server_config(
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_ca: Vec<CertificateDer<'static>>,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let provider = provider();
+    // Client certificates are required: `allow_unauthenticated` is never called.
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(client_ca)?, Arc::clone(&provider)).build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(cert_chain, key)?;
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.max_early_data_size = 0;
+    Ok(Arc::new(config))
+}
+
+/// Where a [`ServerTls`] takes its configuration from.
+#[derive(Debug)]
+enum Source {
+    /// Built once, from certificates in memory.
+    Fixed(Arc<ServerConfig>),
+    /// PEM files, built again when they change.
+    Files(Box<PemFiles>),
+}
+
 /// The server side of one export's TLS: its certificate, the CA its
 /// clients' certificates must chain to, and the records a connection may
-/// carry before it is closed for fresh keys.
+/// carry before it is closed for fresh keys. Clones share the source: every
+/// export made with one [`ServerTls::from_pem_files`] sees its files'
+/// renewals.
 #[derive(Debug, Clone)]
 pub struct ServerTls {
-    config: Arc<ServerConfig>,
+    source: Arc<Source>,
     record_limit: u64,
 }
 
@@ -83,26 +116,17 @@ impl ServerTls {
         key: PrivateKeyDer<'static>,
         client_ca: Vec<CertificateDer<'static>>,
     ) -> Result<Self, TlsConfigError> {
-        let provider = provider();
-        // Client certificates are required: `allow_unauthenticated` is never called.
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots(client_ca)?, Arc::clone(&provider)).build()?;
-        let mut config = ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(cert_chain, key)?;
-        config.send_tls13_tickets = 0;
-        config.session_storage = Arc::new(NoServerSessionStorage {});
-        config.max_early_data_size = 0;
-        Ok(Self { config: Arc::new(config), record_limit: DEFAULT_RECORD_LIMIT })
+        let config = build_server_config(cert_chain, key, client_ca)?;
+        Ok(Self { source: Arc::new(Source::Fixed(config)), record_limit: DEFAULT_RECORD_LIMIT })
     }
 
     /// From PEM files: the server's certificate chain, its key, the CA.
+    /// They must load now; later they are read again whenever one of them
+    /// changes (see `reload`), so a renewed certificate applies to the next
+    /// connection.
     pub fn from_pem_files(cert_chain: &Path, key: &Path, client_ca: &Path) -> Result<Self, TlsConfigError> {
-        Self::new(
-            certificates_from_pem_file(cert_chain)?,
-            private_key_from_pem_file(key)?,
-            certificates_from_pem_file(client_ca)?,
-        )
+        let files = Box::new(PemFiles::load(cert_chain, key, client_ca)?);
+        Ok(Self { source: Arc::new(Source::Files(files)), record_limit: DEFAULT_RECORD_LIMIT })
     }
 
     /// Records per direction after which a connection is closed (see
@@ -117,8 +141,13 @@ impl ServerTls {
         self.record_limit
     }
 
-    pub fn config(&self) -> &Arc<ServerConfig> {
-        &self.config
+    /// The configuration for a new connection. From files, this stat(2)s
+    /// them (and reads them after a change): call it off the async threads.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        match &*self.source {
+            Source::Fixed(config) => Arc::clone(config),
+            Source::Files(files) => files.current(),
+        }
     }
 }
 

@@ -5,6 +5,8 @@
 //!   against the cluster CA, no session tickets.
 //! - [`identity`]: the node name a verified client certificate carries,
 //!   which the export's access check can admit instead of an address.
+//! - [`reload`]: a server configuration built again when its PEM files
+//!   change, so renewed certificates apply without a restart.
 //! - [`records`]: TLS records counted per connection, which is closed
 //!   before its keys have protected too many (no KeyUpdate is ever sent).
 //!
@@ -15,6 +17,7 @@
 pub mod config;
 pub mod identity;
 pub mod records;
+pub mod reload;
 
 pub use config::{ClientTls, ServerTls, TlsConfigError};
 pub use identity::{IdentityError, node_name};

@@ -52,8 +52,9 @@ fn client_tls(uri: &NbdUri, tls: Option<&TlsDir>) -> Result<Option<nbd::tls::Cli
         return Ok(None);
     }
     let Some(dir) = tls else {
+        // The volume is fine; this node lacks what it needs: a precondition.
         return Err(Error::new(
-            ErrorKind::InvalidArgument,
+            ErrorKind::Unsupported,
             format!("{uri} requires TLS, and the node plugin has no certificates: start it with --tls-dir"),
         ));
     };
@@ -255,7 +256,7 @@ mod tests {
 
         // Without certificates: a clear error, before any connection.
         let refused = open(&uri, 2, None, None).await.expect_err("no certificates");
-        assert_eq!(refused.kind, ErrorKind::InvalidArgument, "{}", refused.chain());
+        assert_eq!(refused.kind, ErrorKind::Unsupported, "{}", refused.chain());
         assert!(refused.chain().contains("--tls-dir"), "{}", refused.chain());
         // In plaintext, the required export refuses (ERR_TLS_REQD).
         let plain = NbdUri { tls: false, ..uri.clone() };

@@ -311,4 +311,18 @@ mod tests {
             assert_eq!(saved, 0, "{context:?}: nothing saved");
         }
     }
+
+    /// An nbds:// volume on a plugin started without --tls-dir: the node
+    /// lacks what the volume needs, FAILED_PRECONDITION naming the flag,
+    /// before any connection (port 1 on loopback refuses connections: an
+    /// attempt would fail UNAVAILABLE) and never a plaintext attach.
+    #[tokio::test]
+    async fn stage_of_an_nbds_volume_without_certificates_is_a_failed_precondition() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = service(dir.path());
+        let request = stage_request(dir.path(), &[(NBD_URI, "nbds://127.0.0.1:1/vol")]);
+        let err = node.node_stage_volume(Request::new(request)).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("--tls-dir"), "{}", err.message());
+    }
 }

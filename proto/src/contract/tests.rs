@@ -193,12 +193,31 @@ fn storage_class_parameters_accept_only_the_reserved_prefix_and_the_selector() {
     assert_eq!(StorageClassParameters::try_from(&sidecars), Ok(StorageClassParameters::default()));
     assert_eq!(StorageClassParameters::try_from(&HashMap::new()), Ok(StorageClassParameters::default()));
     let selector = map(&[("storageNodeSelector", "zone=a,disk=ssd")]);
-    let want = StorageClassParameters { storage_node_selector: Some("zone=a,disk=ssd".into()) };
+    let want = StorageClassParameters { storage_node_selector: Some("zone=a,disk=ssd".into()), tls: None };
     assert_eq!(StorageClassParameters::try_from(&selector), Ok(want));
     let unknown = map(&[("zeta", "1"), ("csi.storage.k8s.io/pvc/name", "x"), ("alpha", "2")]);
     let err = StorageClassParameters::try_from(&unknown).unwrap_err();
-    assert_eq!(err, UnknownParameters(vec!["alpha".into(), "zeta".into()]));
+    assert_eq!(err, ParameterError::Unknown(vec!["alpha".into(), "zeta".into()]));
     assert_eq!(err.to_string(), "unknown parameters: alpha, zeta");
+}
+
+/// `tls` is parsed once, here: each spelling, none (the controller's
+/// default), and anything else refused naming the values allowed.
+#[test]
+fn storage_class_parameter_tls_is_off_allowed_or_required() {
+    for (value, want) in [("off", VolumeTls::Off), ("allowed", VolumeTls::Allowed), ("required", VolumeTls::Required)] {
+        let parsed = StorageClassParameters::try_from(&map(&[("tls", value)])).unwrap();
+        assert_eq!(parsed.tls, Some(want));
+        assert_eq!(want.as_str(), value);
+        assert_eq!(want.to_string(), value);
+    }
+    assert_eq!(StorageClassParameters::try_from(&map(&[("storageNodeSelector", "a=b")])).unwrap().tls, None);
+    assert_eq!(VolumeTls::default(), VolumeTls::Off);
+    for bad in ["Required", "on", "true", "", " required"] {
+        let err = StorageClassParameters::try_from(&map(&[("tls", bad)])).unwrap_err();
+        assert!(matches!(&err, ParameterError::Bad { key: "tls", value, .. } if value == bad), "{err}");
+        assert_eq!(err.to_string(), format!("parameter tls is {bad:?}, expected one of off, allowed, required"));
+    }
 }
 
 fn host() -> impl Strategy<Value = String> {

@@ -60,7 +60,7 @@ storageClasses:
   - {name: nbd-xfs, fsType: xfs, reclaimPolicy: Retain, allowVolumeExpansion: false, volumeBindingMode: WaitForFirstConsumer, mountOptions: [noatime], parameters: {example.dev/tier: fast}}
 volumeSnapshotClass: {create: true, default: true}
 serviceMonitor: {enabled: true, labels: {release: prometheus}}
-tls: {mode: required}
+tls: {issuer: cert-manager, certLifetime: 720h, caLifetime: 43800h, mode: required}
 VALUES
 # Cluster mode with every option of the storage agents set.
 cat >"$work/cluster.yaml" <<'VALUES'
@@ -171,6 +171,8 @@ done
 
 # --- bad values fail with a clear message: "helm arguments|expected text"
 rejects=(
+    "--set tls.issuer=vault|value must be one of 'builtin', 'cert-manager'"
+    "--set tls.certLifetime=90d|at '/tls/certLifetime': '90d' does not match pattern"
     "--set controller.storage.type=nfs|value must be one of 'persistentVolumeClaim', 'hostPath'"
     "--set controller.nbd.portRange.first=80|at '/controller/nbd/portRange/first': minimum: got 80"
     "--set controller.nbd.portRange.first=11000|controller.nbd.portRange: first (11000) must not be greater than last (10999)"
@@ -229,7 +231,7 @@ fi
 kubeconform_args=(-strict -summary -kubernetes-version "${KUBERNETES_VERSION#v}"
     -schema-location "$schemas/{{ .ResourceKind }}{{ .KindSuffix }}.json"
     # CRD kinds have no schema in the Kubernetes OpenAPI document.
-    -skip VolumeSnapshotClass,ServiceMonitor)
+    -skip VolumeSnapshotClass,ServiceMonitor,Issuer,Certificate)
 for f in "$work/default.yaml" "$work/all-on-rendered.yaml" "$work/cluster-rendered.yaml"; do
     if "$TOOLS_BIN/kubeconform" "${kubeconform_args[@]}" "$f" >"$work/kc.txt" 2>&1; then
         ok "kubeconform $(basename "$f"): $(tail -1 "$work/kc.txt")"

@@ -46,13 +46,17 @@ STORAGE_NEEDS = {
     ("cluster", "events.k8s.io", "events", "create", ""),
     ("cluster", "events.k8s.io", "events", "patch", ""),
     *((NAMESPACE, "coordination.k8s.io", "leases", v, "") for v in ("get", "create", "patch")),
+    # Its certificate Secret, followed by a watch (namespace-wide: RBAC
+    # cannot narrow a DaemonSet's pods to their own node's).
+    *((NAMESPACE, "", "secrets", v, "") for v in ("get", "list", "watch")),
 }
 CONTROLLER_CLUSTER_ADDS = {
     *(("cluster", "nbd.csi.dev", r, v, "") for r in ("nbdvolumes", "nbdsnapshots")
       for v in ("get", "list", "watch", "create", "patch", "delete")),
     *(("cluster", "nbd.csi.dev", "nbdstoragenodes", v, "") for v in ("get", "list", "watch")),
     *((NAMESPACE, "coordination.k8s.io", "leases", v, "") for v in ("get", "list", "watch", "create", "update")),
-    (NAMESPACE, "", "secrets", "create", ""),
+    # Creating Secrets it has in both modes (the certificates'); reading
+    # the key's by name is cluster mode's.
     (NAMESPACE, "", "secrets", "get", KEY_SECRET),
 }
 

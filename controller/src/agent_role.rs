@@ -18,6 +18,7 @@ use std::sync::Arc;
 use agent::resources::{ExportKey, NodeDirectory, Reconciler, is_node_name};
 use agent::{Agent, ConnectionCaps};
 use anyhow::{Context, anyhow, bail};
+use csi_events::tls_secret::{Holder, SecretNames, TlsSecretSync};
 
 use crate::agent_events::AgentEvents;
 use crate::metrics::Metrics;
@@ -73,6 +74,12 @@ pub struct Args {
     /// 0.0.0.0:9812); off when unset.
     #[arg(long, env = "NBD_CSI_AGENT_METRICS_ADDRESS")]
     pub metrics_address: Option<SocketAddr>,
+    /// Keep --tls-dir filled from this storage node's certificate Secret,
+    /// <prefix>-storage-<node-name> in --namespace, which the controller
+    /// (or cert-manager) issues for its address and renews.
+    #[allow(rustdoc::invalid_html_tags)] // --help text, not HTML
+    #[arg(long, env = "NBD_CSI_TLS_SECRET_PREFIX", requires = "tls_dir")]
+    pub tls_secret_prefix: Option<String>,
 }
 
 /// The flags after every check that touches nothing: `--data-dir` made
@@ -93,7 +100,15 @@ fn resolve(mut args: Args) -> anyhow::Result<Args> {
         bail!("--namespace {:?} is not a namespace name", args.namespace.unwrap_or_default());
     }
     args.data_dir = std::path::absolute(&args.data_dir).context("resolving --data-dir")?;
+    tls_secret_name(&args)?;
     Ok(args)
+}
+
+/// This storage node's certificate Secret, named from `--node-name` alone.
+fn tls_secret_name(args: &Args) -> anyhow::Result<Option<String>> {
+    let Some(prefix) = &args.tls_secret_prefix else { return Ok(None) };
+    let names = SecretNames::new(prefix).map_err(|e| anyhow!("--tls-secret-prefix: {e}"))?;
+    Ok(Some(names.of(Holder::Storage(&args.node_name)).map_err(|e| anyhow!("--node-name: {e}"))?))
 }
 
 fn agent_config(args: &Args) -> agent::Config {
@@ -124,10 +139,10 @@ pub fn validate(args: Args) -> anyhow::Result<()> {
     println!("nbd_max_connections={}", config.connection_caps.per_volume);
     println!("nbd_max_connections_per_peer={}", config.connection_caps.per_peer);
     println!("export_key_file={}", args.export_key_file.display());
-    println!("tls_dir={}", optional(config.tls_dir.as_ref().map(|p| p.display().to_string())));
-    println!("namespace={}", optional(args.namespace));
-    println!("kubeconfig={}", optional(args.kubeconfig.map(|p| p.display().to_string())));
+    println!("namespace={}", optional(args.namespace.clone()));
+    println!("kubeconfig={}", optional(args.kubeconfig.as_ref().map(|p| p.display().to_string())));
     println!("metrics_address={}", optional(args.metrics_address.map(|a| a.to_string())));
+    println!("tls_secret={}", optional(tls_secret_name(&args)?));
     Ok(())
 }
 
@@ -144,6 +159,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         bail!("the agent takes its volumes from Kubernetes: give --kubeconfig, or run it in a pod");
     };
     let namespace = args.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+    // Follows its certificate Secret for as long as it lives.
+    let tls_sync = match (tls_secret_name(&args)?, &args.tls_dir) {
+        (Some(name), Some(dir)) => {
+            tracing::info!(secret = %format!("{namespace}/{name}"), dir = %dir.display(), "following the agent's TLS Secret");
+            Some(TlsSecretSync::spawn(client.clone(), &namespace, name, dir.clone()))
+        }
+        _ => None,
+    };
     let events = AgentEvents::new(client.clone(), &args.node_name);
     let agent = Agent::open(agent_config(&args), &args.data_dir, Arc::new(events))
         .await
@@ -178,6 +201,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let _ = watching.await;
     let _ = presence.await;
     agent.shutdown().await;
+    drop(tls_sync);
     tracing::info!("stopped");
     outcome
 }

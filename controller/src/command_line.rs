@@ -47,3 +47,17 @@ impl Command {
         matches!(self, Self::Volume(_) | Self::Snapshot(_) | Self::Info(_) | Self::Crds)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// clap's own consistency checks (unique argument and group ids across
+    /// the flattened flag sets, say), which otherwise fail only at start.
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -14,6 +14,7 @@
 //! outside may reach into the controller's state.
 
 pub mod agent_role;
+pub mod certs;
 pub mod cli;
 pub mod command_line;
 pub mod serve_file;

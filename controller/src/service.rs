@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use csi_events::tls_secret::{Holder, SecretNames, TlsSecretSync};
 use csi_proto::contract::VolumeTls;
 use csi_proto::controller_server::ControllerServer;
 use csi_proto::identity_server::IdentityServer;
@@ -109,6 +110,9 @@ pub struct Args {
     #[arg(long, env = "NBD_CSI_STORAGE_TIMEOUT", default_value_t = 30,
         value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub storage_timeout: u64,
+    /// Who issues the nodes' and servers' TLS certificates (certs).
+    #[command(flatten)]
+    pub tls: crate::certs::IssuerArgs,
 }
 
 /// A Kubernetes object name (a DNS subdomain), for the Secret's.
@@ -247,6 +251,7 @@ fn validate_driver_name(name: &str) -> anyhow::Result<()> {
 fn config(args: &Args) -> anyhow::Result<Config> {
     validate_driver_name(&args.driver_name)?;
     check_storage_mode(args)?;
+    args.tls.checked()?;
     let advertise = match args.advertise_address {
         Some(a) => a,
         None if args.nbd_listen_address.is_unspecified() => {
@@ -278,6 +283,7 @@ pub(crate) async fn build(args: &Args) -> anyhow::Result<Arc<Driver>> {
     let known: BTreeSet<String> = args.known_nodes.iter().filter(|n| !n.is_empty()).cloned().collect();
     let nodes = Nodes::connect(args.kubeconfig.as_deref(), known).await.context("Kubernetes access")?;
     tracing::info!(kubernetes = nodes.uses_kubernetes(), "node lookups configured");
+    start_issuer(args, &nodes, config.advertise).await?;
     if args.storage_mode == StorageMode::Cluster {
         let Nodes::Kubernetes(client, _) = &nodes else {
             bail!("--storage-mode cluster needs Kubernetes: run in a pod or give --kubeconfig");
@@ -295,6 +301,43 @@ pub(crate) async fn build(args: &Args) -> anyhow::Result<Arc<Driver>> {
         .await
         .with_context(|| format!("loading the store in {}", args.data_dir.display()))?;
     Ok(driver)
+}
+
+/// Starts issuing TLS certificates when `--tls-issuer` asks (see `certs`):
+/// in the background, for as long as the process runs.
+async fn start_issuer(args: &Args, nodes: &Nodes, advertise: IpAddr) -> anyhow::Result<()> {
+    if args.tls.tls_issuer == crate::certs::IssuerKind::None {
+        return Ok(());
+    }
+    let Nodes::Kubernetes(client, _) = nodes else {
+        bail!("--tls-issuer needs Kubernetes (the certificates go into Secrets): run in a pod or give --kubeconfig");
+    };
+    let cluster = args.storage_mode == StorageMode::Cluster;
+    let scope = crate::certs::Scope {
+        namespace: args.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned()),
+        driver_name: args.driver_name.clone(),
+        storage_nodes: cluster,
+        controller_address: (!cluster).then_some(advertise),
+    };
+    // Embedded, this process serves the volumes itself: its own server
+    // certificate (<prefix>-controller, issued above) is kept in --tls-dir
+    // the way an agent keeps its one.
+    let own_files = match (&args.tls_dir, args.tls.tls_secret_prefix.as_deref(), cluster) {
+        (Some(dir), Some(prefix), false) => {
+            let names = SecretNames::new(prefix).map_err(|e| anyhow::anyhow!("--tls-secret-prefix: {e}"))?;
+            let name = names.of(Holder::Controller).map_err(|e| anyhow::anyhow!("{e}"))?;
+            tracing::info!(secret = %format!("{}/{name}", scope.namespace), dir = %dir.display(), "following the controller's TLS Secret");
+            Some(TlsSecretSync::spawn(client.clone(), &scope.namespace, name, dir.clone()))
+        }
+        _ => None,
+    };
+    if let Some(issuer) = crate::certs::Issuer::start(client.clone(), &args.tls, &scope).await? {
+        tokio::spawn(async move {
+            let _own_files = own_files;
+            issuer.run(scope).await
+        });
+    }
+    Ok(())
 }
 
 /// Serves CSI on `endpoint` until `shutdown` resolves, then stops every
@@ -364,6 +407,7 @@ pub fn validate(args: Args) -> anyhow::Result<()> {
     println!("export_key_secret={}", optional(args.export_key_secret));
     println!("namespace={}", optional(args.namespace));
     println!("storage_timeout={}", args.storage_timeout);
+    args.tls.print();
     Ok(())
 }
 

@@ -14,8 +14,12 @@
 //! its cache is bounded only by age, and notes are not cut to the API
 //! server's 1 KiB; and
 //! it would bring kube-runtime and its dependencies in for this one type.
+//!
+//! [`tls_secret`]: the other piece both binaries share, a holder's TLS
+//! certificate kept as files from its Secret (kube-runtime's watcher).
 
 mod access;
+pub mod tls_secret;
 
 use std::collections::HashMap;
 use std::sync::Mutex;

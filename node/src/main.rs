@@ -30,6 +30,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use csi_events::tls_secret::{Holder, SecretNames, TlsSecretSync};
+
 use crate::attach::tls::TlsDir;
 use crate::attach::{AttachSpec, Attacher, KernelAttacher};
 use crate::connections::{connection_count, default_connections};
@@ -83,6 +85,14 @@ impl AttachArgs {
     /// The kernel attacher these arguments describe.
     fn attacher(&self) -> anyhow::Result<KernelAttacher> {
         Ok(KernelAttacher::open(self.ioctl)?.with_source_address(self.source_address).with_tls_dir(self.tls_dir()?))
+    }
+
+    /// The same, with a `--tls-dir` the node's Secret fills (see
+    /// `tls_secret_sync`): its files may not be there yet, and an nbds://
+    /// volume staged before they are gets the missing file's error.
+    fn attacher_with_synced_tls(&self) -> anyhow::Result<KernelAttacher> {
+        let dir = self.tls_dir.as_ref().map(TlsDir::new);
+        Ok(KernelAttacher::open(self.ioctl)?.with_source_address(self.source_address).with_tls_dir(dir))
     }
 }
 
@@ -186,6 +196,16 @@ struct ServeArgs {
     /// 0.0.0.0:9813); off when unset.
     #[arg(long, env = "NBD_CSI_NODE_METRICS_ADDRESS")]
     metrics_address: Option<std::net::SocketAddr>,
+    /// Keep --tls-dir filled from this node's certificate Secret,
+    /// <prefix>-node-<node-id> in --tls-secret-namespace, which the
+    /// controller (or cert-manager) issues and renews; a renewal is
+    /// written there and the next connection uses it.
+    #[allow(rustdoc::invalid_html_tags)] // --help text, not HTML
+    #[arg(long, env = "NBD_CSI_TLS_SECRET_PREFIX", requires = "tls_dir")]
+    tls_secret_prefix: Option<String>,
+    /// Namespace of the certificate Secret [default: the pod's, else the kubeconfig's].
+    #[arg(long, env = "POD_NAMESPACE")]
+    tls_secret_namespace: Option<String>,
     #[command(flatten)]
     attach: AttachArgs,
 }
@@ -327,7 +347,31 @@ fn check_serve_args(args: &ServeArgs) -> anyhow::Result<std::path::PathBuf> {
     anyhow::ensure!(args.attach.connections != Some(0), "--connections must be at least 1");
     let state_dir = args.state_dir.clone().unwrap_or_else(|| default_state_dir(&args.driver_name));
     anyhow::ensure!(state_dir.is_absolute(), "--state-dir {} is not an absolute path", state_dir.display());
+    tls_secret_name(args)?;
     Ok(state_dir)
+}
+
+/// This node's certificate Secret, when `--tls-secret-prefix` is given:
+/// named from `--node-id` alone, so the plugin never asks for another
+/// node's.
+fn tls_secret_name(args: &ServeArgs) -> anyhow::Result<Option<String>> {
+    let Some(prefix) = &args.tls_secret_prefix else { return Ok(None) };
+    let names = SecretNames::new(prefix).map_err(|e| anyhow::anyhow!("--tls-secret-prefix: {e}"))?;
+    let name = names.of(Holder::Node(&args.node_id)).map_err(|e| anyhow::anyhow!("--node-id: {e}"))?;
+    Ok(Some(name))
+}
+
+/// Follows this node's certificate Secret into `--tls-dir` (kept running
+/// for as long as the handle lives).
+async fn tls_secret_sync(args: &ServeArgs) -> anyhow::Result<Option<TlsSecretSync>> {
+    let (Some(name), Some(dir)) = (tls_secret_name(args)?, args.attach.tls_dir.clone()) else { return Ok(None) };
+    let client = csi_events::client(args.kubeconfig.as_deref())
+        .await
+        .map_err(|e| anyhow::anyhow!("Kubernetes access for --tls-secret-prefix: {e}"))?
+        .context("--tls-secret-prefix reads a Secret: run in a pod or give --kubeconfig")?;
+    let namespace = args.tls_secret_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+    tracing::info!(secret = %format!("{namespace}/{name}"), dir = %dir.display(), "following the node's TLS Secret");
+    Ok(Some(TlsSecretSync::spawn(client, &namespace, name, dir)))
 }
 
 /// The node plugin serves CSI on a Unix socket only: `unix:///path` or
@@ -362,6 +406,7 @@ fn print_serve_plan(args: &ServeArgs) -> anyhow::Result<()> {
     let source = args.attach.source_address.map_or_else(|| "by route".to_owned(), |a| a.to_string());
     println!("source_address={source}");
     println!("tls_dir={}", args.attach.tls_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default());
+    println!("tls_secret={}", tls_secret_name(args)?.unwrap_or_default());
     println!("max_volumes={}", args.max_volumes);
     println!("check_interval={}", args.check_interval);
     println!("metrics_address={}", args.metrics_address.map(|a| a.to_string()).unwrap_or_default());
@@ -376,7 +421,13 @@ fn effective_max_volumes(asked: u32, devices: Option<usize>) -> usize {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let state_dir = check_serve_args(&args)?;
-    let attacher = std::sync::Arc::new(args.attach.attacher()?);
+    // Kept for the life of the process: dropping it stops the sync.
+    let tls_sync = tls_secret_sync(&args).await?;
+    let attacher = match &tls_sync {
+        Some(_) => args.attach.attacher_with_synced_tls()?,
+        None => args.attach.attacher()?,
+    };
+    let attacher = std::sync::Arc::new(attacher);
     let states = state::StateDir::open(&state_dir)?;
     let events = events::Events::connect(args.kubeconfig.as_deref(), &args.driver_name, &args.node_id).await;
     let health = std::sync::Arc::new(health::Health::default());

@@ -78,6 +78,20 @@ $sa_node get nodes no
 $sa_node list persistentvolumes no
 $sa_node get secrets no
 CHECKS
+# The certificate Secrets, in the release's namespace only: the controller
+# issues and renews them (tls.issuer=builtin), the node plugin follows its own.
+while read -r who verb answer; do
+    check "can-i $verb secrets in $ns as ${who##*:}" "$answer" \
+        "$("$kubectl" auth can-i "$verb" secrets -n "$ns" --as "$who" 2>/dev/null || true)"
+done <<CHECKS
+$sa_controller create yes
+$sa_controller update yes
+$sa_controller list no
+$sa_controller delete no
+$sa_node get yes
+$sa_node watch yes
+$sa_node update no
+CHECKS
 
 # --- helm upgrade with changed (mutable) values
 cat >"$work/upgrade.yaml" <<'VALUES'

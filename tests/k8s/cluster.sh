@@ -20,26 +20,30 @@
 
 passed=0
 failed=0
-# The nbd-csi-controller binary the suites run, its path on stdout:
-# $NBD_CSI_CONTROLLER when set, otherwise the workspace's debug build, built
-# here (cargo's messages on stderr).
-controller_binary() {
-    if [ -n "${NBD_CSI_CONTROLLER:-}" ]; then
-        realpath "$NBD_CSI_CONTROLLER"
+# A binary of the workspace, its path on stdout: $ENVVAR when set, otherwise
+# the workspace's debug build, built here (cargo's messages on stderr).
+workspace_binary() { # PACKAGE BINARY ENVVAR
+    if [ -n "${!3:-}" ]; then
+        realpath "${!3}"
         return
     fi
-    cargo build --locked -q -p nbd-csi-controller --bin nbd-csi-controller >&2 || return 1
+    cargo build --locked -q -p "$1" --bin "$2" >&2 || return 1
     cargo metadata --format-version 1 --no-deps --offline |
-        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"] + "/debug/nbd-csi-controller")'
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"] + "/debug/" + sys.argv[1])' "$2"
 }
+# The nbd-csi-controller binary the suites run ($NBD_CSI_CONTROLLER when set).
+controller_binary() { workspace_binary nbd-csi-controller nbd-csi-controller NBD_CSI_CONTROLLER; }
+# The nbd-csi-node binary ($NBD_CSI_NODE when set).
+node_binary() { workspace_binary nbd-csi-node nbd-csi-node NBD_CSI_NODE; }
 
 ok() { passed=$((passed + 1)); echo "ok [${SECONDS}s]: $*"; }
 bad() { failed=$((failed + 1)); echo "FAILED [${SECONDS}s]: $*" >&2; }
 
 pids=()
 work=
-# Storage node name -> its agent's --tls-dir, for the agents that serve TLS.
-declare -A agent_tls_dir=()
+# Storage node name -> anything non-empty, for the agents that serve TLS:
+# with $tls_prefix set, each follows its certificate Secret (below).
+declare -A agent_tls_sync=()
 
 cluster_cleanup() {
     # Newest first; each gets 15 s to stop on SIGTERM.
@@ -166,7 +170,12 @@ logs() { # FILE...: the tail of each, from $work
 # data lives in $disks/NAME/data) and $port_base (agent i gets the ports
 # port_base+100i to +49, its metrics +99; $agent_port_block instead of 100
 # for more); optionally $storage_timeout (the controller's
-# --storage-timeout, default 30).
+# --storage-timeout, default 30), controller_tls_args=(...) (its issuer
+# flags) and $tls_prefix (each agent of agent_tls_sync then follows its
+# certificate Secret <prefix>-storage-NAME into $work/tls/NAME).
+controller_tls_args=()
+tls_prefix=""
+
 
 # The agents' disks live outside $work, in $disks: each a tmpfs
 # (mount_agent_disk), unmounted after every process has stopped, before
@@ -217,7 +226,7 @@ start_controller() { # LOG [HOSTNAME]: the controller in cluster mode on $socket
     NO_COLOR=1 RUST_LOG=${RUST_LOG:-info,nbd_csi_controller=debug} "${uts[@]}" "$controller_bin" \
         --endpoint "unix://$socket" --driver-name "$driver" --storage-mode cluster \
         --export-key-secret nbd-csi-export-key --namespace "$ns" --storage-timeout "${storage_timeout:-30}" \
-        --kubeconfig "$work/controller.kubeconfig" >"$work/$1" 2>&1 &
+        --kubeconfig "$work/controller.kubeconfig" "${controller_tls_args[@]}" >"$work/$1" 2>&1 &
     controller_pid=$!
     pids+=("$controller_pid")
     wait_until 60 test -S "$socket" && kill -0 "$controller_pid"
@@ -244,11 +253,10 @@ start_agent() { # NAME: `nbd-csi-controller agent` for storage node NAME; ${agen
     # Its pod's token, which names its node (the chart's storage policy wants it).
     [ -f "$work/storage-$a.kubeconfig" ] ||
         cluster_kubeconfig "$work/storage-$a.kubeconfig" nbd-csi-storage "$(cluster_pod_token "$ns" nbd-csi-storage "$a")"
-    local block=${agent_port_block:-100} first
+    local block=${agent_port_block:-100} first tls=()
     first=$((port_base + block * i))
-    # With ${agent_tls_dir[NAME]}, its server certificates (--tls-dir).
-    local tls=()
-    [ -z "${agent_tls_dir[$a]:-}" ] || tls=(--tls-dir "${agent_tls_dir[$a]}")
+    [ -z "$tls_prefix" ] || [ -z "${agent_tls_sync[$a]:-}" ] ||
+        tls=(--tls-dir "$work/tls/$a" --tls-secret-prefix "$tls_prefix")
     NO_COLOR=1 "$controller_bin" agent --node-name "$a" --data-dir "$disks/$a/data" \
         --listen-address "${agent_addr[$a]}" --nbd-port-range "$first-$((first + block / 2 - 1))" \
         --export-key-file "$work/export.key" --namespace "$ns" --kubeconfig "$work/storage-$a.kubeconfig" \

@@ -24,8 +24,20 @@
 # reference image); SIGKILL of the controller during a storm of 20 PVCs,
 # restart: every PVC Bound, one NbdVolume per PV, no object without a PV
 # and no agent record without an object.
-# TLS: only storage-1 has a server certificate (--tls-dir, made with
-# openssl) and says so in its NbdStorageNode; a PVC of a StorageClass with
+# Certificates (issue 16): the controller runs the built-in issuer with a
+# 45 s lifetime: it creates the CA Secret and a server certificate Secret
+# per NbdStorageNode and a client certificate Secret per CSINode listing the
+# driver; storage-1's agent and a node plugin (`nbd-csi-node serve` for worker-a,
+# the node's ServiceAccount) write theirs into their --tls-dir; nbdinfo
+# with the node's files reads an export `serve-file --tls required` serves
+# with an agent's files; within the lifetime the certificates are renewed
+# and the files follow; the CA survives the controller's SIGKILL. Then the
+# controller's cert-manager mode against cert-manager's CRDs (from its Go
+# module; cert-manager itself is not run): the chart's Issuers and CA
+# Certificate apply strictly, and the controller's Certificates carry the
+# names, usages and issuer each holder needs.
+# TLS: only storage-1 follows its server certificate Secret (the others
+# are issued one but are not given --tls-dir) and says so in its NbdStorageNode; a PVC of a StorageClass with
 # tls: required lands there though it has the least room, its
 # VolumeAttachment's nbdUri is nbds://, libnbd's nbdinfo and nbdsh read and
 # write it with worker-a's certificate (tls-certificates=DIR) while a
@@ -40,6 +52,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 . tests/k8s/tools.sh
 . tests/k8s/cluster.sh
+. tests/k8s/certs_case.sh
 . tests/k8s/pki.sh
 
 ensure_helm
@@ -82,8 +95,12 @@ spec:
     - {name: $driver, nodeID: worker-a}
 EOF
 
-# --- the controller (it creates the export-key Secret) and the sidecars
+# --- the controller (it creates the export-key Secret and issues the
+# certificates) and the sidecars
 socket=$work/csi.sock
+tls_prefix=nbd-csi
+cert_lifetime=45
+controller_tls_args=(--tls-issuer builtin --tls-secret-prefix "$tls_prefix" --tls-cert-lifetime "${cert_lifetime}s")
 sidecar_args=(--kubeconfig "$work/controller.kubeconfig" --csi-address "$socket" --leader-election=false
     --timeout=60s --retry-interval-max=5s --v=4)
 start_sidecars() { # LOG-SUFFIX
@@ -107,23 +124,27 @@ start_sidecars "" || { logs provisioner.log attacher.log; bad "a sidecar exited 
 ok "csi-provisioner $EXTERNAL_PROVISIONER_VERSION and csi-attacher $EXTERNAL_ATTACHER_VERSION running"
 mount_export_key || exit 1
 
-# --- certificates: a cluster CA; storage-1 alone gets a server certificate
-# (for its address), so volumes that require TLS can only go there; client
-# certificates for worker-a and worker-b, each its node name
-pki=$work/pki
-if pki_ca "$pki/ca" && pki_issue "$pki/ca" "$pki/storage-1" storage-1 "IP:${agent_addr[storage-1]}" serverAuth &&
-    pki_issue "$pki/ca" "$pki/worker-a" worker-a DNS:worker-a clientAuth &&
-    pki_issue "$pki/ca" "$pki/worker-b" worker-b DNS:worker-b clientAuth; then
-    agent_tls_dir[storage-1]=$pki/storage-1
-    ok "openssl made a CA, storage-1's server certificate (IP:${agent_addr[storage-1]}) and worker-a's and worker-b's"
-else
-    bad "openssl could not make the test certificates"
-    exit 1
-fi
+# --- certificates: the controller's issuer makes the CA and every agent's
+# server certificate; storage-1 alone follows its Secret into --tls-dir, so
+# volumes that require TLS can only go there
+agent_tls_sync[storage-1]=1
 
 # --- the agents, each on its own tmpfs
 port_base=$((24000 + RANDOM % 4000))
 start_agents || exit 1
+
+certs_issued_and_renewed
+# Client certificates for worker-a and worker-b (each its node name), signed
+# with the issuer's CA (its key read from the CA Secret), in --tls-dir's and
+# libnbd's layouts.
+pki=$work/pki
+mkdir -p "$pki/ca" && cp "$work/ca.crt" "$work/ca.key" "$pki/ca/"
+if pki_issue "$pki/ca" "$pki/worker-a" worker-a DNS:worker-a clientAuth &&
+    pki_issue "$pki/ca" "$pki/worker-b" worker-b DNS:worker-b clientAuth; then
+    ok "openssl signed worker-a's and worker-b's client certificates with the issuer's CA"
+else
+    bad "openssl could not make the client certificates"
+fi
 
 # --- PVCs and their volumes
 pvc() { # NAME SIZE [DATASOURCE-PVC [STORAGECLASS]]
@@ -470,9 +491,13 @@ check "every NbdVolume Available" "" "$(k get nbdvolumes -o jsonpath='{range .it
 quarantined=$(find "$disks" -path '*quarantine*' -type f 2>/dev/null | wc -l)
 check "nothing quarantined by the agents" 0 "$quarantined"
 
+certs_ca_kept
+certs_cert_manager
+
 for a in "${agents[@]}"; do
     if kill -0 "${agent_pid[$a]}" 2>/dev/null; then ok "agent $a still running"; else bad "agent $a exited: $(tail -n 5 "$work/agent-$a.log")"; fi
 done
+if kill -0 "$node_pid" 2>/dev/null; then ok "the node plugin still running"; else bad "the node plugin exited: $(tail -n 5 "$work/node.log")"; fi
 if kill -0 "$controller_pid" 2>/dev/null; then ok "nbd-csi-controller still running"; else bad "nbd-csi-controller exited"; fi
 echo "scale-out: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -228,3 +228,15 @@ snapshot_crds_dir() {
     [ -d "$dir/config/crd" ] || { echo "cannot download the snapshot CRDs" >&2; return 1; }
     echo "$dir/config/crd"
 }
+
+# cert-manager's CRDs (plain YAML in its Go module), for checking the
+# Certificates the controller makes with tls.issuer=cert-manager and the
+# chart's Issuers; prints their directory. cert-manager itself is not run.
+CERT_MANAGER_VERSION=v1.21.2
+cert_manager_crds_dir() {
+    local dir
+    dir=$(go mod download -json "github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION" \
+        | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+    [ -f "$dir/deploy/crds/cert-manager.io_certificates.yaml" ] || { echo "cannot download cert-manager's CRDs" >&2; return 1; }
+    echo "$dir/deploy/crds"
+}

@@ -75,6 +75,66 @@ The Secret holding the cluster's export-name key (cluster mode).
 {{- default (printf "%s-export-key" (include "nbd-csi.fullname" .)) .Values.storage.exportKeySecret -}}
 {{- end -}}
 
+{{/*
+The prefix of the certificate Secrets: <prefix>-ca, <prefix>-node-<node>,
+<prefix>-storage-<node>, <prefix>-controller.
+*/}}
+{{- define "nbd-csi.tlsSecretPrefix" -}}
+{{- include "nbd-csi.fullname" . -}}
+{{- end -}}
+
+{{/*
+Where the node plugin, the storage agent and the controller keep their TLS
+files (ca.crt, tls.crt, tls.key), written from their certificate Secret: a
+memory-backed emptyDir, so no key reaches a disk.
+*/}}
+{{- define "nbd-csi.tlsDir" -}}
+/run/nbd-csi/tls
+{{- end -}}
+
+{{/*
+The arguments and the volume mount that keep a component's TLS files from
+its Secret (the node plugin and the storage agent).
+*/}}
+{{- define "nbd-csi.tlsSyncArgs" -}}
+- --tls-dir={{ include "nbd-csi.tlsDir" . }}
+- --tls-secret-prefix={{ include "nbd-csi.tlsSecretPrefix" . }}
+{{- end -}}
+
+{{- define "nbd-csi.tlsVolume" -}}
+tls-certs
+{{- end -}}
+
+{{/*
+The container's mount of that directory (under volumeMounts; writable: the
+sync writes there), and the pod's volume for it (under volumes).
+*/}}
+{{- define "nbd-csi.tlsVolumeMount" -}}
+- name: {{ include "nbd-csi.tlsVolume" . }}
+  mountPath: {{ include "nbd-csi.tlsDir" . }}
+{{- end -}}
+
+{{- define "nbd-csi.tlsPodVolume" -}}
+- name: {{ include "nbd-csi.tlsVolume" . }}
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
+{{- end -}}
+
+{{/*
+The controller's issuer arguments.
+*/}}
+{{- define "nbd-csi.tlsIssuerArgs" -}}
+{{- $t := .Values.tls -}}
+- --tls-issuer={{ $t.issuer }}
+- --tls-secret-prefix={{ include "nbd-csi.tlsSecretPrefix" . }}
+- --tls-cert-lifetime={{ $t.certLifetime }}
+- --tls-ca-lifetime={{ $t.caLifetime }}
+{{- if eq $t.issuer "cert-manager" }}
+- --tls-cert-manager-issuer={{ include "nbd-csi.tlsSecretPrefix" . }}-ca
+{{- end }}
+{{- end -}}
+
 {{- define "nbd-csi.controller.serviceAccountName" -}}
 {{- if .Values.serviceAccount.controller.create -}}
 {{- default (include "nbd-csi.controller.fullname" .) .Values.serviceAccount.controller.name -}}
@@ -256,41 +316,10 @@ runs one replica.
 {{- end -}}
 
 {{/*
-TLS of the volumes' NBD exports (tls.mode). "true" unless it is off: the
-node plugin, the embedded controller and the storage agents then get
---tls-dir, and the nodes' init container requires tls.ko.
+TLS of the volumes' NBD exports by default (tls.mode). "true" unless it is
+off: the nodes' init container then requires tls.ko. (The TLS directory and
+its sync are there whatever the mode: a StorageClass may require TLS.)
 */}}
 {{- define "nbd-csi.tlsEnabled" -}}
 {{- if ne (toString .Values.tls.mode) "off" -}}true{{- end -}}
-{{- end -}}
-
-{{/*
-Where every binary reads its certificates (--tls-dir): ca.crt, tls.crt and
-tls.key, as a kubernetes.io/tls Secret plus the CA. The directory is the
-emptyDir volume "nbd-csi.tlsVolume" mounted there, which the certificate
-sync fills and keeps renewed; the binaries read the files again when they
-change.
-*/}}
-{{- define "nbd-csi.tlsDir" -}}
-/run/nbd-csi/tls
-{{- end -}}
-
-{{- define "nbd-csi.tlsVolume" -}}
-tls-certs
-{{- end -}}
-
-{{/*
-The container's mount of that directory (under volumeMounts), and the
-pod's volume for it (under volumes); both only when tls.mode is not off.
-*/}}
-{{- define "nbd-csi.tlsVolumeMount" -}}
-- name: {{ include "nbd-csi.tlsVolume" . }}
-  mountPath: {{ include "nbd-csi.tlsDir" . }}
-  readOnly: true
-{{- end -}}
-
-{{- define "nbd-csi.tlsPodVolume" -}}
-- name: {{ include "nbd-csi.tlsVolume" . }}
-  emptyDir:
-    medium: Memory
 {{- end -}}

@@ -101,9 +101,13 @@ election and without group snapshots (neither is enabled here).
 {{- define "nbd-csi.rules.controller" -}}
 # nbd-csi-controller: a Node's addresses for the export allowlist (one
 # watch of every Node); a volume's PersistentVolume (its claim) to put
-# Events on.
+# Events on; the CSINodes, whose nodes run the node plugin and get a
+# client certificate.
 - apiGroups: [""]
   resources: [nodes]
+  verbs: [get, list, watch]
+- apiGroups: [storage.k8s.io]
+  resources: [csinodes]
   verbs: [get, list, watch]
 - apiGroups: [""]
   resources: [persistentvolumes]
@@ -136,6 +140,31 @@ election and without group snapshots (neither is enabled here).
   resources: [secrets]
   resourceNames: [{{ include "nbd-csi.exportKeySecret" . }}]
   verbs: [get]
+{{- end -}}
+
+{{- define "nbd-csi.namespacedRules.controller-tls" -}}
+{{- if eq .Values.tls.issuer "cert-manager" }}
+# One cert-manager Certificate per node and agent (server-side apply);
+# cert-manager writes their Secrets.
+- apiGroups: [cert-manager.io]
+  resources: [certificates]
+  verbs: [get, create, patch]
+{{- else }}
+# The certificate Secrets it issues (their names follow the nodes, so RBAC
+# cannot list them): created, read and renewed in place; the CA's among them.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create, get, update]
+{{- end }}
+{{- end -}}
+
+{{- define "nbd-csi.namespacedRules.tls-holder" -}}
+# Its own certificate Secret, followed by a watch of that one name. RBAC
+# cannot narrow a DaemonSet's pods to their own node's Secret, so this is
+# every Secret of the namespace (see the chart README).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, watch]
 {{- end -}}
 
 {{- define "nbd-csi.rules.storage" -}}

@@ -172,6 +172,7 @@ async fn cluster_mode_places_serves_and_fences_volumes_on_storage_nodes() {
         export_key_secret: Some(SECRET.into()),
         namespace: Some(NAMESPACE.into()),
         storage_timeout: 30,
+        tls: Default::default(),
     };
     let mut second = args.clone();
     second.endpoint = Some(Endpoint::Unix(dir.path().join("csi-2.sock")));

@@ -76,6 +76,7 @@ impl Harness {
             export_key_secret: None,
             namespace: None,
             storage_timeout: 30,
+            tls: Default::default(),
         }
     }
 

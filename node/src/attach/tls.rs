@@ -17,12 +17,11 @@ use nbd::tls::config::{certificates_from_pem_file, private_key_from_pem_file};
 
 use crate::error::{Context, ErrorKind, Result};
 
-/// The CA the servers' certificates chain to (PEM).
-pub const CA_FILE: &str = "ca.crt";
-/// This node's certificate chain (PEM), its node name as the one DNS name.
-pub const CERT_FILE: &str = "tls.crt";
-/// This node's private key (PEM: PKCS#8, PKCS#1 or SEC1).
-pub const KEY_FILE: &str = "tls.key";
+/// The file names: the ones the node's Secret is written out as
+/// (`csi_events::tls_secret`): `ca.crt`, the CA the servers' certificates
+/// chain to; `tls.crt`, this node's certificate chain, its node name as the
+/// one DNS name; `tls.key`, its key (PKCS#8, PKCS#1 or SEC1). All PEM.
+pub use csi_events::tls_secret::{CA_FILE, CERT_FILE, KEY_FILE};
 
 /// The directory holding [`CA_FILE`], [`CERT_FILE`] and [`KEY_FILE`].
 #[derive(Debug, Clone, PartialEq, Eq)]

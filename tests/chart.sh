@@ -33,6 +33,21 @@ trap 'rm -rf "$work"' EXIT
 
 render() { "$helm" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" "$@"; }
 
+# A JSON object with a key twice keeps only the last (two branches that each
+# added a block merged as two "tls" entries once): the schema has none.
+if dup=$(python3 -c '
+import json, sys
+def pairs(items):
+    keys = [k for k, _ in items]
+    for k in {k for k in keys if keys.count(k) > 1}:
+        print(k)
+    return dict(items)
+json.load(open(sys.argv[1]), object_pairs_hook=pairs)' "$CHART/values.schema.json") && [ -z "$dup" ]; then
+    ok "values.schema.json has no key twice in one object"
+else
+    bad "values.schema.json repeats keys: $(echo "$dup" | paste -sd' ')"
+fi
+
 # A values file that turns every optional part on.
 cat >"$work/all-on.yaml" <<'VALUES'
 controller:

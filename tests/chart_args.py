@@ -217,18 +217,20 @@ def check_controller(spec, claims, container, settings, where):
 
 
 def check_tls_dir(spec, container, settings, where):
-    """A --tls-dir is a read-only mount of a volume the certificate sync can
-    fill (an emptyDir), not the container's own root."""
+    """A --tls-dir is a writable mount of a memory emptyDir (the certificate
+    sync in the same container writes it; no key reaches a disk), not the
+    container's own root."""
     tls_dir = settings.get("tls_dir", "")
     if not tls_dir:
         return
     found = mount_of(container, tls_dir)
     volumes = {v["name"]: v for v in spec.get("volumes") or []}
     volume = volumes.get(found[0]["name"]) if found else None
-    if volume is None or "emptyDir" not in volume or not found[0].get("readOnly"):
-        bad(f"{where}: --tls-dir {tls_dir} is not a read-only mount of an emptyDir volume")
+    if (volume is None or (volume.get("emptyDir") or {}).get("medium") != "Memory"
+            or found[0].get("readOnly")):
+        bad(f"{where}: --tls-dir {tls_dir} is not a writable mount of a memory emptyDir volume")
     else:
-        ok(f"{where}: --tls-dir {tls_dir} is emptyDir volume {found[0]['name']}, read-only")
+        ok(f"{where}: --tls-dir {tls_dir} is memory emptyDir volume {found[0]['name']}, writable")
 
 
 def main():

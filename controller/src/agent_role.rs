@@ -139,6 +139,7 @@ pub fn validate(args: Args) -> anyhow::Result<()> {
     println!("nbd_max_connections={}", config.connection_caps.per_volume);
     println!("nbd_max_connections_per_peer={}", config.connection_caps.per_peer);
     println!("export_key_file={}", args.export_key_file.display());
+    println!("tls_dir={}", optional(config.tls_dir.as_ref().map(|p| p.display().to_string())));
     println!("namespace={}", optional(args.namespace.clone()));
     println!("kubeconfig={}", optional(args.kubeconfig.as_ref().map(|p| p.display().to_string())));
     println!("metrics_address={}", optional(args.metrics_address.map(|a| a.to_string())));

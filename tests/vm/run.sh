@@ -57,6 +57,9 @@ cargo build --release --locked -q -p nbd-csi-node --examples
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,run,mnt,lib,lib64,usr/bin,usr/sbin,tests}
+# tcpdump looks its user up (-Z root) before it captures.
+echo 'root:x:0:0:root:/:/bin/sh' > "$root/etc/passwd"
+echo 'root:x:0:' > "$root/etc/group"
 cp /bin/busybox "$root/bin/busybox"
 for applet in sh mount umount mkdir; do ln -sf busybox "$root/bin/$applet"; done
 tools=(

@@ -132,8 +132,13 @@ certs_cert_manager() {
         cm_pid=$!
         pids+=("$cm_pid")
         cm_certs() { "$kubectl" -n "$cm_ns" get certificates.cert-manager.io -l nbd.csi.dev/certificate -o name | sort | paste -sd' '; }
-        want_certs="certificate.cert-manager.io/nbd-csi-cm-node-worker-a"
-        for a in "${agents[@]}"; do want_certs+=" certificate.cert-manager.io/nbd-csi-cm-storage-$a"; done
+        # One per CSINode listing the driver (worker-a, and worker-b once the
+        # suite has registered it) and one per agent.
+        want_certs=$( {
+            "$kubectl" get csinodes -o jsonpath='{range .items[*]}{.metadata.name}{" "}{.spec.drivers[*].name}{"\n"}{end}' |
+                awk -v d="$driver" '{ for (i = 2; i <= NF; i++) if ($i == d) print "certificate.cert-manager.io/nbd-csi-cm-node-" $1 }'
+            for a in "${agents[@]}"; do echo "certificate.cert-manager.io/nbd-csi-cm-storage-$a"; done
+        } | sort | paste -sd' ')
         cm_certs_made() { [ "$(cm_certs)" = "$want_certs" ]; }
         if wait_until 30 cm_certs_made; then
             ok "the controller in cert-manager mode made one Certificate per CSINode with the driver and per NbdStorageNode: $(cm_certs)"

@@ -183,6 +183,20 @@ PY
 }
 volume_of() { placements | awk -v p="$1" '$1 == p {print $2}'; }
 node_of() { placements | awk -v p="$1" '$1 == p {print $3}'; }
+# VolumeAttachments, as the attach/detach controller would make them.
+add_va() { # NAME PVC [NODE, default worker-a]
+    k create -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: VolumeAttachment
+metadata: {name: $1}
+spec:
+  attacher: $driver
+  nodeName: ${3:-worker-a}
+  source: {persistentVolumeName: $(jp -n app pvc "$2" -o jsonpath='{.spec.volumeName}')}
+EOF
+}
+attached() { [ "$(jp volumeattachment "$1" -o jsonpath='{.status.attached}')" = true ]; }
+uri_of() { jp volumeattachment "$1" -o jsonpath='{.status.attachmentMetadata.nbdUri}'; }
 
 # 30 PVCs of 8 MiB: room is free space minus what is already placed, so
 # the agents fill up in proportion to their free space.
@@ -306,19 +320,6 @@ fi
 
 # --- attach to worker-a (127.0.0.1): served, then closed on detach
 acting "attach/detach controller: VolumeAttachment of a PV to worker-a"
-add_va() { # NAME PVC [NODE, default worker-a]
-    k create -f - >/dev/null <<EOF
-apiVersion: storage.k8s.io/v1
-kind: VolumeAttachment
-metadata: {name: $1}
-spec:
-  attacher: $driver
-  nodeName: ${3:-worker-a}
-  source: {persistentVolumeName: $(jp -n app pvc "$2" -o jsonpath='{.spec.volumeName}')}
-EOF
-}
-attached() { [ "$(jp volumeattachment "$1" -o jsonpath='{.status.attached}')" = true ]; }
-uri_of() { jp volumeattachment "$1" -o jsonpath='{.status.attachmentMetadata.nbdUri}'; }
 attach() { # VA PVC: attached, with an nbdUri of the volume's storage node
     local node uri
     add_va "$1" "$2"

@@ -153,6 +153,19 @@ wait_until() { # SECONDS COMMAND...: polls every 0.5 s; false after SECONDS
     done
 }
 jp() { "$kubectl" get "$@" 2>/dev/null || true; } # jp KIND NAME -o jsonpath=...
+# volume_attachment NAME PV NODE: a VolumeAttachment of PV to NODE for
+# $driver, as the attach/detach controller makes one.
+volume_attachment() {
+    "$kubectl" create -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: VolumeAttachment
+metadata: {name: $1}
+spec:
+  attacher: $driver
+  nodeName: $3
+  source: {persistentVolumeName: $2}
+EOF
+}
 gone() { ! "$kubectl" get "$@" >/dev/null 2>&1; }
 check() { # DESCRIPTION WANT GOT
     if [ "$2" = "$3" ]; then ok "$1"; else bad "$1: got '$3', want '$2'"; fi

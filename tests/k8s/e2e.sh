@@ -166,17 +166,7 @@ k -n app patch pvc data --subresource=status --type=merge \
 check "PVC app/data Bound to $pv" "Bound $pv" "$(jp -n app pvc data -o jsonpath='{.status.phase} {.spec.volumeName}')"
 
 # --- attach to e2e-node-a (127.0.0.2)
-add_va() { # NAME NODE
-    k create -f - >/dev/null <<EOF
-apiVersion: storage.k8s.io/v1
-kind: VolumeAttachment
-metadata: {name: $1}
-spec:
-  attacher: $driver
-  nodeName: $2
-  source: {persistentVolumeName: $pv}
-EOF
-}
+add_va() { volume_attachment "$1" "$pv" "$2"; } # NAME NODE
 add_va e2e-va-a e2e-node-a
 if wait_until 60 is true volumeattachment e2e-va-a -o jsonpath='{.status.attached}'; then
     ok "VolumeAttachment e2e-va-a attached by csi-attacher"

@@ -185,15 +185,7 @@ volume_of() { placements | awk -v p="$1" '$1 == p {print $2}'; }
 node_of() { placements | awk -v p="$1" '$1 == p {print $3}'; }
 # VolumeAttachments, as the attach/detach controller would make them.
 add_va() { # NAME PVC [NODE, default worker-a]
-    k create -f - >/dev/null <<EOF
-apiVersion: storage.k8s.io/v1
-kind: VolumeAttachment
-metadata: {name: $1}
-spec:
-  attacher: $driver
-  nodeName: ${3:-worker-a}
-  source: {persistentVolumeName: $(jp -n app pvc "$2" -o jsonpath='{.spec.volumeName}')}
-EOF
+    volume_attachment "$1" "$(jp -n app pvc "$2" -o jsonpath='{.spec.volumeName}')" "${3:-worker-a}"
 }
 attached() { [ "$(jp volumeattachment "$1" -o jsonpath='{.status.attached}')" = true ]; }
 uri_of() { jp volumeattachment "$1" -o jsonpath='{.status.attachmentMetadata.nbdUri}'; }

@@ -220,11 +220,13 @@ ensure_csi_sidecars() {
 # The cluster suite runs all five; one module builds them together.
 ensure_cluster_sidecars() { ensure_csi_sidecars; }
 
+# go_module_dir MODULE@VERSION: downloads it (module cache) and prints its directory.
+go_module_dir() { go mod download -json "$1" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p'; }
+
 # The snapshot CRDs live in the snapshotter's client module; prints their directory.
 snapshot_crds_dir() {
     local dir
-    dir=$(go mod download -json "github.com/kubernetes-csi/external-snapshotter/client/v8@$EXTERNAL_SNAPSHOTTER_VERSION" \
-        | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+    dir=$(go_module_dir "github.com/kubernetes-csi/external-snapshotter/client/v8@$EXTERNAL_SNAPSHOTTER_VERSION")
     [ -d "$dir/config/crd" ] || { echo "cannot download the snapshot CRDs" >&2; return 1; }
     echo "$dir/config/crd"
 }
@@ -235,8 +237,7 @@ snapshot_crds_dir() {
 CERT_MANAGER_VERSION=v1.21.2
 cert_manager_crds_dir() {
     local dir
-    dir=$(go mod download -json "github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION" \
-        | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+    dir=$(go_module_dir "github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION")
     [ -f "$dir/deploy/crds/cert-manager.io_certificates.yaml" ] || { echo "cannot download cert-manager's CRDs" >&2; return 1; }
     echo "$dir/deploy/crds"
 }

@@ -22,8 +22,9 @@ ARG BINARIES_FROM=scratch
 
 FROM ${RUST_IMAGE} AS builder
 WORKDIR /src
-# Only the workspace members the binaries need (tests/chart.sh checks this
-# list against Cargo.toml's members).
+# The workspace members and nothing else of the repository (cargo loads
+# every member, tests/tools too, though the image builds only the two
+# binaries; tests/chart.sh checks this list against Cargo.toml's members).
 COPY Cargo.toml Cargo.lock ./
 COPY nbd nbd
 COPY agent agent
@@ -31,6 +32,7 @@ COPY proto proto
 COPY events events
 COPY controller controller
 COPY node node
+COPY tests/tools tests/tools
 # The release profile keeps line tables for backtraces; the image drops them
 # (about three quarters of each binary: 76 MB to 20 MB for the controller, 58
 # to 15 for the node plugin), as tests/cluster/images.sh does. Backtraces keep

@@ -147,7 +147,7 @@ build_ours() {
     OURS_BIN="$NBD_CSI_BIN"
   else
     log "building nbd-csi-controller (release)"
-    (cd "$ROOT" && cargo build --release -p nbd-csi-controller)
+    (. "$ROOT/tests/cargo.sh" && release_build)
     OURS_BIN="$ROOT/target/release/nbd-csi-controller"
   fi
   [[ -x "$OURS_BIN" ]] || die "no executable at $OURS_BIN"

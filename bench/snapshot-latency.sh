@@ -48,7 +48,7 @@ if [[ -n "${NBD_CSI_BIN:-}" ]]; then
     BIN="$NBD_CSI_BIN"
 else
     log "building the release controller"
-    (cd "$ROOT" && cargo build --release --locked -p nbd-csi-controller --bin nbd-csi-controller)
+    (. "$ROOT/tests/cargo.sh" && release_build)
     BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/nbd-csi-controller"
 fi
 

@@ -26,7 +26,8 @@ helm=$TOOLS_BIN/helm
 # PyYAML for whichever python3 is first on PATH (Debian's python3-yaml
 # serves only /usr/bin/python3).
 python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check pyyaml
-cargo build --locked -q -p nbd-csi-controller -p nbd-csi-node --bins
+. tests/cargo.sh
+debug_build
 bin_dir=$(cargo metadata --format-version 1 --no-deps --offline |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug
 work=$(mktemp -d)

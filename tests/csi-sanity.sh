@@ -17,7 +17,8 @@ if [ ! -x "$SANITY" ]; then
     GOBIN="$TOOLS/bin" go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$CSI_TEST_VERSION"
 fi
 
-cargo build --locked -p nbd-csi-controller --bin nbd-csi-controller --example sanity_node_stub
+. tests/cargo.sh
+debug_build
 work="$(mktemp -d)"
 controller_pid=""
 stub_pid=""

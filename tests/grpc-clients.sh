@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 . tests/k8s/tools.sh
 ensure_grpcio
 pydir=$GRPCIO_DIR
-cargo build --quiet --locked -p nbd-csi-controller -p nbd-csi-node
+. tests/cargo.sh
+debug_build
 bin=${CARGO_TARGET_DIR:-target}/debug
 work=$(mktemp -d)
 pids=()

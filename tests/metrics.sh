@@ -22,7 +22,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
         { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
 fi
-cargo build --quiet --locked -p nbd-csi-controller -p nbd-csi-node
+. tests/cargo.sh
+debug_build
 bin=${CARGO_TARGET_DIR:-target}/debug
 work=$(mktemp -d)
 pids=()

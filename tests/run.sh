@@ -54,7 +54,9 @@ suite() {
 check fmt cargo fmt --all -- --check
 check clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 # The API docs build without warnings (broken intra-doc links, stray HTML).
-check doc env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --locked
+# The examples too: with them the dependencies have clippy's features, so
+# their metadata from the step above serves rustdoc without a new check.
+check doc env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --locked --lib --bins --examples
 # Licences, duplicate versions and sources of the locked graph (deny.toml);
 # cargo-deny is built once into the tools cache.
 suite supply-chain ./tests/supply-chain.sh

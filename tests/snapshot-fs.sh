@@ -8,6 +8,7 @@
 # suite that skips proves nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+. tests/cargo.sh
 passed=0 failed=0
 finish() { echo "snapshot-fs: $passed passed, $failed failed"; [ "$failed" -eq 0 ]; }
 if [ "$(id -u)" -ne 0 ]; then
@@ -28,7 +29,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo test --locked -p nbd-csi-agent --test snapshot_under_writes --no-run || { failed=1; finish; exit 1; }
+workspace_test --test snapshot_under_writes --no-run || { failed=1; finish; exit 1; }
 for case in "ext4 copy" "xfs reflink"; do
     read -r fs expect <<<"$case"
     mkdir -p "$work/$fs/mnt"
@@ -42,7 +43,7 @@ for case in "ext4 copy" "xfs reflink"; do
     mount "$loop" "$work/$fs/mnt" || { failed=$((failed + 1)); continue; }
     echo "== $fs ($expect)"
     if NBD_CSI_SNAPSHOT_DIR="$work/$fs/mnt" NBD_CSI_SNAPSHOT_EXPECT="$expect" \
-        cargo test --locked -p nbd-csi-agent --test snapshot_under_writes; then
+        workspace_test --test snapshot_under_writes; then
         passed=$((passed + 1))
     else
         failed=$((failed + 1))

@@ -213,8 +213,9 @@ EOF
 build_image "$base_name" "$base_key" -f "$base_dir/Containerfile" "$base_dir"
 
 # --- localhost/nbd-csi:VERSION from the Dockerfile, binaries from the host.
-echo "cargo build --release (nbd-csi-controller, nbd-csi-node)"
-cargo build --release --locked --quiet -p nbd-csi-controller -p nbd-csi-node --bins
+echo "cargo build --release (nbd-csi-controller, nbd-csi-node; the VM suite's build when it ran)"
+. "$repo/tests/cargo.sh"
+release_build
 release=${CARGO_TARGET_DIR:-$repo/target}/release
 bin_ctx=$cache/ctx/binaries
 rm -rf "$bin_ctx" && mkdir -p "$bin_ctx/out"

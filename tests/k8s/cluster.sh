@@ -20,21 +20,22 @@
 
 passed=0
 failed=0
+. "$(dirname "${BASH_SOURCE[0]}")/../cargo.sh"
 # A binary of the workspace, its path on stdout: $ENVVAR when set, otherwise
 # the workspace's debug build, built here (cargo's messages on stderr).
-workspace_binary() { # PACKAGE BINARY ENVVAR
-    if [ -n "${!3:-}" ]; then
-        realpath "${!3}"
+workspace_binary() { # BINARY ENVVAR
+    if [ -n "${!2:-}" ]; then
+        realpath "${!2}"
         return
     fi
-    cargo build --locked -q -p "$1" --bin "$2" >&2 || return 1
-    cargo metadata --format-version 1 --no-deps --offline |
-        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"] + "/debug/" + sys.argv[1])' "$2"
+    debug_build >&2 || return 1
+    cargo metadata --manifest-path "$cargo_manifest" --format-version 1 --no-deps --offline |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"] + "/debug/" + sys.argv[1])' "$1"
 }
 # The nbd-csi-controller binary the suites run ($NBD_CSI_CONTROLLER when set).
-controller_binary() { workspace_binary nbd-csi-controller nbd-csi-controller NBD_CSI_CONTROLLER; }
+controller_binary() { workspace_binary nbd-csi-controller NBD_CSI_CONTROLLER; }
 # The nbd-csi-node binary ($NBD_CSI_NODE when set).
-node_binary() { workspace_binary nbd-csi-node nbd-csi-node NBD_CSI_NODE; }
+node_binary() { workspace_binary nbd-csi-node NBD_CSI_NODE; }
 
 ok() { passed=$((passed + 1)); echo "ok [${SECONDS}s]: $*"; }
 bad() { failed=$((failed + 1)); echo "FAILED [${SECONDS}s]: $*" >&2; }

@@ -100,7 +100,7 @@ metadata: {name: worker-1}
 NODE
 "$k" patch node worker-1 --subresource=status --type=merge \
     -p '{"status":{"addresses":[{"type":"InternalIP","address":"127.0.0.1"},{"type":"Hostname","address":"worker-1"}]}}' >/dev/null
-if NBD_CSI_TEST_KUBECONFIG=$KUBECONFIG cargo test --locked -q -p nbd-csi-agent --test apiserver \
+if NBD_CSI_TEST_KUBECONFIG=$KUBECONFIG workspace_test -q --test apiserver \
     -- --nocapture >"$work/reconciler.txt" 2>&1; then
     ok "the agent's reconciler on the API server (agent/tests/apiserver.rs)"
 else
@@ -117,7 +117,7 @@ fi
 # cluster without the objects above.
 "$k" delete nbdvolumes,nbdsnapshots,nbdstoragenodes --all --wait=false >/dev/null
 "$k" delete leases --all -n default >/dev/null
-if NBD_CSI_TEST_KUBECONFIG=$KUBECONFIG cargo test --locked -q -p nbd-csi-controller --lib tests::cluster \
+if NBD_CSI_TEST_KUBECONFIG=$KUBECONFIG workspace_test -q --lib tests::cluster:: \
     -- --nocapture >"$work/cluster-mode.txt" 2>&1; then
     ok "the controller in cluster mode: placement, publish, unpublish, clone, snapshot, expand, delete"
     grep -E '^(spread of|CreateVolume through)' "$work/cluster-mode.txt"

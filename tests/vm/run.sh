@@ -48,9 +48,9 @@ if [ ! -x "$sanity_dir/bin/csi-sanity" ]; then
     GOBIN="$sanity_dir/bin" go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$CSI_TEST_VERSION"
 fi
 
-# The project's release binaries.
-cargo build --release --locked -q -p nbd-csi-node -p nbd-csi-controller --bins
-cargo build --release --locked -q -p nbd-csi-node --examples
+# The project's release binaries and the test tools (tests/tools).
+. "$repo/tests/cargo.sh"
+release_build
 
 # The initramfs: busybox, our binaries, the tools the scenarios use, and
 # every shared library they need.
@@ -64,7 +64,7 @@ cp /bin/busybox "$root/bin/busybox"
 for applet in sh mount umount mkdir; do ln -sf busybox "$root/bin/$applet"; done
 tools=(
     "$repo/target/release/nbd-csi-node" "$repo/target/release/nbd-csi-controller"
-    "$repo/target/release/examples/flag-server" "$repo/target/release/examples/csi-node-client"
+    "$repo/target/release/flag-server" "$repo/target/release/csi-node-client"
     "$sanity_dir/bin/csi-sanity"
     "$(command -v mke2fs)" "$(command -v e2fsck)" "$(command -v resize2fs)" "$(command -v nbdkit)" "$(command -v fio)"
     "$(command -v mkfs.xfs)" "$(command -v xfs_growfs)" "$(command -v xfs_repair)" "$(command -v tcpdump)"

@@ -112,13 +112,16 @@ chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$cache/initrd.gz"
 echo "vm: initramfs $(du -h "$cache/initrd.gz" | cut -f1), prepared in $(($(date +%s) - start)) s"
 
+# mitigations=off: the guest is a throwaway test machine under emulation,
+# where the kernel's Spectre mitigations (retpolines on every indirect call)
+# cost emulated instructions and protect nothing.
 log=$repo/target/vm-console.log
 mkdir -p "$repo/target"
 boot=$(date +%s)
 set +e
 timeout --foreground -k 10 "$timeout_s" qemu-system-x86_64 -accel tcg -m 1024 -smp 2,maxcpus=4 \
     -kernel "$cache/vmlinuz" -initrd "$cache/initrd.gz" \
-    -append "console=ttyS0 panic=-1 quiet ${NBD_CSI_VM_SCENARIOS:+SCENARIOS=$NBD_CSI_VM_SCENARIOS} ${NBD_CSI_VM_APPEND:-}" \
+    -append "console=ttyS0 panic=-1 quiet mitigations=off ${NBD_CSI_VM_SCENARIOS:+SCENARIOS=$NBD_CSI_VM_SCENARIOS} ${NBD_CSI_VM_APPEND:-}" \
     -nographic -no-reboot -net none </dev/null 2>&1 | tr -d '\r' | tee "$log" | grep --line-buffered -aoE '(RESULT|SUMMARY|BOOTED|vm:) .*'
 status=${PIPESTATUS[0]}
 set -e

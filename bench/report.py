@@ -96,8 +96,9 @@ def load_fio(path):
     return json.loads(text[text.index("{"):])
 
 
-def one_pass(base, direction, metric):
-    """The metric of one fio run, or None if it failed."""
+def fio_jobs(base):
+    """The jobs of one fio run (BASE.json), or None if it failed: the run
+    marked failed (BASE.failed), no JSON, no job, or a job with an error."""
     if os.path.exists(base + ".failed"):
         return None
     try:
@@ -106,6 +107,14 @@ def one_pass(base, direction, metric):
         return None
     jobs = data.get("jobs", [])
     if not jobs or any(j.get("error", 0) for j in jobs):
+        return None
+    return jobs
+
+
+def one_pass(base, direction, metric):
+    """The metric of one fio run, or None if it failed."""
+    jobs = fio_jobs(base)
+    if jobs is None:
         return None
     if metric == "iops":
         return sum(j[direction]["iops"] for j in jobs)

@@ -9,8 +9,9 @@ mkdir -p target
 results=target/test-results.txt
 : >"$results"
 
-# Real NBD peers the interop tests drive, from Debian packages.
-apt_packages=(qemu-utils nbdkit libnbd-bin python3-libnbd nbd-server fio)
+# Real NBD peers the interop tests drive, from Debian packages; and the
+# filesystems the snapshot-fs suite makes (a fresh machine has no mkfs.xfs).
+apt_packages=(qemu-utils nbdkit libnbd-bin python3-libnbd nbd-server fio xfsprogs e2fsprogs)
 missing=()
 for pkg in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -72,6 +73,8 @@ record cargo-test "$p" "$f" "$s"
 # and on XFS with reflink (FICLONE), loop devices (root).
 suite snapshot-fs ./tests/snapshot-fs.sh
 
+# The benchmark reports' logic (tables, cell names, bench/compare.py).
+check bench-reports python3 bench/test_report.py
 # Unix-socket CSI endpoints called by gRPC C-core (Python grpcio).
 suite grpc-clients ./tests/grpc-clients.sh
 # Both metrics endpoints (the storage role, the node plugin) as processes,

@@ -25,8 +25,8 @@ pub enum Command {
     /// from a data directory, as its NbdVolume and NbdSnapshot objects
     /// say, until SIGINT or SIGTERM. Needs Kubernetes.
     Agent(agent_role::Args),
-    /// Serve one existing file over NBD with the volume server code, until
-    /// SIGINT or SIGTERM. For debugging and benchmarks.
+    /// Serve existing files over NBD with the volume server code, each on
+    /// its own port, until SIGINT or SIGTERM. For debugging and benchmarks.
     ServeFile(serve_file::Args),
     /// Volumes of a running controller, over its CSI endpoint: create,
     /// list, get, delete, expand, publish (prints the nbdUri), unpublish.

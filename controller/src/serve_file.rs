@@ -1,18 +1,25 @@
-//! `serve-file`: one file, one export, exactly the server volumes use;
-//! with `--tls-dir` and `--tls`, NBD over TLS (the real-kernel test bed's
-//! server for kTLS on the node).
+//! `serve-file`: files as exports, exactly the server volumes use, one
+//! port per file in one process as the storage role serves its volumes
+//! (bench/volumes.sh measures many at once this way); with `--tls-dir` and
+//! `--tls`, NBD over TLS (the real-kernel test bed's server for kTLS on the
+//! node).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use nbd::server::{Export, ExportConfig, Server};
 use nbd::tls::{ServerTls, TlsMode};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The file to export; its current length is the export size.
-    path: PathBuf,
+    /// The files to export; each one's current length is its export's
+    /// size. Each has a port of its own: the first --listen's, the next the
+    /// port after it, and so on (with port 0, each a free port).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
     /// Address to listen on, e.g. 127.0.0.1:10809.
     #[arg(long)]
     listen: SocketAddr,
@@ -60,30 +67,95 @@ fn tls_mode(mode: Option<TlsArg>, dir: Option<&std::path::Path>) -> anyhow::Resu
     })
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
-    let mut config = ExportConfig::new(args.export_name);
+/// The address of the `index`th file: --listen's port plus `index`, or
+/// port 0 (a free port) for all when --listen's is 0.
+fn listen_addr(listen: SocketAddr, index: usize) -> anyhow::Result<SocketAddr> {
+    if listen.port() == 0 {
+        return Ok(listen);
+    }
+    let port = u16::try_from(index)
+        .ok()
+        .and_then(|index| listen.port().checked_add(index))
+        .with_context(|| format!("{} files do not fit in the ports from {listen}", index + 1))?;
+    Ok(SocketAddr::new(listen.ip(), port))
+}
+
+fn export_config(args: &Args, path: &Path) -> anyhow::Result<ExportConfig> {
+    let mut config = ExportConfig::new(args.export_name.clone());
     config.read_only = args.read_only;
     config.multi_conn = !args.no_multi_conn;
     config.max_connections = args.max_connections as usize;
     config.max_connections_per_peer = args.max_connections_per_peer as usize;
-    config.description = format!("nbd-csi serve-file {}", args.path.display());
+    config.description = format!("nbd-csi serve-file {}", path.display());
     config.tls = tls_mode(args.tls, args.tls_dir.as_deref())?;
+    Ok(config)
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = csi_proto::shutdown::shutdown_signal()?;
     let tls = match args.tls {
         None => "off",
         Some(TlsArg::Required) => "required",
         Some(TlsArg::Allowed) => "allowed",
     };
-    let export = Export::open(&args.path, config).with_context(|| format!("opening {}", args.path.display()))?;
-    let server = Server::bind(export, args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    let shutdown = csi_proto::shutdown::shutdown_signal()?;
-    tracing::info!(
-        path = %args.path.display(),
-        listen = %server.local_addr()?,
-        size = server.export().size(),
-        tls,
-        "serving"
-    );
-    server.run(shutdown).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut servers = JoinSet::new();
+    for (index, path) in args.paths.iter().enumerate() {
+        let addr = listen_addr(args.listen, index)?;
+        let export =
+            Export::open(path, export_config(&args, path)?).with_context(|| format!("opening {}", path.display()))?;
+        let server = Server::bind(export, addr).await.with_context(|| format!("listening on {addr}"))?;
+        tracing::info!(
+            path = %path.display(),
+            listen = %server.local_addr()?,
+            size = server.export().size(),
+            tls,
+            "serving"
+        );
+        let mut stop = stop_rx.clone();
+        servers.spawn(server.run(async move {
+            // Err only when the sender is gone, which is a stop as well.
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        }));
+    }
+    tokio::select! {
+        () = shutdown => {}
+        // A server that returns before the signal failed: stop the others.
+        Some(early) = servers.join_next() => {
+            stop_tx.send_replace(true);
+            early.context("an export server panicked")?.context("an export server failed")?;
+        }
+    }
+    stop_tx.send_replace(true);
+    while let Some(done) = servers.join_next().await {
+        done.context("an export server panicked")?.context("an export server failed")?;
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_take_consecutive_ports_from_listen() {
+        let listen: SocketAddr = "127.0.0.1:10809".parse().unwrap();
+        assert_eq!(listen_addr(listen, 0).unwrap(), listen);
+        assert_eq!(listen_addr(listen, 3).unwrap(), "127.0.0.1:10812".parse().unwrap());
+    }
+
+    #[test]
+    fn port_zero_gives_every_file_a_free_port() {
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert_eq!(listen_addr(listen, 63).unwrap(), listen);
+    }
+
+    #[test]
+    fn ports_past_65535_are_an_error_not_a_wrap() {
+        let listen: SocketAddr = "127.0.0.1:65530".parse().unwrap();
+        assert_eq!(listen_addr(listen, 5).unwrap().port(), 65535);
+        let err = listen_addr(listen, 6).unwrap_err().to_string();
+        assert!(err.contains("7 files do not fit"), "{err}");
+    }
 }

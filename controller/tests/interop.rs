@@ -145,6 +145,30 @@ fn nbdcopy_round_trips_random_data() {
     assert_same_bytes(&std::fs::read(&out1).unwrap(), &data, "nbdcopy --connections=1 out");
 }
 
+#[test]
+fn several_files_each_on_its_own_port_in_one_process() {
+    let sizes = [MIB, 3 * MIB, 2 * MIB];
+    let datas: Vec<Vec<u8>> = sizes.iter().zip(10..).map(|(&size, seed)| random_bytes(size, seed)).collect();
+    let vols: Vec<Volume> = datas.iter().map(|data| Volume::with_data(data)).collect();
+    let server = Server::start_many(&vols.iter().collect::<Vec<_>>(), NAME, &[]);
+
+    for (index, (vol, data)) in (0..).zip(vols.iter().zip(&datas)) {
+        let uri = server.uri_of(index);
+        let size = run_ok(tool("nbdinfo").args(["--size", &uri]), QUICK);
+        assert_eq!(size.trim(), data.len().to_string(), "{uri}: size");
+        let out = vol.local("out.bin");
+        run_ok(tool("nbdcopy").arg(&uri).arg(&out), QUICK);
+        assert_same_bytes(&std::fs::read(&out).unwrap(), data, &uri);
+    }
+    // A write through one port lands in its file and no other.
+    let second = vols[1].local("in.bin");
+    std::fs::write(&second, random_bytes(sizes[1], 20)).unwrap();
+    run_ok(tool("nbdcopy").arg("--flush").arg(&second).arg(server.uri_of(1)), QUICK);
+    assert_same_bytes(&vols[1].contents(), &random_bytes(sizes[1], 20), "second file after the write");
+    assert_same_bytes(&vols[0].contents(), &datas[0], "first file untouched");
+    assert_same_bytes(&vols[2].contents(), &datas[2], "third file untouched");
+}
+
 /// Runs with nbdsh's `h` already connected to the export.
 const TWO_CONNECTIONS: &str = r#"
 assert h.can_multi_conn(), "CAN_MULTI_CONN expected"

@@ -113,6 +113,7 @@ pub fn assert_same_bytes(actual: &[u8], expected: &[u8], what: &str) {
 pub struct Server {
     child: Option<Child>,
     port: u16,
+    files: u16,
     name: String,
     log: tempfile::NamedTempFile,
 }
@@ -121,8 +122,15 @@ impl Server {
     /// Serves `vol` under export name `name`; `extra` are further flags
     /// (`--read-only`, `--no-multi-conn`). Returns once the port accepts.
     pub fn start(vol: &Volume, name: &str, extra: &[&str]) -> Self {
+        Self::start_many(&[vol], name, extra)
+    }
+
+    /// Serves each of `vols` on its own port (the first's, then the ports
+    /// after it) from one process. Returns once every port accepts.
+    pub fn start_many(vols: &[&Volume], name: &str, extra: &[&str]) -> Self {
+        let files = u16::try_from(vols.len()).expect("a few files");
         let mut last_log = String::new();
-        // The port is free when we look; another process may take it
+        // The ports are free when we look; another process may take one
         // before the server binds, so try a few times.
         for _ in 0..5 {
             let port = free_port();
@@ -130,7 +138,7 @@ impl Server {
             let stderr = log.reopen().expect("reopen log file");
             let child = Command::new(env!("CARGO_BIN_EXE_nbd-csi-controller"))
                 .arg("serve-file")
-                .arg(&vol.path)
+                .args(vols.iter().map(|vol| &vol.path))
                 .args(["--listen", &format!("127.0.0.1:{port}"), "--export-name", name])
                 .args(extra)
                 .env("NO_COLOR", "1")
@@ -140,7 +148,7 @@ impl Server {
                 .stderr(stderr)
                 .spawn()
                 .expect("spawn nbd-csi-controller serve-file");
-            let mut server = Self { child: Some(child), port, name: name.to_owned(), log };
+            let mut server = Self { child: Some(child), port, files, name: name.to_owned(), log };
             if server.wait_ready() {
                 return server;
             }
@@ -158,8 +166,10 @@ impl Server {
                 eprintln!("serve-file exited early with {status}");
                 return false;
             }
-            if let Ok(stream) = TcpStream::connect(("127.0.0.1", self.port)) {
-                return greet_and_abort(stream);
+            let ready = (0..self.files)
+                .all(|index| TcpStream::connect(("127.0.0.1", self.port + index)).is_ok_and(greet_and_abort));
+            if ready {
+                return true;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -176,7 +186,13 @@ impl Server {
 
     /// `nbd://127.0.0.1:PORT/NAME`
     pub fn uri(&self) -> String {
-        format!("nbd://127.0.0.1:{}/{}", self.port, self.name)
+        self.uri_of(0)
+    }
+
+    /// The URI of the `index`th file of [`Server::start_many`].
+    pub fn uri_of(&self, index: u16) -> String {
+        assert!(index < self.files, "file {index} of {}", self.files);
+        format!("nbd://127.0.0.1:{}/{}", self.port + index, self.name)
     }
 
     /// Everything the server has logged so far.

@@ -1,4 +1,5 @@
-//! The transmission phase: one reader and one writer task per connection.
+//! The transmission phase: a reader and a writer per connection, two
+//! futures polled by the connection's one task.
 //!
 //! The reader decodes requests and performs page-cache I/O inline: a
 //! pread/pwrite that hits the page cache costs less than handing it to a
@@ -6,6 +7,13 @@
 //! FUA) go to the blocking pool. Replies travel to the writer over a bounded
 //! channel; the writer drains everything that is ready and sends it with one
 //! write, so a queue of 128 requests costs a handful of syscalls, not 128.
+//! Both run in one task, the reader polled first: it handles every request
+//! the socket has ready, then the writer sends all their replies. As two
+//! tasks, each reply woke the writer's task, often on the other worker
+//! thread (a wake-up and a hand-off between CPUs per request): at queue
+//! depth 1 one task served 4k reads 3–16% faster with a 8–37% lower p99 in
+//! three alternating rounds, and deep queues measured the same within the
+//! noise (the connections run in parallel, not the halves of one).
 //! Memory is bounded by a per-connection byte budget that the reader must
 //! acquire before it allocates a payload. On a TCP socket, large READ data
 //! is not read by us at all: the writer hands it from the page cache to the
@@ -35,7 +43,6 @@ use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio::task::JoinHandle;
 
 use super::backend::nbd_errno;
 use super::handshake::{BASE_ALLOCATION_ID, Session};
@@ -98,17 +105,6 @@ struct Answer {
     _counted: InFlight,
 }
 
-/// The writer task, aborted when dropped: a connection whose future is
-/// dropped (a stopping server gave up on it) must not leave a detached
-/// writer holding the socket and the replies it owes.
-struct WriterTask(JoinHandle<io::Result<()>>);
-
-impl Drop for WriterTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 struct Conn {
     export: Arc<Export>,
     session: Session,
@@ -129,7 +125,7 @@ where
     let sendfile = wr.socket().is_some();
     let pool = Arc::new(BufferPool::default());
     let budget_units = export.config().connection_buffer_budget / BUDGET_UNIT;
-    let mut writer = WriterTask(tokio::spawn(write_replies(Arc::clone(&export), session, wr, rx, Arc::clone(&pool))));
+    let writer = write_replies(Arc::clone(&export), session, wr, rx, Arc::clone(&pool));
     let conn = Conn {
         export,
         session,
@@ -139,20 +135,34 @@ where
         replies: tx,
         sendfile,
     };
-    let read_result = conn.read_requests(rd, &mut shutdown).await;
-    drop(conn);
-    // The reader is done: nothing from this connection reaches the file
-    // any more (flushes still running only sync it).
-    drop(shutdown);
-    if read_result.is_err() {
-        // The client broke the protocol: owe it nothing more. Dropping the
-        // writer aborts it, and the replies it still held count down.
-        drop(writer);
-        return read_result;
+    let reader = async move {
+        let read_result = conn.read_requests(rd, &mut shutdown).await;
+        drop(conn);
+        // The reader is done: nothing from this connection reaches the
+        // file any more (flushes still running only sync it).
+        drop(shutdown);
+        read_result
+    };
+    tokio::pin!(writer, reader);
+    // The writer ends before the reader only when the socket failed; the
+    // reader then fails at its next reply ("reply writer stopped").
+    let mut written = None;
+    let read_result = loop {
+        tokio::select! {
+            biased;
+            read_result = &mut reader => break read_result,
+            result = &mut writer, if written.is_none() => written = Some(result),
+        }
+    };
+    // If the client broke the protocol, owe it nothing more: returning drops
+    // the writer, and the replies it still held count down.
+    read_result?;
+    // Dropping the last sender (the reader's, then those held by blocking
+    // flushes) lets the writer drain every owed reply and finish.
+    match written {
+        Some(result) => result.map_err(Error::from),
+        None => writer.await.map_err(Error::from),
     }
-    // Dropping the last sender (ours, then those held by blocking flushes)
-    // lets the writer drain every owed reply and finish.
-    (&mut writer.0).await.map_err(io::Error::other)?.map_err(Error::from)
 }
 
 fn units(len: usize) -> u32 {

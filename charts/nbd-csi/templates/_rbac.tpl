@@ -156,6 +156,15 @@ election and without group snapshots (neither is enabled here).
   resources: [secrets]
   verbs: [create, get, update]
 {{- end }}
+{{- if ne .Values.storage.mode "cluster" }}
+# Embedded, it serves the volumes itself: its own server certificate's
+# Secret, followed by a watch of that one name (a field selector on
+# metadata.name, which RBAC matches against resourceNames).
+- apiGroups: [""]
+  resources: [secrets]
+  resourceNames: [{{ include "nbd-csi.tlsSecretPrefix" . }}-controller]
+  verbs: [get, list, watch]
+{{- end }}
 {{- end -}}
 
 {{- define "nbd-csi.namespacedRules.tls-holder" -}}

@@ -125,6 +125,25 @@ scenario_install() {
     k -n "$ns" get pods -o wide
 }
 
+# The chart's default tls.mode is required: the volume is published as
+# nbds:// and the node's connections run on kernel TLS. The node plugin and
+# the controller both use the host's network namespace, so the guest's
+# /proc/net/tls_stat counts the node's sockets and the server's.
+kernel_tls_in_use() {
+    local uris; uris=$(k get volumeattachment -o jsonpath='{.items[*].status.attachmentMetadata.nbdUri}')
+    case "$uris" in
+        nbds://*) ;;
+        *) fail "the volume's nbdUri is not nbds:// under the chart's default tls.mode: '$uris'"; return 1 ;;
+    esac
+    local tx rx errors
+    tx=$(awk '$1 == "TlsCurrTxSw" { print $2 }' /proc/net/tls_stat)
+    rx=$(awk '$1 == "TlsCurrRxSw" { print $2 }' /proc/net/tls_stat)
+    errors=$(awk '$1 == "TlsDecryptError" { print $2 }' /proc/net/tls_stat)
+    note "kernel TLS: $uris; sockets with TLS_TX $tx, TLS_RX $rx, decrypt errors $errors"
+    [ "${tx:-0}" -ge 1 ] && [ "${rx:-0}" -ge 1 ] || fail "no kernel TLS socket while the volume is mounted" || return 1
+    [ "${errors:-1}" -eq 0 ] || fail "$errors kernel TLS decrypt errors"
+}
+
 scenario_filesystem() {
     claim fs-claim 64Mi fs || return 1
     workload fs-writer fs-claim fs || return 1
@@ -133,6 +152,7 @@ scenario_filesystem() {
     local sum; sum=$(in_pod fs-writer cat /data/blob.sha256) || return 1
     note "written: $sum"
     grep -q "/dev/nbd" /proc/mounts || fail "no /dev/nbd mount on the node" || return 1
+    kernel_tls_in_use || return 1
     delete_pod fs-writer || return 1
     # The same claim in a new pod on the same node: the data is there.
     workload fs-reader fs-claim fs || return 1
@@ -353,7 +373,10 @@ scenario_cluster_install() {
     for pod in $(k -n "$ns" get pods -o name); do
         for c in $(k -n "$ns" get "$pod" -o jsonpath='{range .status.containerStatuses[?(@.restartCount>0)]}{.name}{" "}{end}'); do
             note "$pod $c restarted; its previous log:"
-            k -n "$ns" logs "$pod" -c "$c" --previous --tail 15 2>&1 | sed 's/\x1b\[[0-9;]*m//g'
+            # Prefixed, and each line ended: a log (or kubectl's message)
+            # without a final newline swallowed the RESULT line after it.
+            k -n "$ns" logs "$pod" -c "$c" --previous --tail 15 2>&1 | sed 's/\x1b\[[0-9;]*m//g' \
+                | awk '{ print "scenario:   | " $0 }'
         done
     done
 }

@@ -89,6 +89,18 @@ def loadavg(results):
     return "%s before the runs, %s after (1/5/15 min)" % (start, end)
 
 
+def ours_version(ours_bin):
+    """"nbd-csi-controller 0.1.0 (git abc1234, uncommitted changes)": the
+    binary's version and the tree it was measured from."""
+    if not ours_bin:
+        return "not benchmarked"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rev = run(["git", "-C", root, "rev-parse", "--short", "HEAD"])
+    dirty = run(["git", "-C", root, "status", "--porcelain"])
+    return "%s (git %s%s)" % (run([ours_bin, "--version"]), rev,
+                              ", uncommitted changes" if dirty not in ("", "unknown") else "")
+
+
 def load_fio(path):
     with open(path) as f:
         text = f.read()
@@ -288,15 +300,8 @@ def main():
     md_table += ["| " + " | ".join(line) + " |" for line in table]
 
     # ---- machine and versions
-    ours_version = "not benchmarked"
-    if args.ours_bin:
-        ours_version = run([args.ours_bin, "--version"])
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        rev = run(["git", "-C", root, "rev-parse", "--short", "HEAD"])
-        dirty = run(["git", "-C", root, "status", "--porcelain"])
-        ours_version += " (git %s%s)" % (rev, ", uncommitted changes" if dirty not in ("", "unknown") else "")
     versions = [
-        ("nbd-csi-controller", ours_version),
+        ("nbd-csi-controller", ours_version(args.ours_bin)),
         ("qemu-nbd", run(["qemu-nbd", "--version"])),
         ("nbdkit", run(["nbdkit", "--version"])),
         ("nbd-server", "%s (%s)" % (run(["nbd-server", "-V"]), dpkg_version("nbd-server") or "dpkg n/a")),

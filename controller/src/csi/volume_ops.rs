@@ -326,17 +326,21 @@ impl Driver {
 
     #[tracing::instrument(err, skip_all, fields(volume.id = tracing::field::Empty))]
     pub async fn get_capacity(&self, req: GetCapacityRequest) -> Result<GetCapacityResponse> {
-        let parameters = check_parameters(&req.parameters)?.kept;
+        let checked = check_parameters(&req.parameters)?;
         if !req.volume_capabilities.is_empty() && check_capabilities(&req.volume_capabilities).is_err() {
             // No volume with these capabilities can be created at all.
             return Ok(GetCapacityResponse { available_capacity: 0, ..Default::default() });
         }
+        // Only storage that can serve the class's TLS counts: CreateVolume
+        // places a TLS volume nowhere else.
+        let needs_tls = !export_tls(checked.tls.unwrap_or(self.config().default_tls)).is_off();
         let (available, largest) = match self.storage() {
+            Storage::Embedded(agent) if needs_tls && !agent.can_serve_tls().await => (0, 0),
             Storage::Embedded(agent) => {
                 let available = agent.space().await?.available;
                 (available, available)
             }
-            Storage::Cluster(cluster) => cluster.capacity(&selector(&parameters)?).await?,
+            Storage::Cluster(cluster) => cluster.capacity(&selector(&checked.kept)?, needs_tls).await?,
         };
         // Whole MiB: what a volume's size can use.
         let mib = |bytes: u64| (bytes / MIB * MIB).min(i64::MAX as u64) as i64;

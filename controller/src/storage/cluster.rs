@@ -743,8 +743,8 @@ impl Cluster {
 
     /// GetCapacity: the free bytes of the live storage nodes `selector`
     /// matches, summed, and the most free on one of them.
-    pub async fn capacity(&self, selector: &Selector) -> Result<(u64, u64)> {
-        Ok(placement::capacity(&self.storage_nodes(selector).await?, selector))
+    pub async fn capacity(&self, selector: &Selector, needs_tls: bool) -> Result<(u64, u64)> {
+        Ok(placement::capacity(&self.storage_nodes(selector).await?, selector, needs_tls))
     }
 
     // ---------------------------------------------------------- snapshots
@@ -995,7 +995,7 @@ mod tests {
             let deleted = cluster.delete_volume(&id).await;
             let published = cluster.publish(&id, "worker-1", true, 1, false).await;
             let unpublished = cluster.unpublish(&id, "worker-1").await;
-            let capacity = cluster.capacity(&Selector::default()).await;
+            let capacity = cluster.capacity(&Selector::default(), false).await;
             let listed = cluster.list_volumes().await;
             [created.err(), deleted.err(), published.err(), unpublished.err(), capacity.err(), listed.err()]
         };
@@ -1080,7 +1080,7 @@ mod tests {
         let cluster = Cluster::new(client, "default".into(), key(), Duration::from_secs(1));
         let e = cluster.create_volume(&request(), &Selector::default()).await.unwrap_err();
         assert_eq!(e.kind(), Kind::Unavailable, "{e}");
-        let e = cluster.capacity(&Selector::default()).await.unwrap_err();
+        let e = cluster.capacity(&Selector::default(), false).await.unwrap_err();
         assert_eq!(e.kind(), Kind::Unavailable, "{e}");
         let e = cluster.publish(&objects::volume_id("pvc-1"), "worker-1", true, 1, false).await.unwrap_err();
         assert_eq!(e.kind(), Kind::Unavailable, "{e}");

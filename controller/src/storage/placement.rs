@@ -147,12 +147,13 @@ pub fn check_source_node(nodes: &[StorageNode], name: &str, size: u64, needs_tls
     Ok(())
 }
 
-/// GetCapacity over the live nodes the selector matches: the sum of their
-/// free bytes and the most free on one of them.
-pub fn capacity(nodes: &[StorageNode], selector: &Selector) -> (u64, u64) {
+/// GetCapacity over the live nodes the selector matches (and that serve
+/// TLS, when `needs_tls`): the sum of their free bytes and the most free
+/// on one of them.
+pub fn capacity(nodes: &[StorageNode], selector: &Selector, needs_tls: bool) -> (u64, u64) {
     nodes
         .iter()
-        .filter(|n| n.live && selector.matches(&n.labels))
+        .filter(|n| n.live && selector.matches(&n.labels) && (n.serves_tls || !needs_tls))
         .filter_map(|n| n.free_bytes)
         .fold((0u64, 0u64), |(sum, largest), free| (sum.saturating_add(free), largest.max(free)))
 }
@@ -258,8 +259,20 @@ mod tests {
             node("c", false, Some(9 * GIB), 0, &[("zone", "a")]),
             node("d", true, None, 0, &[("zone", "a")]),
         ];
-        assert_eq!(capacity(&nodes, &Selector::default()), (8 * GIB, 5 * GIB));
-        assert_eq!(capacity(&nodes, &Selector::parse("zone=a").unwrap()), (3 * GIB, 3 * GIB));
+        assert_eq!(capacity(&nodes, &Selector::default(), false), (8 * GIB, 5 * GIB));
+        assert_eq!(capacity(&nodes, &Selector::parse("zone=a").unwrap(), false), (3 * GIB, 3 * GIB));
+    }
+
+    /// A class whose volumes speak TLS counts only the nodes that serve it:
+    /// CreateVolume would place its volume on no other.
+    #[test]
+    fn capacity_for_tls_counts_only_nodes_that_serve_it() {
+        let mut serving = node("a", true, Some(3 * GIB), 0, &[]);
+        serving.serves_tls = true;
+        let nodes = [serving, node("b", true, Some(5 * GIB), 0, &[])];
+        assert_eq!(capacity(&nodes, &Selector::default(), true), (3 * GIB, 3 * GIB));
+        assert_eq!(capacity(&nodes, &Selector::default(), false), (8 * GIB, 5 * GIB));
+        assert_eq!(capacity(&nodes[1..], &Selector::default(), true), (0, 0));
     }
 
     #[test]

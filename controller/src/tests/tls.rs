@@ -157,6 +157,9 @@ async fn clones_and_restores_keep_their_sources_tls_and_the_default_applies_when
     h.stop().await;
 }
 
+/// Without certificates a TLS volume is refused, and GetCapacity offers it
+/// no room (the external-provisioner's capacity tracking would otherwise
+/// schedule pods onto storage that cannot take their volume).
 #[tokio::test]
 async fn a_volume_that_needs_tls_without_certificates_is_a_failed_precondition_naming_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -168,6 +171,17 @@ async fn a_volume_that_needs_tls_without_certificates_is_a_failed_precondition_n
         assert!(status.message().contains("--tls-dir"), "{}", status.message());
     }
     c.create_volume(create_req("plaintext", MIB, true, MODE)).await.expect("off needs no certificates");
+    // GetCapacity agrees: no room for a TLS class, the disk's for the others.
+    let capacity = |tls: &str| GetCapacityRequest {
+        parameters: [("tls".to_owned(), tls.to_owned())].into(),
+        ..Default::default()
+    };
+    for tls in ["required", "allowed"] {
+        let got = c.get_capacity(capacity(tls)).await.unwrap().into_inner();
+        assert_eq!((got.available_capacity, got.maximum_volume_size), (0, Some(0)), "{tls}");
+    }
+    let got = c.get_capacity(capacity("off")).await.unwrap().into_inner();
+    assert!(got.available_capacity > 0, "{got:?}");
     h.stop().await;
 
     // A --tls-dir whose files are not there yet: named in the error.
@@ -180,5 +194,7 @@ async fn a_volume_that_needs_tls_without_certificates_is_a_failed_precondition_n
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(status.message().contains("tls.crt"), "{}", status.message());
     assert!(h.driver.agent().unwrap().volume_ids().is_empty(), "nothing stored");
+    let got = c.get_capacity(GetCapacityRequest::default()).await.unwrap().into_inner();
+    assert_eq!(got.available_capacity, 0, "the default (required) has no certificates to serve with");
     h.stop().await;
 }

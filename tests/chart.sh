@@ -158,6 +158,27 @@ else
     bad "storage.mode=cluster checks (tests/chart_storage.py)"
 fi
 
+# Node certificates: pod certificates where the API server has them (auto),
+# and when asked for; a Secret per node otherwise (the default render).
+for how in "--api-versions certificates.k8s.io/v1/PodCertificateRequest" "--set tls.certificateDelivery=podCertificate"; do
+    # shellcheck disable=SC2086 # the arguments are split on purpose
+    if render $how >"$work/pod-certificates.yaml" &&
+        render $how --set storage.mode=cluster >"$work/pod-certificates-cluster.yaml" &&
+        python3 tests/chart_pod_certificates.py "$work/pod-certificates.yaml" "$work/default.yaml" \
+            "$work/pod-certificates-cluster.yaml" "$work/cluster-default.yaml" >"$work/pod-certs.txt" 2>&1; then
+        sed "s|^ok: |ok: ${how##* }: |" "$work/pod-certs.txt"
+        passed=$((passed + $(grep -c '^ok:' "$work/pod-certs.txt")))
+    else
+        cat "$work/pod-certs.txt" >&2
+        bad "$how: node certificates (tests/chart_pod_certificates.py)"
+    fi
+done
+if render --api-versions certificates.k8s.io/v1/PodCertificateRequest --set tls.issuer=cert-manager | grep -q -- '--tls-certificate-delivery'; then
+    bad "tls.issuer=cert-manager: the chart asked the controller to sign pod certificates"
+else
+    ok "tls.issuer=cert-manager: node certificates stay Secrets even where pod certificates exist (cert-manager issues them)"
+fi
+
 # Cluster mode on the host's network: two replicas may never share a node
 # (the same host ports; the sidecars' leader identity is the hostname).
 hostnet_anti=$(render --set storage.mode=cluster --set controller.hostNetwork=true | python3 -c '
@@ -209,6 +230,8 @@ rejects=(
     "--set controller.storage.persistentVolumeClaim.storageClassName=nbd|must not use a StorageClass of this driver"
     "--set storage.mode=distributed|value must be one of 'embedded', 'cluster'"
     "--set tls.mode=on|value must be one of 'off', 'allowed', 'required'"
+    "--set tls.certificateDelivery=csr|value must be one of 'auto', 'podCertificate', 'secret'"
+    "--set tls.certificateDelivery=podCertificate --set tls.issuer=cert-manager|tls.certificateDelivery=podCertificate needs tls.issuer=builtin"
     "--set-json tls.mode=false|got boolean, want string"
     "--set storage.mode=cluster --set storage.nbd.portRange.first=11000|storage.nbd.portRange: first (11000) must not be greater than last (10999)"
     "--set storage.mode=cluster --set storage.metrics.port=9809|storage.metrics.port (9809) is node.healthPort too"

@@ -1,7 +1,8 @@
 //! The storage role's server certificates, for the volumes whose export
 //! speaks TLS: [`CA_FILE`], [`CERT_FILE`] and [`KEY_FILE`] in the
 //! directory `--tls-dir` names (a `kubernetes.io/tls` Secret plus the CA,
-//! as the node plugin reads its own). The server certificate must name the
+//! as the node plugin reads its own), or [`CREDENTIAL_BUNDLE_FILE`] in place
+//! of the last two (a pod certificate). The server certificate must name the
 //! address nodes dial (the `nbdUri`'s host) among its subject alternative
 //! names; client certificates must chain to the CA.
 //!
@@ -28,6 +29,9 @@ pub const CA_FILE: &str = "ca.crt";
 pub const CERT_FILE: &str = "tls.crt";
 /// The server's private key (PEM: PKCS#8, PKCS#1 or SEC1).
 pub const KEY_FILE: &str = "tls.key";
+/// Instead of [`CERT_FILE`] and [`KEY_FILE`]: a pod certificate's credential
+/// bundle (the key, then the chain), as the kubelet projects it.
+pub const CREDENTIAL_BUNDLE_FILE: &str = "credentials.pem";
 
 #[derive(Debug)]
 pub struct Certificates {
@@ -59,10 +63,13 @@ impl Certificates {
                  {CA_FILE}, {CERT_FILE} and {KEY_FILE})"
             )));
         };
-        let tls =
-            ServerTls::from_pem_files(&dir.join(CERT_FILE), &dir.join(KEY_FILE), &dir.join(CA_FILE)).map_err(|e| {
-                Error::precondition(format!("the storage role's TLS certificates in --tls-dir {}: {e}", dir.display()))
-            })?;
+        // A pod certificate's bundle holds both the chain and the key.
+        let bundle = dir.join(CREDENTIAL_BUNDLE_FILE);
+        let (chain, key) =
+            if bundle.exists() { (bundle.clone(), bundle) } else { (dir.join(CERT_FILE), dir.join(KEY_FILE)) };
+        let tls = ServerTls::from_pem_files(&chain, &key, &dir.join(CA_FILE)).map_err(|e| {
+            Error::precondition(format!("the storage role's TLS certificates in --tls-dir {}: {e}", dir.display()))
+        })?;
         tracing::info!(dir = %dir.display(), "TLS certificates loaded");
         *loaded = Some(tls.clone());
         Ok(tls)
@@ -104,5 +111,24 @@ mod tests {
         let err = empty.export_mode(ExportTls::Allowed).unwrap_err();
         assert_eq!(err.kind(), Kind::FailedPrecondition);
         assert!(err.to_string().contains(CERT_FILE) && err.to_string().contains("--tls-dir"), "{err}");
+    }
+
+    /// A pod certificate's bundle (key, then chain) serves in place of
+    /// tls.crt and tls.key.
+    #[test]
+    fn a_credential_bundle_is_the_server_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(dir.path().join(CA_FILE), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["192.0.2.1".to_owned()]).unwrap().signed_by(&key, &issuer);
+        let bundle = format!("{}{}", key.serialize_pem(), cert.unwrap().pem());
+        let certificates = Certificates::new(Some(dir.path().to_path_buf()));
+        assert!(!certificates.usable(), "nothing yet");
+        std::fs::write(dir.path().join(CREDENTIAL_BUNDLE_FILE), bundle).unwrap();
+        assert!(matches!(certificates.export_mode(ExportTls::Required), Ok(TlsMode::Required(_))));
     }
 }

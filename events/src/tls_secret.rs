@@ -36,6 +36,10 @@ pub const CA_FILE: &str = "ca.crt";
 pub const CERT_FILE: &str = "tls.crt";
 /// The holder's private key (PEM).
 pub const KEY_FILE: &str = "tls.key";
+/// Instead of [`CERT_FILE`] and [`KEY_FILE`]: a pod certificate's credential
+/// bundle, as the kubelet's `podCertificate` projection writes it (the
+/// PKCS#8 key, then the chain), read at once so key and chain always match.
+pub const CREDENTIAL_BUNDLE_FILE: &str = "credentials.pem";
 /// The symlink naming the directory of the current version.
 const DATA_LINK: &str = "..data";
 /// Prefix of each version's directory.

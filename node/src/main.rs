@@ -67,8 +67,9 @@ struct AttachArgs {
     /// directory with ca.crt (the CA the servers' certificates chain to),
     /// tls.crt and tls.key (this node's certificate, its node name as the
     /// DNS name, and key), as a kubernetes.io/tls Secret plus the CA mount
-    /// them. Read again at every attach and reconnect. Without it an nbds://
-    /// volume is refused.
+    /// them, or credentials.pem instead of those two (a pod certificate's
+    /// credential bundle: key, then chain). Read again at every attach and
+    /// reconnect. Without it an nbds:// volume is refused.
     #[arg(long, env = "NBD_CSI_TLS_DIR")]
     tls_dir: Option<std::path::PathBuf>,
 }

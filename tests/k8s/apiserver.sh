@@ -79,7 +79,9 @@ $sa_node list persistentvolumes no
 $sa_node get secrets no
 CHECKS
 # The certificate Secrets, in the release's namespace only: the controller
-# issues and renews them (tls.issuer=builtin), the node plugin follows its own.
+# issues and renews them (tls.issuer=builtin). This API server serves
+# PodCertificateRequest, so the chart (tls.certificateDelivery=auto) gives the
+# node plugin a pod certificate: it reads no Secret at all.
 while read -r who verb answer; do
     check "can-i $verb secrets in $ns as ${who##*:}" "$answer" \
         "$("$kubectl" auth can-i "$verb" secrets -n "$ns" --as "$who" 2>/dev/null || true)"
@@ -88,10 +90,44 @@ $sa_controller create yes
 $sa_controller update yes
 $sa_controller list no
 $sa_controller delete no
-$sa_node get yes
-$sa_node watch yes
+$sa_node get no
+$sa_node watch no
 $sa_node update no
 CHECKS
+# The controller signs the node plugins' pod certificates, as
+# nbd.csi.dev/node only, and publishes the CA in one ConfigMap.
+while read -r who verb resource answer; do
+    sub=()
+    case $resource in */status) sub=(--subresource status); resource=${resource%/status} ;; esac
+    check "can-i $verb $resource ${sub[*]} in $ns as ${who##*:}" "$answer" \
+        "$("$kubectl" auth can-i "$verb" "$resource" "${sub[@]}" -n "$ns" --as "$who" 2>/dev/null || true)"
+done <<CHECKS
+$sa_controller watch podcertificaterequests.certificates.k8s.io yes
+$sa_controller patch podcertificaterequests.certificates.k8s.io/status yes
+$sa_controller patch podcertificaterequests.certificates.k8s.io no
+$sa_controller get configmaps/nbd-csi-ca yes
+$sa_controller get configmaps/other no
+$sa_node create podcertificaterequests.certificates.k8s.io no
+CHECKS
+# A signer's name has a slash, which `auth can-i TYPE/NAME` splits: asked
+# as the API server is asked, with a SubjectAccessReview.
+may_sign() { # SIGNER: whether the controller's ServiceAccount may sign as SIGNER
+    "$kubectl" create -o jsonpath='{.status.allowed}' -f - <<SAR 2>&1
+apiVersion: authorization.k8s.io/v1
+kind: SubjectAccessReview
+spec:
+  user: $sa_controller
+  resourceAttributes: {group: certificates.k8s.io, resource: signers, verb: sign, name: "$1"}
+SAR
+}
+check "the controller may sign as nbd.csi.dev/node" true "$(may_sign nbd.csi.dev/node)"
+check "the controller may not sign as another signer" false "$(may_sign example.com/other)"
+node_tls=$("$kubectl" -n "$ns" get daemonset nbd-csi-node -o jsonpath='{.spec.template.spec.volumes[?(@.name=="tls-certs")].projected.sources[0].podCertificate.signerName} {.spec.template.spec.volumes[?(@.name=="tls-certs")].projected.sources[0].podCertificate.credentialBundlePath} {.spec.template.spec.volumes[?(@.name=="tls-certs")].projected.sources[1].configMap.name}' 2>&1)
+node_args=$("$kubectl" -n "$ns" get daemonset nbd-csi-node -o jsonpath='{.spec.template.spec.containers[0].args}' 2>&1)
+case $node_args in *--tls-secret-prefix*) node_tls="$node_tls, follows a Secret: $node_args" ;; esac
+check "node DaemonSet: a pod certificate and the CA's ConfigMap as its TLS directory, no Secret to follow" \
+    "nbd.csi.dev/node credentials.pem nbd-csi-ca" "$node_tls"
+
 
 # --- helm upgrade with changed (mutable) values
 cat >"$work/upgrade.yaml" <<'VALUES'

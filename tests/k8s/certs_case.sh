@@ -8,7 +8,12 @@
 #     reaches the files; starts the node plugin ($node_pid);
 #   - certs_ca_kept: after the controller's restart, the same CA;
 #   - certs_cert_manager: the controller's cert-manager mode against
-#     cert-manager's CRDs, in a namespace and release of its own.
+#     cert-manager's CRDs, in a namespace and release of its own;
+#   - certs_pod_certificates: the controller as the signer of the node
+#     plugins' pod certificates (tls.certificateDelivery=podCertificate), with
+#     the chart's RBAC for it: PodCertificateRequests made as the kubelet
+#     makes them (a pod on worker-a, an empty CSR signed by a new P-256 key),
+#     answered through the real API server's validation.
 
 secret_data() { # NAME KEY: a data key of Secret NAME in $ns, decoded
     "$kubectl" -n "$ns" get secret "$1" -o "jsonpath={.data.${2//./\\.}}" 2>/dev/null | base64 -d
@@ -27,20 +32,24 @@ holder_files() { # WHO DIR SAN PURPOSE LOG: WHO wrote its certificate into DIR, 
     fi
 }
 
-# A TLS session between what the issuer made: nbdinfo (GnuTLS) as worker-a
-# against an export served with storage-1's certificate.
-tls_session() { # LABEL: nbdinfo reads the size of an 8 MiB export over TLS, served with storage-1's files now
+# A TLS session between what the issuer made: nbdinfo (GnuTLS) with the
+# client files in CLIENT_DIR (libnbd's layout) against an export served on
+# storage-1's address with the server files in SERVER_DIR.
+tls_session() { # LABEL SERVER_DIR CLIENT_DIR WHAT: nbdinfo reads the size of an 8 MiB export over TLS
     local port srv size
     port=$(free_port)
     NO_COLOR=1 "$controller_bin" serve-file "$work/tls-export.img" --listen "${agent_addr[storage-1]}:$port" \
-        --export-name tls --tls required --tls-dir "$work/tls/storage-1" >"$work/serve-file-$1.log" 2>&1 &
+        --export-name tls --tls required --tls-dir "$2" >"$work/serve-file-$1.log" 2>&1 &
     srv=$!
     wait_until 10 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "${agent_addr[storage-1]}" "$port"
-    size=$(nbdinfo --size "nbds://${agent_addr[storage-1]}:$port/tls?tls-certificates=$work/libnbd-worker-a" 2>"$work/nbdinfo-$1.err")
+    size=$(nbdinfo --size "nbds://${agent_addr[storage-1]}:$port/tls?tls-certificates=$3" 2>"$work/nbdinfo-$1.err")
     kill "$srv" 2>/dev/null
     wait "$srv" 2>/dev/null
-    check "nbdinfo with worker-a's certificate (libnbd verifies the server's for ${agent_addr[storage-1]}) reads the export served with storage-1's, $1" \
-        "8388608" "$size$(sed 's/^/ /' "$work/nbdinfo-$1.err")"
+    check "$4, $1" "8388608" "$size$(sed 's/^/ /' "$work/nbdinfo-$1.err")"
+}
+issued_session() { # LABEL
+    tls_session "$1" "$work/tls/storage-1" "$work/libnbd-worker-a" \
+        "nbdinfo with worker-a's certificate (libnbd verifies the server's for ${agent_addr[storage-1]}) reads the export served with storage-1's"
 }
 
 certs_issued_and_renewed() {
@@ -84,7 +93,7 @@ certs_issued_and_renewed() {
     ln -s "$node_tls/ca.crt" "$work/libnbd-worker-a/ca-cert.pem"
     ln -s "$node_tls/tls.crt" "$work/libnbd-worker-a/client-cert.pem"
     ln -s "$node_tls/tls.key" "$work/libnbd-worker-a/client-key.pem"
-    tls_session "as issued"
+    issued_session "as issued"
     # Renewal: two thirds into the lifetime, the Secret is issued again and the
     # holders' files follow.
     agent_serial=$(serial "$work/tls/storage-1/tls.crt")
@@ -93,7 +102,7 @@ certs_issued_and_renewed() {
     renew_start=$SECONDS
     if wait_until $((cert_lifetime + 15)) renewed; then
         ok "storage-1's and worker-a's certificates renewed and written into their directories within $((SECONDS - renew_start)) s (lifetime ${cert_lifetime} s, renewed two thirds in): $("$kubectl" -n "$ns" get secret "$tls_prefix-storage-storage-1" -o jsonpath='{.metadata.annotations.nbd\.csi\.dev/renew-after}') next"
-        tls_session "after the renewal"
+        issued_session "after the renewal"
     else
         logs controller.log node.log agent-storage-1.log
         bad "no renewal reached the files within $((cert_lifetime + 15)) s"
@@ -160,4 +169,145 @@ certs_cert_manager() {
         cat "$work/cm-crds.txt" >&2
         bad "cert-manager's CRDs could not be applied"
     fi
+}
+
+# A PodCertificateRequest for pod $1 (ServiceAccount $2) on node $3, signer
+# $driver/$4, for a new P-256 key written to $5, as the kubelet creates one;
+# prints its name.
+pod_certificate_request() { # POD SERVICEACCOUNT NODE SIGNER KEYFILE
+    local pod_uid sa_uid node_uid csr
+    "$kubectl" -n "$pc_ns" apply -f - >/dev/null <<POD
+apiVersion: v1
+kind: Pod
+metadata: {name: $1}
+spec:
+  nodeName: $3
+  serviceAccountName: $2
+  containers: [{name: c, image: registry.invalid/none}]
+POD
+    pod_uid=$(jp -n "$pc_ns" pod "$1" -o jsonpath='{.metadata.uid}')
+    sa_uid=$(jp -n "$pc_ns" serviceaccount "$2" -o jsonpath='{.metadata.uid}')
+    node_uid=$(jp node "$3" -o jsonpath='{.metadata.uid}')
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$5" 2>/dev/null
+    csr=$(openssl req -new -key "$5" -subj / -outform DER 2>/dev/null | base64 -w0)
+    "$kubectl" -n "$pc_ns" create -o name -f - <<PCR
+apiVersion: certificates.k8s.io/v1
+kind: PodCertificateRequest
+metadata: {generateName: $1-}
+spec:
+  signerName: $driver/$4
+  podName: $1
+  podUID: $pod_uid
+  serviceAccountName: $2
+  serviceAccountUID: $sa_uid
+  nodeName: $3
+  nodeUID: $node_uid
+  maxExpirationSeconds: 86400
+  stubPKCS10Request: $csr
+PCR
+}
+
+# Waits for PodCertificateRequest $1 to be issued and writes its chain to $2.
+pod_certificate_issued() { # REQUEST CHAINFILE WHAT
+    issued() { [ -n "$(jp -n "$pc_ns" "$1" -o jsonpath='{.status.certificateChain}')" ]; }
+    if wait_until 30 issued "$1"; then
+        jp -n "$pc_ns" "$1" -o jsonpath='{.status.certificateChain}' >"$2"
+        return 0
+    fi
+    logs pc-controller.log
+    bad "$3: not issued: $(jp -n "$pc_ns" "$1" -o jsonpath='{.status}')"
+    return 1
+}
+
+certs_pod_certificates() {
+    pc_ns=nbd-csi-pc
+    "$kubectl" create namespace "$pc_ns" >/dev/null
+    "$helm" template nbd-csi-pc charts/nbd-csi --namespace "$pc_ns" --set storage.mode=cluster \
+        --set tls.certificateDelivery=podCertificate --show-only templates/rbac.yaml \
+        --show-only templates/serviceaccounts.yaml >"$work/pc-chart.yaml"
+    if ! "$kubectl" apply --validate=strict -f "$work/pc-chart.yaml" >"$work/pc-apply.txt" 2>&1; then
+        cat "$work/pc-apply.txt" >&2
+        bad "the chart's RBAC for pod certificates did not apply"
+        return
+    fi
+    cluster_kubeconfig "$work/pc-controller.kubeconfig" nbd-csi-pc-controller "$("$kubectl" -n "$pc_ns" create token nbd-csi-pc-controller --duration 1h)"
+    NO_COLOR=1 "$controller_bin" --endpoint "unix://$work/pc.sock" --driver-name "$driver" --storage-mode cluster \
+        --export-key-secret nbd-csi-pc-export-key --namespace "$pc_ns" --kubeconfig "$work/pc-controller.kubeconfig" \
+        --tls-issuer builtin --tls-secret-prefix nbd-csi-pc --tls-cert-lifetime 2h --tls-certificate-delivery pod \
+        --tls-node-service-account nbd-csi-pc-node --tls-storage-service-account nbd-csi-pc-storage \
+        >"$work/pc-controller.log" 2>&1 &
+    pc_pid=$!
+    pids+=("$pc_pid")
+    if wait_until 30 "$kubectl" -n "$pc_ns" get configmap nbd-csi-pc-ca; then
+        "$kubectl" -n "$pc_ns" get configmap nbd-csi-pc-ca -o jsonpath='{.data.ca\.crt}' >"$work/pc-ca.crt"
+        check "ConfigMap nbd-csi-pc-ca holds the CA certificate of Secret nbd-csi-pc-ca (the holders' ca.crt)" "" \
+            "$("$kubectl" -n "$pc_ns" get secret nbd-csi-pc-ca -o jsonpath='{.data.ca\.crt}' | base64 -d | cmp - "$work/pc-ca.crt" 2>&1)"
+    else
+        logs pc-controller.log
+        bad "no CA ConfigMap nbd-csi-pc-ca"
+        return
+    fi
+    local request node_ok=false storage_ok=false
+    # The node plugin on worker-a.
+    if request=$(pod_certificate_request node-plugin nbd-csi-pc-node worker-a node "$work/pc-node.key" 2>"$work/pc-create.err") &&
+        pod_certificate_issued "$request" "$work/pc-node.crt" "the node plugin's PodCertificateRequest"; then
+        check "the node plugin's PodCertificateRequest is Issued: a client certificate chained to the CA" \
+            "Issued/True $work/pc-node.crt: OK" \
+            "$(jp -n "$pc_ns" "$request" -o jsonpath='{.status.conditions[0].type}/{.status.conditions[0].status}') $(openssl verify -CAfile "$work/pc-ca.crt" -purpose sslclient "$work/pc-node.crt" 2>&1)"
+        check "its one name is the pod's node, and its key the kubelet's (the request's)" \
+            "DNS:worker-a $(openssl pkey -in "$work/pc-node.key" -pubout 2>/dev/null | sha256sum)" \
+            "$(san "$work/pc-node.crt") $(openssl x509 -in "$work/pc-node.crt" -noout -pubkey | sha256sum)"
+        local nb na
+        nb=$(date -d "$(jp -n "$pc_ns" "$request" -o jsonpath='{.status.notBefore}')" +%s)
+        na=$(date -d "$(jp -n "$pc_ns" "$request" -o jsonpath='{.status.notAfter}')" +%s)
+        check "it lives --tls-cert-lifetime (2 h, under the request's 24 h), as the status says" \
+            "7200 $(date -d "$(openssl x509 -in "$work/pc-node.crt" -noout -enddate | cut -d= -f2)" +%s)" "$((na - nb)) $na"
+        node_ok=true
+    elif [ -s "$work/pc-create.err" ]; then
+        cat "$work/pc-create.err" >&2
+        bad "the API server refused the node plugin's PodCertificateRequest"
+    fi
+    # The storage agent on storage-1: a server certificate for the Node's address.
+    if request=$(pod_certificate_request agent nbd-csi-pc-storage storage-1 storage "$work/pc-storage.key" 2>"$work/pc-create.err") &&
+        pod_certificate_issued "$request" "$work/pc-storage.crt" "the storage agent's PodCertificateRequest"; then
+        check "the storage agent's PodCertificateRequest is Issued: a server certificate for storage-1's InternalIP and name" \
+            "IPAddress:${agent_addr[storage-1]},DNS:storage-1 $work/pc-storage.crt: OK" \
+            "$(san "$work/pc-storage.crt") $(openssl verify -CAfile "$work/pc-ca.crt" -purpose sslserver "$work/pc-storage.crt" 2>&1)"
+        storage_ok=true
+    elif [ -s "$work/pc-create.err" ]; then
+        cat "$work/pc-create.err" >&2
+        bad "the API server refused the storage agent's PodCertificateRequest"
+    fi
+    check "no storage Secret issued when the agents get pod certificates" "" \
+        "$(jp -n "$pc_ns" secret nbd-csi-pc-storage-storage-1 -o name)"
+    if $node_ok && $storage_ok; then
+        # A session between the two: nbdinfo as worker-a with its pod
+        # certificate against serve-file with storage-1's.
+        mkdir -p "$work/pc-storage-1" "$work/pc-libnbd"
+        cp "$work/pc-storage.crt" "$work/pc-storage-1/tls.crt"
+        cp "$work/pc-storage.key" "$work/pc-storage-1/tls.key"
+        cp "$work/pc-ca.crt" "$work/pc-storage-1/ca.crt"
+        cp "$work/pc-ca.crt" "$work/pc-libnbd/ca-cert.pem"
+        cp "$work/pc-node.crt" "$work/pc-libnbd/client-cert.pem"
+        cp "$work/pc-node.key" "$work/pc-libnbd/client-key.pem"
+        tls_session "pod certificates" "$work/pc-storage-1" "$work/pc-libnbd" \
+            "nbdinfo with worker-a's pod certificate reads an export served with storage-1's pod certificate"
+    fi
+    # A pod of another ServiceAccount on worker-a asks for worker-a's
+    # identity: Denied.
+    "$kubectl" -n "$pc_ns" create serviceaccount intruder >/dev/null
+    if request=$(pod_certificate_request intruder intruder worker-a node "$work/pc-intruder.key" 2>"$work/pc-create.err"); then
+        denied() { [ "$(jp -n "$pc_ns" "$1" -o jsonpath='{.status.conditions[0].type}')" = Denied ]; }
+        if wait_until 30 denied "$request"; then
+            check "a pod of another ServiceAccount is Denied, with no certificate" "NotTheHolder " \
+                "$(jp -n "$pc_ns" "$request" -o jsonpath='{.status.conditions[0].reason}') $(jp -n "$pc_ns" "$request" -o jsonpath='{.status.certificateChain}')"
+        else
+            logs pc-controller.log
+            bad "the intruder's request was not denied: $(jp -n "$pc_ns" "$request" -o jsonpath='{.status}')"
+        fi
+    else
+        cat "$work/pc-create.err" >&2
+        bad "the API server refused the intruder's PodCertificateRequest"
+    fi
+    kill "$pc_pid" 2>/dev/null
 }

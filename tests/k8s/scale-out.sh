@@ -486,6 +486,7 @@ check "nothing quarantined by the agents" 0 "$quarantined"
 
 certs_ca_kept
 certs_cert_manager
+certs_pod_certificates
 
 for a in "${agents[@]}"; do
     if kill -0 "${agent_pid[$a]}" 2>/dev/null; then ok "agent $a still running"; else bad "agent $a exited: $(tail -n 5 "$work/agent-$a.log")"; fi

@@ -101,6 +101,79 @@ its Secret (the node plugin and the storage agent).
 - --tls-secret-prefix={{ include "nbd-csi.tlsSecretPrefix" . }}
 {{- end -}}
 
+{{/*
+"true" when the node plugins (and in cluster mode the storage agents) get
+pod certificates (tls.certificateDelivery, see values.yaml); empty when
+they read a Secret.
+*/}}
+{{- define "nbd-csi.podCertificates" -}}
+{{- $mode := toString .Values.tls.certificateDelivery -}}
+{{- if not (has $mode (list "auto" "podCertificate" "secret")) -}}
+{{- fail (printf "tls.certificateDelivery must be auto, podCertificate or secret, not %q" $mode) -}}
+{{- end -}}
+{{- if and (eq $mode "podCertificate") (ne .Values.tls.issuer "builtin") -}}
+{{- fail "tls.certificateDelivery=podCertificate needs tls.issuer=builtin (the controller signs them)" -}}
+{{- end -}}
+{{- if or (eq $mode "podCertificate") (and (eq $mode "auto") (eq .Values.tls.issuer "builtin") (.Capabilities.APIVersions.Has "certificates.k8s.io/v1/PodCertificateRequest")) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/*
+A pod certificate signer: (dict "ctx" . "role" "node"|"storage").
+*/}}
+{{- define "nbd-csi.signer" -}}
+{{ .ctx.Values.driverName }}/{{ .role }}
+{{- end -}}
+
+{{/*
+A holder's TLS directory with pod certificates, (dict "ctx" . "role"
+"node"|"storage"): the credential bundle the kubelet keeps (key made on the
+node, renewed before its end) and the CA from the controller's ConfigMap,
+in one read-only projected volume.
+*/}}
+{{- define "nbd-csi.podCertificateVolume" -}}
+- name: {{ include "nbd-csi.tlsVolume" .ctx }}
+  projected:
+    defaultMode: 0400
+    sources:
+      - podCertificate:
+          signerName: {{ include "nbd-csi.signer" . }}
+          keyType: ECDSAP256
+          credentialBundlePath: credentials.pem
+          # The longest the API server allows; the controller issues
+          # tls.certLifetime when that is shorter.
+          maxExpirationSeconds: 7862400
+      - configMap:
+          name: {{ include "nbd-csi.tlsSecretPrefix" .ctx }}-ca
+          items:
+            - key: ca.crt
+              path: ca.crt
+{{- end -}}
+
+{{/*
+A holder's TLS arguments: its Secret followed into its directory, or with
+pod certificates the directory alone (the kubelet keeps it).
+*/}}
+{{- define "nbd-csi.holderTlsArgs" -}}
+{{- if include "nbd-csi.podCertificates" . -}}
+- --tls-dir={{ include "nbd-csi.tlsDir" . }}
+{{- else -}}
+{{ include "nbd-csi.tlsSyncArgs" . }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A holder's TLS volume, (dict "ctx" . "role" "node"|"storage").
+*/}}
+{{- define "nbd-csi.holderTlsVolume" -}}
+{{- if include "nbd-csi.podCertificates" .ctx -}}
+{{ include "nbd-csi.podCertificateVolume" . }}
+{{- else -}}
+{{ include "nbd-csi.tlsPodVolume" .ctx }}
+{{- end -}}
+{{- end -}}
+
 {{- define "nbd-csi.tlsVolume" -}}
 tls-certs
 {{- end -}}
@@ -132,6 +205,13 @@ The controller's issuer arguments.
 - --tls-ca-lifetime={{ $t.caLifetime }}
 {{- if eq $t.issuer "cert-manager" }}
 - --tls-cert-manager-issuer={{ include "nbd-csi.tlsSecretPrefix" . }}-ca
+{{- end }}
+{{- if include "nbd-csi.podCertificates" . }}
+- --tls-certificate-delivery=pod
+- --tls-node-service-account={{ include "nbd-csi.node.serviceAccountName" . }}
+{{- if eq .Values.storage.mode "cluster" }}
+- --tls-storage-service-account={{ include "nbd-csi.storage.serviceAccountName" . }}
+{{- end }}
 {{- end }}
 {{- end -}}
 

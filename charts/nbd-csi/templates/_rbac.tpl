@@ -155,6 +155,24 @@ election and without group snapshots (neither is enabled here).
 - apiGroups: [""]
   resources: [secrets]
   verbs: [create, get, update]
+{{- if include "nbd-csi.podCertificates" . }}
+# The node plugins' pod certificates: the kubelets' requests from this
+# namespace, answered through their status; the CA certificate published
+# for them in one ConfigMap.
+- apiGroups: [certificates.k8s.io]
+  resources: [podcertificaterequests]
+  verbs: [get, list, watch]
+- apiGroups: [certificates.k8s.io]
+  resources: [podcertificaterequests/status]
+  verbs: [update, patch]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [create]
+- apiGroups: [""]
+  resources: [configmaps]
+  resourceNames: [{{ include "nbd-csi.tlsSecretPrefix" . }}-ca]
+  verbs: [get, update]
+{{- end }}
 {{- end }}
 {{- if ne .Values.storage.mode "cluster" }}
 # Embedded, it serves the volumes itself: its own server certificate's
@@ -165,6 +183,19 @@ election and without group snapshots (neither is enabled here).
   resourceNames: [{{ include "nbd-csi.tlsSecretPrefix" . }}-controller]
   verbs: [get, list, watch]
 {{- end }}
+{{- end -}}
+
+{{- define "nbd-csi.rules.certificate-signer" -}}
+# Pod certificates: signing for the node plugins' signer and, in cluster
+# mode, the storage agents', nothing else.
+- apiGroups: [certificates.k8s.io]
+  resources: [signers]
+  resourceNames:
+    - {{ include "nbd-csi.signer" (dict "ctx" . "role" "node") }}
+    {{- if eq .Values.storage.mode "cluster" }}
+    - {{ include "nbd-csi.signer" (dict "ctx" . "role" "storage") }}
+    {{- end }}
+  verbs: [sign]
 {{- end -}}
 
 {{- define "nbd-csi.namespacedRules.tls-holder" -}}

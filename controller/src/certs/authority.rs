@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use nbd::tls::{ClientTls, ServerTls};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    KeyUsagePurpose, PublicKeyData,
 };
 use rustls::client::danger::ServerCertVerifier;
 use rustls_pki_types::pem::PemObject;
@@ -151,13 +151,27 @@ impl Authority {
     /// from `now` (backdated a little).
     pub fn issue(&self, subject: &Subject, now: SystemTime, lifetime: Duration) -> Result<Issued> {
         let key = KeyPair::generate().map_err(rcgen_error("generating a key"))?;
+        let not_after = now + lifetime;
+        let cert_pem = self.certify(subject, &key, now - BACKDATE, not_after)?;
+        Ok(Issued { cert_pem, key_pem: key.serialize_pem(), issued_at: now, not_after })
+    }
+
+    /// A certificate (PEM) for `subject` with `public_key`, whose private
+    /// half its holder made and keeps (a pod certificate: the kubelet's),
+    /// valid from `not_before` to `not_after` (whole seconds in X.509).
+    pub fn certify(
+        &self,
+        subject: &Subject,
+        public_key: &impl PublicKeyData,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<String> {
         let mut params = CertificateParams::new(subject.names()).map_err(rcgen_error("certificate names"))?;
         let mut name = DistinguishedName::new();
         let common_name = subject.names().into_iter().next().unwrap_or_default();
         name.push(DnType::CommonName, common_name);
         params.distinguished_name = name;
-        let not_after = now + lifetime;
-        params.not_before = (now - BACKDATE).into();
+        params.not_before = not_before.into();
         params.not_after = not_after.into();
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -165,8 +179,8 @@ impl Authority {
             Subject::Node(_) => vec![ExtendedKeyUsagePurpose::ClientAuth],
             Subject::Server { .. } => vec![ExtendedKeyUsagePurpose::ServerAuth],
         };
-        let cert = params.signed_by(&key, &self.issuer).map_err(rcgen_error("signing a certificate"))?;
-        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem(), issued_at: now, not_after })
+        let cert = params.signed_by(public_key, &self.issuer).map_err(rcgen_error("signing a certificate"))?;
+        Ok(cert.pem())
     }
 
     /// Whether `cert_pem` with `key_pem` is, at `at`, a certificate of this

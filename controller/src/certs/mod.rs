@@ -7,7 +7,11 @@
 //! - a client certificate per node running the node plugin: every CSINode
 //!   that lists this driver (the kubelet adds the driver once the plugin
 //!   registered, and removes the CSINode with its Node); its one DNS name
-//!   is the node, the name NBD exports admit;
+//!   is the node, the name NBD exports admit. With
+//!   `--tls-certificate-delivery pod` there is no such Secret: the kubelets
+//!   ask for pod certificates and this controller signs them
+//!   ([`pod_certificates`]), the storage agents' too when
+//!   `--tls-storage-service-account` names theirs;
 //! - a server certificate per storage agent (cluster mode): every
 //!   NbdStorageNode, for its address and node name, issued again when the
 //!   address changes;
@@ -28,6 +32,7 @@
 pub mod authority;
 pub mod builtin;
 pub mod cert_manager;
+pub mod pod_certificates;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -37,7 +42,8 @@ use std::time::{Duration, SystemTime};
 use agent::resources::NbdStorageNode;
 use anyhow::{Context as _, bail};
 use csi_events::tls_secret::{Holder, SecretNames};
-use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use k8s_openapi::api::certificates::v1::PodCertificateRequest;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Secret};
 use k8s_openapi::api::storage::v1::CSINode;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::DynamicObject;
@@ -87,6 +93,27 @@ impl std::fmt::Display for IssuerKind {
     }
 }
 
+/// How the node plugins and storage agents get their certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum CertificateDelivery {
+    /// A Secret per holder (`<prefix>-node-<node>`, `<prefix>-storage-<node>`)
+    /// that the holder reads.
+    #[default]
+    Secret,
+    /// Pod certificates: the kubelet makes the key and asks this
+    /// controller, the signer (`pod_certificates`); Kubernetes 1.37+.
+    Pod,
+}
+
+impl std::fmt::Display for CertificateDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Secret => "secret",
+            Self::Pod => "pod",
+        })
+    }
+}
+
 /// A lifetime such as `2160h`, `90m` or `30s` (a Go duration, as
 /// cert-manager reads them too).
 fn parse_lifetime(s: &str) -> Result<Duration, String> {
@@ -119,6 +146,22 @@ pub struct IssuerArgs {
     /// With cert-manager: the Issuer (in --namespace) that signs.
     #[arg(long, env = "NBD_CSI_TLS_CERT_MANAGER_ISSUER")]
     pub tls_cert_manager_issuer: Option<String>,
+    /// How the node plugins and the storage agents get their certificates:
+    /// secret (one Secret per holder) or pod (pod certificates signed by
+    /// this controller as <driver>/node and <driver>/storage, the CA in
+    /// ConfigMap <prefix>-ca; built-in issuer only).
+    #[allow(rustdoc::invalid_html_tags)] // --help text, not HTML
+    #[arg(long, env = "NBD_CSI_TLS_CERTIFICATE_DELIVERY", value_enum, default_value_t = CertificateDelivery::Secret)]
+    pub tls_certificate_delivery: CertificateDelivery,
+    /// With pod certificates: the node plugin's service account (in
+    /// --namespace), the only one whose pods get node certificates.
+    #[arg(long, env = "NBD_CSI_TLS_NODE_SERVICE_ACCOUNT")]
+    pub tls_node_service_account: Option<String>,
+    /// With pod certificates in cluster mode: the storage agents' service
+    /// account, the only one whose pods get storage server certificates;
+    /// without it the agents keep their Secrets.
+    #[arg(long, env = "NBD_CSI_TLS_STORAGE_SERVICE_ACCOUNT")]
+    pub tls_storage_service_account: Option<String>,
 }
 
 impl Default for IssuerArgs {
@@ -130,6 +173,9 @@ impl Default for IssuerArgs {
             tls_cert_lifetime: Duration::from_secs(2160 * 3600),
             tls_ca_lifetime: Duration::from_secs(87600 * 3600),
             tls_cert_manager_issuer: None,
+            tls_certificate_delivery: CertificateDelivery::Secret,
+            tls_node_service_account: None,
+            tls_storage_service_account: None,
         }
     }
 }
@@ -154,6 +200,16 @@ impl IssuerArgs {
                 bail!("--tls-cert-lifetime must be at least 1h with cert-manager, which refuses shorter certificates");
             }
         }
+        if self.tls_certificate_delivery == CertificateDelivery::Pod {
+            if self.tls_issuer != IssuerKind::Builtin {
+                bail!("--tls-certificate-delivery pod needs --tls-issuer builtin (this controller signs them)");
+            }
+            if self.tls_node_service_account.as_deref().unwrap_or_default().is_empty() {
+                bail!(
+                    "--tls-certificate-delivery pod needs --tls-node-service-account (whose pods get node certificates)"
+                );
+            }
+        }
         Ok(Some(names))
     }
 
@@ -164,6 +220,9 @@ impl IssuerArgs {
         println!("tls_cert_lifetime={}s", self.tls_cert_lifetime.as_secs());
         println!("tls_ca_lifetime={}s", self.tls_ca_lifetime.as_secs());
         println!("tls_cert_manager_issuer={}", self.tls_cert_manager_issuer.clone().unwrap_or_default());
+        println!("tls_certificate_delivery={}", self.tls_certificate_delivery);
+        println!("tls_node_service_account={}", self.tls_node_service_account.clone().unwrap_or_default());
+        println!("tls_storage_service_account={}", self.tls_storage_service_account.clone().unwrap_or_default());
     }
 }
 
@@ -191,6 +250,9 @@ pub struct Issuer {
     secrets: Api<Secret>,
     certificates: Api<DynamicObject>,
     events: Arc<csi_events::Recorder>,
+    /// Node certificates as pod certificates: whose requests are signed.
+    pod_certificates: Option<pod_certificates::Policy>,
+    namespace: String,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -231,7 +293,18 @@ impl Issuer {
             Api::namespaced_with(client.clone(), &scope.namespace, &cert_manager::certificate_resource());
         let instance = std::env::var("HOSTNAME").unwrap_or_else(|_| "nbd-csi-controller".to_owned());
         let events = Arc::new(csi_events::Recorder::new(client.clone(), REPORTING_CONTROLLER.to_owned(), &instance));
-        tracing::info!(issuer = %args.tls_issuer, prefix = ?args.tls_secret_prefix, namespace = scope.namespace, "issuing TLS certificates");
+        let pod_certificates = (args.tls_certificate_delivery == CertificateDelivery::Pod).then(|| {
+            let signer = |role: pod_certificates::Role, account: &String| pod_certificates::Signer {
+                name: role.signer_name(&scope.driver_name),
+                role,
+                service_account: account.clone(),
+            };
+            let node = args.tls_node_service_account.iter().map(|a| signer(pod_certificates::Role::Node, a));
+            let storage = args.tls_storage_service_account.iter().filter(|_| scope.storage_nodes);
+            let storage = storage.map(|a| signer(pod_certificates::Role::Storage, a));
+            pod_certificates::Policy { signers: node.chain(storage).collect(), lifetime: args.tls_cert_lifetime }
+        });
+        tracing::info!(issuer = %args.tls_issuer, prefix = ?args.tls_secret_prefix, namespace = scope.namespace, delivery = %args.tls_certificate_delivery, "issuing TLS certificates");
         Ok(Some(Arc::new(Self {
             client,
             names,
@@ -241,20 +314,71 @@ impl Issuer {
             secrets,
             certificates,
             events,
+            pod_certificates,
+            namespace: scope.namespace.clone(),
         })))
+    }
+
+    /// Whether the storage agents get pod certificates, not Secrets.
+    fn storage_signed(&self) -> bool {
+        let signers = self.pod_certificates.iter().flat_map(|p| &p.signers);
+        signers.into_iter().any(|s| s.role == pod_certificates::Role::Storage)
+    }
+
+    /// The node plugins' certificates: one Secret per CSINode that lists
+    /// the driver, or, as pod certificates, the answers to the kubelets'
+    /// requests (the storage agents' too) and the CA's ConfigMap.
+    async fn run_nodes(self: Arc<Self>) {
+        let (Some(policy), Signer::Builtin(authority)) = (self.pod_certificates.clone(), &self.signer) else {
+            let nodes = Controller::new(Api::<CSINode>::all(self.client.clone()), watcher::Config::default()).run(
+                |o, me: Arc<Self>| async move { me.reconcile_node(&o).await },
+                |o, e, me| me.failed(o.as_ref(), e),
+                Arc::clone(&self),
+            );
+            return drain("CSINode", nodes).await;
+        };
+        let ca_pem = authority.cert_pem().to_owned();
+        let config_maps = Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace);
+        let ca_name = self.names.ca();
+        let publish_ca = async move {
+            loop {
+                let wait = match pod_certificates::keep_ca_config_map(&config_maps, &ca_name, &ca_pem).await {
+                    Ok(()) => RESYNC,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the CA ConfigMap could not be written");
+                        RETRY
+                    }
+                };
+                tokio::time::sleep(wait).await;
+            }
+        };
+        let requests = Api::<PodCertificateRequest>::namespaced(self.client.clone(), &self.namespace);
+        let nodes = Api::<Node>::all(self.client.clone());
+        let answered = Controller::new(requests.clone(), watcher::Config::default()).run(
+            move |o, me: Arc<Self>| {
+                let (requests, nodes, policy) = (requests.clone(), nodes.clone(), policy.clone());
+                async move {
+                    let Signer::Builtin(authority) = &me.signer else { return Ok(Action::await_change()) };
+                    pod_certificates::answer(&requests, &nodes, &o, &me.namespace, &policy, authority).await?;
+                    Ok::<_, Error>(Action::await_change())
+                }
+            },
+            |o, e, me| me.failed(o.as_ref(), e),
+            Arc::clone(&self),
+        );
+        tokio::select! {
+            () = publish_ca => {}
+            () = drain("PodCertificateRequest", answered) => {}
+        }
     }
 
     /// Keeps every holder's certificate until the process ends.
     pub async fn run(self: Arc<Self>, scope: Scope) {
-        let nodes = Controller::new(Api::<CSINode>::all(self.client.clone()), watcher::Config::default()).run(
-            |o, me: Arc<Self>| async move { me.reconcile_node(&o).await },
-            |o, e, me| me.failed(o.as_ref(), e),
-            Arc::clone(&self),
-        );
+        let nodes = Arc::clone(&self).run_nodes();
         let storage = {
             let me = Arc::clone(&self);
             async move {
-                if !scope.storage_nodes {
+                if !scope.storage_nodes || me.storage_signed() {
                     return std::future::pending().await;
                 }
                 let api = Api::<NbdStorageNode>::all(me.client.clone());
@@ -284,7 +408,7 @@ impl Issuer {
             }
         };
         tokio::select! {
-            () = drain("CSINode", nodes) => {}
+            () = nodes => {}
             () = storage => {}
             () = own => {}
         }
@@ -419,5 +543,16 @@ mod tests {
         let e = parse(&[&short[..], &["--tls-cert-lifetime=30m"]].concat()).unwrap().checked().unwrap_err();
         assert!(e.to_string().contains("at least 1h"), "{e}");
         assert!(parse(&short).unwrap().checked().unwrap().is_some());
+        let pods = ["--tls-issuer=builtin", "--tls-secret-prefix=p", "--tls-certificate-delivery=pod"];
+        let e = parse(&pods).unwrap().checked().unwrap_err();
+        assert!(e.to_string().contains("--tls-node-service-account"), "{e}");
+        assert!(
+            parse(&[&pods[..], &["--tls-node-service-account=p-node"]].concat()).unwrap().checked().unwrap().is_some()
+        );
+        let e = parse(&[&short[..], &["--tls-certificate-delivery=pod", "--tls-node-service-account=n"]].concat())
+            .unwrap()
+            .checked()
+            .unwrap_err();
+        assert!(e.to_string().contains("needs --tls-issuer builtin"), "{e}");
     }
 }

@@ -52,6 +52,32 @@ pub fn certificates_from_pem_file(path: &Path) -> Result<Vec<CertificateDer<'sta
     Ok(certs)
 }
 
+/// A credential bundle's certificate chain and private key, from one read
+/// of the file: the kubelet's `podCertificate` projection writes the
+/// PKCS#8 key, then the chain, and swaps the whole file on renewal.
+pub fn credentials_from_bundle(
+    path: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsConfigError> {
+    let shown = || path.display().to_string();
+    let pem = std::fs::read(path).map_err(|e| TlsConfigError::Pem {
+        what: "credential bundle",
+        path: shown(),
+        source: rustls_pki_types::pem::Error::Io(e),
+    })?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsConfigError::Pem { what: "certificates", path: shown(), source })?;
+    if chain.is_empty() {
+        return Err(TlsConfigError::NoCertificate(shown()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|source| TlsConfigError::Pem {
+        what: "private key",
+        path: shown(),
+        source,
+    })?;
+    Ok((chain, key))
+}
+
 /// The first private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
 pub fn private_key_from_pem_file(path: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
     PrivateKeyDer::from_pem_file(path).map_err(|source| TlsConfigError::Pem {

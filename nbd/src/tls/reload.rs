@@ -1,6 +1,7 @@
 //! A server's TLS configuration kept in step with the PEM files it was
 //! built from: renewed certificates apply to the next connection, without
-//! a restart.
+//! a restart. The chain and the key are two files (a Secret's) or one, a
+//! credential bundle (a pod certificate's), given as both.
 //!
 //! A mounted Secret is updated in place (an atomic swap of a symlinked
 //! directory), and a certificate sync may rewrite the files at any moment.
@@ -17,18 +18,24 @@ use std::sync::{Arc, Mutex};
 
 use rustls::ServerConfig;
 
-use super::config::{TlsConfigError, build_server_config, certificates_from_pem_file, private_key_from_pem_file};
+use super::config::{
+    TlsConfigError, build_server_config, certificates_from_pem_file, credentials_from_bundle, private_key_from_pem_file,
+};
 
 /// What identifies one version of a file: a rewrite or a swapped symlink
 /// changes at least one of these.
 type Stamp = Option<(u64, u64, u64, i64, i64)>;
 
 fn build(cert_chain: &Path, key: &Path, client_ca: &Path) -> Result<Arc<ServerConfig>, TlsConfigError> {
-    build_server_config(
-        certificates_from_pem_file(cert_chain)?,
-        private_key_from_pem_file(key)?,
-        certificates_from_pem_file(client_ca)?,
-    )
+    let (chain, key) = if cert_chain == key {
+        // A credential bundle (a pod certificate: key, then chain): read
+        // once, so a swap between two reads cannot pair a key with
+        // another certificate.
+        credentials_from_bundle(cert_chain)?
+    } else {
+        (certificates_from_pem_file(cert_chain)?, private_key_from_pem_file(key)?)
+    };
+    build_server_config(chain, key, certificates_from_pem_file(client_ca)?)
 }
 
 fn stamp(path: &Path) -> Stamp {

@@ -295,6 +295,46 @@ mod tests {
         }
     }
 
+    /// A pod certificate's credential bundle (key, then chain, one file, as
+    /// the kubelet projects it) is what the handshake uses, ahead of any
+    /// tls.crt and tls.key beside it: here those are another CA's, which
+    /// the server would refuse.
+    #[tokio::test]
+    async fn a_pod_certificate_bundle_is_the_node_certificate() {
+        use super::super::tls::{CA_FILE, CERT_FILE, CREDENTIAL_BUNDLE_FILE, KEY_FILE};
+        let dir = tempfile::tempdir().unwrap();
+        let tls = pki(dir.path());
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), vec![7u8; 1 << 16]).unwrap();
+        let uri = server_requiring_tls(file.path(), tls).await;
+        let pod = dir.path().join("pod");
+        std::fs::create_dir(&pod).unwrap();
+        std::fs::copy(dir.path().join(CA_FILE), pod.join(CA_FILE)).unwrap();
+        let bundle =
+            [std::fs::read(dir.path().join(KEY_FILE)).unwrap(), std::fs::read(dir.path().join(CERT_FILE)).unwrap()];
+        std::fs::write(pod.join(CREDENTIAL_BUNDLE_FILE), bundle.concat()).unwrap();
+        let stranger = tempfile::tempdir().unwrap();
+        drop(pki(stranger.path()));
+        std::fs::copy(stranger.path().join(CERT_FILE), pod.join(CERT_FILE)).unwrap();
+        std::fs::copy(stranger.path().join(KEY_FILE), pod.join(KEY_FILE)).unwrap();
+
+        let pod_dir = TlsDir::new(&pod);
+        pod_dir.check().unwrap();
+        match open(&uri, 1, None, Some(&pod_dir)).await {
+            Ok((export, _)) => assert_eq!(export.size, 1 << 16),
+            // The whole handshake passed; only the kernel lacks kTLS here.
+            Err(e) => assert!(e.kind == ErrorKind::Unsupported && e.chain().contains("tls.ko"), "{}", e.chain()),
+        }
+        // Without the bundle, the stranger's pair is used, and refused.
+        std::fs::remove_file(pod.join(CREDENTIAL_BUNDLE_FILE)).unwrap();
+        let refused = open(&uri, 1, None, Some(&pod_dir)).await.expect_err("another CA's certificate");
+        assert!(!refused.chain().contains("tls.ko"), "refused at the handshake: {}", refused.chain());
+        // A bundle without a key is named in the error.
+        std::fs::write(pod.join(CREDENTIAL_BUNDLE_FILE), &bundle[1]).unwrap();
+        let e = pod_dir.check().expect_err("no key in the bundle");
+        assert!(e.chain().contains(CREDENTIAL_BUNDLE_FILE), "{}", e.chain());
+    }
+
     fn export(size: u64, block_size: Option<(u32, u32, u32)>) -> Export {
         Export { size, transmission_flags: nbd::TransmissionFlags::HAS_FLAGS, block_size, structured_replies: false }
     }

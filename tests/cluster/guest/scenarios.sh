@@ -122,7 +122,23 @@ scenario_install() {
         || return 1
     [ "$(k -n "$ns" get pod "$(component_pod controller)" -o jsonpath='{.spec.hostNetwork}')" = true ] \
         || fail "the controller pod is not on the node's network" || return 1
+    pod_certificates_in_use || return 1
     k -n "$ns" get pods -o wide
+}
+
+# On this API server (certificates.k8s.io/v1 PodCertificateRequest) the
+# chart gives the node plugin a pod certificate: the kubelet made its key
+# and asked, the controller signed; no Secret holds a node's key.
+pod_certificates_in_use() {
+    local pcrs secrets
+    pcrs=$(k -n "$ns" get podcertificaterequests -o jsonpath='{range .items[*]}{.spec.signerName}={.status.conditions[0].type}/{.spec.nodeName}{" "}{end}')
+    note "PodCertificateRequests: $pcrs"
+    case " $pcrs " in
+        *" $driver/node=Issued/"*) ;;
+        *) fail "no Issued PodCertificateRequest for $driver/node: '$pcrs'"; return 1 ;;
+    esac
+    secrets=$(k -n "$ns" get secrets -l nbd.csi.dev/certificate=node -o name)
+    [ -z "$secrets" ] || fail "node certificate Secrets exist beside pod certificates: $secrets"
 }
 
 # The chart's default tls.mode is required: the volume is published as

@@ -173,6 +173,11 @@ for how in "--api-versions certificates.k8s.io/v1/PodCertificateRequest" "--set 
         bad "$how: node certificates (tests/chart_pod_certificates.py)"
     fi
 done
+if render --api-versions certificates.k8s.io/v1/PodCertificateRequest --set tls.mode=off | grep -q -- '--tls-certificate-delivery'; then
+    bad "tls.mode=off: auto chose pod certificates (every holder's start would wait for the controller)"
+else
+    ok "tls.mode=off: auto keeps node certificates in Secrets, so no pod waits for the controller to sign"
+fi
 if render --api-versions certificates.k8s.io/v1/PodCertificateRequest --set tls.issuer=cert-manager | grep -q -- '--tls-certificate-delivery'; then
     bad "tls.issuer=cert-manager: the chart asked the controller to sign pod certificates"
 else

@@ -104,7 +104,8 @@ its Secret (the node plugin and the storage agent).
 {{/*
 "true" when the node plugins (and in cluster mode the storage agents) get
 pod certificates (tls.certificateDelivery, see values.yaml); empty when
-they read a Secret.
+they read a Secret. auto leaves tls.mode=off installs on Secrets: a pod
+certificate makes every holder's start wait for the controller's signature.
 */}}
 {{- define "nbd-csi.podCertificates" -}}
 {{- $mode := toString .Values.tls.certificateDelivery -}}
@@ -114,7 +115,7 @@ they read a Secret.
 {{- if and (eq $mode "podCertificate") (ne .Values.tls.issuer "builtin") -}}
 {{- fail "tls.certificateDelivery=podCertificate needs tls.issuer=builtin (the controller signs them)" -}}
 {{- end -}}
-{{- if or (eq $mode "podCertificate") (and (eq $mode "auto") (eq .Values.tls.issuer "builtin") (.Capabilities.APIVersions.Has "certificates.k8s.io/v1/PodCertificateRequest")) -}}
+{{- if or (eq $mode "podCertificate") (and (eq $mode "auto") (include "nbd-csi.tlsEnabled" .) (eq .Values.tls.issuer "builtin") (.Capabilities.APIVersions.Has "certificates.k8s.io/v1/PodCertificateRequest")) -}}
 true
 {{- end -}}
 {{- end -}}

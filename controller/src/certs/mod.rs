@@ -457,15 +457,19 @@ impl Issuer {
     /// A failed reconcile: a Warning Event on the object, and a retry.
     fn failed<K: Resource<DynamicType = ()>>(&self, object: &K, error: &Error) -> Action {
         tracing::warn!(kind = %K::kind(&()), name = ?object.meta().name, error = %error, "certificate not issued");
+        // A namespaced object's Event goes into its namespace; a
+        // cluster-scoped one's (a CSINode's) into `default`.
+        let namespace = object.meta().namespace.clone();
         let regarding = ObjectReference {
             api_version: Some(K::api_version(&()).into_owned()),
             kind: Some(K::kind(&()).into_owned()),
             name: object.meta().name.clone(),
+            namespace: namespace.clone(),
             uid: object.meta().uid.clone(),
             ..Default::default()
         };
         let warning = csi_events::WarningEvent {
-            namespace: "default".to_owned(),
+            namespace: namespace.unwrap_or_else(|| "default".to_owned()),
             regarding,
             related: None,
             reason: "CertificateNotIssued",
